@@ -1,0 +1,1 @@
+//! Messages the bazaar services exchange.

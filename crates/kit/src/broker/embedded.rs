@@ -1,0 +1,339 @@
+//! The embedded broker: a durable log in one SQLite file that several processes on one
+//! machine open at once.
+//!
+//! `bus_messages` holds every published message once (unique per topic and message id, which
+//! is the de-duplication). Each consumer group has a row per message still to handle in
+//! `bus_deliveries`; fetching leases rows (bumps `attempts`, hides them until the ack wait
+//! ends), ack deletes the row, nack makes it visible again later. A group joins from the
+//! topic's first retained message. Other processes learn of new messages by polling a cheap
+//! read; publishers in the same process wake their subscribers at once.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use sqlx::Row;
+use tokio::sync::Notify;
+
+use super::{Acker, Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription};
+use crate::store::{now_millis, Migration, Store};
+
+const MIGRATIONS: &[Migration] = &[Migration::new(
+    1,
+    "bus",
+    "CREATE TABLE bus_messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        msg_id TEXT NOT NULL,
+        body BLOB NOT NULL,
+        published_at BIGINT NOT NULL,
+        UNIQUE (topic, msg_id)
+    );
+    CREATE TABLE bus_groups (topic TEXT NOT NULL, grp TEXT NOT NULL, PRIMARY KEY (topic, grp));
+    CREATE TABLE bus_deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        grp TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        attempts BIGINT NOT NULL DEFAULT 0,
+        visible_at BIGINT NOT NULL,
+        last_error TEXT,
+        UNIQUE (grp, topic, seq)
+    );
+    CREATE INDEX bus_deliveries_ready ON bus_deliveries (grp, topic, visible_at);",
+)];
+
+/// How long published messages are kept once every group has acked them; also the
+/// de-duplication window.
+const RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How often a waiting fetch looks for messages published by other processes.
+const POLL: Duration = Duration::from_millis(10);
+
+/// The SQLite-file broker.
+#[derive(Clone)]
+pub struct EmbeddedBroker {
+    store: Store,
+    published: Arc<Notify>,
+}
+
+impl EmbeddedBroker {
+    /// Opens (creating when needed) the log at a `sqlite://PATH` URL.
+    pub async fn open(url: &str) -> Result<EmbeddedBroker, BrokerError> {
+        let store = Store::open(url).await?;
+        store.migrate(MIGRATIONS).await?;
+        Ok(EmbeddedBroker {
+            store,
+            published: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Deletes acked messages older than the retention period (dead-letter topics are kept
+    /// until replayed). Returns how many went.
+    pub async fn prune(&self) -> Result<u64, BrokerError> {
+        let cutoff = now_millis() - RETENTION.as_millis() as i64;
+        let done = sqlx::query(
+            "DELETE FROM bus_messages WHERE published_at < $1 AND topic NOT LIKE '%.dlq'
+             AND NOT EXISTS (SELECT 1 FROM bus_deliveries d WHERE d.seq = bus_messages.seq)",
+        )
+        .bind(cutoff)
+        .execute(self.store.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn publish_inner(&self, topic: &str, msg_id: &str, body: Bytes) -> Result<(), BrokerError> {
+        let now = now_millis();
+        let mut tx = self.store.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO bus_messages (topic, msg_id, body, published_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (topic, msg_id) DO NOTHING RETURNING seq",
+        )
+        .bind(topic)
+        .bind(msg_id)
+        .bind(body.to_vec())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = inserted {
+            let seq: i64 = row.try_get("seq")?;
+            sqlx::query(
+                "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
+                 SELECT grp, topic, $2, $3 FROM bus_groups WHERE topic = $1",
+            )
+            .bind(topic)
+            .bind(seq)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.published.notify_waiters();
+        Ok(())
+    }
+}
+
+impl Broker for EmbeddedBroker {
+    fn publish<'a>(&'a self, topic: &'a str, msg_id: &'a str, body: Bytes) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.publish_inner(topic, msg_id, body))
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BrokerError>> {
+        Box::pin(async move {
+            let mut tx = self.store.begin().await?;
+            let joined = sqlx::query("INSERT INTO bus_groups (topic, grp) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(topic)
+                .bind(group)
+                .execute(&mut *tx)
+                .await?;
+            if joined.rows_affected() == 1 {
+                sqlx::query(
+                    "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
+                     SELECT $2, topic, seq, $3 FROM bus_messages WHERE topic = $1",
+                )
+                .bind(topic)
+                .bind(group)
+                .bind(now_millis())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(Box::new(EmbeddedSubscription {
+                broker: self.clone(),
+                topic: topic.to_string(),
+                group: group.to_string(),
+                options,
+            }) as Box<dyn Subscription>)
+        })
+    }
+
+    fn read<'a>(&'a self, topic: &'a str, limit: usize) -> BoxFuture<'a, Result<Vec<Message>, BrokerError>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT seq, msg_id, body FROM bus_messages WHERE topic = $1 ORDER BY seq LIMIT $2")
+                .bind(topic)
+                .bind(limit as i64)
+                .fetch_all(self.store.pool())
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Message {
+                        topic: topic.to_string(),
+                        seq: r.try_get::<i64, _>("seq")? as u64,
+                        msg_id: r.try_get("msg_id")?,
+                        body: Bytes::from(r.try_get::<Vec<u8>, _>("body")?),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn delete<'a>(&'a self, topic: &'a str, seq: u64) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let mut tx = self.store.begin().await?;
+            sqlx::query("DELETE FROM bus_deliveries WHERE topic = $1 AND seq = $2")
+                .bind(topic)
+                .bind(seq as i64)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM bus_messages WHERE topic = $1 AND seq = $2")
+                .bind(topic)
+                .bind(seq as i64)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn pending<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, Result<u64, BrokerError>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT COUNT(*) AS n FROM bus_deliveries WHERE grp = $1 AND topic = $2")
+                .bind(group)
+                .bind(topic)
+                .fetch_one(self.store.pool())
+                .await?;
+            Ok(row.try_get::<i64, _>("n")? as u64)
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move { Ok(self.store.ping().await?) })
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+struct EmbeddedSubscription {
+    broker: EmbeddedBroker,
+    topic: String,
+    group: String,
+    options: SubscribeOptions,
+}
+
+impl EmbeddedSubscription {
+    /// Leases up to `max` visible deliveries; empty when none is ready.
+    async fn lease(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        let now = now_millis();
+        let pool = self.broker.store.pool();
+        // A plain read first, so idle polling never takes the file's write lock.
+        let ready = sqlx::query("SELECT 1 AS r FROM bus_deliveries WHERE grp = $1 AND topic = $2 AND visible_at <= $3 LIMIT 1")
+            .bind(&self.group)
+            .bind(&self.topic)
+            .bind(now)
+            .fetch_optional(pool)
+            .await?;
+        if ready.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.broker.store.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE bus_deliveries SET attempts = attempts + 1, visible_at = $4
+             WHERE id IN (SELECT id FROM bus_deliveries WHERE grp = $1 AND topic = $2 AND visible_at <= $3
+                          ORDER BY seq LIMIT $5)
+             RETURNING id, seq, attempts, last_error",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(now)
+        .bind(now + self.options.ack_wait.as_millis() as i64)
+        .bind(max as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.try_get("id")?;
+            let seq: i64 = row.try_get("seq")?;
+            let attempts: i64 = row.try_get("attempts")?;
+            let msg = sqlx::query("SELECT msg_id, body FROM bus_messages WHERE seq = $1")
+                .bind(seq)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(msg) = msg else {
+                // The message was deleted under a stale delivery row: drop the row.
+                sqlx::query("DELETE FROM bus_deliveries WHERE id = $1").bind(id).execute(&mut *tx).await?;
+                continue;
+            };
+            out.push(Delivery::new(
+                Message {
+                    topic: self.topic.clone(),
+                    seq: seq as u64,
+                    msg_id: msg.try_get("msg_id")?,
+                    body: Bytes::from(msg.try_get::<Vec<u8>, _>("body")?),
+                },
+                attempts as u32,
+                row.try_get("last_error")?,
+                Box::new(EmbeddedAcker {
+                    store: self.broker.store.clone(),
+                    id,
+                    attempts,
+                }),
+            ));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+impl Subscription for EmbeddedSubscription {
+    fn fetch(&mut self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let published = self.broker.published.notified();
+                let got = self.lease(max.max(1)).await?;
+                if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                    return Ok(got);
+                }
+                let nap = POLL.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                tokio::select! {
+                    _ = published => {}
+                    _ = tokio::time::sleep(nap) => {}
+                }
+            }
+        })
+    }
+}
+
+struct EmbeddedAcker {
+    store: Store,
+    id: i64,
+    /// The attempt this lease belongs to; a late ack of an expired lease that another
+    /// consumer re-leased must not settle the newer delivery.
+    attempts: i64,
+}
+
+impl Acker for EmbeddedAcker {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let mut tx = self.store.begin().await?;
+            sqlx::query("DELETE FROM bus_deliveries WHERE id = $1 AND attempts = $2")
+                .bind(self.id)
+                .bind(self.attempts)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn nack(self: Box<Self>, delay: Duration, error: String) -> BoxFuture<'static, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let mut tx = self.store.begin().await?;
+            sqlx::query("UPDATE bus_deliveries SET visible_at = $1, last_error = $2 WHERE id = $3 AND attempts = $4")
+                .bind(now_millis() + delay.as_millis() as i64)
+                .bind(error)
+                .bind(self.id)
+                .bind(self.attempts)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+}

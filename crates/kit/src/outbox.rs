@@ -1,0 +1,246 @@
+//! The transactional outbox: an event is written in the same transaction as the state
+//! change that caused it, and a relay moves committed rows to the broker.
+//!
+//! The relay publishes in row order (so events of one aggregate leave in the order they were
+//! written), marks rows sent, and prunes sent rows after a retention period. A crash between
+//! publish and mark republishes the row on restart; the broker drops the duplicate by
+//! `eventId`. With several instances on one PostgreSQL store, one relay holds a lease.
+
+use std::{sync::Arc, time::Duration};
+
+use sqlx::Row;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::{
+    broker::SharedBroker,
+    envelope::Envelope,
+    shutdown::Shutdown,
+    store::{now_millis, Migration, Store, StoreError, Tx},
+};
+
+/// Tables the outbox, inbox and relay lease need; include them in every service's migrations.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "outbox_inbox",
+    sql: "CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT NOT NULL UNIQUE,
+            topic TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            sent_at BIGINT
+        );
+        CREATE INDEX outbox_unsent ON outbox (sent_at, id);
+        CREATE TABLE inbox (grp TEXT NOT NULL, event_id TEXT NOT NULL, handled_at BIGINT NOT NULL, PRIMARY KEY (grp, event_id));
+        CREATE INDEX inbox_age ON inbox (handled_at);
+        CREATE TABLE relay_lease (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);",
+    postgres: Some(
+        "CREATE TABLE outbox (
+            id BIGSERIAL PRIMARY KEY,
+            event_id TEXT NOT NULL UNIQUE,
+            topic TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            sent_at BIGINT
+        );
+        CREATE INDEX outbox_unsent ON outbox (sent_at, id);
+        CREATE TABLE inbox (grp TEXT NOT NULL, event_id TEXT NOT NULL, handled_at BIGINT NOT NULL, PRIMARY KEY (grp, event_id));
+        CREATE INDEX inbox_age ON inbox (handled_at);
+        CREATE TABLE relay_lease (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);",
+    ),
+}];
+
+/// How long sent outbox rows and inbox records are kept.
+pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A service's outbox: adds events inside transactions and wakes the relay on commit.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    store: Store,
+    wake: Arc<Notify>,
+}
+
+impl Outbox {
+    /// The outbox of `store`.
+    pub fn new(store: Store) -> Outbox {
+        Outbox {
+            store,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The store the outbox lives in.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Records `event` for `topic` inside the caller's transaction.
+    pub async fn add(&self, tx: &mut Tx<'_>, topic: &str, event: &Envelope) -> Result<(), StoreError> {
+        let body = String::from_utf8(event.to_vec()).unwrap_or_default();
+        sqlx::query("INSERT INTO outbox (event_id, topic, body, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(event.event_id.to_string())
+            .bind(topic)
+            .bind(body)
+            .bind(now_millis())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Commits `tx` and wakes the relay, so events leave at once rather than at the next poll.
+    pub async fn commit(&self, tx: Tx<'_>) -> Result<(), StoreError> {
+        tx.commit().await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Unsent rows and the age in milliseconds of the oldest: the outbox lag.
+    pub async fn lag(&self) -> Result<(u64, u64), StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(self.store.pool())
+            .await?;
+        let n: i64 = row.try_get("n")?;
+        let oldest: Option<i64> = row.try_get("oldest")?;
+        Ok((n as u64, oldest.map_or(0, |t| (now_millis() - t).max(0) as u64)))
+    }
+
+    /// Spawns the relay that moves committed rows to `broker` until `shutdown` fires.
+    pub fn spawn_relay(&self, broker: SharedBroker, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+        let relay = OutboxRelay {
+            outbox: self.clone(),
+            broker,
+            owner: Uuid::now_v7().to_string(),
+        };
+        tokio::spawn(relay.run(shutdown))
+    }
+}
+
+/// Moves committed outbox rows to the broker.
+struct OutboxRelay {
+    outbox: Outbox,
+    broker: SharedBroker,
+    owner: String,
+}
+
+/// Rows published per round.
+const BATCH: i64 = 256;
+/// Fallback poll when no in-process commit wakes the relay.
+const POLL: Duration = Duration::from_millis(200);
+/// How long a relay's lease lasts without renewal.
+const LEASE: Duration = Duration::from_secs(10);
+
+impl OutboxRelay {
+    async fn run(self, mut shutdown: Shutdown) {
+        let mut last_prune = 0i64;
+        let mut failures = 0u32;
+        loop {
+            match self.round().await {
+                Ok(moved) if moved > 0 => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, "outbox relay round failed; will retry");
+                }
+            }
+            if let Ok((count, age)) = self.outbox.lag().await {
+                metrics::gauge!("bazaar_outbox_unsent").set(count as f64);
+                metrics::gauge!("bazaar_outbox_oldest_unsent_ms").set(age as f64);
+            }
+            if now_millis() - last_prune > 60_000 {
+                last_prune = now_millis();
+                if let Err(e) = self.prune().await {
+                    tracing::warn!(error = %e, "outbox prune failed");
+                }
+            }
+            let nap = if failures > 0 {
+                Duration::from_millis((100u64 << failures.min(6)).min(5_000))
+            } else {
+                POLL
+            };
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = self.outbox.wake.notified() => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    /// Holds (or takes over an expired) relay lease; only the holder publishes.
+    async fn lease(&self) -> Result<bool, StoreError> {
+        let now = now_millis();
+        let mut tx = self.outbox.store.begin().await?;
+        let got = sqlx::query(
+            "INSERT INTO relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2)
+             ON CONFLICT (name) DO UPDATE SET owner = $1, expires_at = $2
+             WHERE relay_lease.owner = $1 OR relay_lease.expires_at < $3",
+        )
+        .bind(&self.owner)
+        .bind(now + LEASE.as_millis() as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(got.rows_affected() == 1)
+    }
+
+    /// Publishes one batch; returns how many rows were moved.
+    async fn round(&self) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+        if !self.lease().await? {
+            return Ok(0);
+        }
+        let rows = sqlx::query("SELECT id, event_id, topic, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1")
+            .bind(BATCH)
+            .fetch_all(self.outbox.store.pool())
+            .await?;
+        let mut sent = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: i64 = row.try_get("id")?;
+            let event_id: String = row.try_get("event_id")?;
+            let topic: String = row.try_get("topic")?;
+            let body: String = row.try_get("body")?;
+            if let Err(e) = self.broker.publish(&topic, &event_id, body.into_bytes().into()).await {
+                // Stop at the first failure so later events of the same aggregate don't overtake it.
+                self.mark_sent(&sent).await?;
+                return Err(e.into());
+            }
+            sent.push(id);
+        }
+        self.mark_sent(&sent).await?;
+        metrics::counter!("bazaar_outbox_published_total").increment(sent.len() as u64);
+        Ok(sent.len())
+    }
+
+    async fn mark_sent(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.outbox.store.begin().await?;
+        let now = now_millis();
+        for id in ids {
+            sqlx::query("UPDATE outbox SET sent_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(*id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn prune(&self) -> Result<(), StoreError> {
+        let cutoff = now_millis() - RETENTION.as_millis() as i64;
+        sqlx::query("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1")
+            .bind(cutoff)
+            .execute(self.outbox.store.pool())
+            .await?;
+        sqlx::query("DELETE FROM inbox WHERE handled_at < $1")
+            .bind(cutoff)
+            .execute(self.outbox.store.pool())
+            .await?;
+        Ok(())
+    }
+}
