@@ -5,11 +5,20 @@
 //! - [`outbox`] and [`inbox`]: publish in the same transaction as the change; handle each
 //!   event once.
 //! - [`broker`]: the durable log (embedded SQLite file or NATS JetStream) behind one trait.
+//! - [`consumer`]: runs a handler over a subscription: inbox, retries, dead letters.
+//! - [`saga`]: the durable orchestrated saga engine.
+//! - [`http`], [`health`], [`auth`], [`telemetry`]: what every role's HTTP side shares.
 //! - [`shutdown`]: the stop signal every background task listens to.
 
+pub mod auth;
 pub mod broker;
+pub mod consumer;
 pub mod envelope;
+pub mod health;
+pub mod http;
 pub mod inbox;
 pub mod outbox;
+pub mod saga;
 pub mod shutdown;
 pub mod store;
+pub mod telemetry;

@@ -43,6 +43,9 @@ pub enum StoreError {
         /// The cause.
         source: sqlx::Error,
     },
+    /// A stored value could not be read back (a bug or a hand-edited row).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
 }
 
 /// Which SQL engine a store runs on.

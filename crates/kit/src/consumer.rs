@@ -1,0 +1,282 @@
+//! Runs a handler over a subscription: one store transaction per event that also records the
+//! event in the inbox and commits the handler's outbox events, retries with backoff, and
+//! dead-letters what cannot be handled.
+//!
+//! A delivery is acked only after its transaction commits, so a crash anywhere redelivers
+//! it, and the inbox makes the second run a no-op: effectively once in the data.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::future::BoxFuture;
+
+use crate::{
+    broker::{DeadLetter, Delivery, SharedBroker, SubscribeOptions},
+    envelope::Envelope,
+    inbox,
+    outbox::Outbox,
+    shutdown::Shutdown,
+    store::{StoreError, Tx},
+};
+
+/// Why a handler did not handle an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying later (a database hiccup, a peer down).
+    #[error("{0}")]
+    Transient(String),
+    /// Will never succeed (unknown event type, payload that breaks its schema): dead-letter now.
+    #[error("{0}")]
+    Poison(String),
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(e: StoreError) -> Self {
+        HandlerError::Transient(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        HandlerError::Transient(e.to_string())
+    }
+}
+
+impl From<crate::envelope::EnvelopeError> for HandlerError {
+    fn from(e: crate::envelope::EnvelopeError) -> Self {
+        HandlerError::Poison(e.to_string())
+    }
+}
+
+/// Handles one event inside the transaction the runner opened; outbox rows added to `tx`
+/// commit with it.
+pub trait Handler: Send + Sync + 'static {
+    /// Applies `event`; an error rolls the transaction back.
+    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// Where and how a consumer group reads.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The consumer group; every instance of a service uses the same one.
+    pub group: String,
+    /// The topic to read.
+    pub topic: String,
+    /// Deliveries tried before the message is dead-lettered.
+    pub max_attempts: u32,
+    /// A delivery not settled within this time is redelivered (the handler died).
+    pub ack_wait: Duration,
+    /// Runner tasks in this process competing for the group's messages.
+    pub tasks: usize,
+}
+
+impl ConsumerConfig {
+    /// Defaults: 8 attempts, 30 s ack wait, one task.
+    pub fn new(group: impl Into<String>, topic: impl Into<String>) -> Self {
+        ConsumerConfig {
+            group: group.into(),
+            topic: topic.into(),
+            max_attempts: 8,
+            ack_wait: Duration::from_secs(30),
+            tasks: 1,
+        }
+    }
+}
+
+/// Backoff before the next attempt: 100 ms doubling, capped at 10 s.
+pub fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt.min(7)).min(10_000))
+}
+
+/// Starts `config.tasks` runners; they stop after finishing their current delivery once
+/// `shutdown` fires.
+pub fn spawn(
+    outbox: Outbox,
+    broker: SharedBroker,
+    config: ConsumerConfig,
+    handler: Arc<dyn Handler>,
+    shutdown: Shutdown,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..config.tasks.max(1))
+        .map(|_| {
+            let runner = Runner {
+                outbox: outbox.clone(),
+                broker: broker.clone(),
+                config: config.clone(),
+                handler: handler.clone(),
+            };
+            tokio::spawn(runner.run(shutdown.clone()))
+        })
+        .collect()
+}
+
+struct Runner {
+    outbox: Outbox,
+    broker: SharedBroker,
+    config: ConsumerConfig,
+    handler: Arc<dyn Handler>,
+}
+
+/// What became of one delivery.
+enum Outcome {
+    Handled,
+    Duplicate,
+    Retry(String),
+    Dead(String),
+}
+
+impl Runner {
+    async fn run(self, mut shutdown: Shutdown) {
+        let options = SubscribeOptions {
+            ack_wait: self.config.ack_wait,
+        };
+        let mut failures = 0u32;
+        let mut subscription = loop {
+            match self.broker.subscribe(&self.config.topic, &self.config.group, options).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(topic = %self.config.topic, group = %self.config.group, error = %e, "subscribe failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.wait() => return,
+                        _ = tokio::time::sleep(retry_delay(failures)) => {}
+                    }
+                }
+            }
+        };
+        failures = 0;
+        loop {
+            if shutdown.is_triggered() {
+                return;
+            }
+            let batch = tokio::select! {
+                _ = shutdown.wait() => return,
+                b = subscription.fetch(16, Duration::from_secs(1)) => b,
+            };
+            let deliveries = match batch {
+                Ok(d) => {
+                    failures = 0;
+                    d
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(topic = %self.config.topic, error = %e, "fetch failed; retrying");
+                    tokio::time::sleep(retry_delay(failures)).await;
+                    continue;
+                }
+            };
+            let mut deliveries = deliveries.into_iter();
+            while let Some(delivery) = deliveries.next() {
+                self.settle(delivery).await;
+                if shutdown.is_triggered() {
+                    // Hand back what was fetched but not started so another instance takes it now.
+                    for rest in deliveries.by_ref() {
+                        let _ = rest.nack(Duration::ZERO, "consumer shutting down").await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn settle(&self, delivery: Delivery) {
+        let group = &self.config.group;
+        let topic = &self.config.topic;
+        if delivery.attempt > 1 {
+            metrics::counter!("bazaar_consumer_redeliveries_total", "topic" => topic.clone(), "group" => group.clone())
+                .increment(1);
+        }
+        if delivery.attempt > self.config.max_attempts {
+            let reason = format!(
+                "gave up after {} attempts: {}",
+                delivery.attempt - 1,
+                delivery.last_error.clone().unwrap_or_else(|| "no ack within the ack wait".into())
+            );
+            self.park(delivery, reason).await;
+            return;
+        }
+        let outcome = match Envelope::from_slice(&delivery.message.body) {
+            Err(e) => Outcome::Dead(e.to_string()),
+            Ok(event) => self.apply(&event).await,
+        };
+        let settled = match outcome {
+            Outcome::Handled | Outcome::Duplicate => {
+                metrics::counter!("bazaar_consumer_handled_total", "topic" => topic.clone(), "group" => group.clone())
+                    .increment(1);
+                delivery.ack().await
+            }
+            Outcome::Retry(reason) if delivery.attempt < self.config.max_attempts => {
+                tracing::warn!(topic = %topic, group = %group, attempt = delivery.attempt, error = %reason, "handler failed; will retry");
+                let delay = retry_delay(delivery.attempt);
+                delivery.nack(delay, reason).await
+            }
+            Outcome::Retry(reason) => {
+                let reason = format!("gave up after {} attempts: {reason}", delivery.attempt);
+                self.park(delivery, reason).await;
+                return;
+            }
+            Outcome::Dead(reason) => {
+                self.park(delivery, reason).await;
+                return;
+            }
+        };
+        if let Err(e) = settled {
+            // The broker redelivers it; the inbox turns that into a no-op.
+            tracing::warn!(topic = %topic, error = %e, "could not settle delivery");
+        }
+    }
+
+    async fn apply(&self, event: &Envelope) -> Outcome {
+        let span = tracing::info_span!(
+            "handle",
+            event_type = %event.event_type,
+            event_id = %event.event_id,
+            correlation_id = %event.metadata.correlation_id
+        );
+        let _guard = span.enter();
+        let mut tx = match self.outbox.store().begin().await {
+            Ok(tx) => tx,
+            Err(e) => return Outcome::Retry(e.to_string()),
+        };
+        match inbox::record(&mut tx, &self.config.group, &event.event_id.to_string()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = tx.rollback().await;
+                return Outcome::Duplicate;
+            }
+            Err(e) => return Outcome::Retry(e.to_string()),
+        }
+        match self.handler.handle(&mut tx, event).await {
+            Ok(()) => match self.outbox.commit(tx).await {
+                Ok(()) => Outcome::Handled,
+                Err(e) => Outcome::Retry(e.to_string()),
+            },
+            Err(HandlerError::Transient(reason)) => {
+                let _ = tx.rollback().await;
+                Outcome::Retry(reason)
+            }
+            Err(HandlerError::Poison(reason)) => {
+                let _ = tx.rollback().await;
+                Outcome::Dead(reason)
+            }
+        }
+    }
+
+    async fn park(&self, delivery: Delivery, reason: String) {
+        tracing::error!(topic = %self.config.topic, group = %self.config.group, msg_id = %delivery.message.msg_id, %reason, "dead-lettering message");
+        if let Err(e) = DeadLetter::park(self.broker.as_ref(), &self.config.group, delivery, reason).await {
+            tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(retry_delay(1), Duration::from_millis(200));
+        assert!(retry_delay(3) > retry_delay(2));
+        assert_eq!(retry_delay(30), Duration::from_secs(10));
+    }
+}

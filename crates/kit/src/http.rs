@@ -1,0 +1,230 @@
+//! HTTP building blocks every service shares: RFC 9457 problem responses, a JSON extractor
+//! whose rejections are problems, request observation (correlation id, traceparent, metrics,
+//! a log line per request) and graceful serving.
+
+use std::time::Instant;
+
+use axum::{
+    extract::{FromRequest, FromRequestParts, MatchedPath, Request},
+    http::{header, request::Parts, HeaderValue, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    Router,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use tracing::Instrument;
+
+use crate::shutdown::Shutdown;
+
+/// The header carrying the correlation id between roles.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// An `application/problem+json` error response.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// A URI naming the kind of problem (`about:blank` when only the status matters).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The status's reason phrase.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong in this occurrence, for a human.
+    pub detail: String,
+}
+
+impl Problem {
+    /// A problem with `status` and `detail`.
+    pub fn new(status: StatusCode, detail: impl Into<String>) -> Problem {
+        Problem {
+            kind: "about:blank".into(),
+            title: status.canonical_reason().unwrap_or("Error").into(),
+            status: status.as_u16(),
+            detail: detail.into(),
+        }
+    }
+
+    /// 400: the request is malformed or breaks a rule.
+    pub fn bad_request(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::BAD_REQUEST, detail)
+    }
+
+    /// 401: no or bad credentials.
+    pub fn unauthorized(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::UNAUTHORIZED, detail)
+    }
+
+    /// 403: authenticated but not allowed.
+    pub fn forbidden(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::FORBIDDEN, detail)
+    }
+
+    /// 404: no such resource.
+    pub fn not_found(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::NOT_FOUND, detail)
+    }
+
+    /// 409: conflicts with the current state.
+    pub fn conflict(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::CONFLICT, detail)
+    }
+
+    /// 422: well-formed but not acceptable.
+    pub fn unprocessable(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, detail)
+    }
+
+    /// 500 for an unexpected failure; the cause goes to the log, not to the client.
+    pub fn internal(cause: impl std::fmt::Display) -> Problem {
+        tracing::error!(error = %cause, "internal error");
+        Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the service log")
+    }
+
+    /// 503: a dependency is down.
+    pub fn unavailable(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, detail)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        (
+            status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"))],
+            body,
+        )
+            .into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for Problem {
+    fn from(e: crate::store::StoreError) -> Self {
+        Problem::internal(e)
+    }
+}
+
+impl From<sqlx::Error> for Problem {
+    fn from(e: sqlx::Error) -> Self {
+        Problem::internal(e)
+    }
+}
+
+/// A JSON body whose rejections (wrong content type, bad syntax, missing fields) are
+/// problem responses that say what was wrong.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rejection) => Err(Problem::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// The correlation id and trace context of the request being served.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    /// Carried from the client (or generated at the first hop) into every event.
+    pub correlation_id: String,
+    /// W3C traceparent, when the caller sent one.
+    pub traceparent: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<RequestContext>().cloned().unwrap_or_default())
+    }
+}
+
+/// Middleware: takes or makes the correlation id, echoes it, logs one line and records
+/// `bazaar_http_requests_total` and `bazaar_http_request_duration_seconds` per route.
+pub async fn observe(mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let correlation_id = req
+        .headers()
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    req.extensions_mut().insert(RequestContext {
+        correlation_id: correlation_id.clone(),
+        traceparent,
+    });
+    let span = tracing::info_span!("request", correlation_id = %correlation_id);
+    let mut response = next.run(req).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    let elapsed = start.elapsed();
+    if let Ok(v) = HeaderValue::from_str(&correlation_id) {
+        response.headers_mut().insert(CORRELATION_HEADER, v);
+    }
+    metrics::counter!("bazaar_http_requests_total", "method" => method.to_string(), "route" => route.clone(), "status" => status.to_string()).increment(1);
+    metrics::histogram!("bazaar_http_request_duration_seconds", "route" => route).record(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        tracing::info!(%method, %path, status, ms = elapsed.as_secs_f64() * 1000.0, "served");
+    });
+    response
+}
+
+/// A router's 404 for unknown paths, as a problem.
+pub async fn not_found(req: Request) -> Problem {
+    Problem::not_found(format!("no resource at {} {}", req.method(), req.uri().path()))
+}
+
+/// Adds the shared layers (observation, problem 404) to a service's router.
+pub fn finish(router: Router) -> Router {
+    router
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(observe))
+}
+
+/// Serves `router` on `listener` until `shutdown` fires, then lets in-flight requests finish.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, mut shutdown: Shutdown) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_has_the_rfc_fields() {
+        let p = serde_json::to_value(Problem::bad_request("quantity must be positive")).unwrap();
+        assert_eq!(p["status"], 400);
+        assert_eq!(p["title"], "Bad Request");
+        assert_eq!(p["type"], "about:blank");
+        assert_eq!(p["detail"], "quantity must be positive");
+    }
+}

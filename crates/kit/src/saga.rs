@@ -1,0 +1,744 @@
+//! A durable orchestrated saga engine.
+//!
+//! A saga is an ordered list of [`Step`]s. A remote step sends an execute command through the
+//! outbox to a participant and waits for its [`SagaReply`]; a failure reply (or a step that
+//! stays silent past its deadline and retries) turns the saga around, and the compensating
+//! commands of the steps already done are sent in reverse order. The saga's row changes only
+//! in the same transaction as the outbox command it sends, so killing the orchestrator at
+//! any instant loses nothing: on restart the deadline timer resends whatever was awaited.
+//!
+//! Replies are matched by (saga, step, phase), not by command id, so a reply to an earlier
+//! attempt of the same step counts, and a duplicate or late reply finds the saga elsewhere
+//! and changes nothing. Participants must therefore be idempotent by business key (e.g. the
+//! order id), and a compensation arriving before its execute must leave a tombstone that
+//! makes the late execute fail.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sqlx::Row;
+
+use crate::{
+    consumer::HandlerError,
+    envelope::{Envelope, Metadata},
+    outbox::Outbox,
+    shutdown::Shutdown,
+    store::{now_millis, Dialect, Migration, StoreError, Tx},
+};
+
+/// The saga tables; include them in the orchestrator's migrations (version 2).
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 2,
+    name: "sagas",
+    sql: "CREATE TABLE saga (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL,
+            step BIGINT NOT NULL,
+            context TEXT NOT NULL,
+            correlation_id TEXT NOT NULL,
+            attempts BIGINT NOT NULL,
+            deadline BIGINT,
+            command_id TEXT,
+            error TEXT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        );
+        CREATE INDEX saga_due ON saga (status, deadline);
+        CREATE TABLE saga_history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            saga_id TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            step TEXT NOT NULL,
+            entry TEXT NOT NULL
+        );
+        CREATE INDEX saga_history_saga ON saga_history (saga_id, id);",
+    postgres: Some(
+        "CREATE TABLE saga (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL,
+            step BIGINT NOT NULL,
+            context TEXT NOT NULL,
+            correlation_id TEXT NOT NULL,
+            attempts BIGINT NOT NULL,
+            deadline BIGINT,
+            command_id TEXT,
+            error TEXT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        );
+        CREATE INDEX saga_due ON saga (status, deadline);
+        CREATE TABLE saga_history (
+            id BIGSERIAL PRIMARY KEY,
+            saga_id TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            step TEXT NOT NULL,
+            entry TEXT NOT NULL
+        );
+        CREATE INDEX saga_history_saga ON saga_history (saga_id, id);",
+    ),
+}];
+
+/// Compensations are retried this many times (with backoff) before the saga is `stuck`.
+pub const COMPENSATION_ATTEMPTS: u32 = 12;
+
+/// Where a saga is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SagaStatus {
+    /// Executing steps forward.
+    Running,
+    /// Undoing completed steps in reverse.
+    Compensating,
+    /// Every step succeeded.
+    Completed,
+    /// A step failed and every compensation succeeded.
+    Compensated,
+    /// A compensation kept failing; needs an operator (see [`SagaEngine::retry`]).
+    Stuck,
+}
+
+impl SagaStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SagaStatus::Running => "running",
+            SagaStatus::Compensating => "compensating",
+            SagaStatus::Completed => "completed",
+            SagaStatus::Compensated => "compensated",
+            SagaStatus::Stuck => "stuck",
+        }
+    }
+
+    fn parse(s: &str) -> Result<SagaStatus, StoreError> {
+        Ok(match s {
+            "running" => SagaStatus::Running,
+            "compensating" => SagaStatus::Compensating,
+            "completed" => SagaStatus::Completed,
+            "compensated" => SagaStatus::Compensated,
+            "stuck" => SagaStatus::Stuck,
+            other => return Err(StoreError::Corrupt(format!("unknown saga status `{other}`"))),
+        })
+    }
+
+    /// True when the saga will not move again by itself.
+    pub fn is_final(self) -> bool {
+        matches!(self, SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Stuck)
+    }
+}
+
+/// What a step does.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// A command to a participant on `topic`, answered by a [`SagaReply`].
+    Remote {
+        /// Topic the participant consumes.
+        topic: &'static str,
+        /// Event type of the execute command.
+        execute: &'static str,
+        /// Event type of the compensating command, if the step has effects to undo.
+        compensate: Option<&'static str>,
+    },
+    /// Work done by [`SagaFlow::local`] in the orchestrator's own transaction; not compensated.
+    Local,
+}
+
+/// One step of a saga.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Name, unique within the saga; replies name it.
+    pub name: &'static str,
+    /// What the step does.
+    pub action: Action,
+    /// How long to wait for a reply before resending.
+    pub timeout: Duration,
+    /// Sends of the execute command before the step counts as failed.
+    pub max_attempts: u32,
+}
+
+/// A saga's persisted state.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SagaState {
+    /// The saga id (for the order saga, the order id).
+    pub id: String,
+    /// Which flow it runs.
+    pub kind: String,
+    /// Where it is.
+    pub status: SagaStatus,
+    /// Index of the current step (-1 once compensation passed the first step).
+    pub step: i64,
+    /// Data the steps share: the start input merged with each success reply's `data`.
+    pub context: Value,
+    /// The correlation id of the request that started it.
+    pub correlation_id: String,
+    /// Sends of the current command.
+    pub attempts: u32,
+    /// When the current wait ends (ms since the epoch).
+    pub deadline: Option<i64>,
+    /// The last failure, the reason for compensating.
+    pub error: Option<String>,
+}
+
+/// One line of a saga's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    /// When (RFC 3339).
+    pub at: String,
+    /// The step it concerns.
+    pub step: String,
+    /// What happened.
+    pub entry: String,
+}
+
+/// The reply a participant sends for a saga command (the reply event's payload).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SagaReply {
+    /// The saga the command belonged to.
+    pub saga_id: String,
+    /// The step the command belonged to.
+    pub step: String,
+    /// True when it answers a compensating command.
+    pub compensation: bool,
+    /// Whether the participant did what was asked.
+    pub ok: bool,
+    /// Why not, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Results merged into the saga's context on success.
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// The routing fields the engine adds to every command payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandHeader {
+    /// The saga.
+    pub saga_id: String,
+    /// The step.
+    pub step: String,
+    /// True for a compensating command.
+    pub compensation: bool,
+    /// Topic the reply goes to.
+    pub reply_to: String,
+    /// Event type the reply must carry.
+    pub reply_type: String,
+}
+
+impl CommandHeader {
+    /// Reads the header of a saga command.
+    pub fn of(command: &Envelope) -> Result<CommandHeader, HandlerError> {
+        serde_json::from_value(command.payload.clone())
+            .map_err(|e| HandlerError::Poison(format!("`{}` is not a saga command: {e}", command.event_type)))
+    }
+
+    /// The reply envelope to `command` and the topic it goes to.
+    pub fn reply(&self, command: &Envelope, source: &str, result: Result<Value, String>) -> (String, Envelope) {
+        let (ok, reason, data) = match result {
+            Ok(data) => (true, None, data),
+            Err(reason) => (false, Some(reason), Value::Null),
+        };
+        let reply = SagaReply {
+            saga_id: self.saga_id.clone(),
+            step: self.step.clone(),
+            compensation: self.compensation,
+            ok,
+            reason,
+            data,
+        };
+        let env = Envelope::new(&self.reply_type, &self.saga_id, reply, command.caused_metadata(source));
+        (self.reply_to.clone(), env)
+    }
+}
+
+/// A saga's definition and the hooks that tie it to the orchestrator's data.
+pub trait SagaFlow: Send + Sync + 'static {
+    /// The flow's name, stored with each saga.
+    fn kind(&self) -> &'static str;
+    /// The steps, in execution order.
+    fn steps(&self) -> &[Step];
+    /// The payload of a remote step's command from the saga's context (the engine adds
+    /// the [`CommandHeader`] fields).
+    fn command(&self, step: &Step, compensation: bool, context: &Value) -> Value;
+    /// Runs a local step inside the orchestrator's transaction; `Ok(Err(reason))` fails it.
+    fn local<'a>(
+        &'a self,
+        tx: &'a mut Tx<'static>,
+        step: &'a Step,
+        saga: &'a SagaState,
+    ) -> BoxFuture<'a, Result<Result<(), String>, HandlerError>>;
+    /// Called in the same transaction when the saga reaches a final status.
+    fn finished<'a>(&'a self, tx: &'a mut Tx<'static>, saga: &'a SagaState) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// Runs sagas of one flow for an orchestrator.
+pub struct SagaEngine {
+    flow: Arc<dyn SagaFlow>,
+    outbox: Outbox,
+    source: &'static str,
+    reply_topic: String,
+    reply_type: String,
+}
+
+impl SagaEngine {
+    /// An engine for `flow` whose participants reply on `reply_topic` with `reply_type` events.
+    pub fn new(
+        flow: Arc<dyn SagaFlow>,
+        outbox: Outbox,
+        source: &'static str,
+        reply_topic: impl Into<String>,
+        reply_type: impl Into<String>,
+    ) -> SagaEngine {
+        SagaEngine {
+            flow,
+            outbox,
+            source,
+            reply_topic: reply_topic.into(),
+            reply_type: reply_type.into(),
+        }
+    }
+
+    /// Starts saga `id` with `context` inside the caller's transaction; commit it with
+    /// [`Outbox::commit`] so the first command leaves at once.
+    pub async fn start(
+        &self,
+        tx: &mut Tx<'static>,
+        id: &str,
+        context: Value,
+        correlation_id: &str,
+    ) -> Result<SagaState, HandlerError> {
+        let now = now_millis();
+        let mut state = SagaState {
+            id: id.to_string(),
+            kind: self.flow.kind().to_string(),
+            status: SagaStatus::Running,
+            step: 0,
+            context,
+            correlation_id: correlation_id.to_string(),
+            attempts: 0,
+            deadline: None,
+            error: None,
+        };
+        sqlx::query(
+            "INSERT INTO saga (id, kind, status, step, context, correlation_id, attempts, created_at, updated_at)
+             VALUES ($1, $2, $3, 0, $4, $5, 0, $6, $6)",
+        )
+        .bind(id)
+        .bind(self.flow.kind())
+        .bind(SagaStatus::Running.as_str())
+        .bind(state.context.to_string())
+        .bind(correlation_id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        history(tx, id, "-", "started").await?;
+        self.advance(tx, &mut state, None).await?;
+        self.save(tx, &state).await?;
+        Ok(state)
+    }
+
+    /// Applies a participant's reply; a duplicate or late one changes nothing.
+    pub async fn on_reply(&self, tx: &mut Tx<'static>, event: &Envelope) -> Result<(), HandlerError> {
+        let reply: SagaReply = event.payload_as()?;
+        let Some(mut state) = self.lock(tx, &reply.saga_id).await? else {
+            tracing::warn!(saga = %reply.saga_id, "reply for an unknown saga ignored");
+            return Ok(());
+        };
+        let current = self.step_name(state.step);
+        let expected_phase = match state.status {
+            SagaStatus::Running => false,
+            SagaStatus::Compensating => true,
+            _ => {
+                return Ok(());
+            }
+        };
+        if current != Some(reply.step.as_str()) || reply.compensation != expected_phase {
+            history(tx, &state.id, &reply.step, "ignored a late or duplicate reply").await?;
+            return Ok(());
+        }
+        metrics::counter!("bazaar_saga_replies_total", "saga" => self.flow.kind(), "ok" => reply.ok.to_string())
+            .increment(1);
+        match (state.status, reply.ok) {
+            (SagaStatus::Running, true) => {
+                merge(&mut state.context, &reply.data);
+                history(tx, &state.id, &reply.step, "done").await?;
+                state.step += 1;
+                state.attempts = 0;
+                self.advance(tx, &mut state, Some(event)).await?;
+            }
+            (SagaStatus::Running, false) => {
+                let reason = reply.reason.unwrap_or_else(|| "failed".into());
+                history(tx, &state.id, &reply.step, &format!("failed: {reason}; compensating")).await?;
+                state.error = Some(format!("{}: {reason}", reply.step));
+                state.status = SagaStatus::Compensating;
+                state.step -= 1;
+                state.attempts = 0;
+                self.advance(tx, &mut state, Some(event)).await?;
+            }
+            (_, true) => {
+                history(tx, &state.id, &reply.step, "compensated").await?;
+                state.step -= 1;
+                state.attempts = 0;
+                self.advance(tx, &mut state, Some(event)).await?;
+            }
+            (_, false) => {
+                let reason = reply.reason.unwrap_or_else(|| "failed".into());
+                history(tx, &state.id, &reply.step, &format!("compensation failed: {reason}; will retry")).await?;
+                // Resent by the timer after a backoff, or marked stuck when out of attempts.
+                state.deadline = Some(now_millis() + backoff(state.attempts).as_millis() as i64);
+            }
+        }
+        self.save(tx, &state).await
+    }
+
+    /// Handles sagas whose deadline passed: resend, fail the step, or mark stuck.
+    pub async fn tick(&self) -> Result<usize, HandlerError> {
+        let due = sqlx::query(
+            "SELECT id FROM saga WHERE status IN ('running', 'compensating') AND deadline IS NOT NULL AND deadline <= $1
+             ORDER BY deadline LIMIT 100",
+        )
+        .bind(now_millis())
+        .fetch_all(self.outbox.store().pool())
+        .await?;
+        let mut moved = 0;
+        for row in due {
+            let id: String = row.try_get("id")?;
+            let mut tx = self.outbox.store().begin().await?;
+            if let Some(mut state) = self.lock(&mut tx, &id).await? {
+                if !state.status.is_final() && state.deadline.is_some_and(|d| d <= now_millis()) {
+                    self.on_deadline(&mut tx, &mut state).await?;
+                    self.save(&mut tx, &state).await?;
+                    moved += 1;
+                }
+            }
+            self.outbox.commit(tx).await?;
+        }
+        Ok(moved)
+    }
+
+    async fn on_deadline(&self, tx: &mut Tx<'static>, state: &mut SagaState) -> Result<(), HandlerError> {
+        let Some(step) = usize::try_from(state.step).ok().and_then(|i| self.flow.steps().get(i)).cloned() else {
+            return Ok(());
+        };
+        let compensating = state.status == SagaStatus::Compensating;
+        let limit = if compensating { COMPENSATION_ATTEMPTS } else { step.max_attempts };
+        if state.attempts < limit {
+            history(tx, &state.id, step.name, &format!("no reply in time; resending (attempt {})", state.attempts + 1)).await?;
+            metrics::counter!("bazaar_saga_retries_total", "saga" => self.flow.kind(), "step" => step.name).increment(1);
+            self.send(tx, state, &step, compensating, None).await?;
+        } else if !compensating {
+            // The participant may still act on a late command, so this step is compensated too.
+            history(tx, &state.id, step.name, "no reply after every attempt; compensating").await?;
+            state.error = Some(format!("{}: no reply after {} attempts", step.name, state.attempts));
+            state.status = SagaStatus::Compensating;
+            state.attempts = 0;
+            self.advance(tx, state, None).await?;
+        } else {
+            history(tx, &state.id, step.name, "compensation kept failing; stuck").await?;
+            state.status = SagaStatus::Stuck;
+            state.deadline = None;
+            metrics::counter!("bazaar_saga_stuck_total", "saga" => self.flow.kind()).increment(1);
+            self.flow.finished(tx, state).await?;
+        }
+        Ok(())
+    }
+
+    /// Puts a stuck saga back to compensating with fresh attempts (an operator's action).
+    pub async fn retry(&self, id: &str) -> Result<bool, HandlerError> {
+        let mut tx = self.outbox.store().begin().await?;
+        let Some(mut state) = self.lock(&mut tx, id).await? else {
+            return Ok(false);
+        };
+        if state.status != SagaStatus::Stuck {
+            return Ok(false);
+        }
+        history(&mut tx, id, "-", "retried by an operator").await?;
+        state.status = SagaStatus::Compensating;
+        state.attempts = 0;
+        self.advance(&mut tx, &mut state, None).await?;
+        self.save(&mut tx, &state).await?;
+        self.outbox.commit(tx).await?;
+        Ok(true)
+    }
+
+    /// Runs [`SagaEngine::tick`] every 250 ms and counts sagas per status until `shutdown`.
+    pub fn spawn_timer(self: Arc<Self>, mut shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut rounds = 0u64;
+            loop {
+                if let Err(e) = self.tick().await {
+                    tracing::warn!(error = %e, "saga timer round failed");
+                }
+                rounds += 1;
+                if rounds % 20 == 1 {
+                    if let Ok(counts) = self.counts().await {
+                        for (status, n) in counts {
+                            metrics::gauge!("bazaar_sagas", "saga" => self.flow.kind(), "status" => status).set(n as f64);
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        })
+    }
+
+    /// The saga `id`, if it exists.
+    pub async fn load(&self, id: &str) -> Result<Option<SagaState>, StoreError> {
+        let row = sqlx::query(SELECT_SAGA).bind(id).fetch_optional(self.outbox.store().pool()).await?;
+        row.map(|r| from_row(&r)).transpose()
+    }
+
+    /// The history of saga `id`, oldest first.
+    pub async fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        let rows = sqlx::query("SELECT at, step, entry FROM saga_history WHERE saga_id = $1 ORDER BY id")
+            .bind(id)
+            .fetch_all(self.outbox.store().pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let at: i64 = r.try_get("at")?;
+                Ok(HistoryEntry {
+                    at: chrono::DateTime::from_timestamp_millis(at).unwrap_or_default().to_rfc3339(),
+                    step: r.try_get("step")?,
+                    entry: r.try_get("entry")?,
+                })
+            })
+            .collect()
+    }
+
+    /// How many sagas are in each status.
+    pub async fn counts(&self) -> Result<Vec<(&'static str, i64)>, StoreError> {
+        let mut out = Vec::new();
+        for status in [
+            SagaStatus::Running,
+            SagaStatus::Compensating,
+            SagaStatus::Completed,
+            SagaStatus::Compensated,
+            SagaStatus::Stuck,
+        ] {
+            let row = sqlx::query("SELECT COUNT(*) AS n FROM saga WHERE status = $1")
+                .bind(status.as_str())
+                .fetch_one(self.outbox.store().pool())
+                .await?;
+            out.push((status.as_str(), row.try_get::<i64, _>("n")?));
+        }
+        Ok(out)
+    }
+
+    fn step_name(&self, step: i64) -> Option<&'static str> {
+        usize::try_from(step).ok().and_then(|i| self.flow.steps().get(i)).map(|s| s.name)
+    }
+
+    /// Moves forward (or backward) through steps until one must wait for a reply or the
+    /// saga ends.
+    async fn advance(
+        &self,
+        tx: &mut Tx<'static>,
+        state: &mut SagaState,
+        cause: Option<&Envelope>,
+    ) -> Result<(), HandlerError> {
+        let steps = self.flow.steps();
+        loop {
+            match state.status {
+                SagaStatus::Running => {
+                    let Some(step) = usize::try_from(state.step).ok().and_then(|i| steps.get(i)) else {
+                        state.status = SagaStatus::Completed;
+                        state.deadline = None;
+                        history(tx, &state.id, "-", "completed").await?;
+                        self.flow.finished(tx, state).await?;
+                        break;
+                    };
+                    match step.action {
+                        Action::Remote { .. } => {
+                            self.send(tx, state, step, false, cause).await?;
+                            break;
+                        }
+                        Action::Local => match self.flow.local(tx, step, state).await? {
+                            Ok(()) => {
+                                history(tx, &state.id, step.name, "done").await?;
+                                state.step += 1;
+                            }
+                            Err(reason) => {
+                                history(tx, &state.id, step.name, &format!("failed: {reason}; compensating")).await?;
+                                state.error = Some(format!("{}: {reason}", step.name));
+                                state.status = SagaStatus::Compensating;
+                                state.step -= 1;
+                            }
+                        },
+                    }
+                }
+                SagaStatus::Compensating => {
+                    let Some(step) = usize::try_from(state.step).ok().and_then(|i| steps.get(i)) else {
+                        state.status = SagaStatus::Compensated;
+                        state.deadline = None;
+                        history(tx, &state.id, "-", "compensated").await?;
+                        self.flow.finished(tx, state).await?;
+                        break;
+                    };
+                    match step.action {
+                        Action::Remote {
+                            compensate: Some(_), ..
+                        } => {
+                            self.send(tx, state, step, true, cause).await?;
+                            break;
+                        }
+                        _ => state.step -= 1,
+                    }
+                }
+                _ => break,
+            }
+        }
+        metrics::counter!("bazaar_saga_transitions_total", "saga" => self.flow.kind(), "status" => state.status.as_str())
+            .increment(1);
+        Ok(())
+    }
+
+    /// Sends the current step's command through the outbox and arms its deadline.
+    async fn send(
+        &self,
+        tx: &mut Tx<'static>,
+        state: &mut SagaState,
+        step: &Step,
+        compensation: bool,
+        cause: Option<&Envelope>,
+    ) -> Result<(), HandlerError> {
+        let Action::Remote {
+            topic,
+            execute,
+            compensate,
+        } = step.action
+        else {
+            return Ok(());
+        };
+        let event_type = if compensation { compensate.unwrap_or(execute) } else { execute };
+        let mut payload = self.flow.command(step, compensation, &state.context);
+        let header = CommandHeader {
+            saga_id: state.id.clone(),
+            step: step.name.to_string(),
+            compensation,
+            reply_to: self.reply_topic.clone(),
+            reply_type: self.reply_type.clone(),
+        };
+        if let (Some(obj), Ok(Value::Object(h))) = (payload.as_object_mut(), serde_json::to_value(&header)) {
+            obj.extend(h);
+        }
+        let metadata = match cause {
+            Some(c) => c.caused_metadata(self.source),
+            None => Metadata {
+                correlation_id: state.correlation_id.clone(),
+                source: self.source.to_string(),
+                ..Metadata::default()
+            },
+        };
+        let command = Envelope::new(event_type, &state.id, payload, metadata);
+        self.outbox.add(tx, topic, &command).await?;
+        sqlx::query("UPDATE saga SET command_id = $1 WHERE id = $2")
+            .bind(command.event_id.to_string())
+            .bind(&state.id)
+            .execute(&mut **tx)
+            .await?;
+        state.attempts += 1;
+        let wait = if state.attempts > 1 { step.timeout + backoff(state.attempts) } else { step.timeout };
+        state.deadline = Some(now_millis() + wait.as_millis() as i64);
+        Ok(())
+    }
+
+    async fn lock(&self, tx: &mut Tx<'static>, id: &str) -> Result<Option<SagaState>, StoreError> {
+        let sql = match self.outbox.store().dialect() {
+            Dialect::Postgres => format!("{SELECT_SAGA} FOR UPDATE"),
+            Dialect::Sqlite => SELECT_SAGA.to_string(),
+        };
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&mut **tx).await?;
+        row.map(|r| from_row(&r)).transpose()
+    }
+
+    async fn save(&self, tx: &mut Tx<'static>, state: &SagaState) -> Result<(), HandlerError> {
+        sqlx::query(
+            "UPDATE saga SET status = $1, step = $2, context = $3, attempts = $4, deadline = $5, error = $6, updated_at = $7
+             WHERE id = $8",
+        )
+        .bind(state.status.as_str())
+        .bind(state.step)
+        .bind(state.context.to_string())
+        .bind(state.attempts as i64)
+        .bind(state.deadline)
+        .bind(state.error.clone())
+        .bind(now_millis())
+        .bind(&state.id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+const SELECT_SAGA: &str =
+    "SELECT id, kind, status, step, context, correlation_id, attempts, deadline, error FROM saga WHERE id = $1";
+
+fn from_row(r: &sqlx::any::AnyRow) -> Result<SagaState, StoreError> {
+    let context: String = r.try_get("context")?;
+    Ok(SagaState {
+        id: r.try_get("id")?,
+        kind: r.try_get("kind")?,
+        status: SagaStatus::parse(&r.try_get::<String, _>("status")?)?,
+        step: r.try_get("step")?,
+        context: serde_json::from_str(&context).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        correlation_id: r.try_get("correlation_id")?,
+        attempts: r.try_get::<i64, _>("attempts")?.max(0) as u32,
+        deadline: r.try_get("deadline")?,
+        error: r.try_get("error")?,
+    })
+}
+
+async fn history(tx: &mut Tx<'static>, saga: &str, step: &str, entry: &str) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO saga_history (saga_id, at, step, entry) VALUES ($1, $2, $3, $4)")
+        .bind(saga)
+        .bind(now_millis())
+        .bind(step)
+        .bind(entry)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Extra wait before a resend: 500 ms doubling, capped at 30 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((500u64 << attempt.min(6)).min(30_000))
+}
+
+/// Merges the object `data` into the object `context`.
+fn merge(context: &mut Value, data: &Value) {
+    if let (Some(ctx), Some(data)) = (context.as_object_mut(), data.as_object()) {
+        ctx.extend(data.clone());
+    } else if context.is_null() {
+        *context = Value::Object(Map::new());
+        merge(context, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_merge_into_context() {
+        let mut ctx = serde_json::json!({"a": 1});
+        merge(&mut ctx, &serde_json::json!({"b": 2, "a": 3}));
+        assert_eq!(ctx, serde_json::json!({"a": 3, "b": 2}));
+        merge(&mut ctx, &Value::Null);
+        assert_eq!(ctx["b"], 2);
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        assert!(backoff(1) < backoff(2));
+        assert_eq!(backoff(20), Duration::from_secs(30));
+    }
+}
