@@ -1,1 +1,161 @@
-//! Messages the bazaar services exchange.
+//! The messages bazaar's services exchange: topics, domain events and saga commands.
+//!
+//! A service depends on this crate, never on another service's crate, so the contract
+//! between them is visible in one place. Every payload is camelCase JSON inside a
+//! `bazaar_kit::envelope::Envelope`; money is integer minor units with a currency.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Topic names.
+pub mod topics {
+    /// Domain events of users (`user.registered`).
+    pub const USERS_EVENTS: &str = "users.events";
+    /// Domain events of orders (`order.confirmed`, `order.cancelled`).
+    pub const ORDERS_EVENTS: &str = "orders.events";
+    /// Saga commands to inventory.
+    pub const INVENTORY_COMMANDS: &str = "inventory.commands";
+    /// Saga commands to payments.
+    pub const PAYMENTS_COMMANDS: &str = "payments.commands";
+    /// Replies of saga participants to the order saga.
+    pub const ORDER_SAGA_REPLIES: &str = "orders.saga-replies";
+}
+
+/// Event and command types (the envelope's `eventType`).
+pub mod types {
+    /// A user registered: [`super::UserRegistered`].
+    pub const USER_REGISTERED: &str = "user.registered";
+    /// An order was confirmed: [`super::OrderOutcome`].
+    pub const ORDER_CONFIRMED: &str = "order.confirmed";
+    /// An order was cancelled: [`super::OrderOutcome`].
+    pub const ORDER_CANCELLED: &str = "order.cancelled";
+    /// Reserve every line of an order or none: [`super::ReserveStock`].
+    pub const RESERVE_STOCK: &str = "inventory.reserve";
+    /// Release an order's reservation: [`super::OrderRef`].
+    pub const RELEASE_STOCK: &str = "inventory.release";
+    /// Turn an order's reservation into a sale: [`super::OrderRef`].
+    pub const COMMIT_STOCK: &str = "inventory.commit";
+    /// Charge the customer for an order: [`super::ProcessPayment`].
+    pub const PROCESS_PAYMENT: &str = "payments.process";
+    /// Refund an order's payment: [`super::OrderRef`].
+    pub const REFUND_PAYMENT: &str = "payments.refund";
+    /// A participant's reply to an order saga command.
+    pub const ORDER_SAGA_REPLY: &str = "orders.saga-reply";
+}
+
+/// Consumer group names (one per consuming service).
+pub mod groups {
+    /// The inventory service.
+    pub const INVENTORY: &str = "inventory";
+    /// The payments service.
+    pub const PAYMENTS: &str = "payments";
+    /// The orders service (saga replies).
+    pub const ORDERS: &str = "orders";
+    /// The notifications service.
+    pub const NOTIFICATIONS: &str = "notifications";
+}
+
+/// A new user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserRegistered {
+    /// The user's id.
+    pub user_id: Uuid,
+    /// Where to write to them.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+}
+
+/// One line of an order as the customer asked for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LineRequest {
+    /// The product.
+    pub product_id: Uuid,
+    /// How many (at least 1).
+    pub quantity: i64,
+}
+
+/// One line as priced by inventory when reserved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PricedLine {
+    /// The product.
+    pub product_id: Uuid,
+    /// How many.
+    pub quantity: i64,
+    /// Price of one unit in minor units.
+    pub unit_price_cents: i64,
+}
+
+/// Reserve stock for an order (saga step `reserveInventory`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReserveStock {
+    /// The order.
+    pub order_id: Uuid,
+    /// What to reserve.
+    pub lines: Vec<LineRequest>,
+}
+
+/// What inventory returns for a successful reservation (merged into the saga's context).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reserved {
+    /// The lines with their prices.
+    pub priced_lines: Vec<PricedLine>,
+    /// Sum of the lines in minor units.
+    pub total_cents: i64,
+    /// ISO 4217 currency of every line.
+    pub currency: String,
+}
+
+/// A command about one order that needs nothing else (release, commit, refund).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderRef {
+    /// The order.
+    pub order_id: Uuid,
+}
+
+/// Charge a customer for an order (saga step `processPayment`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessPayment {
+    /// The order.
+    pub order_id: Uuid,
+    /// The paying customer.
+    pub customer_id: Uuid,
+    /// Amount in minor units.
+    pub amount_cents: i64,
+    /// ISO 4217 currency.
+    pub currency: String,
+}
+
+/// What payments returns for a successful charge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Paid {
+    /// The payment's id.
+    pub payment_id: Uuid,
+}
+
+/// An order reached its outcome (`order.confirmed` or `order.cancelled`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderOutcome {
+    /// The order.
+    pub order_id: Uuid,
+    /// Its customer.
+    pub customer_id: Uuid,
+    /// Where to tell them.
+    pub email: String,
+    /// Total in minor units (0 when cancelled before pricing).
+    pub total_cents: i64,
+    /// ISO 4217 currency.
+    pub currency: String,
+    /// Why it was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

@@ -18,6 +18,7 @@ pub mod health;
 pub mod http;
 pub mod inbox;
 pub mod outbox;
+pub mod runtime;
 pub mod saga;
 pub mod shutdown;
 pub mod store;

@@ -75,17 +75,9 @@ impl Outbox {
         &self.store
     }
 
-    /// Records `event` for `topic` inside the caller's transaction.
+    /// Records `event` for `topic` inside the caller's transaction (same as [`add`]).
     pub async fn add(&self, tx: &mut Tx<'_>, topic: &str, event: &Envelope) -> Result<(), StoreError> {
-        let body = String::from_utf8(event.to_vec()).unwrap_or_default();
-        sqlx::query("INSERT INTO outbox (event_id, topic, body, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(event.event_id.to_string())
-            .bind(topic)
-            .bind(body)
-            .bind(now_millis())
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+        add(tx, topic, event).await
     }
 
     /// Commits `tx` and wakes the relay, so events leave at once rather than at the next poll.
@@ -114,6 +106,20 @@ impl Outbox {
         };
         tokio::spawn(relay.run(shutdown))
     }
+}
+
+/// Records `event` for `topic` inside the caller's transaction. Consumer handlers use this
+/// form; the runner commits through the outbox, which wakes the relay.
+pub async fn add(tx: &mut Tx<'_>, topic: &str, event: &Envelope) -> Result<(), StoreError> {
+    let body = String::from_utf8(event.to_vec()).unwrap_or_default();
+    sqlx::query("INSERT INTO outbox (event_id, topic, body, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(event.event_id.to_string())
+        .bind(topic)
+        .bind(body)
+        .bind(now_millis())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Moves committed outbox rows to the broker.

@@ -1,1 +1,68 @@
-//! The inventory service.
+//! The inventory service: products, stock and reservations.
+//!
+//! It answers the order saga's stock commands (`inventory.reserve`, `inventory.release`,
+//! `inventory.commit`). Each is idempotent by order id: a reservation row per order records
+//! what was done, and a release that arrives before its reserve leaves a `released`
+//! tombstone so the late reserve fails instead of holding stock forever.
+
+mod api;
+mod commands;
+
+use std::sync::Arc;
+
+use bazaar_contracts::{groups, topics};
+use bazaar_kit::{
+    consumer::{self, ConsumerConfig},
+    runtime::{RoleConfig, Runtime, ServiceError},
+    shutdown::Shutdown,
+    store::Migration,
+};
+
+pub use api::router;
+pub use commands::StockCommands;
+
+/// The inventory tables.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 10,
+    name: "inventory",
+    sql: "CREATE TABLE product (
+            id TEXT PRIMARY KEY,
+            sku TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            price_cents BIGINT NOT NULL CHECK (price_cents >= 0),
+            currency TEXT NOT NULL,
+            on_hand BIGINT NOT NULL CHECK (on_hand >= 0),
+            reserved BIGINT NOT NULL CHECK (reserved >= 0 AND reserved <= on_hand),
+            created_at BIGINT NOT NULL
+        );
+        CREATE TABLE stock_movement (
+            id TEXT PRIMARY KEY,
+            product_id TEXT NOT NULL REFERENCES product (id),
+            delta BIGINT NOT NULL,
+            reason TEXT NOT NULL,
+            at BIGINT NOT NULL
+        );
+        CREATE TABLE reservation (
+            order_id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            priced TEXT,
+            reason TEXT,
+            updated_at BIGINT NOT NULL
+        );
+        CREATE TABLE reservation_line (
+            order_id TEXT NOT NULL REFERENCES reservation (order_id),
+            product_id TEXT NOT NULL REFERENCES product (id),
+            quantity BIGINT NOT NULL,
+            PRIMARY KEY (order_id, product_id)
+        );",
+    postgres: None,
+}];
+
+/// Runs the inventory role until `shutdown`.
+pub async fn run(config: RoleConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
+    let rt = Runtime::start("inventory", &config, MIGRATIONS, shutdown.clone()).await?;
+    let mut consumer = ConsumerConfig::new(groups::INVENTORY, topics::INVENTORY_COMMANDS);
+    consumer.tasks = 2;
+    consumer::spawn(rt.outbox.clone(), rt.broker.clone(), consumer, Arc::new(StockCommands), shutdown);
+    rt.serve(config.listen, router(rt.clone()), rt.health()).await
+}

@@ -1,1 +1,106 @@
-//! The orders service.
+//! The orders service: owns orders and orchestrates the order saga.
+//!
+//! `POST /orders` writes a pending order and starts its saga in one transaction; the saga
+//! (see [`saga::OrderSaga`]) reserves stock, takes payment and commits the stock, or undoes
+//! what was done, and finally confirms or cancels the order and announces the outcome.
+
+mod api;
+pub mod saga;
+
+use std::sync::Arc;
+
+use bazaar_contracts::{groups, topics, types};
+use bazaar_kit::{
+    consumer::{self, ConsumerConfig, Handler, HandlerError},
+    envelope::Envelope,
+    runtime::{RoleConfig, Runtime, ServiceError},
+    saga::SagaEngine,
+    shutdown::Shutdown,
+    store::{Migration, Tx},
+};
+use futures_util::future::BoxFuture;
+
+pub use api::router;
+
+/// The orders tables (the saga tables come from the kit).
+pub const MIGRATIONS: &[Migration] = &[
+    bazaar_kit::saga::MIGRATIONS[0],
+    Migration {
+        version: 10,
+        name: "orders",
+        sql: "CREATE TABLE orders (
+            id TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            email TEXT NOT NULL,
+            status TEXT NOT NULL,
+            lines TEXT NOT NULL,
+            total_cents BIGINT,
+            currency TEXT,
+            reason TEXT,
+            idempotency_key TEXT,
+            version BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        );
+        CREATE UNIQUE INDEX orders_idempotency ON orders (customer_id, idempotency_key);
+        CREATE INDEX orders_customer ON orders (customer_id, created_at);",
+        postgres: None,
+    },
+];
+
+/// The orders role's shared state.
+#[derive(Clone)]
+pub struct Orders {
+    /// Store, outbox, broker, keys.
+    pub rt: Runtime,
+    /// The order saga's engine.
+    pub engine: Arc<SagaEngine>,
+}
+
+impl Orders {
+    /// The engine for `rt`'s store.
+    pub fn new(rt: Runtime) -> Orders {
+        let engine = SagaEngine::new(
+            Arc::new(saga::OrderSaga::new()),
+            rt.outbox.clone(),
+            "orders",
+            topics::ORDER_SAGA_REPLIES,
+            types::ORDER_SAGA_REPLY,
+        );
+        Orders {
+            rt,
+            engine: Arc::new(engine),
+        }
+    }
+}
+
+/// Feeds participants' replies to the saga engine.
+struct Replies(Arc<SagaEngine>);
+
+impl Handler for Replies {
+    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            if event.event_type != types::ORDER_SAGA_REPLY {
+                return Err(HandlerError::Poison(format!("unknown event type `{}`", event.event_type)));
+            }
+            self.0.on_reply(tx, event).await
+        })
+    }
+}
+
+/// Runs the orders role until `shutdown`.
+pub async fn run(config: RoleConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
+    let rt = Runtime::start("orders", &config, MIGRATIONS, shutdown.clone()).await?;
+    let orders = Orders::new(rt.clone());
+    let replies = ConsumerConfig::new(groups::ORDERS, topics::ORDER_SAGA_REPLIES);
+    consumer::spawn(
+        rt.outbox.clone(),
+        rt.broker.clone(),
+        replies,
+        Arc::new(Replies(orders.engine.clone())),
+        shutdown.clone(),
+    );
+    orders.engine.clone().spawn_timer(shutdown);
+    let health = rt.health();
+    rt.serve(config.listen, router(orders), health).await
+}

@@ -1,0 +1,127 @@
+//! What every service role starts with: its own store (migrated), the outbox relay, the
+//! broker, and an HTTP listener with the shared layers, all stopped by one [`Shutdown`].
+
+use std::net::SocketAddr;
+
+use axum::Router;
+
+use crate::{
+    auth::JwtKeys,
+    broker::{self, BrokerError, SharedBroker},
+    health::Health,
+    outbox::{self, Outbox},
+    shutdown::Shutdown,
+    store::{Migration, Store, StoreError},
+};
+
+/// Settings every service role reads (from flags or `BAZAAR_*` variables in the binary).
+#[derive(Debug, Clone)]
+pub struct RoleConfig {
+    /// Where the HTTP API listens.
+    pub listen: SocketAddr,
+    /// The role's own store: `sqlite://data/orders.db` or `postgres://…`.
+    pub store_url: String,
+    /// The broker: `sqlite://data/bus.db` or `nats://127.0.0.1:4222`.
+    pub broker_url: String,
+    /// The shared JWT secret.
+    pub jwt_secret: String,
+}
+
+/// Why a role could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The store failed to open or migrate.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The broker could not be reached.
+    #[error("broker: {0}")]
+    Broker(#[from] BrokerError),
+    /// The listener could not bind or serve.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A setting is unusable.
+    #[error("bad configuration: {0}")]
+    Config(String),
+}
+
+/// A started role's shared parts.
+#[derive(Clone)]
+pub struct Runtime {
+    /// The role's name, used as event source and in health output.
+    pub role: &'static str,
+    /// Its own store.
+    pub store: Store,
+    /// Its outbox (the relay is running).
+    pub outbox: Outbox,
+    /// The broker.
+    pub broker: SharedBroker,
+    /// Token keys.
+    pub keys: JwtKeys,
+    /// Fires when the role must stop.
+    pub shutdown: Shutdown,
+}
+
+impl Runtime {
+    /// Opens and migrates the store (outbox and inbox tables first, then `migrations`),
+    /// connects the broker and starts the outbox relay.
+    pub async fn start(
+        role: &'static str,
+        config: &RoleConfig,
+        migrations: &[Migration],
+        shutdown: Shutdown,
+    ) -> Result<Runtime, ServiceError> {
+        let store = Store::open(&config.store_url).await?;
+        let all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(migrations).cloned().collect();
+        store.migrate(&all).await?;
+        let broker = broker::connect(&config.broker_url).await?;
+        let outbox = Outbox::new(store.clone());
+        outbox.spawn_relay(broker.clone(), shutdown.clone());
+        tracing::info!(role, store = %config.store_url.split('@').next_back().unwrap_or_default(), broker = broker.kind(), "started");
+        Ok(Runtime {
+            role,
+            store,
+            outbox,
+            broker,
+            keys: JwtKeys::new(&config.jwt_secret, std::time::Duration::from_secs(24 * 3600)),
+            shutdown,
+        })
+    }
+
+    /// Health checks for the store and the broker.
+    pub fn health(&self) -> Health {
+        Health::new(self.role)
+            .database(self.store.clone())
+            .broker(self.broker.clone())
+    }
+
+    /// Serves `api` plus `health`'s routes on `addr` until shutdown.
+    pub async fn serve(&self, addr: SocketAddr, api: Router, health: Health) -> Result<(), ServiceError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServiceError::Listen { addr, source })?;
+        self.serve_on(listener, api, health).await
+    }
+
+    /// Serves on an already bound listener (tests bind port 0).
+    pub async fn serve_on(
+        &self,
+        listener: tokio::net::TcpListener,
+        api: Router,
+        health: Health,
+    ) -> Result<(), ServiceError> {
+        let addr = listener.local_addr().map_err(|source| ServiceError::Listen {
+            addr: ([0, 0, 0, 0], 0).into(),
+            source,
+        })?;
+        let router = crate::http::finish(api.merge(health.routes()).layer(axum::Extension(self.keys.clone())));
+        tracing::info!(role = self.role, %addr, "listening");
+        crate::http::serve(listener, router, self.shutdown.clone())
+            .await
+            .map_err(|source| ServiceError::Listen { addr, source })
+    }
+}

@@ -1,0 +1,221 @@
+//! The inventory HTTP API: browse the catalogue, add products, restock.
+
+use axum::{
+    extract::{Path, Query, State},
+    http::StatusCode,
+    routing::{get, post},
+    Router,
+};
+use bazaar_kit::{
+    auth::AuthUser,
+    http::{Json, Problem},
+    runtime::Runtime,
+    store::now_millis,
+};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use uuid::Uuid;
+
+/// The API routes.
+pub fn router(rt: Runtime) -> Router {
+    Router::new()
+        .route("/products", get(list).post(create))
+        .route("/products/{id}", get(show))
+        .route("/products/{id}/stock", post(restock))
+        .with_state(rt)
+}
+
+/// A product as clients see it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Product {
+    id: String,
+    sku: String,
+    name: String,
+    price_cents: i64,
+    currency: String,
+    on_hand: i64,
+    reserved: i64,
+    available: i64,
+}
+
+fn product(r: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
+    let on_hand: i64 = r.try_get("on_hand")?;
+    let reserved: i64 = r.try_get("reserved")?;
+    Ok(Product {
+        id: r.try_get("id")?,
+        sku: r.try_get("sku")?,
+        name: r.try_get("name")?,
+        price_cents: r.try_get("price_cents")?,
+        currency: r.try_get("currency")?,
+        on_hand,
+        reserved,
+        available: on_hand - reserved,
+    })
+}
+
+const COLUMNS: &str = "id, sku, name, price_cents, currency, on_hand, reserved";
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+async fn list(State(rt): State<Runtime>, Query(page): Query<Page>) -> Result<Json<Vec<Product>>, Problem> {
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    let offset = page.offset.unwrap_or(0).max(0);
+    let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM product ORDER BY sku LIMIT $1 OFFSET $2"))
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(rt.store.pool())
+        .await?;
+    Ok(Json(rows.iter().map(product).collect::<Result<_, _>>()?))
+}
+
+fn parse_id(id: &str) -> Result<Uuid, Problem> {
+    id.parse()
+        .map_err(|_| Problem::bad_request(format!("`{id}` is not a product id (a UUID)")))
+}
+
+async fn show(State(rt): State<Runtime>, Path(id): Path<String>) -> Result<Json<Product>, Problem> {
+    let id = parse_id(&id)?;
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))
+        .bind(id.to_string())
+        .fetch_optional(rt.store.pool())
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no product {id}")))?;
+    Ok(Json(product(&row)?))
+}
+
+/// The body of `POST /products`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NewProduct {
+    sku: String,
+    name: String,
+    price_cents: i64,
+    #[serde(default = "usd")]
+    currency: String,
+    #[serde(default)]
+    stock: i64,
+}
+
+fn usd() -> String {
+    "USD".into()
+}
+
+impl NewProduct {
+    fn check(&self) -> Result<(), Problem> {
+        if self.sku.trim().is_empty() || self.sku.len() > 64 {
+            return Err(Problem::bad_request("sku must be 1 to 64 characters"));
+        }
+        if self.name.trim().is_empty() || self.name.len() > 200 {
+            return Err(Problem::bad_request("name must be 1 to 200 characters"));
+        }
+        if self.price_cents < 0 {
+            return Err(Problem::bad_request("priceCents must not be negative"));
+        }
+        if self.currency.len() != 3 || !self.currency.chars().all(|c| c.is_ascii_uppercase()) {
+            return Err(Problem::bad_request("currency must be an ISO 4217 code such as USD"));
+        }
+        if self.stock < 0 {
+            return Err(Problem::bad_request("stock must not be negative"));
+        }
+        Ok(())
+    }
+}
+
+async fn create(
+    State(rt): State<Runtime>,
+    _user: AuthUser,
+    Json(new): Json<NewProduct>,
+) -> Result<(StatusCode, Json<Product>), Problem> {
+    new.check()?;
+    let id = Uuid::now_v7().to_string();
+    let now = now_millis();
+    let mut tx = rt.store.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO product (id, sku, name, price_cents, currency, on_hand, reserved, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 0, $7) ON CONFLICT (sku) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(new.sku.trim())
+    .bind(new.name.trim())
+    .bind(new.price_cents)
+    .bind(&new.currency)
+    .bind(new.stock)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(Problem::conflict(format!("a product with sku `{}` exists", new.sku.trim())));
+    }
+    if new.stock > 0 {
+        movement(&mut tx, &id, new.stock, "initial stock").await?;
+    }
+    tx.commit().await?;
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))
+        .bind(&id)
+        .fetch_one(rt.store.pool())
+        .await?;
+    Ok((StatusCode::CREATED, Json(product(&row)?)))
+}
+
+async fn movement(tx: &mut bazaar_kit::store::Tx<'static>, product: &str, delta: i64, reason: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO stock_movement (id, product_id, delta, reason, at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(Uuid::now_v7().to_string())
+        .bind(product)
+        .bind(delta)
+        .bind(reason)
+        .bind(now_millis())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The body of `POST /products/{id}/stock`: units received (positive) or written off
+/// (negative, never below what is reserved).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Restock {
+    delta: i64,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn restock(
+    State(rt): State<Runtime>,
+    _user: AuthUser,
+    Path(id): Path<String>,
+    Json(body): Json<Restock>,
+) -> Result<Json<Product>, Problem> {
+    let id = parse_id(&id)?.to_string();
+    if body.delta == 0 {
+        return Err(Problem::bad_request("delta must not be zero"));
+    }
+    let mut tx = rt.store.begin().await?;
+    let changed = sqlx::query("UPDATE product SET on_hand = on_hand + $1 WHERE id = $2 AND on_hand + $1 >= reserved")
+        .bind(body.delta)
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+    if changed.rows_affected() == 0 {
+        let exists = sqlx::query("SELECT 1 AS one FROM product WHERE id = $1")
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        return Err(match exists {
+            None => Problem::not_found(format!("no product {id}")),
+            Some(_) => Problem::conflict("that would leave fewer units on hand than are reserved"),
+        });
+    }
+    let reason = body.reason.unwrap_or_else(|| if body.delta > 0 { "restock" } else { "write-off" }.into());
+    movement(&mut tx, &id, body.delta, &reason).await?;
+    tx.commit().await?;
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))
+        .bind(&id)
+        .fetch_one(rt.store.pool())
+        .await?;
+    Ok(Json(product(&row)?))
+}

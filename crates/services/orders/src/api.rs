@@ -1,0 +1,258 @@
+//! The orders HTTP API: place an order, follow it, list your orders, and for operators,
+//! inspect or retry a saga.
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Router,
+};
+use bazaar_contracts::LineRequest;
+use bazaar_kit::{
+    auth::AuthUser,
+    http::{Json, Problem, RequestContext},
+    store::now_millis,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::{saga::OrderContext, Orders};
+
+/// The API routes.
+pub fn router(orders: Orders) -> Router {
+    Router::new()
+        .route("/orders", get(list).post(place))
+        .route("/orders/{id}", get(show))
+        .route("/sagas/{id}", get(saga))
+        .route("/sagas/{id}/retry", post(retry))
+        .with_state(orders)
+}
+
+/// Most lines one order may have.
+const MAX_LINES: usize = 100;
+
+/// The body of `POST /orders`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PlaceOrder {
+    lines: Vec<LineRequest>,
+}
+
+/// An order as clients see it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Order {
+    id: String,
+    customer_id: String,
+    status: String,
+    lines: serde_json::Value,
+    total_cents: Option<i64>,
+    currency: Option<String>,
+    reason: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+fn order(r: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
+    let lines: String = r.try_get("lines")?;
+    let time = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339();
+    Ok(Order {
+        id: r.try_get("id")?,
+        customer_id: r.try_get("customer_id")?,
+        status: r.try_get("status")?,
+        lines: serde_json::from_str(&lines).unwrap_or_default(),
+        total_cents: r.try_get("total_cents")?,
+        currency: r.try_get("currency")?,
+        reason: r.try_get("reason")?,
+        created_at: time(r.try_get("created_at")?),
+        updated_at: time(r.try_get("updated_at")?),
+    })
+}
+
+const COLUMNS: &str = "id, customer_id, status, lines, total_cents, currency, reason, created_at, updated_at";
+
+/// Places an order: 202 with the pending order; the saga decides its fate. The same
+/// `Idempotency-Key` from the same customer returns the first order instead of a second one.
+async fn place(
+    State(orders): State<Orders>,
+    AuthUser(user): AuthUser,
+    ctx: RequestContext,
+    headers: HeaderMap,
+    Json(body): Json<PlaceOrder>,
+) -> Result<Response, Problem> {
+    if body.lines.is_empty() {
+        return Err(Problem::bad_request("an order needs at least one line"));
+    }
+    if body.lines.len() > MAX_LINES {
+        return Err(Problem::bad_request(format!("an order has at most {MAX_LINES} lines")));
+    }
+    if let Some(bad) = body.lines.iter().find(|l| l.quantity < 1 || l.quantity > 10_000) {
+        return Err(Problem::bad_request(format!(
+            "quantity of {} must be between 1 and 10000",
+            bad.product_id
+        )));
+    }
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 200)
+                .ok_or_else(|| Problem::bad_request("Idempotency-Key must be 1 to 200 visible ASCII characters"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let store = &orders.rt.store;
+    if let Some(existing) = find_by_key(&orders, &user.sub, key.as_deref()).await? {
+        return Ok((StatusCode::OK, Json(existing)).into_response());
+    }
+    let id = Uuid::now_v7();
+    let now = now_millis();
+    let lines = serde_json::to_string(&body.lines).unwrap_or_default();
+    let mut tx = store.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO orders (id, customer_id, email, status, lines, idempotency_key, version, created_at, updated_at)
+         VALUES ($1, $2, $3, 'pending', $4, $5, 1, $6, $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(id.to_string())
+    .bind(user.sub.to_string())
+    .bind(&user.email)
+    .bind(&lines)
+    .bind(key.clone())
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        // A concurrent request with the same key won the race.
+        drop(tx);
+        let existing = find_by_key(&orders, &user.sub, key.as_deref())
+            .await?
+            .ok_or_else(|| Problem::conflict("order could not be placed; retry"))?;
+        return Ok((StatusCode::OK, Json(existing)).into_response());
+    }
+    let context = OrderContext {
+        order_id: id,
+        customer_id: user.sub,
+        email: user.email.clone(),
+        lines: body.lines,
+        total_cents: None,
+        currency: None,
+    };
+    orders
+        .engine
+        .start(&mut tx, &id.to_string(), json!(context), &ctx.correlation_id)
+        .await
+        .map_err(Problem::internal)?;
+    orders.rt.outbox.commit(tx).await?;
+    metrics::counter!("bazaar_orders_placed_total").increment(1);
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
+        .bind(id.to_string())
+        .fetch_one(store.pool())
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/orders/{id}"))],
+        Json(order(&row)?),
+    )
+        .into_response())
+}
+
+async fn find_by_key(orders: &Orders, customer: &Uuid, key: Option<&str>) -> Result<Option<Order>, Problem> {
+    let Some(key) = key else { return Ok(None) };
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 AND idempotency_key = $2"
+    ))
+    .bind(customer.to_string())
+    .bind(key)
+    .fetch_optional(orders.rt.store.pool())
+    .await?;
+    Ok(row.as_ref().map(order).transpose()?)
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+async fn list(
+    State(orders): State<Orders>,
+    AuthUser(user): AuthUser,
+    Query(page): Query<Page>,
+) -> Result<Json<Vec<Order>>, Problem> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT $2 OFFSET $3"
+    ))
+    .bind(user.sub.to_string())
+    .bind(page.limit.unwrap_or(50).clamp(1, 500))
+    .bind(page.offset.unwrap_or(0).max(0))
+    .fetch_all(orders.rt.store.pool())
+    .await?;
+    Ok(Json(rows.iter().map(order).collect::<Result<_, _>>()?))
+}
+
+fn parse_id(id: &str) -> Result<Uuid, Problem> {
+    id.parse()
+        .map_err(|_| Problem::bad_request(format!("`{id}` is not an order id (a UUID)")))
+}
+
+/// One of the caller's orders, with its saga's progress.
+async fn show(
+    State(orders): State<Orders>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let id = parse_id(&id)?.to_string();
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
+        .bind(&id)
+        .fetch_optional(orders.rt.store.pool())
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
+    let found = order(&row)?;
+    if found.customer_id != user.sub.to_string() {
+        // Not yours: answer as if it did not exist.
+        return Err(Problem::not_found(format!("no order {id}")));
+    }
+    let saga = orders.engine.load(&id).await?;
+    let history = orders.engine.history(&id).await?;
+    let mut body = json!(found);
+    body["saga"] = json!({
+        "status": saga.as_ref().map(|s| s.status),
+        "step": saga.as_ref().and_then(|s| orders_step(s.step)),
+        "history": history,
+    });
+    Ok(Json(body))
+}
+
+fn orders_step(step: i64) -> Option<&'static str> {
+    ["reserveInventory", "processPayment", "confirmOrder"].get(usize::try_from(step).ok()?).copied()
+}
+
+/// A saga's full state and history (operators).
+async fn saga(
+    State(orders): State<Orders>,
+    _user: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let id = parse_id(&id)?.to_string();
+    let state = orders
+        .engine
+        .load(&id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no saga {id}")))?;
+    let history = orders.engine.history(&id).await?;
+    Ok(Json(json!({ "saga": state, "history": history })))
+}
+
+/// Sends a stuck saga back to compensation (operators).
+async fn retry(State(orders): State<Orders>, _user: AuthUser, Path(id): Path<String>) -> Result<StatusCode, Problem> {
+    let id = parse_id(&id)?.to_string();
+    match orders.engine.retry(&id).await {
+        Ok(true) => Ok(StatusCode::ACCEPTED),
+        Ok(false) => Err(Problem::conflict(format!("saga {id} does not exist or is not stuck"))),
+        Err(e) => Err(Problem::internal(e)),
+    }
+}
