@@ -8,6 +8,8 @@
 //! - [`consumer`]: runs a handler over a subscription: inbox, retries, dead letters.
 //! - [`saga`]: the durable orchestrated saga engine.
 //! - [`http`], [`health`], [`auth`], [`telemetry`]: what every role's HTTP side shares.
+//! - [`resilience`]: circuit breaker and jittered backoff for calls that can cascade.
+//! - [`runtime`]: what every service role starts with.
 //! - [`shutdown`]: the stop signal every background task listens to.
 
 pub mod auth;
@@ -18,6 +20,7 @@ pub mod health;
 pub mod http;
 pub mod inbox;
 pub mod outbox;
+pub mod resilience;
 pub mod runtime;
 pub mod saga;
 pub mod shutdown;

@@ -1,1 +1,87 @@
-//! The notifications service.
+//! The notifications service: tells customers about their account and orders by email.
+//!
+//! Each outcome event becomes one `notification` row keyed by what it announces
+//! (`order.confirmed:<orderId>`), written in the consumer's transaction: a redelivered event
+//! finds the key taken and adds nothing. A sender loop then delivers pending rows through a
+//! circuit breaker. Delivery is idempotent per row: the file mailer writes `<id>.eml`
+//! (a resend overwrites the same file), and SMTP messages carry the row id as `Message-ID`
+//! so a resend after a crash is recognisable as the same message.
+
+mod api;
+mod events;
+pub mod mailer;
+
+use std::{path::PathBuf, sync::Arc};
+
+use bazaar_contracts::{groups, topics};
+use bazaar_kit::{
+    consumer::{self, ConsumerConfig},
+    runtime::{RoleConfig, Runtime, ServiceError},
+    shutdown::Shutdown,
+    store::Migration,
+};
+
+pub use api::router;
+pub use events::Outcomes;
+pub use mailer::Mailer;
+
+/// The notifications table.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 10,
+    name: "notifications",
+    sql: "CREATE TABLE notification (
+            id TEXT PRIMARY KEY,
+            dedupe_key TEXT NOT NULL UNIQUE,
+            channel TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            body TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts BIGINT NOT NULL,
+            last_error TEXT,
+            correlation_id TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            sent_at BIGINT
+        );
+        CREATE INDEX notification_pending ON notification (status, created_at);
+        CREATE INDEX notification_recipient ON notification (recipient, created_at);",
+    postgres: None,
+}];
+
+/// Where mail goes.
+#[derive(Debug, Clone)]
+pub enum MailConfig {
+    /// Write each message to `<dir>/<id>.eml` (the default: `data/mail`).
+    Files(PathBuf),
+    /// Send through an SMTP relay at `host:port` (no TLS; a local relay such as a sidecar).
+    Smtp {
+        /// Relay host.
+        host: String,
+        /// Relay port.
+        port: u16,
+    },
+}
+
+/// Runs the notifications role until `shutdown`.
+pub async fn run(config: RoleConfig, mail: MailConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
+    let rt = Runtime::start("notifications", &config, MIGRATIONS, shutdown.clone()).await?;
+    let mailer = Arc::new(Mailer::new(mail).map_err(|e| ServiceError::Config(e.to_string()))?);
+    for topic in [topics::ORDERS_EVENTS, topics::USERS_EVENTS] {
+        consumer::spawn(
+            rt.outbox.clone(),
+            rt.broker.clone(),
+            ConsumerConfig::new(groups::NOTIFICATIONS, topic),
+            Arc::new(Outcomes),
+            shutdown.clone(),
+        );
+    }
+    mailer::spawn_sender(rt.store.clone(), mailer.clone(), shutdown);
+    let health = rt.health().check("mail", {
+        let mailer = mailer.clone();
+        move || {
+            let mailer = mailer.clone();
+            Box::pin(async move { mailer.check() })
+        }
+    });
+    rt.serve(config.listen, router(rt.clone()), health).await
+}

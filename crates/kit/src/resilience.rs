@@ -1,0 +1,267 @@
+//! Guards for calls that can cascade: a circuit breaker and jittered retry backoff.
+//!
+//! The breaker counts outcomes in a sliding window of the last `window` calls. When at least
+//! `min_calls` were made and the failure rate reaches `failure_rate`, it opens and rejects
+//! calls at once for `open_for`; then it lets `half_open_probes` trial calls through and
+//! closes if they all succeed, or opens again on the first failure.
+
+use std::{
+    collections::VecDeque,
+    future::Future,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// Breaker settings.
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    /// Calls remembered.
+    pub window: usize,
+    /// Calls needed before the rate counts.
+    pub min_calls: usize,
+    /// Failure share (0..=1) that opens the breaker.
+    pub failure_rate: f64,
+    /// How long it stays open.
+    pub open_for: Duration,
+    /// Trial calls in half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            window: 20,
+            min_calls: 5,
+            failure_rate: 0.5,
+            open_for: Duration::from_secs(5),
+            half_open_probes: 2,
+        }
+    }
+}
+
+/// The breaker's state, as exported in metrics (0 closed, 1 half-open, 2 open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls flow.
+    Closed,
+    /// A few trial calls flow.
+    HalfOpen,
+    /// Calls are rejected without being made.
+    Open,
+}
+
+/// Why a guarded call did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError<E> {
+    /// The breaker is open; the call was not made.
+    #[error("circuit `{0}` is open")]
+    Open(&'static str),
+    /// The call ran out of time.
+    #[error("call timed out after {0:?}")]
+    Timeout(Duration),
+    /// The call failed.
+    #[error(transparent)]
+    Failed(E),
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: BreakerState,
+    outcomes: VecDeque<bool>,
+    opened_at: Option<Instant>,
+    probes_left: u32,
+}
+
+/// A circuit breaker around one dependency.
+#[derive(Debug)]
+pub struct CircuitBreaker {
+    name: &'static str,
+    config: BreakerConfig,
+    inner: Mutex<Inner>,
+}
+
+impl CircuitBreaker {
+    /// A closed breaker named `name` (the metrics label).
+    pub fn new(name: &'static str, config: BreakerConfig) -> CircuitBreaker {
+        metrics::gauge!("bazaar_breaker_state", "breaker" => name).set(0.0);
+        CircuitBreaker {
+            name,
+            config,
+            inner: Mutex::new(Inner {
+                state: BreakerState::Closed,
+                outcomes: VecDeque::new(),
+                opened_at: None,
+                probes_left: 0,
+            }),
+        }
+    }
+
+    /// The current state (moving open to half-open when its time is up).
+    pub fn state(&self) -> BreakerState {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.refresh(&mut inner);
+        inner.state
+    }
+
+    fn refresh(&self, inner: &mut Inner) {
+        if inner.state == BreakerState::Open && inner.opened_at.is_some_and(|t| t.elapsed() >= self.config.open_for) {
+            self.set(inner, BreakerState::HalfOpen);
+            inner.probes_left = self.config.half_open_probes;
+        }
+    }
+
+    fn set(&self, inner: &mut Inner, state: BreakerState) {
+        if inner.state != state {
+            tracing::warn!(breaker = self.name, ?state, "circuit breaker changed state");
+            metrics::counter!("bazaar_breaker_transitions_total", "breaker" => self.name).increment(1);
+        }
+        inner.state = state;
+        let value = match state {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open => 2.0,
+        };
+        metrics::gauge!("bazaar_breaker_state", "breaker" => self.name).set(value);
+    }
+
+    /// Asks to make a call; `false` means reject it now.
+    fn admit(&self) -> bool {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.refresh(&mut inner);
+        match inner.state {
+            BreakerState::Closed => true,
+            BreakerState::Open => false,
+            BreakerState::HalfOpen if inner.probes_left > 0 => {
+                inner.probes_left -= 1;
+                true
+            }
+            BreakerState::HalfOpen => false,
+        }
+    }
+
+    /// Records a call's outcome.
+    fn record(&self, ok: bool) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match inner.state {
+            BreakerState::HalfOpen if !ok => self.open(&mut inner),
+            BreakerState::HalfOpen => {
+                if inner.probes_left == 0 {
+                    inner.outcomes.clear();
+                    self.set(&mut inner, BreakerState::Closed);
+                }
+            }
+            BreakerState::Open => {}
+            BreakerState::Closed => {
+                inner.outcomes.push_back(ok);
+                while inner.outcomes.len() > self.config.window {
+                    inner.outcomes.pop_front();
+                }
+                let failures = inner.outcomes.iter().filter(|o| !**o).count();
+                let calls = inner.outcomes.len();
+                if calls >= self.config.min_calls && failures as f64 / calls as f64 >= self.config.failure_rate {
+                    self.open(&mut inner);
+                }
+            }
+        }
+    }
+
+    fn open(&self, inner: &mut Inner) {
+        inner.opened_at = Some(Instant::now());
+        inner.outcomes.clear();
+        self.set(inner, BreakerState::Open);
+    }
+
+    /// Runs `call` with `timeout` unless the breaker is open, recording the outcome.
+    pub async fn call<T, E, F>(&self, timeout: Duration, call: F) -> Result<T, CallError<E>>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        if !self.admit() {
+            metrics::counter!("bazaar_breaker_rejected_total", "breaker" => self.name).increment(1);
+            return Err(CallError::Open(self.name));
+        }
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(v)) => {
+                self.record(true);
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.record(false);
+                Err(CallError::Failed(e))
+            }
+            Err(_) => {
+                self.record(false);
+                Err(CallError::Timeout(timeout))
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: a random wait in `[0, min(cap, base * 2^attempt))`.
+pub fn jittered_backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+    let ms = ceiling.as_millis().max(1) as u64;
+    Duration::from_millis(rand::random::<u64>() % ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quick() -> BreakerConfig {
+        BreakerConfig {
+            window: 4,
+            min_calls: 4,
+            failure_rate: 0.5,
+            open_for: Duration::from_millis(50),
+            half_open_probes: 1,
+        }
+    }
+
+    async fn fail(b: &CircuitBreaker) -> bool {
+        matches!(
+            b.call(Duration::from_secs(1), async { Err::<(), _>("boom") }).await,
+            Err(CallError::Open(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn opens_on_failures_rejects_then_recovers_through_half_open() {
+        let b = CircuitBreaker::new("test", quick());
+        for _ in 0..4 {
+            assert!(!fail(&b).await, "closed breaker makes the call");
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(fail(&b).await, "open breaker rejects without calling");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let ok = b.call(Duration::from_secs(1), async { Ok::<_, ()>(7) }).await;
+        assert_eq!(ok.ok(), Some(7));
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_failed_probe_opens_again_and_timeouts_count_as_failures() {
+        let b = CircuitBreaker::new("test2", quick());
+        for _ in 0..4 {
+            let r = b
+                .call(Duration::from_millis(5), async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok::<_, ()>(())
+                })
+                .await;
+            assert!(matches!(r, Err(CallError::Timeout(_))));
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(!fail(&b).await);
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn backoff_stays_under_its_cap() {
+        for attempt in 0..30 {
+            assert!(jittered_backoff(attempt, Duration::from_millis(100), Duration::from_secs(2)) < Duration::from_secs(2));
+        }
+    }
+}

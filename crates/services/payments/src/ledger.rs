@@ -1,0 +1,72 @@
+//! The double-entry ledger: every transaction's entries sum to zero.
+
+use bazaar_kit::store::{now_millis, Tx};
+use sqlx::Row;
+use uuid::Uuid;
+
+/// The merchant's revenue account.
+pub const REVENUE: &str = "merchant:revenue";
+/// The outside world, where deposits come from.
+pub const EXTERNAL: &str = "external:deposits";
+
+/// The wallet account of a customer.
+pub fn wallet(customer: &Uuid) -> String {
+    format!("customer:{customer}")
+}
+
+/// Creates `account` if it does not exist.
+pub async fn open(tx: &mut Tx<'static>, account: &str, currency: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("INSERT INTO account (id, currency, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+        .bind(account)
+        .bind(currency)
+        .bind(now_millis())
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// True when `account` exists.
+pub async fn exists(tx: &mut Tx<'static>, account: &str) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query("SELECT 1 AS one FROM account WHERE id = $1")
+        .bind(account)
+        .fetch_optional(&mut **tx)
+        .await?
+        .is_some())
+}
+
+/// The balance of `account` in minor units.
+pub async fn balance<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(db: E, account: &str) -> Result<i64, sqlx::Error> {
+    let row = sqlx::query("SELECT COALESCE(SUM(amount_cents), 0) AS b FROM ledger_entry WHERE account_id = $1")
+        .bind(account)
+        .fetch_one(db)
+        .await?;
+    row.try_get("b")
+}
+
+/// Moves `amount` from `from` to `to` as one balanced transaction.
+pub async fn transfer(
+    tx: &mut Tx<'static>,
+    from: &str,
+    to: &str,
+    amount: i64,
+    kind: &str,
+    reference: &str,
+) -> Result<(), sqlx::Error> {
+    let txn = Uuid::now_v7().to_string();
+    let now = now_millis();
+    for (account, signed) in [(from, -amount), (to, amount)] {
+        sqlx::query(
+            "INSERT INTO ledger_entry (id, txn_id, account_id, amount_cents, kind, reference, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(Uuid::now_v7().to_string())
+        .bind(&txn)
+        .bind(account)
+        .bind(signed)
+        .bind(kind)
+        .bind(reference)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
