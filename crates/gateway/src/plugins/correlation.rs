@@ -1,0 +1,193 @@
+//! The `correlation-id` plugin, and the W3C `traceparent` every proxied request carries.
+//!
+//! A request keeps the id it arrived with; otherwise the gateway makes one. The id travels
+//! upstream in the configured header (and so into every service's log lines and events) and,
+//! with `echo_downstream`, back to the client.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+
+/// How new ids look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Generator {
+    /// A random UUID per request.
+    Uuid,
+    /// One UUID per process followed by `#` and a counter: cheap and still unique.
+    UuidCounter,
+    /// Where and when the request arrived: `server-client-counter-millis`.
+    Tracker,
+}
+
+#[derive(Debug, Deserialize)]
+struct CorrelationSpec {
+    #[serde(default = "default_header")]
+    header_name: String,
+    #[serde(default = "default_generator")]
+    generator: String,
+    #[serde(default)]
+    echo_downstream: bool,
+}
+
+fn default_header() -> String {
+    "Kong-Request-ID".into()
+}
+fn default_generator() -> String {
+    "uuid#counter".into()
+}
+
+/// The plugin's `config` block, checked: Kong's defaults are `Kong-Request-ID`,
+/// `uuid#counter`, no echo.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "CorrelationSpec")]
+pub(crate) struct CorrelationConfig {
+    pub header: HeaderName,
+    pub generator: Generator,
+    pub echo_downstream: bool,
+}
+
+impl TryFrom<CorrelationSpec> for CorrelationConfig {
+    type Error = String;
+
+    fn try_from(spec: CorrelationSpec) -> Result<Self, String> {
+        let header = HeaderName::from_bytes(spec.header_name.as_bytes())
+            .map_err(|_| format!("header_name: {:?} is not a header name", spec.header_name))?;
+        let generator = match spec.generator.as_str() {
+            "uuid" => Generator::Uuid,
+            "uuid#counter" => Generator::UuidCounter,
+            "tracker" => Generator::Tracker,
+            other => {
+                return Err(format!(
+                    "generator: {other:?} is not one of uuid, uuid#counter, tracker"
+                ))
+            }
+        };
+        Ok(CorrelationConfig {
+            header,
+            generator,
+            echo_downstream: spec.echo_downstream,
+        })
+    }
+}
+
+/// Where the request came in, for the `tracker` generator.
+pub(crate) struct Arrival<'a> {
+    pub server: &'a str,
+    pub client: &'a str,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn generate(generator: Generator, arrival: &Arrival<'_>) -> String {
+    static PROCESS_ID: OnceLock<String> = OnceLock::new();
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
+    match generator {
+        Generator::Uuid => uuid::Uuid::new_v4().to_string(),
+        Generator::UuidCounter => {
+            format!(
+                "{}#{count}",
+                PROCESS_ID.get_or_init(|| uuid::Uuid::new_v4().to_string())
+            )
+        }
+        Generator::Tracker => {
+            let millis = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            format!("{}-{}-{count}-{millis}", arrival.server, arrival.client)
+        }
+    }
+}
+
+/// Ensures the request carries a correlation id and returns it (for echoing and logs).
+pub(crate) fn apply(conf: &CorrelationConfig, headers: &mut HeaderMap, arrival: &Arrival<'_>) -> HeaderValue {
+    if let Some(existing) = headers.get(&conf.header).filter(|v| !v.is_empty()) {
+        return existing.clone();
+    }
+    // A generated id is ASCII by construction, so this conversion cannot fail in practice.
+    let value = HeaderValue::from_str(&generate(conf.generator, arrival)).unwrap_or(HeaderValue::from_static("0"));
+    headers.insert(conf.header.clone(), value.clone());
+    value
+}
+
+/// Continues the caller's trace when it sent a valid `traceparent`, else starts one; either way
+/// the gateway is a new span, so the parent id is fresh.
+pub(crate) fn traceparent(headers: &mut HeaderMap) {
+    let incoming = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent);
+    let (trace_id, flags) =
+        incoming.unwrap_or_else(|| (format!("{:032x}", rand::random::<u128>().max(1)), "01".into()));
+    let span_id = format!("{:016x}", rand::random::<u64>().max(1));
+    if let Ok(value) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-{flags}")) {
+        headers.insert("traceparent", value);
+    }
+}
+
+/// Trace id and flags of a version-00 `traceparent`, if well formed.
+fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex =
+        |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    (version == "00" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2) && !zero(trace) && !zero(parent))
+        .then(|| (trace.to_string(), flags.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_an_incoming_id_and_generates_otherwise() {
+        let conf: CorrelationConfig = serde_yaml::from_str("{header_name: X-Correlation-ID, generator: uuid}").unwrap();
+        let arrival = Arrival {
+            server: "s",
+            client: "c",
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("x-correlation-id", HeaderValue::from_static("abc"));
+        assert_eq!(apply(&conf, &mut headers, &arrival), "abc");
+        let mut empty = HeaderMap::new();
+        let made = apply(&conf, &mut empty, &arrival);
+        assert_eq!(made.len(), 36);
+        assert_eq!(empty.get("x-correlation-id"), Some(&made));
+    }
+
+    #[test]
+    fn counter_ids_differ() {
+        let conf: CorrelationConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(conf.header.as_str(), "kong-request-id");
+        let arrival = Arrival {
+            server: "s",
+            client: "c",
+        };
+        let a = apply(&conf, &mut HeaderMap::new(), &arrival);
+        let b = apply(&conf, &mut HeaderMap::new(), &arrival);
+        assert_ne!(a, b);
+        assert!(a.to_str().unwrap().contains('#'));
+    }
+
+    #[test]
+    fn traceparent_keeps_the_trace_and_replaces_the_parent() {
+        let mut headers = HeaderMap::new();
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert("traceparent", HeaderValue::from_static(incoming));
+        traceparent(&mut headers);
+        let out = headers["traceparent"].to_str().unwrap().to_string();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert_ne!(out, incoming);
+        let mut fresh = HeaderMap::new();
+        traceparent(&mut fresh);
+        assert!(parse_traceparent(fresh["traceparent"].to_str().unwrap()).is_some());
+    }
+
+    #[test]
+    fn bad_generator_is_refused() {
+        assert!(serde_yaml::from_str::<CorrelationConfig>("{generator: nope}").is_err());
+    }
+}

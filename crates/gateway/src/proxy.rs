@@ -1,0 +1,460 @@
+//! The proxy path: one client request in, one upstream request out, in Kong's order.
+//!
+//! Route → correlation id and traceparent → CORS preflight → JWT → size limit → rate limit →
+//! read the body → pick a target → send, retrying connect failures on another target → stream
+//! the answer back with the plugins' response headers. Every refusal along the way uses Kong's
+//! status and body.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+
+use crate::balancer::{Outcome, TargetGuard};
+use crate::plugins::rate_limit::Identity;
+use crate::plugins::{correlation, cors, jwt, size_limit};
+use crate::response::{self, BoxError, ProxyBody};
+use crate::router::{self, RouteMatch};
+use crate::state::{CountGuard, Shared, Snapshot};
+
+/// The `Via` value the gateway adds both ways.
+const VIA: &str = "1.1 bazaar-gateway";
+
+/// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Identity headers only the gateway may set: a client sending them is ignored, so services
+/// can trust them.
+const CONSUMER_HEADERS: [&str; 5] = [
+    "x-consumer-id",
+    "x-consumer-username",
+    "x-consumer-custom-id",
+    "x-credential-identifier",
+    "x-anonymous-consumer",
+];
+
+/// The two ends of the client connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Connection {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// What plugins add to the response, whoever produced it (upstream or a refusal).
+#[derive(Default)]
+struct Decorations {
+    service: Option<Arc<str>>,
+    route: Option<Arc<str>>,
+    correlation: Option<(HeaderName, HeaderValue)>,
+    cors: Option<(Arc<cors::CorsConfig>, Option<HeaderValue>)>,
+    rate_limit: HeaderMap,
+}
+
+/// Serves one proxied request.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    connection: Connection,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    shared
+        .stats
+        .requests_total
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _in_flight = CountGuard::new(&shared.stats.requests_in_flight);
+    let snapshot = shared.snapshot();
+    let mut decorations = Decorations::default();
+    let mut response = process(&shared, &snapshot, request, connection, &mut decorations).await;
+
+    let headers = response.headers_mut();
+    headers.append(header::VIA, HeaderValue::from_static(VIA));
+    if let Some((name, value)) = decorations.correlation {
+        headers.insert(name, value);
+    }
+    if let Some((conf, origin)) = &decorations.cors {
+        conf.decorate(origin.as_ref(), headers);
+    }
+    for (name, value) in &decorations.rate_limit {
+        headers.insert(name, value.clone());
+    }
+
+    let service = decorations.service.unwrap_or_else(|| Arc::from(""));
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("bazaar_gateway_requests_total", "service" => service.clone(), "route" => decorations.route.unwrap_or_else(|| Arc::from("")), "status" => status).increment(1);
+    metrics::histogram!("bazaar_gateway_request_duration_seconds", "service" => service)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn process(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    request: Request<Incoming>,
+    connection: Connection,
+    decorations: &mut Decorations,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = request.into_parts();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(parts.uri.authority().map(|a| a.as_str()))
+        .map(str::to_string);
+    let Some(found) = snapshot
+        .router
+        .find(&parts.method, host.as_deref(), parts.uri.path(), &parts.headers)
+    else {
+        return response::message(StatusCode::NOT_FOUND, "no Route matched with those values");
+    };
+    let route = &snapshot.config.routes[found.route];
+    decorations.route = Some(route.name.clone());
+    let Some(service_index) = route.service else {
+        return response::message(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values");
+    };
+    let service = &snapshot.config.services[service_index];
+    decorations.service = Some(service.name.clone());
+    let mut plugins = snapshot.plugins.for_route(found.route);
+
+    for name in CONSUMER_HEADERS {
+        parts.headers.remove(name);
+    }
+    if let Some(conf) = &plugins.correlation {
+        let (server, client) = (connection.local.to_string(), connection.peer.to_string());
+        let id = correlation::apply(
+            conf,
+            &mut parts.headers,
+            &correlation::Arrival {
+                server: &server,
+                client: &client,
+            },
+        );
+        if conf.echo_downstream {
+            decorations.correlation = Some((conf.header.clone(), id));
+        }
+    }
+    correlation::traceparent(&mut parts.headers);
+
+    if let Some(conf) = &plugins.cors {
+        if cors::is_preflight(&parts.method, &parts.headers) && !conf.preflight_continue {
+            let mut preflight = Response::new(response::full(Bytes::new()));
+            *preflight.headers_mut() = conf.preflight_headers(&parts.headers);
+            return preflight;
+        }
+        decorations.cors = Some((conf.clone(), parts.headers.get(header::ORIGIN).cloned()));
+    }
+
+    let mut who: Option<(usize, String)> = None;
+    if let Some(conf) = &plugins.jwt {
+        if conf.run_on_preflight || parts.method != Method::OPTIONS {
+            match jwt::authenticate(conf, &parts, &snapshot.credentials) {
+                Ok(found) => {
+                    let consumer = &snapshot.config.consumers[found.consumer];
+                    set_header(&mut parts.headers, "x-consumer-id", &consumer.id);
+                    if let Some(username) = &consumer.username {
+                        set_header(&mut parts.headers, "x-consumer-username", username);
+                    }
+                    if let Some(custom_id) = &consumer.custom_id {
+                        set_header(&mut parts.headers, "x-consumer-custom-id", custom_id);
+                    }
+                    set_header(&mut parts.headers, "x-credential-identifier", &found.credential_key);
+                    who = Some((found.consumer, found.credential_key));
+                }
+                Err(rejection) => return response::json(rejection.status, &rejection.body),
+            }
+        }
+    }
+    if who.is_some() && snapshot.plugins.has_consumer_plugins() {
+        plugins = snapshot
+            .plugins
+            .resolve(found.route, Some(service_index), who.as_ref().map(|w| w.0));
+    }
+
+    let mut body_limit = None;
+    if let Some(conf) = &plugins.size_limit {
+        if let Err((status, message)) = size_limit::check_headers(conf, &parts.headers) {
+            return response::message(status, message);
+        }
+        body_limit = Some(conf.allowed_bytes);
+    }
+
+    if let Some((conf, namespace)) = &plugins.rate_limit {
+        let ip = connection.peer.ip().to_string();
+        let identity = Identity {
+            consumer: who.as_ref().map(|(c, _)| snapshot.config.consumers[*c].id.as_str()),
+            credential: who.as_ref().map(|(_, key)| key.as_str()),
+            ip: &ip,
+            service: Some(&service.name),
+            headers: &parts.headers,
+            path: parts.uri.path(),
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match shared
+            .limiter
+            .check(conf, namespace, conf.identifier(&identity), now)
+            .await
+        {
+            Ok(decision) => {
+                decorations.rate_limit = decision.headers;
+                if !decision.allowed {
+                    metrics::counter!("bazaar_gateway_rate_limited_total", "service" => service.name.clone())
+                        .increment(1);
+                    return response::message(conf.error_code, &conf.error_message);
+                }
+            }
+            Err(error) if conf.fault_tolerant => {
+                tracing::warn!(%error, service = %service.name, "rate-limiting counters unavailable; letting the request through");
+            }
+            Err(error) => {
+                tracing::error!(%error, service = %service.name, "rate-limiting counters unavailable");
+                return response::message(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred");
+            }
+        }
+    }
+
+    // The body is read whole before sending, as nginx does by default: it enforces the size
+    // limit on chunked uploads and lets a connect failure be retried on another target.
+    let body = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        let collected = match body_limit {
+            Some(limit) => Limited::new(body, limit as usize).collect().await,
+            None => body.collect().await.map_err(BoxError::from),
+        };
+        match collected {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return response::message(size_limit::TOO_LARGE.0, size_limit::TOO_LARGE.1);
+            }
+            Err(_) => return response::message(StatusCode::BAD_REQUEST, "Bad request"),
+        }
+    };
+
+    forward(snapshot, service_index, found, parts, body, host, connection).await
+}
+
+fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Why the last attempt failed, when every attempt did.
+enum Failure {
+    Connect,
+    Timeout,
+    Other,
+}
+
+async fn forward(
+    snapshot: &Snapshot,
+    service_index: usize,
+    found: RouteMatch,
+    parts: http::request::Parts,
+    body: Bytes,
+    host: Option<String>,
+    connection: Connection,
+) -> Response<ProxyBody> {
+    let service = &snapshot.config.services[service_index];
+    let runtime = &snapshot.services[service_index];
+    let route = &snapshot.config.routes[found.route];
+    let path = parts.uri.path();
+    let strip = route.strip_path.then_some(found.matched_len);
+    let upstream_path = router::upstream_path(&service.path, path, strip);
+    let path_and_query = match parts.uri.query() {
+        Some(query) => format!("{upstream_path}?{query}"),
+        None => upstream_path,
+    };
+
+    let mut headers = parts.headers;
+    remove_hop_by_hop(&mut headers);
+    let ip = connection.peer.ip().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {ip}"),
+        None => ip.clone(),
+    };
+    set_header(&mut headers, "x-forwarded-for", &forwarded_for);
+    set_header(&mut headers, "x-real-ip", &ip);
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(host) = &host {
+        let bare = host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host.as_str(), |(h, _)| h);
+        set_header(&mut headers, "x-forwarded-host", bare);
+    }
+    headers.insert("x-forwarded-port", HeaderValue::from(connection.local.port()));
+    set_header(&mut headers, "x-forwarded-path", path);
+    if let Some(len) = strip.filter(|len| *len > 0) {
+        set_header(&mut headers, "x-forwarded-prefix", path.get(..len).unwrap_or(""));
+    }
+    if !route.preserve_host || host.is_none() {
+        headers.insert(header::HOST, runtime.host_header.clone());
+    }
+    headers.append(header::VIA, HeaderValue::from_static(VIA));
+
+    let hash_input = match &runtime.upstream {
+        Some(upstream) if upstream.uses_hash() => upstream
+            .hash_header()
+            .and_then(|name| headers.get(name))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(&ip)
+            .to_string(),
+        _ => String::new(),
+    };
+    let read_timeout = Duration::from_millis(service.read_timeout_ms);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut failure = Failure::Other;
+    for _attempt in 0..=service.retries {
+        let guard = match &runtime.upstream {
+            Some(upstream) => match upstream.pick(&hash_input, &tried) {
+                Some(guard) => Some(guard),
+                None => {
+                    metrics::counter!("bazaar_gateway_upstream_errors_total", "service" => service.name.clone())
+                        .increment(1);
+                    return response::message(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "failure to get a peer from the ring-balancer",
+                    );
+                }
+            },
+            None => None,
+        };
+        let address = guard.as_ref().map_or(runtime.address.as_str(), TargetGuard::address);
+        let Ok(uri) = format!("http://{address}{path_and_query}").parse::<Uri>() else {
+            return response::message(StatusCode::BAD_REQUEST, "Bad request");
+        };
+        let mut upstream_request = Request::new(Full::new(body.clone()));
+        *upstream_request.method_mut() = parts.method.clone();
+        *upstream_request.uri_mut() = uri;
+        *upstream_request.headers_mut() = headers.clone();
+
+        let report = |outcome| {
+            if let Some(guard) = &guard {
+                guard.report(outcome);
+            }
+        };
+        match tokio::time::timeout(read_timeout, runtime.client.request(upstream_request)).await {
+            Ok(Ok(upstream_response)) => {
+                report(Outcome::Status(upstream_response.status().as_u16()));
+                let (mut head, incoming) = upstream_response.into_parts();
+                remove_hop_by_hop(&mut head.headers);
+                return Response::from_parts(
+                    head,
+                    GuardedBody {
+                        inner: incoming,
+                        _guard: guard,
+                    }
+                    .boxed(),
+                );
+            }
+            Ok(Err(error)) if error.is_connect() => {
+                let timed_out = is_timeout(&error);
+                report(if timed_out {
+                    Outcome::Timeout
+                } else {
+                    Outcome::TcpFailure
+                });
+                tracing::warn!(service = %service.name, target = address, %error, "upstream connect failed");
+                failure = if timed_out { Failure::Timeout } else { Failure::Connect };
+                if let Some(guard) = &guard {
+                    tried.push(guard.index);
+                }
+            }
+            Ok(Err(error)) => {
+                report(Outcome::TcpFailure);
+                tracing::warn!(service = %service.name, target = address, %error, "upstream request failed");
+                failure = Failure::Other;
+                break;
+            }
+            Err(_) => {
+                report(Outcome::Timeout);
+                tracing::warn!(service = %service.name, target = address, "upstream timed out");
+                failure = Failure::Timeout;
+                break;
+            }
+        }
+    }
+    metrics::counter!("bazaar_gateway_upstream_errors_total", "service" => service.name.clone()).increment(1);
+    match failure {
+        Failure::Timeout => response::message(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out"),
+        Failure::Connect | Failure::Other => response::message(
+            StatusCode::BAD_GATEWAY,
+            "An invalid response was received from the upstream server",
+        ),
+    }
+}
+
+/// Whether an error (or one of its causes) is a timeout.
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || e.to_string().contains("timed out")
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// An upstream response body that keeps its target counted as busy until fully sent.
+struct GuardedBody {
+    inner: Incoming,
+    _guard: Option<TargetGuard>,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,187 @@
+//! Accept loops for the two listeners, graceful drain, and the config reload watcher.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::state::{CountGuard, RenderMetrics, Shared};
+use crate::{admin, proxy, GatewayError};
+
+/// How often the config file's modification time is checked.
+const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+/// How long in-flight requests get to finish after shutdown begins.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Proxy,
+    Admin,
+}
+
+/// Serves on listeners the caller already bound (tests bind `127.0.0.1:0` and read the
+/// addresses back). Runs until `shutdown` completes, then drains as [`crate::serve`] does.
+pub async fn serve_with_listeners(
+    config_path: PathBuf,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let config = Config::load_file(&config_path).map_err(|problems| GatewayError::Config {
+        path: config_path.clone(),
+        problems,
+    })?;
+    tracing::info!(config = %config_path.display(), summary = %config.summary(), "gateway config loaded");
+    let render: RenderMetrics = render_metrics;
+    let shared = Shared::new(config, config_path, render);
+    let (stop, stopped) = watch::channel(false);
+    let tasks = [
+        tokio::spawn(accept_loop(
+            proxy_listener,
+            shared.clone(),
+            stopped.clone(),
+            Role::Proxy,
+        )),
+        tokio::spawn(accept_loop(
+            admin_listener,
+            shared.clone(),
+            stopped.clone(),
+            Role::Admin,
+        )),
+        tokio::spawn(watch_config(shared, stopped)),
+    ];
+    shutdown.await;
+    tracing::info!("gateway shutting down; draining in-flight requests");
+    // Every receiver lives in a task we await below, so a send error cannot happen here.
+    let _ = stop.send(true);
+    for task in tasks {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "gateway task failed");
+        }
+    }
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>, role: Role) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let Ok(local) = stream.local_addr() else { continue };
+        let _ = stream.set_nodelay(true);
+        if role == Role::Proxy {
+            shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            shared.stats.connections_handled.fetch_add(1, Ordering::Relaxed);
+        }
+        let for_requests = shared.clone();
+        let service = service_fn(move |request| {
+            let shared = for_requests.clone();
+            async move {
+                let response = match role {
+                    Role::Proxy => proxy::handle(shared, request, proxy::Connection { peer, local }).await,
+                    Role::Admin => admin::handle(&shared, &request),
+                };
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _active = (role == Role::Proxy).then(|| CountGuard::new(&shared.stats.connections_active));
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+}
+
+/// Identifies a version of the file cheaply: modification time and length.
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Reloads on SIGHUP and whenever the file changes; a bad file is logged and ignored.
+async fn watch_config(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let path = shared.config_path.clone();
+    let mut last = file_stamp(&path);
+    let mut hangup = hangup_signal();
+    let mut poll = tokio::time::interval(RELOAD_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = poll.tick() => false,
+            _ = next_hangup(&mut hangup) => true,
+            _ = stop.changed() => return,
+        };
+        let stamp = file_stamp(&path);
+        if !forced && stamp == last {
+            continue;
+        }
+        last = stamp;
+        match Config::load_file(&path) {
+            Ok(config) => {
+                tracing::info!(config = %path.display(), summary = %config.summary(), forced, "gateway config reloaded");
+                shared.install(config);
+            }
+            Err(problems) => {
+                tracing::error!(config = %path.display(), problems = %problems.join("; "), "new gateway config rejected; keeping the old one");
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+#[cfg(unix)]
+fn hangup_signal() -> Hangup {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangup {
+    None
+}
+
+/// Resolves on the next SIGHUP; never, where there is none.
+async fn next_hangup(hangup: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(signal) = hangup {
+        signal.recv().await;
+        return;
+    }
+    #[cfg(not(unix))]
+    let _ = hangup;
+    std::future::pending::<()>().await
+}

@@ -1,0 +1,170 @@
+//! What the gateway serves from: an immutable [`Snapshot`] of one loaded config, swapped whole
+//! on reload, and the [`Shared`] state that outlives snapshots (rate-limit counts, HTTP client
+//! pools, connection statistics).
+//!
+//! A request takes the current snapshot once (a read lock held for an `Arc` clone) and uses it
+//! to the end, so a reload never mixes two configs within one request.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::HeaderValue;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+use crate::balancer::{Balancers, HttpClient, UpstreamBalancer};
+use crate::config::Config;
+use crate::plugins::jwt::Credentials;
+use crate::plugins::rate_limit::Limiter;
+use crate::plugins::PluginSet;
+use crate::router::Router;
+
+/// How a service is reached.
+#[derive(Debug)]
+pub(crate) struct ServiceRuntime {
+    /// A pooled client whose connector applies this service's connect timeout.
+    pub client: HttpClient,
+    /// The upstream to balance over, when the service's host names one.
+    pub upstream: Option<Arc<UpstreamBalancer>>,
+    /// `host:port` for a service that names a host directly.
+    pub address: String,
+    /// The Host header sent upstream unless the route preserves the client's.
+    pub host_header: HeaderValue,
+}
+
+/// One loaded config, compiled for serving.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub config: Config,
+    pub router: Router,
+    pub plugins: PluginSet,
+    pub credentials: Credentials,
+    pub balancers: Balancers,
+    pub services: Vec<ServiceRuntime>,
+    pub loaded_at: SystemTime,
+}
+
+/// Connection and request counters for `/status`.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub connections_accepted: AtomicU64,
+    pub connections_handled: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub requests_in_flight: AtomicU64,
+}
+
+/// Decrements a gauge-like counter when dropped, so early returns cannot leak a count.
+pub(crate) struct CountGuard<'a>(&'a AtomicU64);
+
+impl<'a> CountGuard<'a> {
+    /// Increments `counter` until the guard is dropped.
+    pub fn new(counter: &'a AtomicU64) -> CountGuard<'a> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        CountGuard(counter)
+    }
+}
+
+impl Drop for CountGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Renders the Prometheus text for `/metrics`; supplied by the binary, which owns the recorder.
+pub(crate) type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// State shared by every connection for the gateway's whole life.
+pub(crate) struct Shared {
+    snapshot: RwLock<Arc<Snapshot>>,
+    pub limiter: Limiter,
+    /// One pooled client per distinct connect timeout, reused across reloads so keep-alive
+    /// connections to upstreams survive them.
+    clients: Mutex<HashMap<u64, HttpClient>>,
+    pub stats: Stats,
+    pub started: Instant,
+    pub config_path: PathBuf,
+    pub render_metrics: RenderMetrics,
+}
+
+impl Shared {
+    /// Loads the first config; fails if it is invalid.
+    pub fn new(config: Config, config_path: PathBuf, render_metrics: RenderMetrics) -> Arc<Shared> {
+        let clients = Mutex::new(HashMap::new());
+        let snapshot = Arc::new(build_snapshot(config, None, &clients));
+        Arc::new(Shared {
+            snapshot: RwLock::new(snapshot),
+            limiter: Limiter::default(),
+            clients,
+            stats: Stats::default(),
+            started: Instant::now(),
+            config_path,
+            render_metrics,
+        })
+    }
+
+    /// The config in force now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        // A poisoned lock still holds a complete snapshot: swaps are a single assignment.
+        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts a new config in force; requests already running finish on the old one.
+    pub fn install(&self, config: Config) {
+        let previous = self.snapshot();
+        let next = Arc::new(build_snapshot(config, Some(&previous.balancers), &self.clients));
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+}
+
+/// Compiles a config and starts its health probes.
+fn build_snapshot(config: Config, previous: Option<&Balancers>, clients: &Mutex<HashMap<u64, HttpClient>>) -> Snapshot {
+    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+    let mut client_for = |connect_timeout_ms: u64| {
+        clients
+            .entry(connect_timeout_ms)
+            .or_insert_with(|| {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
+                connector.set_nodelay(true);
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .build(connector)
+            })
+            .clone()
+    };
+    let balancers = Balancers::build(&config, previous);
+    let services = config
+        .services
+        .iter()
+        .map(|s| {
+            let upstream = balancers.get(&s.host).cloned();
+            let address = format!("{}:{}", s.host, s.port);
+            // Kong sends the upstream's name as Host when balancing, else host[:port].
+            let host_text = if upstream.is_some() || s.port == 80 {
+                s.host.clone()
+            } else {
+                address.clone()
+            };
+            ServiceRuntime {
+                client: client_for(s.connect_timeout_ms),
+                upstream,
+                address,
+                host_header: HeaderValue::from_str(&host_text).unwrap_or(HeaderValue::from_static("localhost")),
+            }
+        })
+        .collect();
+    balancers.start_probes(&client_for(1000));
+    Snapshot {
+        router: Router::build(&config),
+        plugins: PluginSet::build(&config),
+        credentials: Credentials::build(&config),
+        balancers,
+        services,
+        loaded_at: SystemTime::now(),
+        config,
+    }
+}
