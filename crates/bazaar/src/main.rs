@@ -1,1 +1,108 @@
-fn main() {}
+//! `bazaar`: one binary for every role, the local supervisor, the audit and the load tool.
+
+mod audit;
+mod load;
+mod roles;
+mod up;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use roles::{Role, Settings};
+
+/// An event-driven order system: gateway, users, inventory, orders, payments, notifications.
+#[derive(Debug, Parser)]
+#[command(name = "bazaar", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs every role as its own child process on this machine, restarting any that dies.
+    Up(up::UpArgs),
+    /// Runs one role in this process (one pod, one container).
+    Serve {
+        /// gateway, users, inventory, orders, payments or notifications.
+        role: Role,
+    },
+    /// Checks the invariants (nothing lost, nothing doubled) over every store and the broker.
+    Audit(audit::AuditArgs),
+    /// Drives orders through the gateway and reports throughput and latency.
+    Load(load::LoadArgs),
+    /// Gateway tools.
+    Gateway {
+        #[command(subcommand)]
+        command: GatewayCommand,
+    },
+    /// Lists or replays dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GatewayCommand {
+    /// Validates a Kong-style declarative config file.
+    Check {
+        /// The file (YAML or JSON).
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Lists dead letters of every topic.
+    List,
+    /// Republishes every dead letter of `topic` and removes it from the dead-letter topic.
+    Replay {
+        /// The original topic, e.g. `payments.commands`.
+        topic: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bazaar: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(&cli.settings, args).await,
+            Command::Serve { role } => roles::serve(&cli.settings, role).await,
+            Command::Audit(args) => audit::run(&cli.settings, args).await,
+            Command::Load(args) => load::run(args).await,
+            Command::Gateway {
+                command: GatewayCommand::Check { file },
+            } => match bazaar_gateway::check_config_file(&file) {
+                Ok(summary) => {
+                    println!("{}: ok ({summary})", file.display());
+                    Ok(())
+                }
+                Err(problems) => {
+                    for p in &problems {
+                        eprintln!("{}: {p}", file.display());
+                    }
+                    Err(anyhow::anyhow!("{} problem(s) in {}", problems.len(), file.display()))
+                }
+            },
+            Command::Dlq { command } => audit::dlq(&cli.settings, command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bazaar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

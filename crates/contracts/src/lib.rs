@@ -159,3 +159,13 @@ pub struct OrderOutcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// Every (topic, consumer group) pair the system subscribes: what the audit checks for lag.
+pub const SUBSCRIPTIONS: &[(&str, &str)] = &[
+    (topics::USERS_EVENTS, groups::PAYMENTS),
+    (topics::USERS_EVENTS, groups::NOTIFICATIONS),
+    (topics::ORDERS_EVENTS, groups::NOTIFICATIONS),
+    (topics::INVENTORY_COMMANDS, groups::INVENTORY),
+    (topics::PAYMENTS_COMMANDS, groups::PAYMENTS),
+    (topics::ORDER_SAGA_REPLIES, groups::ORDERS),
+];

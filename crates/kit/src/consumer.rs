@@ -8,6 +8,7 @@
 use std::{sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
+use tracing::Instrument;
 
 use crate::{
     broker::{DeadLetter, Delivery, SharedBroker, SubscribeOptions},
@@ -232,7 +233,10 @@ impl Runner {
             event_id = %event.event_id,
             correlation_id = %event.metadata.correlation_id
         );
-        let _guard = span.enter();
+        self.apply_in_span(event).instrument(span).await
+    }
+
+    async fn apply_in_span(&self, event: &Envelope) -> Outcome {
         let mut tx = match self.outbox.store().begin().await {
             Ok(tx) => tx,
             Err(e) => return Outcome::Retry(e.to_string()),

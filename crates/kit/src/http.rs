@@ -191,7 +191,13 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
     metrics::counter!("bazaar_http_requests_total", "method" => method.to_string(), "route" => route.clone(), "status" => status.to_string()).increment(1);
     metrics::histogram!("bazaar_http_request_duration_seconds", "route" => route).record(elapsed.as_secs_f64());
     span.in_scope(|| {
-        tracing::info!(%method, %path, status, ms = elapsed.as_secs_f64() * 1000.0, "served");
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        // Probes would drown the log; they are counted in metrics all the same.
+        if path.starts_with("/health") || path == "/metrics" {
+            tracing::debug!(%method, %path, status, ms, "served");
+        } else {
+            tracing::info!(%method, %path, status, ms, "served");
+        }
     });
     response
 }

@@ -19,7 +19,11 @@ pub fn init_logging(json: bool) {
     let _ = if json {
         builder.json().flatten_event(true).with_current_span(true).try_init()
     } else {
-        builder.with_target(false).compact().try_init()
+        builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .compact()
+            .try_init()
     };
 }
 

@@ -8,7 +8,13 @@
 //! topic's first retained message. Other processes learn of new messages by polling a cheap
 //! read; publishers in the same process wake their subscribers at once.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -18,10 +24,11 @@ use tokio::sync::Notify;
 use super::{Acker, Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription};
 use crate::store::{now_millis, Migration, Store};
 
-const MIGRATIONS: &[Migration] = &[Migration::new(
-    1,
-    "bus",
-    "CREATE TABLE bus_messages (
+const MIGRATIONS: &[Migration] = &[
+    Migration::new(
+        1,
+        "bus",
+        "CREATE TABLE bus_messages (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         topic TEXT NOT NULL,
         msg_id TEXT NOT NULL,
@@ -41,19 +48,31 @@ const MIGRATIONS: &[Migration] = &[Migration::new(
         UNIQUE (grp, topic, seq)
     );
     CREATE INDEX bus_deliveries_ready ON bus_deliveries (grp, topic, visible_at);",
-)];
+    ),
+    // Pruning looks messages up by age and deliveries by sequence.
+    Migration::new(
+        2,
+        "bus_prune_indexes",
+        "CREATE INDEX bus_messages_age ON bus_messages (published_at);
+         CREATE INDEX bus_deliveries_seq ON bus_deliveries (seq);",
+    ),
+];
 
 /// How long published messages are kept once every group has acked them; also the
 /// de-duplication window.
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// How often a waiting fetch looks for messages published by other processes.
 const POLL: Duration = Duration::from_millis(10);
+/// How often a publishing process prunes the log.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// The SQLite-file broker.
 #[derive(Clone)]
 pub struct EmbeddedBroker {
     store: Store,
     published: Arc<Notify>,
+    /// When this process last pruned (ms since the epoch); publishing prunes now and then.
+    last_prune: Arc<AtomicI64>,
 }
 
 impl EmbeddedBroker {
@@ -64,11 +83,12 @@ impl EmbeddedBroker {
         Ok(EmbeddedBroker {
             store,
             published: Arc::new(Notify::new()),
+            last_prune: Arc::new(AtomicI64::new(0)),
         })
     }
 
     /// Deletes acked messages older than the retention period (dead-letter topics are kept
-    /// until replayed). Returns how many went.
+    /// until replayed). Returns how many went. Publishing calls it every [`PRUNE_EVERY`].
     pub async fn prune(&self) -> Result<u64, BrokerError> {
         let cutoff = now_millis() - RETENTION.as_millis() as i64;
         let done = sqlx::query(
@@ -108,7 +128,25 @@ impl EmbeddedBroker {
         }
         tx.commit().await?;
         self.published.notify_waiters();
+        self.prune_now_and_then().await;
         Ok(())
+    }
+
+    /// Prunes when this process has not for [`PRUNE_EVERY`]; one caller at a time wins.
+    async fn prune_now_and_then(&self) {
+        let now = now_millis();
+        let last = self.last_prune.load(Ordering::Relaxed);
+        if now - last < PRUNE_EVERY.as_millis() as i64
+            || self
+                .last_prune
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        if let Err(e) = self.prune().await {
+            tracing::warn!(error = %e, "pruning the embedded broker's log failed");
+        }
     }
 }
 
@@ -222,12 +260,13 @@ impl EmbeddedSubscription {
         let now = now_millis();
         let pool = self.broker.store.pool();
         // A plain read first, so idle polling never takes the file's write lock.
-        let ready = sqlx::query("SELECT 1 AS r FROM bus_deliveries WHERE grp = $1 AND topic = $2 AND visible_at <= $3 LIMIT 1")
-            .bind(&self.group)
-            .bind(&self.topic)
-            .bind(now)
-            .fetch_optional(pool)
-            .await?;
+        let ready =
+            sqlx::query("SELECT 1 AS r FROM bus_deliveries WHERE grp = $1 AND topic = $2 AND visible_at <= $3 LIMIT 1")
+                .bind(&self.group)
+                .bind(&self.topic)
+                .bind(now)
+                .fetch_optional(pool)
+                .await?;
         if ready.is_none() {
             return Ok(Vec::new());
         }
@@ -256,7 +295,10 @@ impl EmbeddedSubscription {
                 .await?;
             let Some(msg) = msg else {
                 // The message was deleted under a stale delivery row: drop the row.
-                sqlx::query("DELETE FROM bus_deliveries WHERE id = $1").bind(id).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM bus_deliveries WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
                 continue;
             };
             out.push(Delivery::new(
@@ -285,7 +327,11 @@ impl Subscription for EmbeddedSubscription {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + wait;
             loop {
+                // Registered before looking, so a publish between the look and the wait still
+                // wakes us (an unpolled `Notified` misses `notify_waiters`).
                 let published = self.broker.published.notified();
+                tokio::pin!(published);
+                published.as_mut().enable();
                 let got = self.lease(max.max(1)).await?;
                 if !got.is_empty() || tokio::time::Instant::now() >= deadline {
                     return Ok(got);
@@ -335,5 +381,89 @@ impl Acker for EmbeddedAcker {
             tx.commit().await?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn broker() -> (tempfile::TempDir, EmbeddedBroker) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("bus.db").display());
+        let broker = EmbeddedBroker::open(&url).await.expect("open");
+        (dir, broker)
+    }
+
+    async fn age_everything(broker: &EmbeddedBroker) {
+        sqlx::query("UPDATE bus_messages SET published_at = $1")
+            .bind(now_millis() - RETENTION.as_millis() as i64 - 1)
+            .execute(broker.store.pool())
+            .await
+            .expect("age");
+    }
+
+    #[tokio::test]
+    async fn prune_drops_only_old_messages_every_group_acked() {
+        let (_dir, broker) = broker().await;
+        let mut sub = broker
+            .subscribe("t", "g", SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        for id in ["acked", "unacked"] {
+            broker
+                .publish("t", id, Bytes::from_static(b"x"))
+                .await
+                .expect("publish");
+        }
+        broker
+            .publish("t.dlq", "dead", Bytes::from_static(b"x"))
+            .await
+            .expect("publish");
+        for d in sub.fetch(2, Duration::ZERO).await.expect("fetch") {
+            if d.message.msg_id == "acked" {
+                d.ack().await.expect("ack");
+            }
+        }
+        assert_eq!(broker.prune().await.expect("prune"), 0, "nothing is old yet");
+        age_everything(&broker).await;
+        assert_eq!(broker.prune().await.expect("prune"), 1);
+        let left: Vec<_> = broker
+            .read("t", 10)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|m| m.msg_id)
+            .collect();
+        assert_eq!(left, ["unacked"]);
+        assert_eq!(
+            broker.read("t.dlq", 10).await.expect("read").len(),
+            1,
+            "dead letters stay"
+        );
+    }
+
+    #[tokio::test]
+    async fn publishing_prunes_now_and_then() {
+        let (_dir, broker) = broker().await;
+        broker
+            .publish("t", "old", Bytes::from_static(b"x"))
+            .await
+            .expect("publish");
+        age_everything(&broker).await;
+        // Due: the last prune is older than PRUNE_EVERY.
+        broker.last_prune.store(0, Ordering::Relaxed);
+        broker
+            .publish("t", "new", Bytes::from_static(b"x"))
+            .await
+            .expect("publish");
+        let left: Vec<_> = broker
+            .read("t", 10)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|m| m.msg_id)
+            .collect();
+        assert_eq!(left, ["new"], "a topic without groups keeps nothing past retention");
     }
 }

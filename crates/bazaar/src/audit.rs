@@ -1,0 +1,343 @@
+//! `bazaar audit`: checks DESIGN.md's invariants over every store and the broker, and
+//! `bazaar dlq`: lists and replays dead letters.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bazaar_contracts::{topics, SUBSCRIPTIONS};
+use bazaar_kit::{
+    broker::{self, dlq_topic, DeadLetter, SharedBroker},
+    store::Store,
+};
+use clap::Args;
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::{
+    roles::{Role, Settings},
+    DlqCommand,
+};
+
+/// Flags of `bazaar audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Keep re-checking for up to this many seconds until everything holds (lets the system
+    /// go quiet first).
+    #[arg(long, default_value_t = 0)]
+    wait: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One checked statement.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    /// Which invariant of DESIGN.md (1..=6).
+    pub invariant: u8,
+    /// Whether it holds.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+}
+
+/// The stores and broker the audit reads.
+pub struct Sources {
+    users: Store,
+    inventory: Store,
+    orders: Store,
+    payments: Store,
+    notifications: Store,
+    broker: SharedBroker,
+}
+
+impl Sources {
+    /// Opens every store and the broker named by `settings`.
+    pub async fn open(settings: &Settings) -> anyhow::Result<Sources> {
+        let open = |role: Role| {
+            let url = settings.store_url(role);
+            async move {
+                if let Some(path) = url.strip_prefix("sqlite://") {
+                    if !std::path::Path::new(path).exists() {
+                        anyhow::bail!("no {} store at {path}; has the system run with this data directory?", role.name());
+                    }
+                }
+                Store::open(&url).await.with_context(|| format!("{} store", role.name()))
+            }
+        };
+        Ok(Sources {
+            users: open(Role::Users).await?,
+            inventory: open(Role::Inventory).await?,
+            orders: open(Role::Orders).await?,
+            payments: open(Role::Payments).await?,
+            notifications: open(Role::Notifications).await?,
+            broker: broker::connect(&settings.broker_url()).await.context("broker")?,
+        })
+    }
+}
+
+async fn count(store: &Store, sql: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query(sql).fetch_one(store.pool()).await?.try_get::<i64, _>(0)?)
+}
+
+fn check(invariant: u8, ok: bool, detail: impl Into<String>) -> Check {
+    Check {
+        invariant,
+        ok,
+        detail: detail.into(),
+    }
+}
+
+/// Runs every check once.
+pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
+    let mut out = Vec::new();
+
+    // 1. Every order settled.
+    let orders = sqlx::query("SELECT id, status, total_cents FROM orders").fetch_all(s.orders.pool()).await?;
+    let mut by_status: HashMap<String, i64> = HashMap::new();
+    let mut final_orders = Vec::new();
+    for r in &orders {
+        let status: String = r.try_get("status")?;
+        *by_status.entry(status.clone()).or_default() += 1;
+        final_orders.push((r.try_get::<String, _>("id")?, status, r.try_get::<Option<i64>, _>("total_cents")?));
+    }
+    let pending = by_status.get("pending").copied().unwrap_or(0);
+    let open_sagas = count(&s.orders, "SELECT COUNT(*) FROM saga WHERE status IN ('running', 'compensating')").await?;
+    let stuck = count(&s.orders, "SELECT COUNT(*) FROM saga WHERE status = 'stuck'").await?;
+    out.push(check(
+        1,
+        pending == 0 && open_sagas == 0 && stuck == 0,
+        format!(
+            "{} orders: {} confirmed, {} cancelled, {pending} pending; sagas open {open_sagas}, stuck {stuck}",
+            orders.len(),
+            by_status.get("confirmed").copied().unwrap_or(0),
+            by_status.get("cancelled").copied().unwrap_or(0),
+        ),
+    ));
+
+    // 2. Each outcome matches payments and stock.
+    let payments: HashMap<String, (String, i64)> = sqlx::query("SELECT order_id, status, amount_cents FROM payment")
+        .fetch_all(s.payments.pool())
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("order_id")?, (r.try_get("status")?, r.try_get("amount_cents")?))))
+        .collect::<Result<_, sqlx::Error>>()?;
+    let reservations: HashMap<String, String> = sqlx::query("SELECT order_id, status FROM reservation")
+        .fetch_all(s.inventory.pool())
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("order_id")?, r.try_get("status")?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    let mut wrong = Vec::new();
+    for (id, status, total) in &final_orders {
+        let pay = payments.get(id);
+        let res = reservations.get(id).map(String::as_str);
+        let fine = match status.as_str() {
+            "confirmed" => {
+                pay.is_some_and(|(st, amt)| st == "captured" && Some(*amt) == *total) && res == Some("committed")
+            }
+            "cancelled" => {
+                pay.is_none_or(|(st, _)| st != "captured") && !matches!(res, Some("reserved") | Some("committed"))
+            }
+            _ => true,
+        };
+        if !fine {
+            wrong.push(format!("{id} {status}: payment {pay:?}, reservation {res:?}"));
+        }
+    }
+    out.push(check(
+        2,
+        wrong.is_empty(),
+        if wrong.is_empty() {
+            format!("{} settled orders match their payment and reservation", final_orders.len())
+        } else {
+            format!("{} mismatches, first: {}", wrong.len(), wrong[0])
+        },
+    ));
+
+    // 3. Stock adds up, per product.
+    let products = sqlx::query(
+        "SELECT p.id, p.on_hand, p.reserved,
+                (SELECT COALESCE(SUM(delta), 0) FROM stock_movement m WHERE m.product_id = p.id) AS moved,
+                (SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_line l JOIN reservation r ON r.order_id = l.order_id
+                  WHERE l.product_id = p.id AND r.status = 'committed') AS sold,
+                (SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_line l JOIN reservation r ON r.order_id = l.order_id
+                  WHERE l.product_id = p.id AND r.status = 'reserved') AS held
+         FROM product p",
+    )
+    .fetch_all(s.inventory.pool())
+    .await?;
+    let mut bad_stock = Vec::new();
+    for r in &products {
+        let (id, on_hand, reserved): (String, i64, i64) = (r.try_get("id")?, r.try_get("on_hand")?, r.try_get("reserved")?);
+        let (moved, sold, held): (i64, i64, i64) = (r.try_get("moved")?, r.try_get("sold")?, r.try_get("held")?);
+        if moved - sold != on_hand || on_hand < 0 || reserved != held {
+            bad_stock.push(format!(
+                "{id}: received {moved} - sold {sold} != on hand {on_hand}, or reserved {reserved} != held {held}"
+            ));
+        }
+    }
+    out.push(check(
+        3,
+        bad_stock.is_empty(),
+        if bad_stock.is_empty() {
+            format!("{} products: received - sold = on hand, reservations match", products.len())
+        } else {
+            bad_stock.join("; ")
+        },
+    ));
+
+    // 4. Money adds up.
+    let total = count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry").await?;
+    let deposits = -count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = 'external:deposits'").await?;
+    let wallets = count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id LIKE 'customer:%'").await?;
+    let revenue = count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = 'merchant:revenue'").await?;
+    let captured = count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM payment WHERE status = 'captured'").await?;
+    let negative = count(
+        &s.payments,
+        "SELECT COUNT(*) FROM (SELECT account_id FROM ledger_entry WHERE account_id LIKE 'customer:%' GROUP BY account_id HAVING SUM(amount_cents) < 0) AS n",
+    )
+    .await?;
+    out.push(check(
+        4,
+        total == 0 && wallets + revenue == deposits && revenue == captured && negative == 0,
+        format!(
+            "deposits {deposits} = wallets {wallets} + revenue {revenue}; revenue = captured {captured}; ledger sum {total}; negative wallets {negative}"
+        ),
+    ));
+
+    // 5. One notification per outcome.
+    let sent: HashMap<String, String> = sqlx::query("SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%'")
+        .fetch_all(s.notifications.pool())
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("dedupe_key")?, r.try_get("status")?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    let mut missing = Vec::new();
+    for (id, status, _) in final_orders.iter().filter(|(_, st, _)| st != "pending") {
+        let key = format!("order.{status}:{id}");
+        let other = format!("order.{}:{id}", if status == "confirmed" { "cancelled" } else { "confirmed" });
+        if sent.get(&key).map(String::as_str) != Some("sent") || sent.contains_key(&other) {
+            missing.push(format!("{key}: {:?}", sent.get(&key)));
+        }
+    }
+    let users = count(&s.users, "SELECT COUNT(*) FROM users").await?;
+    let welcomes = count(&s.notifications, "SELECT COUNT(*) FROM notification WHERE dedupe_key LIKE 'user.registered:%' AND status = 'sent'").await?;
+    out.push(check(
+        5,
+        missing.is_empty() && welcomes == users,
+        if missing.is_empty() {
+            format!("{} outcome emails sent once each; {welcomes}/{users} welcome emails", sent.len())
+        } else {
+            format!("{} outcomes not notified exactly once, first: {}; welcomes {welcomes}/{users}", missing.len(), missing[0])
+        },
+    ));
+
+    // 6. Every event reached every group, or sits in a dead-letter topic.
+    let mut unsent = Vec::new();
+    for (name, store) in [
+        ("users", &s.users),
+        ("inventory", &s.inventory),
+        ("orders", &s.orders),
+        ("payments", &s.payments),
+        ("notifications", &s.notifications),
+    ] {
+        let n = count(store, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").await?;
+        if n > 0 {
+            unsent.push(format!("{name} outbox {n} unsent"));
+        }
+    }
+    for (topic, group) in SUBSCRIPTIONS {
+        let lag = s.broker.pending(topic, group).await?;
+        if lag > 0 {
+            unsent.push(format!("{group} on {topic}: {lag} pending"));
+        }
+    }
+    let mut dead = 0;
+    for topic in all_topics() {
+        dead += s.broker.read(&dlq_topic(topic), 10_000).await?.len();
+    }
+    out.push(check(
+        6,
+        unsent.is_empty(),
+        if unsent.is_empty() {
+            format!("every outbox relayed, every group caught up; {dead} dead letters (see bazaar dlq list)")
+        } else {
+            unsent.join("; ")
+        },
+    ));
+    Ok(out)
+}
+
+fn all_topics() -> [&'static str; 5] {
+    [
+        topics::USERS_EVENTS,
+        topics::ORDERS_EVENTS,
+        topics::INVENTORY_COMMANDS,
+        topics::PAYMENTS_COMMANDS,
+        topics::ORDER_SAGA_REPLIES,
+    ]
+}
+
+/// `bazaar audit`.
+pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
+    let sources = Sources::open(settings).await?;
+    let deadline = Instant::now() + Duration::from_secs(args.wait);
+    let report = loop {
+        let report = checks(&sources).await?;
+        if report.iter().all(|c| c.ok) || Instant::now() >= deadline {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for c in &report {
+            println!("{} invariant {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.invariant, c.detail);
+        }
+    }
+    let failed = report.iter().filter(|c| !c.ok).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} invariant(s) do not hold");
+    }
+    Ok(())
+}
+
+/// `bazaar dlq list|replay`.
+pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
+    let broker = broker::connect(&settings.broker_url()).await.context("broker")?;
+    match command {
+        DlqCommand::List => {
+            let mut n = 0;
+            for topic in all_topics() {
+                for m in broker.read(&dlq_topic(topic), 10_000).await? {
+                    n += 1;
+                    match serde_json::from_slice::<DeadLetter>(&m.body) {
+                        Ok(d) => println!(
+                            "{topic} #{} group={} id={} attempts={} at={} reason: {}",
+                            m.seq, d.group, d.msg_id, d.attempts, d.dead_at, d.reason
+                        ),
+                        Err(_) => println!("{topic} #{} (unreadable dead letter)", m.seq),
+                    }
+                }
+            }
+            println!("{n} dead letter(s)");
+            Ok(())
+        }
+        DlqCommand::Replay { topic } => {
+            let mut n = 0;
+            for m in broker.read(&dlq_topic(&topic), 10_000).await? {
+                let d: DeadLetter = serde_json::from_slice(&m.body)
+                    .with_context(|| format!("dead letter #{} of {topic} is unreadable", m.seq))?;
+                d.replay(broker.as_ref(), m.seq).await?;
+                n += 1;
+            }
+            println!("replayed {n} dead letter(s) of {topic}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! `bazaar load`: drives real orders through the gateway and reports what a user would feel.
+//!
+//! It registers users, adds products, places orders from concurrent workers and follows
+//! each order until it is confirmed or cancelled. Bounded in count and time; loopback or
+//! whatever `--url` says.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+/// Flags of `bazaar load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// The gateway.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Orders to place.
+    #[arg(long, default_value_t = 200)]
+    orders: usize,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Customers to spread the orders over.
+    #[arg(long, default_value_t = 8)]
+    users: usize,
+    /// Give up following orders after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+async fn json_call(req: reqwest::RequestBuilder) -> anyhow::Result<(StatusCode, Value)> {
+    let resp = req.send().await?;
+    let status = resp.status();
+    let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+/// `bazaar load`.
+pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    if args.orders == 0 || args.concurrency == 0 || args.users == 0 {
+        bail!("--orders, --concurrency and --users must be at least 1");
+    }
+    let client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
+    let api = format!("{}/api/v1", args.url.trim_end_matches('/'));
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let mut tokens = Vec::new();
+    for i in 0..args.users {
+        let email = format!("load-{run_id}-{i}@example.com");
+        let (st, body) = json_call(client
+                .post(format!("{api}/users"))
+                .json(&json!({"email": email, "name": format!("Load {i}"), "password": "load-test-pass"})),
+        )
+        .await
+        .with_context(|| format!("cannot reach the gateway at {}", args.url))?;
+        if st != StatusCode::CREATED {
+            bail!("registering a user answered {st}: {body}");
+        }
+        let (st, body) = json_call(client
+                .post(format!("{api}/auth/login"))
+                .json(&json!({"email": email, "password": "load-test-pass"})),
+        )
+        .await?;
+        let token = body["token"].as_str().map(str::to_string);
+        match token {
+            Some(t) if st.is_success() => tokens.push(t),
+            _ => bail!("login answered {st}: {body}"),
+        }
+    }
+    let mut products = Vec::new();
+    for (i, price) in [250, 399, 1000, 1250].iter().enumerate() {
+        let (st, body) = json_call(client.post(format!("{api}/products")).bearer_auth(&tokens[0]).json(&json!({
+                "sku": format!("LOAD-{run_id}-{i}"), "name": format!("Load item {i}"),
+                "priceCents": price, "stock": 1_000_000
+            })),
+        )
+        .await?;
+        let id = body["id"].as_str().map(str::to_string);
+        match id {
+            Some(id) if st == StatusCode::CREATED => products.push(id),
+            _ => bail!("creating a product answered {st}: {body}"),
+        }
+    }
+    // Wallets open asynchronously after registration; wait for them.
+    for token in &tokens {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (st, _) = json_call(client.get(format!("{api}/accounts/me")).bearer_auth(token)).await?;
+            if st.is_success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("a wallet did not open within 30s ({st})");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    println!(
+        "placing {} orders from {} workers for {} customers via {}",
+        args.orders, args.concurrency, args.users, args.url
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let place = Arc::new(Mutex::new(Vec::new()));
+    let settle = Arc::new(Mutex::new(Vec::new()));
+    let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(args.timeout);
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (client, api, tokens, products) = (client.clone(), api.clone(), tokens.clone(), products.clone());
+        let (next, place, settle, outcomes) = (next.clone(), place.clone(), settle.clone(), outcomes.clone());
+        let total = args.orders;
+        workers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total || Instant::now() > deadline {
+                    return;
+                }
+                let token = &tokens[n % tokens.len()];
+                let body = json!({"lines": [{"productId": products[n % products.len()], "quantity": 1 + n % 2}]});
+                let t0 = Instant::now();
+                let result = json_call(client.post(format!("{api}/orders")).bearer_auth(token).json(&body)).await;
+                let placed_in = t0.elapsed();
+                let id = match result {
+                    Ok((st, v)) if st == StatusCode::ACCEPTED => v["id"].as_str().map(str::to_string),
+                    Ok((st, _)) => {
+                        *outcomes.lock().await.entry(format!("http {st}")).or_default() += 1;
+                        None
+                    }
+                    Err(e) => {
+                        *outcomes.lock().await.entry(format!("error: {e}")).or_default() += 1;
+                        None
+                    }
+                };
+                place.lock().await.push(placed_in);
+                let Some(id) = id else { continue };
+                let status = loop {
+                    if Instant::now() > deadline {
+                        break "timed out".to_string();
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    if let Ok((_, v)) = json_call(client.get(format!("{api}/orders/{id}")).bearer_auth(token)).await {
+                        match v["status"].as_str() {
+                            Some("pending") | None => continue,
+                            Some(s) => break s.to_string(),
+                        }
+                    }
+                };
+                settle.lock().await.push(t0.elapsed());
+                *outcomes.lock().await.entry(status).or_default() += 1;
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let elapsed = start.elapsed();
+    let mut place = place.lock().await.clone();
+    let mut settle = settle.lock().await.clone();
+    place.sort();
+    settle.sort();
+    let outcomes = outcomes.lock().await.clone();
+    println!(
+        "{} orders in {:.2}s: {:.1} orders/s settled",
+        settle.len(),
+        elapsed.as_secs_f64(),
+        settle.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "place (POST /orders) ms: p50 {:.1} p90 {:.1} p99 {:.1}",
+        percentile(&place, 0.5),
+        percentile(&place, 0.9),
+        percentile(&place, 0.99)
+    );
+    println!(
+        "settle (placed -> confirmed/cancelled) ms: p50 {:.1} p90 {:.1} p99 {:.1}",
+        percentile(&settle, 0.5),
+        percentile(&settle, 0.9),
+        percentile(&settle, 0.99)
+    );
+    println!("outcomes: {outcomes:?}");
+    if outcomes.keys().any(|k| k.starts_with("http") || k.starts_with("error") || k == "timed out") {
+        bail!("some orders failed or did not settle: {outcomes:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! `bazaar up`: every role as its own child process, supervised, with multiplexed logs.
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Args;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::mpsc,
+};
+
+use crate::roles::{stop_signal, Role, Settings};
+
+/// Flags of `bazaar up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Start without the quick tour.
+    #[arg(long)]
+    quiet: bool,
+    /// Seconds to wait for every role to report healthy.
+    #[arg(long, default_value_t = 60)]
+    ready_timeout: u64,
+}
+
+/// Restarts allowed per role within [`RESTART_WINDOW`] before `up` gives up on it.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// One running role.
+struct Proc {
+    role: Role,
+    child: Child,
+    restarts: Vec<Instant>,
+}
+
+/// Runs `up` until Ctrl-C or SIGTERM.
+pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.data).with_context(|| format!("cannot create {}", settings.data.display()))?;
+    settings.jwt_secret()?;
+    let config = settings.ensure_gateway_config()?;
+    let ports = Role::ALL.iter().map(|r| (r.name(), settings.port(*r)));
+    for (name, port) in ports.chain([("gateway admin", settings.admin_port())]) {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            anyhow::bail!(
+                "port {port} for {} is taken; stop what uses it or pick other ports with --base-port",
+                name
+            );
+        }
+    }
+    let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
+    let (lines, mut rx) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Some(line) = rx.recv().await {
+            println!("{line}");
+        }
+    });
+    let mut procs = Vec::new();
+    for role in Role::ALL {
+        let child = spawn(&exe, settings, role, &lines)?;
+        procs.push(Proc {
+            role,
+            child,
+            restarts: Vec::new(),
+        });
+    }
+    let ready = wait_ready(settings, Duration::from_secs(args.ready_timeout)).await;
+    match &ready {
+        Ok(()) if !args.quiet => println!("{}", tour(settings, &config)),
+        Ok(()) => println!("bazaar: all roles healthy"),
+        Err(e) => eprintln!("bazaar: {e}"),
+    }
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let mut gave_up = None;
+        for p in procs.iter_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                p.restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+                if p.restarts.len() >= MAX_RESTARTS {
+                    gave_up = Some(format!(
+                        "{} exited ({status}) {MAX_RESTARTS} times within a minute; giving up",
+                        p.role.name()
+                    ));
+                    break;
+                }
+                let _ = lines.send(format!("{:>13} | exited ({status}); restarting", p.role.name()));
+                p.restarts.push(Instant::now());
+                tokio::time::sleep(Duration::from_millis(200 * p.restarts.len() as u64)).await;
+                p.child = spawn(&exe, settings, p.role, &lines)?;
+            }
+        }
+        if let Some(reason) = gave_up {
+            terminate_all(&mut procs).await;
+            anyhow::bail!(reason);
+        }
+    }
+    println!("bazaar: stopping every role");
+    terminate_all(&mut procs).await;
+    ready
+}
+
+fn spawn(
+    exe: &std::path::Path,
+    settings: &Settings,
+    role: Role,
+    lines: &mpsc::UnboundedSender<String>,
+) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve")
+        .arg(role.name())
+        .env("BAZAAR_DATA", &settings.data)
+        .env("BAZAAR_BROKER_URL", settings.broker_url())
+        .env("BAZAAR_BASE_PORT", settings.base_port.to_string())
+        .env("BAZAAR_JWT_SECRET", settings.jwt_secret()?)
+        .env("BAZAAR_GATEWAY_CONFIG", settings.gateway_config())
+        .env("BAZAAR_DECLINE_RATE", settings.decline_rate.to_string())
+        .env("BAZAAR_WELCOME_CREDIT_CENTS", settings.welcome_credit_cents.to_string())
+        .env_remove("BAZAAR_STORE_URL")
+        .env_remove("BAZAAR_LISTEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(smtp) = &settings.smtp {
+        cmd.env("BAZAAR_SMTP", smtp);
+    }
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", role.name()))?;
+    for stream in [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let lines = lines.clone();
+        let name = role.name();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = lines.send(format!("{name:>13} | {line}"));
+            }
+        });
+    }
+    Ok(child)
+}
+
+/// Asks every child to stop (SIGTERM), waits up to 10 s, then kills what is left.
+async fn terminate_all(procs: &mut [Proc]) {
+    for p in procs.iter() {
+        if let Some(pid) = p.child.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for p in procs.iter_mut() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, p.child.wait()).await.is_err() {
+            let _ = p.child.kill().await;
+        }
+    }
+}
+
+/// Health URL of `role`.
+pub fn health_url(settings: &Settings, role: Role) -> String {
+    let port = if role == Role::Gateway { settings.admin_port() } else { settings.port(role) };
+    format!("http://127.0.0.1:{port}/health")
+}
+
+/// Waits until every role answers 200 on `/health`.
+pub async fn wait_ready(settings: &Settings, timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .context("http client")?;
+    let deadline = Instant::now() + timeout;
+    for role in Role::ALL {
+        let url = health_url(settings, role);
+        loop {
+            let ok = client.get(&url).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("{} is not healthy after {}s ({url})", role.name(), timeout.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+fn tour(settings: &Settings, config: &std::path::Path) -> String {
+    let gw = format!("http://127.0.0.1:{}", settings.port(Role::Gateway));
+    format!(
+        r#"
+bazaar is up: gateway {gw}, admin http://127.0.0.1:{admin}, data in {data}, broker {broker}
+gateway config: {config} (edit it; the gateway reloads on change)
+
+Try it:
+  curl -s -XPOST {gw}/api/v1/users -H 'content-type: application/json' \
+       -d '{{"email":"ann@example.com","name":"Ann","password":"correct horse"}}'
+  TOKEN=$(curl -s -XPOST {gw}/api/v1/auth/login -H 'content-type: application/json' \
+       -d '{{"email":"ann@example.com","password":"correct horse"}}' | sed 's/.*"token":"\([^"]*\)".*/\1/')
+  curl -s -XPOST {gw}/api/v1/products -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+       -d '{{"sku":"MUG-1","name":"Mug","priceCents":1250,"stock":10}}'
+  curl -s {gw}/api/v1/products
+  curl -s -XPOST {gw}/api/v1/orders -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+       -d '{{"lines":[{{"productId":"<id from above>","quantity":2}}]}}'
+  curl -s {gw}/api/v1/orders -H "authorization: Bearer $TOKEN"
+
+Health: {gw_admin}/health and each service's /health; metrics at /metrics.
+Check the invariants any time: bazaar audit    Stop: Ctrl-C
+"#,
+        admin = settings.admin_port(),
+        data = settings.data.display(),
+        broker = settings.broker_url(),
+        config = config.display(),
+        gw_admin = format!("http://127.0.0.1:{}", settings.admin_port()),
+    )
+}
