@@ -70,10 +70,10 @@ impl TargetState {
         let trips = match outcome {
             Outcome::TcpFailure => bump(&self.tcp_failures, unhealthy.tcp_failures),
             Outcome::Timeout => bump(&self.timeouts, unhealthy.timeouts),
-            Outcome::Status(s) if unhealthy.http_statuses.contains(&s) => {
+            Outcome::Status(s) if listed(&unhealthy.http_statuses, s) => {
                 bump(&self.http_failures, unhealthy.http_failures)
             }
-            Outcome::Status(s) if healthy.http_statuses.contains(&s) => {
+            Outcome::Status(s) if listed(&healthy.http_statuses, s) => {
                 self.reset_failures();
                 let count = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
                 if healthy.successes > 0 && count >= healthy.successes && !self.healthy.swap(true, Ordering::Relaxed) {
@@ -133,6 +133,10 @@ impl Drop for TargetGuard {
     fn drop(&mut self) {
         self.balancer.targets[self.index].active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+fn listed(statuses: &Option<Vec<u16>>, status: u16) -> bool {
+    statuses.as_ref().is_some_and(|list| list.contains(&status))
 }
 
 fn log_flip(upstream: &str, target: &str, healthy: bool, source: &str) {

@@ -184,8 +184,8 @@ pub(crate) struct HealthyThresholds {
     /// Seconds between probes of healthy targets (active only); 0 stops probing them.
     #[serde(default)]
     pub interval: f64,
-    #[serde(default)]
-    pub http_statuses: Vec<u16>,
+    /// Statuses that count as successes; the builder fills in Kong's default when unset.
+    pub http_statuses: Option<Vec<u16>>,
     #[serde(default)]
     pub successes: u32,
 }
@@ -196,8 +196,8 @@ pub(crate) struct UnhealthyThresholds {
     /// Seconds between probes of unhealthy targets (active only); 0 stops probing them.
     #[serde(default)]
     pub interval: f64,
-    #[serde(default)]
-    pub http_statuses: Vec<u16>,
+    /// Statuses that count as failures; the builder fills in Kong's default when unset.
+    pub http_statuses: Option<Vec<u16>>,
     #[serde(default)]
     pub http_failures: u32,
     #[serde(default)]
@@ -269,14 +269,14 @@ fn default_jwt_algorithm() -> String {
 fn default_active_healthy() -> HealthyThresholds {
     HealthyThresholds {
         interval: 0.0,
-        http_statuses: vec![200, 302],
+        http_statuses: Some(vec![200, 302]),
         successes: 0,
     }
 }
 fn default_active_unhealthy() -> UnhealthyThresholds {
     UnhealthyThresholds {
         interval: 0.0,
-        http_statuses: vec![429, 404, 500, 501, 502, 503, 504, 505],
+        http_statuses: Some(vec![429, 404, 500, 501, 502, 503, 504, 505]),
         http_failures: 0,
         tcp_failures: 0,
         timeouts: 0,
@@ -286,14 +286,14 @@ fn default_passive_healthy() -> HealthyThresholds {
     let statuses = (200..=226).chain(300..=308).collect();
     HealthyThresholds {
         interval: 0.0,
-        http_statuses: statuses,
+        http_statuses: Some(statuses),
         successes: 0,
     }
 }
 fn default_passive_unhealthy() -> UnhealthyThresholds {
     UnhealthyThresholds {
         interval: 0.0,
-        http_statuses: vec![429, 500, 503],
+        http_statuses: Some(vec![429, 500, 503]),
         http_failures: 0,
         tcp_failures: 0,
         timeouts: 0,
@@ -704,10 +704,33 @@ impl Builder {
             self.errors
                 .push(format!("{path}.name: duplicate upstream name {name:?}"));
         }
+        let mut healthchecks = spec.healthchecks;
+        // A partly written block keeps Kong's default statuses for what it leaves out.
+        let (active, passive) = (&mut healthchecks.active, &mut healthchecks.passive);
+        active.healthy.http_statuses = active
+            .healthy
+            .http_statuses
+            .take()
+            .or(default_active_healthy().http_statuses);
+        active.unhealthy.http_statuses = active
+            .unhealthy
+            .http_statuses
+            .take()
+            .or(default_active_unhealthy().http_statuses);
+        passive.healthy.http_statuses = passive
+            .healthy
+            .http_statuses
+            .take()
+            .or(default_passive_healthy().http_statuses);
+        passive.unhealthy.http_statuses = passive
+            .unhealthy
+            .http_statuses
+            .take()
+            .or(default_passive_unhealthy().http_statuses);
         self.config.upstreams.push(Upstream {
             name,
             algorithm,
-            healthchecks: spec.healthchecks,
+            healthchecks,
             targets: Vec::new(),
         });
         for (i, value) in spec.targets.into_iter().enumerate() {

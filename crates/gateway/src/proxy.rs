@@ -336,10 +336,12 @@ async fn forward(
     let read_timeout = Duration::from_millis(service.read_timeout_ms);
     let mut tried: Vec<usize> = Vec::new();
     let mut failure = Failure::Other;
-    for _attempt in 0..=service.retries {
+    for attempt in 0..=service.retries {
         let guard = match &runtime.upstream {
             Some(upstream) => match upstream.pick(&hash_input, &tried) {
                 Some(guard) => Some(guard),
+                // The failed attempts took the last healthy targets out: report their failure.
+                None if attempt > 0 => break,
                 None => {
                     metrics::counter!("bazaar_gateway_upstream_errors_total", "service" => service.name.clone())
                         .increment(1);

@@ -1,0 +1,876 @@
+//! End-to-end tests: real upstream HTTP servers and a real gateway on 127.0.0.1:0, checked
+//! from the client's side (statuses, headers and bodies).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+/// An upstream that answers every request with a JSON echo of what it received.
+/// Paths containing `/slow` answer after two seconds; dropping it closes every connection.
+struct Upstream {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start(name: &'static str) -> Upstream {
+        Upstream::start_on("127.0.0.1:0".parse().unwrap(), name).await
+    }
+
+    async fn start_on(addr: SocketAddr, name: &'static str) -> Upstream {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            // Connections live in this set so aborting the server also cuts kept-alive ones.
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                connections.spawn(async move {
+                    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| async move {
+                        let (parts, body) = request.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        if parts.uri.path().contains("/slow") {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        let headers: BTreeMap<String, String> = parts
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                            .collect();
+                        let echo = json!({
+                            "upstream": name,
+                            "method": parts.method.as_str(),
+                            "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                            "headers": headers,
+                            "body_len": body.len(),
+                        });
+                        let mut response = hyper::Response::new(Full::new(Bytes::from(echo.to_string())));
+                        response
+                            .headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
+                        response
+                            .headers_mut()
+                            .insert("connection", "keep-alive".parse().unwrap());
+                        Ok::<_, Infallible>(response)
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, task }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A gateway serving a config written to a temp file.
+struct Gateway {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    config_path: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), bazaar_gateway::GatewayError>>>,
+}
+
+impl Gateway {
+    async fn start(config: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let render = Arc::new(|| "# TYPE test_metric counter\ntest_metric 1\n".to_string());
+        let task = tokio::spawn(bazaar_gateway::serve_with_listeners(
+            config_path.clone(),
+            proxy,
+            admin,
+            render,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Gateway {
+            addr,
+            admin: admin_addr,
+            config_path,
+            _dir: dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn body_json(response: reqwest::Response) -> Value {
+    response.json().await.unwrap()
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn hs256(secret: &str, claims: Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn routes_strip_paths_and_set_forwarding_headers() {
+    let up = Upstream::start("orders").await;
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: orders
+    url: http://{addr}/orders
+    routes:
+      - name: orders
+        paths: [/api/v1/orders]
+      - name: raw
+        paths: [/raw]
+        strip_path: false
+      - name: by-regex
+        paths: ["~/v(\\d+)/items"]
+"#,
+        addr = up.addr
+    ))
+    .await;
+    let http = client();
+
+    let response = http
+        .get(gw.url("/api/v1/orders/123?x=1"))
+        .header("x-forwarded-for", "10.0.0.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["via"].to_str().unwrap().contains("bazaar-gateway"));
+    let echo = body_json(response).await;
+    assert_eq!(echo["path"], "/orders/123?x=1");
+    let headers = &echo["headers"];
+    assert_eq!(headers["x-forwarded-for"], "10.0.0.9, 127.0.0.1");
+    assert_eq!(headers["x-real-ip"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-port"], gw.addr.port().to_string());
+    assert_eq!(headers["x-forwarded-path"], "/api/v1/orders/123");
+    assert_eq!(headers["x-forwarded-prefix"], "/api/v1/orders");
+    assert_eq!(headers["host"], up.addr.to_string());
+    assert!(headers["via"].as_str().unwrap().contains("bazaar-gateway"));
+    assert!(headers["traceparent"].as_str().unwrap().starts_with("00-"));
+
+    let echo = body_json(http.get(gw.url("/api/v1/orders")).send().await.unwrap()).await;
+    assert_eq!(echo["path"], "/orders");
+    let echo = body_json(http.get(gw.url("/raw/thing")).send().await.unwrap()).await;
+    assert_eq!(echo["path"], "/orders/raw/thing");
+    let echo = body_json(http.get(gw.url("/v2/items/9")).send().await.unwrap()).await;
+    assert_eq!(echo["path"], "/orders/9");
+
+    let missing = http.get(gw.url("/nowhere")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(missing.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    assert_eq!(
+        body_json(missing).await,
+        json!({"message": "no Route matched with those values"})
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn jwt_accepts_valid_tokens_and_rejects_each_fault_like_kong() {
+    let up = Upstream::start("users").await;
+    let public_pem = include_str!("fixtures/rsa_public.pem").replace('\n', "\\n");
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: users
+    url: http://{addr}
+    routes:
+      - name: users
+        paths: [/users]
+        plugins:
+          - name: jwt
+consumers:
+  - username: alice
+    custom_id: a-1
+    jwt_secrets:
+      - key: alice-iss
+        secret: alice-secret
+  - username: robot
+    jwt_secrets:
+      - key: robot-iss
+        algorithm: RS256
+        rsa_public_key: "{public_pem}"
+"#,
+        addr = up.addr
+    ))
+    .await;
+    let http = client();
+    let get = |token: Option<String>| {
+        let mut request = http.get(gw.url("/users/me")).header("x-consumer-id", "spoofed");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        request.send()
+    };
+
+    let token = hs256("alice-secret", json!({"iss": "alice-iss", "exp": now() + 60}));
+    let accepted = get(Some(token.clone())).await.unwrap();
+    assert_eq!(accepted.status(), 200);
+    let headers = body_json(accepted).await["headers"].clone();
+    assert_eq!(headers["x-consumer-username"], "alice");
+    assert_eq!(headers["x-consumer-custom-id"], "a-1");
+    assert_eq!(headers["x-credential-identifier"], "alice-iss");
+    assert_ne!(headers["x-consumer-id"], "spoofed");
+    assert_eq!(headers["x-consumer-id"].as_str().unwrap().len(), 36);
+    assert_eq!(headers["authorization"], format!("Bearer {token}"));
+
+    let query = http
+        .get(gw.url(&format!("/users/me?jwt={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(query.status(), 200);
+
+    let rsa_key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/rsa_private.pem")).unwrap();
+    let rs256 = encode(
+        &Header::new(Algorithm::RS256),
+        &json!({"iss": "robot-iss", "exp": now() + 60}),
+        &rsa_key,
+    )
+    .unwrap();
+    let robot = get(Some(rs256)).await.unwrap();
+    assert_eq!(robot.status(), 200);
+    assert_eq!(body_json(robot).await["headers"]["x-consumer-username"], "robot");
+
+    let cases = [
+        (None, json!({"message": "Unauthorized"})),
+        (
+            Some(hs256("wrong", json!({"iss": "alice-iss"}))),
+            json!({"message": "Invalid signature"}),
+        ),
+        (
+            Some(hs256("x", json!({"iss": "mallory"}))),
+            json!({"message": "No credentials found for given 'iss'"}),
+        ),
+        (
+            Some(hs256("alice-secret", json!({"iss": "alice-iss", "exp": now() - 10}))),
+            json!({"exp": "token expired"}),
+        ),
+        (
+            Some(hs256("alice-secret", json!({"iss": "alice-iss", "nbf": now() + 600}))),
+            json!({"nbf": "token not valid yet"}),
+        ),
+        (
+            Some("not.a.jwt".to_string()),
+            json!({"message": "Bad token; invalid JSON"}),
+        ),
+    ];
+    for (token, body) in cases {
+        let refused = get(token).await.unwrap();
+        assert_eq!(refused.status(), 401);
+        assert_eq!(body_json(refused).await, body);
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limiting_refuses_after_the_limit_with_kong_headers() {
+    let up = Upstream::start("inventory").await;
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: inventory
+    url: http://{addr}
+    routes:
+      - name: products
+        paths: [/products]
+plugins:
+  - name: rate-limiting
+    config:
+      minute: 3
+      limit_by: ip
+"#,
+        addr = up.addr
+    ))
+    .await;
+    let http = client();
+    for remaining in ["2", "1", "0"] {
+        let response = http.get(gw.url("/products")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-ratelimit-limit-minute"], "3");
+        assert_eq!(response.headers()["x-ratelimit-remaining-minute"], remaining);
+        assert_eq!(response.headers()["ratelimit-limit"], "3");
+        assert_eq!(response.headers()["ratelimit-remaining"], remaining);
+        assert!(response.headers().contains_key("ratelimit-reset"));
+    }
+    let refused = http.get(gw.url("/products")).send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after));
+    assert_eq!(refused.headers()["x-ratelimit-remaining-minute"], "0");
+    assert_eq!(body_json(refused).await, json!({"message": "API rate limit exceeded"}));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_rate_limits_are_shared_between_gateways() {
+    let Ok(redis_url) = std::env::var("BAZAAR_TEST_REDIS_URL") else {
+        println!("SKIPPED: BAZAAR_TEST_REDIS_URL not set");
+        return;
+    };
+    let without_scheme = redis_url.trim_start_matches("redis://").trim_end_matches('/');
+    let (host, port) = without_scheme.rsplit_once(':').unwrap_or((without_scheme, "6379"));
+    let up = Upstream::start("orders").await;
+    // A per-run service name keeps counts from earlier runs out of this one.
+    let service = format!("orders-{}", uuid::Uuid::new_v4().simple());
+    let config = format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: {service}
+    url: http://{addr}
+    routes:
+      - name: orders
+        paths: [/orders]
+    plugins:
+      - name: rate-limiting
+        config:
+          minute: 4
+          limit_by: ip
+          policy: redis
+          redis_host: {host}
+          redis_port: {port}
+"#,
+        addr = up.addr
+    );
+    let (one, two) = (Gateway::start(&config).await, Gateway::start(&config).await);
+    let http = client();
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let gateway = if i % 2 == 0 { &one } else { &two };
+        statuses.push(http.get(gateway.url("/orders")).send().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    one.shutdown().await;
+    two.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_down_lets_requests_through_when_fault_tolerant() {
+    let up = Upstream::start("orders").await;
+    // Nothing listens on port 1, so every Redis call fails.
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: orders
+    url: http://{addr}
+    routes:
+      - {{name: tolerant, paths: [/tolerant], plugins: [{{name: rate-limiting, config: {{minute: 1, policy: redis, redis_host: 127.0.0.1, redis_port: 1}}}}]}}
+      - {{name: strict, paths: [/strict], plugins: [{{name: rate-limiting, config: {{minute: 1, policy: redis, redis_host: 127.0.0.1, redis_port: 1, fault_tolerant: false}}}}]}}
+"#,
+        addr = up.addr
+    ))
+    .await;
+    let http = client();
+    for _ in 0..3 {
+        assert_eq!(http.get(gw.url("/tolerant")).send().await.unwrap().status(), 200);
+    }
+    let strict = http.get(gw.url("/strict")).send().await.unwrap();
+    assert_eq!(strict.status(), 500);
+    assert_eq!(
+        body_json(strict).await,
+        json!({"message": "An unexpected error occurred"})
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn correlation_ids_pass_through_and_are_echoed() {
+    let up = Upstream::start("orders").await;
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: orders
+    url: http://{addr}
+    routes:
+      - {{name: orders, paths: [/orders]}}
+plugins:
+  - name: correlation-id
+    config: {{header_name: X-Correlation-ID, generator: uuid, echo_downstream: true}}
+"#,
+        addr = up.addr
+    ))
+    .await;
+    let http = client();
+    let kept = http
+        .get(gw.url("/orders"))
+        .header("x-correlation-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kept.headers()["x-correlation-id"], "abc-123");
+    assert_eq!(body_json(kept).await["headers"]["x-correlation-id"], "abc-123");
+
+    let made = http.get(gw.url("/orders")).send().await.unwrap();
+    let echoed = made.headers()["x-correlation-id"].to_str().unwrap().to_string();
+    assert_eq!(echoed.len(), 36);
+    assert_eq!(body_json(made).await["headers"]["x-correlation-id"], echoed);
+
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = body_json(
+        http.get(gw.url("/orders"))
+            .header("traceparent", trace)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let forwarded = traced["headers"]["traceparent"].as_str().unwrap();
+    assert!(forwarded.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    assert_ne!(forwarded, trace);
+    gw.shutdown().await;
+}
+
+/// Sends a raw chunked request (no Content-Length) and returns the status line.
+async fn chunked_post(addr: SocketAddr, path: &str, total: usize) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'x'; 1000];
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        // The gateway may answer and close early; later writes failing is expected then.
+        if stream.write_all(format!("{n:x}\r\n").as_bytes()).await.is_err()
+            || stream.write_all(&chunk[..n]).await.is_err()
+            || stream.write_all(b"\r\n").await.is_err()
+        {
+            break;
+        }
+        sent += n;
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    String::from_utf8_lossy(&response)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test]
+async fn request_size_limit_checks_declared_and_streamed_bodies() {
+    let up = Upstream::start("orders").await;
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: orders
+    url: http://{addr}
+    routes:
+      - {{name: orders, paths: [/orders]}}
+plugins:
+  - name: request-size-limiting
+    config: {{allowed_payload_size: 4, size_unit: kilobytes}}
+"#,
+        addr = up.addr
+    ))
+    .await;
+    let http = client();
+    let small = http
+        .post(gw.url("/orders"))
+        .body(vec![b'a'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 200);
+    assert_eq!(body_json(small).await["body_len"], 4096);
+    let large = http
+        .post(gw.url("/orders"))
+        .body(vec![b'a'; 4097])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(large.status(), 413);
+    assert_eq!(
+        body_json(large).await,
+        json!({"message": "Request size limit exceeded"})
+    );
+
+    assert!(chunked_post(gw.addr, "/orders", 3000).await.contains("200"));
+    assert!(chunked_post(gw.addr, "/orders", 20_000).await.contains("413"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn cors_preflight_is_answered_by_the_gateway() {
+    let up = Upstream::start("orders").await;
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: orders
+    url: http://{addr}
+    routes:
+      - name: orders
+        paths: [/orders]
+        plugins: [{{name: jwt}}]
+plugins:
+  - name: cors
+    config:
+      origins: ["http://localhost:\\d+"]
+      methods: [GET, POST]
+      credentials: true
+      exposed_headers: [X-Correlation-ID]
+      max_age: 600
+"#,
+        addr = up.addr
+    ))
+    .await;
+    let http = client();
+    let preflight = http
+        .request(reqwest::Method::OPTIONS, gw.url("/orders"))
+        .header("origin", "http://localhost:5173")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization,content-type")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 200);
+    let headers = preflight.headers();
+    assert_eq!(headers["access-control-allow-origin"], "http://localhost:5173");
+    assert_eq!(headers["access-control-allow-methods"], "GET,POST");
+    assert_eq!(headers["access-control-allow-headers"], "authorization,content-type");
+    assert_eq!(headers["access-control-allow-credentials"], "true");
+    assert_eq!(headers["access-control-max-age"], "600");
+
+    // A refused request still carries CORS headers, so the browser can read the 401.
+    let refused = http
+        .get(gw.url("/orders"))
+        .header("origin", "http://localhost:5173")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        refused.headers()["access-control-allow-origin"],
+        "http://localhost:5173"
+    );
+    assert_eq!(refused.headers()["access-control-expose-headers"], "X-Correlation-ID");
+    let foreign = http
+        .get(gw.url("/orders"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(!foreign.headers().contains_key("access-control-allow-origin"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn balances_over_targets_and_fails_over_when_one_dies() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+upstreams:
+  - name: shop.upstream
+    healthchecks:
+      passive:
+        unhealthy: {{tcp_failures: 1}}
+    targets:
+      - target: {a}
+      - target: {b}
+services:
+  - name: shop
+    host: shop.upstream
+    port: 80
+    routes:
+      - {{name: shop, paths: [/shop]}}
+"#,
+        a = a.addr,
+        b = b.addr
+    ))
+    .await;
+    let http = client();
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..10 {
+        let echo = body_json(http.get(gw.url("/shop")).send().await.unwrap()).await;
+        assert_eq!(echo["headers"]["host"], "shop.upstream");
+        *seen.entry(echo["upstream"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!((seen["a"], seen["b"]), (5, 5));
+
+    drop(b);
+    for _ in 0..6 {
+        let response = http.get(gw.url("/shop")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(body_json(response).await["upstream"], "a");
+    }
+    let health = http.get(gw.admin_url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let health = body_json(health).await;
+    assert_eq!(health["checks"]["upstreams"]["shop.upstream"]["healthy_targets"], 1);
+
+    drop(a);
+    let first = http.get(gw.url("/shop")).send().await.unwrap();
+    assert_eq!(first.status(), 502);
+    assert_eq!(
+        body_json(first).await,
+        json!({"message": "An invalid response was received from the upstream server"})
+    );
+    let none = http.get(gw.url("/shop")).send().await.unwrap();
+    assert_eq!(none.status(), 503);
+    assert_eq!(
+        body_json(none).await,
+        json!({"message": "failure to get a peer from the ring-balancer"})
+    );
+    let health = http.get(gw.admin_url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    assert_eq!(body_json(health).await["status"], "degraded");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn active_health_checks_bring_a_target_back() {
+    let a = Upstream::start("a").await;
+    // Reserve a port, free it, and start the second target there later.
+    let spare = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b_addr = spare.local_addr().unwrap();
+    drop(spare);
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+upstreams:
+  - name: pool
+    healthchecks:
+      active:
+        http_path: /health
+        healthy: {{interval: 0.2, successes: 1}}
+        unhealthy: {{interval: 0.2, tcp_failures: 1}}
+    targets: [{{target: "{a}"}}, {{target: "{b_addr}"}}]
+services:
+  - {{name: pool, host: pool, routes: [{{name: pool, paths: [/]}}]}}
+"#,
+        a = a.addr
+    ))
+    .await;
+    let http = client();
+    let healthy_targets = |http: reqwest::Client, url: String| async move {
+        body_json(http.get(url).send().await.unwrap()).await["checks"]["upstreams"]["pool"]["healthy_targets"].clone()
+    };
+    let wait_for = |want: u64| {
+        let (http, url) = (http.clone(), gw.admin_url("/health"));
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while healthy_targets(http.clone(), url.clone()).await != want {
+                assert!(Instant::now() < deadline, "never reached {want} healthy targets");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(1).await;
+    let b = Upstream::start_on(b_addr, "b").await;
+    wait_for(2).await;
+    drop(b);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_failures_give_502_and_slow_upstreams_504() {
+    let up = Upstream::start("slow").await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: dead
+    url: http://{closed}
+    retries: 1
+    routes: [{{name: dead, paths: [/dead]}}]
+  - name: slow
+    url: http://{addr}
+    read_timeout: 300
+    routes: [{{name: slow, paths: [/slow]}}]
+"#,
+        addr = up.addr
+    ))
+    .await;
+    let http = client();
+    let dead = http.get(gw.url("/dead")).send().await.unwrap();
+    assert_eq!(dead.status(), 502);
+    assert_eq!(
+        body_json(dead).await,
+        json!({"message": "An invalid response was received from the upstream server"})
+    );
+    let started = Instant::now();
+    let slow = http.get(gw.url("/slow/slow")).send().await.unwrap();
+    assert_eq!(slow.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert_eq!(
+        body_json(slow).await,
+        json!({"message": "The upstream server is timing out"})
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn reloads_on_file_change_and_keeps_the_old_config_when_the_new_one_is_bad() {
+    let up = Upstream::start("orders").await;
+    let config = |paths: &str| {
+        format!(
+            "_format_version: \"3.0\"\nservices:\n  - name: orders\n    url: http://{}\n    routes: [{{name: r, paths: {paths}}}]\n",
+            up.addr
+        )
+    };
+    let gw = Gateway::start(&config("[/one]")).await;
+    let http = client();
+    assert_eq!(http.get(gw.url("/two")).send().await.unwrap().status(), 404);
+
+    std::fs::write(&gw.config_path, config("[/one, /two]")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http.get(gw.url("/two")).send().await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "config was not reloaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    std::fs::write(&gw.config_path, config("[nope]")).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(http.get(gw.url("/two")).send().await.unwrap().status(), 200);
+    let summary = body_json(http.get(gw.admin_url("/config")).send().await.unwrap()).await;
+    assert_eq!(summary["routes"], json!(["r"]));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_status_config_and_metrics() {
+    let up = Upstream::start("orders").await;
+    let gw = Gateway::start(&format!(
+        "_format_version: \"3.0\"\nservices:\n  - name: orders\n    url: http://{}\n    routes: [{{name: r, paths: [/o]}}]\n",
+        up.addr
+    ))
+    .await;
+    let http = client();
+    http.get(gw.url("/o")).send().await.unwrap();
+    let health = http.get(gw.admin_url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let health = body_json(health).await;
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["checks"]["config"], "up");
+    assert!(health["version"].is_string() && health["uptime"].is_u64());
+    assert_eq!(
+        http.get(gw.admin_url("/health/live")).send().await.unwrap().status(),
+        200
+    );
+    let metrics = http
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("test_metric 1"));
+    let status = body_json(http.get(gw.admin_url("/status")).send().await.unwrap()).await;
+    assert!(status["server"]["total_requests"].as_u64().unwrap() >= 1);
+    assert!(status["server"]["connections_accepted"].as_u64().unwrap() >= 1);
+    let config = body_json(http.get(gw.admin_url("/config")).send().await.unwrap()).await;
+    assert_eq!(config["summary"], "1 service, 1 route, 0 consumers, 0 plugins");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn check_config_file_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "_format_version: \"3.0\"\nroutes:\n  - {name: a, paths: [x]}\nplugins:\n  - name: key-auth\n",
+    )
+    .unwrap();
+    let problems = bazaar_gateway::check_config_file(&path).unwrap_err();
+    assert!(
+        problems.iter().any(|p| p == "routes[0].paths[0]: must start with /"),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("plugins[0].name: unknown plugin \"key-auth\"")),
+        "{problems:?}"
+    );
+
+    let ports = bazaar_gateway::DefaultPorts {
+        users: 1,
+        inventory: 2,
+        orders: 3,
+        payments: 4,
+        notifications: 5,
+    };
+    std::fs::write(&path, bazaar_gateway::default_config(ports, "secret")).unwrap();
+    assert_eq!(
+        bazaar_gateway::check_config_file(&path).unwrap(),
+        "8 services, 10 routes, 1 consumer, 11 plugins"
+    );
+}
