@@ -499,7 +499,7 @@ impl Builder {
         }
         self.resolve_routes();
         self.resolve_plugins();
-        self.check_service_hosts();
+        self.check_upstreams();
     }
 
     fn service(&mut self, path: String, value: Value) {
@@ -950,9 +950,8 @@ impl Builder {
         found
     }
 
-    /// A service naming an upstream must not also carry a port that suggests a real host; Kong
-    /// ignores it, so nothing to flag. What we do flag: an upstream with no usable target.
-    fn check_service_hosts(&mut self) {
+    /// An upstream without targets could never serve; Kong accepts it, but it is always a mistake.
+    fn check_upstreams(&mut self) {
         for (i, upstream) in self.config.upstreams.iter().enumerate() {
             if upstream.targets.is_empty() {
                 self.errors

@@ -8,10 +8,12 @@
 //!
 //! The `bazaar` binary calls [`serve`]; tests that need port 0 call [`serve_with_listeners`].
 //!
-//! Module map: [`config`](crate) parses and checks the file; `router` picks routes; `plugins`
+//! Module map: `config` parses and checks the file; `router` picks routes; `plugins`
 //! holds one file per plugin; `balancer` owns upstreams and health; `proxy` is the request
 //! path; `admin` the operator endpoints; `state` the swappable snapshot; `server` the accept
 //! loops and reload watcher.
+
+#![warn(missing_docs)]
 
 mod admin;
 mod balancer;

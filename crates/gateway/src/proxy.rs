@@ -134,13 +134,12 @@ async fn process(
         parts.headers.remove(name);
     }
     if let Some(conf) = &plugins.correlation {
-        let (server, client) = (connection.local.to_string(), connection.peer.to_string());
         let id = correlation::apply(
             conf,
             &mut parts.headers,
             &correlation::Arrival {
-                server: &server,
-                client: &client,
+                server: connection.local,
+                client: connection.peer,
             },
         );
         if conf.echo_downstream {
@@ -299,6 +298,8 @@ async fn forward(
 
     let mut headers = parts.headers;
     remove_hop_by_hop(&mut headers);
+    // The body was read whole, so it goes out with a Content-Length, never chunked.
+    headers.remove(header::TRANSFER_ENCODING);
     let ip = connection.peer.ip().to_string();
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {ip}"),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -20,6 +20,9 @@ use crate::{admin, proxy, GatewayError};
 
 /// How often the config file's modification time is checked.
 const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long in-flight requests get to finish after shutdown begins.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -106,7 +109,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                 Ok::<_, Infallible>(response)
             }
         });
+        // A header deadline stops idle or slow-loris clients from holding connections forever.
         let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
             .keep_alive(true)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);

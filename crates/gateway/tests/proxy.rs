@@ -874,3 +874,73 @@ async fn check_config_file_lists_every_problem() {
         "8 services, 10 routes, 1 consumer, 11 plugins"
     );
 }
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let up = Upstream::start("slow").await;
+    let gw = Gateway::start(&format!(
+        "_format_version: \"3.0\"\nservices:\n  - name: slow\n    url: http://{}\n    routes: [{{name: r, paths: [/slow], strip_path: false}}]\n",
+        up.addr
+    ))
+    .await;
+    let url = gw.url("/slow");
+    let in_flight = tokio::spawn(async move { client().get(url).send().await.map(|r| r.status().as_u16()) });
+    // Give the request time to reach the upstream, which takes two seconds to answer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let addr = gw.addr;
+    gw.shutdown().await;
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200);
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener still open after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn consumer_plugins_override_route_plugins_and_host_can_be_preserved() {
+    let up = Upstream::start("orders").await;
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: orders
+    url: http://{addr}
+    routes:
+      - name: orders
+        paths: [/orders]
+        preserve_host: true
+        plugins:
+          - name: jwt
+          - name: rate-limiting
+            config: {{minute: 100, limit_by: consumer}}
+consumers:
+  - username: greedy
+    jwt_secrets: [{{key: greedy, secret: g-secret}}]
+    plugins:
+      - name: rate-limiting
+        config: {{minute: 1, limit_by: consumer}}
+  - username: polite
+    jwt_secrets: [{{key: polite, secret: p-secret}}]
+"#,
+        addr = up.addr
+    ))
+    .await;
+    let http = client();
+    let call = |secret: &str, iss: &str| {
+        let token = hs256(secret, json!({"iss": iss, "exp": now() + 60}));
+        http.get(gw.url("/orders"))
+            .header("host", "shop.example:8000")
+            .bearer_auth(token)
+            .send()
+    };
+    let first = call("g-secret", "greedy").await.unwrap();
+    assert_eq!(first.headers()["x-ratelimit-limit-minute"], "1");
+    assert_eq!(body_json(first).await["headers"]["host"], "shop.example:8000");
+    assert_eq!(call("g-secret", "greedy").await.unwrap().status(), 429);
+    for _ in 0..3 {
+        let polite = call("p-secret", "polite").await.unwrap();
+        assert_eq!(polite.status(), 200);
+        assert_eq!(polite.headers()["x-ratelimit-limit-minute"], "100");
+    }
+    gw.shutdown().await;
+}

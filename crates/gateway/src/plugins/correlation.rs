@@ -73,14 +73,14 @@ impl TryFrom<CorrelationSpec> for CorrelationConfig {
 }
 
 /// Where the request came in, for the `tracker` generator.
-pub(crate) struct Arrival<'a> {
-    pub server: &'a str,
-    pub client: &'a str,
+pub(crate) struct Arrival {
+    pub server: std::net::SocketAddr,
+    pub client: std::net::SocketAddr,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn generate(generator: Generator, arrival: &Arrival<'_>) -> String {
+fn generate(generator: Generator, arrival: &Arrival) -> String {
     static PROCESS_ID: OnceLock<String> = OnceLock::new();
     let count = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
     match generator {
@@ -102,7 +102,7 @@ fn generate(generator: Generator, arrival: &Arrival<'_>) -> String {
 }
 
 /// Ensures the request carries a correlation id and returns it (for echoing and logs).
-pub(crate) fn apply(conf: &CorrelationConfig, headers: &mut HeaderMap, arrival: &Arrival<'_>) -> HeaderValue {
+pub(crate) fn apply(conf: &CorrelationConfig, headers: &mut HeaderMap, arrival: &Arrival) -> HeaderValue {
     if let Some(existing) = headers.get(&conf.header).filter(|v| !v.is_empty()) {
         return existing.clone();
     }
@@ -145,9 +145,10 @@ mod tests {
     #[test]
     fn keeps_an_incoming_id_and_generates_otherwise() {
         let conf: CorrelationConfig = serde_yaml::from_str("{header_name: X-Correlation-ID, generator: uuid}").unwrap();
+        let addr = "127.0.0.1:8000".parse().unwrap();
         let arrival = Arrival {
-            server: "s",
-            client: "c",
+            server: addr,
+            client: addr,
         };
         let mut headers = HeaderMap::new();
         headers.insert("x-correlation-id", HeaderValue::from_static("abc"));
@@ -162,9 +163,10 @@ mod tests {
     fn counter_ids_differ() {
         let conf: CorrelationConfig = serde_yaml::from_str("{}").unwrap();
         assert_eq!(conf.header.as_str(), "kong-request-id");
+        let addr = "127.0.0.1:8000".parse().unwrap();
         let arrival = Arrival {
-            server: "s",
-            client: "c",
+            server: addr,
+            client: addr,
         };
         let a = apply(&conf, &mut HeaderMap::new(), &arrival);
         let b = apply(&conf, &mut HeaderMap::new(), &arrival);
