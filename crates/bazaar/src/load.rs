@@ -46,11 +46,27 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1000.0
 }
 
+/// Sends `req`; a 429 from the gateway's rate limiter is waited out (Retry-After) and
+/// retried, as a well-behaved client would.
 async fn json_call(req: reqwest::RequestBuilder) -> anyhow::Result<(StatusCode, Value)> {
-    let resp = req.send().await?;
-    let status = resp.status();
-    let body = resp.json::<Value>().await.unwrap_or(Value::Null);
-    Ok((status, body))
+    for _ in 0..100 {
+        let attempt = req.try_clone().context("request body cannot be retried")?;
+        let resp = attempt.send().await?;
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(Duration::from_millis(100), Duration::from_secs);
+            tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
+            continue;
+        }
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        return Ok((status, body));
+    }
+    bail!("rate limited 100 times in a row; raise the gateway's rate-limiting plugin limits")
 }
 
 /// `bazaar load`.

@@ -211,6 +211,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
         default_hook(info);
         std::process::exit(101);
     }));
+    write_pid_file(settings, role);
     let listen = settings
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], settings.port(role))));
@@ -268,6 +269,16 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: shutdo
     bazaar_gateway::serve(opts, async move { stop.wait().await })
         .await
         .context("gateway")
+}
+
+/// Records the process id in DATA/run/ROLE.pid so operators and fault drills can find it.
+fn write_pid_file(settings: &Settings, role: Role) {
+    let dir = settings.data.join("run");
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{}.pid", role.name())), std::process::id().to_string()));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot write the pid file");
+    }
 }
 
 /// Where the file mailer writes.
