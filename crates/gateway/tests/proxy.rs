@@ -944,3 +944,55 @@ consumers:
     }
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn sighup_reloads_even_when_the_file_looks_unchanged() {
+    let up = Upstream::start("orders").await;
+    let config = |path: &str| {
+        format!(
+            "_format_version: \"3.0\"\nservices:\n  - name: orders\n    url: http://{}\n    routes: [{{name: r, paths: [{path}]}}]\n",
+            up.addr
+        )
+    };
+    let gw = Gateway::start(&config("/aaa")).await;
+    let http = client();
+    assert_eq!(http.get(gw.url("/aaa")).send().await.unwrap().status(), 200);
+    // Same length and the old modification time: only the signal can reveal the change.
+    let modified = std::fs::metadata(&gw.config_path).unwrap().modified().unwrap();
+    std::fs::write(&gw.config_path, config("/bbb")).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&gw.config_path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status();
+    assert!(status.unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http.get(gw.url("/bbb")).send().await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload the config");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_on_a_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("gateway.yaml");
+    std::fs::write(&config_path, "_format_version: \"3.0\"\nservices: [{name: s}]\n").unwrap();
+    let opts = bazaar_gateway::GatewayOptions {
+        config_path,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        render_metrics: Arc::new(String::new),
+    };
+    match bazaar_gateway::serve(opts, async {}).await {
+        Err(bazaar_gateway::GatewayError::Config { problems, .. }) => {
+            assert_eq!(problems, ["services[0]: needs a url or a host"]);
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
