@@ -48,7 +48,10 @@ impl HostRule {
             HostRule::Exact(h) if h.contains(':') => h.eq_ignore_ascii_case(with_port),
             HostRule::Exact(h) => h.eq_ignore_ascii_case(bare),
             HostRule::AnyPrefix(suffix) => {
-                bare.len() > suffix.len() && bare[bare.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                bare.len() > suffix.len()
+                    && bare
+                        .get(bare.len() - suffix.len()..)
+                        .is_some_and(|end| end.eq_ignore_ascii_case(suffix))
             }
             HostRule::AnySuffix(prefix) => {
                 bare.len() > prefix.len()
