@@ -62,10 +62,15 @@ impl Sources {
             async move {
                 if let Some(path) = url.strip_prefix("sqlite://") {
                     if !std::path::Path::new(path).exists() {
-                        anyhow::bail!("no {} store at {path}; has the system run with this data directory?", role.name());
+                        anyhow::bail!(
+                            "no {} store at {path}; has the system run with this data directory?",
+                            role.name()
+                        );
                     }
                 }
-                Store::open(&url).await.with_context(|| format!("{} store", role.name()))
+                Store::open(&url)
+                    .await
+                    .with_context(|| format!("{} store", role.name()))
             }
         };
         Ok(Sources {
@@ -96,16 +101,26 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     let mut out = Vec::new();
 
     // 1. Every order settled.
-    let orders = sqlx::query("SELECT id, status, total_cents FROM orders").fetch_all(s.orders.pool()).await?;
+    let orders = sqlx::query("SELECT id, status, total_cents FROM orders")
+        .fetch_all(s.orders.pool())
+        .await?;
     let mut by_status: HashMap<String, i64> = HashMap::new();
     let mut final_orders = Vec::new();
     for r in &orders {
         let status: String = r.try_get("status")?;
         *by_status.entry(status.clone()).or_default() += 1;
-        final_orders.push((r.try_get::<String, _>("id")?, status, r.try_get::<Option<i64>, _>("total_cents")?));
+        final_orders.push((
+            r.try_get::<String, _>("id")?,
+            status,
+            r.try_get::<Option<i64>, _>("total_cents")?,
+        ));
     }
     let pending = by_status.get("pending").copied().unwrap_or(0);
-    let open_sagas = count(&s.orders, "SELECT COUNT(*) FROM saga WHERE status IN ('running', 'compensating')").await?;
+    let open_sagas = count(
+        &s.orders,
+        "SELECT COUNT(*) FROM saga WHERE status IN ('running', 'compensating')",
+    )
+    .await?;
     let stuck = count(&s.orders, "SELECT COUNT(*) FROM saga WHERE status = 'stuck'").await?;
     out.push(check(
         1,
@@ -123,7 +138,12 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         .fetch_all(s.payments.pool())
         .await?
         .iter()
-        .map(|r| Ok((r.try_get("order_id")?, (r.try_get("status")?, r.try_get("amount_cents")?))))
+        .map(|r| {
+            Ok((
+                r.try_get("order_id")?,
+                (r.try_get("status")?, r.try_get("amount_cents")?),
+            ))
+        })
         .collect::<Result<_, sqlx::Error>>()?;
     let reservations: HashMap<String, String> = sqlx::query("SELECT order_id, status FROM reservation")
         .fetch_all(s.inventory.pool())
@@ -152,7 +172,10 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         2,
         wrong.is_empty(),
         if wrong.is_empty() {
-            format!("{} settled orders match their payment and reservation", final_orders.len())
+            format!(
+                "{} settled orders match their payment and reservation",
+                final_orders.len()
+            )
         } else {
             format!("{} mismatches, first: {}", wrong.len(), wrong[0])
         },
@@ -172,7 +195,8 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     .await?;
     let mut bad_stock = Vec::new();
     for r in &products {
-        let (id, on_hand, reserved): (String, i64, i64) = (r.try_get("id")?, r.try_get("on_hand")?, r.try_get("reserved")?);
+        let (id, on_hand, reserved): (String, i64, i64) =
+            (r.try_get("id")?, r.try_get("on_hand")?, r.try_get("reserved")?);
         let (moved, sold, held): (i64, i64, i64) = (r.try_get("moved")?, r.try_get("sold")?, r.try_get("held")?);
         if moved - sold != on_hand || on_hand < 0 || reserved != held {
             bad_stock.push(format!(
@@ -184,7 +208,10 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         3,
         bad_stock.is_empty(),
         if bad_stock.is_empty() {
-            format!("{} products: received - sold = on hand, reservations match", products.len())
+            format!(
+                "{} products: received - sold = on hand, reservations match",
+                products.len()
+            )
         } else {
             bad_stock.join("; ")
         },
@@ -192,10 +219,26 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
 
     // 4. Money adds up.
     let total = count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry").await?;
-    let deposits = -count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = 'external:deposits'").await?;
-    let wallets = count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id LIKE 'customer:%'").await?;
-    let revenue = count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = 'merchant:revenue'").await?;
-    let captured = count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM payment WHERE status = 'captured'").await?;
+    let deposits = -count(
+        &s.payments,
+        "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = 'external:deposits'",
+    )
+    .await?;
+    let wallets = count(
+        &s.payments,
+        "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id LIKE 'customer:%'",
+    )
+    .await?;
+    let revenue = count(
+        &s.payments,
+        "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = 'merchant:revenue'",
+    )
+    .await?;
+    let captured = count(
+        &s.payments,
+        "SELECT COALESCE(SUM(amount_cents), 0) FROM payment WHERE status = 'captured'",
+    )
+    .await?;
     let negative = count(
         &s.payments,
         "SELECT COUNT(*) FROM (SELECT account_id FROM ledger_entry WHERE account_id LIKE 'customer:%' GROUP BY account_id HAVING SUM(amount_cents) < 0) AS n",
@@ -210,29 +253,48 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     ));
 
     // 5. One notification per outcome.
-    let sent: HashMap<String, String> = sqlx::query("SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%'")
-        .fetch_all(s.notifications.pool())
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("dedupe_key")?, r.try_get("status")?)))
-        .collect::<Result<_, sqlx::Error>>()?;
+    let sent: HashMap<String, String> =
+        sqlx::query("SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%'")
+            .fetch_all(s.notifications.pool())
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("dedupe_key")?, r.try_get("status")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
     let mut missing = Vec::new();
     for (id, status, _) in final_orders.iter().filter(|(_, st, _)| st != "pending") {
         let key = format!("order.{status}:{id}");
-        let other = format!("order.{}:{id}", if status == "confirmed" { "cancelled" } else { "confirmed" });
+        let other = format!(
+            "order.{}:{id}",
+            if status == "confirmed" {
+                "cancelled"
+            } else {
+                "confirmed"
+            }
+        );
         if sent.get(&key).map(String::as_str) != Some("sent") || sent.contains_key(&other) {
             missing.push(format!("{key}: {:?}", sent.get(&key)));
         }
     }
     let users = count(&s.users, "SELECT COUNT(*) FROM users").await?;
-    let welcomes = count(&s.notifications, "SELECT COUNT(*) FROM notification WHERE dedupe_key LIKE 'user.registered:%' AND status = 'sent'").await?;
+    let welcomes = count(
+        &s.notifications,
+        "SELECT COUNT(*) FROM notification WHERE dedupe_key LIKE 'user.registered:%' AND status = 'sent'",
+    )
+    .await?;
     out.push(check(
         5,
         missing.is_empty() && welcomes == users,
         if missing.is_empty() {
-            format!("{} outcome emails sent once each; {welcomes}/{users} welcome emails", sent.len())
+            format!(
+                "{} outcome emails sent once each; {welcomes}/{users} welcome emails",
+                sent.len()
+            )
         } else {
-            format!("{} outcomes not notified exactly once, first: {}; welcomes {welcomes}/{users}", missing.len(), missing[0])
+            format!(
+                "{} outcomes not notified exactly once, first: {}; welcomes {welcomes}/{users}",
+                missing.len(),
+                missing[0]
+            )
         },
     ));
 
@@ -297,7 +359,12 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for c in &report {
-            println!("{} invariant {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.invariant, c.detail);
+            println!(
+                "{} invariant {}: {}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.invariant,
+                c.detail
+            );
         }
     }
     let failed = report.iter().filter(|c| !c.ok).count();

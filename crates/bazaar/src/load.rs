@@ -83,7 +83,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let mut tokens = Vec::new();
     for i in 0..args.users {
         let email = format!("load-{run_id}-{i}@example.com");
-        let (st, body) = json_call(client
+        let (st, body) = json_call(
+            client
                 .post(format!("{api}/users"))
                 .json(&json!({"email": email, "name": format!("Load {i}"), "password": "load-test-pass"})),
         )
@@ -92,7 +93,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         if st != StatusCode::CREATED {
             bail!("registering a user answered {st}: {body}");
         }
-        let (st, body) = json_call(client
+        let (st, body) = json_call(
+            client
                 .post(format!("{api}/auth/login"))
                 .json(&json!({"email": email, "password": "load-test-pass"})),
         )
@@ -105,10 +107,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     let mut products = Vec::new();
     for (i, price) in [250, 399, 1000, 1250].iter().enumerate() {
-        let (st, body) = json_call(client.post(format!("{api}/products")).bearer_auth(&tokens[0]).json(&json!({
-                "sku": format!("LOAD-{run_id}-{i}"), "name": format!("Load item {i}"),
-                "priceCents": price, "stock": 1_000_000
-            })),
+        let (st, body) = json_call(
+            client
+                .post(format!("{api}/products"))
+                .bearer_auth(&tokens[0])
+                .json(&json!({
+                    "sku": format!("LOAD-{run_id}-{i}"), "name": format!("Load item {i}"),
+                    "priceCents": price, "stock": 1_000_000
+                })),
         )
         .await?;
         let id = body["id"].as_str().map(str::to_string);
@@ -215,7 +221,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         percentile(&settle, 0.99)
     );
     println!("outcomes: {outcomes:?}");
-    if outcomes.keys().any(|k| k.starts_with("http") || k.starts_with("error") || k == "timed out") {
+    if outcomes
+        .keys()
+        .any(|k| k.starts_with("http") || k.starts_with("error") || k == "timed out")
+    {
         bail!("some orders failed or did not settle: {outcomes:?}");
     }
     Ok(())

@@ -130,7 +130,9 @@ impl Settings {
 
     /// The gateway config path.
     pub fn gateway_config(&self) -> PathBuf {
-        self.gateway_config.clone().unwrap_or_else(|| self.data.join("kong.yml"))
+        self.gateway_config
+            .clone()
+            .unwrap_or_else(|| self.data.join("kong.yml"))
     }
 
     /// The JWT secret, creating DATA/jwt.secret on first use.

@@ -134,8 +134,14 @@ fn spawn(
     }
     let mut child = cmd.spawn().with_context(|| format!("cannot start {}", role.name()))?;
     for stream in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
     ]
     .into_iter()
     .flatten()
@@ -170,7 +176,11 @@ async fn terminate_all(procs: &mut [Proc]) {
 
 /// Health URL of `role`.
 pub fn health_url(settings: &Settings, role: Role) -> String {
-    let port = if role == Role::Gateway { settings.admin_port() } else { settings.port(role) };
+    let port = if role == Role::Gateway {
+        settings.admin_port()
+    } else {
+        settings.port(role)
+    };
     format!("http://127.0.0.1:{port}/health")
 }
 
@@ -184,7 +194,12 @@ pub async fn wait_ready(settings: &Settings, timeout: Duration) -> anyhow::Resul
     for role in Role::ALL {
         let url = health_url(settings, role);
         loop {
-            let ok = client.get(&url).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+            let ok = client
+                .get(&url)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
             if ok {
                 break;
             }
@@ -216,13 +231,12 @@ Try it:
        -d '{{"lines":[{{"productId":"<id from above>","quantity":2}}]}}'
   curl -s {gw}/api/v1/orders -H "authorization: Bearer $TOKEN"
 
-Health: {gw_admin}/health and each service's /health; metrics at /metrics.
+Health: http://127.0.0.1:{admin}/health and each service's /health; metrics at /metrics.
 Check the invariants any time: bazaar audit    Stop: Ctrl-C
 "#,
         admin = settings.admin_port(),
         data = settings.data.display(),
         broker = settings.broker_url(),
         config = config.display(),
-        gw_admin = format!("http://127.0.0.1:{}", settings.admin_port()),
     )
 }

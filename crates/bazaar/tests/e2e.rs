@@ -61,7 +61,10 @@ impl System {
             up,
             data,
             base,
-            client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("client"),
         };
         system.wait_healthy().await;
         system
@@ -85,7 +88,11 @@ impl System {
                         break;
                     }
                 }
-                assert!(Instant::now() < deadline, "{url} not healthy in time; log:\n{}", self.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "{url} not healthy in time; log:\n{}",
+                    self.log()
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -97,7 +104,13 @@ impl System {
         text[text.char_indices().map(|(i, _)| i).find(|i| *i >= start).unwrap_or(0)..].to_string()
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self.client.request(method, self.api(path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -120,7 +133,12 @@ impl System {
         assert_eq!(st, 200, "login: {v}");
         let token = v["token"].as_str().expect("token").to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.call(reqwest::Method::GET, "/accounts/me", Some(&token), None).await.0 != 200 {
+        while self
+            .call(reqwest::Method::GET, "/accounts/me", Some(&token), None)
+            .await
+            .0
+            != 200
+        {
             assert!(Instant::now() < deadline, "wallet never opened");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -129,7 +147,9 @@ impl System {
 
     async fn product(&self, token: &str, sku: &str, price: i64, stock: i64) -> String {
         let body = json!({"sku": sku, "name": sku, "priceCents": price, "stock": stock});
-        let (st, v) = self.call(reqwest::Method::POST, "/products", Some(token), Some(body)).await;
+        let (st, v) = self
+            .call(reqwest::Method::POST, "/products", Some(token), Some(body))
+            .await;
         assert_eq!(st, 201, "create product: {v}");
         v["id"].as_str().expect("id").to_string()
     }
@@ -137,7 +157,9 @@ impl System {
     async fn order(&self, token: &str, product: &str, quantity: i64) -> String {
         let body = json!({"lines": [{"productId": product, "quantity": quantity}]});
         loop {
-            let (st, v) = self.call(reqwest::Method::POST, "/orders", Some(token), Some(body.clone())).await;
+            let (st, v) = self
+                .call(reqwest::Method::POST, "/orders", Some(token), Some(body.clone()))
+                .await;
             // The orders role may be down for a moment during fault drills.
             if st == 502 || st == 503 || st == 504 {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -151,11 +173,17 @@ impl System {
     async fn settled(&self, token: &str, order: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let (st, v) = self.call(reqwest::Method::GET, &format!("/orders/{order}"), Some(token), None).await;
+            let (st, v) = self
+                .call(reqwest::Method::GET, &format!("/orders/{order}"), Some(token), None)
+                .await;
             if st == 200 && v["status"] != "pending" {
                 return v;
             }
-            assert!(Instant::now() < deadline, "order {order} never settled: {v}\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "order {order} never settled: {v}\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -169,7 +197,11 @@ impl System {
             .expect("run audit");
         (
             out.status.success(),
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         )
     }
 
@@ -216,18 +248,31 @@ async fn an_order_is_confirmed_or_compensated_and_every_invariant_holds() {
     let too_many = sys.order(&ann, &mug, 10).await;
     let v = sys.settled(&ann, &too_many).await;
     assert_eq!(v["status"], "cancelled");
-    assert!(v["reason"].as_str().unwrap_or_default().contains("insufficient stock"), "{v}");
+    assert!(
+        v["reason"].as_str().unwrap_or_default().contains("insufficient stock"),
+        "{v}"
+    );
 
     // Not enough money: stock was reserved, payment fails, the reservation is released.
     let too_dear = sys.order(&ann, &piano, 1).await;
     let v = sys.settled(&ann, &too_dear).await;
     assert_eq!(v["status"], "cancelled");
-    assert!(v["reason"].as_str().unwrap_or_default().contains("insufficient funds"), "{v}");
+    assert!(
+        v["reason"].as_str().unwrap_or_default().contains("insufficient funds"),
+        "{v}"
+    );
     assert_eq!(v["saga"]["status"], "compensated");
 
-    let (_, piano_now) = sys.call(reqwest::Method::GET, &format!("/products/{piano}"), None, None).await;
-    assert_eq!(piano_now["available"], 3, "released stock is available again: {piano_now}");
-    let (_, mug_now) = sys.call(reqwest::Method::GET, &format!("/products/{mug}"), None, None).await;
+    let (_, piano_now) = sys
+        .call(reqwest::Method::GET, &format!("/products/{piano}"), None, None)
+        .await;
+    assert_eq!(
+        piano_now["available"], 3,
+        "released stock is available again: {piano_now}"
+    );
+    let (_, mug_now) = sys
+        .call(reqwest::Method::GET, &format!("/products/{mug}"), None, None)
+        .await;
     assert_eq!(mug_now["onHand"], 3, "sold units left the shelf: {mug_now}");
     let (_, wallet) = sys.call(reqwest::Method::GET, "/accounts/me", Some(&ann), None).await;
     assert_eq!(wallet["balanceCents"], 10_000 - 2_500, "{wallet}");
@@ -268,6 +313,8 @@ async fn killing_roles_mid_flight_loses_and_doubles_nothing() {
     }
     let (ok, report) = sys.audit();
     assert!(ok, "audit failed:\n{report}\n{}", sys.log());
-    let (_, tea_now) = sys.call(reqwest::Method::GET, &format!("/products/{tea}"), None, None).await;
+    let (_, tea_now) = sys
+        .call(reqwest::Method::GET, &format!("/products/{tea}"), None, None)
+        .await;
     assert_eq!(tea_now["onHand"], 1_000 - orders.len() as i64, "{tea_now}");
 }

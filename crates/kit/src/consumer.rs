@@ -132,7 +132,11 @@ impl Runner {
         };
         let mut failures = 0u32;
         let mut subscription = loop {
-            match self.broker.subscribe(&self.config.topic, &self.config.group, options).await {
+            match self
+                .broker
+                .subscribe(&self.config.topic, &self.config.group, options)
+                .await
+            {
                 Ok(s) => break s,
                 Err(e) => {
                     failures += 1;
@@ -190,7 +194,10 @@ impl Runner {
             let reason = format!(
                 "gave up after {} attempts: {}",
                 delivery.attempt - 1,
-                delivery.last_error.clone().unwrap_or_else(|| "no ack within the ack wait".into())
+                delivery
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "no ack within the ack wait".into())
             );
             self.park(delivery, reason).await;
             return;

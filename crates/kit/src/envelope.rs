@@ -155,6 +155,9 @@ mod tests {
 
     #[test]
     fn garbage_is_a_malformed_error() {
-        assert!(matches!(Envelope::from_slice(b"{nope"), Err(EnvelopeError::Malformed(_))));
+        assert!(matches!(
+            Envelope::from_slice(b"{nope"),
+            Err(EnvelopeError::Malformed(_))
+        ));
     }
 }

@@ -107,7 +107,11 @@ impl Health {
 
 async fn health(State(h): State<Arc<Health>>) -> impl IntoResponse {
     let (ok, body) = h.report().await;
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body))
 }
 

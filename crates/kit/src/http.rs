@@ -92,7 +92,10 @@ impl IntoResponse for Problem {
         let body = serde_json::to_vec(&self).unwrap_or_default();
         (
             status,
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            )],
             body,
         )
             .into_response()
@@ -209,9 +212,7 @@ pub async fn not_found(req: Request) -> Problem {
 
 /// Adds the shared layers (observation, problem 404) to a service's router.
 pub fn finish(router: Router) -> Router {
-    router
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn(observe))
+    router.fallback(not_found).layer(axum::middleware::from_fn(observe))
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then lets in-flight requests finish.

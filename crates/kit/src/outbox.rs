@@ -198,10 +198,11 @@ impl OutboxRelay {
         if !self.lease().await? {
             return Ok(0);
         }
-        let rows = sqlx::query("SELECT id, event_id, topic, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1")
-            .bind(BATCH)
-            .fetch_all(self.outbox.store.pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, event_id, topic, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1")
+                .bind(BATCH)
+                .fetch_all(self.outbox.store.pool())
+                .await?;
         let mut sent = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: i64 = row.try_get("id")?;

@@ -261,7 +261,9 @@ mod tests {
     #[test]
     fn backoff_stays_under_its_cap() {
         for attempt in 0..30 {
-            assert!(jittered_backoff(attempt, Duration::from_millis(100), Duration::from_secs(2)) < Duration::from_secs(2));
+            assert!(
+                jittered_backoff(attempt, Duration::from_millis(100), Duration::from_secs(2)) < Duration::from_secs(2)
+            );
         }
     }
 }

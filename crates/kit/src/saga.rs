@@ -126,7 +126,10 @@ impl SagaStatus {
 
     /// True when the saga will not move again by itself.
     pub fn is_final(self) -> bool {
-        matches!(self, SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Stuck)
+        matches!(
+            self,
+            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Stuck
+        )
     }
 }
 
@@ -388,7 +391,13 @@ impl SagaEngine {
             }
             (_, false) => {
                 let reason = reply.reason.unwrap_or_else(|| "failed".into());
-                history(tx, &state.id, &reply.step, &format!("compensation failed: {reason}; will retry")).await?;
+                history(
+                    tx,
+                    &state.id,
+                    &reply.step,
+                    &format!("compensation failed: {reason}; will retry"),
+                )
+                .await?;
                 // Resent by the timer after a backoff, or marked stuck when out of attempts.
                 state.deadline = Some(now_millis() + backoff(state.attempts).as_millis() as i64);
             }
@@ -422,14 +431,29 @@ impl SagaEngine {
     }
 
     async fn on_deadline(&self, tx: &mut Tx<'static>, state: &mut SagaState) -> Result<(), HandlerError> {
-        let Some(step) = usize::try_from(state.step).ok().and_then(|i| self.flow.steps().get(i)).cloned() else {
+        let Some(step) = usize::try_from(state.step)
+            .ok()
+            .and_then(|i| self.flow.steps().get(i))
+            .cloned()
+        else {
             return Ok(());
         };
         let compensating = state.status == SagaStatus::Compensating;
-        let limit = if compensating { COMPENSATION_ATTEMPTS } else { step.max_attempts };
+        let limit = if compensating {
+            COMPENSATION_ATTEMPTS
+        } else {
+            step.max_attempts
+        };
         if state.attempts < limit {
-            history(tx, &state.id, step.name, &format!("no reply in time; resending (attempt {})", state.attempts + 1)).await?;
-            metrics::counter!("bazaar_saga_retries_total", "saga" => self.flow.kind(), "step" => step.name).increment(1);
+            history(
+                tx,
+                &state.id,
+                step.name,
+                &format!("no reply in time; resending (attempt {})", state.attempts + 1),
+            )
+            .await?;
+            metrics::counter!("bazaar_saga_retries_total", "saga" => self.flow.kind(), "step" => step.name)
+                .increment(1);
             self.send(tx, state, &step, compensating, None).await?;
         } else if !compensating {
             // The participant may still act on a late command, so this step is compensated too.
@@ -478,7 +502,8 @@ impl SagaEngine {
                 if rounds % 20 == 1 {
                     if let Ok(counts) = self.counts().await {
                         for (status, n) in counts {
-                            metrics::gauge!("bazaar_sagas", "saga" => self.flow.kind(), "status" => status).set(n as f64);
+                            metrics::gauge!("bazaar_sagas", "saga" => self.flow.kind(), "status" => status)
+                                .set(n as f64);
                         }
                     }
                 }
@@ -492,7 +517,10 @@ impl SagaEngine {
 
     /// The saga `id`, if it exists.
     pub async fn load(&self, id: &str) -> Result<Option<SagaState>, StoreError> {
-        let row = sqlx::query(SELECT_SAGA).bind(id).fetch_optional(self.outbox.store().pool()).await?;
+        let row = sqlx::query(SELECT_SAGA)
+            .bind(id)
+            .fetch_optional(self.outbox.store().pool())
+            .await?;
         row.map(|r| from_row(&r)).transpose()
     }
 
@@ -506,7 +534,9 @@ impl SagaEngine {
             .map(|r| {
                 let at: i64 = r.try_get("at")?;
                 Ok(HistoryEntry {
-                    at: chrono::DateTime::from_timestamp_millis(at).unwrap_or_default().to_rfc3339(),
+                    at: chrono::DateTime::from_timestamp_millis(at)
+                        .unwrap_or_default()
+                        .to_rfc3339(),
                     step: r.try_get("step")?,
                     entry: r.try_get("entry")?,
                 })
@@ -534,7 +564,10 @@ impl SagaEngine {
     }
 
     fn step_name(&self, step: i64) -> Option<&'static str> {
-        usize::try_from(step).ok().and_then(|i| self.flow.steps().get(i)).map(|s| s.name)
+        usize::try_from(step)
+            .ok()
+            .and_then(|i| self.flow.steps().get(i))
+            .map(|s| s.name)
     }
 
     /// Moves forward (or backward) through steps until one must wait for a reply or the
@@ -618,7 +651,11 @@ impl SagaEngine {
         else {
             return Ok(());
         };
-        let event_type = if compensation { compensate.unwrap_or(execute) } else { execute };
+        let event_type = if compensation {
+            compensate.unwrap_or(execute)
+        } else {
+            execute
+        };
         let mut payload = self.flow.command(step, compensation, &state.context);
         let header = CommandHeader {
             saga_id: state.id.clone(),
@@ -646,7 +683,11 @@ impl SagaEngine {
             .execute(&mut **tx)
             .await?;
         state.attempts += 1;
-        let wait = if state.attempts > 1 { step.timeout + backoff(state.attempts) } else { step.timeout };
+        let wait = if state.attempts > 1 {
+            step.timeout + backoff(state.attempts)
+        } else {
+            step.timeout
+        };
         state.deadline = Some(now_millis() + wait.as_millis() as i64);
         Ok(())
     }

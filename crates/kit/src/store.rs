@@ -120,13 +120,7 @@ impl std::fmt::Display for StoreUrl {
             (Some(scheme), Some(at)) if at > scheme => {
                 let userinfo = &self.url[scheme + 3..at];
                 match userinfo.split_once(':') {
-                    Some((user, _)) => write!(
-                        f,
-                        "{}{}:****{}",
-                        &self.url[..scheme + 3],
-                        user,
-                        &self.url[at..]
-                    ),
+                    Some((user, _)) => write!(f, "{}{}:****{}", &self.url[..scheme + 3], user, &self.url[at..]),
                     None => f.write_str(&self.url),
                 }
             }
@@ -186,7 +180,11 @@ impl Store {
                     }
                 }
                 if !connect_url.contains("mode=") {
-                    connect_url.push_str(if connect_url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+                    connect_url.push_str(if connect_url.contains('?') {
+                        "&mode=rwc"
+                    } else {
+                        "?mode=rwc"
+                    });
                 }
                 4
             }
@@ -248,7 +246,9 @@ impl Store {
         for m in migrations {
             let mut tx = self.begin().await?;
             if self.dialect == Dialect::Postgres {
-                sqlx::query("SELECT pg_advisory_xact_lock(7243001)").execute(&mut *tx).await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(7243001)")
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.execute(create).await?;
             let done: Option<AnyRow> = sqlx::query("SELECT version FROM schema_migrations WHERE version = $1")
@@ -263,11 +263,14 @@ impl Store {
                 (Dialect::Postgres, Some(pg)) => pg,
                 _ => m.sql,
             };
-            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(|source| StoreError::Migration {
-                version: m.version,
-                name: m.name,
-                source,
-            })?;
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(|source| StoreError::Migration {
+                    version: m.version,
+                    name: m.name,
+                    source,
+                })?;
             sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
                 .bind(m.version)
                 .bind(m.name)

@@ -65,11 +65,13 @@ struct Page {
 async fn list(State(rt): State<Runtime>, Query(page): Query<Page>) -> Result<Json<Vec<Product>>, Problem> {
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
     let offset = page.offset.unwrap_or(0).max(0);
-    let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM product ORDER BY sku LIMIT $1 OFFSET $2"))
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(rt.store.pool())
-        .await?;
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM product ORDER BY sku LIMIT $1 OFFSET $2"
+    ))
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(rt.store.pool())
+    .await?;
     Ok(Json(rows.iter().map(product).collect::<Result<_, _>>()?))
 }
 
@@ -149,7 +151,10 @@ async fn create(
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
-        return Err(Problem::conflict(format!("a product with sku `{}` exists", new.sku.trim())));
+        return Err(Problem::conflict(format!(
+            "a product with sku `{}` exists",
+            new.sku.trim()
+        )));
     }
     if new.stock > 0 {
         movement(&mut tx, &id, new.stock, "initial stock").await?;
@@ -162,7 +167,12 @@ async fn create(
     Ok((StatusCode::CREATED, Json(product(&row)?)))
 }
 
-async fn movement(tx: &mut bazaar_kit::store::Tx<'static>, product: &str, delta: i64, reason: &str) -> Result<(), sqlx::Error> {
+async fn movement(
+    tx: &mut bazaar_kit::store::Tx<'static>,
+    product: &str,
+    delta: i64,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO stock_movement (id, product_id, delta, reason, at) VALUES ($1, $2, $3, $4, $5)")
         .bind(Uuid::now_v7().to_string())
         .bind(product)
@@ -210,7 +220,9 @@ async fn restock(
             Some(_) => Problem::conflict("that would leave fewer units on hand than are reserved"),
         });
     }
-    let reason = body.reason.unwrap_or_else(|| if body.delta > 0 { "restock" } else { "write-off" }.into());
+    let reason = body
+        .reason
+        .unwrap_or_else(|| if body.delta > 0 { "restock" } else { "write-off" }.into());
     movement(&mut tx, &id, body.delta, &reason).await?;
     tx.commit().await?;
     let row = sqlx::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))

@@ -81,13 +81,17 @@ async fn reserve(tx: &mut Tx<'static>, cmd: ReserveStock) -> Result<Reply, Handl
         let cur: String = row.try_get("currency")?;
         let available = row.try_get::<i64, _>("on_hand")? - row.try_get::<i64, _>("reserved")?;
         if available < *quantity {
-            return Ok(Err(format!("insufficient stock for {product}: {available} available, {quantity} wanted")));
+            return Ok(Err(format!(
+                "insufficient stock for {product}: {available} available, {quantity} wanted"
+            )));
         }
         if currency.get_or_insert_with(|| cur.clone()) != &cur {
             return Ok(Err("all lines of an order must share one currency".into()));
         }
         priced.push(PricedLine {
-            product_id: product.parse().map_err(|_| HandlerError::Poison(format!("bad product id {product}")))?,
+            product_id: product
+                .parse()
+                .map_err(|_| HandlerError::Poison(format!("bad product id {product}")))?,
             quantity: *quantity,
             unit_price_cents: price,
         });

@@ -63,6 +63,12 @@ pub async fn run(config: RoleConfig, shutdown: Shutdown) -> Result<(), ServiceEr
     let rt = Runtime::start("inventory", &config, MIGRATIONS, shutdown.clone()).await?;
     let mut consumer = ConsumerConfig::new(groups::INVENTORY, topics::INVENTORY_COMMANDS);
     consumer.tasks = 2;
-    consumer::spawn(rt.outbox.clone(), rt.broker.clone(), consumer, Arc::new(StockCommands), shutdown);
+    consumer::spawn(
+        rt.outbox.clone(),
+        rt.broker.clone(),
+        consumer,
+        Arc::new(StockCommands),
+        shutdown,
+    );
     rt.serve(config.listen, router(rt.clone()), rt.health()).await
 }

@@ -99,7 +99,9 @@ impl Mailer {
 
 fn build(id: &str, to: &str, subject: &str, body: &str) -> Result<Message, MailError> {
     let from: Mailbox = FROM.parse().map_err(|e| MailError::Build(format!("{e}")))?;
-    let to: Mailbox = to.parse().map_err(|e| MailError::Build(format!("recipient `{to}`: {e}")))?;
+    let to: Mailbox = to
+        .parse()
+        .map_err(|e| MailError::Build(format!("recipient `{to}`: {e}")))?;
     Message::builder()
         .from(from)
         .to(to)
@@ -139,27 +141,40 @@ async fn send_pending(store: &Store, mailer: &Mailer) -> Result<(), sqlx::Error>
         let attempts: i64 = row.try_get("attempts")?;
         let to: String = row.try_get("recipient")?;
         let result = mailer
-            .send(&id, &to, &row.try_get::<String, _>("subject")?, &row.try_get::<String, _>("body")?)
+            .send(
+                &id,
+                &to,
+                &row.try_get::<String, _>("subject")?,
+                &row.try_get::<String, _>("body")?,
+            )
             .await;
         match result {
             Ok(()) => {
-                sqlx::query("UPDATE notification SET status = 'sent', sent_at = $1, attempts = attempts + 1 WHERE id = $2")
-                    .bind(now_millis())
-                    .bind(&id)
-                    .execute(store.pool())
-                    .await?;
+                sqlx::query(
+                    "UPDATE notification SET status = 'sent', sent_at = $1, attempts = attempts + 1 WHERE id = $2",
+                )
+                .bind(now_millis())
+                .bind(&id)
+                .execute(store.pool())
+                .await?;
                 metrics::counter!("bazaar_notifications_sent_total").increment(1);
             }
             Err(CallError::Open(_)) => return Ok(()),
             Err(e) => {
-                let status = if attempts + 1 >= MAX_ATTEMPTS { "failed" } else { "pending" };
+                let status = if attempts + 1 >= MAX_ATTEMPTS {
+                    "failed"
+                } else {
+                    "pending"
+                };
                 tracing::warn!(notification = %id, error = %e, "send failed");
-                sqlx::query("UPDATE notification SET attempts = attempts + 1, last_error = $1, status = $2 WHERE id = $3")
-                    .bind(e.to_string())
-                    .bind(status)
-                    .bind(&id)
-                    .execute(store.pool())
-                    .await?;
+                sqlx::query(
+                    "UPDATE notification SET attempts = attempts + 1, last_error = $1, status = $2 WHERE id = $3",
+                )
+                .bind(e.to_string())
+                .bind(status)
+                .bind(&id)
+                .execute(store.pool())
+                .await?;
                 metrics::counter!("bazaar_notifications_failed_total").increment(1);
             }
         }

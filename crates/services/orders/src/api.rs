@@ -58,7 +58,11 @@ struct Order {
 
 fn order(r: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
     let lines: String = r.try_get("lines")?;
-    let time = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339();
+    let time = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap_or_default()
+            .to_rfc3339()
+    };
     Ok(Order {
         id: r.try_get("id")?,
         customer_id: r.try_get("customer_id")?,
@@ -228,7 +232,9 @@ async fn show(
 }
 
 fn orders_step(step: i64) -> Option<&'static str> {
-    ["reserveInventory", "processPayment", "confirmOrder"].get(usize::try_from(step).ok()?).copied()
+    ["reserveInventory", "processPayment", "confirmOrder"]
+        .get(usize::try_from(step).ok()?)
+        .copied()
 }
 
 /// A saga's full state and history (operators).

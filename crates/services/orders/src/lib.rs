@@ -81,7 +81,10 @@ impl Handler for Replies {
     fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             if event.event_type != types::ORDER_SAGA_REPLY {
-                return Err(HandlerError::Poison(format!("unknown event type `{}`", event.event_type)));
+                return Err(HandlerError::Poison(format!(
+                    "unknown event type `{}`",
+                    event.event_type
+                )));
             }
             self.0.on_reply(tx, event).await
         })

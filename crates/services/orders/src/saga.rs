@@ -109,7 +109,9 @@ impl SagaFlow for OrderSaga {
                     amount_cents: c.total_cents.unwrap_or(0),
                     currency: c.currency.unwrap_or_else(|| "USD".into()),
                 });
-                cmd.ok().and_then(|c| serde_json::to_value(c).ok()).unwrap_or_else(by_order)
+                cmd.ok()
+                    .and_then(|c| serde_json::to_value(c).ok())
+                    .unwrap_or_else(by_order)
             }
             _ => by_order(),
         }
@@ -134,7 +136,11 @@ impl SagaFlow for OrderSaga {
                 _ => return Ok(()),
             };
             let reason = (status == "cancelled").then(|| saga.error.clone().unwrap_or_else(|| "cancelled".into()));
-            let total = if status == "confirmed" { ctx.total_cents.unwrap_or(0) } else { 0 };
+            let total = if status == "confirmed" {
+                ctx.total_cents.unwrap_or(0)
+            } else {
+                0
+            };
             let currency = ctx.currency.clone().unwrap_or_else(|| "USD".into());
             sqlx::query(
                 "UPDATE orders SET status = $1, total_cents = $2, currency = $3, reason = $4, version = version + 1, updated_at = $5

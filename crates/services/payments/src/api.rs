@@ -28,7 +28,7 @@ pub fn router(rt: Runtime) -> Router {
 }
 
 /// Largest single deposit (minor units).
-const MAX_DEPOSIT: i64 = 1_000_000_00;
+const MAX_DEPOSIT: i64 = 100_000_000;
 
 async fn account_view(rt: &Runtime, customer: &Uuid) -> Result<Value, Problem> {
     let wallet = ledger::wallet(customer);
@@ -72,7 +72,15 @@ async fn deposit(
         return Err(Problem::not_found("no wallet yet; try again shortly"));
     }
     ledger::open(&mut tx, ledger::EXTERNAL, "USD").await?;
-    ledger::transfer(&mut tx, ledger::EXTERNAL, &wallet, body.amount_cents, "deposit", "customer deposit").await?;
+    ledger::transfer(
+        &mut tx,
+        ledger::EXTERNAL,
+        &wallet,
+        body.amount_cents,
+        "deposit",
+        "customer deposit",
+    )
+    .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(account_view(&rt, &user.sub).await?)))
 }
@@ -85,14 +93,13 @@ async fn show(
     let order: Uuid = order_id
         .parse()
         .map_err(|_| Problem::bad_request(format!("`{order_id}` is not an order id (a UUID)")))?;
-    let row = sqlx::query(
-        "SELECT id, customer_id, amount_cents, currency, status, reason FROM payment WHERE order_id = $1",
-    )
-    .bind(order.to_string())
-    .fetch_optional(rt.store.pool())
-    .await?
-    .filter(|r| r.try_get::<String, _>("customer_id").ok() == Some(user.sub.to_string()))
-    .ok_or_else(|| Problem::not_found(format!("no payment for order {order}")))?;
+    let row =
+        sqlx::query("SELECT id, customer_id, amount_cents, currency, status, reason FROM payment WHERE order_id = $1")
+            .bind(order.to_string())
+            .fetch_optional(rt.store.pool())
+            .await?
+            .filter(|r| r.try_get::<String, _>("customer_id").ok() == Some(user.sub.to_string()))
+            .ok_or_else(|| Problem::not_found(format!("no payment for order {order}")))?;
     Ok(Json(json!({
         "id": row.try_get::<String, _>("id")?,
         "orderId": order,

@@ -32,8 +32,15 @@ impl Handler for UserEvents {
             ledger::open(tx, ledger::EXTERNAL, "USD").await?;
             let wallet = ledger::wallet(&user.user_id);
             if ledger::open(tx, &wallet, "USD").await? && self.welcome_credit_cents > 0 {
-                ledger::transfer(tx, ledger::EXTERNAL, &wallet, self.welcome_credit_cents, "deposit", "welcome credit")
-                    .await?;
+                ledger::transfer(
+                    tx,
+                    ledger::EXTERNAL,
+                    &wallet,
+                    self.welcome_credit_cents,
+                    "deposit",
+                    "welcome credit",
+                )
+                .await?;
             }
             Ok(())
         })
@@ -107,7 +114,9 @@ impl PaymentCommands {
         let order = cmd.order_id.to_string();
         match payment(tx, &order).await? {
             Some((id, status)) if status == "captured" => {
-                return Ok(Ok(serde_json::json!(Paid { payment_id: id.parse().unwrap_or_default() })));
+                return Ok(Ok(serde_json::json!(Paid {
+                    payment_id: id.parse().unwrap_or_default()
+                })));
             }
             Some((_, status)) => return Ok(Err(format!("payment for this order is already {status}"))),
             None => {}
@@ -118,12 +127,18 @@ impl PaymentCommands {
         let wallet = ledger::wallet(&cmd.customer_id);
         if !ledger::exists(tx, &wallet).await? {
             // The user.registered event may still be on its way: retry before giving up.
-            return Err(HandlerError::Transient(format!("no wallet yet for customer {}", cmd.customer_id)));
+            return Err(HandlerError::Transient(format!(
+                "no wallet yet for customer {}",
+                cmd.customer_id
+            )));
         }
         let id = Uuid::now_v7().to_string();
         let balance = ledger::balance(&mut **tx, &wallet).await?;
         let declined = if balance < cmd.amount_cents {
-            Some(format!("insufficient funds: balance {balance}, amount {}", cmd.amount_cents))
+            Some(format!(
+                "insufficient funds: balance {balance}, amount {}",
+                cmd.amount_cents
+            ))
         } else if self.decline_rate > 0.0 && rand::random::<f64>() < self.decline_rate {
             Some("card declined (simulated)".to_string())
         } else {
@@ -138,7 +153,9 @@ impl PaymentCommands {
         ledger::transfer(tx, &wallet, ledger::REVENUE, cmd.amount_cents, "payment", &order).await?;
         record(tx, &cmd, &id, cmd.amount_cents, "captured", None).await?;
         metrics::counter!("bazaar_payments_total", "outcome" => "captured").increment(1);
-        Ok(Ok(serde_json::json!(Paid { payment_id: id.parse().unwrap_or_default() })))
+        Ok(Ok(serde_json::json!(Paid {
+            payment_id: id.parse().unwrap_or_default()
+        })))
     }
 }
 

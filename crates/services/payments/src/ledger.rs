@@ -35,7 +35,10 @@ pub async fn exists(tx: &mut Tx<'static>, account: &str) -> Result<bool, sqlx::E
 }
 
 /// The balance of `account` in minor units.
-pub async fn balance<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(db: E, account: &str) -> Result<i64, sqlx::Error> {
+pub async fn balance<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    db: E,
+    account: &str,
+) -> Result<i64, sqlx::Error> {
     let row = sqlx::query("SELECT COALESCE(SUM(amount_cents), 0) AS b FROM ledger_entry WHERE account_id = $1")
         .bind(account)
         .fetch_one(db)

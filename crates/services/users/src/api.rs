@@ -4,7 +4,12 @@ use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Argon2,
 };
-use axum::{extract::State, http::StatusCode, routing::{get, post}, Router};
+use axum::{
+    extract::State,
+    http::StatusCode,
+    routing::{get, post},
+    Router,
+};
 use bazaar_contracts::{topics, types, UserRegistered};
 use bazaar_kit::{
     auth::AuthUser,
@@ -52,7 +57,10 @@ impl Email {
         if valid {
             Ok(Email(email))
         } else {
-            Err(Problem::bad_request(format!("`{}` is not an email address", raw.trim())))
+            Err(Problem::bad_request(format!(
+                "`{}` is not an email address",
+                raw.trim()
+            )))
         }
     }
 }
@@ -163,7 +171,9 @@ async fn login(State(rt): State<Runtime>, Json(body): Json<Login>) -> Result<Jso
     }
     let user: Uuid = id.parse().map_err(Problem::internal)?;
     let token = rt.keys.issue(user, &email.0).map_err(Problem::internal)?;
-    Ok(Json(json!({ "token": token, "tokenType": "Bearer", "expiresIn": 24 * 3600, "userId": user })))
+    Ok(Json(
+        json!({ "token": token, "tokenType": "Bearer", "expiresIn": 24 * 3600, "userId": user }),
+    ))
 }
 
 async fn me(State(rt): State<Runtime>, AuthUser(claims): AuthUser) -> Result<Json<User>, Problem> {
