@@ -164,6 +164,7 @@ contract!(
     durable_across_restart,
     pending_reports_lag,
     bodies_arrive_unchanged,
+    waiting_fetch_returns_on_publish,
 );
 
 // ---- helpers ----
@@ -171,6 +172,10 @@ contract!(
 fn options(ack_wait: Duration) -> SubscribeOptions {
     SubscribeOptions { ack_wait }
 }
+
+/// Each fetch in [`take`] waits this long: not a divisor of the ack waits, because
+/// nats-server 2.9 can swallow a redelivery due at the very instant a pull request expires.
+const FETCH_WAIT: Duration = Duration::from_millis(700);
 
 /// Fetches until `n` deliveries arrived or `within` passed.
 async fn take(sub: &mut Box<dyn Subscription>, n: usize, within: Duration) -> Vec<Delivery> {
@@ -181,10 +186,7 @@ async fn take(sub: &mut Box<dyn Subscription>, n: usize, within: Duration) -> Ve
         if left.is_zero() {
             break;
         }
-        let batch = sub
-            .fetch(n - got.len(), left.min(Duration::from_secs(1)))
-            .await
-            .expect("fetch");
+        let batch = sub.fetch(n - got.len(), left.min(FETCH_WAIT)).await.expect("fetch");
         got.extend(batch);
     }
     got
@@ -556,6 +558,33 @@ async fn bodies_arrive_unchanged(ctx: Ctx) {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message.body, body);
     assert_eq!(got[0].message.msg_id, "poison");
+    ack_all(got).await;
+}
+
+/// A fetch waits for the first message, not for its whole wait: a consumer on a quiet topic
+/// reacts to a publish at once.
+async fn waiting_fetch_returns_on_publish(ctx: Ctx) {
+    let b = ctx.broker.clone();
+    let topic = ctx.topic("wake");
+    let mut sub = b
+        .subscribe(&topic, "g", options(LONG_ACK_WAIT))
+        .await
+        .expect("subscribe");
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let got = sub.fetch(10, Duration::from_secs(20)).await.expect("fetch");
+        (got, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.publish(&topic, "m1", Bytes::from_static(b"x"))
+        .await
+        .expect("publish");
+    let (got, waited) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the fetch returned after the publish")
+        .expect("fetch task");
+    assert_eq!(ids(&got), HashSet::from(["m1".to_string()]));
+    assert!(waited < Duration::from_secs(5), "fetch waited {waited:?}");
     ack_all(got).await;
 }
 

@@ -18,6 +18,10 @@
 //!   cannot drop "acked by every group" while letting new groups start from the beginning);
 //!   dead-letter topics (`*.dlq`) keep them until they are replayed and deleted.
 //!
+//! Known server quirk (seen on nats-server 2.9.10): a redelivery that falls due at the same
+//! instant a waiting pull request expires is counted as delivered but never arrives; it comes
+//! again after one more ack wait. Nothing is lost, but `attempt` can skip a number.
+//!
 //! The stream and consumer names are stable, so an operator can inspect them with the `nats`
 //! CLI (`nats stream info BAZAAR_orders_events`).
 
@@ -386,12 +390,21 @@ impl NatsSubscription {
             Some(wait) => self.consumer.batch().max_messages(max).expires(wait).messages().await,
         }
         .map_err(|e| failed(&e))?;
-        // The server ends every pull request with a status; the client library adds its own
-        // deadline on waiting requests, this one covers the immediate kind.
-        let limit = wait.unwrap_or_default() + TIMEOUT + Duration::from_secs(5);
-        let collected = tokio::time::timeout(limit, batch.collect::<Vec<_>>())
-            .await
-            .map_err(|_| failed(&"no answer from the server"))?;
+        // The server ends every pull request with a status, but nats-server 2.9 can swallow
+        // both the status and a redelivery that falls due the instant a waiting request
+        // expires (the message then comes back one ack wait later, its attempt counted twice).
+        // So stop listening shortly after the request's own expiry rather than the library's
+        // five seconds: by then the server sends nothing more on it.
+        let limit = match wait {
+            Some(wait) => wait + Duration::from_secs(1),
+            None => TIMEOUT,
+        };
+        let collected = match tokio::time::timeout(limit, batch.collect::<Vec<_>>()).await {
+            Ok(collected) => collected,
+            // The quirk above: the request is over, it just was not said.
+            Err(_) if wait.is_some() => Vec::new(),
+            Err(_) => return Err(failed(&"no answer from the server")),
+        };
         let mut out = Vec::with_capacity(collected.len());
         for msg in collected {
             let msg = msg.map_err(|e| failed(&e))?;
