@@ -184,10 +184,10 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     // 3. Stock adds up, per product.
     let products = sqlx::query(
         "SELECT p.id, p.on_hand, p.reserved,
-                (SELECT COALESCE(SUM(delta), 0) FROM stock_movement m WHERE m.product_id = p.id) AS moved,
-                (SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_line l JOIN reservation r ON r.order_id = l.order_id
+                (SELECT CAST(COALESCE(SUM(delta), 0) AS BIGINT) FROM stock_movement m WHERE m.product_id = p.id) AS moved,
+                (SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_line l JOIN reservation r ON r.order_id = l.order_id
                   WHERE l.product_id = p.id AND r.status = 'committed') AS sold,
-                (SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_line l JOIN reservation r ON r.order_id = l.order_id
+                (SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_line l JOIN reservation r ON r.order_id = l.order_id
                   WHERE l.product_id = p.id AND r.status = 'reserved') AS held
          FROM product p",
     )
@@ -218,25 +218,29 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     ));
 
     // 4. Money adds up.
-    let total = count(&s.payments, "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry").await?;
+    let total = count(
+        &s.payments,
+        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry",
+    )
+    .await?;
     let deposits = -count(
         &s.payments,
-        "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = 'external:deposits'",
+        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry WHERE account_id = 'external:deposits'",
     )
     .await?;
     let wallets = count(
         &s.payments,
-        "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id LIKE 'customer:%'",
+        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry WHERE account_id LIKE 'customer:%'",
     )
     .await?;
     let revenue = count(
         &s.payments,
-        "SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = 'merchant:revenue'",
+        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry WHERE account_id = 'merchant:revenue'",
     )
     .await?;
     let captured = count(
         &s.payments,
-        "SELECT COALESCE(SUM(amount_cents), 0) FROM payment WHERE status = 'captured'",
+        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM payment WHERE status = 'captured'",
     )
     .await?;
     let negative = count(

@@ -115,8 +115,8 @@ plugins:
       echo_downstream: true
   - name: rate-limiting
     config:
-      second: 200
-      minute: 6000
+      second: 1000
+      minute: 30000
       limit_by: ip
       policy: local
   - name: request-size-limiting

@@ -39,10 +39,12 @@ pub async fn balance<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
     db: E,
     account: &str,
 ) -> Result<i64, sqlx::Error> {
-    let row = sqlx::query("SELECT COALESCE(SUM(amount_cents), 0) AS b FROM ledger_entry WHERE account_id = $1")
-        .bind(account)
-        .fetch_one(db)
-        .await?;
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) AS b FROM ledger_entry WHERE account_id = $1",
+    )
+    .bind(account)
+    .fetch_one(db)
+    .await?;
     row.try_get("b")
 }
 
