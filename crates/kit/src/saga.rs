@@ -11,7 +11,9 @@
 //! attempt of the same step counts, and a duplicate or late reply finds the saga elsewhere
 //! and changes nothing. Participants must therefore be idempotent by business key (e.g. the
 //! order id), and a compensation arriving before its execute must leave a tombstone that
-//! makes the late execute fail.
+//! makes the late execute fail. A failed compensation leaves the saga where it was, so its
+//! failure counts only for the latest send, once: a redelivered or late failure cannot move
+//! the retry.
 
 use std::{sync::Arc, time::Duration};
 
@@ -390,6 +392,25 @@ impl SagaEngine {
                 self.advance(tx, &mut state, Some(event)).await?;
             }
             (_, false) => {
+                // A failure answers one send: only the latest send's failure schedules a retry,
+                // and only once, so a redelivered or late failure cannot move the retry (the
+                // success of any send still counts, above). Replies without a causation id
+                // cannot be told apart and are taken as they come.
+                let command_id: Option<String> = sqlx::query("SELECT command_id FROM saga WHERE id = $1")
+                    .bind(&state.id)
+                    .fetch_one(&mut **tx)
+                    .await?
+                    .try_get("command_id")?;
+                if let Some(cause) = &event.metadata.causation_id {
+                    if command_id.as_ref() != Some(cause) {
+                        history(tx, &state.id, &reply.step, "ignored a late or duplicate reply").await?;
+                        return Ok(());
+                    }
+                }
+                sqlx::query("UPDATE saga SET command_id = NULL WHERE id = $1")
+                    .bind(&state.id)
+                    .execute(&mut **tx)
+                    .await?;
                 let reason = reply.reason.unwrap_or_else(|| "failed".into());
                 history(
                     tx,
@@ -417,17 +438,30 @@ impl SagaEngine {
         let mut moved = 0;
         for row in due {
             let id: String = row.try_get("id")?;
-            let mut tx = self.outbox.store().begin().await?;
-            if let Some(mut state) = self.lock(&mut tx, &id).await? {
-                if !state.status.is_final() && state.deadline.is_some_and(|d| d <= now_millis()) {
-                    self.on_deadline(&mut tx, &mut state).await?;
-                    self.save(&mut tx, &state).await?;
-                    moved += 1;
-                }
+            // One saga that cannot be handled (a corrupt row, a failing hook) must not stall
+            // the others: it stays due, first in line, and would otherwise end every round.
+            match self.tick_one(&id).await {
+                Ok(true) => moved += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(saga = %id, error = %e, "saga deadline not handled; will retry"),
             }
-            self.outbox.commit(tx).await?;
         }
         Ok(moved)
+    }
+
+    /// Handles saga `id`'s passed deadline in its own transaction; false if it moved meanwhile.
+    async fn tick_one(&self, id: &str) -> Result<bool, HandlerError> {
+        let mut tx = self.outbox.store().begin().await?;
+        let Some(mut state) = self.lock(&mut tx, id).await? else {
+            return Ok(false);
+        };
+        if state.status.is_final() || state.deadline.is_none_or(|d| d > now_millis()) {
+            return Ok(false);
+        }
+        self.on_deadline(&mut tx, &mut state).await?;
+        self.save(&mut tx, &state).await?;
+        self.outbox.commit(tx).await?;
+        Ok(true)
     }
 
     async fn on_deadline(&self, tx: &mut Tx<'static>, state: &mut SagaState) -> Result<(), HandlerError> {
