@@ -153,13 +153,135 @@ pub trait Broker: Send + Sync + 'static {
 pub type SharedBroker = Arc<dyn Broker>;
 
 /// Opens the broker a URL names: `sqlite://PATH` (embedded) or `nats://HOST:PORT`.
+///
+/// A `namespace=NAME` query parameter (`nats://127.0.0.1:4222?namespace=staging`) prefixes
+/// every topic with `NAME.`, so several systems (or test runs) can share one server.
 pub async fn connect(url: &str) -> Result<SharedBroker, BrokerError> {
-    if url.starts_with("sqlite:") {
-        Ok(Arc::new(embedded::EmbeddedBroker::open(url).await?))
-    } else if url.starts_with("nats://") {
-        Ok(Arc::new(nats::NatsBroker::connect(url).await?))
+    let (base, namespace) = split_namespace(url)?;
+    let inner: SharedBroker = if base.starts_with("sqlite:") {
+        Arc::new(embedded::EmbeddedBroker::open(&base).await?)
+    } else if base.starts_with("nats://") {
+        Arc::new(nats::NatsBroker::connect(&base).await?)
     } else {
-        Err(BrokerError::UnsupportedUrl(url.to_string()))
+        return Err(BrokerError::UnsupportedUrl(url.to_string()));
+    };
+    Ok(match namespace {
+        Some(prefix) => Arc::new(Namespaced { inner, prefix }),
+        None => inner,
+    })
+}
+
+/// Splits `namespace=NAME` off a URL's query.
+fn split_namespace(url: &str) -> Result<(String, Option<String>), BrokerError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let mut namespace = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.strip_prefix("namespace=") {
+            Some(name)
+                if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+            {
+                namespace = Some(name.to_string());
+            }
+            Some(name) => {
+                return Err(BrokerError::UnsupportedUrl(format!(
+                    "namespace `{name}` must be letters, digits, `_` or `-`"
+                )))
+            }
+            None => rest.push(pair),
+        }
+    }
+    let base = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((base, namespace))
+}
+
+/// A broker whose topics all live under `prefix.`; callers see their own topic names.
+struct Namespaced {
+    inner: SharedBroker,
+    prefix: String,
+}
+
+impl Namespaced {
+    fn topic(&self, topic: &str) -> String {
+        format!("{}.{topic}", self.prefix)
+    }
+
+    fn unprefix(&self, mut m: Message) -> Message {
+        if let Some(t) = m.topic.strip_prefix(&format!("{}.", self.prefix)) {
+            m.topic = t.to_string();
+        }
+        m
+    }
+}
+
+/// Hands out deliveries with the caller's topic names.
+struct NamespacedSubscription {
+    inner: Box<dyn Subscription>,
+    prefix: String,
+}
+
+impl Subscription for NamespacedSubscription {
+    fn fetch(&mut self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
+        Box::pin(async move {
+            let mut out = self.inner.fetch(max, wait).await?;
+            let prefix = format!("{}.", self.prefix);
+            for d in &mut out {
+                if let Some(t) = d.message.topic.strip_prefix(&prefix) {
+                    d.message.topic = t.to_string();
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl Broker for Namespaced {
+    fn publish<'a>(&'a self, topic: &'a str, msg_id: &'a str, body: Bytes) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move { self.inner.publish(&self.topic(topic), msg_id, body).await })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BrokerError>> {
+        Box::pin(async move {
+            let inner = self.inner.subscribe(&self.topic(topic), group, options).await?;
+            Ok(Box::new(NamespacedSubscription {
+                inner,
+                prefix: self.prefix.clone(),
+            }) as Box<dyn Subscription>)
+        })
+    }
+
+    fn read<'a>(&'a self, topic: &'a str, limit: usize) -> BoxFuture<'a, Result<Vec<Message>, BrokerError>> {
+        Box::pin(async move {
+            let messages = self.inner.read(&self.topic(topic), limit).await?;
+            Ok(messages.into_iter().map(|m| self.unprefix(m)).collect())
+        })
+    }
+
+    fn delete<'a>(&'a self, topic: &'a str, seq: u64) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move { self.inner.delete(&self.topic(topic), seq).await })
+    }
+
+    fn pending<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, Result<u64, BrokerError>> {
+        Box::pin(async move { self.inner.pending(&self.topic(topic), group).await })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.inner.ping()
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
     }
 }
 
@@ -191,12 +313,7 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// Moves `delivery` to the dead-letter topic and acks it. A crash between the two
     /// republishes under the same id, which the broker drops as a duplicate.
-    pub async fn park(
-        broker: &dyn Broker,
-        group: &str,
-        delivery: Delivery,
-        reason: String,
-    ) -> Result<(), BrokerError> {
+    pub async fn park(broker: &dyn Broker, group: &str, delivery: Delivery, reason: String) -> Result<(), BrokerError> {
         let dead = DeadLetter {
             topic: delivery.message.topic.clone(),
             group: group.to_string(),
@@ -221,5 +338,33 @@ impl DeadLetter {
         let id = format!("{}.replay.{}", self.msg_id, uuid::Uuid::now_v7());
         broker.publish(&self.topic, &id, Bytes::from(self.body.clone())).await?;
         broker.delete(&dlq_topic(&self.topic), seq).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_is_split_off_the_url() {
+        let (base, ns) = split_namespace("nats://127.0.0.1:4222?namespace=ci-1").unwrap();
+        assert_eq!((base.as_str(), ns.as_deref()), ("nats://127.0.0.1:4222", Some("ci-1")));
+        let (base, ns) = split_namespace("sqlite://data/bus.db").unwrap();
+        assert_eq!((base.as_str(), ns), ("sqlite://data/bus.db", None));
+        assert!(split_namespace("nats://h:1?namespace=a.b").is_err());
+    }
+
+    #[tokio::test]
+    async fn namespaced_topics_are_separate_but_look_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/bus.db", dir.path().display());
+        let a = connect(&format!("{url}?namespace=a")).await.unwrap();
+        let b = connect(&format!("{url}?namespace=b")).await.unwrap();
+        a.publish("t", "1", Bytes::from_static(b"x")).await.unwrap();
+        assert_eq!(b.read("t", 10).await.unwrap().len(), 0);
+        let mut sub = a.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+        let got = sub.fetch(10, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].message.topic, "t");
     }
 }
