@@ -15,6 +15,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_bazaar");
 /// A running `bazaar up`, stopped (and its children with it) on drop.
 struct System {
     up: Child,
+    env: Vec<(String, String)>,
     data: tempfile::TempDir,
     base: u16,
     client: reqwest::Client,
@@ -43,6 +44,7 @@ fn rand_seed() -> u64 {
 
 impl System {
     async fn start(extra_env: &[(&str, &str)]) -> System {
+        let env: Vec<(String, String)> = extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let data = tempfile::tempdir().expect("tempdir");
         let base = free_base_port();
         let log = std::fs::File::create(data.path().join("up.log")).expect("log file");
@@ -53,12 +55,13 @@ impl System {
             .env_remove("BAZAAR_BROKER_URL")
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log));
-        for (k, v) in extra_env {
+        for (k, v) in &env {
             cmd.env(k, v);
         }
         let up = cmd.spawn().expect("start bazaar up");
         let system = System {
             up,
+            env,
             data,
             base,
             client: reqwest::Client::builder()
@@ -193,6 +196,7 @@ impl System {
             .args(["audit", "--wait", "60"])
             .env("BAZAAR_DATA", self.data_dir())
             .env_remove("BAZAAR_BROKER_URL")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run audit");
         (
@@ -233,6 +237,11 @@ fn mail_count(dir: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_is_confirmed_or_compensated_and_every_invariant_holds() {
     let sys = System::start(&[("BAZAAR_WELCOME_CREDIT_CENTS", "10000")]).await;
+    order_outcomes(&sys).await;
+}
+
+/// Confirmed, cancelled before any effect, and compensated after payment fails; then audit.
+async fn order_outcomes(sys: &System) {
     let ann = sys.customer("ann@example.com").await;
     let mug = sys.product(&ann, "MUG", 1_250, 5).await;
     let piano = sys.product(&ann, "PIANO", 500_000, 3).await;
@@ -317,4 +326,98 @@ async fn killing_roles_mid_flight_loses_and_doubles_nothing() {
         .call(reqwest::Method::GET, &format!("/products/{tea}"), None, None)
         .await;
     assert_eq!(tea_now["onHand"], 1_000 - orders.len() as i64, "{tea_now}");
+}
+
+/// Fresh PostgreSQL databases, one per service, dropped at the end.
+struct Databases {
+    admin: String,
+    names: Vec<String>,
+}
+
+impl Databases {
+    async fn create(admin: &str) -> Databases {
+        let store = bazaar_kit::store::Store::open(admin).await.expect("admin connection");
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let mut names = Vec::new();
+        for role in ["users", "inventory", "orders", "payments", "notifications"] {
+            let name = format!("e2e_{role}_{}", &run[run.len() - 12..]);
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(store.pool())
+                .await
+                .expect("create database");
+            names.push(name);
+        }
+        store.close().await;
+        Databases {
+            admin: admin.to_string(),
+            names,
+        }
+    }
+
+    fn url(&self, i: usize) -> String {
+        let base = self.admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&self.admin);
+        format!("{base}/{}", self.names[i])
+    }
+
+    async fn drop_all(self) {
+        if let Ok(store) = bazaar_kit::store::Store::open(&self.admin).await {
+            for name in &self.names {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(store.pool())
+                    .await;
+            }
+            store.close().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_system_runs_on_postgres_and_nats() {
+    let (Ok(pg), Ok(nats)) = (
+        std::env::var("BAZAAR_TEST_POSTGRES_URL"),
+        std::env::var("BAZAAR_TEST_NATS_URL"),
+    ) else {
+        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_NATS_URL to run on PostgreSQL and NATS)");
+        return;
+    };
+    let dbs = Databases::create(&pg).await;
+    let broker = format!("{nats}?namespace=e2e{}", uuid::Uuid::now_v7().simple());
+    let stores: Vec<(String, String)> = ["USERS", "INVENTORY", "ORDERS", "PAYMENTS", "NOTIFICATIONS"]
+        .iter()
+        .enumerate()
+        .map(|(i, role)| (format!("BAZAAR_{role}_STORE_URL"), dbs.url(i)))
+        .collect();
+    let mut env: Vec<(&str, &str)> = stores.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.push(("BAZAAR_BROKER_URL", &broker));
+    env.push(("BAZAAR_WELCOME_CREDIT_CENTS", "10000"));
+    {
+        let sys = System::start(&env).await;
+        order_outcomes(&sys).await;
+        sys.kill9("orders");
+        let ann = sys
+            .call(
+                reqwest::Method::POST,
+                "/auth/login",
+                None,
+                Some(json!({"email": "ann@example.com", "password": "long enough"})),
+            )
+            .await
+            .1["token"]
+            .as_str()
+            .expect("token")
+            .to_string();
+        let (_, products) = sys.call(reqwest::Method::GET, "/products", None, None).await;
+        let mug = products
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["sku"] == "MUG"))
+            .expect("mug")["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let after_crash = sys.order(&ann, &mug, 1).await;
+        assert_eq!(sys.settled(&ann, &after_crash).await["status"], "confirmed");
+        let (ok, report) = sys.audit();
+        assert!(ok, "audit failed:\n{report}\n{}", sys.log());
+    }
+    dbs.drop_all().await;
 }
