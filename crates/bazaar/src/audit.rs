@@ -257,13 +257,14 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     ));
 
     // 5. One notification per outcome.
-    let sent: HashMap<String, String> =
-        sqlx::query("SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%'")
-            .fetch_all(s.notifications.pool())
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get("dedupe_key")?, r.try_get("status")?)))
-            .collect::<Result<_, sqlx::Error>>()?;
+    let sent: HashMap<String, String> = sqlx::query(
+        "SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%' AND channel = 'email'",
+    )
+    .fetch_all(s.notifications.pool())
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get("dedupe_key")?, r.try_get("status")?)))
+    .collect::<Result<_, sqlx::Error>>()?;
     let mut missing = Vec::new();
     for (id, status, _) in final_orders.iter().filter(|(_, st, _)| st != "pending") {
         let key = format!("order.{status}:{id}");

@@ -23,22 +23,39 @@ use tokio::sync::Mutex;
 pub struct LoadArgs {
     /// The gateway.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
+    pub(crate) url: String,
     /// Orders to place.
     #[arg(long, default_value_t = 200)]
-    orders: usize,
+    pub(crate) orders: usize,
     /// Concurrent workers.
     #[arg(long, default_value_t = 16)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Customers to spread the orders over.
     #[arg(long, default_value_t = 8)]
-    users: usize,
+    pub(crate) users: usize,
     /// Give up following orders after this many seconds.
     #[arg(long, default_value_t = 120)]
-    timeout: u64,
+    pub(crate) timeout: u64,
+    /// Password of the admin account (admin@bazaar.local) that adds the load's products.
+    /// Default: the DATA/admin.password file `bazaar up` wrote.
+    #[arg(long, env = "BAZAAR_ADMIN_PASSWORD", hide_env_values = true)]
+    pub(crate) admin_password: Option<String>,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+/// What one load run measured; `bazaar bench saga` reads it instead of the printed report.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadStats {
+    /// From the first order placed to the last one settled.
+    pub(crate) elapsed: Duration,
+    /// `POST /orders` round trips, sorted.
+    pub(crate) place: Vec<Duration>,
+    /// Placed to confirmed or cancelled, sorted.
+    pub(crate) settle: Vec<Duration>,
+    /// Final order statuses and failures, counted.
+    pub(crate) outcomes: std::collections::BTreeMap<String, usize>,
+}
+
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -71,6 +88,67 @@ async fn json_call(req: reqwest::RequestBuilder) -> anyhow::Result<(StatusCode, 
 
 /// `bazaar load`.
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    let LoadStats {
+        elapsed,
+        place,
+        settle,
+        outcomes,
+    } = measure(&args).await?;
+    println!(
+        "{} orders in {:.2}s: {:.1} orders/s settled",
+        settle.len(),
+        elapsed.as_secs_f64(),
+        settle.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "place (POST /orders) ms: p50 {:.1} p90 {:.1} p99 {:.1}",
+        percentile(&place, 0.5),
+        percentile(&place, 0.9),
+        percentile(&place, 0.99)
+    );
+    println!(
+        "settle (placed -> confirmed/cancelled) ms: p50 {:.1} p90 {:.1} p99 {:.1}",
+        percentile(&settle, 0.5),
+        percentile(&settle, 0.9),
+        percentile(&settle, 0.99)
+    );
+    println!("outcomes: {outcomes:?}");
+    if outcomes
+        .keys()
+        .any(|k| k.starts_with("http") || k.starts_with("error") || k == "timed out")
+    {
+        bail!("some orders failed or did not settle: {outcomes:?}");
+    }
+    Ok(())
+}
+
+/// Logs in as the admin account `bazaar up` created, to add products.
+async fn admin_token(client: &Client, api: &str, args: &LoadArgs) -> anyhow::Result<String> {
+    let password = match &args.admin_password {
+        Some(p) => p.clone(),
+        None => {
+            let data = std::env::var("BAZAAR_DATA").unwrap_or_else(|_| "data".into());
+            let path = std::path::Path::new(&data).join("admin.password");
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("no --admin-password and cannot read {}", path.display()))?
+                .trim()
+                .to_string()
+        }
+    };
+    let (st, body) = json_call(
+        client
+            .post(format!("{api}/auth/token"))
+            .json(&json!({"email": crate::roles::ADMIN_EMAIL, "password": password})),
+    )
+    .await?;
+    match body["accessToken"].as_str() {
+        Some(t) if st.is_success() => Ok(t.to_string()),
+        _ => bail!("admin login answered {st}: {body}"),
+    }
+}
+
+/// Sets up customers and products, places `args.orders` orders and follows each to its end.
+pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
     if args.orders == 0 || args.concurrency == 0 || args.users == 0 {
         bail!("--orders, --concurrency and --users must be at least 1");
     }
@@ -95,27 +173,23 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         }
         let (st, body) = json_call(
             client
-                .post(format!("{api}/auth/login"))
+                .post(format!("{api}/auth/token"))
                 .json(&json!({"email": email, "password": "load-test-pass"})),
         )
         .await?;
-        let token = body["token"].as_str().map(str::to_string);
+        let token = body["accessToken"].as_str().map(str::to_string);
         match token {
             Some(t) if st.is_success() => tokens.push(t),
             _ => bail!("login answered {st}: {body}"),
         }
     }
+    let admin = admin_token(&client, &api, args).await?;
     let mut products = Vec::new();
     for (i, price) in [250, 399, 1000, 1250].iter().enumerate() {
-        let (st, body) = json_call(
-            client
-                .post(format!("{api}/products"))
-                .bearer_auth(&tokens[0])
-                .json(&json!({
-                    "sku": format!("LOAD-{run_id}-{i}"), "name": format!("Load item {i}"),
-                    "priceCents": price, "stock": 1_000_000
-                })),
-        )
+        let (st, body) = json_call(client.post(format!("{api}/products")).bearer_auth(&admin).json(&json!({
+            "sku": format!("LOAD-{run_id}-{i}"), "name": format!("Load item {i}"),
+            "priceCents": price, "stock": 1_000_000
+        })))
         .await?;
         let id = body["id"].as_str().map(str::to_string);
         match id {
@@ -159,7 +233,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
                     return;
                 }
                 let token = &tokens[n % tokens.len()];
-                let body = json!({"lines": [{"productId": products[n % products.len()], "quantity": 1 + n % 2}]});
+                let body = json!({"items": [{"productId": products[n % products.len()], "quantity": 1 + n % 2}]});
                 let t0 = Instant::now();
                 let result = json_call(client.post(format!("{api}/orders")).bearer_auth(token).json(&body)).await;
                 let placed_in = t0.elapsed();
@@ -202,30 +276,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     place.sort();
     settle.sort();
     let outcomes = outcomes.lock().await.clone();
-    println!(
-        "{} orders in {:.2}s: {:.1} orders/s settled",
-        settle.len(),
-        elapsed.as_secs_f64(),
-        settle.len() as f64 / elapsed.as_secs_f64()
-    );
-    println!(
-        "place (POST /orders) ms: p50 {:.1} p90 {:.1} p99 {:.1}",
-        percentile(&place, 0.5),
-        percentile(&place, 0.9),
-        percentile(&place, 0.99)
-    );
-    println!(
-        "settle (placed -> confirmed/cancelled) ms: p50 {:.1} p90 {:.1} p99 {:.1}",
-        percentile(&settle, 0.5),
-        percentile(&settle, 0.9),
-        percentile(&settle, 0.99)
-    );
-    println!("outcomes: {outcomes:?}");
-    if outcomes
-        .keys()
-        .any(|k| k.starts_with("http") || k.starts_with("error") || k == "timed out")
-    {
-        bail!("some orders failed or did not settle: {outcomes:?}");
-    }
-    Ok(())
+    Ok(LoadStats {
+        elapsed,
+        place,
+        settle,
+        outcomes,
+    })
 }

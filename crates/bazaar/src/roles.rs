@@ -63,6 +63,9 @@ impl Role {
     }
 }
 
+/// The operator account `bazaar up` creates (its password is in DATA/admin.password).
+pub const ADMIN_EMAIL: &str = "admin@bazaar.local";
+
 /// Settings shared by every command; each flag also reads a `BAZAAR_*` variable.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
@@ -99,6 +102,16 @@ pub struct Settings {
     /// SMTP relay HOST:PORT (notifications). Default: write mail to DATA/mail/*.eml.
     #[arg(long, global = true, env = "BAZAAR_SMTP")]
     pub smtp: Option<String>,
+    /// SMS gateway webhook URL (notifications). Default: write texts to DATA/sms/*.txt.
+    #[arg(long, global = true, env = "BAZAAR_SMS_WEBHOOK")]
+    pub sms_webhook: Option<String>,
+    /// Password of the admin account admin@bazaar.local (users creates it at start).
+    /// Default: read (or create) DATA/admin.password.
+    #[arg(long, global = true, env = "BAZAAR_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+    /// Add a small demo catalogue to an empty inventory (bazaar up turns it on).
+    #[arg(long, global = true, env = "BAZAAR_SEED_DEMO")]
+    pub seed_demo: bool,
 }
 
 impl Settings {
@@ -137,10 +150,20 @@ impl Settings {
 
     /// The JWT secret, creating DATA/jwt.secret on first use.
     pub fn jwt_secret(&self) -> anyhow::Result<String> {
-        if let Some(s) = self.jwt_secret.clone().filter(|s| !s.is_empty()) {
-            return Ok(s);
+        self.secret(self.jwt_secret.as_deref(), "jwt.secret")
+    }
+
+    /// The admin password, creating DATA/admin.password on first use.
+    pub fn admin_password(&self) -> anyhow::Result<String> {
+        self.secret(self.admin_password.as_deref(), "admin.password")
+    }
+
+    /// `given`, or the contents of DATA/FILE, or a new random secret written there.
+    fn secret(&self, given: Option<&str>, file: &str) -> anyhow::Result<String> {
+        if let Some(s) = given.filter(|s| !s.is_empty()) {
+            return Ok(s.to_string());
         }
-        let path = self.data.join("jwt.secret");
+        let path = self.data.join(file);
         if let Ok(s) = std::fs::read_to_string(&path) {
             if !s.trim().is_empty() {
                 return Ok(s.trim().to_string());
@@ -150,7 +173,7 @@ impl Settings {
         let secret: String = (0..48)
             .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand_index(36)]))
             .collect();
-        std::fs::write(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+        write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(secret)
     }
 
@@ -173,6 +196,16 @@ impl Settings {
         }
         Ok(path)
     }
+}
+
+/// Writes a file only its owner may read.
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(contents.as_bytes())
 }
 
 fn rand_index(n: usize) -> usize {
@@ -230,8 +263,14 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
         jwt_secret: settings.jwt_secret()?,
     };
     let result = match role {
-        Role::Users => bazaar_users::run(config, shutdown).await,
-        Role::Inventory => bazaar_inventory::run(config, shutdown).await,
+        Role::Users => {
+            let admin = bazaar_users::AdminAccount {
+                email: ADMIN_EMAIL.into(),
+                password: settings.admin_password()?,
+            };
+            bazaar_users::run(config, Some(admin), shutdown).await
+        }
+        Role::Inventory => bazaar_inventory::run(config, settings.seed_demo, shutdown).await,
         Role::Orders => bazaar_orders::run(config, shutdown).await,
         Role::Payments => {
             let payments = bazaar_payments::PaymentsConfig {
@@ -251,7 +290,11 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
                 }
                 None => bazaar_notifications::MailConfig::Files(mail_dir(&settings.data)),
             };
-            bazaar_notifications::run(config, mail, shutdown).await
+            let sms = match &settings.sms_webhook {
+                Some(url) => bazaar_notifications::SmsConfig::Webhook(url.clone()),
+                None => bazaar_notifications::SmsConfig::Files(settings.data.join("sms")),
+            };
+            bazaar_notifications::run(config, mail, sms, shutdown).await
         }
         Role::Gateway => return serve_gateway(settings, listen, shutdown).await,
     };

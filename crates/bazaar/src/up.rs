@@ -41,6 +41,7 @@ struct Proc {
 pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data).with_context(|| format!("cannot create {}", settings.data.display()))?;
     settings.jwt_secret()?;
+    settings.admin_password()?;
     let config = settings.ensure_gateway_config()?;
     let ports = Role::ALL.iter().map(|r| (r.name(), settings.port(*r)));
     for (name, port) in ports.chain([("gateway admin", settings.admin_port())]) {
@@ -123,6 +124,8 @@ fn spawn(
         .env("BAZAAR_GATEWAY_CONFIG", settings.gateway_config())
         .env("BAZAAR_DECLINE_RATE", settings.decline_rate.to_string())
         .env("BAZAAR_WELCOME_CREDIT_CENTS", settings.welcome_credit_cents.to_string())
+        .env("BAZAAR_ADMIN_PASSWORD", settings.admin_password()?)
+        .env("BAZAAR_SEED_DEMO", "true")
         .env_remove("BAZAAR_STORE_URL")
         .env_remove("BAZAAR_LISTEN")
         .stdin(Stdio::null())
@@ -131,6 +134,9 @@ fn spawn(
         .kill_on_drop(true);
     if let Some(smtp) = &settings.smtp {
         cmd.env("BAZAAR_SMTP", smtp);
+    }
+    if let Some(url) = &settings.sms_webhook {
+        cmd.env("BAZAAR_SMS_WEBHOOK", url);
     }
     let mut child = cmd.spawn().with_context(|| format!("cannot start {}", role.name()))?;
     for stream in [
@@ -214,29 +220,32 @@ pub async fn wait_ready(settings: &Settings, timeout: Duration) -> anyhow::Resul
 
 fn tour(settings: &Settings, config: &std::path::Path) -> String {
     let gw = format!("http://127.0.0.1:{}", settings.port(Role::Gateway));
+    let data = settings.data.display();
     format!(
         r#"
-bazaar is up: gateway {gw}, admin http://127.0.0.1:{admin}, data in {data}, broker {broker}
+bazaar is up: gateway {gw}, gateway admin http://127.0.0.1:{admin}, data in {data}, broker {broker}
 gateway config: {config} (edit it; the gateway reloads on change)
 
-Try it:
+Try it (copy and paste):
+  curl -s {gw}/api/v1/products
   curl -s -XPOST {gw}/api/v1/users -H 'content-type: application/json' \
        -d '{{"email":"ann@example.com","name":"Ann","password":"correct horse"}}'
-  TOKEN=$(curl -s -XPOST {gw}/api/v1/auth/login -H 'content-type: application/json' \
-       -d '{{"email":"ann@example.com","password":"correct horse"}}' | sed 's/.*"token":"\([^"]*\)".*/\1/')
-  curl -s -XPOST {gw}/api/v1/products -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
-       -d '{{"sku":"MUG-1","name":"Mug","priceCents":1250,"stock":10}}'
-  curl -s {gw}/api/v1/products
-  curl -s -XPOST {gw}/api/v1/orders -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
-       -d '{{"lines":[{{"productId":"<id from above>","quantity":2}}]}}'
-  curl -s {gw}/api/v1/orders -H "authorization: Bearer $TOKEN"
+  TOKEN=$(curl -s -XPOST {gw}/api/v1/auth/token -H 'content-type: application/json' \
+       -d '{{"email":"ann@example.com","password":"correct horse"}}' | sed 's/.*"accessToken":"\([^"]*\)".*/\1/')
+  MUG=$(curl -s {gw}/api/v1/products | sed 's/.*"id":"\([^"]*\)","sku":"MUG-CLASSIC".*/\1/')
+  ORDER=$(curl -s -XPOST {gw}/api/v1/orders -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+       -d "{{\"items\":[{{\"productId\":\"$MUG\",\"quantity\":2}}]}}" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+  curl -s "{gw}/api/v1/orders/$ORDER?waitFor=outcome&timeout=10" -H "authorization: Bearer $TOKEN"
+  curl -s {gw}/api/v1/accounts/me -H "authorization: Bearer $TOKEN"
+  ls {data}/mail
 
+Admin: {admin_email}, password in {data}/admin.password (adds products, restocks, deposits).
 Health: http://127.0.0.1:{admin}/health and each service's /health; metrics at /metrics.
 Check the invariants any time: bazaar audit    Stop: Ctrl-C
 "#,
         admin = settings.admin_port(),
-        data = settings.data.display(),
         broker = settings.broker_url(),
         config = config.display(),
+        admin_email = crate::roles::ADMIN_EMAIL,
     )
 }

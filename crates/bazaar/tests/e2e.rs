@@ -126,15 +126,29 @@ impl System {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
-    /// Registers and logs in; waits for the wallet to open.
-    async fn customer(&self, email: &str) -> String {
-        let body = json!({"email": email, "name": "Test", "password": "long enough"});
+    async fn login(&self, email: &str, password: &str) -> String {
+        let body = json!({"email": email, "password": password});
+        let (st, v) = self.call(reqwest::Method::POST, "/auth/token", None, Some(body)).await;
+        assert_eq!(st, 200, "login: {v}");
+        assert_eq!(v["tokenType"], "Bearer");
+        v["accessToken"].as_str().expect("accessToken").to_string()
+    }
+
+    /// The admin account `up` created.
+    async fn admin(&self) -> String {
+        let password = std::fs::read_to_string(self.data_dir().join("admin.password")).expect("admin.password");
+        self.login("admin@bazaar.local", password.trim()).await
+    }
+
+    /// Registers (with a phone when given) and logs in; waits for the wallet to open.
+    async fn customer_with(&self, email: &str, phone: Option<&str>) -> String {
+        let mut body = json!({"email": email, "name": "Test", "password": "long enough"});
+        if let Some(p) = phone {
+            body["phone"] = json!(p);
+        }
         let (st, _) = self.call(reqwest::Method::POST, "/users", None, Some(body)).await;
         assert_eq!(st, 201, "register");
-        let body = json!({"email": email, "password": "long enough"});
-        let (st, v) = self.call(reqwest::Method::POST, "/auth/login", None, Some(body)).await;
-        assert_eq!(st, 200, "login: {v}");
-        let token = v["token"].as_str().expect("token").to_string();
+        let token = self.login(email, "long enough").await;
         let deadline = Instant::now() + Duration::from_secs(30);
         while self
             .call(reqwest::Method::GET, "/accounts/me", Some(&token), None)
@@ -148,6 +162,10 @@ impl System {
         token
     }
 
+    async fn customer(&self, email: &str) -> String {
+        self.customer_with(email, None).await
+    }
+
     async fn product(&self, token: &str, sku: &str, price: i64, stock: i64) -> String {
         let body = json!({"sku": sku, "name": sku, "priceCents": price, "stock": stock});
         let (st, v) = self
@@ -158,7 +176,7 @@ impl System {
     }
 
     async fn order(&self, token: &str, product: &str, quantity: i64) -> String {
-        let body = json!({"lines": [{"productId": product, "quantity": quantity}]});
+        let body = json!({"items": [{"productId": product, "quantity": quantity}]});
         loop {
             let (st, v) = self
                 .call(reqwest::Method::POST, "/orders", Some(token), Some(body.clone()))
@@ -230,8 +248,8 @@ impl Drop for System {
     }
 }
 
-fn mail_count(dir: &Path) -> usize {
-    std::fs::read_dir(dir.join("mail")).map(|d| d.count()).unwrap_or(0)
+fn count_files(dir: &Path, sub: &str) -> usize {
+    std::fs::read_dir(dir.join(sub)).map(|d| d.count()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,22 +258,48 @@ async fn an_order_is_confirmed_or_compensated_and_every_invariant_holds() {
     order_outcomes(&sys).await;
 }
 
-/// Confirmed, cancelled before any effect, and compensated after payment fails; then audit.
+/// Confirmed, cancelled before any effect, and compensated after payment fails; privacy
+/// between customers; then audit.
 async fn order_outcomes(sys: &System) {
-    let ann = sys.customer("ann@example.com").await;
-    let mug = sys.product(&ann, "MUG", 1_250, 5).await;
-    let piano = sys.product(&ann, "PIANO", 500_000, 3).await;
+    let admin = sys.admin().await;
+    let ann = sys.customer_with("ann@example.com", Some("+14155550123")).await;
+    let ben = sys.customer("ben@example.com").await;
+    let (st, _) = sys
+        .call(
+            reqwest::Method::POST,
+            "/products",
+            Some(&ann),
+            Some(json!({"sku": "X", "name": "X", "priceCents": 1})),
+        )
+        .await;
+    assert_eq!(st, 403, "customers cannot add products");
+    let mug = sys.product(&admin, "MUG", 1_250, 5).await;
+    let piano = sys.product(&admin, "PIANO", 500_000, 3).await;
 
-    // Happy path: reserved, paid, committed, confirmed.
+    // Happy path: reserved, paid, committed, confirmed; the client waits without polling.
     let ok = sys.order(&ann, &mug, 2).await;
-    let v = sys.settled(&ann, &ok).await;
+    let (st, v) = sys
+        .call(
+            reqwest::Method::GET,
+            &format!("/orders/{ok}?waitFor=outcome&timeout=30"),
+            Some(&ann),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
     assert_eq!(v["status"], "confirmed", "{v}");
     assert_eq!(v["totalCents"], 2_500);
     assert_eq!(v["saga"]["status"], "completed");
 
+    // Another customer cannot see it.
+    let (st, v) = sys
+        .call(reqwest::Method::GET, &format!("/orders/{ok}"), Some(&ben), None)
+        .await;
+    assert_eq!(st, 404, "{v}");
+
     // Not enough stock: the first step fails, nothing to undo.
-    let too_many = sys.order(&ann, &mug, 10).await;
-    let v = sys.settled(&ann, &too_many).await;
+    let too_many = sys.order(&ben, &mug, 10).await;
+    let v = sys.settled(&ben, &too_many).await;
     assert_eq!(v["status"], "cancelled");
     assert!(
         v["reason"].as_str().unwrap_or_default().contains("insufficient stock"),
@@ -275,10 +319,7 @@ async fn order_outcomes(sys: &System) {
     let (_, piano_now) = sys
         .call(reqwest::Method::GET, &format!("/products/{piano}"), None, None)
         .await;
-    assert_eq!(
-        piano_now["available"], 3,
-        "released stock is available again: {piano_now}"
-    );
+    assert_eq!(piano_now["stock"], 3, "released stock is available again: {piano_now}");
     let (_, mug_now) = sys
         .call(reqwest::Method::GET, &format!("/products/{mug}"), None, None)
         .await;
@@ -286,26 +327,68 @@ async fn order_outcomes(sys: &System) {
     let (_, wallet) = sys.call(reqwest::Method::GET, "/accounts/me", Some(&ann), None).await;
     assert_eq!(wallet["balanceCents"], 10_000 - 2_500, "{wallet}");
 
+    // A retried POST with the same Idempotency-Key returns the same order; another body is refused.
+    let body = json!({"items": [{"productId": mug, "quantity": 1}]});
+    let first = sys
+        .client
+        .post(sys.api("/orders"))
+        .bearer_auth(&ben)
+        .header("idempotency-key", "k-1")
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.expect("json");
+    let again = sys
+        .client
+        .post(sys.api("/orders"))
+        .bearer_auth(&ben)
+        .header("idempotency-key", "k-1")
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.expect("json")["id"], first["id"]);
+    let other = sys
+        .client
+        .post(sys.api("/orders"))
+        .bearer_auth(&ben)
+        .header("idempotency-key", "k-1")
+        .json(&json!({"items": [{"productId": mug, "quantity": 2}]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(other.status(), 422);
+    assert_eq!(
+        other.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
+    let v = sys.settled(&ben, first["id"].as_str().expect("id")).await;
+    assert_eq!(v["status"], "confirmed", "{v}");
+
     // Bad input gets a problem, not a panic.
     let (st, v) = sys
-        .call(reqwest::Method::POST, "/orders", Some(&ann), Some(json!({"lines": []})))
+        .call(reqwest::Method::POST, "/orders", Some(&ann), Some(json!({"items": []})))
         .await;
     assert_eq!(st, 400, "{v}");
-    assert!(v["detail"].as_str().unwrap_or_default().contains("at least one line"));
+    assert!(v["detail"].as_str().unwrap_or_default().contains("at least one item"));
     let (st, _) = sys.call(reqwest::Method::GET, "/orders", None, None).await;
     assert_eq!(st, 401, "the gateway refuses calls without a token");
 
     let (ok, report) = sys.audit();
     assert!(ok, "audit failed:\n{report}\n{}", sys.log());
-    // Welcome + three outcomes, each written once.
-    assert_eq!(mail_count(&sys.data_dir()), 4, "{report}");
+    // Email: three welcomes (admin, Ann, Ben) and four outcomes, each written once; SMS: Ann's two outcomes.
+    assert_eq!(count_files(&sys.data_dir(), "mail"), 7, "{report}");
+    assert_eq!(count_files(&sys.data_dir(), "sms"), 2, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_roles_mid_flight_loses_and_doubles_nothing() {
     let sys = System::start(&[]).await;
     let bob = sys.customer("bob@example.com").await;
-    let tea = sys.product(&bob, "TEA", 300, 1_000).await;
+    let tea = sys.product(&sys.admin().await, "TEA", 300, 1_000).await;
     let mut orders = Vec::new();
     for round in 0..6 {
         for _ in 0..5 {
@@ -394,18 +477,7 @@ async fn the_same_system_runs_on_postgres_and_nats() {
         let sys = System::start(&env).await;
         order_outcomes(&sys).await;
         sys.kill9("orders");
-        let ann = sys
-            .call(
-                reqwest::Method::POST,
-                "/auth/login",
-                None,
-                Some(json!({"email": "ann@example.com", "password": "long enough"})),
-            )
-            .await
-            .1["token"]
-            .as_str()
-            .expect("token")
-            .to_string();
+        let ann = sys.login("ann@example.com", "long enough").await;
         let (_, products) = sys.call(reqwest::Method::GET, "/products", None, None).await;
         let mug = products
             .as_array()

@@ -65,6 +65,9 @@ pub struct UserRegistered {
     pub email: String,
     /// Display name.
     pub name: String,
+    /// Mobile number in E.164 form, for SMS, when the user gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
 }
 
 /// One line of an order as the customer asked for it.

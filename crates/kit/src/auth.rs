@@ -28,6 +28,19 @@ pub struct Claims {
     pub iat: u64,
     /// Expires at (seconds since the epoch).
     pub exp: u64,
+    /// What the holder may do beyond their own data: `admin` for operators.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// The role that may manage the catalogue, deposits and everyone's notifications.
+pub const ADMIN: &str = "admin";
+
+impl Claims {
+    /// True when the holder has the admin role.
+    pub fn is_admin(&self) -> bool {
+        self.roles.iter().any(|r| r == ADMIN)
+    }
 }
 
 /// Why a token was refused.
@@ -65,8 +78,13 @@ impl JwtKeys {
         }
     }
 
-    /// A signed token for `user`.
-    pub fn issue(&self, user: Uuid, email: &str) -> Result<String, AuthError> {
+    /// How long issued tokens live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// A signed token for `user` with `roles`.
+    pub fn issue(&self, user: Uuid, email: &str, roles: &[String]) -> Result<String, AuthError> {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         let claims = Claims {
             sub: user,
@@ -74,6 +92,7 @@ impl JwtKeys {
             iss: ISSUER.to_string(),
             iat: now,
             exp: now + self.ttl.as_secs(),
+            roles: roles.to_vec(),
         };
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(|e| AuthError::Invalid(e.to_string()))
     }
@@ -113,6 +132,23 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
     }
 }
 
+/// An authenticated caller with the admin role; others get 403.
+#[derive(Debug, Clone)]
+pub struct AdminUser(pub Claims);
+
+impl<S: Send + Sync> FromRequestParts<S> for AdminUser {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let AuthUser(claims) = AuthUser::from_request_parts(parts, state).await?;
+        if claims.is_admin() {
+            Ok(AdminUser(claims))
+        } else {
+            Err(Problem::forbidden("this needs the admin role"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,9 +157,10 @@ mod tests {
     fn issued_tokens_verify_and_foreign_ones_do_not() {
         let keys = JwtKeys::new("s3cret", Duration::from_secs(60));
         let id = Uuid::now_v7();
-        let token = keys.issue(id, "a@example.com").unwrap();
+        let token = keys.issue(id, "a@example.com", &[ADMIN.to_string()]).unwrap();
         let claims = keys.verify(&token).unwrap();
         assert_eq!(claims.sub, id);
+        assert!(claims.is_admin());
         assert_eq!(claims.iss, ISSUER);
         let other = JwtKeys::new("other", Duration::from_secs(60));
         assert!(other.verify(&token).is_err());

@@ -14,6 +14,9 @@ use crate::{
     store::{Migration, Store, StoreError},
 };
 
+/// Outbox lag beyond which a role reports itself degraded.
+pub const OUTBOX_LAG_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Settings every service role reads (from flags or `BAZAAR_*` variables in the binary).
 #[derive(Debug, Clone)]
 pub struct RoleConfig {
@@ -92,11 +95,24 @@ impl Runtime {
         })
     }
 
-    /// Health checks for the store and the broker.
+    /// Health checks for the store, the broker and the outbox (down when its oldest unsent
+    /// event is older than [`OUTBOX_LAG_LIMIT`]: events are piling up).
     pub fn health(&self) -> Health {
+        let outbox = self.outbox.clone();
         Health::new(self.role)
             .database(self.store.clone())
             .broker(self.broker.clone())
+            .check("outbox", move || {
+                let outbox = outbox.clone();
+                Box::pin(async move {
+                    let (unsent, age_ms) = outbox.lag().await.map_err(|e| e.to_string())?;
+                    if age_ms > OUTBOX_LAG_LIMIT.as_millis() as u64 {
+                        Err(format!("{unsent} events unsent, oldest {}s old", age_ms / 1000))
+                    } else {
+                        Ok(())
+                    }
+                })
+            })
     }
 
     /// Serves `api` plus `health`'s routes on `addr` until shutdown.

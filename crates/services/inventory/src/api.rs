@@ -7,7 +7,7 @@ use axum::{
     Router,
 };
 use bazaar_kit::{
-    auth::AuthUser,
+    auth::AdminUser,
     http::{Json, Problem},
     runtime::Runtime,
     store::now_millis,
@@ -34,9 +34,10 @@ struct Product {
     name: String,
     price_cents: i64,
     currency: String,
+    /// Units available to order now (on hand minus reserved).
+    stock: i64,
     on_hand: i64,
     reserved: i64,
-    available: i64,
 }
 
 fn product(r: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
@@ -48,9 +49,9 @@ fn product(r: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
         name: r.try_get("name")?,
         price_cents: r.try_get("price_cents")?,
         currency: r.try_get("currency")?,
+        stock: on_hand - reserved,
         on_hand,
         reserved,
-        available: on_hand - reserved,
     })
 }
 
@@ -130,7 +131,7 @@ impl NewProduct {
 
 async fn create(
     State(rt): State<Runtime>,
-    _user: AuthUser,
+    _admin: AdminUser,
     Json(new): Json<NewProduct>,
 ) -> Result<(StatusCode, Json<Product>), Problem> {
     new.check()?;
@@ -167,6 +168,43 @@ async fn create(
     Ok((StatusCode::CREATED, Json(product(&row)?)))
 }
 
+/// A small catalogue for a first look, added once to an empty store.
+const DEMO: &[(&str, &str, i64, i64)] = &[
+    ("MUG-CLASSIC", "Classic mug", 1_250, 100),
+    ("TEE-LOGO", "Logo T-shirt", 2_000, 50),
+    ("SOCKS-3", "Three pairs of socks", 900, 200),
+    ("BAG-TOTE", "Tote bag", 1_500, 75),
+    ("LAMP-DESK", "Desk lamp", 4_500, 20),
+];
+
+/// Adds the demo catalogue when the store has no products yet.
+pub async fn seed_demo(rt: &Runtime) -> Result<(), bazaar_kit::store::StoreError> {
+    let mut tx = rt.store.begin().await?;
+    let any = sqlx::query("SELECT 1 AS one FROM product LIMIT 1")
+        .fetch_optional(&mut *tx)
+        .await?;
+    if any.is_some() {
+        return Ok(());
+    }
+    for (sku, name, price, stock) in DEMO {
+        let id = Uuid::now_v7().to_string();
+        sqlx::query(
+            "INSERT INTO product (id, sku, name, price_cents, currency, on_hand, reserved, created_at)
+             VALUES ($1, $2, $3, $4, 'USD', $5, 0, $6)",
+        )
+        .bind(&id)
+        .bind(sku)
+        .bind(name)
+        .bind(price)
+        .bind(stock)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        movement(&mut tx, &id, *stock, "demo catalogue").await?;
+    }
+    Ok(tx.commit().await?)
+}
+
 async fn movement(
     tx: &mut bazaar_kit::store::Tx<'static>,
     product: &str,
@@ -196,7 +234,7 @@ struct Restock {
 
 async fn restock(
     State(rt): State<Runtime>,
-    _user: AuthUser,
+    _admin: AdminUser,
     Path(id): Path<String>,
     Json(body): Json<Restock>,
 ) -> Result<Json<Product>, Problem> {

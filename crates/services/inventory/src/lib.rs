@@ -58,9 +58,12 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     postgres: None,
 }];
 
-/// Runs the inventory role until `shutdown`.
-pub async fn run(config: RoleConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
+/// Runs the inventory role until `shutdown`; `demo` adds a small catalogue to an empty store.
+pub async fn run(config: RoleConfig, demo: bool, shutdown: Shutdown) -> Result<(), ServiceError> {
     let rt = Runtime::start("inventory", &config, MIGRATIONS, shutdown.clone()).await?;
+    if demo {
+        api::seed_demo(&rt).await?;
+    }
     let mut consumer = ConsumerConfig::new(groups::INVENTORY, topics::INVENTORY_COMMANDS);
     consumer.tasks = 2;
     consumer::spawn(

@@ -1,35 +1,75 @@
-//! The notifications HTTP API: what was sent to you.
+//! The notifications HTTP API: what was sent to you, or (operators) to anyone.
 
-use axum::{extract::State, routing::get, Router};
+use axum::{
+    extract::{Query, State},
+    routing::get,
+    Router,
+};
 use bazaar_kit::{
     auth::AuthUser,
     http::{Json, Problem},
     runtime::Runtime,
 };
+use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::Row;
 
 /// The API routes.
 pub fn router(rt: Runtime) -> Router {
-    Router::new().route("/notifications", get(mine)).with_state(rt)
+    Router::new().route("/notifications", get(list)).with_state(rt)
 }
 
-async fn mine(State(rt): State<Runtime>, AuthUser(user): AuthUser) -> Result<Json<Vec<Value>>, Problem> {
+/// `?recipient=` (operators only) and paging.
+#[derive(Debug, Deserialize)]
+struct Filter {
+    recipient: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// Customers see what was sent to their own email; admins see everything, or one recipient's.
+async fn list(
+    State(rt): State<Runtime>,
+    AuthUser(user): AuthUser,
+    Query(filter): Query<Filter>,
+) -> Result<Json<Vec<Value>>, Problem> {
+    let recipient = match (user.is_admin(), filter.recipient) {
+        (true, r) => r,
+        (false, Some(r)) if r != user.email => {
+            return Err(Problem::forbidden("only admins may list someone else's notifications"))
+        }
+        (false, _) => Some(user.email.clone()),
+    };
     let rows = sqlx::query(
-        "SELECT id, dedupe_key, subject, status, created_at, sent_at FROM notification WHERE recipient = $1 ORDER BY created_at DESC LIMIT 100",
+        "SELECT id, dedupe_key, channel, recipient, subject, status, attempts, last_error, correlation_id, created_at, sent_at
+         FROM notification WHERE ($1 = '' OR recipient = $1) ORDER BY created_at DESC LIMIT $2 OFFSET $3",
     )
-    .bind(&user.email)
+    .bind(recipient.unwrap_or_default())
+    .bind(filter.limit.unwrap_or(100).clamp(1, 1000))
+    .bind(filter.offset.unwrap_or(0).max(0))
     .fetch_all(rt.store.pool())
     .await?;
+    let time = |ms: Option<i64>| {
+        ms.map(|t| {
+            chrono::DateTime::from_timestamp_millis(t)
+                .unwrap_or_default()
+                .to_rfc3339()
+        })
+    };
     rows.iter()
         .map(|r| {
             Ok(json!({
                 "id": r.try_get::<String, _>("id")?,
                 "about": r.try_get::<String, _>("dedupe_key")?,
+                "channel": r.try_get::<String, _>("channel")?,
+                "recipient": r.try_get::<String, _>("recipient")?,
                 "subject": r.try_get::<String, _>("subject")?,
                 "status": r.try_get::<String, _>("status")?,
-                "createdAt": r.try_get::<i64, _>("created_at")?,
-                "sentAt": r.try_get::<Option<i64>, _>("sent_at")?,
+                "attempts": r.try_get::<i64, _>("attempts")?,
+                "lastError": r.try_get::<Option<String>, _>("last_error")?,
+                "correlationId": r.try_get::<String, _>("correlation_id")?,
+                "createdAt": time(Some(r.try_get::<i64, _>("created_at")?)),
+                "sentAt": time(r.try_get::<Option<i64>, _>("sent_at")?),
             }))
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()

@@ -1,6 +1,7 @@
 //! The notifications service: tells customers about their account and orders by email.
 //!
-//! Each outcome event becomes one `notification` row keyed by what it announces
+//! Each outcome event becomes one `notification` row per channel (email, and SMS when the
+//! user gave a phone) keyed by what it announces
 //! (`order.confirmed:<orderId>`), written in the consumer's transaction: a redelivered event
 //! finds the key taken and adds nothing. A sender loop then delivers pending rows through a
 //! circuit breaker. Delivery is idempotent per row: the file mailer writes `<id>.eml`
@@ -8,8 +9,8 @@
 //! so a resend after a crash is recognisable as the same message.
 
 mod api;
+pub mod courier;
 mod events;
-pub mod mailer;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -22,8 +23,8 @@ use bazaar_kit::{
 };
 
 pub use api::router;
+pub use courier::Courier;
 pub use events::Outcomes;
-pub use mailer::Mailer;
 
 /// The notifications table.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -44,7 +45,12 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             sent_at BIGINT
         );
         CREATE INDEX notification_pending ON notification (status, created_at);
-        CREATE INDEX notification_recipient ON notification (recipient, created_at);",
+        CREATE INDEX notification_recipient ON notification (recipient, created_at);
+        CREATE TABLE contact (
+            user_id TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            phone TEXT
+        );",
     postgres: None,
 }];
 
@@ -62,10 +68,20 @@ pub enum MailConfig {
     },
 }
 
+/// Where text messages go.
+#[derive(Debug, Clone)]
+pub enum SmsConfig {
+    /// Write each message to `<dir>/<id>.txt` (the default: `data/sms`).
+    Files(PathBuf),
+    /// POST `{id, to, text}` as JSON to an SMS gateway's webhook, with the id as
+    /// `Idempotency-Key`.
+    Webhook(String),
+}
+
 /// Runs the notifications role until `shutdown`.
-pub async fn run(config: RoleConfig, mail: MailConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
+pub async fn run(config: RoleConfig, mail: MailConfig, sms: SmsConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
     let rt = Runtime::start("notifications", &config, MIGRATIONS, shutdown.clone()).await?;
-    let mailer = Arc::new(Mailer::new(mail).map_err(|e| ServiceError::Config(e.to_string()))?);
+    let courier = Arc::new(Courier::new(mail, sms).map_err(|e| ServiceError::Config(e.to_string()))?);
     for topic in [topics::ORDERS_EVENTS, topics::USERS_EVENTS] {
         consumer::spawn(
             rt.outbox.clone(),
@@ -75,12 +91,12 @@ pub async fn run(config: RoleConfig, mail: MailConfig, shutdown: Shutdown) -> Re
             shutdown.clone(),
         );
     }
-    mailer::spawn_sender(rt.store.clone(), mailer.clone(), shutdown);
-    let health = rt.health().check("mail", {
-        let mailer = mailer.clone();
+    courier::spawn_sender(rt.store.clone(), courier.clone(), shutdown);
+    let health = rt.health().check("delivery", {
+        let courier = courier.clone();
         move || {
-            let mailer = mailer.clone();
-            Box::pin(async move { mailer.check() })
+            let courier = courier.clone();
+            Box::pin(async move { courier.check() })
         }
     });
     rt.serve(config.listen, router(rt.clone()), health).await

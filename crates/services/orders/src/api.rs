@@ -17,6 +17,7 @@ use bazaar_kit::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::Row;
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::{saga::OrderContext, Orders};
@@ -34,11 +35,11 @@ pub fn router(orders: Orders) -> Router {
 /// Most lines one order may have.
 const MAX_LINES: usize = 100;
 
-/// The body of `POST /orders`.
+/// The body of `POST /orders`: what to buy; prices come from the catalogue.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PlaceOrder {
-    lines: Vec<LineRequest>,
+    items: Vec<LineRequest>,
 }
 
 /// An order as clients see it.
@@ -87,13 +88,13 @@ async fn place(
     headers: HeaderMap,
     Json(body): Json<PlaceOrder>,
 ) -> Result<Response, Problem> {
-    if body.lines.is_empty() {
-        return Err(Problem::bad_request("an order needs at least one line"));
+    if body.items.is_empty() {
+        return Err(Problem::bad_request("an order needs at least one item"));
     }
-    if body.lines.len() > MAX_LINES {
-        return Err(Problem::bad_request(format!("an order has at most {MAX_LINES} lines")));
+    if body.items.len() > MAX_LINES {
+        return Err(Problem::bad_request(format!("an order has at most {MAX_LINES} items")));
     }
-    if let Some(bad) = body.lines.iter().find(|l| l.quantity < 1 || l.quantity > 10_000) {
+    if let Some(bad) = body.items.iter().find(|l| l.quantity < 1 || l.quantity > 10_000) {
         return Err(Problem::bad_request(format!(
             "quantity of {} must be between 1 and 10000",
             bad.product_id
@@ -111,11 +112,11 @@ async fn place(
     };
     let store = &orders.rt.store;
     if let Some(existing) = find_by_key(&orders, &user.sub, key.as_deref()).await? {
-        return Ok((StatusCode::OK, Json(existing)).into_response());
+        return same_request(existing, &body.items);
     }
     let id = Uuid::now_v7();
     let now = now_millis();
-    let lines = serde_json::to_string(&body.lines).unwrap_or_default();
+    let lines = serde_json::to_string(&body.items).unwrap_or_default();
     let mut tx = store.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO orders (id, customer_id, email, status, lines, idempotency_key, version, created_at, updated_at)
@@ -135,13 +136,13 @@ async fn place(
         let existing = find_by_key(&orders, &user.sub, key.as_deref())
             .await?
             .ok_or_else(|| Problem::conflict("order could not be placed; retry"))?;
-        return Ok((StatusCode::OK, Json(existing)).into_response());
+        return same_request(existing, &body.items);
     }
     let context = OrderContext {
         order_id: id,
         customer_id: user.sub,
         email: user.email.clone(),
-        lines: body.lines,
+        lines: body.items,
         total_cents: None,
         currency: None,
     };
@@ -162,6 +163,16 @@ async fn place(
         Json(order(&row)?),
     )
         .into_response())
+}
+
+/// The order an earlier request with the same key placed, if this request asks the same.
+fn same_request(existing: Order, items: &[LineRequest]) -> Result<Response, Problem> {
+    if existing.lines != serde_json::json!(items) {
+        return Err(Problem::unprocessable(
+            "this Idempotency-Key was used for a different order; use a new key for a new order",
+        ));
+    }
+    Ok((StatusCode::OK, Json(existing)).into_response())
 }
 
 async fn find_by_key(orders: &Orders, customer: &Uuid, key: Option<&str>) -> Result<Option<Order>, Problem> {
@@ -203,23 +214,54 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
         .map_err(|_| Problem::bad_request(format!("`{id}` is not an order id (a UUID)")))
 }
 
-/// One of the caller's orders, with its saga's progress.
+/// `?waitFor=outcome&timeout=SECS` on `GET /orders/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Wait {
+    wait_for: Option<String>,
+    timeout: Option<u64>,
+}
+
+/// Longest a client may wait for an outcome in one request.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// One of the caller's orders, with its saga's progress. With `?waitFor=outcome` the answer
+/// waits (up to `timeout` seconds, default 30) until the order is confirmed or cancelled, so
+/// clients need not poll.
 async fn show(
     State(orders): State<Orders>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
+    Query(wait): Query<Wait>,
 ) -> Result<Json<serde_json::Value>, Problem> {
     let id = parse_id(&id)?.to_string();
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
-        .bind(&id)
-        .fetch_optional(orders.rt.store.pool())
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
-    let found = order(&row)?;
-    if found.customer_id != user.sub.to_string() {
-        // Not yours: answer as if it did not exist.
-        return Err(Problem::not_found(format!("no order {id}")));
-    }
+    let until = match wait.wait_for.as_deref() {
+        None => None,
+        Some("outcome") => Some(Instant::now() + Duration::from_secs(wait.timeout.unwrap_or(30)).min(MAX_WAIT)),
+        Some(other) => {
+            return Err(Problem::bad_request(format!(
+                "waitFor must be `outcome`, not `{other}`"
+            )))
+        }
+    };
+    let found = loop {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
+            .bind(&id)
+            .fetch_optional(orders.rt.store.pool())
+            .await?
+            .ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
+        let found = order(&row)?;
+        if found.customer_id != user.sub.to_string() {
+            // Not yours: answer as if it did not exist.
+            return Err(Problem::not_found(format!("no order {id}")));
+        }
+        match until {
+            Some(t) if found.status == "pending" && Instant::now() < t => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => break found,
+        }
+    };
     let saga = orders.engine.load(&id).await?;
     let history = orders.engine.history(&id).await?;
     let mut body = json!(found);

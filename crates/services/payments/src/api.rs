@@ -7,7 +7,7 @@ use axum::{
     Router,
 };
 use bazaar_kit::{
-    auth::AuthUser,
+    auth::{AdminUser, AuthUser},
     http::{Json, Problem},
     runtime::Runtime,
 };
@@ -22,7 +22,7 @@ use crate::ledger;
 pub fn router(rt: Runtime) -> Router {
     Router::new()
         .route("/accounts/me", get(me))
-        .route("/accounts/me/deposits", post(deposit))
+        .route("/accounts/{user_id}/deposits", post(deposit))
         .route("/payments/{order_id}", get(show))
         .with_state(rt)
 }
@@ -43,7 +43,7 @@ async fn account_view(rt: &Runtime, customer: &Uuid) -> Result<Value, Problem> {
     };
     let currency: String = row.try_get("currency")?;
     let balance = ledger::balance(rt.store.pool(), &wallet).await?;
-    Ok(json!({ "customerId": customer, "balanceCents": balance, "currency": currency }))
+    Ok(json!({ "userId": customer, "balanceCents": balance, "currency": currency }))
 }
 
 async fn me(State(rt): State<Runtime>, AuthUser(user): AuthUser) -> Result<Json<Value>, Problem> {
@@ -56,20 +56,25 @@ struct Deposit {
     amount_cents: i64,
 }
 
+/// Credits a user's wallet from outside (operators only).
 async fn deposit(
     State(rt): State<Runtime>,
-    AuthUser(user): AuthUser,
+    _admin: AdminUser,
+    Path(user_id): Path<String>,
     Json(body): Json<Deposit>,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
+    let user: Uuid = user_id
+        .parse()
+        .map_err(|_| Problem::bad_request(format!("`{user_id}` is not a user id (a UUID)")))?;
     if body.amount_cents <= 0 || body.amount_cents > MAX_DEPOSIT {
         return Err(Problem::bad_request(format!(
             "amountCents must be between 1 and {MAX_DEPOSIT}"
         )));
     }
-    let wallet = ledger::wallet(&user.sub);
+    let wallet = ledger::wallet(&user);
     let mut tx = rt.store.begin().await?;
     if !ledger::exists(&mut tx, &wallet).await? {
-        return Err(Problem::not_found("no wallet yet; try again shortly"));
+        return Err(Problem::not_found(format!("no wallet for user {user}")));
     }
     ledger::open(&mut tx, ledger::EXTERNAL, "USD").await?;
     ledger::transfer(
@@ -82,7 +87,7 @@ async fn deposit(
     )
     .await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(account_view(&rt, &user.sub).await?)))
+    Ok((StatusCode::CREATED, Json(account_view(&rt, &user).await?)))
 }
 
 async fn show(

@@ -12,7 +12,7 @@ use axum::{
 };
 use bazaar_contracts::{topics, types, UserRegistered};
 use bazaar_kit::{
-    auth::AuthUser,
+    auth::{AuthUser, ADMIN},
     envelope::{Envelope, Metadata},
     http::{Json, Problem, RequestContext},
     runtime::Runtime,
@@ -28,7 +28,7 @@ pub fn router(rt: Runtime) -> Router {
     Router::new()
         .route("/users", post(register))
         .route("/users/me", get(me))
-        .route("/auth/login", post(login))
+        .route("/auth/token", post(token))
         .with_state(rt)
 }
 
@@ -39,6 +39,34 @@ struct Registration {
     email: String,
     name: String,
     password: String,
+    #[serde(default)]
+    phone: Option<String>,
+}
+
+/// A mobile number in E.164 form: `+` and 8 to 15 digits (spaces and dashes dropped).
+fn parse_phone(raw: &str) -> Result<String, Problem> {
+    let phone: String = raw.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
+    let digits = phone.strip_prefix('+').unwrap_or("");
+    if (8..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit()) {
+        Ok(phone)
+    } else {
+        Err(Problem::bad_request(format!(
+            "`{raw}` is not a phone number in international form, such as +14155550123"
+        )))
+    }
+}
+
+/// Hashes a password with argon2id off the async threads.
+async fn hash_password(password: String) -> Result<String, Problem> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+    })
+    .await
+    .map_err(Problem::internal)?
+    .map_err(Problem::internal)
 }
 
 /// An email address, trimmed and lower-cased, with one `@` between non-empty parts.
@@ -72,6 +100,9 @@ struct User {
     id: String,
     email: String,
     name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phone: Option<String>,
+    roles: Vec<String>,
 }
 
 async fn register(
@@ -80,31 +111,39 @@ async fn register(
     Json(body): Json<Registration>,
 ) -> Result<(StatusCode, Json<User>), Problem> {
     let email = Email::parse(&body.email)?;
-    let name = body.name.trim().to_string();
-    if name.is_empty() || name.len() > 200 {
-        return Err(Problem::bad_request("name must be 1 to 200 characters"));
-    }
+    let phone = body.phone.as_deref().map(parse_phone).transpose()?;
     if body.password.chars().count() < 8 || body.password.len() > 1024 {
         return Err(Problem::bad_request("password must be at least 8 characters"));
     }
-    let password = body.password;
-    let hash = tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-    })
-    .await
-    .map_err(Problem::internal)?
-    .map_err(Problem::internal)?;
+    let user = create(&rt, &ctx, email, body.name.trim(), phone, &[], body.password).await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+/// Stores a user and announces `user.registered` in one transaction.
+async fn create(
+    rt: &Runtime,
+    ctx: &RequestContext,
+    email: Email,
+    name: &str,
+    phone: Option<String>,
+    roles: &[&str],
+    password: String,
+) -> Result<User, Problem> {
+    if name.is_empty() || name.len() > 200 {
+        return Err(Problem::bad_request("name must be 1 to 200 characters"));
+    }
+    let hash = hash_password(password).await?;
     let id = Uuid::now_v7();
     let mut tx = rt.store.begin().await?;
     let inserted = sqlx::query(
-        "INSERT INTO users (id, email, name, password_hash, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (email) DO NOTHING",
+        "INSERT INTO users (id, email, name, phone, roles, password_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (email) DO NOTHING",
     )
     .bind(id.to_string())
     .bind(&email.0)
-    .bind(&name)
+    .bind(name)
+    .bind(phone.clone())
+    .bind(roles.join(","))
     .bind(&hash)
     .bind(now_millis())
     .execute(&mut *tx)
@@ -118,11 +157,12 @@ async fn register(
         UserRegistered {
             user_id: id,
             email: email.0.clone(),
-            name: name.clone(),
+            name: name.to_string(),
+            phone: phone.clone(),
         },
         Metadata {
-            correlation_id: ctx.correlation_id,
-            traceparent: ctx.traceparent,
+            correlation_id: ctx.correlation_id.clone(),
+            traceparent: ctx.traceparent.clone(),
             source: "users".into(),
             ..Metadata::default()
         },
@@ -130,17 +170,40 @@ async fn register(
     rt.outbox.add(&mut tx, topics::USERS_EVENTS, &event).await?;
     rt.outbox.commit(tx).await?;
     metrics::counter!("bazaar_users_registered_total").increment(1);
-    Ok((
-        StatusCode::CREATED,
-        Json(User {
-            id: id.to_string(),
-            email: email.0,
-            name,
-        }),
-    ))
+    Ok(User {
+        id: id.to_string(),
+        email: email.0,
+        name: name.to_string(),
+        phone,
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+    })
 }
 
-/// The body of `POST /auth/login`.
+/// Creates the operator account `email` with the admin role unless it exists.
+pub(crate) async fn ensure_admin(rt: &Runtime, email: &str, password: &str) -> Result<(), Problem> {
+    let email = Email::parse(email)?;
+    let exists = sqlx::query("SELECT 1 AS one FROM users WHERE email = $1")
+        .bind(&email.0)
+        .fetch_optional(rt.store.pool())
+        .await?;
+    if exists.is_some() {
+        return Ok(());
+    }
+    if password.chars().count() < 8 {
+        return Err(Problem::bad_request("the admin password must be at least 8 characters"));
+    }
+    let ctx = RequestContext {
+        correlation_id: Uuid::now_v7().to_string(),
+        traceparent: None,
+    };
+    match create(rt, &ctx, email, "Administrator", None, &[ADMIN], password.to_string()).await {
+        // Another instance created it at the same moment.
+        Err(p) if p.status == 409 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// The body of `POST /auth/token`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Login {
@@ -148,15 +211,17 @@ struct Login {
     password: String,
 }
 
-async fn login(State(rt): State<Runtime>, Json(body): Json<Login>) -> Result<Json<Value>, Problem> {
+/// Logs in: checks the password and issues an access token.
+async fn token(State(rt): State<Runtime>, Json(body): Json<Login>) -> Result<Json<Value>, Problem> {
     let refused = || Problem::unauthorized("unknown email or wrong password");
     let email = Email::parse(&body.email).map_err(|_| refused())?;
-    let row = sqlx::query("SELECT id, password_hash FROM users WHERE email = $1")
+    let row = sqlx::query("SELECT id, roles, password_hash FROM users WHERE email = $1")
         .bind(&email.0)
         .fetch_optional(rt.store.pool())
         .await?
         .ok_or_else(refused)?;
     let id: String = row.try_get("id")?;
+    let roles = split_roles(&row.try_get::<String, _>("roles")?);
     let hash: String = row.try_get("password_hash")?;
     let password = body.password;
     let ok = tokio::task::spawn_blocking(move || {
@@ -170,14 +235,25 @@ async fn login(State(rt): State<Runtime>, Json(body): Json<Login>) -> Result<Jso
         return Err(refused());
     }
     let user: Uuid = id.parse().map_err(Problem::internal)?;
-    let token = rt.keys.issue(user, &email.0).map_err(Problem::internal)?;
-    Ok(Json(
-        json!({ "token": token, "tokenType": "Bearer", "expiresIn": 24 * 3600, "userId": user }),
-    ))
+    let token = rt.keys.issue(user, &email.0, &roles).map_err(Problem::internal)?;
+    Ok(Json(json!({
+        "accessToken": token,
+        "tokenType": "Bearer",
+        "expiresIn": rt.keys.ttl().as_secs(),
+        "userId": user,
+    })))
+}
+
+fn split_roles(stored: &str) -> Vec<String> {
+    stored
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 async fn me(State(rt): State<Runtime>, AuthUser(claims): AuthUser) -> Result<Json<User>, Problem> {
-    let row = sqlx::query("SELECT id, email, name FROM users WHERE id = $1")
+    let row = sqlx::query("SELECT id, email, name, phone, roles FROM users WHERE id = $1")
         .bind(claims.sub.to_string())
         .fetch_optional(rt.store.pool())
         .await?
@@ -186,6 +262,8 @@ async fn me(State(rt): State<Runtime>, AuthUser(claims): AuthUser) -> Result<Jso
         id: row.try_get("id")?,
         email: row.try_get("email")?,
         name: row.try_get("name")?,
+        phone: row.try_get("phone")?,
+        roles: split_roles(&row.try_get::<String, _>("roles")?),
     }))
 }
 
@@ -198,6 +276,14 @@ mod tests {
         assert_eq!(Email::parse(" Ann@Example.COM ").unwrap().0, "ann@example.com");
         for bad in ["", "ann", "ann@", "@x.io", "a@b", "a b@c.io", "a@@c.io", "a@.io"] {
             assert!(Email::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn phones_must_be_international() {
+        assert_eq!(parse_phone("+1 415-555-0123").unwrap(), "+14155550123");
+        for bad in ["4155550123", "+12", "+1415555012345678", "+1415abc0123"] {
+            assert!(parse_phone(bad).is_err(), "{bad} accepted");
         }
     }
 }

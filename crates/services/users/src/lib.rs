@@ -22,14 +22,30 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             id TEXT PRIMARY KEY,
             email TEXT NOT NULL UNIQUE,
             name TEXT NOT NULL,
+            phone TEXT,
+            roles TEXT NOT NULL,
             password_hash TEXT NOT NULL,
             created_at BIGINT NOT NULL
         );",
     postgres: None,
 }];
 
-/// Runs the users role until `shutdown`.
-pub async fn run(config: RoleConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
+/// An operator account to create at start when it does not exist yet.
+#[derive(Debug, Clone)]
+pub struct AdminAccount {
+    /// Its email.
+    pub email: String,
+    /// Its password (at least 8 characters).
+    pub password: String,
+}
+
+/// Runs the users role until `shutdown`, creating `admin` first when given.
+pub async fn run(config: RoleConfig, admin: Option<AdminAccount>, shutdown: Shutdown) -> Result<(), ServiceError> {
     let rt = Runtime::start("users", &config, MIGRATIONS, shutdown).await?;
+    if let Some(admin) = admin {
+        api::ensure_admin(&rt, &admin.email, &admin.password)
+            .await
+            .map_err(|p| ServiceError::Config(format!("cannot create the admin account: {}", p.detail)))?;
+    }
     rt.serve(config.listen, router(rt.clone()), rt.health()).await
 }

@@ -1,4 +1,5 @@
-//! Delivers pending notifications by email, behind a circuit breaker.
+//! Delivers pending notifications by email and SMS, each channel behind its own circuit
+//! breaker.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -13,7 +14,7 @@ use lettre::{
 };
 use sqlx::Row;
 
-use crate::MailConfig;
+use crate::{MailConfig, SmsConfig};
 
 /// The sender address of every message.
 const FROM: &str = "bazaar <no-reply@bazaar.local>";
@@ -34,19 +35,54 @@ enum Transport {
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
 }
 
-/// Sends mail through the configured transport, guarded by a breaker.
-pub struct Mailer {
-    transport: Transport,
-    breaker: CircuitBreaker,
+enum SmsTransport {
+    Files(PathBuf),
+    Webhook { url: String, client: reqwest::Client },
 }
 
-impl Mailer {
-    /// A mailer for `config`; creates the mail directory for file delivery.
-    pub fn new(config: MailConfig) -> Result<Mailer, MailError> {
-        let transport = match config {
+/// Sends email and SMS through the configured transports, each guarded by a breaker.
+pub struct Courier {
+    transport: Transport,
+    breaker: CircuitBreaker,
+    sms: SmsTransport,
+    sms_breaker: CircuitBreaker,
+}
+
+fn make_dir(dir: &std::path::Path) -> Result<(), MailError> {
+    std::fs::create_dir_all(dir).map_err(|e| MailError::Deliver(format!("cannot create {}: {e}", dir.display())))
+}
+
+/// Writes `contents` to `<dir>/<id>.<ext>` via a temporary file, so a resend replaces the
+/// same file whole.
+async fn write_once(dir: &std::path::Path, id: &str, ext: &str, contents: Vec<u8>) -> Result<(), MailError> {
+    let tmp = dir.join(format!(".{id}.tmp"));
+    tokio::fs::write(&tmp, contents)
+        .await
+        .map_err(|e| MailError::Deliver(e.to_string()))?;
+    tokio::fs::rename(&tmp, dir.join(format!("{id}.{ext}")))
+        .await
+        .map_err(|e| MailError::Deliver(e.to_string()))
+}
+
+impl Courier {
+    /// A courier for `mail` and `sms`; creates the directories for file delivery.
+    pub fn new(mail: MailConfig, sms: SmsConfig) -> Result<Courier, MailError> {
+        let sms = match sms {
+            SmsConfig::Files(dir) => {
+                make_dir(&dir)?;
+                SmsTransport::Files(dir)
+            }
+            SmsConfig::Webhook(url) => SmsTransport::Webhook {
+                url,
+                client: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .map_err(|e| MailError::Deliver(e.to_string()))?,
+            },
+        };
+        let transport = match mail {
             MailConfig::Files(dir) => {
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| MailError::Deliver(format!("cannot create {}: {e}", dir.display())))?;
+                make_dir(&dir)?;
                 Transport::Files(dir)
             }
             MailConfig::Smtp { host, port } => Transport::Smtp(
@@ -56,18 +92,49 @@ impl Mailer {
                     .build(),
             ),
         };
-        Ok(Mailer {
+        Ok(Courier {
             transport,
             breaker: CircuitBreaker::new("mail", BreakerConfig::default()),
+            sms,
+            sms_breaker: CircuitBreaker::new("sms", BreakerConfig::default()),
         })
     }
 
-    /// Health: down while the breaker is open.
+    /// Health: down while a channel's breaker is open.
     pub fn check(&self) -> Result<(), String> {
-        match self.breaker.state() {
-            bazaar_kit::resilience::BreakerState::Open => Err("mail circuit open after repeated failures".into()),
-            _ => Ok(()),
+        for (name, breaker) in [("mail", &self.breaker), ("sms", &self.sms_breaker)] {
+            if breaker.state() == bazaar_kit::resilience::BreakerState::Open {
+                return Err(format!("{name} circuit open after repeated failures"));
+            }
         }
+        Ok(())
+    }
+
+    /// Sends one text message whose id the receiver can use to drop a resend.
+    pub async fn send_sms(&self, id: &str, to: &str, text: &str) -> Result<(), CallError<MailError>> {
+        self.sms_breaker
+            .call(Duration::from_secs(15), async {
+                match &self.sms {
+                    SmsTransport::Files(dir) => {
+                        write_once(dir, id, "txt", format!("To: {to}\n\n{text}\n").into_bytes()).await
+                    }
+                    SmsTransport::Webhook { url, client } => {
+                        let resp = client
+                            .post(url)
+                            .header("Idempotency-Key", id)
+                            .json(&serde_json::json!({ "id": id, "to": to, "text": text }))
+                            .send()
+                            .await
+                            .map_err(|e| MailError::Deliver(e.to_string()))?;
+                        if resp.status().is_success() {
+                            Ok(())
+                        } else {
+                            Err(MailError::Deliver(format!("SMS webhook answered {}", resp.status())))
+                        }
+                    }
+                }
+            })
+            .await
     }
 
     /// Sends one message whose `Message-ID` derives from `id`.
@@ -76,16 +143,7 @@ impl Mailer {
         self.breaker
             .call(Duration::from_secs(15), async {
                 match &self.transport {
-                    Transport::Files(dir) => {
-                        let tmp = dir.join(format!(".{id}.tmp"));
-                        let path = dir.join(format!("{id}.eml"));
-                        tokio::fs::write(&tmp, message.formatted())
-                            .await
-                            .map_err(|e| MailError::Deliver(e.to_string()))?;
-                        tokio::fs::rename(&tmp, &path)
-                            .await
-                            .map_err(|e| MailError::Deliver(e.to_string()))
-                    }
+                    Transport::Files(dir) => write_once(dir, id, "eml", message.formatted()).await,
                     Transport::Smtp(smtp) => smtp
                         .send(message)
                         .await
@@ -116,10 +174,10 @@ fn build(id: &str, to: &str, subject: &str, body: &str) -> Result<Message, MailE
 const MAX_ATTEMPTS: i64 = 10;
 
 /// Sends pending notifications every 200 ms until `shutdown`.
-pub fn spawn_sender(store: Store, mailer: Arc<Mailer>, mut shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+pub fn spawn_sender(store: Store, courier: Arc<Courier>, mut shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            if let Err(e) = send_pending(&store, &mailer).await {
+            if let Err(e) = send_pending(&store, &courier).await {
                 tracing::warn!(error = %e, "notification round failed");
             }
             tokio::select! {
@@ -130,9 +188,9 @@ pub fn spawn_sender(store: Store, mailer: Arc<Mailer>, mut shutdown: Shutdown) -
     })
 }
 
-async fn send_pending(store: &Store, mailer: &Mailer) -> Result<(), sqlx::Error> {
+async fn send_pending(store: &Store, courier: &Courier) -> Result<(), sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id, recipient, subject, body, attempts FROM notification WHERE status = 'pending' ORDER BY created_at LIMIT 50",
+        "SELECT id, channel, recipient, subject, body, attempts FROM notification WHERE status = 'pending' ORDER BY created_at LIMIT 50",
     )
     .fetch_all(store.pool())
     .await?;
@@ -140,14 +198,14 @@ async fn send_pending(store: &Store, mailer: &Mailer) -> Result<(), sqlx::Error>
         let id: String = row.try_get("id")?;
         let attempts: i64 = row.try_get("attempts")?;
         let to: String = row.try_get("recipient")?;
-        let result = mailer
-            .send(
-                &id,
-                &to,
-                &row.try_get::<String, _>("subject")?,
-                &row.try_get::<String, _>("body")?,
-            )
-            .await;
+        let body: String = row.try_get("body")?;
+        let result = if row.try_get::<String, _>("channel")? == "sms" {
+            courier.send_sms(&id, &to, &body).await
+        } else {
+            courier
+                .send(&id, &to, &row.try_get::<String, _>("subject")?, &body)
+                .await
+        };
         match result {
             Ok(()) => {
                 sqlx::query(
@@ -159,7 +217,8 @@ async fn send_pending(store: &Store, mailer: &Mailer) -> Result<(), sqlx::Error>
                 .await?;
                 metrics::counter!("bazaar_notifications_sent_total").increment(1);
             }
-            Err(CallError::Open(_)) => return Ok(()),
+            // That channel is resting; the row stays pending for a later round.
+            Err(CallError::Open(_)) => continue,
             Err(e) => {
                 let status = if attempts + 1 >= MAX_ATTEMPTS {
                     "failed"
