@@ -493,3 +493,140 @@ async fn the_same_system_runs_on_postgres_and_nats() {
     }
     dbs.drop_all().await;
 }
+
+/// Checks one Prometheus text exposition line by line; returns the samples seen.
+fn parse_prometheus(text: &str) -> Result<usize, String> {
+    let mut samples = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(rest) = line.strip_prefix('#') {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let ok = match words.first() {
+                Some(&"TYPE") => {
+                    words.len() == 3 && ["counter", "gauge", "histogram", "summary", "untyped"].contains(&words[2])
+                }
+                Some(&"HELP") => words.len() >= 2,
+                _ => true,
+            };
+            if !ok {
+                return Err(format!("bad comment line: {line}"));
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').ok_or_else(|| format!("no value: {line}"))?;
+        value
+            .parse::<f64>()
+            .or_else(|_| {
+                if value == "+Inf" || value == "-Inf" || value == "NaN" {
+                    Ok(0.0)
+                } else {
+                    Err(())
+                }
+            })
+            .map_err(|()| format!("bad value in: {line}"))?;
+        let name = series.split('{').next().unwrap_or_default();
+        let valid_name = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if !valid_name || (series.contains('{') && !series.ends_with('}')) {
+            return Err(format!("bad series: {line}"));
+        }
+        samples += 1;
+    }
+    Ok(samples)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
+    let sys = System::start(&[]).await;
+    let admin = sys.admin().await;
+    let cy = sys.customer("cy@example.com").await;
+    let pen = sys.product(&admin, "PEN", 150, 10).await;
+    let correlation = format!("trace-me-{}", uuid::Uuid::now_v7().simple());
+    let placed = sys
+        .client
+        .post(sys.api("/orders"))
+        .bearer_auth(&cy)
+        .header("x-correlation-id", &correlation)
+        .json(&json!({"items": [{"productId": pen, "quantity": 1}]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(placed.status(), 202);
+    assert_eq!(
+        placed.headers().get("x-correlation-id").and_then(|v| v.to_str().ok()),
+        Some(correlation.as_str()),
+        "the gateway echoes the caller's id"
+    );
+    let id = placed.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_eq!(sys.settled(&cy, &id).await["status"], "confirmed");
+
+    // The outcome email was queued under the same id: it travelled in event metadata.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, notes) = sys
+            .call(
+                reqwest::Method::GET,
+                "/notifications?recipient=cy@example.com",
+                Some(&admin),
+                None,
+            )
+            .await;
+        let found = notes.as_array().is_some_and(|n| {
+            n.iter()
+                .any(|x| x["about"] == format!("order.confirmed:{id}") && x["correlationId"] == correlation.as_str())
+        });
+        if found {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no notification with the correlation id: {notes}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // One grep over the supervisor's log finds the id in every role's lines.
+    let log = std::fs::read_to_string(sys.data.path().join("up.log")).expect("log");
+    for role in ["gateway", "orders", "inventory", "payments", "notifications"] {
+        let prefix = format!("{role:>13} |");
+        assert!(
+            log.lines().any(|l| l.starts_with(&prefix) && l.contains(&correlation)),
+            "no {role} log line carries {correlation}"
+        );
+    }
+
+    // Every role serves Prometheus text that parses.
+    for port in [20u16, 21, 22, 23, 24, 25] {
+        let url = format!("http://127.0.0.1:{}/metrics", sys.base + port);
+        let text = sys
+            .client
+            .get(&url)
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
+        let samples = parse_prometheus(&text).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert!(samples > 0, "{url} has no samples");
+    }
+    let orders = sys
+        .client
+        .get(format!("http://127.0.0.1:{}/metrics", sys.base + 23))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "bazaar_http_requests_total",
+        "bazaar_saga_transitions_total",
+        "bazaar_outbox_unsent",
+    ] {
+        assert!(orders.contains(name), "orders /metrics lacks {name}");
+    }
+}

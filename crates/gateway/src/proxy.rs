@@ -79,8 +79,26 @@ pub(crate) async fn handle(
     let _in_flight = CountGuard::new(&shared.stats.requests_in_flight);
     let snapshot = shared.snapshot();
     let mut decorations = Decorations::default();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
     let mut response = process(&shared, &snapshot, request, connection, &mut decorations).await;
 
+    // One access line per request, carrying the correlation id the services will log too.
+    let correlation_id = decorations
+        .correlation
+        .as_ref()
+        .and_then(|(_, v)| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    tracing::info!(
+        %method,
+        %path,
+        status = response.status().as_u16(),
+        service = decorations.service.as_deref().unwrap_or(""),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        correlation_id,
+        "proxied"
+    );
     let headers = response.headers_mut();
     headers.append(header::VIA, HeaderValue::from_static(VIA));
     if let Some((name, value)) = decorations.correlation {

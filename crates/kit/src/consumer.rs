@@ -83,6 +83,9 @@ impl ConsumerConfig {
     }
 }
 
+/// How often a runner reports its group's lag (`bazaar_consumer_lag`).
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
 /// Backoff before the next attempt: 100 ms doubling, capped at 10 s.
 pub fn retry_delay(attempt: u32) -> Duration {
     Duration::from_millis((100u64 << attempt.min(7)).min(10_000))
@@ -149,9 +152,17 @@ impl Runner {
             }
         };
         failures = 0;
+        let mut lag_checked = std::time::Instant::now() - LAG_EVERY;
         loop {
             if shutdown.is_triggered() {
                 return;
+            }
+            if lag_checked.elapsed() >= LAG_EVERY {
+                lag_checked = std::time::Instant::now();
+                if let Ok(lag) = self.broker.pending(&self.config.topic, &self.config.group).await {
+                    metrics::gauge!("bazaar_consumer_lag", "topic" => self.config.topic.clone(), "group" => self.config.group.clone())
+                        .set(lag as f64);
+                }
             }
             let batch = tokio::select! {
                 _ = shutdown.wait() => return,
@@ -258,7 +269,10 @@ impl Runner {
         }
         match self.handler.handle(&mut tx, event).await {
             Ok(()) => match self.outbox.commit(tx).await {
-                Ok(()) => Outcome::Handled,
+                Ok(()) => {
+                    tracing::info!(group = %self.config.group, "handled");
+                    Outcome::Handled
+                }
                 Err(e) => Outcome::Retry(e.to_string()),
             },
             Err(HandlerError::Transient(reason)) => {
