@@ -101,7 +101,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     let mut out = Vec::new();
 
     // 1. Every order settled.
-    let orders = sqlx::query("SELECT id, status, total_cents FROM orders")
+    let orders = sqlx::query("SELECT id, status, total_cents, customer_id FROM orders")
         .fetch_all(s.orders.pool())
         .await?;
     let mut by_status: HashMap<String, i64> = HashMap::new();
@@ -113,6 +113,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
             r.try_get::<String, _>("id")?,
             status,
             r.try_get::<Option<i64>, _>("total_cents")?,
+            r.try_get::<String, _>("customer_id")?,
         ));
     }
     let pending = by_status.get("pending").copied().unwrap_or(0);
@@ -152,7 +153,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         .map(|r| Ok((r.try_get("order_id")?, r.try_get("status")?)))
         .collect::<Result<_, sqlx::Error>>()?;
     let mut wrong = Vec::new();
-    for (id, status, total) in &final_orders {
+    for (id, status, total, _) in &final_orders {
         let pay = payments.get(id);
         let res = reservations.get(id).map(String::as_str);
         let fine = match status.as_str() {
@@ -256,28 +257,39 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         ),
     ));
 
-    // 5. One notification per outcome.
-    let sent: HashMap<String, String> = sqlx::query(
-        "SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%' AND channel = 'email'",
-    )
-    .fetch_all(s.notifications.pool())
-    .await?
-    .iter()
-    .map(|r| Ok((r.try_get("dedupe_key")?, r.try_get("status")?)))
-    .collect::<Result<_, sqlx::Error>>()?;
+    // 5. One notification per outcome and channel (SMS for customers who gave a phone).
+    let sent: HashMap<String, String> =
+        sqlx::query("SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%'")
+            .fetch_all(s.notifications.pool())
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("dedupe_key")?, r.try_get("status")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+    let phones: std::collections::HashSet<String> = sqlx::query("SELECT user_id FROM contact WHERE phone IS NOT NULL")
+        .fetch_all(s.notifications.pool())
+        .await?
+        .iter()
+        .map(|r| r.try_get("user_id"))
+        .collect::<Result<_, sqlx::Error>>()?;
     let mut missing = Vec::new();
-    for (id, status, _) in final_orders.iter().filter(|(_, st, _)| st != "pending") {
-        let key = format!("order.{status}:{id}");
-        let other = format!(
-            "order.{}:{id}",
-            if status == "confirmed" {
-                "cancelled"
-            } else {
-                "confirmed"
+    let mut texts = 0;
+    for (id, status, _, customer) in final_orders.iter().filter(|(_, st, _, _)| st != "pending") {
+        let opposite = if status == "confirmed" {
+            "cancelled"
+        } else {
+            "confirmed"
+        };
+        let mut channels = vec![""];
+        if phones.contains(customer) {
+            channels.push(":sms");
+            texts += 1;
+        }
+        for channel in channels {
+            let key = format!("order.{status}:{id}{channel}");
+            let other = format!("order.{opposite}:{id}{channel}");
+            if sent.get(&key).map(String::as_str) != Some("sent") || sent.contains_key(&other) {
+                missing.push(format!("{key}: {:?}", sent.get(&key)));
             }
-        );
-        if sent.get(&key).map(String::as_str) != Some("sent") || sent.contains_key(&other) {
-            missing.push(format!("{key}: {:?}", sent.get(&key)));
         }
     }
     let users = count(&s.users, "SELECT COUNT(*) FROM users").await?;
@@ -291,7 +303,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         missing.is_empty() && welcomes == users,
         if missing.is_empty() {
             format!(
-                "{} outcome emails sent once each; {welcomes}/{users} welcome emails",
+                "{} outcome messages sent once each ({texts} by SMS); {welcomes}/{users} welcome emails",
                 sent.len()
             )
         } else {
