@@ -9,11 +9,13 @@
 //! - [`saga`]: the durable orchestrated saga engine.
 //! - [`http`], [`health`], [`auth`], [`telemetry`]: what every role's HTTP side shares.
 //! - [`resilience`]: circuit breaker and jittered backoff for calls that can cascade.
+//! - [`client`]: the one outbound HTTP client stack (timeout, retry budget, breaker, bulkhead).
 //! - [`runtime`]: what every service role starts with.
 //! - [`shutdown`]: the stop signal every background task listens to.
 
 pub mod auth;
 pub mod broker;
+pub mod client;
 pub mod consumer;
 pub mod envelope;
 pub mod health;

@@ -1,14 +1,19 @@
 //! Guards for calls that can cascade: a circuit breaker and jittered retry backoff.
 //!
-//! The breaker counts outcomes in a sliding window of the last `window` calls. When at least
-//! `min_calls` were made and the failure rate reaches `failure_rate`, it opens and rejects
-//! calls at once for `open_for`; then it lets `half_open_probes` trial calls through and
-//! closes if they all succeed, or opens again on the first failure.
+//! The breaker counts outcomes in a sliding window of the last `window` calls, as
+//! resilience4j's count-based window does. When at least `min_calls` were made and either the
+//! failure rate reaches `failure_rate` or the share of calls slower than `slow_call` reaches
+//! `slow_call_rate`, it opens and rejects calls at once for `open_for`; then it lets
+//! `half_open_probes` trial calls through and closes if they all succeed quickly, or opens
+//! again on the first failed or slow one.
+//!
+//! [`CircuitBreaker::call`] guards one future; the outbound HTTP stack in
+//! [`crate::client`] uses [`CircuitBreaker::try_acquire`] and a [`BreakerPermit`] instead.
 
 use std::{
     collections::VecDeque,
     future::Future,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -25,6 +30,11 @@ pub struct BreakerConfig {
     pub open_for: Duration,
     /// Trial calls in half-open.
     pub half_open_probes: u32,
+    /// A call lasting at least this long counts as slow, even when it succeeds.
+    pub slow_call: Duration,
+    /// Slow share (0..=1) that opens the breaker: a dependency that answers, but too late,
+    /// ties up callers as surely as one that fails.
+    pub slow_call_rate: f64,
 }
 
 impl Default for BreakerConfig {
@@ -35,6 +45,8 @@ impl Default for BreakerConfig {
             failure_rate: 0.5,
             open_for: Duration::from_secs(5),
             half_open_probes: 2,
+            slow_call: Duration::from_secs(10),
+            slow_call_rate: 1.0,
         }
     }
 }
@@ -59,15 +71,26 @@ pub enum CallError<E> {
     /// The call ran out of time.
     #[error("call timed out after {0:?}")]
     Timeout(Duration),
+    /// Too many calls to this dependency are in flight (the bulkhead is full); the call was
+    /// not made.
+    #[error("too many calls in flight to `{0}`")]
+    Full(&'static str),
     /// The call failed.
     #[error(transparent)]
     Failed(E),
 }
 
+/// One call's result as the window remembers it.
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    failed: bool,
+    slow: bool,
+}
+
 #[derive(Debug)]
 struct Inner {
     state: BreakerState,
-    outcomes: VecDeque<bool>,
+    outcomes: VecDeque<Outcome>,
     opened_at: Option<Instant>,
     probes_left: u32,
 }
@@ -139,11 +162,15 @@ impl CircuitBreaker {
         }
     }
 
-    /// Records a call's outcome.
-    fn record(&self, ok: bool) {
+    /// Records a call's outcome: `ok` is false for a failure, `elapsed` decides slowness.
+    fn record(&self, ok: bool, elapsed: Duration) {
+        let outcome = Outcome {
+            failed: !ok,
+            slow: elapsed >= self.config.slow_call,
+        };
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match inner.state {
-            BreakerState::HalfOpen if !ok => self.open(&mut inner),
+            BreakerState::HalfOpen if outcome.failed || outcome.slow => self.open(&mut inner),
             BreakerState::HalfOpen => {
                 if inner.probes_left == 0 {
                     inner.outcomes.clear();
@@ -152,17 +179,55 @@ impl CircuitBreaker {
             }
             BreakerState::Open => {}
             BreakerState::Closed => {
-                inner.outcomes.push_back(ok);
+                inner.outcomes.push_back(outcome);
                 while inner.outcomes.len() > self.config.window {
                     inner.outcomes.pop_front();
                 }
-                let failures = inner.outcomes.iter().filter(|o| !**o).count();
                 let calls = inner.outcomes.len();
-                if calls >= self.config.min_calls && failures as f64 / calls as f64 >= self.config.failure_rate {
-                    self.open(&mut inner);
+                let failures = inner.outcomes.iter().filter(|o| o.failed).count();
+                let slow = inner.outcomes.iter().filter(|o| o.slow).count();
+                if calls >= self.config.min_calls {
+                    let failure_rate = failures as f64 / calls as f64;
+                    let slow_rate = slow as f64 / calls as f64;
+                    if failure_rate >= self.config.failure_rate {
+                        tracing::warn!(breaker = self.name, failure_rate, calls, "failure rate over threshold");
+                        self.open(&mut inner);
+                    } else if slow_rate >= self.config.slow_call_rate {
+                        tracing::warn!(breaker = self.name, slow_rate, calls, slow_call = ?self.config.slow_call, "slow-call rate over threshold");
+                        self.open(&mut inner);
+                    }
                 }
             }
         }
+    }
+
+    /// Gives back a half-open trial slot whose call never finished (it was cancelled), so
+    /// the breaker cannot stay half-open forever waiting for it.
+    fn release(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.state == BreakerState::HalfOpen && inner.probes_left < self.config.half_open_probes {
+            inner.probes_left += 1;
+        }
+    }
+
+    /// Asks to make a call: a permit to report its outcome with, or `None` when the breaker
+    /// rejects it now (open, or half-open with every trial slot taken).
+    pub fn try_acquire(self: &Arc<Self>) -> Option<BreakerPermit> {
+        if self.admit() {
+            Some(BreakerPermit {
+                breaker: self.clone(),
+                started: Instant::now(),
+                settled: false,
+            })
+        } else {
+            metrics::counter!("bazaar_breaker_rejected_total", "breaker" => self.name).increment(1);
+            None
+        }
+    }
+
+    /// The name the breaker reports under.
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     fn open(&self, inner: &mut Inner) {
@@ -180,19 +245,52 @@ impl CircuitBreaker {
             metrics::counter!("bazaar_breaker_rejected_total", "breaker" => self.name).increment(1);
             return Err(CallError::Open(self.name));
         }
+        let started = Instant::now();
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(v)) => {
-                self.record(true);
+                self.record(true, started.elapsed());
                 Ok(v)
             }
             Ok(Err(e)) => {
-                self.record(false);
+                self.record(false, started.elapsed());
                 Err(CallError::Failed(e))
             }
             Err(_) => {
-                self.record(false);
+                self.record(false, started.elapsed());
                 Err(CallError::Timeout(timeout))
             }
+        }
+    }
+}
+
+/// Leave to make one call through a [`CircuitBreaker`]; report how it went with
+/// [`BreakerPermit::success`] or [`BreakerPermit::failure`]. Dropped unreported (the call was
+/// cancelled), it counts as neither and frees its half-open trial slot.
+#[derive(Debug)]
+pub struct BreakerPermit {
+    breaker: Arc<CircuitBreaker>,
+    started: Instant,
+    settled: bool,
+}
+
+impl BreakerPermit {
+    /// The call succeeded (it may still count as slow).
+    pub fn success(mut self) {
+        self.settled = true;
+        self.breaker.record(true, self.started.elapsed());
+    }
+
+    /// The call failed.
+    pub fn failure(mut self) {
+        self.settled = true;
+        self.breaker.record(false, self.started.elapsed());
+    }
+}
+
+impl Drop for BreakerPermit {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.breaker.release();
         }
     }
 }
@@ -215,6 +313,7 @@ mod tests {
             failure_rate: 0.5,
             open_for: Duration::from_millis(50),
             half_open_probes: 1,
+            ..BreakerConfig::default()
         }
     }
 
@@ -256,6 +355,55 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert!(!fail(&b).await);
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test]
+    async fn slow_successes_open_it_when_the_slow_rate_reaches_its_threshold() {
+        let config = BreakerConfig {
+            slow_call: Duration::from_millis(20),
+            slow_call_rate: 0.5,
+            failure_rate: 1.0,
+            ..quick()
+        };
+        let b = Arc::new(CircuitBreaker::new("test-slow", config));
+        let slow = || async {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            Ok::<_, ()>(())
+        };
+        // One slow call in three stays under the 50 % threshold.
+        b.call(Duration::from_secs(1), slow()).await.ok();
+        b.call(Duration::from_secs(1), async { Ok::<_, ()>(()) }).await.ok();
+        b.call(Duration::from_secs(1), async { Ok::<_, ()>(()) }).await.ok();
+        assert_eq!(b.state(), BreakerState::Closed);
+        // The fourth call is slow too: 2 of 4 reaches it, though every call succeeded.
+        b.call(Duration::from_secs(1), slow()).await.ok();
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(b.try_acquire().is_none(), "open breaker hands out no permits");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // A slow trial call opens it again; a quick one closes it.
+        let permit = b.try_acquire().expect("half-open admits a trial call");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        permit.success();
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        b.try_acquire().expect("trial call").success();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_trial_call_frees_its_slot() {
+        let b = Arc::new(CircuitBreaker::new("test-cancel", quick()));
+        for _ in 0..4 {
+            b.try_acquire().expect("closed").failure();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let probe = b.try_acquire().expect("the one trial slot");
+        assert!(b.try_acquire().is_none(), "the only slot is taken");
+        drop(probe);
+        assert!(
+            b.try_acquire().is_some(),
+            "dropping an unreported permit frees the slot"
+        );
     }
 
     #[test]
