@@ -35,20 +35,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         CREATE TABLE inbox (grp TEXT NOT NULL, event_id TEXT NOT NULL, handled_at BIGINT NOT NULL, PRIMARY KEY (grp, event_id));
         CREATE INDEX inbox_age ON inbox (handled_at);
         CREATE TABLE relay_lease (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);",
-    postgres: Some(
-        "CREATE TABLE outbox (
-            id BIGSERIAL PRIMARY KEY,
-            event_id TEXT NOT NULL UNIQUE,
-            topic TEXT NOT NULL,
-            body TEXT NOT NULL,
-            created_at BIGINT NOT NULL,
-            sent_at BIGINT
-        );
-        CREATE INDEX outbox_unsent ON outbox (sent_at, id);
-        CREATE TABLE inbox (grp TEXT NOT NULL, event_id TEXT NOT NULL, handled_at BIGINT NOT NULL, PRIMARY KEY (grp, event_id));
-        CREATE INDEX inbox_age ON inbox (handled_at);
-        CREATE TABLE relay_lease (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);",
-    ),
+    postgres: None,
 }];
 
 /// How long sent outbox rows and inbox records are kept.

@@ -57,31 +57,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             entry TEXT NOT NULL
         );
         CREATE INDEX saga_history_saga ON saga_history (saga_id, id);",
-    postgres: Some(
-        "CREATE TABLE saga (
-            id TEXT PRIMARY KEY,
-            kind TEXT NOT NULL,
-            status TEXT NOT NULL,
-            step BIGINT NOT NULL,
-            context TEXT NOT NULL,
-            correlation_id TEXT NOT NULL,
-            attempts BIGINT NOT NULL,
-            deadline BIGINT,
-            command_id TEXT,
-            error TEXT,
-            created_at BIGINT NOT NULL,
-            updated_at BIGINT NOT NULL
-        );
-        CREATE INDEX saga_due ON saga (status, deadline);
-        CREATE TABLE saga_history (
-            id BIGSERIAL PRIMARY KEY,
-            saga_id TEXT NOT NULL,
-            at BIGINT NOT NULL,
-            step TEXT NOT NULL,
-            entry TEXT NOT NULL
-        );
-        CREATE INDEX saga_history_saga ON saga_history (saga_id, id);",
-    ),
+    postgres: None,
 }];
 
 /// Compensations are retried this many times (with backoff) before the saga is `stuck`.

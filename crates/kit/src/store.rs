@@ -129,8 +129,9 @@ impl std::fmt::Display for StoreUrl {
     }
 }
 
-/// One versioned schema change. `postgres` overrides `sql` on PostgreSQL where the two
-/// dialects cannot share a text.
+/// One versioned schema change. Write `sql` for SQLite: on PostgreSQL the store turns
+/// `INTEGER PRIMARY KEY AUTOINCREMENT` into `BIGSERIAL PRIMARY KEY`, the one difference our
+/// schemas meet; `postgres` replaces the text entirely where more differs.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
     /// Strictly increasing version number.
@@ -154,6 +155,10 @@ impl Migration {
         }
     }
 }
+
+/// SQLite's auto-numbered key, and what PostgreSQL calls it.
+const SQLITE_ROWID: &str = "INTEGER PRIMARY KEY AUTOINCREMENT";
+const POSTGRES_SERIAL: &str = "BIGSERIAL PRIMARY KEY";
 
 /// A service's database: a pool plus the dialect it speaks.
 #[derive(Debug, Clone)]
@@ -260,10 +265,11 @@ impl Store {
                 continue;
             }
             let sql = match (self.dialect, m.postgres) {
-                (Dialect::Postgres, Some(pg)) => pg,
-                _ => m.sql,
+                (Dialect::Postgres, Some(pg)) => pg.to_string(),
+                (Dialect::Postgres, None) => m.sql.replace(SQLITE_ROWID, POSTGRES_SERIAL),
+                (Dialect::Sqlite, _) => m.sql.to_string(),
             };
-            sqlx::raw_sql(sql)
+            sqlx::raw_sql(&sql)
                 .execute(&mut *tx)
                 .await
                 .map_err(|source| StoreError::Migration {

@@ -29,6 +29,7 @@ use bazaar_kit::{
     saga::{self, Action, CommandHeader, SagaEngine, SagaFlow, SagaState, SagaStatus, Step, COMPENSATION_ATTEMPTS},
     shutdown,
     store::{now_millis, Store, Tx},
+    testing::TestDb,
 };
 use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
@@ -108,74 +109,7 @@ impl SagaFlow for TestFlow {
     }
 }
 
-/// Where a case's database lives.
-enum Backend {
-    Sqlite { _dir: tempfile::TempDir },
-    Postgres { admin: String, name: String },
-}
-
-/// A fresh database for one case.
-struct Db {
-    url: String,
-    backend: Backend,
-}
-
-impl Db {
-    fn sqlite() -> Db {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("o.db").display());
-        Db {
-            url,
-            backend: Backend::Sqlite { _dir: dir },
-        }
-    }
-
-    async fn postgres() -> Option<Db> {
-        let admin = match std::env::var("BAZAAR_TEST_POSTGRES_URL") {
-            Ok(url) if !url.is_empty() => url,
-            _ => {
-                eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL to run against PostgreSQL)");
-                return None;
-            }
-        };
-        let name = format!("saga_{}", uuid::Uuid::new_v4().simple());
-        let server = Store::open(&admin).await.expect("connect to BAZAAR_TEST_POSTGRES_URL");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(server.pool())
-            .await
-            .expect("create a test database");
-        server.close().await;
-        Some(Db {
-            url: with_database(&admin, &name),
-            backend: Backend::Postgres { admin, name },
-        })
-    }
-
-    async fn drop_database(&self) {
-        if let Backend::Postgres { admin, name } = &self.backend {
-            if let Ok(server) = Store::open(admin).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(server.pool())
-                    .await;
-                server.close().await;
-            }
-        }
-    }
-}
-
-/// `url` with its database name replaced by `database`, keeping any query string.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    format!("{base}/{database}{query}")
-}
+type Db = TestDb;
 
 /// A saga command the engine left in the outbox.
 #[derive(Debug, Clone)]
@@ -848,7 +782,7 @@ macro_rules! saga_cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let db = super::Db::sqlite();
+                    let db = super::Db::sqlite("o.db");
                     super::$case(&db).await;
                 }
             )*
@@ -860,7 +794,7 @@ macro_rules! saga_cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let Some(db) = super::Db::postgres().await else {
+                    let Some(db) = super::Db::postgres("saga").await else {
                         return;
                     };
                     let outcome = std::panic::AssertUnwindSafe(super::$case(&db)).catch_unwind().await;

@@ -25,85 +25,14 @@ use bazaar_kit::{
     outbox::{self, Outbox},
     shutdown,
     store::{Migration, Store},
+    testing::TestDb,
 };
 use bytes::Bytes;
 use futures_util::{future::BoxFuture, FutureExt};
 use sqlx::Row;
 use tokio::time::Instant;
 
-/// Where a case's database lives.
-enum Engine {
-    Sqlite { _dir: tempfile::TempDir },
-    Postgres { admin: String, name: String },
-}
-
-/// A fresh database for one case.
-struct Db {
-    url: String,
-    engine: Engine,
-}
-
-impl Db {
-    fn sqlite() -> Db {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("service.db").display());
-        Db {
-            url,
-            engine: Engine::Sqlite { _dir: dir },
-        }
-    }
-
-    async fn postgres() -> Option<Db> {
-        let admin = match std::env::var("BAZAAR_TEST_POSTGRES_URL") {
-            Ok(url) if !url.is_empty() => url,
-            _ => {
-                eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL to run against PostgreSQL)");
-                return None;
-            }
-        };
-        let name = format!("bazaar_test_{}", uuid::Uuid::new_v4().simple());
-        let server = Store::open(&admin).await.expect("connect to BAZAAR_TEST_POSTGRES_URL");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(server.pool())
-            .await
-            .expect("create a test database");
-        server.close().await;
-        Some(Db {
-            url: with_database(&admin, &name),
-            engine: Engine::Postgres { admin, name },
-        })
-    }
-
-    /// Opens another store on this database, as another instance of the service would.
-    async fn open(&self) -> Store {
-        Store::open(&self.url).await.expect("open the store")
-    }
-
-    async fn drop_database(&self) {
-        if let Engine::Postgres { admin, name } = &self.engine {
-            if let Ok(server) = Store::open(admin).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(server.pool())
-                    .await;
-                server.close().await;
-            }
-        }
-    }
-}
-
-/// `url` with its database name replaced by `database`, keeping any query string.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let server = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    format!("{server}/{database}{query}")
-}
+type Db = TestDb;
 
 async fn run<F, Fut>(db: Option<Db>, case: F)
 where
@@ -126,7 +55,7 @@ macro_rules! store_cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    super::run(Some(super::Db::sqlite()), super::$case).await
+                    super::run(Some(super::Db::sqlite("service.db")), super::$case).await
                 }
             )*
         }
@@ -134,7 +63,7 @@ macro_rules! store_cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    super::run(super::Db::postgres().await, super::$case).await
+                    super::run(super::Db::postgres("bazaar_test").await, super::$case).await
                 }
             )*
         }
@@ -435,17 +364,4 @@ impl Broker for CountingBroker {
     fn kind(&self) -> &'static str {
         "counting"
     }
-}
-
-#[test]
-fn database_names_are_swapped_in_urls() {
-    assert_eq!(
-        with_database("postgres://postgres@127.0.0.1:5432/test", "x"),
-        "postgres://postgres@127.0.0.1:5432/x"
-    );
-    assert_eq!(
-        with_database("postgres://u:p@h/test?sslmode=disable", "x"),
-        "postgres://u:p@h/x?sslmode=disable"
-    );
-    assert_eq!(with_database("postgres://h:5432", "x"), "postgres://h:5432/x");
 }
