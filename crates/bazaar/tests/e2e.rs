@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bazaar_kit::testing::TestDb;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bazaar");
@@ -411,64 +412,24 @@ async fn killing_roles_mid_flight_loses_and_doubles_nothing() {
     assert_eq!(tea_now["onHand"], 1_000 - orders.len() as i64, "{tea_now}");
 }
 
-/// Fresh PostgreSQL databases, one per service, dropped at the end.
-struct Databases {
-    admin: String,
-    names: Vec<String>,
-}
-
-impl Databases {
-    async fn create(admin: &str) -> Databases {
-        let store = bazaar_kit::store::Store::open(admin).await.expect("admin connection");
-        let run = uuid::Uuid::now_v7().simple().to_string();
-        let mut names = Vec::new();
-        for role in ["users", "inventory", "orders", "payments", "notifications"] {
-            let name = format!("e2e_{role}_{}", &run[run.len() - 12..]);
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(store.pool())
-                .await
-                .expect("create database");
-            names.push(name);
-        }
-        store.close().await;
-        Databases {
-            admin: admin.to_string(),
-            names,
-        }
-    }
-
-    fn url(&self, i: usize) -> String {
-        let base = self.admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&self.admin);
-        format!("{base}/{}", self.names[i])
-    }
-
-    async fn drop_all(self) {
-        if let Ok(store) = bazaar_kit::store::Store::open(&self.admin).await {
-            for name in &self.names {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(store.pool())
-                    .await;
-            }
-            store.close().await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_system_runs_on_postgres_and_nats() {
-    let (Ok(pg), Ok(nats)) = (
-        std::env::var("BAZAAR_TEST_POSTGRES_URL"),
-        std::env::var("BAZAAR_TEST_NATS_URL"),
-    ) else {
+    let Ok(nats) = std::env::var("BAZAAR_TEST_NATS_URL") else {
         eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_NATS_URL to run on PostgreSQL and NATS)");
         return;
     };
-    let dbs = Databases::create(&pg).await;
+    let mut dbs = Vec::new();
+    for role in ["users", "inventory", "orders", "payments", "notifications"] {
+        let Some(db) = TestDb::postgres(&format!("e2e_{role}")).await else {
+            return;
+        };
+        dbs.push(db);
+    }
     let broker = format!("{nats}?namespace=e2e{}", uuid::Uuid::now_v7().simple());
     let stores: Vec<(String, String)> = ["USERS", "INVENTORY", "ORDERS", "PAYMENTS", "NOTIFICATIONS"]
         .iter()
         .enumerate()
-        .map(|(i, role)| (format!("BAZAAR_{role}_STORE_URL"), dbs.url(i)))
+        .map(|(i, role)| (format!("BAZAAR_{role}_STORE_URL"), dbs[i].url.clone()))
         .collect();
     let mut env: Vec<(&str, &str)> = stores.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     env.push(("BAZAAR_BROKER_URL", &broker));
@@ -491,7 +452,9 @@ async fn the_same_system_runs_on_postgres_and_nats() {
         let (ok, report) = sys.audit();
         assert!(ok, "audit failed:\n{report}\n{}", sys.log());
     }
-    dbs.drop_all().await;
+    for db in dbs {
+        db.drop_database().await;
+    }
 }
 
 /// Checks one Prometheus text exposition line by line; returns the samples seen.
