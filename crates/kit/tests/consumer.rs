@@ -1,0 +1,208 @@
+//! The consumer runner: poison messages and exhausted retries go to the dead-letter topic with
+//! their reason and never block the messages behind them; a dead letter can be replayed.
+
+use std::{
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bazaar_kit::{
+    broker::{self, dlq_topic, DeadLetter, SharedBroker},
+    consumer::{self, ConsumerConfig, Handler, HandlerError},
+    envelope::{Envelope, Metadata},
+    outbox::{self, Outbox},
+    shutdown,
+    store::{Migration, Store, Tx},
+};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use sqlx::Row;
+
+const SINK: &[Migration] = &[Migration::new(
+    10,
+    "handled",
+    "CREATE TABLE handled (event_id TEXT NOT NULL, event_type TEXT NOT NULL)",
+)];
+
+/// Knows `test.ok`; `test.flaky` fails until `heal` is set; anything else is poison.
+struct TestHandler {
+    flaky_failures: AtomicU32,
+    heal_after: u32,
+}
+
+impl Handler for TestHandler {
+    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            match event.event_type.as_str() {
+                "test.ok" => {}
+                "test.flaky" => {
+                    if self.flaky_failures.fetch_add(1, Ordering::SeqCst) < self.heal_after {
+                        return Err(HandlerError::Transient("the ledger is down".into()));
+                    }
+                }
+                other => return Err(HandlerError::Poison(format!("unknown event type `{other}`"))),
+            }
+            sqlx::query("INSERT INTO handled (event_id, event_type) VALUES ($1, $2)")
+                .bind(event.event_id.to_string())
+                .bind(&event.event_type)
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    sink: Store,
+    broker: SharedBroker,
+    topic: String,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Store::open(&format!("sqlite://{}/sink.db", dir.path().display()))
+        .await
+        .expect("store");
+    let all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(SINK).copied().collect();
+    sink.migrate(&all).await.expect("migrate");
+    let broker = broker::connect(&format!("sqlite://{}/bus.db", dir.path().display()))
+        .await
+        .expect("broker");
+    Fixture {
+        _dir: dir,
+        sink,
+        broker,
+        topic: "consumer.test".into(),
+    }
+}
+
+async fn publish(broker: &SharedBroker, topic: &str, event_type: &str) -> String {
+    let e = Envelope::new(event_type, "a1", serde_json::json!({}), Metadata::default());
+    broker
+        .publish(topic, &e.event_id.to_string(), Bytes::from(e.to_vec()))
+        .await
+        .expect("publish");
+    e.event_id.to_string()
+}
+
+async fn handled(sink: &Store) -> Vec<String> {
+    sqlx::query("SELECT event_type FROM handled ORDER BY event_type")
+        .fetch_all(sink.pool())
+        .await
+        .expect("handled")
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect()
+}
+
+async fn dead_letters(broker: &SharedBroker, topic: &str, n: usize) -> Vec<(u64, DeadLetter)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dead: Vec<(u64, DeadLetter)> = broker
+            .read(&dlq_topic(topic), 100)
+            .await
+            .expect("read dlq")
+            .into_iter()
+            .map(|m| (m.seq, serde_json::from_slice(&m.body).expect("dead letter json")))
+            .collect();
+        if dead.len() >= n {
+            return dead;
+        }
+        assert!(Instant::now() < deadline, "only {} of {n} dead letters", dead.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn config(topic: &str, max_attempts: u32) -> ConsumerConfig {
+    let mut c = ConsumerConfig::new("g", topic);
+    c.max_attempts = max_attempts;
+    c.ack_wait = Duration::from_secs(2);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_a_reason_and_block_nothing() {
+    let f = fixture().await;
+    f.broker
+        .publish(&f.topic, "not-json", Bytes::from_static(b"{oops"))
+        .await
+        .expect("publish");
+    let unknown = publish(&f.broker, &f.topic, "test.mystery").await;
+    publish(&f.broker, &f.topic, "test.ok").await;
+    let (_stop, shut) = shutdown::channel();
+    let handler = Arc::new(TestHandler {
+        flaky_failures: AtomicU32::new(0),
+        heal_after: 0,
+    });
+    consumer::spawn(
+        Outbox::new(f.sink.clone()),
+        f.broker.clone(),
+        config(&f.topic, 5),
+        handler,
+        shut,
+    );
+
+    let dead = dead_letters(&f.broker, &f.topic, 2).await;
+    let reasons: Vec<&str> = dead.iter().map(|(_, d)| d.reason.as_str()).collect();
+    assert!(reasons.iter().any(|r| r.contains("malformed envelope")), "{reasons:?}");
+    let mystery = dead
+        .iter()
+        .find(|(_, d)| d.msg_id == unknown)
+        .expect("unknown type dead-lettered");
+    assert!(
+        mystery.1.reason.contains("unknown event type `test.mystery`"),
+        "{}",
+        mystery.1.reason
+    );
+    assert_eq!(mystery.1.group, "g");
+    assert_eq!(mystery.1.attempts, 1, "poison is not retried");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handled(&f.sink).await != ["test.ok"] {
+        assert!(
+            Instant::now() < deadline,
+            "the good message behind the poison was not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(f.broker.pending(&f.topic, "g").await.expect("pending"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_dead_letter_with_the_last_error_and_replay_handles_it_once() {
+    let f = fixture().await;
+    let flaky = publish(&f.broker, &f.topic, "test.flaky").await;
+    let (stop, shut) = shutdown::channel();
+    let handler = Arc::new(TestHandler {
+        flaky_failures: AtomicU32::new(0),
+        heal_after: 3,
+    });
+    consumer::spawn(
+        Outbox::new(f.sink.clone()),
+        f.broker.clone(),
+        config(&f.topic, 3),
+        handler.clone(),
+        shut.clone(),
+    );
+
+    let dead = dead_letters(&f.broker, &f.topic, 1).await;
+    let (seq, letter) = &dead[0];
+    assert_eq!(letter.msg_id, flaky);
+    assert_eq!(letter.attempts, 3);
+    assert!(letter.reason.contains("the ledger is down"), "{}", letter.reason);
+    assert!(handled(&f.sink).await.is_empty());
+
+    // The ledger is back (the handler heals after 3 failures): replay the dead letter.
+    letter.replay(f.broker.as_ref(), *seq).await.expect("replay");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handled(&f.sink).await != ["test.flaky"] {
+        assert!(Instant::now() < deadline, "the replayed message was not handled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(f.broker.read(&dlq_topic(&f.topic), 10).await.expect("dlq").is_empty());
+    stop.trigger();
+}
