@@ -34,7 +34,7 @@ type RouteLine = (
 
 /// The YAML text of the gateway config used by `bazaar up`; `jwt_secret` signs users' tokens.
 pub fn default_config(ports: DefaultPorts, jwt_secret: &str) -> String {
-    let routes: [RouteLine; 10] = [
+    let routes: [RouteLine; 11] = [
         // Registration is `POST /api/v1/users` exactly; everything else under it needs a token.
         ("users-register", "users", ports.users, "users", &["POST"], false),
         ("users", "users", ports.users, "users", &[], true),
@@ -50,6 +50,7 @@ pub fn default_config(ports: DefaultPorts, jwt_secret: &str) -> String {
         ("products", "products", ports.inventory, "products", &[], true),
         ("inventory", "inventory", ports.inventory, "inventory", &[], true),
         ("orders", "orders", ports.orders, "orders", &[], true),
+        ("sagas", "sagas", ports.orders, "sagas", &[], true),
         ("accounts", "accounts", ports.payments, "accounts", &[], true),
         ("payments", "payments", ports.payments, "payments", &[], true),
         (
@@ -154,7 +155,7 @@ mod tests {
     #[test]
     fn default_config_is_valid() {
         let config = Config::parse(&default_config(ports(), "it's a \"secret\"")).unwrap();
-        assert_eq!(config.summary(), "8 services, 10 routes, 1 consumer, 11 plugins");
+        assert_eq!(config.summary(), "9 services, 11 routes, 1 consumer, 12 plugins");
         assert_eq!(config.jwt_secrets[0].secret, "it's a \"secret\"");
     }
 

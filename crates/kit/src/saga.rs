@@ -91,7 +91,8 @@ impl SagaStatus {
         }
     }
 
-    fn parse(s: &str) -> Result<SagaStatus, StoreError> {
+    /// The status a stored or requested name means.
+    pub fn parse(s: &str) -> Result<SagaStatus, StoreError> {
         Ok(match s {
             "running" => SagaStatus::Running,
             "compensating" => SagaStatus::Compensating,
@@ -527,6 +528,23 @@ impl SagaEngine {
 
     /// The saga `id`, if it exists.
     pub async fn load(&self, id: &str) -> Result<Option<SagaState>, StoreError> {
+        self.load_row(id).await
+    }
+
+    /// Up to `limit` sagas in `status`, most recently changed first (e.g. the stuck ones).
+    pub async fn list(&self, status: SagaStatus, limit: i64) -> Result<Vec<SagaState>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, status, step, context, correlation_id, attempts, deadline, error FROM saga
+             WHERE status = $1 ORDER BY updated_at DESC LIMIT $2",
+        )
+        .bind(status.as_str())
+        .bind(limit)
+        .fetch_all(self.outbox.store().pool())
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    async fn load_row(&self, id: &str) -> Result<Option<SagaState>, StoreError> {
         let row = sqlx::query(SELECT_SAGA)
             .bind(id)
             .fetch_optional(self.outbox.store().pool())

@@ -9,8 +9,9 @@ use axum::{
     Router,
 };
 use bazaar_contracts::LineRequest;
+use bazaar_kit::saga::SagaStatus;
 use bazaar_kit::{
-    auth::AuthUser,
+    auth::{AdminUser, AuthUser},
     http::{Json, Problem, RequestContext},
     store::now_millis,
 };
@@ -27,6 +28,7 @@ pub fn router(orders: Orders) -> Router {
     Router::new()
         .route("/orders", get(list).post(place))
         .route("/orders/{id}", get(show))
+        .route("/sagas", get(sagas))
         .route("/sagas/{id}", get(saga))
         .route("/sagas/{id}/retry", post(retry))
         .with_state(orders)
@@ -279,10 +281,36 @@ fn orders_step(step: i64) -> Option<&'static str> {
         .copied()
 }
 
-/// A saga's full state and history (operators).
+/// `?status=` of `GET /sagas`.
+#[derive(Debug, Deserialize)]
+struct SagaFilter {
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Sagas in one status, `stuck` by default: what needs an operator (admins).
+async fn sagas(
+    State(orders): State<Orders>,
+    _admin: AdminUser,
+    Query(filter): Query<SagaFilter>,
+) -> Result<Json<Vec<bazaar_kit::saga::SagaState>>, Problem> {
+    let name = filter.status.as_deref().unwrap_or("stuck");
+    let status = SagaStatus::parse(name).map_err(|_| {
+        Problem::bad_request(format!(
+            "status must be running, compensating, completed, compensated or stuck, not `{name}`"
+        ))
+    })?;
+    let list = orders
+        .engine
+        .list(status, filter.limit.unwrap_or(100).clamp(1, 1000))
+        .await?;
+    Ok(Json(list))
+}
+
+/// A saga's full state and history (admins).
 async fn saga(
     State(orders): State<Orders>,
-    _user: AuthUser,
+    _admin: AdminUser,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, Problem> {
     let id = parse_id(&id)?.to_string();
@@ -295,8 +323,8 @@ async fn saga(
     Ok(Json(json!({ "saga": state, "history": history })))
 }
 
-/// Sends a stuck saga back to compensation (operators).
-async fn retry(State(orders): State<Orders>, _user: AuthUser, Path(id): Path<String>) -> Result<StatusCode, Problem> {
+/// Sends a stuck saga back to compensation (admins).
+async fn retry(State(orders): State<Orders>, _admin: AdminUser, Path(id): Path<String>) -> Result<StatusCode, Problem> {
     let id = parse_id(&id)?.to_string();
     match orders.engine.retry(&id).await {
         Ok(true) => Ok(StatusCode::ACCEPTED),
