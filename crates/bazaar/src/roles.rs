@@ -25,6 +25,10 @@ pub enum Role {
     Payments,
     /// Email to customers.
     Notifications,
+    /// A simulated outside payment provider (Stripe-like) for local runs and fault drills.
+    /// Not part of `bazaar up`: start it with `bazaar serve payment-sim` and point payments at
+    /// it with `BAZAAR_PAYMENT_PROVIDER_URL=http://127.0.0.1:8106` (base port + 26).
+    PaymentSim,
 }
 
 impl Role {
@@ -47,6 +51,7 @@ impl Role {
             Role::Orders => "orders",
             Role::Payments => "payments",
             Role::Notifications => "notifications",
+            Role::PaymentSim => "payment-sim",
         }
     }
 
@@ -59,6 +64,7 @@ impl Role {
             Role::Orders => 23,
             Role::Payments => 24,
             Role::Notifications => 25,
+            Role::PaymentSim => 26,
         }
     }
 }
@@ -75,7 +81,8 @@ pub struct Settings {
     /// Broker URL: sqlite://PATH (embedded) or nats://HOST:PORT. Default: sqlite://DATA/bus.db.
     #[arg(long, global = true, env = "BAZAAR_BROKER_URL")]
     pub broker: Option<String>,
-    /// Gateway port; the gateway admin is at +20 and the services at +21..+25.
+    /// Gateway port; the gateway admin is at +20, the services at +21..+25 and the payment
+    /// simulator (serve payment-sim) at +26.
     #[arg(long, global = true, env = "BAZAAR_BASE_PORT", default_value_t = 8080)]
     pub base_port: u16,
     /// Address the role listens on (serve only). Default: 127.0.0.1 and the role's port.
@@ -96,6 +103,10 @@ pub struct Settings {
     /// Share of payments declined on purpose (payments; fault drills).
     #[arg(long, global = true, env = "BAZAAR_DECLINE_RATE", default_value_t = 0.0)]
     pub decline_rate: f64,
+    /// Base URL of an outside payment provider (payments), e.g. the simulator from
+    /// `bazaar serve payment-sim` at http://127.0.0.1:8106. Default: the wallet alone pays.
+    #[arg(long, global = true, env = "BAZAAR_PAYMENT_PROVIDER_URL")]
+    pub payment_provider_url: Option<String>,
     /// Credit for each new wallet in cents (payments).
     #[arg(long, global = true, env = "BAZAAR_WELCOME_CREDIT_CENTS", default_value_t = 100_000)]
     pub welcome_credit_cents: i64,
@@ -276,6 +287,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
             let payments = bazaar_payments::PaymentsConfig {
                 welcome_credit_cents: settings.welcome_credit_cents,
                 decline_rate: settings.decline_rate,
+                provider_url: settings.payment_provider_url.clone(),
             };
             bazaar_payments::run(config, payments, shutdown).await
         }
@@ -297,6 +309,15 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
             bazaar_notifications::run(config, mail, sms, shutdown).await
         }
         Role::Gateway => return serve_gateway(settings, listen, shutdown).await,
+        Role::PaymentSim => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let state = bazaar_payments::simulator::SimulatorState::default();
+            return bazaar_payments::simulator::serve(listener, state, shutdown)
+                .await
+                .context("payment-sim");
+        }
     };
     result.with_context(|| role.name().to_string())
 }

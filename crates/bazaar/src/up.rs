@@ -138,6 +138,9 @@ fn spawn(
     if let Some(url) = &settings.sms_webhook {
         cmd.env("BAZAAR_SMS_WEBHOOK", url);
     }
+    if let Some(url) = &settings.payment_provider_url {
+        cmd.env("BAZAAR_PAYMENT_PROVIDER_URL", url);
+    }
     let mut child = cmd.spawn().with_context(|| format!("cannot start {}", role.name()))?;
     for stream in [
         child

@@ -12,7 +12,10 @@ use futures_util::future::BoxFuture;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::ledger;
+use crate::{
+    ledger,
+    provider::{ChargeRequest, PaymentProvider},
+};
 
 /// Opens a wallet with the welcome credit for each new user.
 #[derive(Debug, Clone, Copy)]
@@ -48,10 +51,13 @@ impl Handler for UserEvents {
 }
 
 /// Handles `payments.process` and `payments.refund`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct PaymentCommands {
     /// Share of payments declined on purpose (fault drills).
     pub decline_rate: f64,
+    /// The outside provider that takes the money, if one is configured; without one the
+    /// wallet alone pays.
+    pub provider: Option<PaymentProvider>,
 }
 
 type Reply = Result<serde_json::Value, String>;
@@ -62,7 +68,7 @@ impl Handler for PaymentCommands {
             let header = CommandHeader::of(event)?;
             let result = match event.event_type.as_str() {
                 types::PROCESS_PAYMENT => self.process(tx, event.payload_as()?).await?,
-                types::REFUND_PAYMENT => refund(tx, event.payload_as()?).await?,
+                types::REFUND_PAYMENT => self.refund(tx, event.payload_as()?).await?,
                 other => return Err(HandlerError::Poison(format!("unknown command type `{other}`"))),
             };
             let (topic, reply) = header.reply(event, "payments", result);
@@ -82,26 +88,33 @@ async fn payment(tx: &mut Tx<'static>, order: &str) -> Result<Option<(String, St
     })
 }
 
+/// What became of a payment, as stored.
+struct Outcome<'a> {
+    status: &'a str,
+    reason: Option<&'a str>,
+    provider_charge_id: Option<&'a str>,
+}
+
 async fn record(
     tx: &mut Tx<'static>,
     cmd: &ProcessPayment,
     id: &str,
     amount: i64,
-    status: &str,
-    reason: Option<&str>,
+    outcome: Outcome<'_>,
 ) -> Result<(), HandlerError> {
     let now = now_millis();
     sqlx::query(
-        "INSERT INTO payment (order_id, id, customer_id, amount_cents, currency, status, reason, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+        "INSERT INTO payment (order_id, id, customer_id, amount_cents, currency, status, reason, provider_charge_id, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
     )
     .bind(cmd.order_id.to_string())
     .bind(id)
     .bind(cmd.customer_id.to_string())
     .bind(amount)
     .bind(&cmd.currency)
-    .bind(status)
-    .bind(reason)
+    .bind(outcome.status)
+    .bind(outcome.reason)
+    .bind(outcome.provider_charge_id)
     .bind(now)
     .execute(&mut **tx)
     .await?;
@@ -109,7 +122,8 @@ async fn record(
 }
 
 impl PaymentCommands {
-    /// Captures the order's amount from the customer's wallet, once.
+    /// Captures the order's amount from the customer's wallet (and at the provider when one
+    /// is configured), once.
     async fn process(&self, tx: &mut Tx<'static>, cmd: ProcessPayment) -> Result<Reply, HandlerError> {
         let order = cmd.order_id.to_string();
         match payment(tx, &order).await? {
@@ -144,55 +158,118 @@ impl PaymentCommands {
         } else {
             None
         };
-        if let Some(reason) = declined {
-            record(tx, &cmd, &id, cmd.amount_cents, "failed", Some(&reason)).await?;
-            metrics::counter!("bazaar_payments_total", "outcome" => "declined").increment(1);
-            return Ok(Err(reason));
-        }
+        // Only a payment the wallet can cover reaches the provider.
+        let charged = match (declined, &self.provider) {
+            (Some(reason), _) => Err(reason),
+            (None, None) => Ok(None),
+            (None, Some(provider)) => provider_charge(provider, &cmd).await?,
+        };
+        let provider_charge_id = match charged {
+            Ok(charge_id) => charge_id,
+            Err(reason) => {
+                let outcome = Outcome {
+                    status: "failed",
+                    reason: Some(&reason),
+                    provider_charge_id: None,
+                };
+                record(tx, &cmd, &id, cmd.amount_cents, outcome).await?;
+                metrics::counter!("bazaar_payments_total", "outcome" => "declined").increment(1);
+                return Ok(Err(reason));
+            }
+        };
+        // The ledger moves the money even when a provider took it, so wallets, revenue and
+        // deposits still balance for the audit.
         ledger::open(tx, ledger::REVENUE, &cmd.currency).await?;
         ledger::transfer(tx, &wallet, ledger::REVENUE, cmd.amount_cents, "payment", &order).await?;
-        record(tx, &cmd, &id, cmd.amount_cents, "captured", None).await?;
+        let outcome = Outcome {
+            status: "captured",
+            reason: None,
+            provider_charge_id: provider_charge_id.as_deref(),
+        };
+        record(tx, &cmd, &id, cmd.amount_cents, outcome).await?;
         metrics::counter!("bazaar_payments_total", "outcome" => "captured").increment(1);
         Ok(Ok(serde_json::json!(Paid {
             payment_id: id.parse().unwrap_or_default()
         })))
     }
-}
 
-/// Refunds a captured payment; leaves a `voided` tombstone when none was taken yet, so a
-/// late `payments.process` for the order is refused.
-async fn refund(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Reply, HandlerError> {
-    let order = cmd.order_id.to_string();
-    let now = now_millis();
-    match payment(tx, &order).await? {
-        None => {
-            sqlx::query(
-                "INSERT INTO payment (order_id, id, customer_id, amount_cents, currency, status, reason, created_at, updated_at)
-                 VALUES ($1, $2, '', 0, 'USD', 'voided', 'refund arrived before payment', $3, $3)",
-            )
-            .bind(&order)
-            .bind(Uuid::now_v7().to_string())
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Some((_, status)) if status == "captured" => {
-            let row = sqlx::query("SELECT customer_id, amount_cents FROM payment WHERE order_id = $1")
+    /// Refunds a captured payment (at the provider too when it took the money); leaves a
+    /// `voided` tombstone when none was taken yet, so a late `payments.process` for the order
+    /// is refused.
+    async fn refund(&self, tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Reply, HandlerError> {
+        let order = cmd.order_id.to_string();
+        let now = now_millis();
+        match payment(tx, &order).await? {
+            None => {
+                sqlx::query(
+                    "INSERT INTO payment (order_id, id, customer_id, amount_cents, currency, status, reason, created_at, updated_at)
+                     VALUES ($1, $2, '', 0, 'USD', 'voided', 'refund arrived before payment', $3, $3)",
+                )
+                .bind(&order)
+                .bind(Uuid::now_v7().to_string())
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Some((_, status)) if status == "captured" => {
+                let row = sqlx::query(
+                    "SELECT customer_id, amount_cents, provider_charge_id FROM payment WHERE order_id = $1",
+                )
                 .bind(&order)
                 .fetch_one(&mut **tx)
                 .await?;
-            let customer: String = row.try_get("customer_id")?;
-            let amount: i64 = row.try_get("amount_cents")?;
-            let wallet = format!("customer:{customer}");
-            ledger::transfer(tx, ledger::REVENUE, &wallet, amount, "refund", &order).await?;
-            sqlx::query("UPDATE payment SET status = 'refunded', updated_at = $1 WHERE order_id = $2")
-                .bind(now)
-                .bind(&order)
-                .execute(&mut **tx)
-                .await?;
-            metrics::counter!("bazaar_payments_total", "outcome" => "refunded").increment(1);
+                let customer: String = row.try_get("customer_id")?;
+                let amount: i64 = row.try_get("amount_cents")?;
+                if let Some(charge) = row.try_get::<Option<String>, _>("provider_charge_id")? {
+                    let Some(provider) = &self.provider else {
+                        // Money taken outside can only go back outside: wait for the provider
+                        // to be configured again rather than pretend it was returned.
+                        return Err(HandlerError::Transient(format!(
+                            "payment for order {order} was charged at the provider ({charge}) but none is configured"
+                        )));
+                    };
+                    provider
+                        .refund(&format!("refund-{order}"), &charge)
+                        .await
+                        .map_err(|e| HandlerError::Transient(e.to_string()))?;
+                }
+                let wallet = format!("customer:{customer}");
+                ledger::transfer(tx, ledger::REVENUE, &wallet, amount, "refund", &order).await?;
+                sqlx::query("UPDATE payment SET status = 'refunded', updated_at = $1 WHERE order_id = $2")
+                    .bind(now)
+                    .bind(&order)
+                    .execute(&mut **tx)
+                    .await?;
+                metrics::counter!("bazaar_payments_total", "outcome" => "refunded").increment(1);
+            }
+            Some(_) => {}
         }
-        Some(_) => {}
+        Ok(Ok(serde_json::Value::Null))
     }
-    Ok(Ok(serde_json::Value::Null))
+}
+
+/// Charges `cmd` at the provider: `Ok(Ok(charge id))` when it took the money,
+/// `Ok(Err(reason))` when it declined, and a transient error when it gave no answer, so the
+/// command comes back later and the same idempotency key finds the same charge.
+async fn provider_charge(
+    provider: &PaymentProvider,
+    cmd: &ProcessPayment,
+) -> Result<Result<Option<String>, String>, HandlerError> {
+    let order = cmd.order_id.to_string();
+    let request = ChargeRequest {
+        amount: cmd.amount_cents,
+        currency: cmd.currency.clone(),
+        customer: cmd.customer_id.to_string(),
+        description: format!("bazaar order {order}"),
+    };
+    let charge = provider.charge(&order, &request).await.map_err(|e| {
+        metrics::counter!("bazaar_payments_provider_errors_total").increment(1);
+        HandlerError::Transient(e.to_string())
+    })?;
+    if charge.succeeded() {
+        Ok(Ok(Some(charge.id)))
+    } else {
+        let why = charge.failure_message.unwrap_or_else(|| "no reason given".into());
+        Ok(Err(format!("payment provider declined the charge: {why}")))
+    }
 }

@@ -7,10 +7,16 @@
 //!
 //! It opens a wallet (with a welcome credit) for every `user.registered`, and answers the
 //! order saga's `payments.process` / `payments.refund`, idempotently by order id.
+//!
+//! With a provider URL configured, a payment the wallet can cover is also charged at an
+//! outside, Stripe-like payment provider ([`provider`]) through the kit's outbound client
+//! stack; the [`simulator`] plays that provider locally (`bazaar serve payment-sim`).
 
 mod api;
 mod commands;
 pub mod ledger;
+pub mod provider;
+pub mod simulator;
 
 use std::sync::Arc;
 
@@ -24,6 +30,7 @@ use bazaar_kit::{
 
 pub use api::router;
 pub use commands::{PaymentCommands, UserEvents};
+pub use provider::PaymentProvider;
 
 /// The payments tables.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -52,6 +59,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             currency TEXT NOT NULL,
             status TEXT NOT NULL,
             reason TEXT,
+            provider_charge_id TEXT,
             created_at BIGINT NOT NULL,
             updated_at BIGINT NOT NULL
         );",
@@ -65,6 +73,9 @@ pub struct PaymentsConfig {
     pub welcome_credit_cents: i64,
     /// Share of payments the simulated card network declines (0..=1), for fault drills.
     pub decline_rate: f64,
+    /// Base URL of an outside payment provider (Stripe-like) that takes the money; without
+    /// one the wallet alone pays.
+    pub provider_url: Option<String>,
 }
 
 impl Default for PaymentsConfig {
@@ -72,6 +83,7 @@ impl Default for PaymentsConfig {
         PaymentsConfig {
             welcome_credit_cents: 100_000,
             decline_rate: 0.0,
+            provider_url: None,
         }
     }
 }
@@ -84,6 +96,20 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
             payments.decline_rate
         )));
     }
+    let provider = match payments.provider_url.as_deref().filter(|u| !u.is_empty()) {
+        Some(url) => {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(ServiceError::Config(format!(
+                    "payment provider URL must start with http:// or https://, got `{url}`"
+                )));
+            }
+            let provider =
+                PaymentProvider::new(url).map_err(|e| ServiceError::Config(format!("payment provider client: {e}")))?;
+            tracing::info!(%url, "charging through the payment provider");
+            Some(provider)
+        }
+        None => None,
+    };
     let rt = Runtime::start("payments", &config, MIGRATIONS, shutdown.clone()).await?;
     let mut commands = ConsumerConfig::new(groups::PAYMENTS, topics::PAYMENTS_COMMANDS);
     commands.max_attempts = 12;
@@ -93,6 +119,7 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
         commands,
         Arc::new(PaymentCommands {
             decline_rate: payments.decline_rate,
+            provider: provider.clone(),
         }),
         shutdown.clone(),
     );
@@ -105,5 +132,12 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
         }),
         shutdown,
     );
-    rt.serve(config.listen, router(rt.clone()), rt.health()).await
+    let mut health = rt.health();
+    if let Some(provider) = provider {
+        health = health.check("provider", move || {
+            let status = provider.check();
+            Box::pin(async move { status })
+        });
+    }
+    rt.serve(config.listen, router(rt.clone()), health).await
 }
