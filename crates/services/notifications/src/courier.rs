@@ -1,10 +1,13 @@
 //! Delivers pending notifications by email and SMS, each channel behind its own circuit
-//! breaker.
+//! breaker. The SMS webhook is called through the kit's outbound client stack, whose
+//! breaker guards it; its calls carry the notification id as `Idempotency-Key`, so the
+//! stack may retry them within its budget without sending a text twice.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bazaar_kit::{
-    resilience::{BreakerConfig, CallError, CircuitBreaker},
+    client::{ClientPolicy, HttpClient, IDEMPOTENCY_KEY},
+    resilience::{BreakerConfig, BreakerState, CallError, CircuitBreaker},
     shutdown::Shutdown,
     store::{now_millis, Store},
 };
@@ -36,8 +39,17 @@ enum Transport {
 }
 
 enum SmsTransport {
-    Files(PathBuf),
-    Webhook { url: String, client: reqwest::Client },
+    Files { dir: PathBuf, breaker: CircuitBreaker },
+    Webhook { url: String, client: HttpClient },
+}
+
+impl SmsTransport {
+    fn breaker_state(&self) -> BreakerState {
+        match self {
+            SmsTransport::Files { breaker, .. } => breaker.state(),
+            SmsTransport::Webhook { client, .. } => client.breaker_state(),
+        }
+    }
 }
 
 /// Sends email and SMS through the configured transports, each guarded by a breaker.
@@ -45,7 +57,6 @@ pub struct Courier {
     transport: Transport,
     breaker: CircuitBreaker,
     sms: SmsTransport,
-    sms_breaker: CircuitBreaker,
 }
 
 fn make_dir(dir: &std::path::Path) -> Result<(), MailError> {
@@ -70,14 +81,21 @@ impl Courier {
         let sms = match sms {
             SmsConfig::Files(dir) => {
                 make_dir(&dir)?;
-                SmsTransport::Files(dir)
+                SmsTransport::Files {
+                    dir,
+                    breaker: CircuitBreaker::new("sms", BreakerConfig::default()),
+                }
             }
             SmsConfig::Webhook(url) => SmsTransport::Webhook {
                 url,
-                client: reqwest::Client::builder()
-                    .timeout(Duration::from_secs(10))
-                    .build()
-                    .map_err(|e| MailError::Deliver(e.to_string()))?,
+                client: HttpClient::new(
+                    "sms",
+                    ClientPolicy {
+                        timeout: Duration::from_secs(10),
+                        ..ClientPolicy::default()
+                    },
+                )
+                .map_err(|e| MailError::Deliver(e.to_string()))?,
             },
         };
         let transport = match mail {
@@ -96,14 +114,13 @@ impl Courier {
             transport,
             breaker: CircuitBreaker::new("mail", BreakerConfig::default()),
             sms,
-            sms_breaker: CircuitBreaker::new("sms", BreakerConfig::default()),
         })
     }
 
     /// Health: down while a channel's breaker is open.
     pub fn check(&self) -> Result<(), String> {
-        for (name, breaker) in [("mail", &self.breaker), ("sms", &self.sms_breaker)] {
-            if breaker.state() == bazaar_kit::resilience::BreakerState::Open {
+        for (name, state) in [("mail", self.breaker.state()), ("sms", self.sms.breaker_state())] {
+            if state == BreakerState::Open {
                 return Err(format!("{name} circuit open after repeated failures"));
             }
         }
@@ -112,29 +129,36 @@ impl Courier {
 
     /// Sends one text message whose id the receiver can use to drop a resend.
     pub async fn send_sms(&self, id: &str, to: &str, text: &str) -> Result<(), CallError<MailError>> {
-        self.sms_breaker
-            .call(Duration::from_secs(15), async {
-                match &self.sms {
-                    SmsTransport::Files(dir) => {
-                        write_once(dir, id, "txt", format!("To: {to}\n\n{text}\n").into_bytes()).await
-                    }
-                    SmsTransport::Webhook { url, client } => {
-                        let resp = client
-                            .post(url)
-                            .header("Idempotency-Key", id)
-                            .json(&serde_json::json!({ "id": id, "to": to, "text": text }))
-                            .send()
-                            .await
-                            .map_err(|e| MailError::Deliver(e.to_string()))?;
-                        if resp.status().is_success() {
-                            Ok(())
-                        } else {
-                            Err(MailError::Deliver(format!("SMS webhook answered {}", resp.status())))
-                        }
-                    }
+        match &self.sms {
+            SmsTransport::Files { dir, breaker } => {
+                breaker
+                    .call(
+                        Duration::from_secs(15),
+                        write_once(dir, id, "txt", format!("To: {to}\n\n{text}\n").into_bytes()),
+                    )
+                    .await
+            }
+            SmsTransport::Webhook { url, client } => {
+                let call = client
+                    .post(url)
+                    .header(IDEMPOTENCY_KEY, id)
+                    .json(&serde_json::json!({ "id": id, "to": to, "text": text }));
+                let resp = client.send(call).await.map_err(|e| match e {
+                    CallError::Open(name) => CallError::Open(name),
+                    CallError::Full(name) => CallError::Full(name),
+                    CallError::Timeout(after) => CallError::Timeout(after),
+                    CallError::Failed(e) => CallError::Failed(MailError::Deliver(e.to_string())),
+                })?;
+                if resp.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(CallError::Failed(MailError::Deliver(format!(
+                        "SMS webhook answered {}",
+                        resp.status()
+                    ))))
                 }
-            })
-            .await
+            }
+        }
     }
 
     /// Sends one message whose `Message-ID` derives from `id`.
@@ -217,8 +241,8 @@ async fn send_pending(store: &Store, courier: &Courier) -> Result<(), sqlx::Erro
                 .await?;
                 metrics::counter!("bazaar_notifications_sent_total").increment(1);
             }
-            // That channel is resting; the row stays pending for a later round.
-            Err(CallError::Open(_)) => continue,
+            // That channel is resting or busy; the row stays pending for a later round.
+            Err(CallError::Open(_) | CallError::Full(_)) => continue,
             Err(e) => {
                 let status = if attempts + 1 >= MAX_ATTEMPTS {
                     "failed"
