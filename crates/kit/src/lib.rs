@@ -12,6 +12,7 @@
 //! - [`client`]: the one outbound HTTP client stack (timeout, retry budget, breaker, bulkhead).
 //! - [`runtime`]: what every service role starts with.
 //! - [`shutdown`]: the stop signal every background task listens to.
+//! - [`testing`]: throwaway SQLite and PostgreSQL databases for tests.
 
 pub mod auth;
 pub mod broker;
@@ -28,3 +29,4 @@ pub mod saga;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod testing;
