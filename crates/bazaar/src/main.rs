@@ -1,6 +1,7 @@
 //! `bazaar`: one binary for every role, the local supervisor, the audit and the load tool.
 
 mod audit;
+mod bench;
 mod load;
 mod roles;
 mod up;
@@ -34,6 +35,8 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Drives orders through the gateway and reports throughput and latency.
     Load(load::LoadArgs),
+    /// Benchmarks gateway, messaging pipeline and saga against a reference, as ratios.
+    Bench(bench::BenchArgs),
     /// Gateway tools.
     Gateway {
         #[command(subcommand)]
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
             Command::Serve { role } => roles::serve(&cli.settings, role).await,
             Command::Audit(args) => audit::run(&cli.settings, args).await,
             Command::Load(args) => load::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Gateway {
                 command: GatewayCommand::Check { file },
             } => match bazaar_gateway::check_config_file(&file) {

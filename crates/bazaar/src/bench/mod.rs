@@ -1,0 +1,54 @@
+//! `bazaar bench`: our building blocks measured beside a reference, in one run, as ratios.
+//!
+//! - `gateway`: requests per second and latency straight to a tiny upstream, through the
+//!   bazaar gateway (bare, then with jwt + rate-limiting + correlation-id), and through
+//!   HAProxy when it is installed.
+//! - `pipeline`: events per second through outbox, relay, broker and inbox against a bare
+//!   publish/ack loop on the same broker.
+//! - `saga`: orders per second through the distributed saga (`bazaar up`) against one SQLite
+//!   transaction per order in a monolith.
+//!
+//! Every run is bounded in count and time, uses loopback and temp dirs only, and cleans up.
+//! Load generator and servers share this machine's cores, so figures are comparative: read
+//! the ratios, not the absolute numbers.
+
+mod gateway;
+mod pipeline;
+mod report;
+mod saga;
+
+use clap::{Args, Subcommand};
+
+pub(crate) use report::{Report, Sample};
+
+/// Flags of `bazaar bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchCommand,
+    /// Also print the results as one JSON object on the last line.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// HTTP proxying: direct vs bazaar gateway (bare and with plugins) vs HAProxy.
+    Gateway(gateway::GatewayBenchArgs),
+    /// Messaging: raw broker publish/ack vs outbox + relay + consumer + inbox.
+    Pipeline(pipeline::PipelineBenchArgs),
+    /// Orders: the distributed saga under `bazaar up` vs a single-database monolith.
+    Saga(saga::SagaBenchArgs),
+}
+
+/// `bazaar bench`.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let report = match args.what {
+        BenchCommand::Gateway(a) => gateway::run(a, cores).await?,
+        BenchCommand::Pipeline(a) => pipeline::run(a, cores).await?,
+        BenchCommand::Saga(a) => saga::run(a, cores).await?,
+    };
+    report.print(args.json);
+    Ok(())
+}

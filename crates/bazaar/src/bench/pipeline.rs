@@ -1,0 +1,410 @@
+//! `bazaar bench pipeline`: what the messaging core (outbox, relay, consumer runner, inbox)
+//! costs over publishing and acking straight on the same broker.
+//!
+//! - raw: one task publishes N messages to the broker; one subscription of one group fetches
+//!   and acks each. No store is involved.
+//! - full: one task commits N store transactions, each holding one `Outbox::add`; the relay
+//!   (`Outbox::spawn_relay`) moves them to the broker; `consumer::spawn` (one task) handles
+//!   each in a sink store's transaction that records the inbox and inserts one row.
+//!
+//! Both measure from the first publish (or commit) to the last event handled, and each
+//! event's latency from its publish (or commit) to its handler. Runs on the embedded broker in
+//! a temp dir, and also on the broker `--broker` (or `BAZAAR_BENCH_NATS_URL`) names.
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use bazaar_kit::{
+    broker::{self, SharedBroker, SubscribeOptions},
+    consumer::{self, ConsumerConfig, Handler, HandlerError},
+    envelope::{Envelope, Metadata},
+    outbox::{self, Outbox},
+    shutdown,
+    store::{Migration, Store, Tx},
+};
+use clap::Args;
+use futures_util::future::BoxFuture;
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::{Report, Sample};
+
+/// Flags of `bazaar bench pipeline`.
+#[derive(Debug, Args)]
+pub struct PipelineBenchArgs {
+    /// Events per variant.
+    #[arg(long, default_value_t = 5000)]
+    events: usize,
+    /// A second broker to measure beside the embedded one, e.g. `nats://127.0.0.1:4222`
+    /// (a fresh namespace is used and its streams are deleted afterwards).
+    #[arg(long, env = "BAZAAR_BENCH_NATS_URL")]
+    broker: Option<String>,
+    /// Give up on a variant after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+const SINK_MIGRATIONS: &[Migration] = &[Migration::new(
+    100,
+    "bench_sink",
+    "CREATE TABLE bench_sink (event_id TEXT PRIMARY KEY, n BIGINT NOT NULL, at BIGINT NOT NULL)",
+)];
+
+/// `bazaar bench pipeline`.
+pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report> {
+    if args.events == 0 || args.events > 1_000_000 || args.timeout == 0 {
+        bail!("--events must be 1..=1000000 and --timeout at least 1");
+    }
+    bazaar_kit::telemetry::metrics();
+    let mut report = Report::new(
+        format!(
+            "bench pipeline: {} events per variant, one producer task, one consumer task",
+            args.events
+        ),
+        "events/s",
+    );
+    let timeout = Duration::from_secs(args.timeout);
+    let dir = tempfile::tempdir().context("cannot create a temp dir")?;
+    let embedded = format!("sqlite://{}/bus.db", dir.path().display());
+    let mut backends = vec![("embedded", embedded, None)];
+    if let Some(url) = &args.broker {
+        // A fresh namespace keeps the bench's topics apart from anything else on the server.
+        let ns = format!("bench_{}", uuid::Uuid::now_v7().simple());
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let name = if url.starts_with("nats://") { "nats" } else { "broker" };
+        backends.push((name, format!("{url}{sep}namespace={ns}"), Some((url.clone(), ns))));
+    }
+    for (name, url, cleanup) in backends {
+        let shown = cleanup.as_ref().map_or(url.as_str(), |(u, _)| u.as_str()).to_string();
+        eprintln!("bench pipeline: {name} broker at {shown}");
+        let result = async {
+            let broker = broker::connect(&url)
+                .await
+                .with_context(|| format!("cannot connect to {shown}"))?;
+            eprintln!("bench pipeline: {name} raw publish/ack");
+            let raw = raw(broker.clone(), args.events, timeout).await?;
+            eprintln!("bench pipeline: {name} outbox -> relay -> broker -> consumer + inbox");
+            let sub = dir.path().join(name);
+            let full = full(broker, &sub, args.events, timeout).await?;
+            anyhow::Ok((raw, full))
+        }
+        .await;
+        let (raw_name, full_name) = (format!("{name} raw"), format!("{name} full"));
+        match result {
+            Ok(((raw, raw_note), (full, full_note))) => {
+                report.row(&raw_name, Some(raw), raw_note);
+                report.row(&full_name, Some(full), full_note);
+                report.compare(&full_name, &raw_name);
+            }
+            Err(e) => {
+                report.row(&raw_name, None, format!("failed: {e:#}"));
+                report.row(&full_name, None, "");
+            }
+        }
+        if let Some((url, ns)) = cleanup.filter(|(u, _)| u.starts_with("nats://")) {
+            if let Err(e) = delete_streams(&url, &ns).await {
+                report.note(format!(
+                    "could not delete the bench's NATS streams in namespace {ns}: {e:#}"
+                ));
+            }
+        }
+    }
+    report.note(format!(
+        "{cores} core(s) shared by producer, relay, consumer and broker. Embedded: every publish \
+         and ack is a SQLite transaction in bus.db; full adds a producer store (outbox) and a sink \
+         store (inbox + row). Latency: publish/commit -> handler."
+    ));
+    Ok(report)
+}
+
+/// When each event left, as nanoseconds after `base`; shared by producer and consumer.
+struct Clock {
+    base: Instant,
+    sent: Vec<AtomicU64>,
+}
+
+impl Clock {
+    fn new(n: usize) -> Arc<Clock> {
+        Arc::new(Clock {
+            base: Instant::now(),
+            sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    fn mark(&self, i: usize) {
+        self.sent[i].store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn since(&self, i: usize) -> Duration {
+        let sent = Duration::from_nanos(self.sent[i].load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(sent)
+    }
+}
+
+/// What a consumer has seen so far: unique events, their latencies, and a wake-up at the end.
+struct Tally {
+    clock: Arc<Clock>,
+    seen: Mutex<Vec<bool>>,
+    latencies: Mutex<Vec<Duration>>,
+    unique: AtomicUsize,
+    duplicates: AtomicUsize,
+    all: Notify,
+}
+
+impl Tally {
+    fn new(clock: Arc<Clock>) -> Arc<Tally> {
+        let n = clock.sent.len();
+        Arc::new(Tally {
+            clock,
+            seen: Mutex::new(vec![false; n]),
+            latencies: Mutex::new(Vec::with_capacity(n)),
+            unique: AtomicUsize::new(0),
+            duplicates: AtomicUsize::new(0),
+            all: Notify::new(),
+        })
+    }
+
+    /// Records event `i`; a poisoned lock only means another task panicked, which ends the
+    /// bench anyway, so its data is still used.
+    fn saw(&self, i: usize) {
+        let first = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            match seen.get_mut(i) {
+                Some(s) if !*s => {
+                    *s = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !first {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.clock.since(i));
+        if self.unique.fetch_add(1, Ordering::AcqRel) + 1 == self.clock.sent.len() {
+            self.all.notify_one();
+        }
+    }
+
+    /// Waits until every event was seen or `timeout` passed; the sample covers `started..now`.
+    async fn wait(&self, started: Instant, timeout: Duration) -> (Sample, String) {
+        let done = self.all.notified();
+        let complete = self.unique.load(Ordering::Acquire) == self.clock.sent.len()
+            || tokio::time::timeout(timeout, done).await.is_ok();
+        let sample = Sample {
+            count: self.unique.load(Ordering::Acquire),
+            errors: 0,
+            elapsed: started.elapsed(),
+            latencies: self.latencies.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+        .finish();
+        let mut note = String::new();
+        if !complete {
+            note = format!("TIMED OUT after {timeout:?}; ");
+        }
+        let dup = self.duplicates.load(Ordering::Relaxed);
+        if dup > 0 {
+            note.push_str(&format!("{dup} redeliveries; "));
+        }
+        (sample, note)
+    }
+}
+
+fn event(i: usize) -> Envelope {
+    let metadata = Metadata {
+        correlation_id: uuid::Uuid::now_v7().to_string(),
+        source: "bench".into(),
+        ..Metadata::default()
+    };
+    Envelope::new("bench.happened", format!("agg-{i}"), json!({"n": i}), metadata)
+}
+
+/// Bare broker: publish N, one group's one subscription acks each.
+async fn raw(broker: SharedBroker, n: usize, timeout: Duration) -> anyhow::Result<(Sample, String)> {
+    let topic = "bench.raw";
+    let mut sub = broker
+        .subscribe(topic, "bench-raw", SubscribeOptions::default())
+        .await
+        .context("cannot subscribe")?;
+    let clock = Clock::new(n);
+    let tally = Tally::new(clock.clone());
+    let (stop, mut stopped) = shutdown::channel();
+    let consumer = {
+        let tally = tally.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    _ = stopped.wait() => return,
+                    b = sub.fetch(16, Duration::from_secs(1)) => b,
+                };
+                let Ok(batch) = batch else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                for d in batch {
+                    let i = d
+                        .message
+                        .msg_id
+                        .rsplit('-')
+                        .next()
+                        .and_then(|s| s.parse::<usize>().ok());
+                    if d.ack().await.is_ok() {
+                        if let Some(i) = i {
+                            tally.saw(i);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let started = Instant::now();
+    let producer = {
+        let (broker, clock) = (broker.clone(), clock.clone());
+        tokio::spawn(async move {
+            for i in 0..n {
+                let body = event(i).to_vec();
+                clock.mark(i);
+                broker
+                    .publish(topic, &format!("{run}-{i}"), body.into())
+                    .await
+                    .with_context(|| format!("publish {i} failed"))?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let (sample, note) = tally.wait(started, timeout).await;
+    stop.trigger();
+    let _ = consumer.await;
+    producer.await.context("the producer panicked")??;
+    Ok((sample, format!("{note}publish + fetch/ack, no store")))
+}
+
+/// Inserts one sink row per event and tells the tally.
+struct SinkHandler {
+    tally: Arc<Tally>,
+}
+
+impl Handler for SinkHandler {
+    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let i = event.payload["n"]
+                .as_u64()
+                .ok_or_else(|| HandlerError::Poison("payload without n".into()))? as usize;
+            sqlx::query("INSERT INTO bench_sink (event_id, n, at) VALUES ($1, $2, $3)")
+                .bind(event.event_id.to_string())
+                .bind(i as i64)
+                .bind(bazaar_kit::store::now_millis())
+                .execute(&mut **tx)
+                .await?;
+            self.tally.saw(i);
+            Ok(())
+        })
+    }
+}
+
+/// Outbox in a producer store, relay, broker, consumer runner with inbox in a sink store.
+async fn full(
+    broker: SharedBroker,
+    dir: &std::path::Path,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<(Sample, String)> {
+    let topic = "bench.full";
+    let producer_store = Store::open(&format!("sqlite://{}/producer.db", dir.display())).await?;
+    producer_store.migrate(outbox::MIGRATIONS).await?;
+    let sink_store = Store::open(&format!("sqlite://{}/sink.db", dir.display())).await?;
+    let mut migrations = outbox::MIGRATIONS.to_vec();
+    migrations.extend_from_slice(SINK_MIGRATIONS);
+    sink_store.migrate(&migrations).await?;
+
+    let clock = Clock::new(n);
+    let tally = Tally::new(clock.clone());
+    let (stop, stopped) = shutdown::channel();
+    let producer_outbox = Outbox::new(producer_store.clone());
+    let relay = producer_outbox.spawn_relay(broker.clone(), stopped.clone());
+    let consumers = consumer::spawn(
+        Outbox::new(sink_store.clone()),
+        broker,
+        ConsumerConfig::new("bench-sink", topic),
+        Arc::new(SinkHandler { tally: tally.clone() }),
+        stopped,
+    );
+    let started = Instant::now();
+    let producer = {
+        let clock = clock.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                let e = event(i);
+                clock.mark(i);
+                let mut tx = producer_outbox.store().begin().await?;
+                producer_outbox.add(&mut tx, topic, &e).await?;
+                producer_outbox.commit(tx).await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let (mut sample, note) = tally.wait(started, timeout).await;
+    // The handler runs just before its transaction commits: wait for the last commit too.
+    let committed = wait_for(Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM bench_sink")
+            .fetch_one(sink_store.pool())
+            .await
+            .is_ok_and(|c| c as usize >= sample.count)
+    })
+    .await;
+    sample.elapsed = started.elapsed();
+    stop.trigger();
+    let _ = relay.await;
+    for c in consumers {
+        let _ = c.await;
+    }
+    producer.await.context("the producer panicked")??;
+    producer_store.close().await;
+    sink_store.close().await;
+    let mut note = format!("{note}outbox tx -> relay -> consumer tx (inbox + row)");
+    if !committed {
+        note.push_str("; sink rows missing after the last handler ran");
+    }
+    Ok((sample, note))
+}
+
+/// Polls `check` every millisecond until it holds or `limit` passes.
+async fn wait_for<F, Fut>(limit: Duration, check: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    false
+}
+
+/// Deletes the JetStream streams the bench created under namespace `ns`.
+async fn delete_streams(url: &str, ns: &str) -> anyhow::Result<()> {
+    let base = url.split('?').next().unwrap_or(url);
+    let client = async_nats::connect(base).await?;
+    let js = async_nats::jetstream::new(client);
+    for topic in ["bench.raw", "bench.full", "bench.raw.dlq", "bench.full.dlq"] {
+        let name = bazaar_kit::broker::nats::stream_name(&format!("{ns}.{topic}"));
+        // The dead-letter streams exist only if something was dead-lettered.
+        let _ = js.delete_stream(&name).await;
+    }
+    Ok(())
+}

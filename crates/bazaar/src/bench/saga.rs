@@ -1,0 +1,667 @@
+//! `bazaar bench saga`: orders through the distributed saga against a monolith that does the
+//! same business in one database transaction per order.
+//!
+//! - saga: `bazaar up --quiet` runs as a child process on a temp data dir and free ports;
+//!   `bazaar load`'s driver places the orders through the gateway and follows each one until it
+//!   is confirmed or cancelled (polling every 25 ms), then `bazaar audit --wait 30` checks
+//!   the invariants before `up` is stopped with SIGTERM.
+//! - monolith: one SQLite file (opened by `Store`, so the same pool size, WAL and pragmas)
+//!   with products, reservations, accounts, a double-entry ledger, payments and orders; each
+//!   order is ONE transaction that reserves stock, checks and debits the wallet, commits the
+//!   stock and confirms (or cancels) the order. Same customers, products, prices, order mix,
+//!   count and concurrency as the load driver.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use bazaar_kit::store::{now_millis, Migration, Store};
+use clap::Args;
+use sqlx::Row;
+use tokio::{process::Command, sync::Mutex};
+
+use super::{Report, Sample};
+use crate::load::{self, LoadArgs};
+
+/// Flags of `bazaar bench saga`.
+#[derive(Debug, Args)]
+pub struct SagaBenchArgs {
+    /// Orders per variant.
+    #[arg(long, default_value_t = 300)]
+    orders: usize,
+    /// Concurrent workers placing orders.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Customers the orders are spread over.
+    #[arg(long, default_value_t = 8)]
+    users: usize,
+    /// Give up following orders after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+/// Prices of the products `bazaar load` creates, in the same order.
+const PRICES: [i64; 4] = [250, 399, 1000, 1250];
+
+/// `bazaar bench saga`.
+pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
+    if args.orders == 0 || args.orders > 100_000 || args.concurrency == 0 || args.users == 0 {
+        bail!("--orders must be 1..=100000; --concurrency and --users at least 1");
+    }
+    let credit: i64 = std::env::var("BAZAAR_WELCOME_CREDIT_CENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let mut report = Report::new(
+        format!(
+            "bench saga: {} orders, {} concurrent workers, {} customers ({} cents each)",
+            args.orders, args.concurrency, args.users, credit
+        ),
+        "orders/s",
+    );
+    let dir = tempfile::tempdir().context("cannot create a temp dir")?;
+
+    eprintln!("bench saga: starting `bazaar up` on a temp data dir");
+    let system = System::start(&dir.path().join("data"), &dir.path().join("up.log")).await?;
+    let cpu_before = system.cpu();
+    let measured = match load_args(&args, &system) {
+        Ok(load_args) => load::measure(&load_args).await,
+        Err(e) => Err(e),
+    };
+    let cpu = cpu_delta(&cpu_before, &system.cpu());
+    eprintln!("bench saga: running `bazaar audit --wait 30`");
+    let audit = system.audit().await;
+    system.stop().await;
+    let stats = measured?;
+    let failed: usize = stats
+        .outcomes
+        .iter()
+        .filter(|(k, _)| k.starts_with("http") || k.starts_with("error") || *k == "timed out")
+        .map(|(_, n)| n)
+        .sum();
+    let saga = Sample {
+        count: stats.settle.len(),
+        errors: failed,
+        elapsed: stats.elapsed,
+        latencies: stats.settle.clone(),
+    }
+    .finish();
+    report.row(
+        "saga",
+        Some(saga),
+        format!("bazaar up, via gateway; outcomes {:?}", stats.outcomes),
+    );
+
+    eprintln!("bench saga: monolith, one transaction per order");
+    let (mono, outcomes) = monolith(&dir.path().join("monolith.db"), &args, credit).await?;
+    report.row(
+        "monolith",
+        Some(mono),
+        format!("one SQLite tx per order; outcomes {outcomes:?}"),
+    );
+    report.compare("saga", "monolith");
+
+    let place = Sample {
+        latencies: stats.place,
+        ..Sample::default()
+    };
+    report.note(format!(
+        "saga latency is placed -> confirmed/cancelled as a client sees it (POST /orders, then GET \
+         every 25 ms); POST /orders alone: p50 {:.1} ms, p99 {:.1} ms. Monolith latency is one \
+         order's transaction including the wait for a pooled connection.",
+        place.ms(0.5),
+        place.ms(0.99)
+    ));
+    report.note(format!(
+        "{cores} core(s) shared by the load driver, the gateway and five services (saga), or by \
+         the driver and SQLite (monolith)."
+    ));
+    if !cpu.is_empty() {
+        let total: f64 = cpu.iter().map(|(_, s)| s).sum();
+        let per_role: Vec<String> = cpu.iter().map(|(r, s)| format!("{r} {s:.2}")).collect();
+        report.note(format!(
+            "saga CPU seconds while placing and settling (setup included; {:.2} s wall, {cores} core(s)): {} (total {total:.2})",
+            stats.elapsed.as_secs_f64(),
+            per_role.join(", ")
+        ));
+    }
+    match audit {
+        Ok((true, text)) => report.note(format!("audit passed:\n{}", indent(&text))),
+        Ok((false, text)) => report.note(format!("AUDIT FAILED:\n{}", indent(&text))),
+        Err(e) => report.note(format!("audit could not run: {e:#}")),
+    }
+    Ok(report)
+}
+
+/// `bazaar load`'s flags for this run, parsed as its command line would be so that flags
+/// with defaults need no mention here; an admin password `up` wrote is passed on when
+/// `bazaar load` takes one.
+fn load_args(args: &SagaBenchArgs, system: &System) -> anyhow::Result<LoadArgs> {
+    #[derive(Debug, clap::Parser)]
+    struct Line {
+        #[command(flatten)]
+        load: LoadArgs,
+    }
+    let mut line = vec![
+        "load".to_string(),
+        format!("--url=http://127.0.0.1:{}", system.base),
+        format!("--orders={}", args.orders),
+        format!("--concurrency={}", args.concurrency),
+        format!("--users={}", args.users),
+        format!("--timeout={}", args.timeout),
+    ];
+    let takes_password = <Line as clap::CommandFactory>::command()
+        .get_arguments()
+        .any(|a| a.get_long() == Some("admin-password"));
+    if takes_password {
+        if let Ok(password) = std::fs::read_to_string(system.data.join("admin.password")) {
+            line.push(format!("--admin-password={}", password.trim()));
+        }
+    }
+    Ok(<Line as clap::Parser>::try_parse_from(line)?.load)
+}
+
+fn indent(text: &str) -> String {
+    text.trim_end()
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A `bazaar up` child on free ports; [`System::stop`] (or drop) ends it with SIGTERM.
+struct System {
+    child: Option<tokio::process::Child>,
+    data: PathBuf,
+    base: u16,
+    log: PathBuf,
+}
+
+/// Variables that could point `up` at someone else's stores, broker or config.
+const FOREIGN_ENV: &[&str] = &[
+    "BAZAAR_BROKER_URL",
+    "BAZAAR_STORE_URL",
+    "BAZAAR_LISTEN",
+    "BAZAAR_GATEWAY_CONFIG",
+    "BAZAAR_USERS_STORE_URL",
+    "BAZAAR_INVENTORY_STORE_URL",
+    "BAZAAR_ORDERS_STORE_URL",
+    "BAZAAR_PAYMENTS_STORE_URL",
+    "BAZAAR_NOTIFICATIONS_STORE_URL",
+];
+
+impl System {
+    async fn start(data: &Path, log: &Path) -> anyhow::Result<System> {
+        let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
+        let base = free_base_port()?;
+        let file = std::fs::File::create(log)?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["up", "--quiet"])
+            .env("BAZAAR_DATA", data)
+            .env("BAZAAR_BASE_PORT", base.to_string())
+            .env("BAZAAR_DECLINE_RATE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true);
+        for var in FOREIGN_ENV {
+            cmd.env_remove(var);
+        }
+        let child = cmd.spawn().context("cannot start `bazaar up`")?;
+        let mut system = System {
+            child: Some(child),
+            data: data.to_path_buf(),
+            base,
+            log: log.to_path_buf(),
+        };
+        if let Err(e) = system.wait_healthy().await {
+            let log = system.log.clone();
+            system.stop().await;
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{e:#}; last lines of its log:\n{}", tail.join("\n"));
+        }
+        Ok(system)
+    }
+
+    /// CPU seconds used so far by each role (from `DATA/run/ROLE.pid`) and by this process
+    /// (the load driver), read from /proc; empty where /proc is missing.
+    fn cpu(&self) -> Vec<(String, f64)> {
+        let mut out = vec![("load driver".to_string(), cpu_seconds("self"))];
+        if let Ok(entries) = std::fs::read_dir(self.data.join("run")) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let (Some(role), Some("pid")) = (
+                    path.file_stem().and_then(|s| s.to_str()),
+                    path.extension().and_then(|s| s.to_str()),
+                ) else {
+                    continue;
+                };
+                if let Ok(pid) = std::fs::read_to_string(&path) {
+                    out.push((role.to_string(), cpu_seconds(pid.trim())));
+                }
+            }
+        }
+        out.retain(|(_, s)| s.is_finite());
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    async fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        for offset in [20u16, 21, 22, 23, 24, 25] {
+            let url = format!("http://127.0.0.1:{}/health", self.base + offset);
+            loop {
+                if let Ok(r) = client.get(&url).send().await {
+                    if r.status().is_success() {
+                        break;
+                    }
+                }
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    bail!("`bazaar up` exited with {status}");
+                }
+                if Instant::now() > deadline {
+                    bail!("{url} was not healthy within 90s");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `bazaar audit --wait 30` on this system's data; `(passed, output)`.
+    async fn audit(&self) -> anyhow::Result<(bool, String)> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["audit", "--wait", "30"]).env("BAZAAR_DATA", &self.data);
+        for var in FOREIGN_ENV {
+            cmd.env_remove(var);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+            .await
+            .context("audit did not finish within 90s")??;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
+    }
+
+    /// SIGTERM, then up to 15 s for `up` to stop its roles, then SIGKILL.
+    async fn stop(mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// User plus system CPU seconds of process `pid` (`self` for this one), NaN if unknown.
+/// Assumes the usual 100 clock ticks per second of Linux's /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name: state is the 1st, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+/// CPU seconds spent between two snapshots, per process present in both.
+fn cpu_delta(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
+    after
+        .iter()
+        .filter_map(|(name, a)| {
+            let (_, b) = before.iter().find(|(n, _)| n == name)?;
+            Some((name.clone(), (a - b).max(0.0)))
+        })
+        .collect()
+}
+
+/// A base port whose gateway, admin and service ports (base, base+20..=25) are all free.
+fn free_base_port() -> anyhow::Result<u16> {
+    let seed = uuid::Uuid::new_v4().as_u128() as u64;
+    for i in 0..200u64 {
+        let base = 20_000 + ((seed.wrapping_add(i * 7919)) % 1_300) as u16 * 30;
+        let free = [0u16, 20, 21, 22, 23, 24, 25]
+            .iter()
+            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
+        if free {
+            return Ok(base);
+        }
+    }
+    bail!("no free range of loopback ports found")
+}
+
+const MONOLITH: &[Migration] = &[Migration::new(
+    1,
+    "monolith",
+    "CREATE TABLE product (
+        id TEXT PRIMARY KEY,
+        sku TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        price_cents BIGINT NOT NULL CHECK (price_cents >= 0),
+        currency TEXT NOT NULL,
+        on_hand BIGINT NOT NULL CHECK (on_hand >= 0),
+        reserved BIGINT NOT NULL CHECK (reserved >= 0 AND reserved <= on_hand),
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE stock_movement (
+        id TEXT PRIMARY KEY,
+        product_id TEXT NOT NULL REFERENCES product (id),
+        delta BIGINT NOT NULL,
+        reason TEXT NOT NULL,
+        at BIGINT NOT NULL
+    );
+    CREATE TABLE reservation (order_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at BIGINT NOT NULL);
+    CREATE TABLE reservation_line (
+        order_id TEXT NOT NULL REFERENCES reservation (order_id),
+        product_id TEXT NOT NULL REFERENCES product (id),
+        quantity BIGINT NOT NULL,
+        PRIMARY KEY (order_id, product_id)
+    );
+    CREATE TABLE account (id TEXT PRIMARY KEY, currency TEXT NOT NULL, created_at BIGINT NOT NULL);
+    CREATE TABLE ledger_entry (
+        id TEXT PRIMARY KEY,
+        txn_id TEXT NOT NULL,
+        account_id TEXT NOT NULL REFERENCES account (id),
+        amount_cents BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        reference TEXT NOT NULL,
+        at BIGINT NOT NULL
+    );
+    CREATE INDEX ledger_account ON ledger_entry (account_id);
+    CREATE TABLE payment (
+        order_id TEXT PRIMARY KEY,
+        id TEXT NOT NULL,
+        customer_id TEXT NOT NULL,
+        amount_cents BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE orders (
+        id TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        lines TEXT NOT NULL,
+        total_cents BIGINT,
+        reason TEXT,
+        version BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );",
+)];
+
+fn id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Runs the monolith baseline; returns its sample and outcome counts.
+async fn monolith(
+    path: &Path,
+    args: &SagaBenchArgs,
+    credit: i64,
+) -> anyhow::Result<(Sample, std::collections::BTreeMap<String, usize>)> {
+    let store = Store::open(&format!("sqlite://{}", path.display())).await?;
+    store.migrate(MONOLITH).await?;
+    // The house account receives what customers pay, so the ledger balances.
+    let house = id();
+    let mut tx = store.begin().await?;
+    sqlx::query("INSERT INTO account (id, currency, created_at) VALUES ($1, 'USD', $2)")
+        .bind(&house)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+    let mut customers = Vec::new();
+    for _ in 0..args.users {
+        let account = id();
+        sqlx::query("INSERT INTO account (id, currency, created_at) VALUES ($1, 'USD', $2)")
+            .bind(&account)
+            .bind(now_millis())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO ledger_entry (id, txn_id, account_id, amount_cents, kind, reference, at)
+             VALUES ($1, $2, $3, $4, 'credit', 'welcome', $5)",
+        )
+        .bind(id())
+        .bind(id())
+        .bind(&account)
+        .bind(credit)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        customers.push(account);
+    }
+    let mut products = Vec::new();
+    for (i, price) in PRICES.iter().enumerate() {
+        let product = id();
+        sqlx::query(
+            "INSERT INTO product (id, sku, name, price_cents, currency, on_hand, reserved, created_at)
+             VALUES ($1, $2, $3, $4, 'USD', 1000000, 0, $5)",
+        )
+        .bind(&product)
+        .bind(format!("MONO-{i}"))
+        .bind(format!("Item {i}"))
+        .bind(*price)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        products.push(product);
+    }
+    tx.commit().await?;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.orders)));
+    let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
+    let customers = Arc::new(customers);
+    let products = Arc::new(products);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.timeout);
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|_| {
+            let (store, next, latencies, outcomes) = (store.clone(), next.clone(), latencies.clone(), outcomes.clone());
+            let (customers, products, house, total) = (customers.clone(), products.clone(), house.clone(), args.orders);
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total || Instant::now() > deadline {
+                        return;
+                    }
+                    // The same mix as `bazaar load`: customer n % users, product n % 4, 1 or 2 units.
+                    let customer = &customers[n % customers.len()];
+                    let product = &products[n % products.len()];
+                    let quantity = 1 + (n % 2) as i64;
+                    let t0 = Instant::now();
+                    let outcome = match place_order(&store, customer, &house, product, quantity).await {
+                        Ok(status) => {
+                            latencies.lock().await.push(t0.elapsed());
+                            status
+                        }
+                        Err(e) => format!("error: {e:#}"),
+                    };
+                    *outcomes.lock().await.entry(outcome).or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.await;
+    }
+    let elapsed = started.elapsed();
+    store.close().await;
+    let outcomes = outcomes.lock().await.clone();
+    let errors = outcomes
+        .iter()
+        .filter(|(k, _)| k.starts_with("error"))
+        .map(|(_, n)| n)
+        .sum();
+    let latencies = latencies.lock().await.clone();
+    let sample = Sample {
+        count: latencies.len(),
+        errors,
+        elapsed,
+        latencies,
+    }
+    .finish();
+    Ok((sample, outcomes))
+}
+
+/// One order, start to end, in one transaction: `confirmed` or `cancelled`.
+async fn place_order(
+    store: &Store,
+    customer: &str,
+    house: &str,
+    product: &str,
+    quantity: i64,
+) -> anyhow::Result<String> {
+    let order = id();
+    let now = now_millis();
+    let mut tx = store.begin().await?;
+    let lines = serde_json::json!([{"productId": product, "quantity": quantity}]).to_string();
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, lines, version, created_at, updated_at)
+         VALUES ($1, $2, 'pending', $3, 1, $4, $4)",
+    )
+    .bind(&order)
+    .bind(customer)
+    .bind(&lines)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+
+    // reserveInventory: every line or none.
+    let row = sqlx::query("SELECT price_cents, on_hand, reserved FROM product WHERE id = $1")
+        .bind(product)
+        .fetch_one(&mut *tx)
+        .await?;
+    let (price, on_hand, reserved): (i64, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    let (status, reason) = if on_hand - reserved < quantity {
+        ("cancelled", Some("out of stock"))
+    } else {
+        sqlx::query("UPDATE product SET reserved = reserved + $1 WHERE id = $2")
+            .bind(quantity)
+            .bind(product)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO reservation (order_id, status, updated_at) VALUES ($1, 'reserved', $2)")
+            .bind(&order)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO reservation_line (order_id, product_id, quantity) VALUES ($1, $2, $3)")
+            .bind(&order)
+            .bind(product)
+            .bind(quantity)
+            .execute(&mut *tx)
+            .await?;
+
+        // processPayment: the wallet's balance is the sum of its ledger entries.
+        let total = price * quantity;
+        let balance: i64 =
+            sqlx::query_scalar("SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = $1")
+                .bind(customer)
+                .fetch_one(&mut *tx)
+                .await?;
+        if balance < total {
+            // Compensation: release the reservation.
+            sqlx::query("UPDATE product SET reserved = reserved - $1 WHERE id = $2")
+                .bind(quantity)
+                .bind(product)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE reservation SET status = 'released', updated_at = $2 WHERE order_id = $1")
+                .bind(&order)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            ("cancelled", Some("insufficient funds"))
+        } else {
+            let txn = id();
+            for (account, amount, kind) in [(customer, -total, "debit"), (house, total, "credit")] {
+                sqlx::query(
+                    "INSERT INTO ledger_entry (id, txn_id, account_id, amount_cents, kind, reference, at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(id())
+                .bind(&txn)
+                .bind(account)
+                .bind(amount)
+                .bind(kind)
+                .bind(&order)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query(
+                "INSERT INTO payment (order_id, id, customer_id, amount_cents, status, created_at)
+                 VALUES ($1, $2, $3, $4, 'captured', $5)",
+            )
+            .bind(&order)
+            .bind(&txn)
+            .bind(customer)
+            .bind(total)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+
+            // confirmOrder: commit the reserved stock.
+            sqlx::query("UPDATE product SET on_hand = on_hand - $1, reserved = reserved - $1 WHERE id = $2")
+                .bind(quantity)
+                .bind(product)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO stock_movement (id, product_id, delta, reason, at) VALUES ($1, $2, $3, $4, $5)")
+                .bind(id())
+                .bind(product)
+                .bind(-quantity)
+                .bind(format!("order {order}"))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE reservation SET status = 'committed', updated_at = $2 WHERE order_id = $1")
+                .bind(&order)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE orders SET total_cents = $2 WHERE id = $1")
+                .bind(&order)
+                .bind(total)
+                .execute(&mut *tx)
+                .await?;
+            ("confirmed", None)
+        }
+    };
+    sqlx::query("UPDATE orders SET status = $2, reason = $3, version = version + 1, updated_at = $4 WHERE id = $1")
+        .bind(&order)
+        .bind(status)
+        .bind(reason)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(status.to_string())
+}
