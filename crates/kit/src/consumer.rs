@@ -71,13 +71,13 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    /// Defaults: 8 attempts, 30 s ack wait, one task.
+    /// Defaults: 8 attempts, 10 s ack wait (handlers are short transactions), one task.
     pub fn new(group: impl Into<String>, topic: impl Into<String>) -> Self {
         ConsumerConfig {
             group: group.into(),
             topic: topic.into(),
             max_attempts: 8,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(10),
             tasks: 1,
         }
     }

@@ -35,13 +35,24 @@ impl Handler for StockCommands {
 
 type Reply = Result<serde_json::Value, String>;
 
-async fn reservation(tx: &mut Tx<'static>, order: &str) -> Result<Option<(String, Option<String>)>, HandlerError> {
-    let row = sqlx::query("SELECT status, priced FROM reservation WHERE order_id = $1")
+/// An order's reservation row: status, priced lines (when reserved), reason (when refused).
+struct Reservation {
+    status: String,
+    priced: Option<String>,
+    reason: Option<String>,
+}
+
+async fn reservation(tx: &mut Tx<'static>, order: &str) -> Result<Option<Reservation>, HandlerError> {
+    let row = sqlx::query("SELECT status, priced, reason FROM reservation WHERE order_id = $1")
         .bind(order)
         .fetch_optional(&mut **tx)
         .await?;
     Ok(match row {
-        Some(r) => Some((r.try_get("status")?, r.try_get("priced")?)),
+        Some(r) => Some(Reservation {
+            status: r.try_get("status")?,
+            priced: r.try_get("priced")?,
+            reason: r.try_get("reason")?,
+        }),
         None => None,
     })
 }
@@ -50,12 +61,36 @@ async fn reservation(tx: &mut Tx<'static>, order: &str) -> Result<Option<(String
 async fn reserve(tx: &mut Tx<'static>, cmd: ReserveStock) -> Result<Reply, HandlerError> {
     let order = cmd.order_id.to_string();
     match reservation(tx, &order).await? {
-        Some((status, Some(priced))) if status != "released" => {
+        Some(Reservation {
+            status,
+            priced: Some(priced),
+            ..
+        }) if status == "reserved" || status == "committed" => {
             return Ok(Ok(serde_json::from_str(&priced).unwrap_or_default()));
         }
-        Some((_, _)) => return Ok(Err("the reservation was already released".into())),
+        Some(Reservation { status, reason, .. }) => {
+            return Ok(Err(
+                reason.unwrap_or_else(|| format!("the reservation was already {status}"))
+            ));
+        }
         None => {}
     }
+    let result = try_reserve(tx, &order, &cmd).await?;
+    if let Err(reason) = &result {
+        // A refusal is final for this order: a resent command gets the same answer even if
+        // stock came back meanwhile, so no late reservation outlives its cancelled order.
+        sqlx::query("INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, 'rejected', $2, $3)")
+            .bind(&order)
+            .bind(reason)
+            .bind(now_millis())
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(result)
+}
+
+/// Reserves every line or none, when nothing was decided for the order yet.
+async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> Result<Reply, HandlerError> {
     let now = now_millis();
     let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
     for LineRequest { product_id, quantity } in &cmd.lines {
@@ -103,7 +138,7 @@ async fn reserve(tx: &mut Tx<'static>, cmd: ReserveStock) -> Result<Reply, Handl
     };
     let data = serde_json::to_value(&reserved).unwrap_or_default();
     sqlx::query("INSERT INTO reservation (order_id, status, priced, updated_at) VALUES ($1, 'reserved', $2, $3)")
-        .bind(&order)
+        .bind(order)
         .bind(data.to_string())
         .bind(now)
         .execute(&mut **tx)
@@ -115,7 +150,7 @@ async fn reserve(tx: &mut Tx<'static>, cmd: ReserveStock) -> Result<Reply, Handl
             .execute(&mut **tx)
             .await?;
         sqlx::query("INSERT INTO reservation_line (order_id, product_id, quantity) VALUES ($1, $2, $3)")
-            .bind(&order)
+            .bind(order)
             .bind(product)
             .bind(quantity)
             .execute(&mut **tx)
@@ -128,7 +163,7 @@ async fn reserve(tx: &mut Tx<'static>, cmd: ReserveStock) -> Result<Reply, Handl
 /// Releases a held reservation; leaves a tombstone when there is none yet.
 async fn release(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Reply, HandlerError> {
     let order = cmd.order_id.to_string();
-    match reservation(tx, &order).await?.map(|(s, _)| s).as_deref() {
+    match reservation(tx, &order).await?.map(|r| r.status).as_deref() {
         None => {
             sqlx::query("INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, 'released', 'released before reserved', $2)")
                 .bind(&order)
@@ -142,7 +177,8 @@ async fn release(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Reply, HandlerEr
             set_status(tx, &order, "released").await?;
             Ok(Ok(serde_json::Value::Null))
         }
-        Some("released") => Ok(Ok(serde_json::Value::Null)),
+        // Nothing is held for a released or refused reservation.
+        Some("released") | Some("rejected") => Ok(Ok(serde_json::Value::Null)),
         Some(other) => Ok(Err(format!("cannot release a {other} reservation"))),
     }
 }
@@ -150,7 +186,7 @@ async fn release(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Reply, HandlerEr
 /// Turns a reservation into a sale: the units leave the shelf.
 async fn commit(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Reply, HandlerError> {
     let order = cmd.order_id.to_string();
-    match reservation(tx, &order).await?.map(|(s, _)| s).as_deref() {
+    match reservation(tx, &order).await?.map(|r| r.status).as_deref() {
         Some("reserved") => {
             move_lines(
                 tx,
