@@ -519,3 +519,40 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 fn invalid(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_load_generator_keeps_one_connection_for_many_requests() {
+        let (stop, stopped) = watch::channel(false);
+        let upstream = start_upstream(stopped).await.unwrap();
+        let mut conn = Connection::open(upstream, "/bench", "").await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(conn.round_trip().await.unwrap(), 200);
+        }
+        assert!(conn.buf.is_empty(), "the whole response was consumed");
+        let _ = stop.send(true);
+    }
+
+    #[tokio::test]
+    async fn chunked_responses_are_read_to_their_end() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            for _ in 0..2 {
+                let _ = s.read(&mut buf).await.unwrap();
+                s.write_all(b"HTTP/1.1 429 Too Many Requests\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n")
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut conn = Connection::open(addr, "/", "").await.unwrap();
+        assert_eq!(conn.round_trip().await.unwrap(), 429);
+        assert_eq!(conn.round_trip().await.unwrap(), 429);
+        assert!(conn.buf.is_empty());
+    }
+}

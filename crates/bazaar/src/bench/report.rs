@@ -165,3 +165,31 @@ impl Report {
         json!({"bench": self.title, "unit": self.unit, "rows": rows, "ratios": ratios, "notes": self.notes})
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(count: usize, ms: u64) -> Sample {
+        Sample {
+            count,
+            errors: 0,
+            elapsed: Duration::from_secs(1),
+            latencies: vec![Duration::from_millis(ms); count],
+        }
+        .finish()
+    }
+
+    #[test]
+    fn ratios_compare_throughput_and_p99_and_skip_missing_rows() {
+        let mut r = Report::new("t", "req/s");
+        r.row("ours", Some(sample(50, 4)), "");
+        r.row("theirs", Some(sample(100, 2)), "");
+        r.row("absent", None, "not installed");
+        r.compare("ours", "theirs");
+        r.compare("ours", "absent");
+        assert_eq!(r.ratios[0].1, Some(0.5));
+        assert_eq!(r.ratios[1].1, Some(2.0));
+        assert_eq!(r.ratios[2].1, None);
+    }
+}
