@@ -871,7 +871,7 @@ async fn check_config_file_lists_every_problem() {
     std::fs::write(&path, bazaar_gateway::default_config(ports, "secret")).unwrap();
     assert_eq!(
         bazaar_gateway::check_config_file(&path).unwrap(),
-        "8 services, 10 routes, 1 consumer, 11 plugins"
+        "9 services, 11 routes, 1 consumer, 12 plugins"
     );
 }
 
