@@ -254,12 +254,14 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
                     if Instant::now() > deadline {
                         break "timed out".to_string();
                     }
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                    if let Ok((_, v)) = json_call(client.get(format!("{api}/orders/{id}")).bearer_auth(token)).await {
-                        match v["status"].as_str() {
+                    // The server answers as soon as the order has its outcome: no client polling.
+                    let wait = format!("{api}/orders/{id}?waitFor=outcome&timeout=10");
+                    match json_call(client.get(wait).bearer_auth(token)).await {
+                        Ok((_, v)) => match v["status"].as_str() {
                             Some("pending") | None => continue,
                             Some(s) => break s.to_string(),
-                        }
+                        },
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
                 };
                 settle.lock().await.push(t0.elapsed());

@@ -53,6 +53,10 @@ impl From<crate::envelope::EnvelopeError> for HandlerError {
 pub trait Handler: Send + Sync + 'static {
     /// Applies `event`; an error rolls the transaction back.
     fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// Called after the transaction that handled `event` committed, e.g. to wake readers
+    /// waiting for its effect. Must not fail or block.
+    fn committed(&self, _event: &Envelope) {}
 }
 
 /// Where and how a consumer group reads.
@@ -271,6 +275,7 @@ impl Runner {
             Ok(()) => match self.outbox.commit(tx).await {
                 Ok(()) => {
                     tracing::info!(group = %self.config.group, "handled");
+                    self.handler.committed(event);
                     Outcome::Handled
                 }
                 Err(e) => Outcome::Retry(e.to_string()),

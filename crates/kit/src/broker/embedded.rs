@@ -5,8 +5,9 @@
 //! is the de-duplication). Each consumer group has a row per message still to handle in
 //! `bus_deliveries`; fetching leases rows (bumps `attempts`, hides them until the ack wait
 //! ends), ack deletes the row, nack makes it visible again later. A group joins from the
-//! topic's first retained message. Other processes learn of new messages by polling a cheap
-//! read; publishers in the same process wake their subscribers at once.
+//! topic's first retained message. Publishers wake waiting subscribers at once: in the same
+//! process directly, in other processes through a Unix datagram (see `wake`); a slow poll of
+//! a cheap read remains as the fallback.
 
 use std::{
     sync::{
@@ -61,7 +62,11 @@ const MIGRATIONS: &[Migration] = &[
 /// How long published messages are kept once every group has acked them; also the
 /// de-duplication window.
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
-/// How often a waiting fetch looks for messages published by other processes.
+/// How often a waiting fetch looks for messages without being woken (a lost wake-up, a
+/// redelivery falling due, or a platform without Unix sockets).
+#[cfg(unix)]
+const POLL: Duration = Duration::from_millis(100);
+#[cfg(not(unix))]
 const POLL: Duration = Duration::from_millis(10);
 /// How often a publishing process prunes the log.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -73,6 +78,9 @@ pub struct EmbeddedBroker {
     published: Arc<Notify>,
     /// When this process last pruned (ms since the epoch); publishing prunes now and then.
     last_prune: Arc<AtomicI64>,
+    /// Wakes other processes' subscribers after a publish.
+    #[cfg(unix)]
+    wake: Option<Arc<super::wake::Wake>>,
 }
 
 impl EmbeddedBroker {
@@ -80,10 +88,19 @@ impl EmbeddedBroker {
     pub async fn open(url: &str) -> Result<EmbeddedBroker, BrokerError> {
         let store = Store::open(url).await?;
         store.migrate(MIGRATIONS).await?;
+        let published = Arc::new(Notify::new());
+        #[cfg(unix)]
+        let wake = url
+            .parse::<crate::store::StoreUrl>()
+            .ok()
+            .and_then(|u| u.sqlite_path().map(std::path::PathBuf::from))
+            .and_then(|path| super::wake::Wake::bind(&path, published.clone()));
         Ok(EmbeddedBroker {
             store,
-            published: Arc::new(Notify::new()),
+            published,
             last_prune: Arc::new(AtomicI64::new(0)),
+            #[cfg(unix)]
+            wake,
         })
     }
 
@@ -128,6 +145,10 @@ impl EmbeddedBroker {
         }
         tx.commit().await?;
         self.published.notify_waiters();
+        #[cfg(unix)]
+        if let Some(wake) = &self.wake {
+            wake.publish();
+        }
         self.prune_now_and_then().await;
         Ok(())
     }

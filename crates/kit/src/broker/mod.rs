@@ -14,6 +14,8 @@
 
 pub mod embedded;
 pub mod nats;
+#[cfg(unix)]
+mod wake;
 
 use std::{sync::Arc, time::Duration};
 

@@ -226,6 +226,9 @@ struct Wait {
 
 /// Longest a client may wait for an outcome in one request.
 const MAX_WAIT: Duration = Duration::from_secs(60);
+/// A waiting request re-reads at least this often (an outcome reached in another instance
+/// of orders does not wake this one).
+const FALLBACK_READ: Duration = Duration::from_millis(250);
 
 /// One of the caller's orders, with its saga's progress. With `?waitFor=outcome` the answer
 /// waits (up to `timeout` seconds, default 30) until the order is confirmed or cancelled, so
@@ -246,6 +249,8 @@ async fn show(
             )))
         }
     };
+    // Registered before the first read, so an outcome committed in between still wakes us.
+    let watch = until.map(|_| orders.waiters.watch(&id));
     let found = loop {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
             .bind(&id)
@@ -257,9 +262,10 @@ async fn show(
             // Not yours: answer as if it did not exist.
             return Err(Problem::not_found(format!("no order {id}")));
         }
-        match until {
-            Some(t) if found.status == "pending" && Instant::now() < t => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        match (until, &watch) {
+            (Some(t), Some(w)) if found.status == "pending" && Instant::now() < t => {
+                w.changed(FALLBACK_READ.min(t.saturating_duration_since(Instant::now())))
+                    .await;
             }
             _ => break found,
         }

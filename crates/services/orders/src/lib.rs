@@ -7,7 +7,10 @@
 mod api;
 pub mod saga;
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use bazaar_contracts::{groups, topics, types};
 use bazaar_kit::{
@@ -19,6 +22,7 @@ use bazaar_kit::{
     store::{Migration, Tx},
 };
 use futures_util::future::BoxFuture;
+use tokio::sync::Notify;
 
 pub use api::router;
 
@@ -55,6 +59,61 @@ pub struct Orders {
     pub rt: Runtime,
     /// The order saga's engine.
     pub engine: Arc<SagaEngine>,
+    /// Requests waiting for an order's outcome (`?waitFor=outcome`).
+    pub waiters: Arc<Waiters>,
+}
+
+/// Wakes requests waiting on an order when a reply for its saga commits in this process.
+/// A reply handled by another instance is caught by the waiter's fallback re-read.
+#[derive(Debug, Default)]
+pub struct Waiters(Mutex<HashMap<String, (Arc<Notify>, usize)>>);
+
+impl Waiters {
+    /// Registers interest in `order`; drop the guard to withdraw it.
+    pub fn watch(self: &Arc<Self>, order: &str) -> WaitGuard {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = map
+            .entry(order.to_string())
+            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        entry.1 += 1;
+        WaitGuard {
+            waiters: self.clone(),
+            order: order.to_string(),
+            notify: entry.0.clone(),
+        }
+    }
+
+    fn wake(&self, order: &str) {
+        if let Some((notify, _)) = self.0.lock().unwrap_or_else(PoisonError::into_inner).get(order) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// One request's interest in one order.
+pub struct WaitGuard {
+    waiters: Arc<Waiters>,
+    order: String,
+    notify: Arc<Notify>,
+}
+
+impl WaitGuard {
+    /// Resolves when a reply for the order commits, or after `fallback`.
+    pub async fn changed(&self, fallback: std::time::Duration) {
+        let _ = tokio::time::timeout(fallback, self.notify.notified()).await;
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let mut map = self.waiters.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = map.get_mut(&self.order) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                map.remove(&self.order);
+            }
+        }
+    }
 }
 
 impl Orders {
@@ -70,12 +129,13 @@ impl Orders {
         Orders {
             rt,
             engine: Arc::new(engine),
+            waiters: Arc::new(Waiters::default()),
         }
     }
 }
 
 /// Feeds participants' replies to the saga engine.
-struct Replies(Arc<SagaEngine>);
+struct Replies(Arc<SagaEngine>, Arc<Waiters>);
 
 impl Handler for Replies {
     fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -89,6 +149,11 @@ impl Handler for Replies {
             self.0.on_reply(tx, event).await
         })
     }
+
+    fn committed(&self, event: &Envelope) {
+        // The saga id is the order id.
+        self.1.wake(&event.aggregate_id);
+    }
 }
 
 /// Runs the orders role until `shutdown`.
@@ -100,7 +165,7 @@ pub async fn run(config: RoleConfig, shutdown: Shutdown) -> Result<(), ServiceEr
         rt.outbox.clone(),
         rt.broker.clone(),
         replies,
-        Arc::new(Replies(orders.engine.clone())),
+        Arc::new(Replies(orders.engine.clone(), orders.waiters.clone())),
         shutdown.clone(),
     );
     orders.engine.clone().spawn_timer(shutdown);
