@@ -90,6 +90,7 @@ impl Outbox {
             outbox: self.clone(),
             broker,
             owner: Uuid::now_v7().to_string(),
+            renew_at: std::sync::atomic::AtomicI64::new(0),
         };
         tokio::spawn(relay.run(shutdown))
     }
@@ -114,6 +115,8 @@ struct OutboxRelay {
     outbox: Outbox,
     broker: SharedBroker,
     owner: String,
+    /// Until when (ms) the lease we hold needs no renewal.
+    renew_at: std::sync::atomic::AtomicI64,
 }
 
 /// Rows published per round.
@@ -162,10 +165,13 @@ impl OutboxRelay {
         }
     }
 
-    /// Holds (or takes over an expired) relay lease; only the holder publishes.
+    /// Holds (or takes over an expired) relay lease; only the holder publishes. The lease is
+    /// renewed in the store only when half of it has passed, not on every round.
     async fn lease(&self) -> Result<bool, StoreError> {
         let now = now_millis();
-        let mut tx = self.outbox.store.begin().await?;
+        if now < self.renew_at.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(true);
+        }
         let got = sqlx::query(
             "INSERT INTO relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2)
              ON CONFLICT (name) DO UPDATE SET owner = $1, expires_at = $2
@@ -174,10 +180,12 @@ impl OutboxRelay {
         .bind(&self.owner)
         .bind(now + LEASE.as_millis() as i64)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(self.outbox.store.pool())
         .await?;
-        tx.commit().await?;
-        Ok(got.rows_affected() == 1)
+        let held = got.rows_affected() == 1;
+        let renew_at = if held { now + LEASE.as_millis() as i64 / 2 } else { 0 };
+        self.renew_at.store(renew_at, std::sync::atomic::Ordering::Relaxed);
+        Ok(held)
     }
 
     /// Publishes one batch; returns how many rows were moved.
@@ -208,20 +216,19 @@ impl OutboxRelay {
         Ok(sent.len())
     }
 
+    /// Marks exactly the published rows, in one statement. (Not an id range: on PostgreSQL a
+    /// lower id can commit after a higher one, and a range would mark it unpublished.)
     async fn mark_sent(&self, ids: &[i64]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut tx = self.outbox.store.begin().await?;
-        let now = now_millis();
+        let placeholders: Vec<String> = (2..ids.len() + 2).map(|i| format!("${i}")).collect();
+        let sql = format!("UPDATE outbox SET sent_at = $1 WHERE id IN ({})", placeholders.join(", "));
+        let mut query = sqlx::query(&sql).bind(now_millis());
         for id in ids {
-            sqlx::query("UPDATE outbox SET sent_at = $1 WHERE id = $2")
-                .bind(now)
-                .bind(*id)
-                .execute(&mut *tx)
-                .await?;
+            query = query.bind(*id);
         }
-        tx.commit().await?;
+        query.execute(self.outbox.store.pool()).await?;
         Ok(())
     }
 

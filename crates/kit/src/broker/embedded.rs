@@ -377,29 +377,26 @@ struct EmbeddedAcker {
 
 impl Acker for EmbeddedAcker {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        // One statement is atomic on its own; no explicit transaction (and its round trips).
         Box::pin(async move {
-            let mut tx = self.store.begin().await?;
             sqlx::query("DELETE FROM bus_deliveries WHERE id = $1 AND attempts = $2")
                 .bind(self.id)
                 .bind(self.attempts)
-                .execute(&mut *tx)
+                .execute(self.store.pool())
                 .await?;
-            tx.commit().await?;
             Ok(())
         })
     }
 
     fn nack(self: Box<Self>, delay: Duration, error: String) -> BoxFuture<'static, Result<(), BrokerError>> {
         Box::pin(async move {
-            let mut tx = self.store.begin().await?;
             sqlx::query("UPDATE bus_deliveries SET visible_at = $1, last_error = $2 WHERE id = $3 AND attempts = $4")
                 .bind(now_millis() + delay.as_millis() as i64)
                 .bind(error)
                 .bind(self.id)
                 .bind(self.attempts)
-                .execute(&mut *tx)
+                .execute(self.store.pool())
                 .await?;
-            tx.commit().await?;
             Ok(())
         })
     }
