@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod config_file;
 mod load;
 mod roles;
 mod up;
@@ -16,6 +17,9 @@ use roles::{Role, Settings};
 #[derive(Debug, Parser)]
 #[command(name = "bazaar", version, about)]
 struct Cli {
+    /// A file of BAZAAR_NAME=value lines (the variables below); flags and the environment win.
+    #[arg(long, global = true, env = "BAZAAR_CONFIG")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
     #[command(flatten)]
@@ -70,6 +74,13 @@ enum DlqCommand {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(path) = config_file::named(&args) {
+        if let Err(e) = config_file::apply(&path) {
+            eprintln!("bazaar: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let cli = Cli::parse();
     // A service role is I/O bound and its SQLite work runs on sqlx's own threads: one
     // scheduler thread avoids cross-thread wake-ups (bazaar bench saga: 90 -> 100 orders/s,
