@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             step BIGINT NOT NULL,
             context TEXT NOT NULL,
             correlation_id TEXT NOT NULL,
+            traceparent TEXT,
             attempts BIGINT NOT NULL,
             deadline BIGINT,
             command_id TEXT,
@@ -157,6 +158,8 @@ pub struct SagaState {
     pub context: Value,
     /// The correlation id of the request that started it.
     pub correlation_id: String,
+    /// The W3C trace context of the request that started it, carried into its commands.
+    pub traceparent: Option<String>,
     /// Sends of the current command.
     pub attempts: u32,
     /// When the current wait ends (ms since the epoch).
@@ -294,6 +297,19 @@ impl SagaEngine {
         context: Value,
         correlation_id: &str,
     ) -> Result<SagaState, HandlerError> {
+        self.start_traced(tx, id, context, correlation_id, None).await
+    }
+
+    /// [`SagaEngine::start`] carrying the starting request's W3C `traceparent` into every
+    /// command the saga sends.
+    pub async fn start_traced(
+        &self,
+        tx: &mut Tx<'static>,
+        id: &str,
+        context: Value,
+        correlation_id: &str,
+        traceparent: Option<&str>,
+    ) -> Result<SagaState, HandlerError> {
         let now = now_millis();
         let mut state = SagaState {
             id: id.to_string(),
@@ -302,19 +318,21 @@ impl SagaEngine {
             step: 0,
             context,
             correlation_id: correlation_id.to_string(),
+            traceparent: traceparent.map(str::to_string),
             attempts: 0,
             deadline: None,
             error: None,
         };
         sqlx::query(
-            "INSERT INTO saga (id, kind, status, step, context, correlation_id, attempts, created_at, updated_at)
-             VALUES ($1, $2, $3, 0, $4, $5, 0, $6, $6)",
+            "INSERT INTO saga (id, kind, status, step, context, correlation_id, traceparent, attempts, created_at, updated_at)
+             VALUES ($1, $2, $3, 0, $4, $5, $6, 0, $7, $7)",
         )
         .bind(id)
         .bind(self.flow.kind())
         .bind(SagaStatus::Running.as_str())
         .bind(state.context.to_string())
         .bind(correlation_id)
+        .bind(traceparent)
         .bind(now)
         .execute(&mut **tx)
         .await?;
@@ -534,7 +552,7 @@ impl SagaEngine {
     /// Up to `limit` sagas in `status`, most recently changed first (e.g. the stuck ones).
     pub async fn list(&self, status: SagaStatus, limit: i64) -> Result<Vec<SagaState>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, kind, status, step, context, correlation_id, attempts, deadline, error FROM saga
+            "SELECT id, kind, status, step, context, correlation_id, traceparent, attempts, deadline, error FROM saga
              WHERE status = $1 ORDER BY updated_at DESC LIMIT $2",
         )
         .bind(status.as_str())
@@ -699,6 +717,7 @@ impl SagaEngine {
             Some(c) => c.caused_metadata(self.source),
             None => Metadata {
                 correlation_id: state.correlation_id.clone(),
+                traceparent: state.traceparent.clone(),
                 source: self.source.to_string(),
                 ..Metadata::default()
             },
@@ -749,7 +768,7 @@ impl SagaEngine {
 }
 
 const SELECT_SAGA: &str =
-    "SELECT id, kind, status, step, context, correlation_id, attempts, deadline, error FROM saga WHERE id = $1";
+    "SELECT id, kind, status, step, context, correlation_id, traceparent, attempts, deadline, error FROM saga WHERE id = $1";
 
 fn from_row(r: &sqlx::any::AnyRow) -> Result<SagaState, StoreError> {
     let context: String = r.try_get("context")?;
@@ -760,6 +779,7 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<SagaState, StoreError> {
         step: r.try_get("step")?,
         context: serde_json::from_str(&context).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         correlation_id: r.try_get("correlation_id")?,
+        traceparent: r.try_get("traceparent")?,
         attempts: r.try_get::<i64, _>("attempts")?.max(0) as u32,
         deadline: r.try_get("deadline")?,
         error: r.try_get("error")?,

@@ -150,7 +150,13 @@ async fn place(
     };
     orders
         .engine
-        .start(&mut tx, &id.to_string(), json!(context), &ctx.correlation_id)
+        .start_traced(
+            &mut tx,
+            &id.to_string(),
+            json!(context),
+            &ctx.correlation_id,
+            ctx.traceparent.as_deref(),
+        )
         .await
         .map_err(Problem::internal)?;
     orders.rt.outbox.commit(tx).await?;

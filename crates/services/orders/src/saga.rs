@@ -164,6 +164,7 @@ impl SagaFlow for OrderSaga {
             };
             let metadata = Metadata {
                 correlation_id: saga.correlation_id.clone(),
+                traceparent: saga.traceparent.clone(),
                 source: "orders".into(),
                 ..Metadata::default()
             };
