@@ -26,7 +26,7 @@ fn free_base_port() -> u16 {
     let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64 ^ rand_seed();
     for i in 0..200u64 {
         let base = 20_000 + ((seed + i * 7919) % 1_300) as u16 * 30;
-        let all_free = [0u16, 20, 21, 22, 23, 24, 25]
+        let all_free = [0u16, 20, 21, 22, 23, 24, 25, 26]
             .iter()
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
         if all_free {
@@ -45,9 +45,13 @@ fn rand_seed() -> u64 {
 
 impl System {
     async fn start(extra_env: &[(&str, &str)]) -> System {
+        System::start_at(free_base_port(), extra_env).await
+    }
+
+    /// `bazaar up` with `base` as its base port.
+    async fn start_at(base: u16, extra_env: &[(&str, &str)]) -> System {
         let env: Vec<(String, String)> = extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let data = tempfile::tempdir().expect("tempdir");
-        let base = free_base_port();
         let log = std::fs::File::create(data.path().join("up.log")).expect("log file");
         let mut cmd = Command::new(BIN);
         cmd.args(["up", "--quiet"])
@@ -714,4 +718,93 @@ async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
     ] {
         assert!(orders.contains(name), "orders /metrics lacks {name}");
     }
+}
+
+/// Runs `bazaar serve payment-sim` beside a system; killed on drop.
+struct Simulator(Child);
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
+    let base = free_base_port();
+    let sim_url = format!("http://127.0.0.1:{}", base + 26);
+    let sim = Simulator(
+        Command::new(BIN)
+            .args(["serve", "payment-sim"])
+            .env("BAZAAR_BASE_PORT", base.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the simulator"),
+    );
+    let client = reqwest::Client::new();
+    let control = |body: Value| {
+        let client = client.clone();
+        let url = format!("{sim_url}/_control");
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match client.post(&url).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => return,
+                    _ => {
+                        assert!(Instant::now() < deadline, "the simulator does not answer");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    };
+    control(json!({"outage": true})).await;
+    let sys = System::start_at(base, &[("BAZAAR_PAYMENT_PROVIDER_URL", &sim_url)]).await;
+    let admin = sys.admin().await;
+    let dee = sys.customer("dee@example.com").await;
+    let kettle = sys.product(&admin, "KETTLE", 3_000, 5).await;
+
+    let id = sys.order(&dee, &kettle, 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, v) = sys
+        .call(reqwest::Method::GET, &format!("/orders/{id}"), Some(&dee), None)
+        .await;
+    assert_eq!(
+        v["status"], "pending",
+        "the order waits while the provider is down: {v}"
+    );
+    let health: Value = sys
+        .client
+        .get(format!("http://127.0.0.1:{}/health", base + 24))
+        .send()
+        .await
+        .expect("payments health")
+        .json::<Value>()
+        .await
+        .expect("json");
+    assert!(
+        health["checks"].get("provider").is_some(),
+        "payments reports the provider in /health: {health}"
+    );
+
+    control(json!({"outage": false})).await;
+    let v = sys.settled(&dee, &id).await;
+    assert_eq!(v["status"], "confirmed", "{v}");
+    let stats: Value = client
+        .get(format!("{sim_url}/_stats"))
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        stats["charges"], 1,
+        "one charge for one order, whatever the retries: {stats}"
+    );
+    let (ok, report) = sys.audit();
+    assert!(ok, "audit failed:\n{report}\n{}", sys.log());
+    drop(sim);
 }
