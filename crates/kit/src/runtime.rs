@@ -115,6 +115,25 @@ impl Runtime {
             })
     }
 
+    /// Keeps gauge `name` set to what `sql` (one BIGINT) returns, re-read every 10 s, for
+    /// business figures cheap enough to count (units on hand, money in wallets).
+    pub fn spawn_gauge(&self, name: &'static str, sql: &'static str) {
+        let store = self.store.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                match sqlx::query_scalar::<_, i64>(sql).fetch_one(store.pool()).await {
+                    Ok(v) => metrics::gauge!(name).set(v as f64),
+                    Err(e) => tracing::debug!(gauge = name, error = %e, "gauge query failed"),
+                }
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+                }
+            }
+        });
+    }
+
     /// Serves `api` plus `health`'s routes on `addr` until shutdown.
     pub async fn serve(&self, addr: SocketAddr, api: Router, health: Health) -> Result<(), ServiceError> {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -64,6 +64,14 @@ pub async fn run(config: RoleConfig, demo: bool, shutdown: Shutdown) -> Result<(
     if demo {
         api::seed_demo(&rt).await?;
     }
+    rt.spawn_gauge(
+        "bazaar_inventory_units_on_hand",
+        "SELECT CAST(COALESCE(SUM(on_hand), 0) AS BIGINT) FROM product",
+    );
+    rt.spawn_gauge(
+        "bazaar_inventory_units_reserved",
+        "SELECT CAST(COALESCE(SUM(reserved), 0) AS BIGINT) FROM product",
+    );
     let mut consumer = ConsumerConfig::new(groups::INVENTORY, topics::INVENTORY_COMMANDS);
     consumer.tasks = 2;
     consumer::spawn(

@@ -111,6 +111,14 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
         None => None,
     };
     let rt = Runtime::start("payments", &config, MIGRATIONS, shutdown.clone()).await?;
+    rt.spawn_gauge(
+        "bazaar_payments_wallets_cents",
+        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry WHERE account_id LIKE 'customer:%'",
+    );
+    rt.spawn_gauge(
+        "bazaar_payments_revenue_cents",
+        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry WHERE account_id = 'merchant:revenue'",
+    );
     let mut commands = ConsumerConfig::new(groups::PAYMENTS, topics::PAYMENTS_COMMANDS);
     commands.max_attempts = 12;
     consumer::spawn(
