@@ -248,7 +248,7 @@ pub async fn stop_signal() {
 
 /// `bazaar serve ROLE`.
 pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
-    bazaar_kit::telemetry::init_logging(settings.json_logs);
+    bazaar_kit::telemetry::init_logging(role.name(), settings.json_logs);
     bazaar_kit::telemetry::metrics();
     // Crash-only: a panicking task would leave a half-alive process; exit so the supervisor
     // (bazaar up, systemd, Kubernetes) restarts a whole one. Durable state makes that safe.

@@ -253,7 +253,8 @@ impl Runner {
             "handle",
             event_type = %event.event_type,
             event_id = %event.event_id,
-            correlation_id = %event.metadata.correlation_id
+            correlation_id = %event.metadata.correlation_id,
+            traceparent = event.metadata.traceparent.as_deref().unwrap_or("")
         );
         self.apply_in_span(event).instrument(span).await
     }

@@ -180,11 +180,18 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let traceparent_field = traceparent.clone();
     req.extensions_mut().insert(RequestContext {
         correlation_id: correlation_id.clone(),
         traceparent,
     });
-    let span = tracing::info_span!("request", correlation_id = %correlation_id);
+    let span = tracing::info_span!(
+        "request",
+        correlation_id = %correlation_id,
+        traceparent = traceparent_field.as_deref().unwrap_or(""),
+        http.method = %method,
+        http.route = %route
+    );
     let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status().as_u16();
     let elapsed = start.elapsed();

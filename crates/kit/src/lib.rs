@@ -7,7 +7,8 @@
 //! - [`broker`]: the durable log (embedded SQLite file or NATS JetStream) behind one trait.
 //! - [`consumer`]: runs a handler over a subscription: inbox, retries, dead letters.
 //! - [`saga`]: the durable orchestrated saga engine.
-//! - [`http`], [`health`], [`auth`], [`telemetry`]: what every role's HTTP side shares.
+//! - [`http`], [`health`], [`auth`], [`telemetry`]: what every role's HTTP side shares;
+//!   [`otlp`] exports traces when a collector is configured.
 //! - [`resilience`]: circuit breaker and jittered backoff for calls that can cascade.
 //! - [`client`]: the one outbound HTTP client stack (timeout, retry budget, breaker, bulkhead).
 //! - [`runtime`]: what every service role starts with.
@@ -22,6 +23,7 @@ pub mod envelope;
 pub mod health;
 pub mod http;
 pub mod inbox;
+pub mod otlp;
 pub mod outbox;
 pub mod resilience;
 pub mod runtime;

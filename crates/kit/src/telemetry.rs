@@ -4,27 +4,43 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// Starts logging for `role`. `BAZAAR_LOG` (or `RUST_LOG`) sets the filter, default `info`;
-/// `json` writes one JSON object per line for log shippers. Safe to call twice.
-pub fn init_logging(json: bool) {
+/// Starts logging for `service`. `BAZAAR_LOG` (or `RUST_LOG`) sets the filter, default
+/// `info`; `json` writes one JSON object per line for log shippers. With
+/// `BAZAAR_OTLP_ENDPOINT` set, spans are also exported over OTLP (see [`crate::otlp`]); call
+/// from inside a tokio runtime then. Safe to call twice.
+pub fn init_logging(service: &str, json: bool) {
     let filter = std::env::var("BAZAAR_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn,hyper=warn".into());
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().flatten_event(true).with_current_span(true).try_init()
+    let fmt_layer = if json {
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
-        builder
+        fmt::layer()
             .with_target(false)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .compact()
-            .try_init()
+            .with_writer(std::io::stderr)
+            .boxed()
     };
+    let otlp = std::env::var(crate::otlp::ENDPOINT_VAR)
+        .ok()
+        .filter(|e| !e.is_empty() && tokio::runtime::Handle::try_current().is_ok())
+        .map(|endpoint| crate::otlp::layer(service, &endpoint));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer)
+        .with(otlp)
+        .try_init();
 }
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
