@@ -223,7 +223,10 @@ impl OutboxRelay {
             return Ok(());
         }
         let placeholders: Vec<String> = (2..ids.len() + 2).map(|i| format!("${i}")).collect();
-        let sql = format!("UPDATE outbox SET sent_at = $1 WHERE id IN ({})", placeholders.join(", "));
+        let sql = format!(
+            "UPDATE outbox SET sent_at = $1 WHERE id IN ({})",
+            placeholders.join(", ")
+        );
         let mut query = sqlx::query(&sql).bind(now_millis());
         for id in ids {
             query = query.bind(*id);
