@@ -734,10 +734,12 @@ impl Drop for Simulator {
 async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
     let base = free_base_port();
     let sim_url = format!("http://127.0.0.1:{}", base + 26);
+    let sim_data = tempfile::tempdir().expect("tempdir");
     let sim = Simulator(
         Command::new(BIN)
             .args(["serve", "payment-sim"])
             .env("BAZAAR_BASE_PORT", base.to_string())
+            .env("BAZAAR_DATA", sim_data.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
