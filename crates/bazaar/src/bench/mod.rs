@@ -5,8 +5,9 @@
 //!   HAProxy when it is installed.
 //! - `pipeline`: events per second through outbox, relay, broker and inbox against a bare
 //!   publish/ack loop on the same broker.
-//! - `saga`: orders per second through the distributed saga (`bazaar up`) against one SQLite
-//!   transaction per order in a monolith.
+//! - `saga`: orders per second through the distributed saga (`bazaar up` on its embedded
+//!   defaults and, given `--postgres` and `--nats`, on fresh PostgreSQL databases and NATS)
+//!   against one SQLite transaction per order in a monolith.
 //!
 //! Every run is bounded in count and time, uses loopback and temp dirs only, and cleans up.
 //! Load generator and servers share this machine's cores, so figures are comparative: read

@@ -1,10 +1,14 @@
 //! `bazaar bench saga`: orders through the distributed saga against a monolith that does the
 //! same business in one database transaction per order.
 //!
-//! - saga: `bazaar up --quiet` runs as a child process on a temp data dir and free ports;
-//!   `bazaar load`'s driver places the orders through the gateway and follows each one until it
-//!   is confirmed or cancelled (polling every 25 ms), then `bazaar audit --wait 30` checks
-//!   the invariants before `up` is stopped with SIGTERM.
+//! - saga embedded: `bazaar up --quiet` runs as a child process on a temp data dir and free
+//!   ports, with its defaults (a SQLite file per role, the embedded broker); `bazaar load`'s
+//!   driver places the orders through the gateway and follows each one with
+//!   `GET /orders/{id}?waitFor=outcome` (answered when the outcome commits), then
+//!   `bazaar audit --wait 30` checks the invariants before `up` is stopped with SIGTERM.
+//! - saga pg+nats: the same, when `--postgres` and `--nats` are given, on five fresh
+//!   PostgreSQL databases (created through the admin URL, dropped afterwards even when the
+//!   run fails) and a NATS broker under a namespace of its own.
 //! - monolith: one SQLite file (opened by `Store`, so the same pool size, WAL and pragmas)
 //!   with products, reservations, accounts, a double-entry ledger, payments and orders; each
 //!   order is ONE transaction that reserves stock, checks and debits the wallet, commits the
@@ -28,7 +32,7 @@ use sqlx::Row;
 use tokio::{process::Command, sync::Mutex};
 
 use super::{Report, Sample};
-use crate::load::{self, LoadArgs};
+use crate::load::{self, LoadArgs, LoadStats};
 
 /// Flags of `bazaar bench saga`.
 #[derive(Debug, Args)]
@@ -45,10 +49,27 @@ pub struct SagaBenchArgs {
     /// Give up following orders after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Admin URL of a PostgreSQL server on which the pg+nats variant creates (and then drops)
+    /// one database per role; needs --nats too.
+    #[arg(long, env = "BAZAAR_BENCH_POSTGRES_URL")]
+    postgres: Option<String>,
+    /// NATS URL for the pg+nats variant (a `namespace=bench<uuid>` is added); needs --postgres too.
+    #[arg(long, env = "BAZAAR_BENCH_NATS_URL")]
+    nats: Option<String>,
 }
 
 /// Prices of the products `bazaar load` creates, in the same order.
 const PRICES: [i64; 4] = [250, 399, 1000, 1250];
+
+/// The roles that own a store, as they appear in `BAZAAR_<ROLE>_STORE_URL`.
+const STORE_ROLES: [&str; 5] = ["USERS", "INVENTORY", "ORDERS", "PAYMENTS", "NOTIFICATIONS"];
+
+/// What one saga variant measured.
+struct SagaRun {
+    stats: LoadStats,
+    cpu: Vec<(String, f64)>,
+    audit: anyhow::Result<(bool, String)>,
+}
 
 /// `bazaar bench saga`.
 pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
@@ -68,36 +89,43 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
     );
     let dir = tempfile::tempdir().context("cannot create a temp dir")?;
 
-    eprintln!("bench saga: starting `bazaar up` on a temp data dir");
-    let system = System::start(&dir.path().join("data"), &dir.path().join("up.log")).await?;
-    let cpu_before = system.cpu();
-    let measured = match load_args(&args, &system) {
-        Ok(load_args) => load::measure(&load_args).await,
-        Err(e) => Err(e),
-    };
-    let cpu = cpu_delta(&cpu_before, &system.cpu());
-    eprintln!("bench saga: running `bazaar audit --wait 30`");
-    let audit = system.audit().await;
-    system.stop().await;
-    let stats = measured?;
-    let failed: usize = stats
-        .outcomes
-        .iter()
-        .filter(|(k, _)| k.starts_with("http") || k.starts_with("error") || *k == "timed out")
-        .map(|(_, n)| n)
-        .sum();
-    let saga = Sample {
-        count: stats.settle.len(),
-        errors: failed,
-        elapsed: stats.elapsed,
-        latencies: stats.settle.clone(),
-    }
-    .finish();
-    report.row(
-        "saga",
-        Some(saga),
-        format!("bazaar up, via gateway; outcomes {:?}", stats.outcomes),
+    eprintln!("bench saga: starting `bazaar up` on a temp data dir (embedded defaults)");
+    let embedded = saga(&args, &dir.path().join("embedded"), Vec::new()).await;
+    add_saga(
+        &mut report,
+        "saga embedded",
+        "bazaar up, SQLite per role + embedded broker",
+        embedded,
+        cores,
     );
+
+    let distributed = match (&args.postgres, &args.nats) {
+        (Some(pg), Some(nats)) => {
+            eprintln!("bench saga: starting `bazaar up` on fresh PostgreSQL databases and NATS");
+            Some(saga_on_postgres_and_nats(&args, &dir.path().join("pg-nats"), pg, nats).await)
+        }
+        (None, None) => {
+            report.row(
+                "saga pg+nats",
+                None,
+                "give --postgres URL and --nats URL (or BAZAAR_BENCH_POSTGRES_URL, BAZAAR_BENCH_NATS_URL)",
+            );
+            None
+        }
+        _ => {
+            report.row("saga pg+nats", None, "needs both --postgres and --nats");
+            None
+        }
+    };
+    if let Some(result) = distributed {
+        add_saga(
+            &mut report,
+            "saga pg+nats",
+            "bazaar up, PostgreSQL database per role + NATS",
+            result,
+            cores,
+        );
+    }
 
     eprintln!("bench saga: monolith, one transaction per order");
     let (mono, outcomes) = monolith(&dir.path().join("monolith.db"), &args, credit).await?;
@@ -106,38 +134,175 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
         Some(mono),
         format!("one SQLite tx per order; outcomes {outcomes:?}"),
     );
-    report.compare("saga", "monolith");
+    report.compare("saga embedded", "monolith");
+    report.compare("saga pg+nats", "monolith");
 
+    report.note(
+        "saga latency is placed -> confirmed/cancelled as a client sees it (POST /orders, then \
+         GET /orders/{id}?waitFor=outcome, which the server answers when the outcome commits). \
+         Monolith latency is one order's transaction including the wait for a pooled connection.",
+    );
+    report.note(format!(
+        "{cores} core(s) shared by the load driver, the gateway and five services (saga; with \
+         pg+nats also PostgreSQL and nats-server, whose CPU is not counted below), or by the \
+         driver and SQLite (monolith)."
+    ));
+    Ok(report)
+}
+
+/// Adds a saga variant's row and its notes (POST latency, CPU per role, audit).
+fn add_saga(report: &mut Report, name: &str, what: &str, result: anyhow::Result<SagaRun>, cores: usize) {
+    let run = match result {
+        Ok(run) => run,
+        Err(e) => {
+            report.row(name, None, format!("FAILED: {e:#}"));
+            return;
+        }
+    };
+    let stats = run.stats;
+    let failed: usize = stats
+        .outcomes
+        .iter()
+        .filter(|(k, _)| k.starts_with("http") || k.starts_with("error") || *k == "timed out")
+        .map(|(_, n)| n)
+        .sum();
+    let sample = Sample {
+        count: stats.settle.len(),
+        errors: failed,
+        elapsed: stats.elapsed,
+        latencies: stats.settle.clone(),
+    }
+    .finish();
+    report.row(name, Some(sample), format!("{what}; outcomes {:?}", stats.outcomes));
     let place = Sample {
         latencies: stats.place,
         ..Sample::default()
-    };
+    }
+    .finish();
     report.note(format!(
-        "saga latency is placed -> confirmed/cancelled as a client sees it (POST /orders, then GET \
-         every 25 ms); POST /orders alone: p50 {:.1} ms, p99 {:.1} ms. Monolith latency is one \
-         order's transaction including the wait for a pooled connection.",
+        "{name}: POST /orders alone p50 {:.1} ms, p99 {:.1} ms.",
         place.ms(0.5),
         place.ms(0.99)
     ));
-    report.note(format!(
-        "{cores} core(s) shared by the load driver, the gateway and five services (saga), or by \
-         the driver and SQLite (monolith)."
-    ));
-    if !cpu.is_empty() {
-        let total: f64 = cpu.iter().map(|(_, s)| s).sum();
-        let per_role: Vec<String> = cpu.iter().map(|(r, s)| format!("{r} {s:.2}")).collect();
+    if !run.cpu.is_empty() {
+        let total: f64 = run.cpu.iter().map(|(_, s)| s).sum();
+        let per_role: Vec<String> = run.cpu.iter().map(|(r, s)| format!("{r} {s:.2}")).collect();
         report.note(format!(
-            "saga CPU seconds while placing and settling (setup included; {:.2} s wall, {cores} core(s)): {} (total {total:.2})",
+            "{name}: CPU seconds while placing and settling (setup included; {:.2} s wall, {cores} core(s)): {} (total {total:.2})",
             stats.elapsed.as_secs_f64(),
             per_role.join(", ")
         ));
     }
-    match audit {
-        Ok((true, text)) => report.note(format!("audit passed:\n{}", indent(&text))),
-        Ok((false, text)) => report.note(format!("AUDIT FAILED:\n{}", indent(&text))),
-        Err(e) => report.note(format!("audit could not run: {e:#}")),
+    match run.audit {
+        Ok((true, text)) => report.note(format!("{name}: audit passed:\n{}", indent(&text))),
+        Ok((false, text)) => report.note(format!("{name}: AUDIT FAILED:\n{}", indent(&text))),
+        Err(e) => report.note(format!("{name}: audit could not run: {e:#}")),
     }
-    Ok(report)
+}
+
+/// Starts `bazaar up` on `data` with `env`, drives the orders, audits, stops it.
+async fn saga(args: &SagaBenchArgs, data: &Path, env: Vec<(String, String)>) -> anyhow::Result<SagaRun> {
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let system = System::start(&data.join("data"), &data.join("up.log"), env).await?;
+    let cpu_before = system.cpu();
+    let measured = match load_args(args, &system) {
+        Ok(load_args) => load::measure(&load_args).await,
+        Err(e) => Err(e),
+    };
+    let cpu = cpu_delta(&cpu_before, &system.cpu());
+    eprintln!("bench saga: running `bazaar audit --wait 30`");
+    let audit = system.audit().await;
+    system.stop().await;
+    Ok(SagaRun {
+        stats: measured?,
+        cpu,
+        audit,
+    })
+}
+
+/// The saga on five fresh PostgreSQL databases and a NATS namespace of its own; the
+/// databases are dropped afterwards whatever happened.
+async fn saga_on_postgres_and_nats(
+    args: &SagaBenchArgs,
+    data: &Path,
+    admin: &str,
+    nats: &str,
+) -> anyhow::Result<SagaRun> {
+    let mut dbs = BenchDbs {
+        admin: admin.to_string(),
+        names: Vec::new(),
+    };
+    let result = async {
+        let mut env = Vec::new();
+        for role in STORE_ROLES {
+            let url = dbs.create(&role.to_lowercase()).await?;
+            env.push((format!("BAZAAR_{role}_STORE_URL"), url));
+        }
+        let namespace = format!("bench{}", uuid::Uuid::now_v7().simple());
+        env.push(("BAZAAR_BROKER_URL".to_string(), with_namespace(nats, &namespace)));
+        saga(args, data, env).await
+    }
+    .await;
+    dbs.drop_all().await;
+    result
+}
+
+/// Databases this bench created on a PostgreSQL server.
+struct BenchDbs {
+    admin: String,
+    names: Vec<String>,
+}
+
+impl BenchDbs {
+    /// Creates `bench_<role>_<uuid>`; returns its URL.
+    async fn create(&mut self, role: &str) -> anyhow::Result<String> {
+        let name = format!("bench_{role}_{}", uuid::Uuid::new_v4().simple());
+        let server = Store::open(&self.admin)
+            .await
+            .context("cannot connect to the --postgres server")?;
+        let created = sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(server.pool())
+            .await;
+        server.close().await;
+        created.with_context(|| format!("cannot create database {name}"))?;
+        self.names.push(name.clone());
+        Ok(bazaar_kit::testing::with_database(&self.admin, &name))
+    }
+
+    /// Drops every database created here, saying so when one cannot be dropped.
+    async fn drop_all(&mut self) {
+        if self.names.is_empty() {
+            return;
+        }
+        let server = match Store::open(&self.admin).await {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("bench saga: cannot drop {:?}: {e}", self.names);
+                return;
+            }
+        };
+        for name in self.names.drain(..) {
+            let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(server.pool())
+                .await;
+            if let Err(e) = dropped {
+                eprintln!("bench saga: cannot drop database {name}: {e}");
+            }
+        }
+        server.close().await;
+    }
+}
+
+/// `url` with its `namespace=` query parameter set to `namespace` (other parameters kept).
+fn with_namespace(url: &str, namespace: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut pairs: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("namespace="))
+        .collect();
+    let ns = format!("namespace={namespace}");
+    pairs.push(&ns);
+    format!("{base}?{}", pairs.join("&"))
 }
 
 /// `bazaar load`'s flags for this run, parsed as its command line would be so that flags
@@ -182,6 +347,8 @@ struct System {
     data: PathBuf,
     base: u16,
     log: PathBuf,
+    /// Set for `up` and `audit` after [`FOREIGN_ENV`] is removed: stores and broker.
+    env: Vec<(String, String)>,
 }
 
 /// Variables that could point `up` at someone else's stores, broker or config.
@@ -198,7 +365,7 @@ const FOREIGN_ENV: &[&str] = &[
 ];
 
 impl System {
-    async fn start(data: &Path, log: &Path) -> anyhow::Result<System> {
+    async fn start(data: &Path, log: &Path, env: Vec<(String, String)>) -> anyhow::Result<System> {
         let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
         let base = free_base_port()?;
         let file = std::fs::File::create(log)?;
@@ -214,12 +381,14 @@ impl System {
         for var in FOREIGN_ENV {
             cmd.env_remove(var);
         }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().context("cannot start `bazaar up`")?;
         let mut system = System {
             child: Some(child),
             data: data.to_path_buf(),
             base,
             log: log.to_path_buf(),
+            env,
         };
         if let Err(e) = system.wait_healthy().await {
             let log = system.log.clone();
@@ -286,6 +455,7 @@ impl System {
         for var in FOREIGN_ENV {
             cmd.env_remove(var);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
             .await
             .context("audit did not finish within 90s")??;
@@ -664,4 +834,18 @@ async fn place_order(
         .await?;
     tx.commit().await?;
     Ok(status.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_namespace;
+
+    #[test]
+    fn the_bench_namespace_replaces_any_other_and_keeps_other_parameters() {
+        assert_eq!(with_namespace("nats://h:4222", "b1"), "nats://h:4222?namespace=b1");
+        assert_eq!(
+            with_namespace("nats://h:4222?namespace=prod&x=1", "b1"),
+            "nats://h:4222?x=1&namespace=b1"
+        );
+    }
 }
