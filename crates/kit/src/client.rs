@@ -481,8 +481,26 @@ impl HttpClient {
         self.execute(request).await
     }
 
-    /// Sends a built request through the stack.
-    pub async fn execute(&self, request: Request) -> Result<Response, ClientError> {
+    /// Sends a built request through the stack. Inside a request or event being served, the
+    /// call carries its `X-Correlation-ID` and `traceparent` unless the caller set them.
+    pub async fn execute(&self, mut request: Request) -> Result<Response, ClientError> {
+        if let Some(context) = crate::http::RequestContext::current() {
+            let headers = request.headers_mut();
+            if !headers.contains_key(crate::http::CORRELATION_HEADER) {
+                if let Ok(v) = http::HeaderValue::from_str(&context.correlation_id) {
+                    headers.insert(crate::http::CORRELATION_HEADER, v);
+                }
+            }
+            if let Some(tp) = context
+                .traceparent
+                .as_deref()
+                .filter(|_| !headers.contains_key("traceparent"))
+            {
+                if let Ok(v) = http::HeaderValue::from_str(tp) {
+                    headers.insert("traceparent", v);
+                }
+            }
+        }
         self.stack.clone().oneshot(request).await
     }
 

@@ -256,7 +256,11 @@ impl Runner {
             correlation_id = %event.metadata.correlation_id,
             traceparent = event.metadata.traceparent.as_deref().unwrap_or("")
         );
-        self.apply_in_span(event).instrument(span).await
+        let context = crate::http::RequestContext {
+            correlation_id: event.metadata.correlation_id.clone(),
+            traceparent: event.metadata.traceparent.clone(),
+        };
+        context.scope(self.apply_in_span(event)).instrument(span).await
     }
 
     async fn apply_in_span(&self, event: &Envelope) -> Outcome {

@@ -149,6 +149,24 @@ pub struct RequestContext {
     pub traceparent: Option<String>,
 }
 
+tokio::task_local! {
+    /// The context of the request or event the current task is serving; the outbound client
+    /// ([`crate::client`]) copies it into the calls it makes.
+    static CURRENT: RequestContext;
+}
+
+impl RequestContext {
+    /// Runs `work` with `self` as the current context.
+    pub async fn scope<F: std::future::Future>(self, work: F) -> F::Output {
+        CURRENT.scope(self, work).await
+    }
+
+    /// The context of the request or event being served, if any.
+    pub fn current() -> Option<RequestContext> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
     type Rejection = std::convert::Infallible;
 
@@ -181,10 +199,11 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let traceparent_field = traceparent.clone();
-    req.extensions_mut().insert(RequestContext {
+    let context = RequestContext {
         correlation_id: correlation_id.clone(),
         traceparent,
-    });
+    };
+    req.extensions_mut().insert(context.clone());
     let span = tracing::info_span!(
         "request",
         correlation_id = %correlation_id,
@@ -192,7 +211,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         http.method = %method,
         http.route = %route
     );
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let mut response = context.scope(next.run(req)).instrument(span.clone()).await;
     let status = response.status().as_u16();
     let elapsed = start.elapsed();
     if let Ok(v) = HeaderValue::from_str(&correlation_id) {

@@ -140,3 +140,35 @@ async fn retries_against_a_failing_server_stay_within_the_budget() {
     assert_eq!(client.send(plain).await.expect("an answer").status(), 503);
     assert_eq!(server.hits.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn calls_made_while_serving_carry_the_correlation_id_and_traceparent() {
+    let seen: Arc<tokio::sync::Mutex<Vec<(String, String)>>> = Arc::default();
+    let record = {
+        let seen = seen.clone();
+        move |headers: axum::http::HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                let get = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                seen.lock().await.push((get("x-correlation-id"), get("traceparent")));
+                StatusCode::OK
+            }
+        }
+    };
+    let app = Router::new().route("/{*path}", any(record));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/x", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = HttpClient::new("peer", ClientPolicy::default()).expect("client");
+    let context = bazaar_kit::http::RequestContext {
+        correlation_id: "corr-42".into(),
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+    };
+    context.scope(client.send(client.get(&url))).await.expect("call");
+    client.send(client.get(&url)).await.expect("call outside any request");
+    let seen = seen.lock().await;
+    assert_eq!(seen[0].0, "corr-42");
+    assert_eq!(seen[0].1, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    assert_eq!(seen[1], (String::new(), String::new()), "no context, no headers");
+}
