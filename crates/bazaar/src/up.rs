@@ -95,7 +95,13 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
                 let _ = lines.send(format!("{:>13} | exited ({status}); restarting", p.role.name()));
                 p.restarts.push(Instant::now());
                 tokio::time::sleep(Duration::from_millis(200 * p.restarts.len() as u64)).await;
-                p.child = spawn(&exe, settings, p.role, &lines)?;
+                match spawn(&exe, settings, p.role, &lines) {
+                    Ok(child) => p.child = child,
+                    Err(e) => {
+                        gave_up = Some(format!("cannot restart {}: {e:#}", p.role.name()));
+                        break;
+                    }
+                }
             }
         }
         if let Some(reason) = gave_up {

@@ -25,7 +25,8 @@ struct System {
 fn free_base_port() -> u16 {
     let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64 ^ rand_seed();
     for i in 0..200u64 {
-        let base = 20_000 + ((seed + i * 7919) % 1_300) as u16 * 30;
+        // Below the ephemeral range (32768+), so outgoing connections cannot take our ports.
+        let base = 10_000 + ((seed + i * 7919) % 700) as u16 * 30;
         let all_free = [0u16, 20, 21, 22, 23, 24, 25, 26]
             .iter()
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
@@ -420,6 +421,35 @@ async fn order_outcomes(sys: &System) {
     assert!(v["detail"].as_str().unwrap_or_default().contains("at least one item"));
     let (st, _) = sys.call(reqwest::Method::GET, "/orders", None, None).await;
     assert_eq!(st, 401, "the gateway refuses calls without a token");
+    for (method, path, status) in [
+        (reqwest::Method::GET, "/orders?limit=lots".to_string(), 400),
+        (
+            reqwest::Method::GET,
+            format!("/orders/{ok}?waitFor=outcome&timeout=-1"),
+            400,
+        ),
+        (reqwest::Method::GET, "/orders/not-a-uuid".to_string(), 400),
+        (reqwest::Method::DELETE, format!("/products/{mug}"), 405),
+    ] {
+        let resp = sys
+            .client
+            .request(method.clone(), sys.api(&path))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        assert_eq!(
+            resp.headers().get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/problem+json"),
+            "{method} {path}"
+        );
+        let body: Value = resp.json().await.expect("problem body");
+        assert!(
+            !body["detail"].as_str().unwrap_or_default().is_empty(),
+            "{method} {path}: {body}"
+        );
+    }
 
     let (ok, report) = sys.audit();
     assert!(ok, "audit failed:\n{report}\n{}", sys.log());

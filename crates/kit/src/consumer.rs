@@ -87,6 +87,10 @@ impl ConsumerConfig {
     }
 }
 
+/// Deliveries leased per fetch: every lease counts an attempt, so a small batch keeps a
+/// crash from spending many messages' attempts, and the batch well inside the ack wait.
+const FETCH: usize = 4;
+
 /// How often a runner reports its group's lag (`bazaar_consumer_lag`).
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
@@ -170,7 +174,7 @@ impl Runner {
             }
             let batch = tokio::select! {
                 _ = shutdown.wait() => return,
-                b = subscription.fetch(16, Duration::from_secs(1)) => b,
+                b = subscription.fetch(FETCH, Duration::from_secs(1)) => b,
             };
             let deliveries = match batch {
                 Ok(d) => {

@@ -79,11 +79,6 @@ impl Problem {
         tracing::error!(error = %cause, "internal error");
         Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the service log")
     }
-
-    /// 503: a dependency is down.
-    pub fn unavailable(detail: impl Into<String>) -> Problem {
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, detail)
-    }
 }
 
 impl IntoResponse for Problem {
@@ -212,6 +207,9 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         http.route = %route
     );
     let mut response = context.scope(next.run(req)).instrument(span.clone()).await;
+    if response.status().as_u16() >= 400 && !is_json(&response) {
+        response = as_problem(response, &method, &path).await;
+    }
     let status = response.status().as_u16();
     let elapsed = start.elapsed();
     if let Ok(v) = HeaderValue::from_str(&correlation_id) {
@@ -229,6 +227,35 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         }
     });
     response
+}
+
+/// True for a JSON body (a problem, or a health report's 503), which is left as it is.
+fn is_json(response: &Response) -> bool {
+    response.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"application/problem+json") || v.starts_with(b"application/json")
+    })
+}
+
+/// Rewrites an error the framework produced (a rejected path or query, a wrong method) as a
+/// problem, keeping its status and using its text as the detail.
+async fn as_problem(response: Response, method: &axum::http::Method, path: &str) -> Response {
+    let status = response.status();
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let detail = match (status, text.is_empty()) {
+        (StatusCode::METHOD_NOT_ALLOWED, true) => format!("{method} is not allowed on {path}"),
+        (_, true) => status.canonical_reason().unwrap_or("error").to_string(),
+        (_, false) => text,
+    };
+    let problem = Problem::new(status, detail).into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    Response::from_parts(parts, problem.into_body())
 }
 
 /// A router's 404 for unknown paths, as a problem.

@@ -4,7 +4,9 @@
 //! The relay publishes in row order (so events of one aggregate leave in the order they were
 //! written), marks rows sent, and prunes sent rows after a retention period. A crash between
 //! publish and mark republishes the row on restart; the broker drops the duplicate by
-//! `eventId`. With several instances on one PostgreSQL store, one relay holds a lease.
+//! `eventId` within its de-duplication window (24 h embedded, 2 min on JetStream), and past
+//! it the consumers' inboxes do (kept for [`RETENTION`]). With several instances on one
+//! PostgreSQL store, one relay holds a lease.
 
 use std::{sync::Arc, time::Duration};
 

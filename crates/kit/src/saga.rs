@@ -138,7 +138,8 @@ pub struct Step {
     pub action: Action,
     /// How long to wait for a reply before resending.
     pub timeout: Duration,
-    /// Sends of the execute command before the step counts as failed.
+    /// Sends of the execute command before the step counts as failed. A remote step without
+    /// a compensation (the pivot) is retried without limit instead.
     pub max_attempts: u32,
 }
 
@@ -468,8 +469,14 @@ impl SagaEngine {
             return Ok(());
         };
         let compensating = state.status == SagaStatus::Compensating;
+        // A remote step with nothing to undo is the pivot: once sent it may have acted, and
+        // compensating earlier steps would leave its effect standing, so it is only retried
+        // forward until it answers (a failure reply still turns the saga around).
+        let pivot = matches!(step.action, Action::Remote { compensate: None, .. });
         let limit = if compensating {
             COMPENSATION_ATTEMPTS
+        } else if pivot {
+            u32::MAX
         } else {
             step.max_attempts
         };
@@ -609,7 +616,8 @@ impl SagaEngine {
         Ok(out)
     }
 
-    fn step_name(&self, step: i64) -> Option<&'static str> {
+    /// The name of step `step` of this flow, if there is one.
+    pub fn step_name(&self, step: i64) -> Option<&'static str> {
         usize::try_from(step)
             .ok()
             .and_then(|i| self.flow.steps().get(i))

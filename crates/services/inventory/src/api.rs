@@ -91,6 +91,11 @@ async fn show(State(rt): State<Runtime>, Path(id): Path<String>) -> Result<Json<
     Ok(Json(product(&row)?))
 }
 
+/// Highest price of one unit (minor units): keeps every order total far from overflow.
+const MAX_PRICE_CENTS: i64 = 1_000_000_000;
+/// Most units a product may hold, and the largest single stock change.
+const MAX_STOCK: i64 = 1_000_000_000;
+
 /// The body of `POST /products`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -116,14 +121,16 @@ impl NewProduct {
         if self.name.trim().is_empty() || self.name.len() > 200 {
             return Err(Problem::bad_request("name must be 1 to 200 characters"));
         }
-        if self.price_cents < 0 {
-            return Err(Problem::bad_request("priceCents must not be negative"));
+        if !(0..=MAX_PRICE_CENTS).contains(&self.price_cents) {
+            return Err(Problem::bad_request(format!(
+                "priceCents must be between 0 and {MAX_PRICE_CENTS}"
+            )));
         }
         if self.currency.len() != 3 || !self.currency.chars().all(|c| c.is_ascii_uppercase()) {
             return Err(Problem::bad_request("currency must be an ISO 4217 code such as USD"));
         }
-        if self.stock < 0 {
-            return Err(Problem::bad_request("stock must not be negative"));
+        if !(0..=MAX_STOCK).contains(&self.stock) {
+            return Err(Problem::bad_request(format!("stock must be between 0 and {MAX_STOCK}")));
         }
         Ok(())
     }
@@ -239,8 +246,10 @@ async fn restock(
     Json(body): Json<Restock>,
 ) -> Result<Json<Product>, Problem> {
     let id = parse_id(&id)?.to_string();
-    if body.delta == 0 {
-        return Err(Problem::bad_request("delta must not be zero"));
+    if body.delta == 0 || body.delta.abs() > MAX_STOCK {
+        return Err(Problem::bad_request(format!(
+            "delta must be non-zero and between -{MAX_STOCK} and {MAX_STOCK}"
+        )));
     }
     let mut tx = rt.store.begin().await?;
     let changed = sqlx::query("UPDATE product SET on_hand = on_hand + $1 WHERE id = $2 AND on_hand + $1 >= reserved")

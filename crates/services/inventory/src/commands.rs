@@ -35,6 +35,9 @@ impl Handler for StockCommands {
 
 type Reply = Result<serde_json::Value, String>;
 
+/// Most units of one product one order may reserve.
+const MAX_UNITS: i64 = 1_000_000;
+
 /// An order's reservation row: status, priced lines (when reserved), reason (when refused).
 struct Reservation {
     status: String,
@@ -97,7 +100,11 @@ async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> R
         if *quantity <= 0 {
             return Ok(Err(format!("quantity of {product_id} must be at least 1")));
         }
-        *wanted.entry(product_id.to_string()).or_default() += quantity;
+        let sum = wanted.entry(product_id.to_string()).or_default();
+        *sum = match sum.checked_add(*quantity) {
+            Some(n) if n <= MAX_UNITS => n,
+            _ => return Ok(Err(format!("quantity of {product_id} is too large"))),
+        };
     }
     if wanted.is_empty() {
         return Ok(Err("an order needs at least one line".into()));
@@ -131,8 +138,16 @@ async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> R
             unit_price_cents: price,
         });
     }
+    let total = priced.iter().try_fold(0i64, |sum, l| {
+        l.quantity
+            .checked_mul(l.unit_price_cents)
+            .and_then(|line| sum.checked_add(line))
+    });
+    let Some(total) = total else {
+        return Ok(Err("the order's total is too large".into()));
+    };
     let reserved = Reserved {
-        total_cents: priced.iter().map(|l| l.quantity * l.unit_price_cents).sum(),
+        total_cents: total,
         priced_lines: priced,
         currency: currency.unwrap_or_default(),
     };

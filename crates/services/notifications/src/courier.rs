@@ -194,6 +194,9 @@ fn build(id: &str, to: &str, subject: &str, body: &str) -> Result<Message, MailE
         .map_err(|e| MailError::Build(e.to_string()))
 }
 
+/// How long a sender's claim on a row lasts (longer than any send may take).
+const CLAIM: Duration = Duration::from_secs(60);
+
 /// Gives up on a notification after this many failed sends (it stays visible as `failed`).
 const MAX_ATTEMPTS: i64 = 10;
 
@@ -214,12 +217,29 @@ pub fn spawn_sender(store: Store, courier: Arc<Courier>, mut shutdown: Shutdown)
 
 async fn send_pending(store: &Store, courier: &Courier) -> Result<(), sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id, channel, recipient, subject, body, attempts FROM notification WHERE status = 'pending' ORDER BY created_at LIMIT 50",
+        "SELECT id, channel, recipient, subject, body, attempts FROM notification
+         WHERE status = 'pending' AND (claimed_until IS NULL OR claimed_until < $1) ORDER BY created_at LIMIT 50",
     )
+    .bind(now_millis())
     .fetch_all(store.pool())
     .await?;
     for row in rows {
         let id: String = row.try_get("id")?;
+        // Claim the row, so another instance's sender does not send it too; a claim left by a
+        // crashed sender expires and the row is sent again (idempotently, under the same id).
+        let now = now_millis();
+        let claimed = sqlx::query(
+            "UPDATE notification SET claimed_until = $1
+             WHERE id = $2 AND status = 'pending' AND (claimed_until IS NULL OR claimed_until < $3)",
+        )
+        .bind(now + CLAIM.as_millis() as i64)
+        .bind(&id)
+        .bind(now)
+        .execute(store.pool())
+        .await?;
+        if claimed.rows_affected() == 0 {
+            continue;
+        }
         let attempts: i64 = row.try_get("attempts")?;
         let to: String = row.try_get("recipient")?;
         let body: String = row.try_get("body")?;
@@ -242,7 +262,12 @@ async fn send_pending(store: &Store, courier: &Courier) -> Result<(), sqlx::Erro
                 metrics::counter!("bazaar_notifications_sent_total").increment(1);
             }
             // That channel is resting or busy; the row stays pending for a later round.
-            Err(CallError::Open(_) | CallError::Full(_)) => continue,
+            Err(CallError::Open(_) | CallError::Full(_)) => {
+                sqlx::query("UPDATE notification SET claimed_until = NULL WHERE id = $1")
+                    .bind(&id)
+                    .execute(store.pool())
+                    .await?;
+            }
             Err(e) => {
                 let status = if attempts + 1 >= MAX_ATTEMPTS {
                     "failed"
@@ -251,7 +276,8 @@ async fn send_pending(store: &Store, courier: &Courier) -> Result<(), sqlx::Erro
                 };
                 tracing::warn!(notification = %id, error = %e, "send failed");
                 sqlx::query(
-                    "UPDATE notification SET attempts = attempts + 1, last_error = $1, status = $2 WHERE id = $3",
+                    "UPDATE notification SET attempts = attempts + 1, last_error = $1, status = $2, claimed_until = NULL
+                     WHERE id = $3",
                 )
                 .bind(e.to_string())
                 .bind(status)

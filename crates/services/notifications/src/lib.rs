@@ -42,7 +42,8 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             last_error TEXT,
             correlation_id TEXT NOT NULL,
             created_at BIGINT NOT NULL,
-            sent_at BIGINT
+            sent_at BIGINT,
+            claimed_until BIGINT
         );
         CREATE INDEX notification_pending ON notification (status, created_at);
         CREATE INDEX notification_recipient ON notification (recipient, created_at);
@@ -83,10 +84,14 @@ pub async fn run(config: RoleConfig, mail: MailConfig, sms: SmsConfig, shutdown:
     let rt = Runtime::start("notifications", &config, MIGRATIONS, shutdown.clone()).await?;
     let courier = Arc::new(Courier::new(mail, sms).map_err(|e| ServiceError::Config(e.to_string()))?);
     for topic in [topics::ORDERS_EVENTS, topics::USERS_EVENTS] {
+        let mut config = ConsumerConfig::new(groups::NOTIFICATIONS, topic);
+        // An outcome waits for its customer's contact (from users.events, another topic);
+        // give that lag ten minutes of retries before dead-lettering.
+        config.max_attempts = 70;
         consumer::spawn(
             rt.outbox.clone(),
             rt.broker.clone(),
-            ConsumerConfig::new(groups::NOTIFICATIONS, topic),
+            config,
             Arc::new(Outcomes),
             shutdown.clone(),
         );

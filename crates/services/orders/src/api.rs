@@ -255,9 +255,15 @@ async fn show(
             )))
         }
     };
-    // Registered before the first read, so an outcome committed in between still wakes us.
     let watch = until.map(|_| orders.waiters.watch(&id));
     let found = loop {
+        // Armed before the read, so an outcome committed between the read and the wait
+        // still wakes us.
+        let notified = watch.as_ref().map(|w| w.notify().notified());
+        tokio::pin!(notified);
+        if let Some(n) = notified.as_mut().as_pin_mut() {
+            n.enable();
+        }
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
             .bind(&id)
             .fetch_optional(orders.rt.store.pool())
@@ -268,10 +274,9 @@ async fn show(
             // Not yours: answer as if it did not exist.
             return Err(Problem::not_found(format!("no order {id}")));
         }
-        match (until, &watch) {
-            (Some(t), Some(w)) if found.status == "pending" && Instant::now() < t => {
-                w.changed(FALLBACK_READ.min(t.saturating_duration_since(Instant::now())))
-                    .await;
+        match (until, notified.as_mut().as_pin_mut()) {
+            (Some(t), Some(n)) if found.status == "pending" && Instant::now() < t => {
+                let _ = tokio::time::timeout(FALLBACK_READ.min(t.saturating_duration_since(Instant::now())), n).await;
             }
             _ => break found,
         }
@@ -281,16 +286,10 @@ async fn show(
     let mut body = json!(found);
     body["saga"] = json!({
         "status": saga.as_ref().map(|s| s.status),
-        "step": saga.as_ref().and_then(|s| orders_step(s.step)),
+        "step": saga.as_ref().and_then(|s| orders.engine.step_name(s.step)),
         "history": history,
     });
     Ok(Json(body))
-}
-
-fn orders_step(step: i64) -> Option<&'static str> {
-    ["reserveInventory", "processPayment", "confirmOrder"]
-        .get(usize::try_from(step).ok()?)
-        .copied()
 }
 
 /// `?status=` of `GET /sagas`.

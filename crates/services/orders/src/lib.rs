@@ -98,9 +98,10 @@ pub struct WaitGuard {
 }
 
 impl WaitGuard {
-    /// Resolves when a reply for the order commits, or after `fallback`.
-    pub async fn changed(&self, fallback: std::time::Duration) {
-        let _ = tokio::time::timeout(fallback, self.notify.notified()).await;
+    /// What a reply's commit for the order notifies. Create (and `enable`) a `notified()`
+    /// future before reading the order, so a commit between the read and the wait still counts.
+    pub fn notify(&self) -> &Notify {
+        &self.notify
     }
 }
 

@@ -142,18 +142,23 @@ impl SagaFlow for OrderSaga {
                 0
             };
             let currency = ctx.currency.clone().unwrap_or_else(|| "USD".into());
-            sqlx::query(
+            let updated = sqlx::query(
                 "UPDATE orders SET status = $1, total_cents = $2, currency = $3, reason = $4, version = version + 1, updated_at = $5
                  WHERE id = $6 AND status = 'pending'",
             )
             .bind(status)
-            .bind(ctx.total_cents)
+            // A cancelled order charged nothing, as its event says.
+            .bind((status == "confirmed").then_some(total))
             .bind(&currency)
             .bind(reason.clone())
             .bind(now_millis())
             .bind(ctx.order_id.to_string())
             .execute(&mut **tx)
             .await?;
+            if updated.rows_affected() == 0 {
+                // Already settled (a saga retried by an operator after going stuck): announce once.
+                return Ok(());
+            }
             let outcome = OrderOutcome {
                 order_id: ctx.order_id,
                 customer_id: ctx.customer_id,

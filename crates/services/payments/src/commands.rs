@@ -147,6 +147,13 @@ impl PaymentCommands {
             )));
         }
         let id = Uuid::now_v7().to_string();
+        // Lock the wallet's row first, so two payments of one customer on PostgreSQL (READ
+        // COMMITTED) cannot both spend the same balance. SQLite's write transaction already
+        // serialises them.
+        sqlx::query("UPDATE account SET currency = currency WHERE id = $1")
+            .bind(&wallet)
+            .execute(&mut **tx)
+            .await?;
         let balance = ledger::balance(&mut **tx, &wallet).await?;
         let declined = if balance < cmd.amount_cents {
             Some(format!(
