@@ -184,7 +184,10 @@ impl Runner {
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(topic = %self.config.topic, error = %e, "fetch failed; retrying");
-                    tokio::time::sleep(retry_delay(failures)).await;
+                    tokio::select! {
+                        _ = shutdown.wait() => return,
+                        _ = tokio::time::sleep(retry_delay(failures)) => {}
+                    }
                     continue;
                 }
             };
