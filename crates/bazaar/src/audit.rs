@@ -244,6 +244,12 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM payment WHERE status = 'captured'",
     )
     .await?;
+    // Amounts held while a payment provider's answer is awaited; none once all is quiet.
+    let held = count(
+        &s.payments,
+        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry WHERE account_id = 'payments:holds'",
+    )
+    .await?;
     let negative = count(
         &s.payments,
         "SELECT COUNT(*) FROM (SELECT account_id FROM ledger_entry WHERE account_id LIKE 'customer:%' GROUP BY account_id HAVING SUM(amount_cents) < 0) AS n",
@@ -251,9 +257,9 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     .await?;
     out.push(check(
         4,
-        total == 0 && wallets + revenue == deposits && revenue == captured && negative == 0,
+        total == 0 && wallets + revenue == deposits && revenue == captured && negative == 0 && held == 0,
         format!(
-            "deposits {deposits} = wallets {wallets} + revenue {revenue}; revenue = captured {captured}; ledger sum {total}; negative wallets {negative}"
+            "deposits {deposits} = wallets {wallets} + revenue {revenue}; revenue = captured {captured}; ledger sum {total}; negative wallets {negative}; on hold {held}"
         ),
     ));
 

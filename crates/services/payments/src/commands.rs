@@ -12,10 +12,7 @@ use futures_util::future::BoxFuture;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::{
-    ledger,
-    provider::{ChargeRequest, PaymentProvider},
-};
+use crate::{ledger, provider::PaymentProvider};
 
 /// Opens a wallet with the welcome credit for each new user.
 #[derive(Debug, Clone, Copy)]
@@ -67,12 +64,16 @@ impl Handler for PaymentCommands {
         Box::pin(async move {
             let header = CommandHeader::of(event)?;
             let result = match event.event_type.as_str() {
-                types::PROCESS_PAYMENT => self.process(tx, event.payload_as()?).await?,
-                types::REFUND_PAYMENT => self.refund(tx, event.payload_as()?).await?,
+                types::PROCESS_PAYMENT => self.process(tx, event.payload_as()?, event).await?,
+                types::REFUND_PAYMENT => self.refund(tx, event.payload_as()?, event).await?,
                 other => return Err(HandlerError::Poison(format!("unknown command type `{other}`"))),
             };
-            let (topic, reply) = header.reply(event, "payments", result);
-            Ok(outbox::add(tx, &topic, &reply).await?)
+            // No reply yet means the provider's answer is awaited: `settle` replies.
+            if let Some(result) = result {
+                let (topic, reply) = header.reply(event, "payments", result);
+                outbox::add(tx, &topic, &reply).await?;
+            }
+            Ok(())
         })
     }
 }
@@ -122,21 +123,29 @@ async fn record(
 }
 
 impl PaymentCommands {
-    /// Captures the order's amount from the customer's wallet (and at the provider when one
-    /// is configured), once.
-    async fn process(&self, tx: &mut Tx<'static>, cmd: ProcessPayment) -> Result<Reply, HandlerError> {
+    /// Captures the order's amount from the customer's wallet, once. With a provider, the
+    /// amount is put on hold and a `charging` intent recorded instead, and [`crate::settle`]
+    /// calls the provider outside any transaction and replies (`None` here).
+    async fn process(
+        &self,
+        tx: &mut Tx<'static>,
+        cmd: ProcessPayment,
+        event: &Envelope,
+    ) -> Result<Option<Reply>, HandlerError> {
         let order = cmd.order_id.to_string();
         match payment(tx, &order).await? {
             Some((id, status)) if status == "captured" => {
-                return Ok(Ok(serde_json::json!(Paid {
+                return Ok(Some(Ok(serde_json::json!(Paid {
                     payment_id: id.parse().unwrap_or_default()
-                })));
+                }))));
             }
-            Some((_, status)) => return Ok(Err(format!("payment for this order is already {status}"))),
+            // Being charged: the settler answers.
+            Some((_, status)) if status == "charging" => return Ok(None),
+            Some((_, status)) => return Ok(Some(Err(format!("payment for this order is already {status}")))),
             None => {}
         }
         if cmd.amount_cents <= 0 {
-            return Ok(Err("amount must be positive".into()));
+            return Ok(Some(Err("amount must be positive".into())));
         }
         let wallet = ledger::wallet(&cmd.customer_id);
         if !ledger::exists(tx, &wallet).await? {
@@ -165,47 +174,68 @@ impl PaymentCommands {
         } else {
             None
         };
-        // Only a payment the wallet can cover reaches the provider.
-        let charged = match (declined, &self.provider) {
-            (Some(reason), _) => Err(reason),
-            (None, None) => Ok(None),
-            (None, Some(provider)) => provider_charge(provider, &cmd).await?,
-        };
-        let provider_charge_id = match charged {
-            Ok(charge_id) => charge_id,
-            Err(reason) => {
-                let outcome = Outcome {
-                    status: "failed",
-                    reason: Some(&reason),
-                    provider_charge_id: None,
-                };
-                record(tx, &cmd, &id, cmd.amount_cents, outcome).await?;
-                metrics::counter!("bazaar_payments_total", "outcome" => "declined").increment(1);
-                return Ok(Err(reason));
-            }
-        };
-        // The ledger moves the money even when a provider took it, so wallets, revenue and
-        // deposits still balance for the audit.
+        if let Some(reason) = declined {
+            let outcome = Outcome {
+                status: "failed",
+                reason: Some(&reason),
+                provider_charge_id: None,
+            };
+            record(tx, &cmd, &id, cmd.amount_cents, outcome).await?;
+            metrics::counter!("bazaar_payments_total", "outcome" => "declined").increment(1);
+            return Ok(Some(Err(reason)));
+        }
+        if self.provider.is_some() {
+            // Hold the amount and record the intent; the provider is called after this commits.
+            ledger::open(tx, ledger::HOLDS, &cmd.currency).await?;
+            ledger::transfer(tx, &wallet, ledger::HOLDS, cmd.amount_cents, "hold", &order).await?;
+            let outcome = Outcome {
+                status: "charging",
+                reason: None,
+                provider_charge_id: None,
+            };
+            record(tx, &cmd, &id, cmd.amount_cents, outcome).await?;
+            sqlx::query("UPDATE payment SET command = $1, next_try_at = $2 WHERE order_id = $3")
+                .bind(String::from_utf8_lossy(&event.to_vec()).into_owned())
+                .bind(now_millis())
+                .bind(&order)
+                .execute(&mut **tx)
+                .await?;
+            return Ok(None);
+        }
         ledger::open(tx, ledger::REVENUE, &cmd.currency).await?;
         ledger::transfer(tx, &wallet, ledger::REVENUE, cmd.amount_cents, "payment", &order).await?;
         let outcome = Outcome {
             status: "captured",
             reason: None,
-            provider_charge_id: provider_charge_id.as_deref(),
+            provider_charge_id: None,
         };
         record(tx, &cmd, &id, cmd.amount_cents, outcome).await?;
         metrics::counter!("bazaar_payments_total", "outcome" => "captured").increment(1);
-        Ok(Ok(serde_json::json!(Paid {
+        Ok(Some(Ok(serde_json::json!(Paid {
             payment_id: id.parse().unwrap_or_default()
-        })))
+        }))))
     }
 
-    /// Refunds a captured payment (at the provider too when it took the money); leaves a
-    /// `voided` tombstone when none was taken yet, so a late `payments.process` for the order
-    /// is refused.
-    async fn refund(&self, tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Reply, HandlerError> {
+    /// Refunds a captured payment; leaves a `voided` tombstone when none was taken yet, so a
+    /// late `payments.process` for the order is refused. Money the provider holds or took is
+    /// given back by [`crate::settle`], which then replies (`None` here).
+    async fn refund(
+        &self,
+        tx: &mut Tx<'static>,
+        cmd: OrderRef,
+        event: &Envelope,
+    ) -> Result<Option<Reply>, HandlerError> {
         let order = cmd.order_id.to_string();
         let now = now_millis();
+        let hand_to_settler = |status: &'static str| {
+            sqlx::query(
+                "UPDATE payment SET status = $1, refund_command = $2, next_try_at = $3, updated_at = $3 WHERE order_id = $4",
+            )
+            .bind(status)
+            .bind(String::from_utf8_lossy(&event.to_vec()).into_owned())
+            .bind(now)
+            .bind(order.clone())
+        };
         match payment(tx, &order).await? {
             None => {
                 sqlx::query(
@@ -218,6 +248,12 @@ impl PaymentCommands {
                 .execute(&mut **tx)
                 .await?;
             }
+            // The provider may or may not have taken it: the settler finds out and undoes it.
+            Some((_, status)) if status == "charging" => {
+                hand_to_settler("voiding").execute(&mut **tx).await?;
+                return Ok(None);
+            }
+            Some((_, status)) if status == "voiding" || status == "refunding" => return Ok(None),
             Some((_, status)) if status == "captured" => {
                 let row = sqlx::query(
                     "SELECT customer_id, amount_cents, provider_charge_id FROM payment WHERE order_id = $1",
@@ -225,21 +261,19 @@ impl PaymentCommands {
                 .bind(&order)
                 .fetch_one(&mut **tx)
                 .await?;
-                let customer: String = row.try_get("customer_id")?;
-                let amount: i64 = row.try_get("amount_cents")?;
-                if let Some(charge) = row.try_get::<Option<String>, _>("provider_charge_id")? {
-                    let Some(provider) = &self.provider else {
+                if row.try_get::<Option<String>, _>("provider_charge_id")?.is_some() {
+                    if self.provider.is_none() {
                         // Money taken outside can only go back outside: wait for the provider
                         // to be configured again rather than pretend it was returned.
                         return Err(HandlerError::Transient(format!(
-                            "payment for order {order} was charged at the provider ({charge}) but none is configured"
+                            "payment for order {order} was charged at the provider but none is configured"
                         )));
-                    };
-                    provider
-                        .refund(&format!("refund-{order}"), &charge)
-                        .await
-                        .map_err(|e| HandlerError::Transient(e.to_string()))?;
+                    }
+                    hand_to_settler("refunding").execute(&mut **tx).await?;
+                    return Ok(None);
                 }
+                let customer: String = row.try_get("customer_id")?;
+                let amount: i64 = row.try_get("amount_cents")?;
                 let wallet = format!("customer:{customer}");
                 ledger::transfer(tx, ledger::REVENUE, &wallet, amount, "refund", &order).await?;
                 sqlx::query("UPDATE payment SET status = 'refunded', updated_at = $1 WHERE order_id = $2")
@@ -251,32 +285,6 @@ impl PaymentCommands {
             }
             Some(_) => {}
         }
-        Ok(Ok(serde_json::Value::Null))
-    }
-}
-
-/// Charges `cmd` at the provider: `Ok(Ok(charge id))` when it took the money,
-/// `Ok(Err(reason))` when it declined, and a transient error when it gave no answer, so the
-/// command comes back later and the same idempotency key finds the same charge.
-async fn provider_charge(
-    provider: &PaymentProvider,
-    cmd: &ProcessPayment,
-) -> Result<Result<Option<String>, String>, HandlerError> {
-    let order = cmd.order_id.to_string();
-    let request = ChargeRequest {
-        amount: cmd.amount_cents,
-        currency: cmd.currency.clone(),
-        customer: cmd.customer_id.to_string(),
-        description: format!("bazaar order {order}"),
-    };
-    let charge = provider.charge(&order, &request).await.map_err(|e| {
-        metrics::counter!("bazaar_payments_provider_errors_total").increment(1);
-        HandlerError::Transient(e.to_string())
-    })?;
-    if charge.succeeded() {
-        Ok(Ok(Some(charge.id)))
-    } else {
-        let why = charge.failure_message.unwrap_or_else(|| "no reason given".into());
-        Ok(Err(format!("payment provider declined the charge: {why}")))
+        Ok(Some(Ok(serde_json::Value::Null)))
     }
 }

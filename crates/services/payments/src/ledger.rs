@@ -6,6 +6,8 @@ use uuid::Uuid;
 
 /// The merchant's revenue account.
 pub const REVENUE: &str = "merchant:revenue";
+/// Money set aside for a charge the payment provider has not answered yet.
+pub const HOLDS: &str = "payments:holds";
 /// The outside world, where deposits come from.
 pub const EXTERNAL: &str = "external:deposits";
 

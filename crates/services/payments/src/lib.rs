@@ -16,6 +16,7 @@ mod api;
 mod commands;
 pub mod ledger;
 pub mod provider;
+pub mod settle;
 pub mod simulator;
 
 use std::sync::Arc;
@@ -60,9 +61,13 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             status TEXT NOT NULL,
             reason TEXT,
             provider_charge_id TEXT,
+            command TEXT,
+            refund_command TEXT,
+            next_try_at BIGINT,
             created_at BIGINT NOT NULL,
             updated_at BIGINT NOT NULL
-        );",
+        );
+        CREATE INDEX payment_due ON payment (status, next_try_at);",
     postgres: None,
 }];
 
@@ -131,6 +136,9 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
         }),
         shutdown.clone(),
     );
+    if let Some(provider) = &provider {
+        settle::spawn(rt.outbox.clone(), provider.clone(), shutdown.clone());
+    }
     consumer::spawn(
         rt.outbox.clone(),
         rt.broker.clone(),

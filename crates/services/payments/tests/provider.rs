@@ -1,6 +1,7 @@
 //! Payments charging through an outside provider: the simulator on a free port, the
 //! `PaymentCommands` handler driven through real store transactions on a temporary SQLite
-//! store, as the consumer drives it (commit on success, roll back on error).
+//! store, as the consumer drives it (commit on success, roll back on error), and the settler
+//! that calls the provider outside any transaction and answers the saga.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use bazaar_kit::{
     client::ClientPolicy,
     consumer::{Handler, HandlerError},
     envelope::{Envelope, Metadata},
-    outbox,
+    outbox::{self, Outbox},
     resilience::{BreakerConfig, BreakerState},
     saga::CommandHeader,
     shutdown::Shutdown,
@@ -18,6 +19,7 @@ use bazaar_kit::{
 use bazaar_payments::{
     ledger,
     provider::default_policy,
+    settle::settle_round,
     simulator::{self, SimulatorState, Stats},
     PaymentCommands, PaymentProvider, MIGRATIONS,
 };
@@ -105,35 +107,76 @@ impl World {
         customer
     }
 
+    async fn last_outbox_id(&self) -> i64 {
+        sqlx::query("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM outbox")
+            .fetch_one(self.store.pool())
+            .await
+            .expect("max id")
+            .get(0)
+    }
+
+    /// Saga replies written after outbox row `after`, as `(ok, reason)`.
+    async fn replies_after(&self, after: i64) -> Vec<(bool, Option<String>)> {
+        sqlx::query("SELECT body FROM outbox WHERE topic = $1 AND id > $2 ORDER BY id")
+            .bind(REPLIES)
+            .bind(after)
+            .fetch_all(self.store.pool())
+            .await
+            .expect("replies")
+            .iter()
+            .map(|row| {
+                let body: String = row.get("body");
+                let reply = Envelope::from_slice(body.as_bytes()).expect("reply envelope").payload;
+                (
+                    reply["ok"].as_bool().expect("ok flag"),
+                    reply["reason"].as_str().map(str::to_string),
+                )
+            })
+            .collect()
+    }
+
     /// Runs `command` as the consumer does; `commit: false` plays a crash before the commit.
-    /// Returns the saga reply's `(ok, reason)`.
+    /// Returns the saga reply it wrote, or `None` when the settler is to answer.
     async fn handle(
         &self,
         payments: &PaymentCommands,
         command: &Envelope,
         commit: bool,
-    ) -> Result<(bool, Option<String>), HandlerError> {
+    ) -> Result<Option<(bool, Option<String>)>, HandlerError> {
+        let before = self.last_outbox_id().await;
         let mut tx = self.store.begin().await.expect("tx");
         if let Err(e) = payments.handle(&mut tx, command).await {
             tx.rollback().await.expect("rollback");
             return Err(e);
         }
-        let row = sqlx::query("SELECT body FROM outbox WHERE topic = $1 ORDER BY id DESC LIMIT 1")
-            .bind(REPLIES)
-            .fetch_one(&mut *tx)
-            .await
-            .expect("a reply in the outbox");
-        let body: String = row.try_get("body").expect("body");
-        let reply = Envelope::from_slice(body.as_bytes()).expect("reply envelope").payload;
-        if commit {
-            tx.commit().await.expect("commit");
-        } else {
+        if !commit {
             tx.rollback().await.expect("rollback");
+            return Ok(None);
         }
-        Ok((
-            reply["ok"].as_bool().expect("ok flag"),
-            reply["reason"].as_str().map(str::to_string),
-        ))
+        tx.commit().await.expect("commit");
+        Ok(self.replies_after(before).await.pop())
+    }
+
+    /// Runs the settler until it has nothing left that is due (or 10 s pass); returns the
+    /// replies it wrote.
+    async fn settle(&self, payments: &PaymentCommands) -> Vec<(bool, Option<String>)> {
+        let provider = payments.provider.as_ref().expect("provider");
+        let outbox = Outbox::new(self.store.clone());
+        let before = self.last_outbox_id().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            settle_round(&outbox, provider).await.expect("settle round");
+            let open: i64 =
+                sqlx::query("SELECT COUNT(*) FROM payment WHERE status IN ('charging', 'voiding', 'refunding')")
+                    .fetch_one(self.store.pool())
+                    .await
+                    .expect("open")
+                    .get(0);
+            if open == 0 || tokio::time::Instant::now() > deadline {
+                return self.replies_after(before).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn payment(&self, order: Uuid) -> (String, Option<String>) {
@@ -185,94 +228,104 @@ fn refund(order: Uuid) -> Envelope {
 }
 
 #[tokio::test]
-async fn a_charge_succeeds_and_records_the_provider_charge_id() {
+async fn a_charge_is_held_then_settled_with_the_provider_charge_id() {
     let w = world().await;
     let payments = w.payments();
     let customer = w.customer(10_000).await;
     let order = Uuid::new_v4();
-    let (ok, reason) = w
+    let deferred = w
         .handle(&payments, &process(order, customer, 2_500), true)
         .await
         .expect("handled");
-    assert!(ok, "{reason:?}");
+    assert_eq!(deferred, None, "the saga is answered after the provider is");
+    assert_eq!(w.payment(order).await.0, "charging");
+    assert_eq!(w.balance(customer).await, 7_500, "the amount is on hold");
+    assert_eq!(w.stats().await.charges, 0, "no provider call inside the transaction");
+
+    let replies = w.settle(&payments).await;
+    assert_eq!(replies.len(), 1);
+    assert!(replies[0].0, "{replies:?}");
     let (status, charge) = w.payment(order).await;
     assert_eq!(status, "captured");
     assert!(charge.as_deref().is_some_and(|c| c.starts_with("ch_")), "{charge:?}");
-    assert_eq!(w.balance(customer).await, 7_500, "the ledger still moves the money");
+    assert_eq!(w.balance(customer).await, 7_500);
     let stats = w.stats().await;
     assert_eq!((stats.charges, stats.succeeded), (1, 1));
+    // A redelivered command is answered from the record, with no second charge.
+    let again = w
+        .handle(&payments, &process(order, customer, 2_500), true)
+        .await
+        .expect("handled");
+    assert_eq!(again.map(|r| r.0), Some(true));
+    assert_eq!(w.stats().await.charges, 1);
 }
 
 #[tokio::test]
-async fn a_failed_charge_replies_failure_and_is_stored_failed() {
+async fn a_declined_charge_replies_failure_and_releases_the_hold() {
     let w = world().await;
     let payments = w.payments();
     let customer = w.customer(10_000).await;
     w.control(json!({"declineRate": 1.0})).await;
     let order = Uuid::new_v4();
-    let (ok, reason) = w
-        .handle(&payments, &process(order, customer, 2_500), true)
-        .await
-        .expect("handled");
-    assert!(!ok);
-    assert!(reason.as_deref().is_some_and(|r| r.contains("declined")), "{reason:?}");
+    assert_eq!(
+        w.handle(&payments, &process(order, customer, 2_500), true)
+            .await
+            .expect("handled"),
+        None
+    );
+    let replies = w.settle(&payments).await;
+    assert_eq!(replies.len(), 1);
+    assert!(!replies[0].0);
+    assert!(
+        replies[0].1.as_deref().is_some_and(|r| r.contains("declined")),
+        "{replies:?}"
+    );
     assert_eq!(w.payment(order).await, ("failed".to_string(), None));
     assert_eq!(w.balance(customer).await, 10_000, "nothing was taken");
 }
 
 #[tokio::test]
-async fn an_outage_is_transient_and_a_redelivery_never_charges_twice() {
+async fn an_outage_waits_and_the_charge_is_made_once_when_it_ends() {
     let w = world().await;
     let payments = w.payments();
     let customer = w.customer(10_000).await;
     let order = Uuid::new_v4();
-    let cmd = process(order, customer, 1_000);
-
     w.control(json!({"outage": true})).await;
-    // Each delivery's retries fail; soon the breaker opens and calls fail without a request.
-    for _ in 0..3 {
-        let r = w.handle(&payments, &cmd, true).await;
-        assert!(matches!(r, Err(HandlerError::Transient(_))), "{r:?}");
-    }
+    assert_eq!(
+        w.handle(&payments, &process(order, customer, 1_000), true)
+            .await
+            .expect("handled"),
+        None
+    );
+
+    // The settler keeps asking; soon the breaker opens and calls fail without a request.
     let provider = payments.provider.as_ref().expect("provider");
+    let outbox = Outbox::new(w.store.clone());
+    for _ in 0..3 {
+        sqlx::query("UPDATE payment SET next_try_at = 0")
+            .execute(w.store.pool())
+            .await
+            .expect("due");
+        assert_eq!(settle_round(&outbox, provider).await.expect("round"), 0);
+    }
     assert_eq!(provider.breaker_state(), BreakerState::Open);
     assert!(provider.check().is_err(), "health reports the provider down while open");
     let seen = w.stats().await.requests;
-    assert!(matches!(
-        w.handle(&payments, &cmd, true).await,
-        Err(HandlerError::Transient(_))
-    ));
+    sqlx::query("UPDATE payment SET next_try_at = 0")
+        .execute(w.store.pool())
+        .await
+        .expect("due");
+    assert_eq!(settle_round(&outbox, provider).await.expect("round"), 0);
     assert_eq!(w.stats().await.requests, seen, "an open breaker sends nothing");
-    assert_eq!(w.stats().await.charges, 0);
+    assert_eq!(w.payment(order).await.0, "charging", "still waiting, nothing lost");
 
     w.control(json!({"outage": false})).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let (ok, _) = loop {
-        match w.handle(&payments, &cmd, false).await {
-            // The first good delivery "crashes" before its commit: the charge happened at
-            // the provider, but payments recorded nothing.
-            Ok(reply) => break reply,
-            Err(e) => {
-                assert!(tokio::time::Instant::now() < deadline, "the provider recovers: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    assert!(ok);
-    let (ok, _) = w.handle(&payments, &cmd, true).await.expect("redelivery");
-    assert!(ok);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let replies = w.settle(&payments).await;
+    assert_eq!(replies.iter().filter(|r| r.0).count(), 1, "{replies:?}");
     assert_eq!(w.payment(order).await.0, "captured");
-    let stats = w.stats().await;
-    assert_eq!(
-        stats.charges, 1,
-        "one charge per order despite the redelivery: {stats:?}"
-    );
-    assert!(
-        stats.replays >= 1,
-        "the redelivery was answered from the idempotency key"
-    );
+    assert_eq!(w.stats().await.charges, 1);
     assert_eq!(w.balance(customer).await, 9_000);
-    assert_eq!(provider.breaker_state(), BreakerState::Closed);
 }
 
 #[tokio::test]
@@ -281,30 +334,65 @@ async fn a_refund_goes_to_the_provider_once() {
     let payments = w.payments();
     let customer = w.customer(10_000).await;
     let order = Uuid::new_v4();
-    let (ok, _) = w
-        .handle(&payments, &process(order, customer, 4_000), true)
+    w.handle(&payments, &process(order, customer, 4_000), true)
         .await
         .expect("charge");
-    assert!(ok);
+    assert!(w.settle(&payments).await[0].0);
 
-    // A crash after the provider refunded, then the redelivery, then a duplicate.
-    let (ok, _) = w.handle(&payments, &refund(order), false).await.expect("refund");
-    assert!(ok);
-    let (ok, _) = w
-        .handle(&payments, &refund(order), true)
-        .await
-        .expect("redelivered refund");
-    assert!(ok);
-    let (ok, _) = w
+    // A crash before the refund's commit, then the redelivery, then a duplicate.
+    assert_eq!(w.handle(&payments, &refund(order), false).await.expect("refund"), None);
+    assert_eq!(w.handle(&payments, &refund(order), true).await.expect("refund"), None);
+    assert_eq!(w.payment(order).await.0, "refunding");
+    let replies = w.settle(&payments).await;
+    assert_eq!(replies, vec![(true, None)]);
+    let dup = w
         .handle(&payments, &refund(order), true)
         .await
         .expect("duplicate refund");
-    assert!(ok);
+    assert_eq!(dup.map(|r| r.0), Some(true));
     assert_eq!(w.payment(order).await.0, "refunded");
     assert_eq!(w.balance(customer).await, 10_000);
     let stats = w.stats().await;
-    assert_eq!(stats.refunds, 1, "{stats:?}");
-    assert_eq!(stats.charges, 1);
+    assert_eq!((stats.charges, stats.refunds), (1, 1), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_refund_that_overtakes_its_charge_undoes_whatever_the_provider_did() {
+    let w = world().await;
+    let payments = w.payments();
+    let customer = w.customer(10_000).await;
+    let order = Uuid::new_v4();
+    // The provider is down while the charge is due; the saga gives up and compensates.
+    w.control(json!({"outage": true})).await;
+    assert_eq!(
+        w.handle(&payments, &process(order, customer, 3_000), true)
+            .await
+            .expect("charge"),
+        None
+    );
+    assert_eq!(w.handle(&payments, &refund(order), true).await.expect("refund"), None);
+    assert_eq!(w.payment(order).await.0, "voiding");
+    // A late process command must not charge a voided order.
+    assert_eq!(
+        w.handle(&payments, &process(order, customer, 3_000), true)
+            .await
+            .expect("late")
+            .map(|r| r.0),
+        Some(false)
+    );
+
+    w.control(json!({"outage": false})).await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let replies = w.settle(&payments).await;
+    assert_eq!(replies, vec![(true, None)], "the refund is answered once");
+    assert_eq!(
+        w.payment(order).await.0,
+        "refunded",
+        "taken at the provider, then given back"
+    );
+    assert_eq!(w.balance(customer).await, 10_000, "the hold went back to the wallet");
+    let stats = w.stats().await;
+    assert_eq!((stats.charges, stats.refunds), (1, 1), "{stats:?}");
 }
 
 #[tokio::test]
