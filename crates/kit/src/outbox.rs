@@ -131,6 +131,7 @@ const LEASE: Duration = Duration::from_secs(10);
 impl OutboxRelay {
     async fn run(self, mut shutdown: Shutdown) {
         let mut last_prune = 0i64;
+        let mut last_lag = 0i64;
         let mut failures = 0u32;
         loop {
             match self.round().await {
@@ -144,9 +145,13 @@ impl OutboxRelay {
                     tracing::warn!(error = %e, "outbox relay round failed; will retry");
                 }
             }
-            if let Ok((count, age)) = self.outbox.lag().await {
-                metrics::gauge!("bazaar_outbox_unsent").set(count as f64);
-                metrics::gauge!("bazaar_outbox_oldest_unsent_ms").set(age as f64);
+            // Once a second is enough for a gauge, and keeps a query off every event's path.
+            if now_millis() - last_lag >= 1_000 {
+                last_lag = now_millis();
+                if let Ok((count, age)) = self.outbox.lag().await {
+                    metrics::gauge!("bazaar_outbox_unsent").set(count as f64);
+                    metrics::gauge!("bazaar_outbox_oldest_unsent_ms").set(age as f64);
+                }
             }
             if now_millis() - last_prune > 60_000 {
                 last_prune = now_millis();
