@@ -163,6 +163,8 @@ pub struct SagaState {
     pub traceparent: Option<String>,
     /// Sends of the current command.
     pub attempts: u32,
+    /// The id of the latest command sent; a failure reply counts only when it answers it.
+    pub command_id: Option<String>,
     /// When the current wait ends (ms since the epoch).
     pub deadline: Option<i64>,
     /// The last failure, the reason for compensating.
@@ -321,6 +323,7 @@ impl SagaEngine {
             correlation_id: correlation_id.to_string(),
             traceparent: traceparent.map(str::to_string),
             attempts: 0,
+            command_id: None,
             deadline: None,
             error: None,
         };
@@ -392,21 +395,13 @@ impl SagaEngine {
                 // and only once, so a redelivered or late failure cannot move the retry (the
                 // success of any send still counts, above). Replies without a causation id
                 // cannot be told apart and are taken as they come.
-                let command_id: Option<String> = sqlx::query("SELECT command_id FROM saga WHERE id = $1")
-                    .bind(&state.id)
-                    .fetch_one(&mut **tx)
-                    .await?
-                    .try_get("command_id")?;
                 if let Some(cause) = &event.metadata.causation_id {
-                    if command_id.as_ref() != Some(cause) {
+                    if state.command_id.as_ref() != Some(cause) {
                         history(tx, &state.id, &reply.step, "ignored a late or duplicate reply").await?;
                         return Ok(());
                     }
                 }
-                sqlx::query("UPDATE saga SET command_id = NULL WHERE id = $1")
-                    .bind(&state.id)
-                    .execute(&mut **tx)
-                    .await?;
+                state.command_id = None;
                 let reason = reply.reason.unwrap_or_else(|| "failed".into());
                 history(
                     tx,
@@ -558,10 +553,9 @@ impl SagaEngine {
 
     /// Up to `limit` sagas in `status`, most recently changed first (e.g. the stuck ones).
     pub async fn list(&self, status: SagaStatus, limit: i64) -> Result<Vec<SagaState>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, kind, status, step, context, correlation_id, traceparent, attempts, deadline, error FROM saga
-             WHERE status = $1 ORDER BY updated_at DESC LIMIT $2",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {SAGA_COLUMNS} FROM saga WHERE status = $1 ORDER BY updated_at DESC LIMIT $2"
+        ))
         .bind(status.as_str())
         .bind(limit)
         .fetch_all(self.outbox.store().pool())
@@ -570,7 +564,7 @@ impl SagaEngine {
     }
 
     async fn load_row(&self, id: &str) -> Result<Option<SagaState>, StoreError> {
-        let row = sqlx::query(SELECT_SAGA)
+        let row = sqlx::query(&format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1"))
             .bind(id)
             .fetch_optional(self.outbox.store().pool())
             .await?;
@@ -732,11 +726,7 @@ impl SagaEngine {
         };
         let command = Envelope::new(event_type, &state.id, payload, metadata);
         self.outbox.add(tx, topic, &command).await?;
-        sqlx::query("UPDATE saga SET command_id = $1 WHERE id = $2")
-            .bind(command.event_id.to_string())
-            .bind(&state.id)
-            .execute(&mut **tx)
-            .await?;
+        state.command_id = Some(command.event_id.to_string());
         state.attempts += 1;
         let wait = if state.attempts > 1 {
             step.timeout + backoff(state.attempts)
@@ -749,8 +739,8 @@ impl SagaEngine {
 
     async fn lock(&self, tx: &mut Tx<'static>, id: &str) -> Result<Option<SagaState>, StoreError> {
         let sql = match self.outbox.store().dialect() {
-            Dialect::Postgres => format!("{SELECT_SAGA} FOR UPDATE"),
-            Dialect::Sqlite => SELECT_SAGA.to_string(),
+            Dialect::Postgres => format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1 FOR UPDATE"),
+            Dialect::Sqlite => format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1"),
         };
         let row = sqlx::query(&sql).bind(id).fetch_optional(&mut **tx).await?;
         row.map(|r| from_row(&r)).transpose()
@@ -758,8 +748,8 @@ impl SagaEngine {
 
     async fn save(&self, tx: &mut Tx<'static>, state: &SagaState) -> Result<(), HandlerError> {
         sqlx::query(
-            "UPDATE saga SET status = $1, step = $2, context = $3, attempts = $4, deadline = $5, error = $6, updated_at = $7
-             WHERE id = $8",
+            "UPDATE saga SET status = $1, step = $2, context = $3, attempts = $4, deadline = $5, error = $6, updated_at = $7,
+             command_id = $9 WHERE id = $8",
         )
         .bind(state.status.as_str())
         .bind(state.step)
@@ -769,14 +759,16 @@ impl SagaEngine {
         .bind(state.error.clone())
         .bind(now_millis())
         .bind(&state.id)
+        .bind(state.command_id.clone())
         .execute(&mut **tx)
         .await?;
         Ok(())
     }
 }
 
-const SELECT_SAGA: &str =
-    "SELECT id, kind, status, step, context, correlation_id, traceparent, attempts, deadline, error FROM saga WHERE id = $1";
+/// The columns [`from_row`] reads.
+const SAGA_COLUMNS: &str =
+    "id, kind, status, step, context, correlation_id, traceparent, attempts, command_id, deadline, error";
 
 fn from_row(r: &sqlx::any::AnyRow) -> Result<SagaState, StoreError> {
     let context: String = r.try_get("context")?;
@@ -789,6 +781,7 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<SagaState, StoreError> {
         correlation_id: r.try_get("correlation_id")?,
         traceparent: r.try_get("traceparent")?,
         attempts: r.try_get::<i64, _>("attempts")?.max(0) as u32,
+        command_id: r.try_get("command_id")?,
         deadline: r.try_get("deadline")?,
         error: r.try_get("error")?,
     })
