@@ -526,64 +526,16 @@ fn free_base_port() -> anyhow::Result<u16> {
     bail!("no free range of loopback ports found")
 }
 
-const MONOLITH: &[Migration] = &[Migration::new(
-    1,
-    "monolith",
-    "CREATE TABLE product (
-        id TEXT PRIMARY KEY,
-        sku TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL,
-        price_cents BIGINT NOT NULL CHECK (price_cents >= 0),
-        currency TEXT NOT NULL,
-        on_hand BIGINT NOT NULL CHECK (on_hand >= 0),
-        reserved BIGINT NOT NULL CHECK (reserved >= 0 AND reserved <= on_hand),
-        created_at BIGINT NOT NULL
-    );
-    CREATE TABLE stock_movement (
-        id TEXT PRIMARY KEY,
-        product_id TEXT NOT NULL REFERENCES product (id),
-        delta BIGINT NOT NULL,
-        reason TEXT NOT NULL,
-        at BIGINT NOT NULL
-    );
-    CREATE TABLE reservation (order_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at BIGINT NOT NULL);
-    CREATE TABLE reservation_line (
-        order_id TEXT NOT NULL REFERENCES reservation (order_id),
-        product_id TEXT NOT NULL REFERENCES product (id),
-        quantity BIGINT NOT NULL,
-        PRIMARY KEY (order_id, product_id)
-    );
-    CREATE TABLE account (id TEXT PRIMARY KEY, currency TEXT NOT NULL, created_at BIGINT NOT NULL);
-    CREATE TABLE ledger_entry (
-        id TEXT PRIMARY KEY,
-        txn_id TEXT NOT NULL,
-        account_id TEXT NOT NULL REFERENCES account (id),
-        amount_cents BIGINT NOT NULL,
-        kind TEXT NOT NULL,
-        reference TEXT NOT NULL,
-        at BIGINT NOT NULL
-    );
-    CREATE INDEX ledger_account ON ledger_entry (account_id);
-    CREATE TABLE payment (
-        order_id TEXT PRIMARY KEY,
-        id TEXT NOT NULL,
-        customer_id TEXT NOT NULL,
-        amount_cents BIGINT NOT NULL,
-        status TEXT NOT NULL,
-        created_at BIGINT NOT NULL
-    );
-    CREATE TABLE orders (
-        id TEXT PRIMARY KEY,
-        customer_id TEXT NOT NULL,
-        status TEXT NOT NULL,
-        lines TEXT NOT NULL,
-        total_cents BIGINT,
-        reason TEXT,
-        version BIGINT NOT NULL,
-        created_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL
-    );",
-)];
+/// The monolith's one store: the services' own tables (so both sides do the same work on the
+/// same schema), renumbered into one migration sequence.
+fn monolith_schema() -> [Migration; 3] {
+    let renumber = |m: Migration, version| Migration { version, ..m };
+    [
+        renumber(bazaar_inventory::MIGRATIONS[0], 10),
+        renumber(bazaar_payments::MIGRATIONS[0], 11),
+        renumber(bazaar_orders::MIGRATIONS[1], 12),
+    ]
+}
 
 fn id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -596,7 +548,7 @@ async fn monolith(
     credit: i64,
 ) -> anyhow::Result<(Sample, std::collections::BTreeMap<String, usize>)> {
     let store = Store::open(&format!("sqlite://{}", path.display())).await?;
-    store.migrate(MONOLITH).await?;
+    store.migrate(&monolith_schema()).await?;
     // The house account receives what customers pay, so the ledger balances.
     let house = id();
     let mut tx = store.begin().await?;
@@ -713,8 +665,8 @@ async fn place_order(
     let mut tx = store.begin().await?;
     let lines = serde_json::json!([{"productId": product, "quantity": quantity}]).to_string();
     sqlx::query(
-        "INSERT INTO orders (id, customer_id, status, lines, version, created_at, updated_at)
-         VALUES ($1, $2, 'pending', $3, 1, $4, $4)",
+        "INSERT INTO orders (id, customer_id, email, status, lines, version, created_at, updated_at)
+         VALUES ($1, $2, 'bench@example.com', 'pending', $3, 1, $4, $4)",
     )
     .bind(&order)
     .bind(customer)
@@ -787,8 +739,8 @@ async fn place_order(
                 .await?;
             }
             sqlx::query(
-                "INSERT INTO payment (order_id, id, customer_id, amount_cents, status, created_at)
-                 VALUES ($1, $2, $3, $4, 'captured', $5)",
+                "INSERT INTO payment (order_id, id, customer_id, amount_cents, currency, status, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, 'USD', 'captured', $5, $5)",
             )
             .bind(&order)
             .bind(&txn)
