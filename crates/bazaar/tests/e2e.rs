@@ -373,36 +373,22 @@ async fn order_outcomes(sys: &System) {
     assert_eq!(wallet["balanceCents"], 10_000 - 2_500, "{wallet}");
 
     // A retried POST with the same Idempotency-Key returns the same order; another body is refused.
+    let keyed = |body: Value| {
+        sys.client
+            .post(sys.api("/orders"))
+            .bearer_auth(&ben)
+            .header("idempotency-key", "k-1")
+            .json(&body)
+            .send()
+    };
     let body = json!({"items": [{"productId": mug, "quantity": 1}]});
-    let first = sys
-        .client
-        .post(sys.api("/orders"))
-        .bearer_auth(&ben)
-        .header("idempotency-key", "k-1")
-        .json(&body)
-        .send()
-        .await
-        .expect("post");
+    let first = keyed(body.clone()).await.expect("post");
     assert_eq!(first.status(), 202);
     let first: Value = first.json().await.expect("json");
-    let again = sys
-        .client
-        .post(sys.api("/orders"))
-        .bearer_auth(&ben)
-        .header("idempotency-key", "k-1")
-        .json(&body)
-        .send()
-        .await
-        .expect("post");
+    let again = keyed(body).await.expect("post");
     assert_eq!(again.status(), 200);
     assert_eq!(again.json::<Value>().await.expect("json")["id"], first["id"]);
-    let other = sys
-        .client
-        .post(sys.api("/orders"))
-        .bearer_auth(&ben)
-        .header("idempotency-key", "k-1")
-        .json(&json!({"items": [{"productId": mug, "quantity": 2}]}))
-        .send()
+    let other = keyed(json!({"items": [{"productId": mug, "quantity": 2}]}))
         .await
         .expect("post");
     assert_eq!(other.status(), 422);
