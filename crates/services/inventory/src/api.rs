@@ -57,6 +57,16 @@ fn product(r: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
 
 const COLUMNS: &str = "id, sku, name, price_cents, currency, on_hand, reserved";
 
+/// The product `id`, or a 404 problem.
+async fn load(rt: &Runtime, id: &str) -> Result<Product, Problem> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(rt.store.pool())
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no product {id}")))?;
+    Ok(product(&row)?)
+}
+
 #[derive(Debug, Deserialize)]
 struct Page {
     limit: Option<i64>,
@@ -83,12 +93,7 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
 
 async fn show(State(rt): State<Runtime>, Path(id): Path<String>) -> Result<Json<Product>, Problem> {
     let id = parse_id(&id)?;
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))
-        .bind(id.to_string())
-        .fetch_optional(rt.store.pool())
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("no product {id}")))?;
-    Ok(Json(product(&row)?))
+    Ok(Json(load(&rt, &id.to_string()).await?))
 }
 
 /// Highest price of one unit (minor units): keeps every order total far from overflow.
@@ -168,11 +173,7 @@ async fn create(
         movement(&mut tx, &id, new.stock, "initial stock").await?;
     }
     tx.commit().await?;
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))
-        .bind(&id)
-        .fetch_one(rt.store.pool())
-        .await?;
-    Ok((StatusCode::CREATED, Json(product(&row)?)))
+    Ok((StatusCode::CREATED, Json(load(&rt, &id).await?)))
 }
 
 /// A small catalogue for a first look, added once to an empty store.
@@ -272,9 +273,5 @@ async fn restock(
         .unwrap_or_else(|| if body.delta > 0 { "restock" } else { "write-off" }.into());
     movement(&mut tx, &id, body.delta, &reason).await?;
     tx.commit().await?;
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))
-        .bind(&id)
-        .fetch_one(rt.store.pool())
-        .await?;
-    Ok(Json(product(&row)?))
+    Ok(Json(load(&rt, &id).await?))
 }
