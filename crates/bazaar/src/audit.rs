@@ -7,19 +7,18 @@ use std::{
 };
 
 use anyhow::Context;
-use bazaar_contracts::{topics, SUBSCRIPTIONS};
 use bazaar_kit::{
     broker::{self, dlq_topic, DeadLetter, SharedBroker},
+    service::ServiceSpec,
     store::Store,
 };
 use clap::Args;
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::{
-    roles::{Role, Settings},
-    DlqCommand,
-};
+use bazaar::roles::{self, Settings};
+
+use crate::DlqCommand;
 
 /// Flags of `bazaar audit`.
 #[derive(Debug, Args)]
@@ -46,6 +45,8 @@ pub struct Check {
 
 /// The stores and broker the audit reads.
 pub struct Sources {
+    /// Every service's store, in role-table order (outboxes and consumer groups).
+    all: Vec<(&'static ServiceSpec, Store)>,
     users: Store,
     inventory: Store,
     orders: Store,
@@ -55,30 +56,38 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Opens every store and the broker named by `settings`.
+    /// Opens every service's store and the broker named by `settings`.
     pub async fn open(settings: &Settings) -> anyhow::Result<Sources> {
-        let open = |role: Role| {
-            let url = settings.store_url(role);
-            async move {
-                if let Some(path) = url.strip_prefix("sqlite://") {
-                    if !std::path::Path::new(path).exists() {
-                        anyhow::bail!(
-                            "no {} store at {path}; has the system run with this data directory?",
-                            role.name()
-                        );
-                    }
+        let mut all = Vec::new();
+        for (_, spec) in roles::services() {
+            let url = settings.store_url(spec.name);
+            if let Some(path) = url.strip_prefix("sqlite://") {
+                if !std::path::Path::new(path).exists() {
+                    anyhow::bail!(
+                        "no {} store at {path}; has the system run with this data directory?",
+                        spec.name
+                    );
                 }
-                Store::open(&url)
-                    .await
-                    .with_context(|| format!("{} store", role.name()))
             }
+            let store = Store::open(&url)
+                .await
+                .with_context(|| format!("{} store", spec.name))?;
+            all.push((spec, store));
+        }
+        // The invariants are the shop's own rules, so they name the services they read.
+        let store = |spec: &ServiceSpec| {
+            all.iter()
+                .find(|(s, _)| s.name == spec.name)
+                .map(|(_, store)| store.clone())
+                .with_context(|| format!("the role table has no {} service", spec.name))
         };
         Ok(Sources {
-            users: open(Role::Users).await?,
-            inventory: open(Role::Inventory).await?,
-            orders: open(Role::Orders).await?,
-            payments: open(Role::Payments).await?,
-            notifications: open(Role::Notifications).await?,
+            users: store(&bazaar_users::SERVICE)?,
+            inventory: store(&bazaar_inventory::SERVICE)?,
+            orders: store(&bazaar_orders::SERVICE)?,
+            payments: store(&bazaar_payments::SERVICE)?,
+            notifications: store(&bazaar_notifications::SERVICE)?,
+            all,
             broker: broker::connect(&settings.broker_url()).await.context("broker")?,
         })
     }
@@ -323,22 +332,16 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
 
     // 6. Every event reached every group, or sits in a dead-letter topic.
     let mut unsent = Vec::new();
-    for (name, store) in [
-        ("users", &s.users),
-        ("inventory", &s.inventory),
-        ("orders", &s.orders),
-        ("payments", &s.payments),
-        ("notifications", &s.notifications),
-    ] {
+    for (spec, store) in &s.all {
         let n = count(store, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").await?;
         if n > 0 {
-            unsent.push(format!("{name} outbox {n} unsent"));
+            unsent.push(format!("{} outbox {n} unsent", spec.name));
         }
-    }
-    for (topic, group) in SUBSCRIPTIONS {
-        let lag = s.broker.pending(topic, group).await?;
-        if lag > 0 {
-            unsent.push(format!("{group} on {topic}: {lag} pending"));
+        for topic in spec.consumes {
+            let lag = s.broker.pending(topic, spec.name).await?;
+            if lag > 0 {
+                unsent.push(format!("{} on {topic}: {lag} pending", spec.name));
+            }
         }
     }
     let mut dead = 0;
@@ -357,14 +360,14 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     Ok(out)
 }
 
-fn all_topics() -> [&'static str; 5] {
-    [
-        topics::USERS_EVENTS,
-        topics::ORDERS_EVENTS,
-        topics::INVENTORY_COMMANDS,
-        topics::PAYMENTS_COMMANDS,
-        topics::ORDER_SAGA_REPLIES,
-    ]
+/// Every consumed topic once: where dead letters can be.
+fn all_topics() -> Vec<&'static str> {
+    let mut topics: Vec<&'static str> = roles::services()
+        .flat_map(|(_, spec)| spec.consumes.iter().copied())
+        .collect();
+    topics.sort_unstable();
+    topics.dedup();
+    topics
 }
 
 /// `bazaar audit`.

@@ -138,7 +138,7 @@ async fn admin_token(client: &Client, api: &str, args: &LoadArgs) -> anyhow::Res
     let (st, body) = json_call(
         client
             .post(format!("{api}/auth/token"))
-            .json(&json!({"email": crate::roles::ADMIN_EMAIL, "password": password})),
+            .json(&json!({"email": bazaar::roles::ADMIN_EMAIL, "password": password})),
     )
     .await?;
     match body["accessToken"].as_str() {

@@ -4,14 +4,13 @@ mod audit;
 mod bench;
 mod config_file;
 mod load;
-mod roles;
 mod up;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-use roles::{Role, Settings};
+use bazaar::roles::{self, Role, RoleKind, RoleParser, Settings};
 
 /// An event-driven order system: gateway, users, inventory, orders, payments, notifications.
 #[derive(Debug, Parser)]
@@ -32,7 +31,8 @@ enum Command {
     Up(up::UpArgs),
     /// Runs one role in this process (one pod, one container).
     Serve {
-        /// gateway, users, inventory, orders, payments or notifications.
+        /// A role of the table.
+        #[arg(value_parser = RoleParser)]
         role: Role,
     },
     /// Checks the invariants (nothing lost, nothing doubled) over every store and the broker.
@@ -89,7 +89,9 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
     let mut builder = match (&cli.command, threads) {
-        (Command::Serve { role }, None) if *role != Role::Gateway => tokio::runtime::Builder::new_current_thread(),
+        (Command::Serve { role }, None) if !matches!(role.kind, RoleKind::Gateway) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
         (_, Some(1)) => tokio::runtime::Builder::new_current_thread(),
         (_, Some(n)) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();

@@ -1,4 +1,10 @@
-//! The roles, their settings, and `bazaar serve ROLE`.
+//! The role table, the roles' settings, and `bazaar serve ROLE`.
+//!
+//! [`ROLES`] is the one place that knows the shop's layout: every role's name, port and
+//! kind, and for a service its [`ServiceSpec`] (tables, topics, public routes) and how to
+//! run it. `up`, `serve`, `audit`, the gateway's default config, the bench and the tests
+//! all iterate it. Adding a role is one crate exporting a `SERVICE` spec and a `run`
+//! function, and one row here.
 
 use std::{
     net::SocketAddr,
@@ -7,66 +13,269 @@ use std::{
 };
 
 use anyhow::Context;
-use bazaar_kit::{runtime::RoleConfig, shutdown};
-use clap::{Args, ValueEnum};
+use bazaar_kit::{
+    runtime::RoleConfig,
+    service::{Access, ServiceSpec},
+    shutdown::{self, Shutdown},
+};
+use clap::Args;
+use futures_util::future::LocalBoxFuture;
 
-/// One deployable part of the system.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Role {
-    /// The API gateway.
-    Gateway,
-    /// Users and tokens.
-    Users,
-    /// Products and stock.
-    Inventory,
-    /// Orders and the order saga.
-    Orders,
-    /// Wallets, ledger and payments.
-    Payments,
-    /// Email to customers.
-    Notifications,
-    /// A simulated outside payment provider (Stripe-like) for local runs and fault drills.
-    /// Not part of `bazaar up`: start it with `bazaar serve payment-sim` and point payments at
-    /// it with `BAZAAR_PAYMENT_PROVIDER_URL=http://127.0.0.1:8106` (base port + 26).
-    PaymentSim,
+/// One deployable part of the system: a row of [`ROLES`].
+#[derive(Debug)]
+pub struct RoleSpec {
+    /// Its name on the command line and in logs, pid files and `BAZAAR_<ROLE>_…` variables.
+    pub name: &'static str,
+    /// One line for `bazaar serve --help`.
+    pub about: &'static str,
+    /// Its port's offset from the base port (DESIGN.md: 8080, 8101..8105).
+    pub port_offset: u16,
+    /// What it is.
+    pub kind: RoleKind,
 }
 
-impl Role {
-    /// Every role, services first.
-    pub const ALL: [Role; 6] = [
-        Role::Users,
-        Role::Inventory,
-        Role::Orders,
-        Role::Payments,
-        Role::Notifications,
-        Role::Gateway,
-    ];
+/// The kinds of role.
+#[derive(Debug)]
+pub enum RoleKind {
+    /// The gateway: routes clients to every service's public routes; health on its admin port.
+    Gateway,
+    /// A service of the shop, started by `up`.
+    Service {
+        /// Its name, tables, topics and routes.
+        spec: &'static ServiceSpec,
+        /// Runs it until shutdown.
+        run: RunService,
+    },
+    /// A stand-in for an outside system, for local runs and fault drills; `up` leaves it out.
+    Simulator {
+        /// Serves it on the address until shutdown.
+        run: fn(SocketAddr, Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>>,
+    },
+}
 
-    /// The role's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Gateway => "gateway",
-            Role::Users => "users",
-            Role::Inventory => "inventory",
-            Role::Orders => "orders",
-            Role::Payments => "payments",
-            Role::Notifications => "notifications",
-            Role::PaymentSim => "payment-sim",
+/// How `serve` runs a service: the settings, the common role config, the stop signal. The
+/// future runs on `serve`'s own thread (`block_on`), so it need not be `Send`.
+pub type RunService = fn(Settings, RoleConfig, Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>>;
+
+/// A role, as the command line names it.
+pub type Role = &'static RoleSpec;
+
+/// Every role: services first (the order `up` starts them), then the gateway, then tools.
+pub static ROLES: [RoleSpec; 7] = [
+    RoleSpec {
+        name: "users",
+        about: "Users and tokens.",
+        port_offset: 21,
+        kind: RoleKind::Service {
+            spec: &bazaar_users::SERVICE,
+            run: run_users,
+        },
+    },
+    RoleSpec {
+        name: "inventory",
+        about: "Products and stock.",
+        port_offset: 22,
+        kind: RoleKind::Service {
+            spec: &bazaar_inventory::SERVICE,
+            run: run_inventory,
+        },
+    },
+    RoleSpec {
+        name: "orders",
+        about: "Orders and the order saga.",
+        port_offset: 23,
+        kind: RoleKind::Service {
+            spec: &bazaar_orders::SERVICE,
+            run: run_orders,
+        },
+    },
+    RoleSpec {
+        name: "payments",
+        about: "Wallets, ledger and payments.",
+        port_offset: 24,
+        kind: RoleKind::Service {
+            spec: &bazaar_payments::SERVICE,
+            run: run_payments,
+        },
+    },
+    RoleSpec {
+        name: "notifications",
+        about: "Email and texts to customers.",
+        port_offset: 25,
+        kind: RoleKind::Service {
+            spec: &bazaar_notifications::SERVICE,
+            run: run_notifications,
+        },
+    },
+    RoleSpec {
+        name: "gateway",
+        about: "The API gateway (Kong-compatible config).",
+        port_offset: 0,
+        kind: RoleKind::Gateway,
+    },
+    RoleSpec {
+        name: "payment-sim",
+        about: "A Stripe-like payment provider for local runs and drills (base port + 26); \
+                point payments at it with BAZAAR_PAYMENT_PROVIDER_URL.",
+        port_offset: 26,
+        kind: RoleKind::Simulator { run: run_payment_sim },
+    },
+];
+
+/// The gateway's admin listener (health, metrics, config) is at the base port plus this.
+pub const GATEWAY_ADMIN_OFFSET: u16 = 20;
+
+impl RoleSpec {
+    /// The role called `name`.
+    pub fn named(name: &str) -> Option<Role> {
+        ROLES.iter().find(|r| r.name == name)
+    }
+
+    /// The service spec, when the role is a service.
+    pub fn service(&self) -> Option<&'static ServiceSpec> {
+        match self.kind {
+            RoleKind::Service { spec, .. } => Some(spec),
+            _ => None,
         }
     }
 
-    /// Offset of the role's port from the base port (DESIGN.md: 8080, 8101..8105).
-    fn port_offset(self) -> u16 {
-        match self {
-            Role::Gateway => 0,
-            Role::Users => 21,
-            Role::Inventory => 22,
-            Role::Orders => 23,
-            Role::Payments => 24,
-            Role::Notifications => 25,
-            Role::PaymentSim => 26,
+    /// Whether `bazaar up` starts it.
+    pub fn started_by_up(&self) -> bool {
+        !matches!(self.kind, RoleKind::Simulator { .. })
+    }
+
+    /// Offset of the port its `/health` answers on.
+    pub fn health_offset(&self) -> u16 {
+        match self.kind {
+            RoleKind::Gateway => GATEWAY_ADMIN_OFFSET,
+            _ => self.port_offset,
         }
     }
+}
+
+/// The roles `bazaar up` starts.
+pub fn up_roles() -> impl Iterator<Item = Role> {
+    ROLES.iter().filter(|r| r.started_by_up())
+}
+
+/// Every service and its spec.
+pub fn services() -> impl Iterator<Item = (Role, &'static ServiceSpec)> {
+    ROLES.iter().filter_map(|r| Some((r, r.service()?)))
+}
+
+/// Every role's port offset and the gateway admin's: what a test or bench that runs the
+/// system beside others needs free.
+pub fn port_offsets() -> Vec<u16> {
+    let mut offsets: Vec<u16> = ROLES.iter().map(|r| r.port_offset).collect();
+    offsets.push(GATEWAY_ADMIN_OFFSET);
+    offsets
+}
+
+/// Parses a role name on the command line, listing the table's roles in `--help`.
+#[derive(Debug, Clone, Copy)]
+pub struct RoleParser;
+
+impl clap::builder::TypedValueParser for RoleParser {
+    type Value = Role;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Role, clap::Error> {
+        let name = value.to_string_lossy();
+        RoleSpec::named(&name).ok_or_else(|| {
+            let mut err = clap::Error::new(clap::error::ErrorKind::InvalidValue).with_cmd(cmd);
+            use clap::error::{ContextKind, ContextValue};
+            if let Some(arg) = arg {
+                err.insert(ContextKind::InvalidArg, ContextValue::String(arg.to_string()));
+            }
+            err.insert(ContextKind::InvalidValue, ContextValue::String(name.into_owned()));
+            err.insert(
+                ContextKind::ValidValue,
+                ContextValue::Strings(ROLES.iter().map(|r| r.name.to_string()).collect()),
+            );
+            err
+        })
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            ROLES
+                .iter()
+                .map(|r| clap::builder::PossibleValue::new(r.name).help(r.about)),
+        ))
+    }
+}
+
+fn run_users(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let admin = bazaar_users::AdminAccount {
+            email: ADMIN_EMAIL.into(),
+            password: settings.admin_password()?,
+        };
+        Ok(bazaar_users::run(config, Some(admin), stop).await?)
+    })
+}
+
+fn run_inventory(
+    settings: Settings,
+    config: RoleConfig,
+    stop: Shutdown,
+) -> LocalBoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move { Ok(bazaar_inventory::run(config, settings.seed_demo, stop).await?) })
+}
+
+fn run_orders(_: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move { Ok(bazaar_orders::run(config, stop).await?) })
+}
+
+fn run_payments(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let payments = bazaar_payments::PaymentsConfig {
+            welcome_credit_cents: settings.welcome_credit_cents,
+            decline_rate: settings.decline_rate,
+            provider_url: settings.payment_provider_url.clone(),
+        };
+        Ok(bazaar_payments::run(config, payments, stop).await?)
+    })
+}
+
+fn run_notifications(
+    settings: Settings,
+    config: RoleConfig,
+    stop: Shutdown,
+) -> LocalBoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let mail = match &settings.smtp {
+            Some(relay) => {
+                let (host, port) = relay
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?)))
+                    .with_context(|| format!("--smtp must be HOST:PORT, got `{relay}`"))?;
+                bazaar_notifications::MailConfig::Smtp { host, port }
+            }
+            None => bazaar_notifications::MailConfig::Files(mail_dir(&settings.data)),
+        };
+        let sms = match &settings.sms_webhook {
+            Some(url) => bazaar_notifications::SmsConfig::Webhook(url.clone()),
+            None => bazaar_notifications::SmsConfig::Files(settings.data.join("sms")),
+        };
+        Ok(bazaar_notifications::run(config, mail, sms, stop).await?)
+    })
+}
+
+fn run_payment_sim(listen: SocketAddr, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let state = bazaar_payments::simulator::SimulatorState::default();
+        bazaar_payments::simulator::serve(listener, state, stop)
+            .await
+            .context("payment-sim")
+    })
 }
 
 /// The operator account `bazaar up` creates (its password is in DATA/admin.password).
@@ -81,8 +290,8 @@ pub struct Settings {
     /// Broker URL: sqlite://PATH (embedded) or nats://HOST:PORT. Default: sqlite://DATA/bus.db.
     #[arg(long, global = true, env = "BAZAAR_BROKER_URL")]
     pub broker: Option<String>,
-    /// Gateway port; the gateway admin is at +20, the services at +21..+25 and the payment
-    /// simulator (serve payment-sim) at +26.
+    /// Gateway port; every other role's port is an offset from it (the gateway admin +20,
+    /// the services +21..+25, the payment simulator +26).
     #[arg(long, global = true, env = "BAZAAR_BASE_PORT", default_value_t = 8080)]
     pub base_port: u16,
     /// Address the role listens on (serve only). Default: 127.0.0.1 and the role's port.
@@ -135,21 +344,28 @@ impl Settings {
 
     /// The port of `role`.
     pub fn port(&self, role: Role) -> u16 {
-        self.base_port.saturating_add(role.port_offset())
+        self.base_port.saturating_add(role.port_offset)
     }
 
     /// The gateway's admin port.
     pub fn admin_port(&self) -> u16 {
-        self.base_port.saturating_add(20)
+        self.base_port.saturating_add(GATEWAY_ADMIN_OFFSET)
     }
 
-    /// The store URL of `role`, from `BAZAAR_<ROLE>_STORE_URL` or the data directory.
-    pub fn store_url(&self, role: Role) -> String {
-        let var = format!("BAZAAR_{}_STORE_URL", role.name().to_uppercase());
-        std::env::var(var)
+    /// The URL of `role`'s `/health`.
+    pub fn health_url(&self, role: Role) -> String {
+        format!(
+            "http://127.0.0.1:{}/health",
+            self.base_port.saturating_add(role.health_offset())
+        )
+    }
+
+    /// The store URL of service `name`, from `BAZAAR_<NAME>_STORE_URL` or the data directory.
+    pub fn store_url(&self, name: &str) -> String {
+        std::env::var(store_url_var(name))
             .ok()
             .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| format!("sqlite://{}", self.data.join(format!("{}.db", role.name())).display()))
+            .unwrap_or_else(|| format!("sqlite://{}", self.data.join(format!("{name}.db")).display()))
     }
 
     /// The gateway config path.
@@ -195,18 +411,35 @@ impl Settings {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            let ports = bazaar_gateway::DefaultPorts {
-                users: self.port(Role::Users),
-                inventory: self.port(Role::Inventory),
-                orders: self.port(Role::Orders),
-                payments: self.port(Role::Payments),
-                notifications: self.port(Role::Notifications),
-            };
-            let text = bazaar_gateway::default_config(ports, &self.jwt_secret()?);
+            let text = bazaar_gateway::default_config(&self.public_routes(), &self.jwt_secret()?);
             std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(path)
     }
+}
+
+impl Settings {
+    /// Every service's public routes, at its port: what the default gateway config serves.
+    pub fn public_routes(&self) -> Vec<bazaar_gateway::DefaultRoute<'static>> {
+        services()
+            .flat_map(|(role, spec)| {
+                let port = self.port(role);
+                spec.routes.iter().map(move |r| bazaar_gateway::DefaultRoute {
+                    name: r.name,
+                    resource: r.resource,
+                    port,
+                    methods: r.methods,
+                    exact: r.exact,
+                    jwt: r.access == Access::Token,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The variable that names service `name`'s store: `BAZAAR_<NAME>_STORE_URL`.
+pub fn store_url_var(name: &str) -> String {
+    format!("BAZAAR_{}_STORE_URL", name.to_uppercase().replace('-', "_"))
 }
 
 /// Writes a file only its owner may read.
@@ -248,7 +481,7 @@ pub async fn stop_signal() {
 
 /// `bazaar serve ROLE`.
 pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
-    bazaar_kit::telemetry::init_logging(role.name(), settings.json_logs);
+    bazaar_kit::telemetry::init_logging(role.name, settings.json_logs);
     bazaar_kit::telemetry::metrics();
     // Crash-only: a panicking task would leave a half-alive process; exit so the supervisor
     // (bazaar up, systemd, Kubernetes) restarts a whole one. Durable state makes that safe.
@@ -267,62 +500,22 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
         tracing::info!("stopping");
         trigger.trigger();
     });
-    let config = RoleConfig {
-        listen,
-        store_url: settings.store.clone().unwrap_or_else(|| settings.store_url(role)),
-        broker_url: settings.broker_url(),
-        jwt_secret: settings.jwt_secret()?,
-    };
-    let result = match role {
-        Role::Users => {
-            let admin = bazaar_users::AdminAccount {
-                email: ADMIN_EMAIL.into(),
-                password: settings.admin_password()?,
+    match role.kind {
+        RoleKind::Service { spec, run } => {
+            let config = RoleConfig {
+                listen,
+                store_url: settings.store.clone().unwrap_or_else(|| settings.store_url(spec.name)),
+                broker_url: settings.broker_url(),
+                jwt_secret: settings.jwt_secret()?,
             };
-            bazaar_users::run(config, Some(admin), shutdown).await
+            run(settings.clone(), config, shutdown).await.with_context(|| role.name)
         }
-        Role::Inventory => bazaar_inventory::run(config, settings.seed_demo, shutdown).await,
-        Role::Orders => bazaar_orders::run(config, shutdown).await,
-        Role::Payments => {
-            let payments = bazaar_payments::PaymentsConfig {
-                welcome_credit_cents: settings.welcome_credit_cents,
-                decline_rate: settings.decline_rate,
-                provider_url: settings.payment_provider_url.clone(),
-            };
-            bazaar_payments::run(config, payments, shutdown).await
-        }
-        Role::Notifications => {
-            let mail = match &settings.smtp {
-                Some(relay) => {
-                    let (host, port) = relay
-                        .rsplit_once(':')
-                        .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?)))
-                        .with_context(|| format!("--smtp must be HOST:PORT, got `{relay}`"))?;
-                    bazaar_notifications::MailConfig::Smtp { host, port }
-                }
-                None => bazaar_notifications::MailConfig::Files(mail_dir(&settings.data)),
-            };
-            let sms = match &settings.sms_webhook {
-                Some(url) => bazaar_notifications::SmsConfig::Webhook(url.clone()),
-                None => bazaar_notifications::SmsConfig::Files(settings.data.join("sms")),
-            };
-            bazaar_notifications::run(config, mail, sms, shutdown).await
-        }
-        Role::Gateway => return serve_gateway(settings, listen, shutdown).await,
-        Role::PaymentSim => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            let state = bazaar_payments::simulator::SimulatorState::default();
-            return bazaar_payments::simulator::serve(listener, state, shutdown)
-                .await
-                .context("payment-sim");
-        }
-    };
-    result.with_context(|| role.name().to_string())
+        RoleKind::Gateway => serve_gateway(settings, listen, shutdown).await,
+        RoleKind::Simulator { run } => run(listen, shutdown).await,
+    }
 }
 
-async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: shutdown::Shutdown) -> anyhow::Result<()> {
+async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
     let config_path = settings.ensure_gateway_config()?;
     let admin_listen = SocketAddr::new(listen.ip(), settings.admin_port());
     let opts = bazaar_gateway::GatewayOptions {
@@ -341,7 +534,7 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: shutdo
 fn write_pid_file(settings: &Settings, role: Role) {
     let dir = settings.data.join("run");
     let written = std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(dir.join(format!("{}.pid", role.name())), std::process::id().to_string()));
+        .and_then(|()| std::fs::write(dir.join(format!("{}.pid", role.name)), std::process::id().to_string()));
     if let Err(e) = written {
         tracing::warn!(error = %e, "cannot write the pid file");
     }
@@ -350,4 +543,118 @@ fn write_pid_file(settings: &Settings, role: Role) {
 /// Where the file mailer writes.
 pub fn mail_dir(data: &Path) -> PathBuf {
     data.join("mail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(data: &Path) -> Settings {
+        Settings {
+            data: data.to_path_buf(),
+            broker: None,
+            base_port: 8080,
+            listen: None,
+            store: None,
+            jwt_secret: Some("secret".into()),
+            gateway_config: None,
+            json_logs: false,
+            decline_rate: 0.0,
+            payment_provider_url: None,
+            welcome_credit_cents: 0,
+            smtp: None,
+            sms_webhook: None,
+            admin_password: None,
+            seed_demo: false,
+        }
+    }
+
+    #[test]
+    fn every_role_has_its_own_name_and_port() {
+        let mut names: Vec<&str> = ROLES.iter().map(|r| r.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ROLES.len(), "two roles share a name");
+        let mut ports = port_offsets();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), ROLES.len() + 1, "two roles share a port");
+        for (role, spec) in services() {
+            assert_eq!(role.name, spec.name, "a service row is named as its spec");
+        }
+    }
+
+    #[test]
+    fn ports_follow_design_md_under_the_default_base() {
+        let s = settings(Path::new("data"));
+        let port = |name| s.port(RoleSpec::named(name).unwrap());
+        assert_eq!(
+            [
+                port("gateway"),
+                port("users"),
+                port("inventory"),
+                port("orders"),
+                port("payments"),
+                port("notifications")
+            ],
+            [8080, 8101, 8102, 8103, 8104, 8105]
+        );
+        assert_eq!(
+            s.health_url(RoleSpec::named("gateway").unwrap()),
+            "http://127.0.0.1:8100/health"
+        );
+        assert_eq!(
+            s.health_url(RoleSpec::named("orders").unwrap()),
+            "http://127.0.0.1:8103/health"
+        );
+    }
+
+    #[test]
+    fn each_resource_is_served_by_one_service_and_each_route_named_once() {
+        let s = settings(Path::new("data"));
+        let routes = s.public_routes();
+        for r in &routes {
+            assert_eq!(
+                routes.iter().filter(|o| o.name == r.name).count(),
+                1,
+                "route {}",
+                r.name
+            );
+            assert!(
+                routes.iter().all(|o| o.resource != r.resource || o.port == r.port),
+                "/{} is served by two services",
+                r.resource
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_gateway_config_is_valid_and_routes_every_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = settings(dir.path()).ensure_gateway_config().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        bazaar_gateway::check_config_file(&path).unwrap_or_else(|p| panic!("{p:?}"));
+        for (role, spec) in services() {
+            for route in spec.routes {
+                let url = format!("url: http://127.0.0.1:{}/{}", 8080 + role.port_offset, route.resource);
+                assert!(text.contains(&url), "no upstream {url} for route {}", route.name);
+            }
+        }
+    }
+
+    #[test]
+    fn consumed_topics_are_listed_once_per_service() {
+        for (_, spec) in services() {
+            let mut topics = spec.consumes.to_vec();
+            topics.sort_unstable();
+            topics.dedup();
+            assert_eq!(topics.len(), spec.consumes.len(), "{} lists a topic twice", spec.name);
+        }
+    }
+
+    #[test]
+    fn store_variables_are_named_after_the_role() {
+        assert_eq!(store_url_var("orders"), "BAZAAR_ORDERS_STORE_URL");
+        assert_eq!(store_url_var("payment-sim"), "BAZAAR_PAYMENT_SIM_STORE_URL");
+    }
 }

@@ -13,7 +13,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::roles::{stop_signal, Role, Settings};
+use bazaar::roles::{self, stop_signal, Role, Settings};
 
 /// Flags of `bazaar up`.
 #[derive(Debug, Args)]
@@ -43,7 +43,7 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     settings.jwt_secret()?;
     settings.admin_password()?;
     let config = settings.ensure_gateway_config()?;
-    let ports = Role::ALL.iter().map(|r| (r.name(), settings.port(*r)));
+    let ports = roles::up_roles().map(|r| (r.name, settings.port(r)));
     for (name, port) in ports.chain([("gateway admin", settings.admin_port())]) {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             anyhow::bail!(
@@ -60,7 +60,7 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         }
     });
     let mut procs = Vec::new();
-    for role in Role::ALL {
+    for role in roles::up_roles() {
         let child = spawn(&exe, settings, role, &lines)?;
         procs.push(Proc {
             role,
@@ -88,17 +88,17 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
                 if p.restarts.len() >= MAX_RESTARTS {
                     gave_up = Some(format!(
                         "{} exited ({status}) {MAX_RESTARTS} times within a minute; giving up",
-                        p.role.name()
+                        p.role.name
                     ));
                     break;
                 }
-                let _ = lines.send(format!("{:>13} | exited ({status}); restarting", p.role.name()));
+                let _ = lines.send(format!("{:>13} | exited ({status}); restarting", p.role.name));
                 p.restarts.push(Instant::now());
                 tokio::time::sleep(Duration::from_millis(200 * p.restarts.len() as u64)).await;
                 match spawn(&exe, settings, p.role, &lines) {
                     Ok(child) => p.child = child,
                     Err(e) => {
-                        gave_up = Some(format!("cannot restart {}: {e:#}", p.role.name()));
+                        gave_up = Some(format!("cannot restart {}: {e:#}", p.role.name));
                         break;
                     }
                 }
@@ -122,7 +122,7 @@ fn spawn(
 ) -> anyhow::Result<Child> {
     let mut cmd = Command::new(exe);
     cmd.arg("serve")
-        .arg(role.name())
+        .arg(role.name)
         .env("BAZAAR_DATA", &settings.data)
         .env("BAZAAR_BROKER_URL", settings.broker_url())
         .env("BAZAAR_BASE_PORT", settings.base_port.to_string())
@@ -147,7 +147,7 @@ fn spawn(
     if let Some(url) = &settings.payment_provider_url {
         cmd.env("BAZAAR_PAYMENT_PROVIDER_URL", url);
     }
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", role.name()))?;
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", role.name))?;
     for stream in [
         child
             .stdout
@@ -162,7 +162,7 @@ fn spawn(
     .flatten()
     {
         let lines = lines.clone();
-        let name = role.name();
+        let name = role.name;
         tokio::spawn(async move {
             let mut reader = BufReader::new(stream).lines();
             while let Ok(Some(line)) = reader.next_line().await {
@@ -189,16 +189,6 @@ async fn terminate_all(procs: &mut [Proc]) {
     }
 }
 
-/// Health URL of `role`.
-pub fn health_url(settings: &Settings, role: Role) -> String {
-    let port = if role == Role::Gateway {
-        settings.admin_port()
-    } else {
-        settings.port(role)
-    };
-    format!("http://127.0.0.1:{port}/health")
-}
-
 /// Waits until every role answers 200 on `/health`.
 pub async fn wait_ready(settings: &Settings, timeout: Duration) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
@@ -206,8 +196,8 @@ pub async fn wait_ready(settings: &Settings, timeout: Duration) -> anyhow::Resul
         .build()
         .context("http client")?;
     let deadline = Instant::now() + timeout;
-    for role in Role::ALL {
-        let url = health_url(settings, role);
+    for role in roles::up_roles() {
+        let url = settings.health_url(role);
         loop {
             let ok = client
                 .get(&url)
@@ -219,7 +209,7 @@ pub async fn wait_ready(settings: &Settings, timeout: Duration) -> anyhow::Resul
                 break;
             }
             if Instant::now() > deadline {
-                anyhow::bail!("{} is not healthy after {}s ({url})", role.name(), timeout.as_secs());
+                anyhow::bail!("{} is not healthy after {}s ({url})", role.name, timeout.as_secs());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -228,7 +218,8 @@ pub async fn wait_ready(settings: &Settings, timeout: Duration) -> anyhow::Resul
 }
 
 fn tour(settings: &Settings, config: &std::path::Path) -> String {
-    let gw = format!("http://127.0.0.1:{}", settings.port(Role::Gateway));
+    // The gateway listens on the base port itself.
+    let gw = format!("http://127.0.0.1:{}", settings.base_port);
     let data = settings.data.display();
     format!(
         r#"
@@ -255,6 +246,6 @@ Check the invariants any time: bazaar audit    Stop: Ctrl-C
         admin = settings.admin_port(),
         broker = settings.broker_url(),
         config = config.display(),
-        admin_email = crate::roles::ADMIN_EMAIL,
+        admin_email = bazaar::roles::ADMIN_EMAIL,
     )
 }

@@ -27,7 +27,7 @@ fn free_base_port() -> u16 {
     for i in 0..200u64 {
         // Below the ephemeral range (32768+), so outgoing connections cannot take our ports.
         let base = 10_000 + ((seed + i * 7919) % 700) as u16 * 30;
-        let all_free = [0u16, 20, 21, 22, 23, 24, 25, 26]
+        let all_free = bazaar::roles::port_offsets()
             .iter()
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
         if all_free {
@@ -35,6 +35,13 @@ fn free_base_port() -> u16 {
         }
     }
     panic!("no free port range found");
+}
+
+/// The port offset of the role called `name` in the role table.
+fn port_offset(name: &str) -> u16 {
+    bazaar::roles::RoleSpec::named(name)
+        .expect("a role of the table")
+        .port_offset
 }
 
 fn rand_seed() -> u64 {
@@ -89,8 +96,8 @@ impl System {
 
     async fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(90);
-        for port in [20u16, 21, 22, 23, 24, 25] {
-            let url = format!("http://127.0.0.1:{}/health", self.base + port);
+        for role in bazaar::roles::up_roles() {
+            let url = format!("http://127.0.0.1:{}/health", self.base + role.health_offset());
             loop {
                 if let Ok(r) = self.client.get(&url).send().await {
                     if r.status().is_success() {
@@ -704,8 +711,8 @@ async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
     }
 
     // Every role serves Prometheus text that parses.
-    for port in [20u16, 21, 22, 23, 24, 25] {
-        let url = format!("http://127.0.0.1:{}/metrics", sys.base + port);
+    for role in bazaar::roles::up_roles() {
+        let url = format!("http://127.0.0.1:{}/metrics", sys.base + role.health_offset());
         let text = sys
             .client
             .get(&url)
@@ -720,7 +727,7 @@ async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
     }
     let orders = sys
         .client
-        .get(format!("http://127.0.0.1:{}/metrics", sys.base + 23))
+        .get(format!("http://127.0.0.1:{}/metrics", sys.base + port_offset("orders")))
         .send()
         .await
         .expect("scrape")
@@ -749,7 +756,7 @@ impl Drop for Simulator {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
     let base = free_base_port();
-    let sim_url = format!("http://127.0.0.1:{}", base + 26);
+    let sim_url = format!("http://127.0.0.1:{}", base + port_offset("payment-sim"));
     let sim_data = tempfile::tempdir().expect("tempdir");
     let sim = Simulator(
         Command::new(BIN)
@@ -795,7 +802,7 @@ async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
     );
     let health: Value = sys
         .client
-        .get(format!("http://127.0.0.1:{}/health", base + 24))
+        .get(format!("http://127.0.0.1:{}/health", base + port_offset("payments")))
         .send()
         .await
         .expect("payments health")

@@ -2,7 +2,8 @@
 //!
 //! A service depends on this crate, never on another service's crate, so the contract
 //! between them is visible in one place. Every payload is camelCase JSON inside a
-//! `bazaar_kit::envelope::Envelope`; money is integer minor units with a currency.
+//! `bazaar_kit::envelope::Envelope`; money is integer minor units with a currency. Who
+//! consumes which topic is in each service's `SERVICE` spec; its consumer group is its name.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -41,18 +42,6 @@ pub mod types {
     pub const REFUND_PAYMENT: &str = "payments.refund";
     /// A participant's reply to an order saga command.
     pub const ORDER_SAGA_REPLY: &str = "orders.saga-reply";
-}
-
-/// Consumer group names (one per consuming service).
-pub mod groups {
-    /// The inventory service.
-    pub const INVENTORY: &str = "inventory";
-    /// The payments service.
-    pub const PAYMENTS: &str = "payments";
-    /// The orders service (saga replies).
-    pub const ORDERS: &str = "orders";
-    /// The notifications service.
-    pub const NOTIFICATIONS: &str = "notifications";
 }
 
 /// A new user.
@@ -154,21 +143,12 @@ pub struct OrderOutcome {
     pub customer_id: Uuid,
     /// Where to tell them.
     pub email: String,
-    /// Total in minor units (0 when cancelled before pricing).
+    /// What was charged in minor units (0 when cancelled).
     pub total_cents: i64,
-    /// ISO 4217 currency.
-    pub currency: String,
+    /// ISO 4217 currency of the total; none for an order cancelled before it was priced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
     /// Why it was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
-
-/// Every (topic, consumer group) pair the system subscribes: what the audit checks for lag.
-pub const SUBSCRIPTIONS: &[(&str, &str)] = &[
-    (topics::USERS_EVENTS, groups::PAYMENTS),
-    (topics::USERS_EVENTS, groups::NOTIFICATIONS),
-    (topics::ORDERS_EVENTS, groups::NOTIFICATIONS),
-    (topics::INVENTORY_COMMANDS, groups::INVENTORY),
-    (topics::PAYMENTS_COMMANDS, groups::PAYMENTS),
-    (topics::ORDER_SAGA_REPLIES, groups::ORDERS),
-];

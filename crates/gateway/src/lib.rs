@@ -31,7 +31,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use defaults::{default_config, DefaultPorts};
+pub use defaults::{default_config, DefaultRoute};
 pub use server::serve_with_listeners;
 
 /// What the gateway needs to run.

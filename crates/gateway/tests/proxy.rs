@@ -861,17 +861,18 @@ async fn check_config_file_lists_every_problem() {
         "{problems:?}"
     );
 
-    let ports = bazaar_gateway::DefaultPorts {
-        users: 1,
-        inventory: 2,
-        orders: 3,
-        payments: 4,
-        notifications: 5,
+    let route = bazaar_gateway::DefaultRoute {
+        name: "orders",
+        resource: "orders",
+        port: 3,
+        methods: &[],
+        exact: false,
+        jwt: true,
     };
-    std::fs::write(&path, bazaar_gateway::default_config(ports, "secret")).unwrap();
+    std::fs::write(&path, bazaar_gateway::default_config(&[route], "secret")).unwrap();
     assert_eq!(
         bazaar_gateway::check_config_file(&path).unwrap(),
-        "9 services, 11 routes, 1 consumer, 12 plugins"
+        "1 service, 1 route, 1 consumer, 5 plugins"
     );
 }
 

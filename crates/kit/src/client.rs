@@ -38,7 +38,7 @@ use tower::{
     Layer, Service, ServiceExt,
 };
 
-use crate::resilience::{jittered_backoff, BreakerConfig, BreakerState, CallError, CircuitBreaker};
+use crate::resilience::{Backoff, BreakerConfig, BreakerState, CallError, CircuitBreaker};
 
 /// The header that makes a POST safe to retry: the receiver answers a repeat with the first
 /// answer instead of acting twice.
@@ -335,8 +335,7 @@ pub struct RetryPolicy {
     name: &'static str,
     budget: Arc<TpsBudget>,
     max_retries: u32,
-    base: Duration,
-    cap: Duration,
+    backoff: Backoff,
     /// Retries made for this call so far (tower clones the policy per call).
     attempts: u32,
 }
@@ -353,8 +352,7 @@ impl RetryPolicy {
                 policy.budget_ratio.max(0.0),
             )),
             max_retries: policy.max_retries,
-            base: policy.backoff_base,
-            cap: policy.backoff_cap,
+            backoff: Backoff::new(policy.backoff_base, policy.backoff_cap),
             attempts: 0,
         }
     }
@@ -379,7 +377,7 @@ impl Policy<Request, Response, ClientError> for RetryPolicy {
         }
         self.attempts += 1;
         metrics::counter!("bazaar_client_retries_total", "client" => self.name).increment(1);
-        Some(tokio::time::sleep(jittered_backoff(self.attempts, self.base, self.cap)))
+        Some(tokio::time::sleep(self.backoff.jittered(self.attempts)))
     }
 
     fn clone_request(&mut self, request: &Request) -> Option<Request> {

@@ -15,6 +15,7 @@ use crate::{
     envelope::Envelope,
     inbox,
     outbox::Outbox,
+    resilience::Backoff,
     shutdown::Shutdown,
     store::{StoreError, Tx},
 };
@@ -95,9 +96,7 @@ const FETCH: usize = 4;
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Backoff before the next attempt: 100 ms doubling, capped at 10 s.
-pub fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_millis((100u64 << attempt.min(7)).min(10_000))
-}
+pub const RETRY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 /// Starts `config.tasks` runners; they stop after finishing their current delivery once
 /// `shutdown` fires.
@@ -154,7 +153,7 @@ impl Runner {
                     tracing::warn!(topic = %self.config.topic, group = %self.config.group, error = %e, "subscribe failed; retrying");
                     tokio::select! {
                         _ = shutdown.wait() => return,
-                        _ = tokio::time::sleep(retry_delay(failures)) => {}
+                        _ = tokio::time::sleep(RETRY_BACKOFF.delay(failures)) => {}
                     }
                 }
             }
@@ -186,7 +185,7 @@ impl Runner {
                     tracing::warn!(topic = %self.config.topic, error = %e, "fetch failed; retrying");
                     tokio::select! {
                         _ = shutdown.wait() => return,
-                        _ = tokio::time::sleep(retry_delay(failures)) => {}
+                        _ = tokio::time::sleep(RETRY_BACKOFF.delay(failures)) => {}
                     }
                     continue;
                 }
@@ -236,7 +235,7 @@ impl Runner {
             }
             Outcome::Retry(reason) if delivery.attempt < self.config.max_attempts => {
                 tracing::warn!(topic = %topic, group = %group, attempt = delivery.attempt, error = %reason, "handler failed; will retry");
-                let delay = retry_delay(delivery.attempt);
+                let delay = RETRY_BACKOFF.delay(delivery.attempt);
                 delivery.nack(delay, reason).await
             }
             Outcome::Retry(reason) => {
@@ -317,8 +316,8 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        assert_eq!(retry_delay(1), Duration::from_millis(200));
-        assert!(retry_delay(3) > retry_delay(2));
-        assert_eq!(retry_delay(30), Duration::from_secs(10));
+        assert_eq!(RETRY_BACKOFF.delay(1), Duration::from_millis(200));
+        assert!(RETRY_BACKOFF.delay(3) > RETRY_BACKOFF.delay(2));
+        assert_eq!(RETRY_BACKOFF.delay(30), Duration::from_secs(10));
     }
 }

@@ -11,7 +11,8 @@
 //!   [`otlp`] exports traces when a collector is configured.
 //! - [`resilience`]: circuit breaker and jittered backoff for calls that can cascade.
 //! - [`client`]: the one outbound HTTP client stack (timeout, retry budget, breaker, bulkhead).
-//! - [`runtime`]: what every service role starts with.
+//! - [`service`]: what a service is (name, tables, topics, routes), for the role table.
+//! - [`runtime`]: what every service role starts with, and the owner of its tasks.
 //! - [`shutdown`]: the stop signal every background task listens to.
 //! - [`testing`]: throwaway SQLite and PostgreSQL databases for tests.
 
@@ -28,6 +29,7 @@ pub mod outbox;
 pub mod resilience;
 pub mod runtime;
 pub mod saga;
+pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

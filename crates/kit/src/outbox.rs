@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::{
     broker::SharedBroker,
     envelope::Envelope,
+    resilience::Backoff,
     shutdown::Shutdown,
     store::{now_millis, Migration, Store, StoreError, Tx},
 };
@@ -37,7 +38,6 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         CREATE TABLE inbox (grp TEXT NOT NULL, event_id TEXT NOT NULL, handled_at BIGINT NOT NULL, PRIMARY KEY (grp, event_id));
         CREATE INDEX inbox_age ON inbox (handled_at);
         CREATE TABLE relay_lease (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);",
-    postgres: None,
 }];
 
 /// How long sent outbox rows and inbox records are kept.
@@ -125,6 +125,8 @@ struct OutboxRelay {
 const BATCH: i64 = 256;
 /// Fallback poll when no in-process commit wakes the relay.
 const POLL: Duration = Duration::from_millis(200);
+/// Wait after a failed round (broker down): 100 ms doubling, capped at 5 s.
+const RELAY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 /// How long a relay's lease lasts without renewal.
 const LEASE: Duration = Duration::from_secs(10);
 
@@ -160,7 +162,7 @@ impl OutboxRelay {
                 }
             }
             let nap = if failures > 0 {
-                Duration::from_millis((100u64 << failures.min(6)).min(5_000))
+                RELAY_BACKOFF.delay(failures)
             } else {
                 POLL
             };

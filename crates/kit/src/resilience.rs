@@ -295,11 +295,33 @@ impl Drop for BreakerPermit {
     }
 }
 
-/// Exponential backoff with full jitter: a random wait in `[0, min(cap, base * 2^attempt))`.
-pub fn jittered_backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
-    let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
-    let ms = ceiling.as_millis().max(1) as u64;
-    Duration::from_millis(rand::random::<u64>() % ms)
+/// Exponential backoff: `base * 2^attempt`, capped. The one formula every retry loop in the
+/// kit uses (consumer redelivery, outbox relay, saga resends, client retries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The wait for attempt 0.
+    pub base: Duration,
+    /// The longest wait.
+    pub cap: Duration,
+}
+
+impl Backoff {
+    /// Waits from `base`, doubling, up to `cap`.
+    pub const fn new(base: Duration, cap: Duration) -> Backoff {
+        Backoff { base, cap }
+    }
+
+    /// The wait before retry number `attempt`.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.base.saturating_mul(1u32 << attempt.min(16)).min(self.cap)
+    }
+
+    /// Full jitter: a random wait in `[0, delay(attempt))`, so clients that failed together
+    /// do not retry together.
+    pub fn jittered(&self, attempt: u32) -> Duration {
+        let ms = self.delay(attempt).as_millis().max(1) as u64;
+        Duration::from_millis(rand::random::<u64>() % ms)
+    }
 }
 
 #[cfg(test)]
@@ -410,7 +432,8 @@ mod tests {
     fn backoff_stays_under_its_cap() {
         for attempt in 0..30 {
             assert!(
-                jittered_backoff(attempt, Duration::from_millis(100), Duration::from_secs(2)) < Duration::from_secs(2)
+                Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).jittered(attempt)
+                    < Duration::from_secs(2)
             );
         }
     }

@@ -1,21 +1,33 @@
 //! What every service role starts with: its own store (migrated), the outbox relay, the
 //! broker, and an HTTP listener with the shared layers, all stopped by one [`Shutdown`].
+//!
+//! The runtime owns every background task a role starts (relay, consumers, timers, gauges):
+//! they are spawned on its task set, and [`Runtime::serve`] returns only after HTTP has
+//! drained and each of them has finished its unit of work or handed it back.
 
-use std::net::SocketAddr;
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::Router;
+use tokio_util::task::TaskTracker;
 
 use crate::{
     auth::JwtKeys,
     broker::{self, BrokerError, SharedBroker},
+    consumer::{self, ConsumerConfig, Handler},
     health::Health,
     outbox::{self, Outbox},
+    service::ServiceSpec,
     shutdown::Shutdown,
     store::{Migration, Store, StoreError},
 };
 
 /// Outbox lag beyond which a role reports itself degraded.
-pub const OUTBOX_LAG_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+pub const OUTBOX_LAG_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long a stopping role waits for its background tasks once HTTP has drained. Each
+/// stops after its current delivery or round (short transactions), so this is a backstop;
+/// whatever a task had not acked is redelivered to another instance.
+pub const TASK_DRAIN_LIMIT: Duration = Duration::from_secs(20);
 
 /// Settings every service role reads (from flags or `BAZAAR_*` variables in the binary).
 #[derive(Debug, Clone)]
@@ -55,8 +67,8 @@ pub enum ServiceError {
 /// A started role's shared parts.
 #[derive(Clone)]
 pub struct Runtime {
-    /// The role's name, used as event source and in health output.
-    pub role: &'static str,
+    /// What the role is: name (event source, consumer group), tables, topics, routes.
+    pub spec: &'static ServiceSpec,
     /// Its own store.
     pub store: Store,
     /// Its outbox (the relay is running).
@@ -67,39 +79,92 @@ pub struct Runtime {
     pub keys: JwtKeys,
     /// Fires when the role must stop.
     pub shutdown: Shutdown,
+    /// Every background task of the role; [`Runtime::serve`] waits for them.
+    tasks: TaskTracker,
 }
 
 impl Runtime {
-    /// Opens and migrates the store (outbox and inbox tables first, then `migrations`),
+    /// Opens and migrates the store (outbox and inbox tables first, then the spec's),
     /// connects the broker and starts the outbox relay.
     pub async fn start(
-        role: &'static str,
+        spec: &'static ServiceSpec,
         config: &RoleConfig,
-        migrations: &[Migration],
         shutdown: Shutdown,
     ) -> Result<Runtime, ServiceError> {
         let store = Store::open(&config.store_url).await?;
-        let all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(migrations).cloned().collect();
+        let all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(spec.migrations).cloned().collect();
         store.migrate(&all).await?;
         let broker = broker::connect(&config.broker_url).await?;
         let outbox = Outbox::new(store.clone());
-        outbox.spawn_relay(broker.clone(), shutdown.clone());
-        tracing::info!(role, store = %config.store_url.split('@').next_back().unwrap_or_default(), broker = broker.kind(), "started");
-        Ok(Runtime {
-            role,
+        let rt = Runtime {
+            spec,
             store,
             outbox,
             broker,
-            keys: JwtKeys::new(&config.jwt_secret, std::time::Duration::from_secs(24 * 3600)),
+            keys: JwtKeys::new(&config.jwt_secret, Duration::from_secs(24 * 3600)),
             shutdown,
-        })
+            tasks: TaskTracker::new(),
+        };
+        rt.own(
+            "outbox relay",
+            rt.outbox.spawn_relay(rt.broker.clone(), rt.shutdown.clone()),
+        );
+        tracing::info!(role = spec.name, store = %config.store_url.split('@').next_back().unwrap_or_default(), broker = rt.broker.kind(), "started");
+        Ok(rt)
+    }
+
+    /// The role's name.
+    pub fn name(&self) -> &'static str {
+        self.spec.name
+    }
+
+    /// Runs `task` as one of the role's background tasks; it must end once
+    /// [`Runtime::shutdown`] fires.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    /// Takes ownership of a task a kit component spawned, so `serve` waits for it too.
+    pub fn own(&self, name: &'static str, handle: tokio::task::JoinHandle<()>) {
+        self.tasks.spawn(async move {
+            if let Err(e) = handle.await {
+                tracing::error!(task = name, error = %e, "background task failed");
+            }
+        });
+    }
+
+    /// A consumer config for `topic` in this role's group, to adjust before [`Runtime::consume`].
+    pub fn consumer(&self, topic: &str) -> ConsumerConfig {
+        ConsumerConfig::new(self.spec.name, topic)
+    }
+
+    /// Starts `config.tasks` runners of `handler`, owned by the runtime. A topic the spec
+    /// does not list is refused, so the role table (and the audit that reads it) stays true.
+    pub fn consume(&self, config: ConsumerConfig, handler: Arc<dyn Handler>) -> Result<(), ServiceError> {
+        if config.group != self.spec.name || !self.spec.consumes(&config.topic) {
+            return Err(ServiceError::Config(format!(
+                "{} would consume {} as group {}, but its ServiceSpec lists only {:?} for group {}",
+                self.spec.name, config.topic, config.group, self.spec.consumes, self.spec.name
+            )));
+        }
+        let handles = consumer::spawn(
+            self.outbox.clone(),
+            self.broker.clone(),
+            config,
+            handler,
+            self.shutdown.clone(),
+        );
+        for handle in handles {
+            self.own("consumer", handle);
+        }
+        Ok(())
     }
 
     /// Health checks for the store, the broker and the outbox (down when its oldest unsent
     /// event is older than [`OUTBOX_LAG_LIMIT`]: events are piling up).
     pub fn health(&self) -> Health {
         let outbox = self.outbox.clone();
-        Health::new(self.role)
+        Health::new(self.spec.name)
             .database(self.store.clone())
             .broker(self.broker.clone())
             .check("outbox", move || {
@@ -120,7 +185,7 @@ impl Runtime {
     pub fn spawn_gauge(&self, name: &'static str, sql: &'static str) {
         let store = self.store.clone();
         let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             loop {
                 match sqlx::query_scalar::<_, i64>(sql).fetch_one(store.pool()).await {
                     Ok(v) => metrics::gauge!(name).set(v as f64),
@@ -128,7 +193,7 @@ impl Runtime {
                 }
                 tokio::select! {
                     _ = shutdown.wait() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
                 }
             }
         });
@@ -142,7 +207,8 @@ impl Runtime {
         self.serve_on(listener, api, health).await
     }
 
-    /// Serves on an already bound listener (tests bind port 0).
+    /// Serves on an already bound listener (tests bind port 0); once shutdown fires and HTTP
+    /// has drained, waits for every background task (up to [`TASK_DRAIN_LIMIT`]).
     pub async fn serve_on(
         &self,
         listener: tokio::net::TcpListener,
@@ -154,9 +220,25 @@ impl Runtime {
             source,
         })?;
         let router = crate::http::finish(api.merge(health.routes()).layer(axum::Extension(self.keys.clone())));
-        tracing::info!(role = self.role, %addr, "listening");
+        tracing::info!(role = self.spec.name, %addr, "listening");
         crate::http::serve(listener, router, self.shutdown.clone())
             .await
-            .map_err(|source| ServiceError::Listen { addr, source })
+            .map_err(|source| ServiceError::Listen { addr, source })?;
+        self.stop_tasks().await;
+        Ok(())
+    }
+
+    /// Waits for every background task to end (they watch [`Runtime::shutdown`]).
+    async fn stop_tasks(&self) {
+        self.tasks.close();
+        if tokio::time::timeout(TASK_DRAIN_LIMIT, self.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                role = self.spec.name,
+                left = self.tasks.len(),
+                "background tasks still running after the drain limit; exiting anyway"
+            );
+        } else {
+            tracing::info!(role = self.spec.name, "every background task finished");
+        }
     }
 }

@@ -7,6 +7,11 @@
 //! in the same transaction as the outbox command it sends, so killing the orchestrator at
 //! any instant loses nothing: on restart the deadline timer resends whatever was awaited.
 //!
+//! A flow is typed end to end: its steps are an enum ([`SagaStep`]), its context a struct
+//! that each success reply's data is recorded into by the flow ([`SagaFlow::record`]), and a
+//! participant answers with a [`Verdict`] through one adapter ([`Participates`]). What a step
+//! needs and the context lacks is an error that names the saga, never a default.
+//!
 //! Replies are matched by (saga, step, phase), not by command id, so a reply to an earlier
 //! attempt of the same step counts, and a duplicate or late reply finds the saga elsewhere
 //! and changes nothing. Participants must therefore be idempotent by business key (e.g. the
@@ -15,17 +20,18 @@
 //! failure counts only for the latest send, once: a redelivered or late failure cannot move
 //! the retry.
 
-use std::{sync::Arc, time::Duration};
+use std::{fmt::Debug, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value;
 use sqlx::Row;
 
 use crate::{
-    consumer::HandlerError,
+    consumer::{Handler, HandlerError},
     envelope::{Envelope, Metadata},
-    outbox::Outbox,
+    outbox::{self, Outbox},
+    resilience::Backoff,
     shutdown::Shutdown,
     store::{now_millis, Dialect, Migration, StoreError, Tx},
 };
@@ -58,7 +64,6 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             entry TEXT NOT NULL
         );
         CREATE INDEX saga_history_saga ON saga_history (saga_id, id);",
-    postgres: None,
 }];
 
 /// Compensations are retried this many times (with backoff) before the saga is `stuck`.
@@ -113,40 +118,35 @@ impl SagaStatus {
     }
 }
 
-/// What a step does.
-#[derive(Debug, Clone)]
-pub enum Action {
-    /// A command to a participant on `topic`, answered by a [`SagaReply`].
-    Remote {
-        /// Topic the participant consumes.
-        topic: &'static str,
-        /// Event type of the execute command.
-        execute: &'static str,
-        /// Event type of the compensating command, if the step has effects to undo.
-        compensate: Option<&'static str>,
-    },
-    /// Work done by [`SagaFlow::local`] in the orchestrator's own transaction; not compensated.
-    Local,
+/// The steps of a flow: an enum whose variants name them on the wire and in the history.
+pub trait SagaStep: Copy + Eq + Debug + Send + Sync + 'static {
+    /// The step's name, unique within its flow; commands and replies carry it.
+    fn name(self) -> &'static str;
 }
 
-/// One step of a saga.
+/// One step of a saga: a command to a participant on `topic`, answered by a [`SagaReply`].
 #[derive(Debug, Clone)]
-pub struct Step {
-    /// Name, unique within the saga; replies name it.
-    pub name: &'static str,
-    /// What the step does.
-    pub action: Action,
+pub struct Step<S> {
+    /// Which step of the flow.
+    pub step: S,
+    /// Topic the participant consumes.
+    pub topic: &'static str,
+    /// Event type of the execute command.
+    pub execute: &'static str,
+    /// Event type of the compensating command, if the step has effects to undo. A step with
+    /// nothing to undo is the pivot: once sent it may have acted, so it is retried forward
+    /// until it answers.
+    pub compensate: Option<&'static str>,
     /// How long to wait for a reply before resending.
     pub timeout: Duration,
-    /// Sends of the execute command before the step counts as failed. A remote step without
-    /// a compensation (the pivot) is retried without limit instead.
+    /// Sends of the execute command before the step counts as failed (not for the pivot).
     pub max_attempts: u32,
 }
 
-/// A saga's persisted state.
+/// A saga's persisted state, with the flow's context `C`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct SagaState {
+pub struct SagaState<C> {
     /// The saga id (for the order saga, the order id).
     pub id: String,
     /// Which flow it runs.
@@ -155,8 +155,8 @@ pub struct SagaState {
     pub status: SagaStatus,
     /// Index of the current step (-1 once compensation passed the first step).
     pub step: i64,
-    /// Data the steps share: the start input merged with each success reply's `data`.
-    pub context: Value,
+    /// Data the steps share: the start input and what each success reply recorded.
+    pub context: C,
     /// The correlation id of the request that started it.
     pub correlation_id: String,
     /// The W3C trace context of the request that started it, carried into its commands.
@@ -182,6 +182,35 @@ pub struct HistoryEntry {
     pub entry: String,
 }
 
+/// What a participant answers to a saga command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Done; the data goes to the flow's [`SagaFlow::record`].
+    Done(Value),
+    /// Not done, and why: the saga compensates (or, for a compensation, retries).
+    Refused(String),
+    /// The answer comes later, from the participant itself through [`answer`] (payments
+    /// waiting for its outside provider).
+    Later,
+}
+
+impl Verdict {
+    /// Done with `data` (a contract type).
+    pub fn done(data: &impl Serialize) -> Verdict {
+        Verdict::Done(serde_json::to_value(data).unwrap_or(Value::Null))
+    }
+
+    /// Done with nothing to report.
+    pub fn done_empty() -> Verdict {
+        Verdict::Done(Value::Null)
+    }
+
+    /// Refused for `reason`.
+    pub fn refused(reason: impl Into<String>) -> Verdict {
+        Verdict::Refused(reason.into())
+    }
+}
+
 /// The reply a participant sends for a saga command (the reply event's payload).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -197,7 +226,7 @@ pub struct SagaReply {
     /// Why not, when `ok` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Results merged into the saga's context on success.
+    /// What the participant reports on success, recorded into the context by the flow.
     #[serde(default)]
     pub data: Value,
 }
@@ -225,11 +254,13 @@ impl CommandHeader {
             .map_err(|e| HandlerError::Poison(format!("`{}` is not a saga command: {e}", command.event_type)))
     }
 
-    /// The reply envelope to `command` and the topic it goes to.
-    pub fn reply(&self, command: &Envelope, source: &str, result: Result<Value, String>) -> (String, Envelope) {
-        let (ok, reason, data) = match result {
-            Ok(data) => (true, None, data),
-            Err(reason) => (false, Some(reason), Value::Null),
+    /// The reply envelope to `command` and the topic it goes to; `None` for
+    /// [`Verdict::Later`].
+    pub fn reply(&self, command: &Envelope, source: &str, verdict: Verdict) -> Option<(String, Envelope)> {
+        let (ok, reason, data) = match verdict {
+            Verdict::Done(data) => (true, None, data),
+            Verdict::Refused(reason) => (false, Some(reason), Value::Null),
+            Verdict::Later => return None,
         };
         let reply = SagaReply {
             saga_id: self.saga_id.clone(),
@@ -240,48 +271,92 @@ impl CommandHeader {
             data,
         };
         let env = Envelope::new(&self.reply_type, &self.saga_id, reply, command.caused_metadata(source));
-        (self.reply_to.clone(), env)
+        Some((self.reply_to.clone(), env))
+    }
+}
+
+/// Adds `source`'s reply with `verdict` to saga command `command` to the outbox, inside the
+/// caller's transaction (nothing for [`Verdict::Later`]).
+pub async fn answer(tx: &mut Tx<'_>, command: &Envelope, source: &str, verdict: Verdict) -> Result<(), HandlerError> {
+    let header = CommandHeader::of(command)?;
+    if let Some((topic, reply)) = header.reply(command, source, verdict) {
+        outbox::add(tx, &topic, &reply).await?;
+    }
+    Ok(())
+}
+
+/// A saga participant: acts on the commands it receives and says what came of each.
+pub trait Participant: Send + Sync + 'static {
+    /// Acts on `command` inside the consumer's transaction. Must be idempotent by business
+    /// key: a redelivered command answers as the first did.
+    fn act<'a>(
+        &'a self,
+        tx: &'a mut Tx<'static>,
+        command: &'a Envelope,
+    ) -> BoxFuture<'a, Result<Verdict, HandlerError>>;
+}
+
+/// Runs a [`Participant`] as a consumer handler: reads the command, acts, and replies in the
+/// same transaction.
+pub struct Participates<P> {
+    /// The replying service (the reply's `source`).
+    pub source: &'static str,
+    /// The participant.
+    pub participant: P,
+}
+
+impl<P: Participant> Handler for Participates<P> {
+    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            // A command without a saga header is poison before anything is done.
+            CommandHeader::of(event)?;
+            let verdict = self.participant.act(tx, event).await?;
+            answer(tx, event, self.source, verdict).await
+        })
     }
 }
 
 /// A saga's definition and the hooks that tie it to the orchestrator's data.
 pub trait SagaFlow: Send + Sync + 'static {
+    /// The steps.
+    type Step: SagaStep;
+    /// What the steps share, stored as JSON with the saga.
+    type Context: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static;
     /// The flow's name, stored with each saga.
     fn kind(&self) -> &'static str;
     /// The steps, in execution order.
-    fn steps(&self) -> &[Step];
-    /// The payload of a remote step's command from the saga's context (the engine adds
-    /// the [`CommandHeader`] fields).
-    fn command(&self, step: &Step, compensation: bool, context: &Value) -> Value;
-    /// Runs a local step inside the orchestrator's transaction; `Ok(Err(reason))` fails it.
-    fn local<'a>(
+    fn steps(&self) -> &[Step<Self::Step>];
+    /// The payload of `step`'s command (the engine adds the [`CommandHeader`] fields), or
+    /// what the context lacks for it.
+    fn command(&self, step: Self::Step, compensation: bool, context: &Self::Context) -> Result<Value, String>;
+    /// Records what a successful `step` reported in the context, or says why it does not fit.
+    fn record(&self, step: Self::Step, context: &mut Self::Context, data: Value) -> Result<(), String>;
+    /// Called in the same transaction when the saga reaches a final status.
+    fn finished<'a>(
         &'a self,
         tx: &'a mut Tx<'static>,
-        step: &'a Step,
-        saga: &'a SagaState,
-    ) -> BoxFuture<'a, Result<Result<(), String>, HandlerError>>;
-    /// Called in the same transaction when the saga reaches a final status.
-    fn finished<'a>(&'a self, tx: &'a mut Tx<'static>, saga: &'a SagaState) -> BoxFuture<'a, Result<(), HandlerError>>;
+        saga: &'a SagaState<Self::Context>,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
 }
 
 /// Runs sagas of one flow for an orchestrator.
-pub struct SagaEngine {
-    flow: Arc<dyn SagaFlow>,
+pub struct SagaEngine<F: SagaFlow> {
+    flow: F,
     outbox: Outbox,
     source: &'static str,
     reply_topic: String,
     reply_type: String,
 }
 
-impl SagaEngine {
+impl<F: SagaFlow> SagaEngine<F> {
     /// An engine for `flow` whose participants reply on `reply_topic` with `reply_type` events.
     pub fn new(
-        flow: Arc<dyn SagaFlow>,
+        flow: F,
         outbox: Outbox,
         source: &'static str,
         reply_topic: impl Into<String>,
         reply_type: impl Into<String>,
-    ) -> SagaEngine {
+    ) -> SagaEngine<F> {
         SagaEngine {
             flow,
             outbox,
@@ -297,9 +372,9 @@ impl SagaEngine {
         &self,
         tx: &mut Tx<'static>,
         id: &str,
-        context: Value,
+        context: F::Context,
         correlation_id: &str,
-    ) -> Result<SagaState, HandlerError> {
+    ) -> Result<SagaState<F::Context>, HandlerError> {
         self.start_traced(tx, id, context, correlation_id, None).await
     }
 
@@ -309,10 +384,10 @@ impl SagaEngine {
         &self,
         tx: &mut Tx<'static>,
         id: &str,
-        context: Value,
+        context: F::Context,
         correlation_id: &str,
         traceparent: Option<&str>,
-    ) -> Result<SagaState, HandlerError> {
+    ) -> Result<SagaState<F::Context>, HandlerError> {
         let now = now_millis();
         let mut state = SagaState {
             id: id.to_string(),
@@ -334,7 +409,7 @@ impl SagaEngine {
         .bind(id)
         .bind(self.flow.kind())
         .bind(SagaStatus::Running.as_str())
-        .bind(state.context.to_string())
+        .bind(context_json(&state.context)?)
         .bind(correlation_id)
         .bind(traceparent)
         .bind(now)
@@ -353,7 +428,7 @@ impl SagaEngine {
             tracing::warn!(saga = %reply.saga_id, "reply for an unknown saga ignored");
             return Ok(());
         };
-        let current = self.step_name(state.step);
+        let current = self.step_at(state.step);
         let expected_phase = match state.status {
             SagaStatus::Running => false,
             SagaStatus::Compensating => true,
@@ -361,15 +436,23 @@ impl SagaEngine {
                 return Ok(());
             }
         };
-        if current != Some(reply.step.as_str()) || reply.compensation != expected_phase {
+        let Some(step) = current.filter(|s| s.step.name() == reply.step && reply.compensation == expected_phase) else {
             history(tx, &state.id, &reply.step, "ignored a late or duplicate reply").await?;
             return Ok(());
-        }
+        };
+        let step = step.step;
         metrics::counter!("bazaar_saga_replies_total", "saga" => self.flow.kind(), "ok" => reply.ok.to_string())
             .increment(1);
         match (state.status, reply.ok) {
             (SagaStatus::Running, true) => {
-                merge(&mut state.context, &reply.data);
+                self.flow.record(step, &mut state.context, reply.data).map_err(|e| {
+                    HandlerError::Poison(format!(
+                        "{} saga {}: the {} reply does not fit: {e}",
+                        self.flow.kind(),
+                        state.id,
+                        step.name()
+                    ))
+                })?;
                 history(tx, &state.id, &reply.step, "done").await?;
                 state.step += 1;
                 state.attempts = 0;
@@ -411,7 +494,7 @@ impl SagaEngine {
                 )
                 .await?;
                 // Resent by the timer after a backoff, or marked stuck when out of attempts.
-                state.deadline = Some(now_millis() + backoff(state.attempts).as_millis() as i64);
+                state.deadline = Some(now_millis() + RESEND_BACKOFF.delay(state.attempts).as_millis() as i64);
             }
         }
         self.save(tx, &state).await
@@ -455,19 +538,16 @@ impl SagaEngine {
         Ok(true)
     }
 
-    async fn on_deadline(&self, tx: &mut Tx<'static>, state: &mut SagaState) -> Result<(), HandlerError> {
-        let Some(step) = usize::try_from(state.step)
-            .ok()
-            .and_then(|i| self.flow.steps().get(i))
-            .cloned()
-        else {
+    async fn on_deadline(&self, tx: &mut Tx<'static>, state: &mut SagaState<F::Context>) -> Result<(), HandlerError> {
+        let Some(step) = self.step_at(state.step).cloned() else {
             return Ok(());
         };
+        let name = step.step.name();
         let compensating = state.status == SagaStatus::Compensating;
-        // A remote step with nothing to undo is the pivot: once sent it may have acted, and
+        // A step with nothing to undo is the pivot: once sent it may have acted, and
         // compensating earlier steps would leave its effect standing, so it is only retried
         // forward until it answers (a failure reply still turns the saga around).
-        let pivot = matches!(step.action, Action::Remote { compensate: None, .. });
+        let pivot = step.compensate.is_none();
         let limit = if compensating {
             COMPENSATION_ATTEMPTS
         } else if pivot {
@@ -479,22 +559,21 @@ impl SagaEngine {
             history(
                 tx,
                 &state.id,
-                step.name,
+                name,
                 &format!("no reply in time; resending (attempt {})", state.attempts + 1),
             )
             .await?;
-            metrics::counter!("bazaar_saga_retries_total", "saga" => self.flow.kind(), "step" => step.name)
-                .increment(1);
+            metrics::counter!("bazaar_saga_retries_total", "saga" => self.flow.kind(), "step" => name).increment(1);
             self.send(tx, state, &step, compensating, None).await?;
         } else if !compensating {
             // The participant may still act on a late command, so this step is compensated too.
-            history(tx, &state.id, step.name, "no reply after every attempt; compensating").await?;
-            state.error = Some(format!("{}: no reply after {} attempts", step.name, state.attempts));
+            history(tx, &state.id, name, "no reply after every attempt; compensating").await?;
+            state.error = Some(format!("{name}: no reply after {} attempts", state.attempts));
             state.status = SagaStatus::Compensating;
             state.attempts = 0;
             self.advance(tx, state, None).await?;
         } else {
-            history(tx, &state.id, step.name, "compensation kept failing; stuck").await?;
+            history(tx, &state.id, name, "compensation kept failing; stuck").await?;
             state.status = SagaStatus::Stuck;
             state.deadline = None;
             metrics::counter!("bazaar_saga_stuck_total", "saga" => self.flow.kind()).increment(1);
@@ -547,12 +626,12 @@ impl SagaEngine {
     }
 
     /// The saga `id`, if it exists.
-    pub async fn load(&self, id: &str) -> Result<Option<SagaState>, StoreError> {
+    pub async fn load(&self, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
         self.load_row(id).await
     }
 
     /// Up to `limit` sagas in `status`, most recently changed first (e.g. the stuck ones).
-    pub async fn list(&self, status: SagaStatus, limit: i64) -> Result<Vec<SagaState>, StoreError> {
+    pub async fn list(&self, status: SagaStatus, limit: i64) -> Result<Vec<SagaState<F::Context>>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {SAGA_COLUMNS} FROM saga WHERE status = $1 ORDER BY updated_at DESC LIMIT $2"
         ))
@@ -563,7 +642,7 @@ impl SagaEngine {
         rows.iter().map(from_row).collect()
     }
 
-    async fn load_row(&self, id: &str) -> Result<Option<SagaState>, StoreError> {
+    async fn load_row(&self, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
         let row = sqlx::query(&format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1"))
             .bind(id)
             .fetch_optional(self.outbox.store().pool())
@@ -612,10 +691,11 @@ impl SagaEngine {
 
     /// The name of step `step` of this flow, if there is one.
     pub fn step_name(&self, step: i64) -> Option<&'static str> {
-        usize::try_from(step)
-            .ok()
-            .and_then(|i| self.flow.steps().get(i))
-            .map(|s| s.name)
+        self.step_at(step).map(|s| s.step.name())
+    }
+
+    fn step_at(&self, step: i64) -> Option<&Step<F::Step>> {
+        usize::try_from(step).ok().and_then(|i| self.flow.steps().get(i))
     }
 
     /// Moves forward (or backward) through steps until one must wait for a reply or the
@@ -623,56 +703,34 @@ impl SagaEngine {
     async fn advance(
         &self,
         tx: &mut Tx<'static>,
-        state: &mut SagaState,
+        state: &mut SagaState<F::Context>,
         cause: Option<&Envelope>,
     ) -> Result<(), HandlerError> {
-        let steps = self.flow.steps();
         loop {
-            match state.status {
-                SagaStatus::Running => {
-                    let Some(step) = usize::try_from(state.step).ok().and_then(|i| steps.get(i)) else {
-                        state.status = SagaStatus::Completed;
-                        state.deadline = None;
-                        history(tx, &state.id, "-", "completed").await?;
-                        self.flow.finished(tx, state).await?;
-                        break;
-                    };
-                    match step.action {
-                        Action::Remote { .. } => {
-                            self.send(tx, state, step, false, cause).await?;
-                            break;
-                        }
-                        Action::Local => match self.flow.local(tx, step, state).await? {
-                            Ok(()) => {
-                                history(tx, &state.id, step.name, "done").await?;
-                                state.step += 1;
-                            }
-                            Err(reason) => {
-                                history(tx, &state.id, step.name, &format!("failed: {reason}; compensating")).await?;
-                                state.error = Some(format!("{}: {reason}", step.name));
-                                state.status = SagaStatus::Compensating;
-                                state.step -= 1;
-                            }
-                        },
-                    }
+            let step = self.step_at(state.step).cloned();
+            match (state.status, step) {
+                (SagaStatus::Running, Some(step)) => {
+                    self.send(tx, state, &step, false, cause).await?;
+                    break;
                 }
-                SagaStatus::Compensating => {
-                    let Some(step) = usize::try_from(state.step).ok().and_then(|i| steps.get(i)) else {
-                        state.status = SagaStatus::Compensated;
-                        state.deadline = None;
-                        history(tx, &state.id, "-", "compensated").await?;
-                        self.flow.finished(tx, state).await?;
-                        break;
-                    };
-                    match step.action {
-                        Action::Remote {
-                            compensate: Some(_), ..
-                        } => {
-                            self.send(tx, state, step, true, cause).await?;
-                            break;
-                        }
-                        _ => state.step -= 1,
-                    }
+                (SagaStatus::Running, None) => {
+                    state.status = SagaStatus::Completed;
+                    state.deadline = None;
+                    history(tx, &state.id, "-", "completed").await?;
+                    self.flow.finished(tx, state).await?;
+                    break;
+                }
+                (SagaStatus::Compensating, Some(step)) if step.compensate.is_some() => {
+                    self.send(tx, state, &step, true, cause).await?;
+                    break;
+                }
+                (SagaStatus::Compensating, Some(_)) => state.step -= 1,
+                (SagaStatus::Compensating, None) => {
+                    state.status = SagaStatus::Compensated;
+                    state.deadline = None;
+                    history(tx, &state.id, "-", "compensated").await?;
+                    self.flow.finished(tx, state).await?;
+                    break;
                 }
                 _ => break,
             }
@@ -686,28 +744,29 @@ impl SagaEngine {
     async fn send(
         &self,
         tx: &mut Tx<'static>,
-        state: &mut SagaState,
-        step: &Step,
+        state: &mut SagaState<F::Context>,
+        step: &Step<F::Step>,
         compensation: bool,
         cause: Option<&Envelope>,
     ) -> Result<(), HandlerError> {
-        let Action::Remote {
-            topic,
-            execute,
-            compensate,
-        } = step.action
-        else {
-            return Ok(());
+        let event_type = match (compensation, step.compensate) {
+            (true, Some(compensate)) => compensate,
+            _ => step.execute,
         };
-        let event_type = if compensation {
-            compensate.unwrap_or(execute)
-        } else {
-            execute
-        };
-        let mut payload = self.flow.command(step, compensation, &state.context);
+        let mut payload = self
+            .flow
+            .command(step.step, compensation, &state.context)
+            .map_err(|e| {
+                HandlerError::Poison(format!(
+                    "{} saga {}: cannot build the {} command: {e}",
+                    self.flow.kind(),
+                    state.id,
+                    step.step.name()
+                ))
+            })?;
         let header = CommandHeader {
             saga_id: state.id.clone(),
-            step: step.name.to_string(),
+            step: step.step.name().to_string(),
             compensation,
             reply_to: self.reply_topic.clone(),
             reply_type: self.reply_type.clone(),
@@ -725,11 +784,11 @@ impl SagaEngine {
             },
         };
         let command = Envelope::new(event_type, &state.id, payload, metadata);
-        self.outbox.add(tx, topic, &command).await?;
+        self.outbox.add(tx, step.topic, &command).await?;
         state.command_id = Some(command.event_id.to_string());
         state.attempts += 1;
         let wait = if state.attempts > 1 {
-            step.timeout + backoff(state.attempts)
+            step.timeout + RESEND_BACKOFF.delay(state.attempts)
         } else {
             step.timeout
         };
@@ -737,7 +796,7 @@ impl SagaEngine {
         Ok(())
     }
 
-    async fn lock(&self, tx: &mut Tx<'static>, id: &str) -> Result<Option<SagaState>, StoreError> {
+    async fn lock(&self, tx: &mut Tx<'static>, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
         let sql = match self.outbox.store().dialect() {
             Dialect::Postgres => format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1 FOR UPDATE"),
             Dialect::Sqlite => format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1"),
@@ -746,14 +805,14 @@ impl SagaEngine {
         row.map(|r| from_row(&r)).transpose()
     }
 
-    async fn save(&self, tx: &mut Tx<'static>, state: &SagaState) -> Result<(), HandlerError> {
+    async fn save(&self, tx: &mut Tx<'static>, state: &SagaState<F::Context>) -> Result<(), HandlerError> {
         sqlx::query(
             "UPDATE saga SET status = $1, step = $2, context = $3, attempts = $4, deadline = $5, error = $6, updated_at = $7,
              command_id = $9 WHERE id = $8",
         )
         .bind(state.status.as_str())
         .bind(state.step)
-        .bind(state.context.to_string())
+        .bind(context_json(&state.context)?)
         .bind(state.attempts as i64)
         .bind(state.deadline)
         .bind(state.error.clone())
@@ -770,7 +829,12 @@ impl SagaEngine {
 const SAGA_COLUMNS: &str =
     "id, kind, status, step, context, correlation_id, traceparent, attempts, command_id, deadline, error";
 
-fn from_row(r: &sqlx::any::AnyRow) -> Result<SagaState, StoreError> {
+/// The context as stored.
+fn context_json(context: &impl Serialize) -> Result<String, HandlerError> {
+    serde_json::to_string(context).map_err(|e| HandlerError::Poison(format!("saga context does not serialise: {e}")))
+}
+
+fn from_row<C: DeserializeOwned>(r: &sqlx::any::AnyRow) -> Result<SagaState<C>, StoreError> {
     let context: String = r.try_get("context")?;
     Ok(SagaState {
         id: r.try_get("id")?,
@@ -798,37 +862,5 @@ async fn history(tx: &mut Tx<'static>, saga: &str, step: &str, entry: &str) -> R
     Ok(())
 }
 
-/// Extra wait before a resend: 500 ms doubling, capped at 30 s.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((500u64 << attempt.min(6)).min(30_000))
-}
-
-/// Merges the object `data` into the object `context`.
-fn merge(context: &mut Value, data: &Value) {
-    if let (Some(ctx), Some(data)) = (context.as_object_mut(), data.as_object()) {
-        ctx.extend(data.clone());
-    } else if context.is_null() {
-        *context = Value::Object(Map::new());
-        merge(context, data);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replies_merge_into_context() {
-        let mut ctx = serde_json::json!({"a": 1});
-        merge(&mut ctx, &serde_json::json!({"b": 2, "a": 3}));
-        assert_eq!(ctx, serde_json::json!({"a": 3, "b": 2}));
-        merge(&mut ctx, &Value::Null);
-        assert_eq!(ctx["b"], 2);
-    }
-
-    #[test]
-    fn backoff_is_capped() {
-        assert!(backoff(1) < backoff(2));
-        assert_eq!(backoff(20), Duration::from_secs(30));
-    }
-}
+/// Extra wait before a resend or a compensation retry: 500 ms doubling, capped at 30 s.
+const RESEND_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));

@@ -131,7 +131,7 @@ impl std::fmt::Display for StoreUrl {
 
 /// One versioned schema change. Write `sql` for SQLite: on PostgreSQL the store turns
 /// `INTEGER PRIMARY KEY AUTOINCREMENT` into `BIGSERIAL PRIMARY KEY`, the one difference our
-/// schemas meet; `postgres` replaces the text entirely where more differs.
+/// schemas meet.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
     /// Strictly increasing version number.
@@ -140,19 +140,12 @@ pub struct Migration {
     pub name: &'static str,
     /// SQL for both engines (statements separated by `;`).
     pub sql: &'static str,
-    /// SQL for PostgreSQL when it differs.
-    pub postgres: Option<&'static str>,
 }
 
 impl Migration {
     /// A migration whose SQL runs unchanged on both engines.
     pub const fn new(version: i64, name: &'static str, sql: &'static str) -> Self {
-        Migration {
-            version,
-            name,
-            sql,
-            postgres: None,
-        }
+        Migration { version, name, sql }
     }
 }
 
@@ -264,10 +257,9 @@ impl Store {
                 tx.rollback().await?;
                 continue;
             }
-            let sql = match (self.dialect, m.postgres) {
-                (Dialect::Postgres, Some(pg)) => pg.to_string(),
-                (Dialect::Postgres, None) => m.sql.replace(SQLITE_ROWID, POSTGRES_SERIAL),
-                (Dialect::Sqlite, _) => m.sql.to_string(),
+            let sql = match self.dialect {
+                Dialect::Postgres => m.sql.replace(SQLITE_ROWID, POSTGRES_SERIAL),
+                Dialect::Sqlite => m.sql.to_string(),
             };
             sqlx::raw_sql(&sql)
                 .execute(&mut *tx)

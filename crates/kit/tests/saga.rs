@@ -26,13 +26,17 @@ use bazaar_kit::{
     consumer::HandlerError,
     envelope::Envelope,
     outbox::{self, Outbox},
-    saga::{self, Action, CommandHeader, SagaEngine, SagaFlow, SagaState, SagaStatus, Step, COMPENSATION_ATTEMPTS},
+    saga::{
+        self, CommandHeader, SagaEngine, SagaFlow, SagaState, SagaStatus, SagaStep, Step, Verdict,
+        COMPENSATION_ATTEMPTS,
+    },
     shutdown,
     store::{now_millis, Store, Tx},
     testing::TestDb,
 };
 use futures_util::future::BoxFuture;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
 use sqlx::Row;
 use tokio::time::Instant;
 
@@ -43,57 +47,91 @@ const MAX_ATTEMPTS: u32 = 2;
 /// The kind the test flow stores with each saga.
 const KIND: &str = "test";
 
-/// Three remote steps: A and B can be undone, C cannot.
+/// The test flow's steps: A and B can be undone, C cannot (the pivot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TestStep {
+    A,
+    B,
+    C,
+}
+
+impl SagaStep for TestStep {
+    fn name(self) -> &'static str {
+        match self {
+            TestStep::A => "A",
+            TestStep::B => "B",
+            TestStep::C => "C",
+        }
+    }
+}
+
+/// The saga's id and whatever the steps reported, merged key by key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TestContext {
+    order_id: String,
+    #[serde(flatten)]
+    reported: Map<String, Value>,
+}
+
+/// Three steps: A and B can be undone, C cannot.
 struct TestFlow {
-    steps: Vec<Step>,
+    steps: Vec<Step<TestStep>>,
 }
 
 impl TestFlow {
     fn new() -> TestFlow {
-        let remote = |name, topic, execute, compensate| Step {
-            name,
-            action: Action::Remote {
-                topic,
-                execute,
-                compensate,
-            },
+        let remote = |step, topic, execute, compensate| Step {
+            step,
+            topic,
+            execute,
+            compensate,
             timeout: TIMEOUT,
             max_attempts: MAX_ATTEMPTS,
         };
         TestFlow {
             steps: vec![
-                remote("A", "a", "a.do", Some("a.undo")),
-                remote("B", "b", "b.do", Some("b.undo")),
-                remote("C", "c", "c.do", None),
+                remote(TestStep::A, "a", "a.do", Some("a.undo")),
+                remote(TestStep::B, "b", "b.do", Some("b.undo")),
+                remote(TestStep::C, "c", "c.do", None),
             ],
         }
     }
 }
 
 impl SagaFlow for TestFlow {
+    type Step = TestStep;
+    type Context = TestContext;
+
     fn kind(&self) -> &'static str {
         KIND
     }
 
-    fn steps(&self) -> &[Step] {
+    fn steps(&self) -> &[Step<TestStep>] {
         &self.steps
     }
 
-    fn command(&self, _step: &Step, _compensation: bool, context: &Value) -> Value {
-        json!({ "orderId": context["orderId"] })
+    fn command(&self, _step: TestStep, _compensation: bool, context: &TestContext) -> Result<Value, String> {
+        Ok(json!({ "orderId": context.order_id }))
     }
 
-    fn local<'a>(
-        &'a self,
-        _tx: &'a mut Tx<'static>,
-        _step: &'a Step,
-        _saga: &'a SagaState,
-    ) -> BoxFuture<'a, Result<Result<(), String>, HandlerError>> {
-        Box::pin(async { Ok(Ok(())) })
+    /// Keeps an object's keys; anything else does not fit.
+    fn record(&self, _step: TestStep, context: &mut TestContext, data: Value) -> Result<(), String> {
+        match data {
+            Value::Object(map) => {
+                context.reported.extend(map);
+                Ok(())
+            }
+            other => Err(format!("expected an object, got {other}")),
+        }
     }
 
     /// Records each final status in order, so a test sees how often the hook ran and with what.
-    fn finished<'a>(&'a self, tx: &'a mut Tx<'static>, saga: &'a SagaState) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn finished<'a>(
+        &'a self,
+        tx: &'a mut Tx<'static>,
+        saga: &'a SagaState<TestContext>,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             sqlx::query(
                 "INSERT INTO saga_finished (n, saga_id, status, error)
@@ -130,7 +168,7 @@ impl Command {
 /// The orchestrator's side of a case: its store and an engine on it.
 struct Orchestrator {
     store: Store,
-    engine: Arc<SagaEngine>,
+    engine: Arc<SagaEngine<TestFlow>>,
 }
 
 impl Orchestrator {
@@ -147,7 +185,7 @@ impl Orchestrator {
         .await
         .expect("create the finished table");
         let engine = SagaEngine::new(
-            Arc::new(TestFlow::new()),
+            TestFlow::new(),
             Outbox::new(store.clone()),
             "orders",
             "replies",
@@ -159,18 +197,26 @@ impl Orchestrator {
         }
     }
 
-    async fn start(&self, id: &str) -> SagaState {
+    async fn start(&self, id: &str) -> SagaState<TestContext> {
         let mut tx = self.store.begin().await.expect("begin");
         let state = self
             .engine
-            .start(&mut tx, id, json!({ "orderId": id }), "corr")
+            .start(
+                &mut tx,
+                id,
+                TestContext {
+                    order_id: id.to_string(),
+                    reported: Map::new(),
+                },
+                "corr",
+            )
             .await
             .expect("start the saga");
         tx.commit().await.expect("commit the start");
         state
     }
 
-    async fn state(&self, id: &str) -> SagaState {
+    async fn state(&self, id: &str) -> SagaState<TestContext> {
         self.engine.load(id).await.expect("load").expect("the saga exists")
     }
 
@@ -202,7 +248,7 @@ impl Orchestrator {
 
     /// Answers `command` as its participant would and returns the reply, for redelivery.
     async fn answer(&self, command: &Command, result: Result<Value, String>) -> Envelope {
-        let (topic, reply) = command.header.reply(&command.envelope, "participant", result);
+        let (topic, reply) = reply(command, result);
         assert_eq!(topic, "replies");
         self.deliver(&reply).await;
         reply
@@ -270,7 +316,19 @@ async fn commands(store: &Store) -> Vec<Command> {
         .collect()
 }
 
-async fn deliver(store: &Store, engine: &SagaEngine, reply: &Envelope) {
+/// The participant's reply to `command`: done with the data, or refused for the reason.
+fn reply(command: &Command, result: Result<Value, String>) -> (String, Envelope) {
+    let verdict = match result {
+        Ok(data) => Verdict::Done(data),
+        Err(reason) => Verdict::Refused(reason),
+    };
+    command
+        .header
+        .reply(&command.envelope, "participant", verdict)
+        .expect("an answer now")
+}
+
+async fn deliver(store: &Store, engine: &SagaEngine<TestFlow>, reply: &Envelope) {
     let mut tx = store.begin().await.expect("begin");
     engine.on_reply(&mut tx, reply).await.expect("handle the reply");
     tx.commit().await.expect("commit the reply");
@@ -282,7 +340,7 @@ fn count(sent: &[String], event_type: &str) -> usize {
 }
 
 /// The whole saga row as a user would see it, for "nothing changed" comparisons.
-fn snapshot(state: &SagaState) -> Value {
+fn snapshot(state: &SagaState<TestContext>) -> Value {
     serde_json::to_value(state).expect("a saga state serialises")
 }
 
@@ -308,7 +366,10 @@ async fn all_steps_succeed(db: &Db) {
     assert_eq!(saga.status, SagaStatus::Completed);
     assert_eq!(saga.deadline, None, "a finished saga waits for nothing");
     assert_eq!(saga.error, None);
-    assert_eq!(saga.context, json!({"orderId": "s1", "a": 1, "b": "two", "c": [3]}));
+    assert_eq!(
+        json!(saga.context),
+        json!({"orderId": "s1", "a": 1, "b": "two", "c": [3]})
+    );
     assert_eq!(o.finished("s1").await, ["completed"]);
     assert_eq!(o.sent("s1").await, ["a.do", "b.do", "c.do"]);
 
@@ -405,7 +466,7 @@ async fn duplicate_and_late_replies_change_nothing(db: &Db) {
     let a_ok = o.answer(&a, Ok(json!({}))).await;
     let b = o.last_command("s4").await;
     let b_failed = o.answer(&b, Err("no stock".into())).await;
-    let (_, b_late_ok) = b.header.reply(&b.envelope, "participant", Ok(json!({"b": 1})));
+    let (_, b_late_ok) = reply(&b, Ok(json!({"b": 1})));
     let compensating = snapshot(&o.state("s4").await);
     assert_eq!(compensating["status"], "compensating");
     let outbox_before = o.commands().await.len();
@@ -593,7 +654,7 @@ async fn killed_orchestrator_resumes_from_its_store(db: &Db) {
     let a = o.last_command("s7").await;
 
     // Killed while handling A's reply, before the commit.
-    let (_, a_ok) = a.header.reply(&a.envelope, "participant", Ok(json!({"a": 1})));
+    let (_, a_ok) = reply(&a, Ok(json!({"a": 1})));
     {
         let mut tx = o.store.begin().await.expect("begin");
         o.engine.on_reply(&mut tx, &a_ok).await.expect("handle the reply");
@@ -622,7 +683,7 @@ async fn killed_orchestrator_resumes_from_its_store(db: &Db) {
 
     let saga = o.state("s7").await;
     assert_eq!(saga.status, SagaStatus::Completed);
-    assert_eq!(saga.context, json!({"orderId": "s7", "a": 1, "b": 2, "c": 3}));
+    assert_eq!(json!(saga.context), json!({"orderId": "s7", "a": 1, "b": 2, "c": 3}));
     assert_eq!(o.finished("s7").await, ["completed"]);
     tokio::time::sleep(TIMEOUT * 2).await;
     assert_eq!(o.tick().await, 0);

@@ -26,6 +26,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+use bazaar::roles::{self, store_url_var};
 use bazaar_kit::store::{now_millis, Migration, Store};
 use clap::Args;
 use sqlx::Row;
@@ -60,9 +61,6 @@ pub struct SagaBenchArgs {
 
 /// Prices of the products `bazaar load` creates, in the same order.
 const PRICES: [i64; 4] = [250, 399, 1000, 1250];
-
-/// The roles that own a store, as they appear in `BAZAAR_<ROLE>_STORE_URL`.
-const STORE_ROLES: [&str; 5] = ["USERS", "INVENTORY", "ORDERS", "PAYMENTS", "NOTIFICATIONS"];
 
 /// What one saga variant measured.
 struct SagaRun {
@@ -234,9 +232,9 @@ async fn saga_on_postgres_and_nats(
     };
     let result = async {
         let mut env = Vec::new();
-        for role in STORE_ROLES {
-            let url = dbs.create(&role.to_lowercase()).await?;
-            env.push((format!("BAZAAR_{role}_STORE_URL"), url));
+        for (_, spec) in roles::services() {
+            let url = dbs.create(spec.name).await?;
+            env.push((store_url_var(spec.name), url));
         }
         let namespace = format!("bench{}", uuid::Uuid::now_v7().simple());
         env.push(("BAZAAR_BROKER_URL".to_string(), with_namespace(nats, &namespace)));
@@ -347,22 +345,21 @@ struct System {
     data: PathBuf,
     base: u16,
     log: PathBuf,
-    /// Set for `up` and `audit` after [`FOREIGN_ENV`] is removed: stores and broker.
+    /// Set for `up` and `audit` after [`foreign_env`] is removed: stores and broker.
     env: Vec<(String, String)>,
 }
 
 /// Variables that could point `up` at someone else's stores, broker or config.
-const FOREIGN_ENV: &[&str] = &[
-    "BAZAAR_BROKER_URL",
-    "BAZAAR_STORE_URL",
-    "BAZAAR_LISTEN",
-    "BAZAAR_GATEWAY_CONFIG",
-    "BAZAAR_USERS_STORE_URL",
-    "BAZAAR_INVENTORY_STORE_URL",
-    "BAZAAR_ORDERS_STORE_URL",
-    "BAZAAR_PAYMENTS_STORE_URL",
-    "BAZAAR_NOTIFICATIONS_STORE_URL",
-];
+fn foreign_env() -> Vec<String> {
+    let common = [
+        "BAZAAR_BROKER_URL",
+        "BAZAAR_STORE_URL",
+        "BAZAAR_LISTEN",
+        "BAZAAR_GATEWAY_CONFIG",
+    ];
+    let stores = roles::services().map(|(_, spec)| store_url_var(spec.name));
+    common.into_iter().map(String::from).chain(stores).collect()
+}
 
 impl System {
     async fn start(data: &Path, log: &Path, env: Vec<(String, String)>) -> anyhow::Result<System> {
@@ -378,7 +375,7 @@ impl System {
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
             .kill_on_drop(true);
-        for var in FOREIGN_ENV {
+        for var in foreign_env() {
             cmd.env_remove(var);
         }
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
@@ -427,8 +424,8 @@ impl System {
     async fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         let deadline = Instant::now() + Duration::from_secs(90);
-        for offset in [20u16, 21, 22, 23, 24, 25] {
-            let url = format!("http://127.0.0.1:{}/health", self.base + offset);
+        for role in roles::up_roles() {
+            let url = format!("http://127.0.0.1:{}/health", self.base + role.health_offset());
             loop {
                 if let Ok(r) = client.get(&url).send().await {
                     if r.status().is_success() {
@@ -452,7 +449,7 @@ impl System {
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
         cmd.args(["audit", "--wait", "30"]).env("BAZAAR_DATA", &self.data);
-        for var in FOREIGN_ENV {
+        for var in foreign_env() {
             cmd.env_remove(var);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -511,12 +508,12 @@ fn cpu_delta(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, 
         .collect()
 }
 
-/// A base port whose gateway, admin and service ports (base, base+20..=25) are all free.
+/// A base port whose every role's port (as `up` would take them) is free.
 fn free_base_port() -> anyhow::Result<u16> {
     let seed = uuid::Uuid::new_v4().as_u128() as u64;
     for i in 0..200u64 {
         let base = 20_000 + ((seed.wrapping_add(i * 7919)) % 1_300) as u16 * 30;
-        let free = [0u16, 20, 21, 22, 23, 24, 25]
+        let free = roles::port_offsets()
             .iter()
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
         if free {

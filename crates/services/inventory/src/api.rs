@@ -247,24 +247,31 @@ async fn restock(
     Json(body): Json<Restock>,
 ) -> Result<Json<Product>, Problem> {
     let id = parse_id(&id)?.to_string();
-    if body.delta == 0 || body.delta.abs() > MAX_STOCK {
+    // A range check, not `delta.abs()`: that overflows (a panic) for `i64::MIN`.
+    if body.delta == 0 || !(-MAX_STOCK..=MAX_STOCK).contains(&body.delta) {
         return Err(Problem::bad_request(format!(
             "delta must be non-zero and between -{MAX_STOCK} and {MAX_STOCK}"
         )));
     }
     let mut tx = rt.store.begin().await?;
-    let changed = sqlx::query("UPDATE product SET on_hand = on_hand + $1 WHERE id = $2 AND on_hand + $1 >= reserved")
-        .bind(body.delta)
-        .bind(&id)
-        .execute(&mut *tx)
-        .await?;
+    let changed = sqlx::query(
+        "UPDATE product SET on_hand = on_hand + $1 WHERE id = $2 AND on_hand + $1 >= reserved AND on_hand + $1 <= $3",
+    )
+    .bind(body.delta)
+    .bind(&id)
+    .bind(MAX_STOCK)
+    .execute(&mut *tx)
+    .await?;
     if changed.rows_affected() == 0 {
-        let exists = sqlx::query("SELECT 1 AS one FROM product WHERE id = $1")
+        let on_hand = sqlx::query("SELECT on_hand FROM product WHERE id = $1")
             .bind(&id)
             .fetch_optional(&mut *tx)
             .await?;
-        return Err(match exists {
+        return Err(match on_hand {
             None => Problem::not_found(format!("no product {id}")),
+            Some(row) if row.try_get::<i64, _>("on_hand")? + body.delta > MAX_STOCK => {
+                Problem::conflict(format!("that would leave more than {MAX_STOCK} units on hand"))
+            }
             Some(_) => Problem::conflict("that would leave fewer units on hand than are reserved"),
         });
     }

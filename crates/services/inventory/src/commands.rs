@@ -4,43 +4,77 @@ use std::collections::BTreeMap;
 
 use bazaar_contracts::{types, LineRequest, OrderRef, PricedLine, ReserveStock, Reserved};
 use bazaar_kit::{
-    consumer::{Handler, HandlerError},
+    consumer::HandlerError,
     envelope::Envelope,
-    outbox,
-    saga::CommandHeader,
-    store::{now_millis, Tx},
+    saga::{Participant, Verdict},
+    store::{now_millis, StoreError, Tx},
 };
 use futures_util::future::BoxFuture;
 use sqlx::Row;
 
-/// Handles `inventory.reserve`, `inventory.release` and `inventory.commit`.
+/// Answers `inventory.reserve`, `inventory.release` and `inventory.commit`.
 #[derive(Debug, Clone, Copy)]
 pub struct StockCommands;
 
-impl Handler for StockCommands {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+impl Participant for StockCommands {
+    fn act<'a>(
+        &'a self,
+        tx: &'a mut Tx<'static>,
+        command: &'a Envelope,
+    ) -> BoxFuture<'a, Result<Verdict, HandlerError>> {
         Box::pin(async move {
-            let header = CommandHeader::of(event)?;
-            let result = match event.event_type.as_str() {
-                types::RESERVE_STOCK => reserve(tx, event.payload_as()?).await?,
-                types::RELEASE_STOCK => release(tx, event.payload_as()?).await?,
-                types::COMMIT_STOCK => commit(tx, event.payload_as()?).await?,
-                other => return Err(HandlerError::Poison(format!("unknown command type `{other}`"))),
-            };
-            let (topic, reply) = header.reply(event, "inventory", result);
-            Ok(outbox::add(tx, &topic, &reply).await?)
+            match command.event_type.as_str() {
+                types::RESERVE_STOCK => reserve(tx, command.payload_as()?).await,
+                types::RELEASE_STOCK => release(tx, command.payload_as()?).await,
+                types::COMMIT_STOCK => commit(tx, command.payload_as()?).await,
+                other => Err(HandlerError::Poison(format!("unknown command type `{other}`"))),
+            }
         })
     }
 }
 
-type Reply = Result<serde_json::Value, String>;
+/// Where an order's reservation is; stored by name in `reservation.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationStatus {
+    /// The units are held for the order.
+    Reserved,
+    /// Refused (stock, product, currency); final for the order.
+    Rejected,
+    /// Given back, or released before any reserve arrived (a tombstone).
+    Released,
+    /// Sold: the units left the shelf.
+    Committed,
+}
+
+impl ReservationStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Reserved => "reserved",
+            ReservationStatus::Rejected => "rejected",
+            ReservationStatus::Released => "released",
+            ReservationStatus::Committed => "committed",
+        }
+    }
+
+    /// The status a stored name means.
+    pub fn parse(name: &str) -> Result<ReservationStatus, StoreError> {
+        Ok(match name {
+            "reserved" => ReservationStatus::Reserved,
+            "rejected" => ReservationStatus::Rejected,
+            "released" => ReservationStatus::Released,
+            "committed" => ReservationStatus::Committed,
+            other => return Err(StoreError::Corrupt(format!("unknown reservation status `{other}`"))),
+        })
+    }
+}
 
 /// Most units of one product one order may reserve.
 const MAX_UNITS: i64 = 1_000_000;
 
 /// An order's reservation row: status, priced lines (when reserved), reason (when refused).
 struct Reservation {
-    status: String,
+    status: ReservationStatus,
     priced: Option<String>,
     reason: Option<String>,
 }
@@ -52,7 +86,7 @@ async fn reservation(tx: &mut Tx<'static>, order: &str) -> Result<Option<Reserva
         .await?;
     Ok(match row {
         Some(r) => Some(Reservation {
-            status: r.try_get("status")?,
+            status: ReservationStatus::parse(&r.try_get::<String, _>("status")?)?,
             priced: r.try_get("priced")?,
             reason: r.try_get("reason")?,
         }),
@@ -61,53 +95,56 @@ async fn reservation(tx: &mut Tx<'static>, order: &str) -> Result<Option<Reserva
 }
 
 /// Reserves every line or none; repeats the first answer when asked again.
-async fn reserve(tx: &mut Tx<'static>, cmd: ReserveStock) -> Result<Reply, HandlerError> {
+async fn reserve(tx: &mut Tx<'static>, cmd: ReserveStock) -> Result<Verdict, HandlerError> {
     let order = cmd.order_id.to_string();
     match reservation(tx, &order).await? {
         Some(Reservation {
-            status,
+            status: ReservationStatus::Reserved | ReservationStatus::Committed,
             priced: Some(priced),
             ..
-        }) if status == "reserved" || status == "committed" => {
-            return Ok(Ok(serde_json::from_str(&priced).unwrap_or_default()));
+        }) => {
+            let priced = serde_json::from_str(&priced)
+                .map_err(|e| HandlerError::Poison(format!("reservation of order {order} is unreadable: {e}")))?;
+            return Ok(Verdict::Done(priced));
         }
         Some(Reservation { status, reason, .. }) => {
-            return Ok(Err(
-                reason.unwrap_or_else(|| format!("the reservation was already {status}"))
-            ));
+            return Ok(Verdict::Refused(reason.unwrap_or_else(|| {
+                format!("the reservation was already {}", status.as_str())
+            })));
         }
         None => {}
     }
-    let result = try_reserve(tx, &order, &cmd).await?;
-    if let Err(reason) = &result {
+    let verdict = try_reserve(tx, &order, &cmd).await?;
+    if let Verdict::Refused(reason) = &verdict {
         // A refusal is final for this order: a resent command gets the same answer even if
         // stock came back meanwhile, so no late reservation outlives its cancelled order.
-        sqlx::query("INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, 'rejected', $2, $3)")
+        sqlx::query("INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, $4, $2, $3)")
             .bind(&order)
             .bind(reason)
             .bind(now_millis())
+            .bind(ReservationStatus::Rejected.as_str())
             .execute(&mut **tx)
             .await?;
     }
-    Ok(result)
+    Ok(verdict)
 }
 
 /// Reserves every line or none, when nothing was decided for the order yet.
-async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> Result<Reply, HandlerError> {
+async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> Result<Verdict, HandlerError> {
     let now = now_millis();
     let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
     for LineRequest { product_id, quantity } in &cmd.lines {
         if *quantity <= 0 {
-            return Ok(Err(format!("quantity of {product_id} must be at least 1")));
+            return Ok(Verdict::Refused(format!("quantity of {product_id} must be at least 1")));
         }
         let sum = wanted.entry(product_id.to_string()).or_default();
         *sum = match sum.checked_add(*quantity) {
             Some(n) if n <= MAX_UNITS => n,
-            _ => return Ok(Err(format!("quantity of {product_id} is too large"))),
+            _ => return Ok(Verdict::Refused(format!("quantity of {product_id} is too large"))),
         };
     }
     if wanted.is_empty() {
-        return Ok(Err("an order needs at least one line".into()));
+        return Ok(Verdict::refused("an order needs at least one line"));
     }
     let mut priced = Vec::new();
     let mut currency: Option<String> = None;
@@ -117,18 +154,18 @@ async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> R
             .fetch_optional(&mut **tx)
             .await?;
         let Some(row) = row else {
-            return Ok(Err(format!("unknown product {product}")));
+            return Ok(Verdict::Refused(format!("unknown product {product}")));
         };
         let price: i64 = row.try_get("price_cents")?;
         let cur: String = row.try_get("currency")?;
         let available = row.try_get::<i64, _>("on_hand")? - row.try_get::<i64, _>("reserved")?;
         if available < *quantity {
-            return Ok(Err(format!(
+            return Ok(Verdict::Refused(format!(
                 "insufficient stock for {product}: {available} available, {quantity} wanted"
             )));
         }
         if currency.get_or_insert_with(|| cur.clone()) != &cur {
-            return Ok(Err("all lines of an order must share one currency".into()));
+            return Ok(Verdict::refused("all lines of an order must share one currency"));
         }
         priced.push(PricedLine {
             product_id: product
@@ -144,18 +181,20 @@ async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> R
             .and_then(|line| sum.checked_add(line))
     });
     let Some(total) = total else {
-        return Ok(Err("the order's total is too large".into()));
+        return Ok(Verdict::refused("the order's total is too large"));
     };
     let reserved = Reserved {
         total_cents: total,
         priced_lines: priced,
-        currency: currency.unwrap_or_default(),
+        currency: currency.ok_or_else(|| HandlerError::Poison(format!("order {order} priced no line")))?,
     };
-    let data = serde_json::to_value(&reserved).unwrap_or_default();
-    sqlx::query("INSERT INTO reservation (order_id, status, priced, updated_at) VALUES ($1, 'reserved', $2, $3)")
+    let data = serde_json::to_value(&reserved)
+        .map_err(|e| HandlerError::Poison(format!("reservation of order {order} does not serialise: {e}")))?;
+    sqlx::query("INSERT INTO reservation (order_id, status, priced, updated_at) VALUES ($1, $4, $2, $3)")
         .bind(order)
         .bind(data.to_string())
         .bind(now)
+        .bind(ReservationStatus::Reserved.as_str())
         .execute(&mut **tx)
         .await?;
     for (product, quantity) in &wanted {
@@ -172,49 +211,55 @@ async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> R
             .await?;
     }
     metrics::counter!("bazaar_inventory_reservations_total").increment(1);
-    Ok(Ok(data))
+    Ok(Verdict::Done(data))
 }
 
 /// Releases a held reservation; leaves a tombstone when there is none yet.
-async fn release(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Reply, HandlerError> {
+async fn release(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Verdict, HandlerError> {
     let order = cmd.order_id.to_string();
-    match reservation(tx, &order).await?.map(|r| r.status).as_deref() {
+    match reservation(tx, &order).await?.map(|r| r.status) {
         None => {
-            sqlx::query("INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, 'released', 'released before reserved', $2)")
-                .bind(&order)
-                .bind(now_millis())
-                .execute(&mut **tx)
-                .await?;
-            Ok(Ok(serde_json::Value::Null))
+            sqlx::query(
+                "INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, $3, 'released before reserved', $2)",
+            )
+            .bind(&order)
+            .bind(now_millis())
+            .bind(ReservationStatus::Released.as_str())
+            .execute(&mut **tx)
+            .await?;
+            Ok(Verdict::done_empty())
         }
-        Some("reserved") => {
+        Some(ReservationStatus::Reserved) => {
             move_lines(tx, &order, "UPDATE product SET reserved = reserved - $1 WHERE id = $2").await?;
-            set_status(tx, &order, "released").await?;
-            Ok(Ok(serde_json::Value::Null))
+            set_status(tx, &order, ReservationStatus::Released).await?;
+            Ok(Verdict::done_empty())
         }
         // Nothing is held for a released or refused reservation.
-        Some("released") | Some("rejected") => Ok(Ok(serde_json::Value::Null)),
-        Some(other) => Ok(Err(format!("cannot release a {other} reservation"))),
+        Some(ReservationStatus::Released | ReservationStatus::Rejected) => Ok(Verdict::done_empty()),
+        Some(ReservationStatus::Committed) => Ok(Verdict::refused("cannot release a committed reservation")),
     }
 }
 
 /// Turns a reservation into a sale: the units leave the shelf.
-async fn commit(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Reply, HandlerError> {
+async fn commit(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Verdict, HandlerError> {
     let order = cmd.order_id.to_string();
-    match reservation(tx, &order).await?.map(|r| r.status).as_deref() {
-        Some("reserved") => {
+    match reservation(tx, &order).await?.map(|r| r.status) {
+        Some(ReservationStatus::Reserved) => {
             move_lines(
                 tx,
                 &order,
                 "UPDATE product SET reserved = reserved - $1, on_hand = on_hand - $1 WHERE id = $2",
             )
             .await?;
-            set_status(tx, &order, "committed").await?;
-            Ok(Ok(serde_json::Value::Null))
+            set_status(tx, &order, ReservationStatus::Committed).await?;
+            Ok(Verdict::done_empty())
         }
-        Some("committed") => Ok(Ok(serde_json::Value::Null)),
-        Some(other) => Ok(Err(format!("cannot commit a {other} reservation"))),
-        None => Ok(Err("no reservation for this order".into())),
+        Some(ReservationStatus::Committed) => Ok(Verdict::done_empty()),
+        Some(other) => Ok(Verdict::refused(format!(
+            "cannot commit a {} reservation",
+            other.as_str()
+        ))),
+        None => Ok(Verdict::refused("no reservation for this order")),
     }
 }
 
@@ -233,9 +278,9 @@ async fn move_lines(tx: &mut Tx<'static>, order: &str, sql: &str) -> Result<(), 
     Ok(())
 }
 
-async fn set_status(tx: &mut Tx<'static>, order: &str, status: &str) -> Result<(), HandlerError> {
+async fn set_status(tx: &mut Tx<'static>, order: &str, status: ReservationStatus) -> Result<(), HandlerError> {
     sqlx::query("UPDATE reservation SET status = $1, updated_at = $2 WHERE order_id = $3")
-        .bind(status)
+        .bind(status.as_str())
         .bind(now_millis())
         .bind(order)
         .execute(&mut **tx)

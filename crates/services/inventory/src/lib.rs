@@ -10,16 +10,17 @@ mod commands;
 
 use std::sync::Arc;
 
-use bazaar_contracts::{groups, topics};
+use bazaar_contracts::topics;
 use bazaar_kit::{
-    consumer::{self, ConsumerConfig},
     runtime::{RoleConfig, Runtime, ServiceError},
+    saga::Participates,
+    service::{PublicRoute, ServiceSpec},
     shutdown::Shutdown,
     store::Migration,
 };
 
 pub use api::router;
-pub use commands::StockCommands;
+pub use commands::{ReservationStatus, StockCommands};
 
 /// The inventory tables.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -55,12 +56,26 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             quantity BIGINT NOT NULL,
             PRIMARY KEY (order_id, product_id)
         );",
-    postgres: None,
 }];
+
+/// The inventory service: it answers stock commands; anyone may browse the catalogue.
+pub const SERVICE: ServiceSpec = ServiceSpec {
+    name: "inventory",
+    migrations: MIGRATIONS,
+    consumes: &[topics::INVENTORY_COMMANDS],
+    routes: &[
+        PublicRoute {
+            name: "products-browse",
+            methods: &["GET", "HEAD"],
+            ..PublicRoute::anyone("products")
+        },
+        PublicRoute::token("products"),
+    ],
+};
 
 /// Runs the inventory role until `shutdown`; `demo` adds a small catalogue to an empty store.
 pub async fn run(config: RoleConfig, demo: bool, shutdown: Shutdown) -> Result<(), ServiceError> {
-    let rt = Runtime::start("inventory", &config, MIGRATIONS, shutdown.clone()).await?;
+    let rt = Runtime::start(&SERVICE, &config, shutdown).await?;
     if demo {
         api::seed_demo(&rt).await?;
     }
@@ -72,14 +87,14 @@ pub async fn run(config: RoleConfig, demo: bool, shutdown: Shutdown) -> Result<(
         "bazaar_inventory_units_reserved",
         "SELECT CAST(COALESCE(SUM(reserved), 0) AS BIGINT) FROM product",
     );
-    let mut consumer = ConsumerConfig::new(groups::INVENTORY, topics::INVENTORY_COMMANDS);
+    let mut consumer = rt.consumer(topics::INVENTORY_COMMANDS);
     consumer.tasks = 2;
-    consumer::spawn(
-        rt.outbox.clone(),
-        rt.broker.clone(),
+    rt.consume(
         consumer,
-        Arc::new(StockCommands),
-        shutdown,
-    );
+        Arc::new(Participates {
+            source: SERVICE.name,
+            participant: StockCommands,
+        }),
+    )?;
     rt.serve(config.listen, router(rt.clone()), rt.health()).await
 }

@@ -55,12 +55,15 @@ impl Handler for Outcomes {
                     let phone = contact_phone(tx, &o).await?;
                     let confirmed = event.event_type == types::ORDER_CONFIRMED;
                     let (subject, body) = if confirmed {
+                        let currency = o.currency.as_deref().ok_or_else(|| {
+                            HandlerError::Poison(format!("confirmed order {} has no currency", o.order_id))
+                        })?;
                         (
                             format!("Order {} confirmed", o.order_id),
                             format!(
                                 "Your order {} is confirmed. We charged {}.\n",
                                 o.order_id,
-                                money(o.total_cents, &o.currency)
+                                money(o.total_cents, currency)
                             ),
                         )
                     } else {

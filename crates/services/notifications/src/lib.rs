@@ -14,10 +14,10 @@ mod events;
 
 use std::{path::PathBuf, sync::Arc};
 
-use bazaar_contracts::{groups, topics};
+use bazaar_contracts::topics;
 use bazaar_kit::{
-    consumer::{self, ConsumerConfig},
     runtime::{RoleConfig, Runtime, ServiceError},
+    service::{PublicRoute, ServiceSpec},
     shutdown::Shutdown,
     store::Migration,
 };
@@ -52,8 +52,15 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             email TEXT NOT NULL,
             phone TEXT
         );",
-    postgres: None,
 }];
+
+/// The notifications service: it hears outcomes and new users; what was sent needs a token.
+pub const SERVICE: ServiceSpec = ServiceSpec {
+    name: "notifications",
+    migrations: MIGRATIONS,
+    consumes: &[topics::ORDERS_EVENTS, topics::USERS_EVENTS],
+    routes: &[PublicRoute::token("notifications")],
+};
 
 /// Where mail goes.
 #[derive(Debug, Clone)]
@@ -81,22 +88,19 @@ pub enum SmsConfig {
 
 /// Runs the notifications role until `shutdown`.
 pub async fn run(config: RoleConfig, mail: MailConfig, sms: SmsConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
-    let rt = Runtime::start("notifications", &config, MIGRATIONS, shutdown.clone()).await?;
+    let rt = Runtime::start(&SERVICE, &config, shutdown.clone()).await?;
     let courier = Arc::new(Courier::new(mail, sms).map_err(|e| ServiceError::Config(e.to_string()))?);
-    for topic in [topics::ORDERS_EVENTS, topics::USERS_EVENTS] {
-        let mut config = ConsumerConfig::new(groups::NOTIFICATIONS, topic);
+    for topic in SERVICE.consumes {
+        let mut config = rt.consumer(topic);
         // An outcome waits for its customer's contact (from users.events, another topic);
         // give that lag ten minutes of retries before dead-lettering.
         config.max_attempts = 70;
-        consumer::spawn(
-            rt.outbox.clone(),
-            rt.broker.clone(),
-            config,
-            Arc::new(Outcomes),
-            shutdown.clone(),
-        );
+        rt.consume(config, Arc::new(Outcomes))?;
     }
-    courier::spawn_sender(rt.store.clone(), courier.clone(), shutdown);
+    rt.own(
+        "sender",
+        courier::spawn_sender(rt.store.clone(), courier.clone(), shutdown),
+    );
     let health = rt.health().check("delivery", {
         let courier = courier.clone();
         move || {

@@ -9,11 +9,11 @@ use axum::{
     Router,
 };
 use bazaar_contracts::LineRequest;
-use bazaar_kit::saga::SagaStatus;
+use bazaar_kit::saga::{SagaState, SagaStatus};
 use bazaar_kit::{
     auth::{AdminUser, AuthUser},
     http::{Json, Problem, RequestContext},
-    store::now_millis,
+    store::{now_millis, StoreError},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -21,7 +21,7 @@ use sqlx::Row;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-use crate::{saga::OrderContext, Orders};
+use crate::{saga::OrderContext, OrderStatus, Orders};
 
 /// The API routes.
 pub fn router(orders: Orders) -> Router {
@@ -50,7 +50,7 @@ struct PlaceOrder {
 struct Order {
     id: String,
     customer_id: String,
-    status: String,
+    status: OrderStatus,
     lines: serde_json::Value,
     total_cents: Option<i64>,
     currency: Option<String>,
@@ -59,7 +59,7 @@ struct Order {
     updated_at: String,
 }
 
-fn order(r: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
+fn order(r: &sqlx::any::AnyRow) -> Result<Order, StoreError> {
     let lines: String = r.try_get("lines")?;
     let time = |ms: i64| {
         chrono::DateTime::from_timestamp_millis(ms)
@@ -69,7 +69,7 @@ fn order(r: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
     Ok(Order {
         id: r.try_get("id")?,
         customer_id: r.try_get("customer_id")?,
-        status: r.try_get("status")?,
+        status: OrderStatus::parse(&r.try_get::<String, _>("status")?)?,
         lines: serde_json::from_str(&lines).unwrap_or_default(),
         total_cents: r.try_get("total_cents")?,
         currency: r.try_get("currency")?,
@@ -122,7 +122,7 @@ async fn place(
     let mut tx = store.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO orders (id, customer_id, email, status, lines, idempotency_key, version, created_at, updated_at)
-         VALUES ($1, $2, $3, 'pending', $4, $5, 1, $6, $6) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, $7, $4, $5, 1, $6, $6) ON CONFLICT DO NOTHING",
     )
     .bind(id.to_string())
     .bind(user.sub.to_string())
@@ -130,6 +130,7 @@ async fn place(
     .bind(&lines)
     .bind(key.clone())
     .bind(now)
+    .bind(OrderStatus::Pending.as_str())
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
@@ -140,20 +141,13 @@ async fn place(
             .ok_or_else(|| Problem::conflict("order could not be placed; retry"))?;
         return same_request(existing, &body.items);
     }
-    let context = OrderContext {
-        order_id: id,
-        customer_id: user.sub,
-        email: user.email.clone(),
-        lines: body.items,
-        total_cents: None,
-        currency: None,
-    };
+    let context = OrderContext::new(id, user.sub, user.email.clone(), body.items);
     orders
         .engine
         .start_traced(
             &mut tx,
             &id.to_string(),
-            json!(context),
+            context,
             &ctx.correlation_id,
             ctx.traceparent.as_deref(),
         )
@@ -275,7 +269,7 @@ async fn show(
             return Err(Problem::not_found(format!("no order {id}")));
         }
         match (until, notified.as_mut().as_pin_mut()) {
-            (Some(t), Some(n)) if found.status == "pending" && Instant::now() < t => {
+            (Some(t), Some(n)) if found.status == OrderStatus::Pending && Instant::now() < t => {
                 let _ = tokio::time::timeout(FALLBACK_READ.min(t.saturating_duration_since(Instant::now())), n).await;
             }
             _ => break found,
@@ -304,7 +298,7 @@ async fn sagas(
     State(orders): State<Orders>,
     _admin: AdminUser,
     Query(filter): Query<SagaFilter>,
-) -> Result<Json<Vec<bazaar_kit::saga::SagaState>>, Problem> {
+) -> Result<Json<Vec<SagaState<OrderContext>>>, Problem> {
     let name = filter.status.as_deref().unwrap_or("stuck");
     let status = SagaStatus::parse(name).map_err(|_| {
         Problem::bad_request(format!(

@@ -12,19 +12,22 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use bazaar_contracts::{groups, topics, types};
+use bazaar_contracts::{topics, types};
 use bazaar_kit::{
-    consumer::{self, ConsumerConfig, Handler, HandlerError},
+    consumer::{Handler, HandlerError},
     envelope::Envelope,
     runtime::{RoleConfig, Runtime, ServiceError},
     saga::SagaEngine,
+    service::{PublicRoute, ServiceSpec},
     shutdown::Shutdown,
-    store::{Migration, Tx},
+    store::{Migration, StoreError, Tx},
 };
 use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 pub use api::router;
+use saga::OrderSaga;
 
 /// The orders tables (the saga tables come from the kit).
 pub const MIGRATIONS: &[Migration] = &[
@@ -48,9 +51,49 @@ pub const MIGRATIONS: &[Migration] = &[
         );
         CREATE UNIQUE INDEX orders_idempotency ON orders (customer_id, idempotency_key);
         CREATE INDEX orders_customer ON orders (customer_id, created_at);",
-        postgres: None,
     },
 ];
+
+/// The orders service: it hears the saga's replies; its orders and sagas need a token.
+pub const SERVICE: ServiceSpec = ServiceSpec {
+    name: "orders",
+    migrations: MIGRATIONS,
+    consumes: &[topics::ORDER_SAGA_REPLIES],
+    routes: &[PublicRoute::token("orders"), PublicRoute::token("sagas")],
+};
+
+/// Where an order is; stored by name in `orders.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderStatus {
+    /// Placed; its saga is running.
+    Pending,
+    /// Reserved, paid and committed.
+    Confirmed,
+    /// Refused or undone; nothing charged.
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "pending",
+            OrderStatus::Confirmed => "confirmed",
+            OrderStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// The status a stored name means.
+    pub fn parse(name: &str) -> Result<OrderStatus, StoreError> {
+        Ok(match name {
+            "pending" => OrderStatus::Pending,
+            "confirmed" => OrderStatus::Confirmed,
+            "cancelled" => OrderStatus::Cancelled,
+            other => return Err(StoreError::Corrupt(format!("unknown order status `{other}`"))),
+        })
+    }
+}
 
 /// The orders role's shared state.
 #[derive(Clone)]
@@ -58,7 +101,7 @@ pub struct Orders {
     /// Store, outbox, broker, keys.
     pub rt: Runtime,
     /// The order saga's engine.
-    pub engine: Arc<SagaEngine>,
+    pub engine: Arc<SagaEngine<OrderSaga>>,
     /// Requests waiting for an order's outcome (`?waitFor=outcome`).
     pub waiters: Arc<Waiters>,
 }
@@ -121,9 +164,9 @@ impl Orders {
     /// The engine for `rt`'s store.
     pub fn new(rt: Runtime) -> Orders {
         let engine = SagaEngine::new(
-            Arc::new(saga::OrderSaga::new()),
+            OrderSaga::new(),
             rt.outbox.clone(),
-            "orders",
+            SERVICE.name,
             topics::ORDER_SAGA_REPLIES,
             types::ORDER_SAGA_REPLY,
         );
@@ -136,7 +179,7 @@ impl Orders {
 }
 
 /// Feeds participants' replies to the saga engine.
-struct Replies(Arc<SagaEngine>, Arc<Waiters>);
+struct Replies(Arc<SagaEngine<OrderSaga>>, Arc<Waiters>);
 
 impl Handler for Replies {
     fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -159,17 +202,13 @@ impl Handler for Replies {
 
 /// Runs the orders role until `shutdown`.
 pub async fn run(config: RoleConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
-    let rt = Runtime::start("orders", &config, MIGRATIONS, shutdown.clone()).await?;
+    let rt = Runtime::start(&SERVICE, &config, shutdown.clone()).await?;
     let orders = Orders::new(rt.clone());
-    let replies = ConsumerConfig::new(groups::ORDERS, topics::ORDER_SAGA_REPLIES);
-    consumer::spawn(
-        rt.outbox.clone(),
-        rt.broker.clone(),
-        replies,
+    rt.consume(
+        rt.consumer(topics::ORDER_SAGA_REPLIES),
         Arc::new(Replies(orders.engine.clone(), orders.waiters.clone())),
-        shutdown.clone(),
-    );
-    orders.engine.clone().spawn_timer(shutdown);
+    )?;
+    rt.own("saga timer", orders.engine.clone().spawn_timer(shutdown));
     let health = rt.health();
     rt.serve(config.listen, router(orders), health).await
 }

@@ -1,13 +1,18 @@
-//! The order saga: reserveInventory -> processPayment -> confirmOrder, compensating in reverse.
+//! The order saga: reserveInventory -> processPayment -> commitStock, compensating in
+//! reverse. Its steps are [`OrderStep`]; its context, [`OrderContext`], holds what the
+//! customer asked for and what each participant reported, typed, so the payment step can
+//! only charge what the reservation priced.
 
 use std::time::Duration;
 
-use bazaar_contracts::{topics, types, OrderOutcome, ProcessPayment, ReserveStock};
+use bazaar_contracts::{
+    topics, types, LineRequest, OrderOutcome, OrderRef, Paid, ProcessPayment, ReserveStock, Reserved,
+};
 use bazaar_kit::{
     consumer::HandlerError,
     envelope::{Envelope, Metadata},
     outbox,
-    saga::{Action, SagaFlow, SagaState, SagaStatus, Step},
+    saga::{SagaFlow, SagaState, SagaStatus, SagaStep, Step},
     store::{now_millis, Tx},
 };
 use futures_util::future::BoxFuture;
@@ -15,8 +20,31 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::OrderStatus;
+
+/// The steps of the order saga (DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderStep {
+    /// Inventory reserves every line or none, and prices them; undone by a release.
+    ReserveInventory,
+    /// Payments takes the reservation's total from the customer; undone by a refund.
+    ProcessPayment,
+    /// Inventory turns the reservation into a sale: the pivot, retried until it answers.
+    CommitStock,
+}
+
+impl SagaStep for OrderStep {
+    fn name(self) -> &'static str {
+        match self {
+            OrderStep::ReserveInventory => "reserveInventory",
+            OrderStep::ProcessPayment => "processPayment",
+            OrderStep::CommitStock => "commitStock",
+        }
+    }
+}
+
 /// What the order saga carries from step to step.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderContext {
     /// The order (also the saga id).
@@ -26,19 +54,33 @@ pub struct OrderContext {
     /// The customer's email, for the outcome notification.
     pub email: String,
     /// What was ordered.
-    pub lines: Vec<bazaar_contracts::LineRequest>,
-    /// Set by reserveInventory.
-    #[serde(default)]
-    pub total_cents: Option<i64>,
-    /// Set by reserveInventory.
-    #[serde(default)]
-    pub currency: Option<String>,
+    pub lines: Vec<LineRequest>,
+    /// What reserveInventory priced, once it has (its fields sit beside the others).
+    #[serde(flatten, default)]
+    pub reserved: Option<Reserved>,
+    /// The payment processPayment took, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_id: Option<Uuid>,
+}
+
+impl OrderContext {
+    /// The context of a new order, before any step ran.
+    pub fn new(order_id: Uuid, customer_id: Uuid, email: String, lines: Vec<LineRequest>) -> OrderContext {
+        OrderContext {
+            order_id,
+            customer_id,
+            email,
+            lines,
+            reserved: None,
+            payment_id: None,
+        }
+    }
 }
 
 /// The order saga's definition.
 #[derive(Debug)]
 pub struct OrderSaga {
-    steps: Vec<Step>,
+    steps: [Step<OrderStep>; 3],
 }
 
 impl Default for OrderSaga {
@@ -50,109 +92,141 @@ impl Default for OrderSaga {
 impl OrderSaga {
     /// The three steps of DESIGN.md.
     pub fn new() -> OrderSaga {
-        let step = |name, topic, execute, compensate| Step {
-            name,
-            action: Action::Remote {
-                topic,
-                execute,
-                compensate,
-            },
+        let step = |step, topic, execute, compensate| Step {
+            step,
+            topic,
+            execute,
+            compensate,
             timeout: Duration::from_secs(10),
             max_attempts: 3,
         };
         OrderSaga {
-            steps: vec![
+            steps: [
                 step(
-                    "reserveInventory",
+                    OrderStep::ReserveInventory,
                     topics::INVENTORY_COMMANDS,
                     types::RESERVE_STOCK,
                     Some(types::RELEASE_STOCK),
                 ),
                 step(
-                    "processPayment",
+                    OrderStep::ProcessPayment,
                     topics::PAYMENTS_COMMANDS,
                     types::PROCESS_PAYMENT,
                     Some(types::REFUND_PAYMENT),
                 ),
-                step("confirmOrder", topics::INVENTORY_COMMANDS, types::COMMIT_STOCK, None),
+                step(
+                    OrderStep::CommitStock,
+                    topics::INVENTORY_COMMANDS,
+                    types::COMMIT_STOCK,
+                    None,
+                ),
             ],
         }
     }
 }
 
-fn context(saga: &SagaState) -> Result<OrderContext, HandlerError> {
-    serde_json::from_value(saga.context.clone())
-        .map_err(|e| HandlerError::Poison(format!("order saga {} has a bad context: {e}", saga.id)))
+fn json(value: impl Serialize) -> Result<Value, String> {
+    serde_json::to_value(value).map_err(|e| e.to_string())
 }
 
 impl SagaFlow for OrderSaga {
+    type Step = OrderStep;
+    type Context = OrderContext;
+
     fn kind(&self) -> &'static str {
         "order"
     }
 
-    fn steps(&self) -> &[Step] {
+    fn steps(&self) -> &[Step<OrderStep>] {
         &self.steps
     }
 
-    fn command(&self, step: &Step, compensation: bool, ctx: &Value) -> Value {
-        let order_id = ctx.get("orderId").cloned().unwrap_or(Value::Null);
-        let by_order = || serde_json::json!({ "orderId": order_id });
-        match (step.name, compensation) {
-            ("reserveInventory", false) => match serde_json::from_value::<ReserveStock>(ctx.clone()) {
-                Ok(cmd) => serde_json::to_value(cmd).unwrap_or_default(),
-                Err(_) => by_order(),
-            },
-            ("processPayment", false) => {
-                let cmd = serde_json::from_value::<OrderContext>(ctx.clone()).map(|c| ProcessPayment {
-                    order_id: c.order_id,
-                    customer_id: c.customer_id,
-                    amount_cents: c.total_cents.unwrap_or(0),
-                    currency: c.currency.unwrap_or_else(|| "USD".into()),
-                });
-                cmd.ok()
-                    .and_then(|c| serde_json::to_value(c).ok())
-                    .unwrap_or_else(by_order)
+    fn command(&self, step: OrderStep, compensation: bool, ctx: &OrderContext) -> Result<Value, String> {
+        let by_order = OrderRef { order_id: ctx.order_id };
+        match (step, compensation) {
+            (OrderStep::ReserveInventory, false) => json(ReserveStock {
+                order_id: ctx.order_id,
+                lines: ctx.lines.clone(),
+            }),
+            (OrderStep::ProcessPayment, false) => {
+                let reserved = ctx
+                    .reserved
+                    .as_ref()
+                    .ok_or("no reservation is recorded, so the amount to charge is unknown")?;
+                json(ProcessPayment {
+                    order_id: ctx.order_id,
+                    customer_id: ctx.customer_id,
+                    amount_cents: reserved.total_cents,
+                    currency: reserved.currency.clone(),
+                })
             }
-            _ => by_order(),
+            // Release, refund and commit name the order and nothing else.
+            (OrderStep::ReserveInventory | OrderStep::ProcessPayment, true) | (OrderStep::CommitStock, _) => {
+                json(by_order)
+            }
         }
     }
 
-    fn local<'a>(
-        &'a self,
-        _tx: &'a mut Tx<'static>,
-        step: &'a Step,
-        _saga: &'a SagaState,
-    ) -> BoxFuture<'a, Result<Result<(), String>, HandlerError>> {
-        Box::pin(async move { Ok(Err(format!("step {} has no local action", step.name))) })
+    fn record(&self, step: OrderStep, ctx: &mut OrderContext, data: Value) -> Result<(), String> {
+        match step {
+            OrderStep::ReserveInventory => {
+                ctx.reserved = Some(serde_json::from_value::<Reserved>(data).map_err(|e| e.to_string())?);
+            }
+            OrderStep::ProcessPayment => {
+                ctx.payment_id = Some(
+                    serde_json::from_value::<Paid>(data)
+                        .map_err(|e| e.to_string())?
+                        .payment_id,
+                );
+            }
+            // The commit reports nothing the saga needs.
+            OrderStep::CommitStock => {}
+        }
+        Ok(())
     }
 
-    fn finished<'a>(&'a self, tx: &'a mut Tx<'static>, saga: &'a SagaState) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn finished<'a>(
+        &'a self,
+        tx: &'a mut Tx<'static>,
+        saga: &'a SagaState<OrderContext>,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            let ctx = context(saga)?;
-            let (status, event_type) = match saga.status {
-                SagaStatus::Completed => ("confirmed", types::ORDER_CONFIRMED),
-                SagaStatus::Compensated => ("cancelled", types::ORDER_CANCELLED),
+            let ctx = &saga.context;
+            let (status, event_type, total, reason) = match saga.status {
+                SagaStatus::Completed => {
+                    let reserved = ctx.reserved.as_ref().ok_or_else(|| {
+                        HandlerError::Poison(format!(
+                            "order saga {} completed without a recorded reservation",
+                            saga.id
+                        ))
+                    })?;
+                    (
+                        OrderStatus::Confirmed,
+                        types::ORDER_CONFIRMED,
+                        reserved.total_cents,
+                        None,
+                    )
+                }
+                // A cancelled order charged nothing, as its event says.
+                SagaStatus::Compensated => {
+                    let reason = saga.error.clone().unwrap_or_else(|| "cancelled".into());
+                    (OrderStatus::Cancelled, types::ORDER_CANCELLED, 0, Some(reason))
+                }
                 // A stuck saga leaves the order pending; the audit and metrics show it.
                 _ => return Ok(()),
             };
-            let reason = (status == "cancelled").then(|| saga.error.clone().unwrap_or_else(|| "cancelled".into()));
-            let total = if status == "confirmed" {
-                ctx.total_cents.unwrap_or(0)
-            } else {
-                0
-            };
-            let currency = ctx.currency.clone().unwrap_or_else(|| "USD".into());
+            let currency = ctx.reserved.as_ref().map(|r| r.currency.clone());
             let updated = sqlx::query(
                 "UPDATE orders SET status = $1, total_cents = $2, currency = $3, reason = $4, version = version + 1, updated_at = $5
-                 WHERE id = $6 AND status = 'pending'",
+                 WHERE id = $6 AND status = $7",
             )
-            .bind(status)
-            // A cancelled order charged nothing, as its event says.
-            .bind((status == "confirmed").then_some(total))
-            .bind(&currency)
+            .bind(status.as_str())
+            .bind((status == OrderStatus::Confirmed).then_some(total))
+            .bind(currency.clone())
             .bind(reason.clone())
             .bind(now_millis())
             .bind(ctx.order_id.to_string())
+            .bind(OrderStatus::Pending.as_str())
             .execute(&mut **tx)
             .await?;
             if updated.rows_affected() == 0 {
@@ -170,13 +244,111 @@ impl SagaFlow for OrderSaga {
             let metadata = Metadata {
                 correlation_id: saga.correlation_id.clone(),
                 traceparent: saga.traceparent.clone(),
-                source: "orders".into(),
+                source: crate::SERVICE.name.into(),
                 ..Metadata::default()
             };
             let event = Envelope::new(event_type, ctx.order_id.to_string(), outcome, metadata).with_version(2);
             outbox::add(tx, topics::ORDERS_EVENTS, &event).await?;
-            metrics::counter!("bazaar_orders_finished_total", "status" => status).increment(1);
+            metrics::counter!("bazaar_orders_finished_total", "status" => status.as_str()).increment(1);
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bazaar_contracts::PricedLine;
+
+    fn context() -> OrderContext {
+        let line = LineRequest {
+            product_id: Uuid::nil(),
+            quantity: 2,
+        };
+        OrderContext::new(Uuid::now_v7(), Uuid::now_v7(), "ann@example.com".into(), vec![line])
+    }
+
+    fn reserved() -> Reserved {
+        Reserved {
+            priced_lines: vec![PricedLine {
+                product_id: Uuid::nil(),
+                quantity: 2,
+                unit_price_cents: 250,
+            }],
+            total_cents: 500,
+            currency: "EUR".into(),
+        }
+    }
+
+    #[test]
+    fn the_payment_charges_what_the_reservation_priced() {
+        let saga = OrderSaga::new();
+        let mut ctx = context();
+        saga.record(OrderStep::ReserveInventory, &mut ctx, json(reserved()).unwrap())
+            .unwrap();
+        let cmd: ProcessPayment =
+            serde_json::from_value(saga.command(OrderStep::ProcessPayment, false, &ctx).unwrap()).unwrap();
+        assert_eq!((cmd.amount_cents, cmd.currency.as_str()), (500, "EUR"));
+        assert_eq!(cmd.customer_id, ctx.customer_id);
+    }
+
+    #[test]
+    fn a_payment_without_a_reservation_is_an_error_not_a_zero_charge() {
+        let err = OrderSaga::new()
+            .command(OrderStep::ProcessPayment, false, &context())
+            .unwrap_err();
+        assert!(err.contains("amount to charge is unknown"), "{err}");
+    }
+
+    #[test]
+    fn a_reply_that_does_not_fit_its_step_is_refused() {
+        let saga = OrderSaga::new();
+        let mut ctx = context();
+        assert!(saga
+            .record(
+                OrderStep::ReserveInventory,
+                &mut ctx,
+                serde_json::json!({"totalCents": "lots"})
+            )
+            .is_err());
+        assert!(saga.record(OrderStep::ProcessPayment, &mut ctx, Value::Null).is_err());
+        assert_eq!(ctx, context_with_ids(&ctx), "nothing was recorded");
+    }
+
+    fn context_with_ids(ctx: &OrderContext) -> OrderContext {
+        OrderContext::new(ctx.order_id, ctx.customer_id, ctx.email.clone(), ctx.lines.clone())
+    }
+
+    #[test]
+    fn compensations_and_the_commit_name_only_the_order() {
+        let saga = OrderSaga::new();
+        let ctx = context();
+        for (step, compensation) in [
+            (OrderStep::ReserveInventory, true),
+            (OrderStep::ProcessPayment, true),
+            (OrderStep::CommitStock, false),
+        ] {
+            let cmd: OrderRef = serde_json::from_value(saga.command(step, compensation, &ctx).unwrap()).unwrap();
+            assert_eq!(cmd.order_id, ctx.order_id);
+        }
+    }
+
+    #[test]
+    fn a_context_stored_by_the_untyped_engine_still_reads() {
+        // Wave 1 merged reply data into the context's top level; the flattened reservation
+        // reads the same keys, so sagas in flight across an upgrade keep their amounts.
+        let stored = serde_json::json!({
+            "orderId": Uuid::nil(), "customerId": Uuid::nil(), "email": "a@b.c",
+            "lines": [{"productId": Uuid::nil(), "quantity": 1}],
+            "pricedLines": [{"productId": Uuid::nil(), "quantity": 1, "unitPriceCents": 250}],
+            "totalCents": 250, "currency": "USD"
+        });
+        let ctx: OrderContext = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!(ctx.reserved.as_ref().map(|r| r.total_cents), Some(250));
+        let fresh: OrderContext = serde_json::from_value(
+            serde_json::json!({"orderId": Uuid::nil(), "customerId": Uuid::nil(), "email": "a@b.c", "lines": []}),
+        )
+        .unwrap();
+        assert_eq!(fresh.reserved, None);
     }
 }

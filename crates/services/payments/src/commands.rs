@@ -4,15 +4,14 @@ use bazaar_contracts::{types, OrderRef, Paid, ProcessPayment, UserRegistered};
 use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::Envelope,
-    outbox,
-    saga::CommandHeader,
+    saga::{Participant, Verdict},
     store::{now_millis, Tx},
 };
 use futures_util::future::BoxFuture;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::{ledger, provider::PaymentProvider};
+use crate::{ledger, provider::PaymentProvider, PaymentStatus};
 
 /// Opens a wallet with the welcome credit for each new user.
 #[derive(Debug, Clone, Copy)]
@@ -57,41 +56,42 @@ pub struct PaymentCommands {
     pub provider: Option<PaymentProvider>,
 }
 
-type Reply = Result<serde_json::Value, String>;
-
-impl Handler for PaymentCommands {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+impl Participant for PaymentCommands {
+    fn act<'a>(
+        &'a self,
+        tx: &'a mut Tx<'static>,
+        command: &'a Envelope,
+    ) -> BoxFuture<'a, Result<Verdict, HandlerError>> {
         Box::pin(async move {
-            let header = CommandHeader::of(event)?;
-            let result = match event.event_type.as_str() {
-                types::PROCESS_PAYMENT => self.process(tx, event.payload_as()?, event).await?,
-                types::REFUND_PAYMENT => self.refund(tx, event.payload_as()?, event).await?,
-                other => return Err(HandlerError::Poison(format!("unknown command type `{other}`"))),
-            };
-            // No reply yet means the provider's answer is awaited: `settle` replies.
-            if let Some(result) = result {
-                let (topic, reply) = header.reply(event, "payments", result);
-                outbox::add(tx, &topic, &reply).await?;
+            match command.event_type.as_str() {
+                types::PROCESS_PAYMENT => self.process(tx, command.payload_as()?, command).await,
+                types::REFUND_PAYMENT => self.refund(tx, command.payload_as()?, command).await,
+                other => Err(HandlerError::Poison(format!("unknown command type `{other}`"))),
             }
-            Ok(())
         })
     }
 }
 
-async fn payment(tx: &mut Tx<'static>, order: &str) -> Result<Option<(String, String)>, HandlerError> {
+async fn payment(tx: &mut Tx<'static>, order: &str) -> Result<Option<(Uuid, PaymentStatus)>, HandlerError> {
     let row = sqlx::query("SELECT id, status FROM payment WHERE order_id = $1")
         .bind(order)
         .fetch_optional(&mut **tx)
         .await?;
     Ok(match row {
-        Some(r) => Some((r.try_get("id")?, r.try_get("status")?)),
+        Some(r) => {
+            let id: String = r.try_get("id")?;
+            let id = id
+                .parse()
+                .map_err(|_| HandlerError::Poison(format!("payment of order {order} has a bad id `{id}`")))?;
+            Some((id, PaymentStatus::parse(&r.try_get::<String, _>("status")?)?))
+        }
         None => None,
     })
 }
 
 /// What became of a payment, as stored.
 struct Outcome<'a> {
-    status: &'a str,
+    status: PaymentStatus,
     reason: Option<&'a str>,
     provider_charge_id: Option<&'a str>,
 }
@@ -113,7 +113,7 @@ async fn record(
     .bind(cmd.customer_id.to_string())
     .bind(amount)
     .bind(&cmd.currency)
-    .bind(outcome.status)
+    .bind(outcome.status.as_str())
     .bind(outcome.reason)
     .bind(outcome.provider_charge_id)
     .bind(now)
@@ -125,27 +125,28 @@ async fn record(
 impl PaymentCommands {
     /// Captures the order's amount from the customer's wallet, once. With a provider, the
     /// amount is put on hold and a `charging` intent recorded instead, and [`crate::settle`]
-    /// calls the provider outside any transaction and replies (`None` here).
+    /// calls the provider outside any transaction and answers ([`Verdict::Later`] here).
     async fn process(
         &self,
         tx: &mut Tx<'static>,
         cmd: ProcessPayment,
         event: &Envelope,
-    ) -> Result<Option<Reply>, HandlerError> {
+    ) -> Result<Verdict, HandlerError> {
         let order = cmd.order_id.to_string();
         match payment(tx, &order).await? {
-            Some((id, status)) if status == "captured" => {
-                return Ok(Some(Ok(serde_json::json!(Paid {
-                    payment_id: id.parse().unwrap_or_default()
-                }))));
-            }
+            Some((id, PaymentStatus::Captured)) => return Ok(Verdict::done(&Paid { payment_id: id })),
             // Being charged: the settler answers.
-            Some((_, status)) if status == "charging" => return Ok(None),
-            Some((_, status)) => return Ok(Some(Err(format!("payment for this order is already {status}")))),
+            Some((_, PaymentStatus::Charging)) => return Ok(Verdict::Later),
+            Some((_, status)) => {
+                return Ok(Verdict::refused(format!(
+                    "payment for this order is already {}",
+                    status.as_str()
+                )))
+            }
             None => {}
         }
         if cmd.amount_cents <= 0 {
-            return Ok(Some(Err("amount must be positive".into())));
+            return Ok(Verdict::refused("amount must be positive"));
         }
         let wallet = ledger::wallet(&cmd.customer_id);
         if !ledger::exists(tx, &wallet).await? {
@@ -155,7 +156,7 @@ impl PaymentCommands {
                 cmd.customer_id
             )));
         }
-        let id = Uuid::now_v7().to_string();
+        let id = Uuid::now_v7();
         // Lock the wallet's row first, so two payments of one customer on PostgreSQL (READ
         // COMMITTED) cannot both spend the same balance. SQLite's write transaction already
         // serialises them.
@@ -176,62 +177,55 @@ impl PaymentCommands {
         };
         if let Some(reason) = declined {
             let outcome = Outcome {
-                status: "failed",
+                status: PaymentStatus::Failed,
                 reason: Some(&reason),
                 provider_charge_id: None,
             };
-            record(tx, &cmd, &id, cmd.amount_cents, outcome).await?;
+            record(tx, &cmd, &id.to_string(), cmd.amount_cents, outcome).await?;
             metrics::counter!("bazaar_payments_total", "outcome" => "declined").increment(1);
-            return Ok(Some(Err(reason)));
+            return Ok(Verdict::Refused(reason));
         }
         if self.provider.is_some() {
             // Hold the amount and record the intent; the provider is called after this commits.
             ledger::open(tx, ledger::HOLDS, &cmd.currency).await?;
             ledger::transfer(tx, &wallet, ledger::HOLDS, cmd.amount_cents, "hold", &order).await?;
             let outcome = Outcome {
-                status: "charging",
+                status: PaymentStatus::Charging,
                 reason: None,
                 provider_charge_id: None,
             };
-            record(tx, &cmd, &id, cmd.amount_cents, outcome).await?;
+            record(tx, &cmd, &id.to_string(), cmd.amount_cents, outcome).await?;
             sqlx::query("UPDATE payment SET command = $1, next_try_at = $2 WHERE order_id = $3")
                 .bind(String::from_utf8_lossy(&event.to_vec()).into_owned())
                 .bind(now_millis())
                 .bind(&order)
                 .execute(&mut **tx)
                 .await?;
-            return Ok(None);
+            return Ok(Verdict::Later);
         }
         ledger::open(tx, ledger::REVENUE, &cmd.currency).await?;
         ledger::transfer(tx, &wallet, ledger::REVENUE, cmd.amount_cents, "payment", &order).await?;
         let outcome = Outcome {
-            status: "captured",
+            status: PaymentStatus::Captured,
             reason: None,
             provider_charge_id: None,
         };
-        record(tx, &cmd, &id, cmd.amount_cents, outcome).await?;
+        record(tx, &cmd, &id.to_string(), cmd.amount_cents, outcome).await?;
         metrics::counter!("bazaar_payments_total", "outcome" => "captured").increment(1);
-        Ok(Some(Ok(serde_json::json!(Paid {
-            payment_id: id.parse().unwrap_or_default()
-        }))))
+        Ok(Verdict::done(&Paid { payment_id: id }))
     }
 
     /// Refunds a captured payment; leaves a `voided` tombstone when none was taken yet, so a
     /// late `payments.process` for the order is refused. Money the provider holds or took is
-    /// given back by [`crate::settle`], which then replies (`None` here).
-    async fn refund(
-        &self,
-        tx: &mut Tx<'static>,
-        cmd: OrderRef,
-        event: &Envelope,
-    ) -> Result<Option<Reply>, HandlerError> {
+    /// given back by [`crate::settle`], which then answers ([`Verdict::Later`] here).
+    async fn refund(&self, tx: &mut Tx<'static>, cmd: OrderRef, event: &Envelope) -> Result<Verdict, HandlerError> {
         let order = cmd.order_id.to_string();
         let now = now_millis();
-        let hand_to_settler = |status: &'static str| {
+        let hand_to_settler = |status: PaymentStatus| {
             sqlx::query(
                 "UPDATE payment SET status = $1, refund_command = $2, next_try_at = $3, updated_at = $3 WHERE order_id = $4",
             )
-            .bind(status)
+            .bind(status.as_str())
             .bind(String::from_utf8_lossy(&event.to_vec()).into_owned())
             .bind(now)
             .bind(order.clone())
@@ -240,21 +234,22 @@ impl PaymentCommands {
             None => {
                 sqlx::query(
                     "INSERT INTO payment (order_id, id, customer_id, amount_cents, currency, status, reason, created_at, updated_at)
-                     VALUES ($1, $2, '', 0, 'USD', 'voided', 'refund arrived before payment', $3, $3)",
+                     VALUES ($1, $2, '', 0, 'USD', $4, 'refund arrived before payment', $3, $3)",
                 )
                 .bind(&order)
                 .bind(Uuid::now_v7().to_string())
                 .bind(now)
+                .bind(PaymentStatus::Voided.as_str())
                 .execute(&mut **tx)
                 .await?;
             }
             // The provider may or may not have taken it: the settler finds out and undoes it.
-            Some((_, status)) if status == "charging" => {
-                hand_to_settler("voiding").execute(&mut **tx).await?;
-                return Ok(None);
+            Some((_, PaymentStatus::Charging)) => {
+                hand_to_settler(PaymentStatus::Voiding).execute(&mut **tx).await?;
+                return Ok(Verdict::Later);
             }
-            Some((_, status)) if status == "voiding" || status == "refunding" => return Ok(None),
-            Some((_, status)) if status == "captured" => {
+            Some((_, PaymentStatus::Voiding | PaymentStatus::Refunding)) => return Ok(Verdict::Later),
+            Some((_, PaymentStatus::Captured)) => {
                 let row = sqlx::query(
                     "SELECT customer_id, amount_cents, provider_charge_id FROM payment WHERE order_id = $1",
                 )
@@ -269,22 +264,24 @@ impl PaymentCommands {
                             "payment for order {order} was charged at the provider but none is configured"
                         )));
                     }
-                    hand_to_settler("refunding").execute(&mut **tx).await?;
-                    return Ok(None);
+                    hand_to_settler(PaymentStatus::Refunding).execute(&mut **tx).await?;
+                    return Ok(Verdict::Later);
                 }
                 let customer: String = row.try_get("customer_id")?;
                 let amount: i64 = row.try_get("amount_cents")?;
                 let wallet = format!("customer:{customer}");
                 ledger::transfer(tx, ledger::REVENUE, &wallet, amount, "refund", &order).await?;
-                sqlx::query("UPDATE payment SET status = 'refunded', updated_at = $1 WHERE order_id = $2")
+                sqlx::query("UPDATE payment SET status = $3, updated_at = $1 WHERE order_id = $2")
                     .bind(now)
                     .bind(&order)
+                    .bind(PaymentStatus::Refunded.as_str())
                     .execute(&mut **tx)
                     .await?;
                 metrics::counter!("bazaar_payments_total", "outcome" => "refunded").increment(1);
             }
-            Some(_) => {}
+            // Failed, voided or refunded: nothing is held.
+            Some((_, PaymentStatus::Failed | PaymentStatus::Voided | PaymentStatus::Refunded)) => {}
         }
-        Ok(Some(Ok(serde_json::Value::Null)))
+        Ok(Verdict::done_empty())
     }
 }

@@ -21,10 +21,11 @@ pub mod simulator;
 
 use std::sync::Arc;
 
-use bazaar_contracts::{groups, topics};
+use bazaar_contracts::topics;
 use bazaar_kit::{
-    consumer::{self, ConsumerConfig},
     runtime::{RoleConfig, Runtime, ServiceError},
+    saga::Participates,
+    service::{PublicRoute, ServiceSpec},
     shutdown::Shutdown,
     store::Migration,
 };
@@ -68,8 +69,67 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             updated_at BIGINT NOT NULL
         );
         CREATE INDEX payment_due ON payment (status, next_try_at);",
-    postgres: None,
 }];
+
+/// The payments service: it opens wallets for new users and answers payment commands.
+pub const SERVICE: ServiceSpec = ServiceSpec {
+    name: "payments",
+    migrations: MIGRATIONS,
+    consumes: &[topics::PAYMENTS_COMMANDS, topics::USERS_EVENTS],
+    routes: &[PublicRoute::token("accounts"), PublicRoute::token("payments")],
+};
+
+/// Where a payment is; stored by name in `payment.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentStatus {
+    /// The amount is held and the provider is being asked to charge it.
+    Charging,
+    /// Taken: in revenue.
+    Captured,
+    /// Declined (by the wallet's balance, the simulated card network or the provider).
+    Failed,
+    /// A refund overtook a charge in flight: the settler undoes whatever the provider did.
+    Voiding,
+    /// Nothing was or will be taken (also the tombstone of a refund before its payment).
+    Voided,
+    /// Being given back at the provider.
+    Refunding,
+    /// Given back.
+    Refunded,
+}
+
+impl PaymentStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentStatus::Charging => "charging",
+            PaymentStatus::Captured => "captured",
+            PaymentStatus::Failed => "failed",
+            PaymentStatus::Voiding => "voiding",
+            PaymentStatus::Voided => "voided",
+            PaymentStatus::Refunding => "refunding",
+            PaymentStatus::Refunded => "refunded",
+        }
+    }
+
+    /// The status a stored name means.
+    pub fn parse(name: &str) -> Result<PaymentStatus, bazaar_kit::store::StoreError> {
+        Ok(match name {
+            "charging" => PaymentStatus::Charging,
+            "captured" => PaymentStatus::Captured,
+            "failed" => PaymentStatus::Failed,
+            "voiding" => PaymentStatus::Voiding,
+            "voided" => PaymentStatus::Voided,
+            "refunding" => PaymentStatus::Refunding,
+            "refunded" => PaymentStatus::Refunded,
+            other => {
+                return Err(bazaar_kit::store::StoreError::Corrupt(format!(
+                    "unknown payment status `{other}`"
+                )))
+            }
+        })
+    }
+}
 
 /// Settings of the payments role beyond the common ones.
 #[derive(Debug, Clone)]
@@ -115,7 +175,7 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
         }
         None => None,
     };
-    let rt = Runtime::start("payments", &config, MIGRATIONS, shutdown.clone()).await?;
+    let rt = Runtime::start(&SERVICE, &config, shutdown.clone()).await?;
     rt.spawn_gauge(
         "bazaar_payments_wallets_cents",
         "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry WHERE account_id LIKE 'customer:%'",
@@ -124,30 +184,27 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
         "bazaar_payments_revenue_cents",
         "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry WHERE account_id = 'merchant:revenue'",
     );
-    let mut commands = ConsumerConfig::new(groups::PAYMENTS, topics::PAYMENTS_COMMANDS);
+    let mut commands = rt.consumer(topics::PAYMENTS_COMMANDS);
     commands.max_attempts = 12;
-    consumer::spawn(
-        rt.outbox.clone(),
-        rt.broker.clone(),
+    rt.consume(
         commands,
-        Arc::new(PaymentCommands {
-            decline_rate: payments.decline_rate,
-            provider: provider.clone(),
+        Arc::new(Participates {
+            source: SERVICE.name,
+            participant: PaymentCommands {
+                decline_rate: payments.decline_rate,
+                provider: provider.clone(),
+            },
         }),
-        shutdown.clone(),
-    );
+    )?;
     if let Some(provider) = &provider {
-        settle::spawn(rt.outbox.clone(), provider.clone(), shutdown.clone());
+        rt.own("settler", settle::spawn(rt.outbox.clone(), provider.clone(), shutdown));
     }
-    consumer::spawn(
-        rt.outbox.clone(),
-        rt.broker.clone(),
-        ConsumerConfig::new(groups::PAYMENTS, topics::USERS_EVENTS),
+    rt.consume(
+        rt.consumer(topics::USERS_EVENTS),
         Arc::new(UserEvents {
             welcome_credit_cents: payments.welcome_credit_cents,
         }),
-        shutdown,
-    );
+    )?;
     let mut health = rt.health();
     if let Some(provider) = provider {
         health = health.check("provider", move || {

@@ -14,8 +14,8 @@ use bazaar_contracts::Paid;
 use bazaar_kit::{
     consumer::HandlerError,
     envelope::Envelope,
-    outbox::{self, Outbox},
-    saga::CommandHeader,
+    outbox::Outbox,
+    saga::{self, Verdict},
     shutdown::Shutdown,
     store::{now_millis, Tx},
 };
@@ -24,6 +24,7 @@ use sqlx::Row;
 use crate::{
     ledger,
     provider::{ChargeRequest, PaymentProvider},
+    PaymentStatus,
 };
 
 /// How long a settler's claim on a row lasts (longer than a provider call with retries).
@@ -49,7 +50,7 @@ pub fn spawn(outbox: Outbox, provider: PaymentProvider, mut shutdown: Shutdown) 
 /// One row to settle, as claimed.
 struct Due {
     order: String,
-    status: String,
+    status: PaymentStatus,
     customer: String,
     amount: i64,
     currency: String,
@@ -61,16 +62,19 @@ pub async fn settle_round(outbox: &Outbox, provider: &PaymentProvider) -> Result
     let store = outbox.store();
     let rows = sqlx::query(
         "SELECT order_id, status, customer_id, amount_cents, currency, provider_charge_id FROM payment
-         WHERE status IN ('charging', 'voiding', 'refunding') AND next_try_at <= $1 ORDER BY next_try_at LIMIT 20",
+         WHERE status IN ($2, $3, $4) AND next_try_at <= $1 ORDER BY next_try_at LIMIT 20",
     )
     .bind(now_millis())
+    .bind(PaymentStatus::Charging.as_str())
+    .bind(PaymentStatus::Voiding.as_str())
+    .bind(PaymentStatus::Refunding.as_str())
     .fetch_all(store.pool())
     .await?;
     let mut settled = 0;
     for row in rows {
         let due = Due {
             order: row.try_get("order_id")?,
-            status: row.try_get("status")?,
+            status: PaymentStatus::parse(&row.try_get::<String, _>("status")?)?,
             customer: row.try_get("customer_id")?,
             amount: row.try_get("amount_cents")?,
             currency: row.try_get("currency")?,
@@ -83,15 +87,15 @@ pub async fn settle_round(outbox: &Outbox, provider: &PaymentProvider) -> Result
         )
         .bind(now + CLAIM.as_millis() as i64)
         .bind(&due.order)
-        .bind(&due.status)
+        .bind(due.status.as_str())
         .bind(now)
         .execute(store.pool())
         .await?;
         if claimed.rows_affected() == 0 {
             continue;
         }
-        let done = match due.status.as_str() {
-            "refunding" => refund(outbox, provider, &due).await?,
+        let done = match due.status {
+            PaymentStatus::Refunding => refund(outbox, provider, &due).await?,
             _ => charge(outbox, provider, &due).await?,
         };
         if done {
@@ -128,55 +132,48 @@ async fn charge(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
     let mut tx = outbox.store().begin().await?;
     // The row may have moved from charging to voiding while the provider answered.
     let status = lock(&mut tx, &due.order).await?;
-    match (status.as_str(), answer.succeeded()) {
-        ("charging", true) => {
+    match (status, answer.succeeded()) {
+        (PaymentStatus::Charging, true) => {
             capture(&mut tx, due, &answer.id).await?;
-            sqlx::query("UPDATE payment SET status = 'captured', updated_at = $1 WHERE order_id = $2")
-                .bind(now_millis())
-                .bind(&due.order)
-                .execute(&mut *tx)
-                .await?;
+            set_status(&mut tx, &due.order, PaymentStatus::Captured).await?;
             let id: String = sqlx::query("SELECT id FROM payment WHERE order_id = $1")
                 .bind(&due.order)
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get("id")?;
-            let paid = serde_json::json!(Paid {
-                payment_id: id.parse().unwrap_or_default()
-            });
-            reply(&mut tx, &due.order, "command", Ok(paid)).await?;
+            let payment_id = id
+                .parse()
+                .map_err(|_| HandlerError::Poison(format!("payment of order {} has a bad id `{id}`", due.order)))?;
+            reply(&mut tx, &due.order, "command", Verdict::done(&Paid { payment_id })).await?;
             metrics::counter!("bazaar_payments_total", "outcome" => "captured").increment(1);
         }
-        ("charging", false) => {
+        (PaymentStatus::Charging, false) => {
             let why = answer.failure_message.unwrap_or_else(|| "no reason given".into());
             let reason = format!("payment provider declined the charge: {why}");
             ledger::transfer(&mut tx, ledger::HOLDS, &wallet, due.amount, "release", &due.order).await?;
-            sqlx::query("UPDATE payment SET status = 'failed', reason = $1, updated_at = $2 WHERE order_id = $3")
+            set_status(&mut tx, &due.order, PaymentStatus::Failed).await?;
+            sqlx::query("UPDATE payment SET reason = $1 WHERE order_id = $2")
                 .bind(&reason)
-                .bind(now_millis())
                 .bind(&due.order)
                 .execute(&mut *tx)
                 .await?;
-            reply(&mut tx, &due.order, "command", Err(reason)).await?;
+            reply(&mut tx, &due.order, "command", Verdict::Refused(reason)).await?;
             metrics::counter!("bazaar_payments_total", "outcome" => "declined").increment(1);
         }
-        ("voiding", true) => {
+        (PaymentStatus::Voiding, true) => {
             // Taken after all: capture it, then give it back like any captured payment.
             capture(&mut tx, due, &answer.id).await?;
-            sqlx::query("UPDATE payment SET status = 'refunding', next_try_at = $1 WHERE order_id = $2")
+            set_status(&mut tx, &due.order, PaymentStatus::Refunding).await?;
+            sqlx::query("UPDATE payment SET next_try_at = $1 WHERE order_id = $2")
                 .bind(now_millis())
                 .bind(&due.order)
                 .execute(&mut *tx)
                 .await?;
         }
-        ("voiding", false) => {
+        (PaymentStatus::Voiding, false) => {
             ledger::transfer(&mut tx, ledger::HOLDS, &wallet, due.amount, "release", &due.order).await?;
-            sqlx::query("UPDATE payment SET status = 'voided', updated_at = $1 WHERE order_id = $2")
-                .bind(now_millis())
-                .bind(&due.order)
-                .execute(&mut *tx)
-                .await?;
-            reply(&mut tx, &due.order, "refund_command", Ok(serde_json::Value::Null)).await?;
+            set_status(&mut tx, &due.order, PaymentStatus::Voided).await?;
+            reply(&mut tx, &due.order, "refund_command", Verdict::done_empty()).await?;
         }
         // Settled by someone else meanwhile.
         _ => {}
@@ -212,15 +209,11 @@ async fn refund(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
         return Ok(false);
     }
     let mut tx = outbox.store().begin().await?;
-    if lock(&mut tx, &due.order).await? == "refunding" {
+    if lock(&mut tx, &due.order).await? == PaymentStatus::Refunding {
         let wallet = format!("customer:{}", due.customer);
         ledger::transfer(&mut tx, ledger::REVENUE, &wallet, due.amount, "refund", &due.order).await?;
-        sqlx::query("UPDATE payment SET status = 'refunded', updated_at = $1 WHERE order_id = $2")
-            .bind(now_millis())
-            .bind(&due.order)
-            .execute(&mut *tx)
-            .await?;
-        reply(&mut tx, &due.order, "refund_command", Ok(serde_json::Value::Null)).await?;
+        set_status(&mut tx, &due.order, PaymentStatus::Refunded).await?;
+        reply(&mut tx, &due.order, "refund_command", Verdict::done_empty()).await?;
         metrics::counter!("bazaar_payments_total", "outcome" => "refunded").increment(1);
     }
     outbox.commit(tx).await?;
@@ -229,25 +222,31 @@ async fn refund(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
 
 /// Locks the payment row (a no-op update, so PostgreSQL holds it to the commit) and returns
 /// its status.
-async fn lock(tx: &mut Tx<'static>, order: &str) -> Result<String, HandlerError> {
+async fn lock(tx: &mut Tx<'static>, order: &str) -> Result<PaymentStatus, HandlerError> {
     sqlx::query("UPDATE payment SET updated_at = updated_at WHERE order_id = $1")
         .bind(order)
         .execute(&mut **tx)
         .await?;
-    Ok(sqlx::query("SELECT status FROM payment WHERE order_id = $1")
+    let status: String = sqlx::query("SELECT status FROM payment WHERE order_id = $1")
         .bind(order)
         .fetch_one(&mut **tx)
         .await?
-        .try_get("status")?)
+        .try_get("status")?;
+    Ok(PaymentStatus::parse(&status)?)
+}
+
+async fn set_status(tx: &mut Tx<'static>, order: &str, status: PaymentStatus) -> Result<(), HandlerError> {
+    sqlx::query("UPDATE payment SET status = $1, updated_at = $2 WHERE order_id = $3")
+        .bind(status.as_str())
+        .bind(now_millis())
+        .bind(order)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Adds the saga reply to the command stored in `column` to the outbox.
-async fn reply(
-    tx: &mut Tx<'static>,
-    order: &str,
-    column: &str,
-    result: Result<serde_json::Value, String>,
-) -> Result<(), HandlerError> {
+async fn reply(tx: &mut Tx<'static>, order: &str, column: &str, verdict: Verdict) -> Result<(), HandlerError> {
     let stored: Option<String> = sqlx::query(&format!("SELECT {column} FROM payment WHERE order_id = $1"))
         .bind(order)
         .fetch_one(&mut **tx)
@@ -257,8 +256,5 @@ async fn reply(
         return Ok(());
     };
     let command = Envelope::from_slice(stored.as_bytes())?;
-    let header = CommandHeader::of(&command)?;
-    let (topic, reply) = header.reply(&command, "payments", result);
-    outbox::add(tx, &topic, &reply).await?;
-    Ok(())
+    saga::answer(tx, &command, crate::SERVICE.name, verdict).await
 }

@@ -12,7 +12,7 @@ use bazaar_kit::{
     envelope::{Envelope, Metadata},
     outbox::{self, Outbox},
     resilience::{BreakerConfig, BreakerState},
-    saga::CommandHeader,
+    saga::{CommandHeader, Participates},
     shutdown::Shutdown,
     store::Store,
 };
@@ -145,7 +145,11 @@ impl World {
     ) -> Result<Option<(bool, Option<String>)>, HandlerError> {
         let before = self.last_outbox_id().await;
         let mut tx = self.store.begin().await.expect("tx");
-        if let Err(e) = payments.handle(&mut tx, command).await {
+        let handler = Participates {
+            source: "payments",
+            participant: payments.clone(),
+        };
+        if let Err(e) = handler.handle(&mut tx, command).await {
             tx.rollback().await.expect("rollback");
             return Err(e);
         }

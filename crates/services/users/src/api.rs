@@ -163,7 +163,7 @@ async fn create(
         Metadata {
             correlation_id: ctx.correlation_id.clone(),
             traceparent: ctx.traceparent.clone(),
-            source: "users".into(),
+            source: crate::SERVICE.name.into(),
             ..Metadata::default()
         },
     );

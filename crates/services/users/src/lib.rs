@@ -8,6 +8,7 @@ mod api;
 
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
+    service::{Access, PublicRoute, ServiceSpec},
     shutdown::Shutdown,
     store::Migration,
 };
@@ -27,8 +28,26 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             password_hash TEXT NOT NULL,
             created_at BIGINT NOT NULL
         );",
-    postgres: None,
 }];
+
+/// The users service: it consumes nothing; anyone may register and log in.
+pub const SERVICE: ServiceSpec = ServiceSpec {
+    name: "users",
+    migrations: MIGRATIONS,
+    consumes: &[],
+    routes: &[
+        // Registration is `POST /api/v1/users` exactly; everything else under it needs a token.
+        PublicRoute {
+            name: "users-register",
+            methods: &["POST"],
+            exact: true,
+            access: Access::Anyone,
+            ..PublicRoute::token("users")
+        },
+        PublicRoute::token("users"),
+        PublicRoute::anyone("auth"),
+    ],
+};
 
 /// An operator account to create at start when it does not exist yet.
 #[derive(Debug, Clone)]
@@ -41,7 +60,7 @@ pub struct AdminAccount {
 
 /// Runs the users role until `shutdown`, creating `admin` first when given.
 pub async fn run(config: RoleConfig, admin: Option<AdminAccount>, shutdown: Shutdown) -> Result<(), ServiceError> {
-    let rt = Runtime::start("users", &config, MIGRATIONS, shutdown).await?;
+    let rt = Runtime::start(&SERVICE, &config, shutdown).await?;
     if let Some(admin) = admin {
         api::ensure_admin(&rt, &admin.email, &admin.password)
             .await

@@ -1,0 +1,4 @@
+//! The library half of the `bazaar` binary: the role table and the roles' settings, shared
+//! by the binary's commands, its end-to-end tests and the benches.
+
+pub mod roles;

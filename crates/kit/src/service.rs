@@ -1,0 +1,71 @@
+//! What a service is, in one value: its name, its tables, the topics it consumes and the
+//! routes it offers to clients. Each service crate exports one [`ServiceSpec`]; the binary's
+//! role table lists them, and everything that iterates roles (the supervisor, the audit, the
+//! gateway's default config, the runtime's consumer check) reads the same value.
+
+use crate::store::Migration;
+
+/// A service of the system as the tools that start, route to and audit it see it.
+#[derive(Debug)]
+pub struct ServiceSpec {
+    /// The role's name: event source, consumer group, log prefix, store file name.
+    pub name: &'static str,
+    /// The service's own tables, applied after the kit's outbox and inbox tables.
+    pub migrations: &'static [Migration],
+    /// Topics it consumes, each as consumer group [`ServiceSpec::name`].
+    pub consumes: &'static [&'static str],
+    /// What clients may call through the gateway.
+    pub routes: &'static [PublicRoute],
+}
+
+/// One resource a service serves to clients, as the gateway exposes it under `/api/v1`.
+#[derive(Debug)]
+pub struct PublicRoute {
+    /// The gateway route's name, unique across services.
+    pub name: &'static str,
+    /// The first path segment: `/api/v1/<resource>` reaches `/<resource>` on the service.
+    pub resource: &'static str,
+    /// Methods this route matches; empty matches every method.
+    pub methods: &'static [&'static str],
+    /// Matches `/api/v1/<resource>` only, not paths below it (registration, say).
+    pub exact: bool,
+    /// Who may call it.
+    pub access: Access,
+}
+
+/// Who may call a public route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, without a token (registration, login, browsing the catalogue).
+    Anyone,
+    /// A bearer token the gateway verifies; the service checks roles and ownership.
+    Token,
+}
+
+impl PublicRoute {
+    /// A route to every method under `resource` that needs a token.
+    pub const fn token(resource: &'static str) -> PublicRoute {
+        PublicRoute {
+            name: resource,
+            resource,
+            methods: &[],
+            exact: false,
+            access: Access::Token,
+        }
+    }
+
+    /// A route to every method under `resource` open to anyone.
+    pub const fn anyone(resource: &'static str) -> PublicRoute {
+        PublicRoute {
+            access: Access::Anyone,
+            ..PublicRoute::token(resource)
+        }
+    }
+}
+
+impl ServiceSpec {
+    /// Whether this service declared that it consumes `topic`.
+    pub fn consumes(&self, topic: &str) -> bool {
+        self.consumes.contains(&topic)
+    }
+}

@@ -1,0 +1,334 @@
+//! The inventory role started in-process for tests: the real [`Runtime`] on a temporary
+//! SQLite store and a temporary embedded broker, its router wrapped in the same layers
+//! `Runtime::serve_on` adds (shared HTTP layers, JWT keys, health routes) and called without
+//! a socket, and the saga commands run through `StockCommands` (as the saga participant the
+//! role's consumer runs) inside store transactions, as the consumer runner runs them.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use axum::{
+    body::Body,
+    http::{header, Method, Request, StatusCode},
+    Router,
+};
+use bazaar_contracts::{topics, types, LineRequest, OrderRef, ReserveStock};
+use bazaar_inventory::StockCommands;
+use bazaar_kit::{
+    auth::ADMIN,
+    consumer::{Handler, HandlerError},
+    envelope::{Envelope, Metadata},
+    runtime::{RoleConfig, Runtime},
+    saga::{CommandHeader, Participates, SagaReply},
+    shutdown::{self, ShutdownTrigger},
+    testing::TestDb,
+};
+use serde_json::{json, Value};
+use sqlx::Row;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+/// The correlation id every test command carries.
+pub const CORRELATION: &str = "inventory-test";
+
+/// A running inventory role.
+pub struct Inventory {
+    pub rt: Runtime,
+    app: Router,
+    stop: ShutdownTrigger,
+    _store: TestDb,
+    _bus: tempfile::TempDir,
+}
+
+impl Drop for Inventory {
+    fn drop(&mut self) {
+        // Stops the outbox relay the runtime started.
+        self.stop.trigger();
+    }
+}
+
+/// What the API answered.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl Answer {
+    /// Asserts a problem response with `status` and returns its detail.
+    #[track_caller]
+    pub fn problem(&self, status: StatusCode) -> String {
+        assert_eq!(self.status, status, "{:?}", self.body);
+        assert_eq!(self.content_type, "application/problem+json", "{:?}", self.body);
+        assert_eq!(self.body["status"], status.as_u16(), "{:?}", self.body);
+        self.body["detail"]
+            .as_str()
+            .expect("a problem has a detail")
+            .to_string()
+    }
+}
+
+/// Starts inventory on a fresh store and broker.
+pub async fn start() -> Inventory {
+    let store = TestDb::sqlite("inventory.db");
+    let bus = tempfile::tempdir().expect("temp dir");
+    let config = RoleConfig {
+        listen: ([127, 0, 0, 1], 0).into(),
+        store_url: store.url.clone(),
+        broker_url: format!("sqlite://{}", bus.path().join("bus.db").display()),
+        jwt_secret: "inventory-test-secret".into(),
+    };
+    let (stop, shutdown) = shutdown::channel();
+    let rt = Runtime::start(&bazaar_inventory::SERVICE, &config, shutdown)
+        .await
+        .expect("start inventory");
+    // What Runtime::serve_on builds around the service's router.
+    let app = bazaar_kit::http::finish(
+        bazaar_inventory::router(rt.clone())
+            .merge(rt.health().routes())
+            .layer(axum::Extension(rt.keys.clone())),
+    );
+    Inventory {
+        rt,
+        app,
+        stop,
+        _store: store,
+        _bus: bus,
+    }
+}
+
+impl Inventory {
+    /// A token for an operator.
+    pub fn admin(&self) -> String {
+        self.rt
+            .keys
+            .issue(Uuid::new_v4(), "admin@example.com", &[ADMIN.to_string()])
+            .expect("admin token")
+    }
+
+    /// A token for a plain customer.
+    pub fn customer(&self) -> String {
+        self.rt
+            .keys
+            .issue(Uuid::new_v4(), "customer@example.com", &[])
+            .expect("customer token")
+    }
+
+    /// Sends one request through the served router.
+    pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> Answer {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => request.body(Body::empty()),
+        }
+        .expect("request");
+        let response = self.app.clone().oneshot(request).await.expect("router is infallible");
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Answer {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    /// Adds a USD product through the API as an admin; returns its id.
+    pub async fn add_product(&self, sku: &str, price_cents: i64, stock: i64) -> Uuid {
+        let token = self.admin();
+        let answer = self
+            .call(
+                Method::POST,
+                "/products",
+                Some(&token),
+                Some(json!({"sku": sku, "name": format!("{sku} (test)"), "priceCents": price_cents, "stock": stock})),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.body);
+        answer.body["id"].as_str().expect("id").parse().expect("a UUID")
+    }
+
+    /// The product as `GET /products/{id}` shows it.
+    pub async fn product(&self, id: Uuid) -> Value {
+        let answer = self.call(Method::GET, &format!("/products/{id}"), None, None).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        answer.body
+    }
+
+    /// `(stock, onHand, reserved)` of a product.
+    pub async fn levels(&self, id: Uuid) -> (i64, i64, i64) {
+        let p = self.product(id).await;
+        let get = |k: &str| p[k].as_i64().unwrap_or_else(|| panic!("{k} in {p}"));
+        (get("stock"), get("onHand"), get("reserved"))
+    }
+
+    /// Runs `command` as the consumer runner does: one transaction, committed through the
+    /// outbox when the handler succeeds, rolled back when it fails. Returns the saga reply
+    /// it wrote.
+    pub async fn handle(&self, command: &Envelope) -> Result<SagaReply, HandlerError> {
+        let mut tx = self.rt.store.begin().await.expect("begin");
+        let handler = Participates {
+            source: bazaar_inventory::SERVICE.name,
+            participant: StockCommands,
+        };
+        if let Err(e) = handler.handle(&mut tx, command).await {
+            tx.rollback().await.expect("rollback");
+            return Err(e);
+        }
+        self.rt.outbox.commit(tx).await.expect("commit");
+        let mut replies = self.replies_to(command).await;
+        assert!(!replies.is_empty(), "no reply to {}", command.event_type);
+        Ok(replies.pop().expect("a reply"))
+    }
+
+    /// Runs `command` and returns the reply's data, failing the test if inventory refused.
+    pub async fn ok(&self, command: &Envelope) -> Value {
+        let reply = self.handle(command).await.expect("handled");
+        assert!(reply.ok, "{} refused: {:?}", command.event_type, reply.reason);
+        reply.data
+    }
+
+    /// Runs `command` and returns the reason inventory gave for refusing it.
+    pub async fn refused(&self, command: &Envelope) -> String {
+        let reply = self.handle(command).await.expect("handled");
+        assert!(!reply.ok, "{} was not refused: {:?}", command.event_type, reply.data);
+        reply.reason.expect("a refusal has a reason")
+    }
+
+    /// Every reply written to the saga's reply topic for `command`, oldest first.
+    pub async fn replies_to(&self, command: &Envelope) -> Vec<SagaReply> {
+        let rows = sqlx::query("SELECT body FROM outbox WHERE topic = $1 ORDER BY id")
+            .bind(topics::ORDER_SAGA_REPLIES)
+            .fetch_all(self.rt.store.pool())
+            .await
+            .expect("outbox");
+        rows.iter()
+            .map(|row| Envelope::from_slice(row.get::<String, _>("body").as_bytes()).expect("reply envelope"))
+            .filter(|reply| reply.metadata.causation_id.as_deref() == Some(&command.event_id.to_string()))
+            .map(|reply| {
+                assert_eq!(reply.event_type, types::ORDER_SAGA_REPLY);
+                reply.payload_as::<SagaReply>().expect("a saga reply")
+            })
+            .collect()
+    }
+
+    /// Rows in the outbox (every reply inventory ever wrote).
+    pub async fn outbox_rows(&self) -> i64 {
+        sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox")
+            .fetch_one(self.rt.store.pool())
+            .await
+            .expect("count")
+            .get("n")
+    }
+
+    /// Asserts what `bazaar audit` checks per product: the stock movements minus what was
+    /// sold equal what is on hand, and `reserved` equals what held reservations hold.
+    pub async fn assert_stock_adds_up(&self) {
+        let rows = sqlx::query(
+            "SELECT p.id, p.on_hand, p.reserved,
+                (SELECT CAST(COALESCE(SUM(delta), 0) AS BIGINT) FROM stock_movement m WHERE m.product_id = p.id) AS moved,
+                (SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_line l
+                   JOIN reservation r ON r.order_id = l.order_id
+                  WHERE l.product_id = p.id AND r.status = 'committed') AS sold,
+                (SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_line l
+                   JOIN reservation r ON r.order_id = l.order_id
+                  WHERE l.product_id = p.id AND r.status = 'reserved') AS held
+             FROM product p",
+        )
+        .fetch_all(self.rt.store.pool())
+        .await
+        .expect("stock audit");
+        for r in rows {
+            let id: String = r.get("id");
+            let (on_hand, reserved, moved, sold, held): (i64, i64, i64, i64, i64) = (
+                r.get("on_hand"),
+                r.get("reserved"),
+                r.get("moved"),
+                r.get("sold"),
+                r.get("held"),
+            );
+            assert_eq!(
+                moved - sold,
+                on_hand,
+                "{id}: received {moved} - sold {sold} != on hand {on_hand}"
+            );
+            assert_eq!(
+                reserved, held,
+                "{id}: reserved {reserved} != held by reservations {held}"
+            );
+        }
+    }
+}
+
+/// A saga command as the order saga's engine sends it: the payload plus the routing header.
+pub fn command(event_type: &str, payload: Value, order: Uuid, step: &str, compensation: bool) -> Envelope {
+    let header = CommandHeader {
+        saga_id: order.to_string(),
+        step: step.into(),
+        compensation,
+        reply_to: topics::ORDER_SAGA_REPLIES.into(),
+        reply_type: types::ORDER_SAGA_REPLY.into(),
+    };
+    let mut payload = payload;
+    if let (Some(obj), Ok(Value::Object(h))) = (payload.as_object_mut(), serde_json::to_value(&header)) {
+        obj.extend(h);
+    }
+    let metadata = Metadata {
+        correlation_id: CORRELATION.into(),
+        source: "orders".into(),
+        ..Metadata::default()
+    };
+    Envelope::new(event_type, order.to_string(), payload, metadata)
+}
+
+/// `inventory.reserve` for `order` with `(product, quantity)` lines.
+pub fn reserve(order: Uuid, lines: &[(Uuid, i64)]) -> Envelope {
+    let cmd = ReserveStock {
+        order_id: order,
+        lines: lines
+            .iter()
+            .map(|&(product_id, quantity)| LineRequest { product_id, quantity })
+            .collect(),
+    };
+    command(types::RESERVE_STOCK, json!(cmd), order, "reserveInventory", false)
+}
+
+/// `inventory.release` (the compensation of reserving) for `order`.
+pub fn release(order: Uuid) -> Envelope {
+    command(
+        types::RELEASE_STOCK,
+        json!(OrderRef { order_id: order }),
+        order,
+        "reserveInventory",
+        true,
+    )
+}
+
+/// `inventory.commit` (the confirming step) for `order`.
+pub fn commit(order: Uuid) -> Envelope {
+    command(
+        types::COMMIT_STOCK,
+        json!(OrderRef { order_id: order }),
+        order,
+        "commitStock",
+        false,
+    )
+}
