@@ -1,4 +1,5 @@
-//! The library half of the `bazaar` binary: the role table and the roles' settings, shared
-//! by the binary's commands, its end-to-end tests and the benches.
+//! The library half of the `bazaar` binary: the role table and the roles' settings, and the
+//! load driver, shared by the binary's commands, its end-to-end tests and the benches.
 
+pub mod load;
 pub mod roles;

@@ -23,39 +23,39 @@ use tokio::sync::Mutex;
 pub struct LoadArgs {
     /// The gateway.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
-    pub(crate) url: String,
+    url: String,
     /// Orders to place.
     #[arg(long, default_value_t = 200)]
-    pub(crate) orders: usize,
+    orders: usize,
     /// Concurrent workers.
     #[arg(long, default_value_t = 16)]
-    pub(crate) concurrency: usize,
+    concurrency: usize,
     /// Customers to spread the orders over.
     #[arg(long, default_value_t = 8)]
-    pub(crate) users: usize,
+    users: usize,
     /// Give up following orders after this many seconds.
     #[arg(long, default_value_t = 120)]
-    pub(crate) timeout: u64,
+    timeout: u64,
     /// Password of the admin account (admin@bazaar.local) that adds the load's products.
     /// Default: the DATA/admin.password file `bazaar up` wrote.
     #[arg(long, env = "BAZAAR_ADMIN_PASSWORD", hide_env_values = true)]
-    pub(crate) admin_password: Option<String>,
+    admin_password: Option<String>,
 }
 
-/// What one load run measured; `bazaar bench saga` reads it instead of the printed report.
+/// What one load run measured; `bazaar-bench saga` reads it instead of the printed report.
 #[derive(Debug, Clone)]
-pub(crate) struct LoadStats {
+pub struct LoadStats {
     /// From the first order placed to the last one settled.
-    pub(crate) elapsed: Duration,
+    pub elapsed: Duration,
     /// `POST /orders` round trips, sorted.
-    pub(crate) place: Vec<Duration>,
+    pub place: Vec<Duration>,
     /// Placed to confirmed or cancelled, sorted.
-    pub(crate) settle: Vec<Duration>,
+    pub settle: Vec<Duration>,
     /// Final order statuses and failures, counted.
-    pub(crate) outcomes: std::collections::BTreeMap<String, usize>,
+    pub outcomes: std::collections::BTreeMap<String, usize>,
 }
 
-pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -138,7 +138,7 @@ async fn admin_token(client: &Client, api: &str, args: &LoadArgs) -> anyhow::Res
     let (st, body) = json_call(
         client
             .post(format!("{api}/auth/token"))
-            .json(&json!({"email": bazaar::roles::ADMIN_EMAIL, "password": password})),
+            .json(&json!({"email": crate::roles::ADMIN_EMAIL, "password": password})),
     )
     .await?;
     match body["accessToken"].as_str() {
@@ -148,7 +148,7 @@ async fn admin_token(client: &Client, api: &str, args: &LoadArgs) -> anyhow::Res
 }
 
 /// Sets up customers and products, places `args.orders` orders and follows each to its end.
-pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
+pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
     if args.orders == 0 || args.concurrency == 0 || args.users == 0 {
         bail!("--orders, --concurrency and --users must be at least 1");
     }

@@ -1,9 +1,8 @@
 //! `bazaar`: one binary for every role, the local supervisor, the audit and the load tool.
+//! Benchmarks are a separate binary, `bazaar-bench` (crates/bench).
 
 mod audit;
-mod bench;
 mod config_file;
-mod load;
 mod up;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -38,9 +37,7 @@ enum Command {
     /// Checks the invariants (nothing lost, nothing doubled) over every store and the broker.
     Audit(audit::AuditArgs),
     /// Drives orders through the gateway and reports throughput and latency.
-    Load(load::LoadArgs),
-    /// Benchmarks gateway, messaging pipeline and saga against a reference, as ratios.
-    Bench(bench::BenchArgs),
+    Load(bazaar::load::LoadArgs),
     /// Gateway tools.
     Gateway {
         #[command(subcommand)]
@@ -83,7 +80,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     // A service role is I/O bound and its SQLite work runs on sqlx's own threads: one
-    // scheduler thread avoids cross-thread wake-ups (bazaar bench saga: 90 -> 100 orders/s,
+    // scheduler thread avoids cross-thread wake-ups (bazaar-bench saga: 90 -> 100 orders/s,
     // 12% less CPU). The gateway keeps a thread per core. BAZAAR_WORKER_THREADS overrides.
     let threads = std::env::var("BAZAAR_WORKER_THREADS")
         .ok()
@@ -112,8 +109,7 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(&cli.settings, args).await,
             Command::Serve { role } => roles::serve(&cli.settings, role).await,
             Command::Audit(args) => audit::run(&cli.settings, args).await,
-            Command::Load(args) => load::run(args).await,
-            Command::Bench(args) => bench::run(args).await,
+            Command::Load(args) => bazaar::load::run(args).await,
             Command::Gateway {
                 command: GatewayCommand::Check { file },
             } => match bazaar_gateway::check_config_file(&file) {

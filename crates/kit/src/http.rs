@@ -79,13 +79,23 @@ impl Problem {
         tracing::error!(error = %cause, "internal error");
         Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the service log")
     }
+
+    /// 503 with `Retry-After`: the store was busy and nothing was changed, so the same
+    /// request may be sent again (with its Idempotency-Key, where it has one).
+    pub fn busy(cause: impl std::fmt::Display) -> Problem {
+        tracing::warn!(error = %cause, "store busy; asking the client to retry");
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the service's store is busy; nothing was changed, retry shortly",
+        )
+    }
 }
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
-        (
+        let mut response = (
             status,
             [(
                 header::CONTENT_TYPE,
@@ -93,19 +103,39 @@ impl IntoResponse for Problem {
             )],
             body,
         )
-            .into_response()
+            .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
 impl From<crate::store::StoreError> for Problem {
     fn from(e: crate::store::StoreError) -> Self {
-        Problem::internal(e)
+        if e.is_busy() {
+            Problem::busy(e)
+        } else {
+            Problem::internal(e)
+        }
+    }
+}
+
+impl From<crate::consumer::HandlerError> for Problem {
+    /// A transient failure (the store) inside work a request started rolled it back: retry.
+    fn from(e: crate::consumer::HandlerError) -> Self {
+        match e {
+            crate::consumer::HandlerError::Transient(_) => Problem::busy(e),
+            crate::consumer::HandlerError::Poison(_) => Problem::internal(e),
+        }
     }
 }
 
 impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
-        Problem::internal(e)
+        Problem::from(crate::store::StoreError::from(e))
     }
 }
 
@@ -278,6 +308,19 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, mut shutdo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_store_asks_the_client_to_retry_and_a_broken_one_does_not() {
+        let busy = Problem::from(sqlx::Error::PoolTimedOut).into_response();
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            busy.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        let broken = Problem::from(sqlx::Error::RowNotFound).into_response();
+        assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(broken.headers().get(header::RETRY_AFTER).is_none());
+    }
 
     #[test]
     fn problem_has_the_rfc_fields() {

@@ -48,6 +48,33 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// True when retrying soon may succeed: the database was busy (SQLite's write lock held
+    /// past the busy timeout, no pooled connection in time) or the engine chose this
+    /// transaction as a serialization or deadlock victim.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            StoreError::Database(e) => is_busy(e),
+            _ => false,
+        }
+    }
+}
+
+/// See [`StoreError::is_busy`].
+pub fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => {
+            // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes; PostgreSQL's
+            // serialization_failure and deadlock_detected.
+            let code = db.code().unwrap_or_default();
+            matches!(code.as_ref(), "5" | "6" | "261" | "262" | "517" | "40001" | "40P01")
+                || db.message().contains("database is locked")
+        }
+        _ => false,
+    }
+}
+
 /// Which SQL engine a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {

@@ -42,7 +42,7 @@ async fn list(
     };
     let rows = sqlx::query(
         "SELECT id, dedupe_key, channel, recipient, subject, status, attempts, last_error, correlation_id, created_at, sent_at
-         FROM notification WHERE ($1 = '' OR recipient = $1) ORDER BY created_at DESC LIMIT $2 OFFSET $3",
+         FROM notification WHERE ($1 = '' OR recipient = $1) ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
     )
     .bind(recipient.unwrap_or_default())
     .bind(filter.limit.unwrap_or(100).clamp(1, 1000))

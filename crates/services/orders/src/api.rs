@@ -37,11 +37,30 @@ pub fn router(orders: Orders) -> Router {
 /// Most lines one order may have.
 const MAX_LINES: usize = 100;
 
-/// The body of `POST /orders`: what to buy; prices come from the catalogue.
+/// The body of `POST /orders`: what to buy; prices come from the catalogue. Unknown fields
+/// are refused in the lines too, so nothing the customer asked for (a size, say) is dropped.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PlaceOrder {
-    items: Vec<LineRequest>,
+    items: Vec<OrderLine>,
+}
+
+/// One line of [`PlaceOrder`]: the strict form of [`LineRequest`], which (as a contract
+/// between services) tolerates fields it does not know.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct OrderLine {
+    product_id: Uuid,
+    quantity: i64,
+}
+
+impl From<OrderLine> for LineRequest {
+    fn from(line: OrderLine) -> LineRequest {
+        LineRequest {
+            product_id: line.product_id,
+            quantity: line.quantity,
+        }
+    }
 }
 
 /// An order as clients see it.
@@ -90,13 +109,14 @@ async fn place(
     headers: HeaderMap,
     Json(body): Json<PlaceOrder>,
 ) -> Result<Response, Problem> {
-    if body.items.is_empty() {
+    let items: Vec<LineRequest> = body.items.into_iter().map(LineRequest::from).collect();
+    if items.is_empty() {
         return Err(Problem::bad_request("an order needs at least one item"));
     }
-    if body.items.len() > MAX_LINES {
+    if items.len() > MAX_LINES {
         return Err(Problem::bad_request(format!("an order has at most {MAX_LINES} items")));
     }
-    if let Some(bad) = body.items.iter().find(|l| l.quantity < 1 || l.quantity > 10_000) {
+    if let Some(bad) = items.iter().find(|l| l.quantity < 1 || l.quantity > 10_000) {
         return Err(Problem::bad_request(format!(
             "quantity of {} must be between 1 and 10000",
             bad.product_id
@@ -114,11 +134,11 @@ async fn place(
     };
     let store = &orders.rt.store;
     if let Some(existing) = find_by_key(&orders, &user.sub, key.as_deref()).await? {
-        return same_request(existing, &body.items);
+        return same_request(existing, &items);
     }
     let id = Uuid::now_v7();
     let now = now_millis();
-    let lines = serde_json::to_string(&body.items).unwrap_or_default();
+    let lines = serde_json::to_string(&items).unwrap_or_default();
     let mut tx = store.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO orders (id, customer_id, email, status, lines, idempotency_key, version, created_at, updated_at)
@@ -139,9 +159,9 @@ async fn place(
         let existing = find_by_key(&orders, &user.sub, key.as_deref())
             .await?
             .ok_or_else(|| Problem::conflict("order could not be placed; retry"))?;
-        return same_request(existing, &body.items);
+        return same_request(existing, &items);
     }
-    let context = OrderContext::new(id, user.sub, user.email.clone(), body.items);
+    let context = OrderContext::new(id, user.sub, user.email.clone(), items);
     orders
         .engine
         .start_traced(
@@ -152,7 +172,7 @@ async fn place(
             ctx.traceparent.as_deref(),
         )
         .await
-        .map_err(Problem::internal)?;
+        .map_err(Problem::from)?;
     orders.rt.outbox.commit(tx).await?;
     metrics::counter!("bazaar_orders_placed_total").increment(1);
     let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
@@ -201,7 +221,7 @@ async fn list(
     Query(page): Query<Page>,
 ) -> Result<Json<Vec<Order>>, Problem> {
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT $2 OFFSET $3"
+        "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3"
     ))
     .bind(user.sub.to_string())
     .bind(page.limit.unwrap_or(50).clamp(1, 500))

@@ -1,4 +1,4 @@
-//! `bazaar bench pipeline`: what the messaging core (outbox, relay, consumer runner, inbox)
+//! `bazaar-bench pipeline`: what the messaging core (outbox, relay, consumer runner, inbox)
 //! costs over publishing and acking straight on the same broker.
 //!
 //! - raw: one task publishes N messages to the broker; one subscription of one group fetches
@@ -36,7 +36,7 @@ use tokio::sync::Notify;
 
 use super::{Report, Sample};
 
-/// Flags of `bazaar bench pipeline`.
+/// Flags of `bazaar-bench pipeline`.
 #[derive(Debug, Args)]
 pub struct PipelineBenchArgs {
     /// Events per variant.
@@ -57,7 +57,7 @@ const SINK_MIGRATIONS: &[Migration] = &[Migration::new(
     "CREATE TABLE bench_sink (event_id TEXT PRIMARY KEY, n BIGINT NOT NULL, at BIGINT NOT NULL)",
 )];
 
-/// `bazaar bench pipeline`.
+/// `bazaar-bench pipeline`.
 pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report> {
     if args.events == 0 || args.events > 1_000_000 || args.timeout == 0 {
         bail!("--events must be 1..=1000000 and --timeout at least 1");

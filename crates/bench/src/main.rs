@@ -1,4 +1,4 @@
-//! `bazaar bench`: our building blocks measured beside a reference, in one run, as ratios.
+//! `bazaar-bench`: our building blocks measured beside a reference, in one run, as ratios.
 //!
 //! - `gateway`: requests per second and latency straight to a tiny upstream, through the
 //!   bazaar gateway (bare, then with jwt + rate-limiting + correlation-id), and through
@@ -7,7 +7,11 @@
 //!   publish/ack loop on the same broker.
 //! - `saga`: orders per second through the distributed saga (`bazaar up` on its embedded
 //!   defaults and, given `--postgres` and `--nats`, on fresh PostgreSQL databases and NATS)
-//!   against one SQLite transaction per order in a monolith.
+//!   against a monolith that runs the same participants' code in one SQLite transaction.
+//!
+//! It ships apart from the `bazaar` binary, which holds only what an operator runs. Build
+//! both (`cargo build --release -p bazaar -p bazaar-bench`); the saga bench starts the
+//! `bazaar` beside this executable, or the one `--bazaar PATH` names.
 //!
 //! Every run is bounded in count and time, uses loopback and temp dirs only, and cleans up.
 //! Load generator and servers share this machine's cores, so figures are comparative: read
@@ -18,13 +22,16 @@ mod pipeline;
 mod report;
 mod saga;
 
-use clap::{Args, Subcommand};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
 
 pub(crate) use report::{Report, Sample};
 
-/// Flags of `bazaar bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
+/// Benchmarks gateway, messaging pipeline and saga against a reference, as ratios.
+#[derive(Debug, Parser)]
+#[command(name = "bazaar-bench", version, about)]
+struct BenchArgs {
     #[command(subcommand)]
     what: BenchCommand,
     /// Also print the results as one JSON object on the last line.
@@ -42,14 +49,23 @@ enum BenchCommand {
     Saga(saga::SagaBenchArgs),
 }
 
-/// `bazaar bench`.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = BenchArgs::parse();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let report = match args.what {
-        BenchCommand::Gateway(a) => gateway::run(a, cores).await?,
-        BenchCommand::Pipeline(a) => pipeline::run(a, cores).await?,
-        BenchCommand::Saga(a) => saga::run(a, cores).await?,
+        BenchCommand::Gateway(a) => gateway::run(a, cores).await,
+        BenchCommand::Pipeline(a) => pipeline::run(a, cores).await,
+        BenchCommand::Saga(a) => saga::run(a, cores).await,
     };
-    report.print(args.json);
-    Ok(())
+    match report {
+        Ok(report) => {
+            report.print(args.json);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bazaar-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! `bazaar bench gateway`: the cost of the bazaar gateway as a reverse proxy, next to no
+//! `bazaar-bench gateway`: the cost of the bazaar gateway as a reverse proxy, next to no
 //! proxy at all and to HAProxy, measured by one closed-loop load generator in one run.
 //!
 //! A tiny in-process upstream answers every request with a fixed ~100-byte body. The load
@@ -29,7 +29,7 @@ use tokio::{
 
 use super::{Report, Sample};
 
-/// Flags of `bazaar bench gateway`.
+/// Flags of `bazaar-bench gateway`.
 #[derive(Debug, Args)]
 pub struct GatewayBenchArgs {
     /// Measured seconds per variant (after a warm-up of a tenth of this, at most 2 s).
@@ -47,7 +47,7 @@ const BODY: &[u8] =
 /// Longest a variant may run, whatever `--seconds` says, so the bench always stops.
 const MAX_SECONDS: u64 = 300;
 
-/// `bazaar bench gateway`.
+/// `bazaar-bench gateway`.
 pub async fn run(args: GatewayBenchArgs, cores: usize) -> anyhow::Result<Report> {
     if args.seconds == 0 || args.seconds > MAX_SECONDS || args.connections == 0 || args.connections > 4096 {
         bail!("--seconds must be 1..={MAX_SECONDS} and --connections 1..=4096");

@@ -1,4 +1,4 @@
-//! `bazaar bench saga`: orders through the distributed saga against a monolith that does the
+//! `bazaar-bench saga`: orders through the distributed saga against a monolith that does the
 //! same business in one database transaction per order.
 //!
 //! - saga embedded: `bazaar up --quiet` runs as a child process on a temp data dir and free
@@ -10,14 +10,14 @@
 //!   PostgreSQL databases (created through the admin URL, dropped afterwards even when the
 //!   run fails) and a NATS broker under a namespace of its own.
 //! - monolith: one SQLite file (opened by `Store`, so the same pool size, WAL and pragmas)
-//!   with products, reservations, accounts, a double-entry ledger, payments and orders; each
-//!   order is ONE transaction that reserves stock, checks and debits the wallet, commits the
-//!   stock and confirms (or cancels) the order. Same customers, products, prices, order mix,
-//!   count and concurrency as the load driver.
+//!   with the services' own tables; each order is ONE transaction that runs the participants'
+//!   own code (inventory's `StockCommands`, payments' `PaymentCommands`) for reserve, pay and
+//!   commit (or release), then confirms or cancels the order: the same rules, so the baseline
+//!   cannot drift from the services. Same customers, products, prices, order mix, count and
+//!   concurrency as the load driver.
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -26,16 +26,27 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use bazaar::roles::{self, store_url_var};
-use bazaar_kit::store::{now_millis, Migration, Store};
+use bazaar::{
+    load::{self, LoadArgs, LoadStats},
+    roles::{self, store_url_var},
+};
+use bazaar_bench::harness::{cpu_delta, Options, System};
+use bazaar_contracts::{types, LineRequest, OrderRef, ProcessPayment, ReserveStock, Reserved};
+use bazaar_inventory::StockCommands;
+use bazaar_kit::{
+    envelope::{Envelope, Metadata},
+    saga::{Participant, Verdict},
+    store::{now_millis, Migration, Store, Tx},
+};
+use bazaar_orders::OrderStatus;
+use bazaar_payments::{ledger, PaymentCommands};
 use clap::Args;
-use sqlx::Row;
-use tokio::{process::Command, sync::Mutex};
+use tokio::sync::Mutex;
+use uuid::Uuid;
 
 use super::{Report, Sample};
-use crate::load::{self, LoadArgs, LoadStats};
 
-/// Flags of `bazaar bench saga`.
+/// Flags of `bazaar-bench saga`.
 #[derive(Debug, Args)]
 pub struct SagaBenchArgs {
     /// Orders per variant.
@@ -57,6 +68,26 @@ pub struct SagaBenchArgs {
     /// NATS URL for the pg+nats variant (a `namespace=bench<uuid>` is added); needs --postgres too.
     #[arg(long, env = "BAZAAR_BENCH_NATS_URL")]
     nats: Option<String>,
+    /// The `bazaar` executable to start. Default: the one beside this executable.
+    #[arg(long, env = "BAZAAR_BIN")]
+    bazaar: Option<PathBuf>,
+}
+
+/// The `bazaar` executable: `--bazaar`, or the one built beside this one.
+fn bazaar_bin(args: &SagaBenchArgs) -> anyhow::Result<PathBuf> {
+    let path = match &args.bazaar {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable")?
+            .with_file_name("bazaar"),
+    };
+    if !path.is_file() {
+        bail!(
+            "no bazaar executable at {}; build it with `cargo build --release -p bazaar` or pass --bazaar PATH",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// Prices of the products `bazaar load` creates, in the same order.
@@ -69,7 +100,7 @@ struct SagaRun {
     audit: anyhow::Result<(bool, String)>,
 }
 
-/// `bazaar bench saga`.
+/// `bazaar-bench saga`.
 pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
     if args.orders == 0 || args.orders > 100_000 || args.concurrency == 0 || args.users == 0 {
         bail!("--orders must be 1..=100000; --concurrency and --users at least 1");
@@ -85,10 +116,11 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
         ),
         "orders/s",
     );
+    let bin = bazaar_bin(&args)?;
     let dir = tempfile::tempdir().context("cannot create a temp dir")?;
 
     eprintln!("bench saga: starting `bazaar up` on a temp data dir (embedded defaults)");
-    let embedded = saga(&args, &dir.path().join("embedded"), Vec::new()).await;
+    let embedded = saga(&args, &bin, &dir.path().join("embedded"), Vec::new()).await;
     add_saga(
         &mut report,
         "saga embedded",
@@ -100,7 +132,7 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
     let distributed = match (&args.postgres, &args.nats) {
         (Some(pg), Some(nats)) => {
             eprintln!("bench saga: starting `bazaar up` on fresh PostgreSQL databases and NATS");
-            Some(saga_on_postgres_and_nats(&args, &dir.path().join("pg-nats"), pg, nats).await)
+            Some(saga_on_postgres_and_nats(&args, &bin, &dir.path().join("pg-nats"), pg, nats).await)
         }
         (None, None) => {
             report.row(
@@ -130,7 +162,7 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
     report.row(
         "monolith",
         Some(mono),
-        format!("one SQLite tx per order; outcomes {outcomes:?}"),
+        format!("one SQLite tx per order through the participants' code; outcomes {outcomes:?}"),
     );
     report.compare("saga embedded", "monolith");
     report.compare("saga pg+nats", "monolith");
@@ -198,10 +230,18 @@ fn add_saga(report: &mut Report, name: &str, what: &str, result: anyhow::Result<
     }
 }
 
-/// Starts `bazaar up` on `data` with `env`, drives the orders, audits, stops it.
-async fn saga(args: &SagaBenchArgs, data: &Path, env: Vec<(String, String)>) -> anyhow::Result<SagaRun> {
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
-    let system = System::start(&data.join("data"), &data.join("up.log"), env).await?;
+/// Starts `bazaar up` in `dir` with `env`, drives the orders, audits, stops it.
+async fn saga(args: &SagaBenchArgs, bin: &Path, dir: &Path, env: Vec<(String, String)>) -> anyhow::Result<SagaRun> {
+    let options = Options {
+        bin: bin.to_path_buf(),
+        dir: dir.to_path_buf(),
+        base: None,
+        env: [("BAZAAR_DECLINE_RATE".to_string(), "0".to_string())]
+            .into_iter()
+            .chain(env)
+            .collect(),
+    };
+    let mut system = System::start(options).await?;
     let cpu_before = system.cpu();
     let measured = match load_args(args, &system) {
         Ok(load_args) => load::measure(&load_args).await,
@@ -209,7 +249,7 @@ async fn saga(args: &SagaBenchArgs, data: &Path, env: Vec<(String, String)>) -> 
     };
     let cpu = cpu_delta(&cpu_before, &system.cpu());
     eprintln!("bench saga: running `bazaar audit --wait 30`");
-    let audit = system.audit().await;
+    let audit = system.audit(Duration::from_secs(30)).await;
     system.stop().await;
     Ok(SagaRun {
         stats: measured?,
@@ -222,6 +262,7 @@ async fn saga(args: &SagaBenchArgs, data: &Path, env: Vec<(String, String)>) -> 
 /// databases are dropped afterwards whatever happened.
 async fn saga_on_postgres_and_nats(
     args: &SagaBenchArgs,
+    bin: &Path,
     data: &Path,
     admin: &str,
     nats: &str,
@@ -238,7 +279,7 @@ async fn saga_on_postgres_and_nats(
         }
         let namespace = format!("bench{}", uuid::Uuid::now_v7().simple());
         env.push(("BAZAAR_BROKER_URL".to_string(), with_namespace(nats, &namespace)));
-        saga(args, data, env).await
+        saga(args, bin, data, env).await
     }
     .await;
     dbs.drop_all().await;
@@ -314,7 +355,7 @@ fn load_args(args: &SagaBenchArgs, system: &System) -> anyhow::Result<LoadArgs> 
     }
     let mut line = vec![
         "load".to_string(),
-        format!("--url=http://127.0.0.1:{}", system.base),
+        format!("--url=http://127.0.0.1:{}", system.base()),
         format!("--orders={}", args.orders),
         format!("--concurrency={}", args.concurrency),
         format!("--users={}", args.users),
@@ -324,7 +365,7 @@ fn load_args(args: &SagaBenchArgs, system: &System) -> anyhow::Result<LoadArgs> 
         .get_arguments()
         .any(|a| a.get_long() == Some("admin-password"));
     if takes_password {
-        if let Ok(password) = std::fs::read_to_string(system.data.join("admin.password")) {
+        if let Ok(password) = std::fs::read_to_string(system.data().join("admin.password")) {
             line.push(format!("--admin-password={}", password.trim()));
         }
     }
@@ -339,190 +380,6 @@ fn indent(text: &str) -> String {
         .join("\n")
 }
 
-/// A `bazaar up` child on free ports; [`System::stop`] (or drop) ends it with SIGTERM.
-struct System {
-    child: Option<tokio::process::Child>,
-    data: PathBuf,
-    base: u16,
-    log: PathBuf,
-    /// Set for `up` and `audit` after [`foreign_env`] is removed: stores and broker.
-    env: Vec<(String, String)>,
-}
-
-/// Variables that could point `up` at someone else's stores, broker or config.
-fn foreign_env() -> Vec<String> {
-    let common = [
-        "BAZAAR_BROKER_URL",
-        "BAZAAR_STORE_URL",
-        "BAZAAR_LISTEN",
-        "BAZAAR_GATEWAY_CONFIG",
-    ];
-    let stores = roles::services().map(|(_, spec)| store_url_var(spec.name));
-    common.into_iter().map(String::from).chain(stores).collect()
-}
-
-impl System {
-    async fn start(data: &Path, log: &Path, env: Vec<(String, String)>) -> anyhow::Result<System> {
-        let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
-        let base = free_base_port()?;
-        let file = std::fs::File::create(log)?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["up", "--quiet"])
-            .env("BAZAAR_DATA", data)
-            .env("BAZAAR_BASE_PORT", base.to_string())
-            .env("BAZAAR_DECLINE_RATE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file.try_clone()?))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true);
-        for var in foreign_env() {
-            cmd.env_remove(var);
-        }
-        cmd.envs(env.iter().map(|(k, v)| (k, v)));
-        let child = cmd.spawn().context("cannot start `bazaar up`")?;
-        let mut system = System {
-            child: Some(child),
-            data: data.to_path_buf(),
-            base,
-            log: log.to_path_buf(),
-            env,
-        };
-        if let Err(e) = system.wait_healthy().await {
-            let log = system.log.clone();
-            system.stop().await;
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("{e:#}; last lines of its log:\n{}", tail.join("\n"));
-        }
-        Ok(system)
-    }
-
-    /// CPU seconds used so far by each role (from `DATA/run/ROLE.pid`) and by this process
-    /// (the load driver), read from /proc; empty where /proc is missing.
-    fn cpu(&self) -> Vec<(String, f64)> {
-        let mut out = vec![("load driver".to_string(), cpu_seconds("self"))];
-        if let Ok(entries) = std::fs::read_dir(self.data.join("run")) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let (Some(role), Some("pid")) = (
-                    path.file_stem().and_then(|s| s.to_str()),
-                    path.extension().and_then(|s| s.to_str()),
-                ) else {
-                    continue;
-                };
-                if let Ok(pid) = std::fs::read_to_string(&path) {
-                    out.push((role.to_string(), cpu_seconds(pid.trim())));
-                }
-            }
-        }
-        out.retain(|(_, s)| s.is_finite());
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
-
-    async fn wait_healthy(&mut self) -> anyhow::Result<()> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-        let deadline = Instant::now() + Duration::from_secs(90);
-        for role in roles::up_roles() {
-            let url = format!("http://127.0.0.1:{}/health", self.base + role.health_offset());
-            loop {
-                if let Ok(r) = client.get(&url).send().await {
-                    if r.status().is_success() {
-                        break;
-                    }
-                }
-                if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                    bail!("`bazaar up` exited with {status}");
-                }
-                if Instant::now() > deadline {
-                    bail!("{url} was not healthy within 90s");
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// Runs `bazaar audit --wait 30` on this system's data; `(passed, output)`.
-    async fn audit(&self) -> anyhow::Result<(bool, String)> {
-        let exe = std::env::current_exe()?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["audit", "--wait", "30"]).env("BAZAAR_DATA", &self.data);
-        for var in foreign_env() {
-            cmd.env_remove(var);
-        }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
-            .await
-            .context("audit did not finish within 90s")??;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok((out.status.success(), text))
-    }
-
-    /// SIGTERM, then up to 15 s for `up` to stop its roles, then SIGKILL.
-    async fn stop(mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        if let Some(pid) = child.id() {
-            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
-        }
-        if tokio::time::timeout(Duration::from_secs(15), child.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.kill().await;
-        }
-    }
-}
-
-/// User plus system CPU seconds of process `pid` (`self` for this one), NaN if unknown.
-/// Assumes the usual 100 clock ticks per second of Linux's /proc.
-fn cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    // Fields after the parenthesised command name: state is the 1st, utime the 12th, stime the 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        (Some(u), Some(s)) => (u + s) / 100.0,
-        _ => f64::NAN,
-    }
-}
-
-/// CPU seconds spent between two snapshots, per process present in both.
-fn cpu_delta(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
-    after
-        .iter()
-        .filter_map(|(name, a)| {
-            let (_, b) = before.iter().find(|(n, _)| n == name)?;
-            Some((name.clone(), (a - b).max(0.0)))
-        })
-        .collect()
-}
-
-/// A base port whose every role's port (as `up` would take them) is free.
-fn free_base_port() -> anyhow::Result<u16> {
-    let seed = uuid::Uuid::new_v4().as_u128() as u64;
-    for i in 0..200u64 {
-        let base = 20_000 + ((seed.wrapping_add(i * 7919)) % 1_300) as u16 * 30;
-        let free = roles::port_offsets()
-            .iter()
-            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
-        if free {
-            return Ok(base);
-        }
-    }
-    bail!("no free range of loopback ports found")
-}
-
 /// The monolith's one store: the services' own tables (so both sides do the same work on the
 /// same schema), renumbered into one migration sequence.
 fn monolith_schema() -> [Migration; 3] {
@@ -534,10 +391,6 @@ fn monolith_schema() -> [Migration; 3] {
     ]
 }
 
-fn id() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
-
 /// Runs the monolith baseline; returns its sample and outcome counts.
 async fn monolith(
     path: &Path,
@@ -546,43 +399,24 @@ async fn monolith(
 ) -> anyhow::Result<(Sample, std::collections::BTreeMap<String, usize>)> {
     let store = Store::open(&format!("sqlite://{}", path.display())).await?;
     store.migrate(&monolith_schema()).await?;
-    // The house account receives what customers pay, so the ledger balances.
-    let house = id();
     let mut tx = store.begin().await?;
-    sqlx::query("INSERT INTO account (id, currency, created_at) VALUES ($1, 'USD', $2)")
-        .bind(&house)
-        .bind(now_millis())
-        .execute(&mut *tx)
-        .await?;
+    ledger::open(&mut tx, ledger::EXTERNAL, "USD").await?;
     let mut customers = Vec::new();
     for _ in 0..args.users {
-        let account = id();
-        sqlx::query("INSERT INTO account (id, currency, created_at) VALUES ($1, 'USD', $2)")
-            .bind(&account)
-            .bind(now_millis())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO ledger_entry (id, txn_id, account_id, amount_cents, kind, reference, at)
-             VALUES ($1, $2, $3, $4, 'credit', 'welcome', $5)",
-        )
-        .bind(id())
-        .bind(id())
-        .bind(&account)
-        .bind(credit)
-        .bind(now_millis())
-        .execute(&mut *tx)
-        .await?;
-        customers.push(account);
+        let customer = Uuid::now_v7();
+        let wallet = ledger::wallet(&customer);
+        ledger::open(&mut tx, &wallet, "USD").await?;
+        ledger::transfer(&mut tx, ledger::EXTERNAL, &wallet, credit, "deposit", "welcome credit").await?;
+        customers.push(customer);
     }
     let mut products = Vec::new();
     for (i, price) in PRICES.iter().enumerate() {
-        let product = id();
+        let product = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO product (id, sku, name, price_cents, currency, on_hand, reserved, created_at)
              VALUES ($1, $2, $3, $4, 'USD', 1000000, 0, $5)",
         )
-        .bind(&product)
+        .bind(product.to_string())
         .bind(format!("MONO-{i}"))
         .bind(format!("Item {i}"))
         .bind(*price)
@@ -603,7 +437,7 @@ async fn monolith(
     let workers: Vec<_> = (0..args.concurrency)
         .map(|_| {
             let (store, next, latencies, outcomes) = (store.clone(), next.clone(), latencies.clone(), outcomes.clone());
-            let (customers, products, house, total) = (customers.clone(), products.clone(), house.clone(), args.orders);
+            let (customers, products, total) = (customers.clone(), products.clone(), args.orders);
             tokio::spawn(async move {
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);
@@ -611,14 +445,14 @@ async fn monolith(
                         return;
                     }
                     // The same mix as `bazaar load`: customer n % users, product n % 4, 1 or 2 units.
-                    let customer = &customers[n % customers.len()];
-                    let product = &products[n % products.len()];
+                    let customer = customers[n % customers.len()];
+                    let product = products[n % products.len()];
                     let quantity = 1 + (n % 2) as i64;
                     let t0 = Instant::now();
-                    let outcome = match place_order(&store, customer, &house, product, quantity).await {
+                    let outcome = match place_order(&store, customer, product, quantity).await {
                         Ok(status) => {
                             latencies.lock().await.push(t0.elapsed());
-                            status
+                            status.as_str().to_string()
                         }
                         Err(e) => format!("error: {e:#}"),
                     };
@@ -649,140 +483,92 @@ async fn monolith(
     Ok((sample, outcomes))
 }
 
-/// One order, start to end, in one transaction: `confirmed` or `cancelled`.
-async fn place_order(
-    store: &Store,
-    customer: &str,
-    house: &str,
-    product: &str,
-    quantity: i64,
-) -> anyhow::Result<String> {
-    let order = id();
+/// A saga command as the participant receives it (the header the engine adds is not read).
+fn command(event_type: &str, order: Uuid, payload: impl serde::Serialize) -> Envelope {
+    Envelope::new(event_type, order.to_string(), payload, Metadata::default())
+}
+
+/// What a participant answers now, done with data or refused with a reason; the monolith
+/// has no provider to wait for.
+async fn ask(
+    participant: &impl Participant,
+    tx: &mut Tx<'static>,
+    command: &Envelope,
+) -> anyhow::Result<Result<serde_json::Value, String>> {
+    match participant.act(tx, command).await? {
+        Verdict::Done(data) => Ok(Ok(data)),
+        Verdict::Refused(reason) => Ok(Err(reason)),
+        Verdict::Later => bail!("{} was deferred, but the monolith has no provider", command.event_type),
+    }
+}
+
+/// One order, start to end, in one transaction through the participants' own rules.
+async fn place_order(store: &Store, customer: Uuid, product: Uuid, quantity: i64) -> anyhow::Result<OrderStatus> {
+    let order = Uuid::now_v7();
+    let lines = vec![LineRequest {
+        product_id: product,
+        quantity,
+    }];
     let now = now_millis();
     let mut tx = store.begin().await?;
-    let lines = serde_json::json!([{"productId": product, "quantity": quantity}]).to_string();
     sqlx::query(
         "INSERT INTO orders (id, customer_id, email, status, lines, version, created_at, updated_at)
-         VALUES ($1, $2, 'bench@example.com', 'pending', $3, 1, $4, $4)",
+         VALUES ($1, $2, 'bench@example.com', $3, $4, 1, $5, $5)",
     )
-    .bind(&order)
-    .bind(customer)
-    .bind(&lines)
+    .bind(order.to_string())
+    .bind(customer.to_string())
+    .bind(OrderStatus::Pending.as_str())
+    .bind(serde_json::to_string(&lines)?)
     .bind(now)
     .execute(&mut *tx)
     .await?;
-
-    // reserveInventory: every line or none.
-    let row = sqlx::query("SELECT price_cents, on_hand, reserved FROM product WHERE id = $1")
-        .bind(product)
-        .fetch_one(&mut *tx)
-        .await?;
-    let (price, on_hand, reserved): (i64, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-    let (status, reason) = if on_hand - reserved < quantity {
-        ("cancelled", Some("out of stock"))
-    } else {
-        sqlx::query("UPDATE product SET reserved = reserved + $1 WHERE id = $2")
-            .bind(quantity)
-            .bind(product)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO reservation (order_id, status, updated_at) VALUES ($1, 'reserved', $2)")
-            .bind(&order)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO reservation_line (order_id, product_id, quantity) VALUES ($1, $2, $3)")
-            .bind(&order)
-            .bind(product)
-            .bind(quantity)
-            .execute(&mut *tx)
-            .await?;
-
-        // processPayment: the wallet's balance is the sum of its ledger entries.
-        let total = price * quantity;
-        let balance: i64 =
-            sqlx::query_scalar("SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE account_id = $1")
-                .bind(customer)
-                .fetch_one(&mut *tx)
-                .await?;
-        if balance < total {
-            // Compensation: release the reservation.
-            sqlx::query("UPDATE product SET reserved = reserved - $1 WHERE id = $2")
-                .bind(quantity)
-                .bind(product)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE reservation SET status = 'released', updated_at = $2 WHERE order_id = $1")
-                .bind(&order)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            ("cancelled", Some("insufficient funds"))
-        } else {
-            let txn = id();
-            for (account, amount, kind) in [(customer, -total, "debit"), (house, total, "credit")] {
-                sqlx::query(
-                    "INSERT INTO ledger_entry (id, txn_id, account_id, amount_cents, kind, reference, at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(id())
-                .bind(&txn)
-                .bind(account)
-                .bind(amount)
-                .bind(kind)
-                .bind(&order)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+    let payments = PaymentCommands::default();
+    let by_order = OrderRef { order_id: order };
+    let reserve = command(types::RESERVE_STOCK, order, ReserveStock { order_id: order, lines });
+    let (status, total, reason) = match ask(&StockCommands, &mut tx, &reserve).await? {
+        Ok(data) => {
+            let reserved: Reserved = serde_json::from_value(data)?;
+            let pay = ProcessPayment {
+                order_id: order,
+                customer_id: customer,
+                amount_cents: reserved.total_cents,
+                currency: reserved.currency,
+            };
+            match ask(&payments, &mut tx, &command(types::PROCESS_PAYMENT, order, pay)).await? {
+                Ok(_) => {
+                    let commit = command(types::COMMIT_STOCK, order, &by_order);
+                    if let Err(reason) = ask(&StockCommands, &mut tx, &commit).await? {
+                        bail!("inventory refused to commit order {order}: {reason}");
+                    }
+                    (OrderStatus::Confirmed, Some(reserved.total_cents), None)
+                }
+                Err(reason) => {
+                    let release = command(types::RELEASE_STOCK, order, &by_order);
+                    if let Err(why) = ask(&StockCommands, &mut tx, &release).await? {
+                        bail!("inventory refused to release order {order}: {why}");
+                    }
+                    (OrderStatus::Cancelled, None, Some(format!("processPayment: {reason}")))
+                }
             }
-            sqlx::query(
-                "INSERT INTO payment (order_id, id, customer_id, amount_cents, currency, status, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, 'USD', 'captured', $5, $5)",
-            )
-            .bind(&order)
-            .bind(&txn)
-            .bind(customer)
-            .bind(total)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-
-            // confirmOrder: commit the reserved stock.
-            sqlx::query("UPDATE product SET on_hand = on_hand - $1, reserved = reserved - $1 WHERE id = $2")
-                .bind(quantity)
-                .bind(product)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("INSERT INTO stock_movement (id, product_id, delta, reason, at) VALUES ($1, $2, $3, $4, $5)")
-                .bind(id())
-                .bind(product)
-                .bind(-quantity)
-                .bind(format!("order {order}"))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE reservation SET status = 'committed', updated_at = $2 WHERE order_id = $1")
-                .bind(&order)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE orders SET total_cents = $2 WHERE id = $1")
-                .bind(&order)
-                .bind(total)
-                .execute(&mut *tx)
-                .await?;
-            ("confirmed", None)
         }
+        Err(reason) => (
+            OrderStatus::Cancelled,
+            None,
+            Some(format!("reserveInventory: {reason}")),
+        ),
     };
-    sqlx::query("UPDATE orders SET status = $2, reason = $3, version = version + 1, updated_at = $4 WHERE id = $1")
-        .bind(&order)
-        .bind(status)
-        .bind(reason)
-        .bind(now_millis())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE orders SET status = $2, total_cents = $3, reason = $4, version = version + 1, updated_at = $5 WHERE id = $1",
+    )
+    .bind(order.to_string())
+    .bind(status.as_str())
+    .bind(total)
+    .bind(reason)
+    .bind(now_millis())
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
-    Ok(status.to_string())
+    Ok(status)
 }
 
 #[cfg(test)]

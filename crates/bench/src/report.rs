@@ -36,7 +36,7 @@ impl Sample {
 
     /// The `q` quantile (0..=1) of the latencies, in milliseconds.
     pub(crate) fn ms(&self, q: f64) -> f64 {
-        crate::load::percentile(&self.latencies, q)
+        bazaar::load::percentile(&self.latencies, q)
     }
 }
 

@@ -1,0 +1,303 @@
+//! A running `bazaar up` for end-to-end tests and benches: a child process on a free range
+//! of loopback ports, in a directory of its own, waited on until every role is healthy, and
+//! stopped (SIGTERM, then SIGKILL) when dropped. The ports and roles come from the role table,
+//! so a new role is started, probed and stopped here without a change.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use bazaar::roles::{self, store_url_var, RoleSpec};
+use tokio::process::{Child, Command};
+
+/// How long every role gets to report healthy.
+const READY_WITHIN: Duration = Duration::from_secs(90);
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `bazaar` executable.
+    pub bin: PathBuf,
+    /// A directory for the data dir (`data/`) and the supervisor's log (`up.log`).
+    pub dir: PathBuf,
+    /// The base port; a free range is picked when `None`.
+    pub base: Option<u16>,
+    /// Extra `BAZAAR_*` settings (stores, broker, credit, provider).
+    pub env: Vec<(String, String)>,
+}
+
+/// A `bazaar up` child.
+#[derive(Debug)]
+pub struct System {
+    child: Option<Child>,
+    bin: PathBuf,
+    base: u16,
+    data: PathBuf,
+    log: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+/// Variables of the caller's environment that could point `up` at someone else's stores,
+/// broker, ports or config.
+pub fn foreign_env() -> Vec<String> {
+    let common = [
+        "BAZAAR_BROKER_URL",
+        "BAZAAR_STORE_URL",
+        "BAZAAR_LISTEN",
+        "BAZAAR_GATEWAY_CONFIG",
+        "BAZAAR_CONFIG",
+    ];
+    let stores = roles::services().map(|(_, spec)| store_url_var(spec.name));
+    common.into_iter().map(String::from).chain(stores).collect()
+}
+
+/// A base port whose every role's port is free, below the ephemeral range (32768+) so that
+/// outgoing connections cannot take them meanwhile.
+pub fn free_base_port() -> anyhow::Result<u16> {
+    let offsets = roles::port_offsets();
+    let span = offsets.iter().max().copied().unwrap_or(0) + 4;
+    let slots = (32_000 - 10_000) / span;
+    let seed = uuid::Uuid::new_v4().as_u128() as u64;
+    for i in 0..200u64 {
+        let base = 10_000 + (seed.wrapping_add(i * 7919) % u64::from(slots)) as u16 * span;
+        let free = offsets
+            .iter()
+            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
+        if free {
+            return Ok(base);
+        }
+    }
+    bail!("no free range of loopback ports found")
+}
+
+/// The port offset of the role called `name`.
+pub fn port_offset(name: &str) -> anyhow::Result<u16> {
+    RoleSpec::named(name)
+        .map(|r| r.port_offset)
+        .with_context(|| format!("no role `{name}` in the role table"))
+}
+
+impl System {
+    /// Starts `up` and waits until every role answers `/health` with 200.
+    pub async fn start(options: Options) -> anyhow::Result<System> {
+        let base = match options.base {
+            Some(base) => base,
+            None => free_base_port()?,
+        };
+        std::fs::create_dir_all(&options.dir).with_context(|| format!("cannot create {}", options.dir.display()))?;
+        let data = options.dir.join("data");
+        let log = options.dir.join("up.log");
+        let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let mut cmd = Command::new(&options.bin);
+        cmd.args(["up", "--quiet"])
+            .env("BAZAAR_DATA", &data)
+            .env("BAZAAR_BASE_PORT", base.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true);
+        for var in foreign_env() {
+            cmd.env_remove(var);
+        }
+        cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {} up", options.bin.display()))?;
+        let mut system = System {
+            child: Some(child),
+            bin: options.bin,
+            base,
+            data,
+            log,
+            env: options.env,
+        };
+        if let Err(e) = system.wait_healthy().await {
+            let tail = system.log_tail(4000);
+            system.stop().await;
+            bail!("{e:#}; the end of its log:\n{tail}");
+        }
+        Ok(system)
+    }
+
+    async fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let deadline = Instant::now() + READY_WITHIN;
+        for role in roles::up_roles() {
+            let url = format!("http://127.0.0.1:{}/health", self.base + role.health_offset());
+            loop {
+                if let Ok(r) = client.get(&url).send().await {
+                    if r.status().is_success() {
+                        break;
+                    }
+                }
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    bail!("`bazaar up` exited with {status}");
+                }
+                if Instant::now() > deadline {
+                    bail!("{url} was not healthy within {}s", READY_WITHIN.as_secs());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The base port (the gateway's).
+    pub fn base(&self) -> u16 {
+        self.base
+    }
+
+    /// The port of the role called `name`.
+    pub fn port(&self, name: &str) -> anyhow::Result<u16> {
+        Ok(self.base + port_offset(name)?)
+    }
+
+    /// The gateway's public URL of `path` under `/api/v1`.
+    pub fn api(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/api/v1{path}", self.base)
+    }
+
+    /// The data directory.
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
+    /// The extra settings it was started with.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
+    /// About the last `bytes` of the supervisor's log (every role's lines, prefixed).
+    pub fn log_tail(&self, bytes: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(bytes);
+        let start = text.char_indices().map(|(i, _)| i).find(|i| *i >= start).unwrap_or(0);
+        text[start..].to_string()
+    }
+
+    /// The whole supervisor log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `bazaar audit --wait WAIT` on this system's stores; `(passed, output)`.
+    pub async fn audit(&self, wait: Duration) -> anyhow::Result<(bool, String)> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["audit", "--wait", &wait.as_secs().to_string()])
+            .env("BAZAAR_DATA", &self.data);
+        for var in foreign_env() {
+            cmd.env_remove(var);
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let out = tokio::time::timeout(wait + Duration::from_secs(60), cmd.output())
+            .await
+            .context("the audit did not finish in time")??;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
+    }
+
+    /// The pid of the running process of role `name`, from `DATA/run/ROLE.pid`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        std::fs::read_to_string(self.data.join("run").join(format!("{name}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// SIGKILLs role `name`'s process; false when it was not running (being restarted).
+    pub fn kill9(&self, name: &str) -> bool {
+        self.pid(name).is_some_and(|pid| {
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    }
+
+    /// CPU seconds used so far by each role and by this process (the load driver), read
+    /// from /proc; empty where /proc is missing.
+    pub fn cpu(&self) -> Vec<(String, f64)> {
+        let mut out = vec![("load driver".to_string(), cpu_seconds("self"))];
+        for role in roles::up_roles() {
+            if let Some(pid) = self.pid(role.name) {
+                out.push((role.name.to_string(), cpu_seconds(&pid.to_string())));
+            }
+        }
+        out.retain(|(_, s)| s.is_finite());
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// SIGTERM, then up to 15 s for `up` to stop its roles, then SIGKILL.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+impl Drop for System {
+    /// Stops `up` the way [`System::stop`] does, without a runtime: SIGTERM lets it stop its
+    /// roles (a SIGKILL would orphan them), and only a hung one is killed.
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.start_kill();
+    }
+}
+
+/// User plus system CPU seconds of process `pid` (`self` for this one), NaN if unknown.
+/// Assumes the usual 100 clock ticks per second of Linux's /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name: state is the 1st, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+/// CPU seconds spent between two snapshots, per process present in both.
+pub fn cpu_delta(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
+    after
+        .iter()
+        .filter_map(|(name, a)| {
+            let (_, b) = before.iter().find(|(n, _)| n == name)?;
+            Some((name.clone(), (a - b).max(0.0)))
+        })
+        .collect()
+}
