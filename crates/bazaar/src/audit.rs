@@ -17,6 +17,9 @@ use serde::Serialize;
 use sqlx::Row;
 
 use bazaar::roles::{self, Settings};
+use bazaar_inventory::ReservationStatus;
+use bazaar_orders::OrderStatus;
+use bazaar_payments::PaymentStatus;
 
 use crate::DlqCommand;
 
@@ -144,35 +147,39 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     ));
 
     // 2. Each outcome matches payments and stock.
-    let payments: HashMap<String, (String, i64)> = sqlx::query("SELECT order_id, status, amount_cents FROM payment")
-        .fetch_all(s.payments.pool())
-        .await?
-        .iter()
-        .map(|r| {
-            Ok((
-                r.try_get("order_id")?,
-                (r.try_get("status")?, r.try_get("amount_cents")?),
-            ))
-        })
-        .collect::<Result<_, sqlx::Error>>()?;
-    let reservations: HashMap<String, String> = sqlx::query("SELECT order_id, status FROM reservation")
+    let payments: HashMap<String, (PaymentStatus, i64)> =
+        sqlx::query("SELECT order_id, status, amount_cents FROM payment")
+            .fetch_all(s.payments.pool())
+            .await?
+            .iter()
+            .map(|r| {
+                let status = PaymentStatus::parse(&r.try_get::<String, _>("status")?)?;
+                Ok((r.try_get("order_id")?, (status, r.try_get("amount_cents")?)))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    let reservations: HashMap<String, ReservationStatus> = sqlx::query("SELECT order_id, status FROM reservation")
         .fetch_all(s.inventory.pool())
         .await?
         .iter()
-        .map(|r| Ok((r.try_get("order_id")?, r.try_get("status")?)))
-        .collect::<Result<_, sqlx::Error>>()?;
+        .map(|r| {
+            let status = ReservationStatus::parse(&r.try_get::<String, _>("status")?)?;
+            Ok((r.try_get("order_id")?, status))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let mut wrong = Vec::new();
     for (id, status, total, _) in &final_orders {
         let pay = payments.get(id);
-        let res = reservations.get(id).map(String::as_str);
-        let fine = match status.as_str() {
-            "confirmed" => {
-                pay.is_some_and(|(st, amt)| st == "captured" && Some(*amt) == *total) && res == Some("committed")
+        let res = reservations.get(id).copied();
+        let captured = |(st, _): &(PaymentStatus, i64)| *st == PaymentStatus::Captured;
+        let fine = match OrderStatus::parse(status)? {
+            OrderStatus::Confirmed => {
+                pay.is_some_and(|p| captured(p) && Some(p.1) == *total) && res == Some(ReservationStatus::Committed)
             }
-            "cancelled" => {
-                pay.is_none_or(|(st, _)| st != "captured") && !matches!(res, Some("reserved") | Some("committed"))
+            OrderStatus::Cancelled => {
+                !pay.is_some_and(captured)
+                    && !matches!(res, Some(ReservationStatus::Reserved | ReservationStatus::Committed))
             }
-            _ => true,
+            OrderStatus::Pending => true,
         };
         if !fine {
             wrong.push(format!("{id} {status}: payment {pay:?}, reservation {res:?}"));

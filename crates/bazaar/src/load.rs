@@ -24,22 +24,41 @@ pub struct LoadArgs {
     /// The gateway.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// Orders to place.
-    #[arg(long, default_value_t = 200)]
-    orders: usize,
-    /// Concurrent workers.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Customers to spread the orders over.
-    #[arg(long, default_value_t = 8)]
-    users: usize,
-    /// Give up following orders after this many seconds.
-    #[arg(long, default_value_t = 120)]
-    timeout: u64,
+    #[command(flatten)]
+    shape: LoadShape,
     /// Password of the admin account (admin@bazaar.local) that adds the load's products.
     /// Default: the DATA/admin.password file `bazaar up` wrote.
     #[arg(long, env = "BAZAAR_ADMIN_PASSWORD", hide_env_values = true)]
     admin_password: Option<String>,
+}
+
+/// How much load, from how many workers and customers: shared with `bazaar-bench saga`, so
+/// its monolith baseline gets the same mix.
+#[derive(Debug, Clone, Args)]
+pub struct LoadShape {
+    /// Orders to place.
+    #[arg(long, default_value_t = 200)]
+    pub orders: usize,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Customers to spread the orders over.
+    #[arg(long, default_value_t = 8)]
+    pub users: usize,
+    /// Give up following orders after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+impl LoadArgs {
+    /// A load of `shape` on the gateway at `url`, adding products as the admin with `admin_password`.
+    pub fn new(url: String, shape: LoadShape, admin_password: Option<String>) -> LoadArgs {
+        LoadArgs {
+            url,
+            shape,
+            admin_password,
+        }
+    }
 }
 
 /// What one load run measured; `bazaar-bench saga` reads it instead of the printed report.
@@ -147,19 +166,19 @@ async fn admin_token(client: &Client, api: &str, args: &LoadArgs) -> anyhow::Res
     }
 }
 
-/// Sets up customers and products, places `args.orders` orders and follows each to its end.
+/// Sets up customers and products, places `args.shape.orders` orders and follows each to its end.
 pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
-    if args.orders == 0 || args.concurrency == 0 || args.users == 0 {
+    if args.shape.orders == 0 || args.shape.concurrency == 0 || args.shape.users == 0 {
         bail!("--orders, --concurrency and --users must be at least 1");
     }
     let client = Client::builder()
         .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(args.concurrency)
+        .pool_max_idle_per_host(args.shape.concurrency)
         .build()?;
     let api = format!("{}/api/v1", args.url.trim_end_matches('/'));
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let mut tokens = Vec::new();
-    for i in 0..args.users {
+    for i in 0..args.shape.users {
         let email = format!("load-{run_id}-{i}@example.com");
         let (st, body) = json_call(
             client
@@ -213,19 +232,19 @@ pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
     }
     println!(
         "placing {} orders from {} workers for {} customers via {}",
-        args.orders, args.concurrency, args.users, args.url
+        args.shape.orders, args.shape.concurrency, args.shape.users, args.url
     );
     let next = Arc::new(AtomicUsize::new(0));
     let place = Arc::new(Mutex::new(Vec::new()));
     let settle = Arc::new(Mutex::new(Vec::new()));
     let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(args.timeout);
+    let deadline = start + Duration::from_secs(args.shape.timeout);
     let mut workers = Vec::new();
-    for _ in 0..args.concurrency {
+    for _ in 0..args.shape.concurrency {
         let (client, api, tokens, products) = (client.clone(), api.clone(), tokens.clone(), products.clone());
         let (next, place, settle, outcomes) = (next.clone(), place.clone(), settle.clone(), outcomes.clone());
-        let total = args.orders;
+        let total = args.shape.orders;
         workers.push(tokio::spawn(async move {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);

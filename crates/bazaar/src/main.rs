@@ -121,7 +121,11 @@ fn main() -> ExitCode {
                     for p in &problems {
                         eprintln!("{}: {p}", file.display());
                     }
-                    Err(anyhow::anyhow!("{} problem(s) in {}", problems.len(), file.display()))
+                    Err(anyhow::anyhow!(
+                        "{} problem(s) in {}",
+                        problems.lines().len(),
+                        file.display()
+                    ))
                 }
             },
             Command::Dlq { command } => audit::dlq(&cli.settings, command).await,

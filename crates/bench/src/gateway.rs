@@ -219,7 +219,7 @@ async fn start_gateway(
     let path = dir.join(format!("{name}.yml"));
     std::fs::write(&path, config).with_context(|| format!("cannot write {}", path.display()))?;
     if let Err(problems) = bazaar_gateway::check_config_file(&path) {
-        bail!("bench gateway config is invalid: {}", problems.join("; "));
+        bail!("bench gateway config is invalid: {}", problems.lines().join("; "));
     }
     let proxy = TcpListener::bind("127.0.0.1:0").await?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;

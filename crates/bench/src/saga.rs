@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use bazaar::{
-    load::{self, LoadArgs, LoadStats},
+    load::{self, LoadArgs, LoadShape, LoadStats},
     roles::{self, store_url_var},
 };
 use bazaar_bench::harness::{cpu_delta, Options, System};
@@ -49,18 +49,8 @@ use super::{Report, Sample};
 /// Flags of `bazaar-bench saga`.
 #[derive(Debug, Args)]
 pub struct SagaBenchArgs {
-    /// Orders per variant.
-    #[arg(long, default_value_t = 300)]
-    orders: usize,
-    /// Concurrent workers placing orders.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Customers the orders are spread over.
-    #[arg(long, default_value_t = 8)]
-    users: usize,
-    /// Give up following orders after this many seconds.
-    #[arg(long, default_value_t = 120)]
-    timeout: u64,
+    #[command(flatten)]
+    shape: LoadShape,
     /// Admin URL of a PostgreSQL server on which the pg+nats variant creates (and then drops)
     /// one database per role; needs --nats too.
     #[arg(long, env = "BAZAAR_BENCH_POSTGRES_URL")]
@@ -102,7 +92,7 @@ struct SagaRun {
 
 /// `bazaar-bench saga`.
 pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
-    if args.orders == 0 || args.orders > 100_000 || args.concurrency == 0 || args.users == 0 {
+    if args.shape.orders == 0 || args.shape.orders > 100_000 || args.shape.concurrency == 0 || args.shape.users == 0 {
         bail!("--orders must be 1..=100000; --concurrency and --users at least 1");
     }
     let credit: i64 = std::env::var("BAZAAR_WELCOME_CREDIT_CENTS")
@@ -112,7 +102,7 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
     let mut report = Report::new(
         format!(
             "bench saga: {} orders, {} concurrent workers, {} customers ({} cents each)",
-            args.orders, args.concurrency, args.users, credit
+            args.shape.orders, args.shape.concurrency, args.shape.users, credit
         ),
         "orders/s",
     );
@@ -344,32 +334,16 @@ fn with_namespace(url: &str, namespace: &str) -> String {
     format!("{base}?{}", pairs.join("&"))
 }
 
-/// `bazaar load`'s flags for this run, parsed as its command line would be so that flags
-/// with defaults need no mention here; an admin password `up` wrote is passed on when
-/// `bazaar load` takes one.
+/// `bazaar load`'s settings for this run: the bench's shape, this system's gateway, and the
+/// admin password `up` wrote.
 fn load_args(args: &SagaBenchArgs, system: &System) -> anyhow::Result<LoadArgs> {
-    #[derive(Debug, clap::Parser)]
-    struct Line {
-        #[command(flatten)]
-        load: LoadArgs,
-    }
-    let mut line = vec![
-        "load".to_string(),
-        format!("--url=http://127.0.0.1:{}", system.base()),
-        format!("--orders={}", args.orders),
-        format!("--concurrency={}", args.concurrency),
-        format!("--users={}", args.users),
-        format!("--timeout={}", args.timeout),
-    ];
-    let takes_password = <Line as clap::CommandFactory>::command()
-        .get_arguments()
-        .any(|a| a.get_long() == Some("admin-password"));
-    if takes_password {
-        if let Ok(password) = std::fs::read_to_string(system.data().join("admin.password")) {
-            line.push(format!("--admin-password={}", password.trim()));
-        }
-    }
-    Ok(<Line as clap::Parser>::try_parse_from(line)?.load)
+    let password = std::fs::read_to_string(system.data().join("admin.password"))
+        .context("cannot read the admin password `bazaar up` wrote")?;
+    Ok(LoadArgs::new(
+        format!("http://127.0.0.1:{}", system.base()),
+        args.shape.clone(),
+        Some(password.trim().to_string()),
+    ))
 }
 
 fn indent(text: &str) -> String {
@@ -402,7 +376,7 @@ async fn monolith(
     let mut tx = store.begin().await?;
     ledger::open(&mut tx, ledger::EXTERNAL, "USD").await?;
     let mut customers = Vec::new();
-    for _ in 0..args.users {
+    for _ in 0..args.shape.users {
         let customer = Uuid::now_v7();
         let wallet = ledger::wallet(&customer);
         ledger::open(&mut tx, &wallet, "USD").await?;
@@ -428,16 +402,16 @@ async fn monolith(
     tx.commit().await?;
 
     let next = Arc::new(AtomicUsize::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.orders)));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.shape.orders)));
     let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
     let customers = Arc::new(customers);
     let products = Arc::new(products);
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.timeout);
-    let workers: Vec<_> = (0..args.concurrency)
+    let deadline = started + Duration::from_secs(args.shape.timeout);
+    let workers: Vec<_> = (0..args.shape.concurrency)
         .map(|_| {
             let (store, next, latencies, outcomes) = (store.clone(), next.clone(), latencies.clone(), outcomes.clone());
-            let (customers, products, total) = (customers.clone(), products.clone(), args.orders);
+            let (customers, products, total) = (customers.clone(), products.clone(), args.shape.orders);
             tokio::spawn(async move {
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);

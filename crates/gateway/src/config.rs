@@ -394,22 +394,45 @@ pub(crate) struct Config {
     pub plugins: Vec<PluginInstance>,
 }
 
+/// Everything wrong with a config file, one located line each, such as
+/// `routes[2].paths[0]: must start with /`: all of them at once, so one edit fixes the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigProblems(Vec<String>);
+
+impl ConfigProblems {
+    /// The problems, one located line each.
+    pub fn lines(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a ConfigProblems {
+    type Item = &'a String;
+    type IntoIter = std::slice::Iter<'a, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 impl Config {
     /// Reads and checks a config file.
-    pub fn load_file(path: &std::path::Path) -> Result<Config, Vec<String>> {
-        let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    pub fn load_file(path: &std::path::Path) -> Result<Config, ConfigProblems> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigProblems(vec![format!("{}: {e}", path.display())]))?;
         Config::parse(&text)
     }
 
     /// Parses YAML or JSON text (JSON is read as YAML, of which it is a subset).
-    pub fn parse(text: &str) -> Result<Config, Vec<String>> {
-        let file: FileSpec = serde_yaml::from_str(text).map_err(|e| vec![format!("config: {e}")])?;
+    pub fn parse(text: &str) -> Result<Config, ConfigProblems> {
+        let file: FileSpec = serde_yaml::from_str(text).map_err(|e| ConfigProblems(vec![format!("config: {e}")]))?;
         let mut b = Builder::default();
         b.build(file);
         if b.errors.is_empty() {
             Ok(b.config)
         } else {
-            Err(b.errors)
+            Err(ConfigProblems(b.errors))
         }
     }
 
@@ -1010,7 +1033,7 @@ plugins:
     config: {}
 "#;
         let errors = Config::parse(text).unwrap_err();
-        let joined = errors.join("\n");
+        let joined = errors.to_string();
         assert!(
             joined.contains("services[0].routes[0].paths[0]: must start with /"),
             "{joined}"
@@ -1059,7 +1082,7 @@ plugins:
     #[test]
     fn missing_format_version_is_an_error() {
         let errors = Config::parse("services: []").unwrap_err();
-        assert!(errors[0].starts_with("_format_version"), "{errors:?}");
+        assert!(errors.lines()[0].starts_with("_format_version"), "{errors:?}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use config::ConfigProblems;
 pub use defaults::{default_config, DefaultRoute};
 pub use server::serve_with_listeners;
 
@@ -51,12 +52,12 @@ pub struct GatewayOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     /// The config file is missing or invalid; every problem is listed with its location.
-    #[error("gateway config {} is invalid:\n  {}", path.display(), problems.join("\n  "))]
+    #[error("gateway config {} is invalid:\n  {}", path.display(), problems.lines().join("\n  "))]
     Config {
         /// The file that was read.
         path: PathBuf,
         /// One line per problem, e.g. `routes[2].paths[0]: must start with /`.
-        problems: Vec<String>,
+        problems: ConfigProblems,
     },
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -91,6 +92,6 @@ pub async fn serve(
 
 /// Checks a config file without serving it: a summary such as
 /// `"5 services, 9 routes, 1 consumer, 3 plugins"`, or every problem with its location.
-pub fn check_config_file(path: &Path) -> Result<String, Vec<String>> {
+pub fn check_config_file(path: &Path) -> Result<String, ConfigProblems> {
     config::Config::load_file(path).map(|config| config.summary())
 }

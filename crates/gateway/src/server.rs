@@ -160,7 +160,7 @@ async fn watch_config(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 shared.install(config);
             }
             Err(problems) => {
-                tracing::error!(config = %path.display(), problems = %problems.join("; "), "new gateway config rejected; keeping the old one");
+                tracing::error!(config = %path.display(), problems = %problems.lines().join("; "), "new gateway config rejected; keeping the old one");
             }
         }
     }

@@ -851,11 +851,15 @@ async fn check_config_file_lists_every_problem() {
     .unwrap();
     let problems = bazaar_gateway::check_config_file(&path).unwrap_err();
     assert!(
-        problems.iter().any(|p| p == "routes[0].paths[0]: must start with /"),
+        problems
+            .lines()
+            .iter()
+            .any(|p| p == "routes[0].paths[0]: must start with /"),
         "{problems:?}"
     );
     assert!(
         problems
+            .lines()
             .iter()
             .any(|p| p.starts_with("plugins[0].name: unknown plugin \"key-auth\"")),
         "{problems:?}"
@@ -992,7 +996,7 @@ async fn serve_refuses_to_start_on_a_bad_config() {
     };
     match bazaar_gateway::serve(opts, async {}).await {
         Err(bazaar_gateway::GatewayError::Config { problems, .. }) => {
-            assert_eq!(problems, ["services[0]: needs a url or a host"]);
+            assert_eq!(problems.lines(), ["services[0]: needs a url or a host"]);
         }
         other => panic!("expected a config error, got {other:?}"),
     }

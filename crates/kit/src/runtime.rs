@@ -184,16 +184,31 @@ impl Runtime {
     /// business figures cheap enough to count (units on hand, money in wallets).
     pub fn spawn_gauge(&self, name: &'static str, sql: &'static str) {
         let store = self.store.clone();
-        let mut shutdown = self.shutdown.clone();
-        self.spawn(async move {
-            loop {
+        self.every(Duration::from_secs(10), move || {
+            let store = store.clone();
+            async move {
                 match sqlx::query_scalar::<_, i64>(sql).fetch_one(store.pool()).await {
                     Ok(v) => metrics::gauge!(name).set(v as f64),
                     Err(e) => tracing::debug!(gauge = name, error = %e, "gauge query failed"),
                 }
+            }
+        });
+    }
+
+    /// Runs `round` now and then `period` after each round ends, as one of the role's tasks,
+    /// until shutdown. A round in progress finishes before the task ends.
+    pub fn every<F, Fut>(&self, period: Duration, mut round: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let mut shutdown = self.shutdown.clone();
+        self.spawn(async move {
+            loop {
+                round().await;
                 tokio::select! {
                     _ = shutdown.wait() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                    _ = tokio::time::sleep(period) => {}
                 }
             }
         });
@@ -219,13 +234,19 @@ impl Runtime {
             addr: ([0, 0, 0, 0], 0).into(),
             source,
         })?;
-        let router = crate::http::finish(api.merge(health.routes()).layer(axum::Extension(self.keys.clone())));
+        let router = self.app(api, health);
         tracing::info!(role = self.spec.name, %addr, "listening");
         crate::http::serve(listener, router, self.shutdown.clone())
             .await
             .map_err(|source| ServiceError::Listen { addr, source })?;
         self.stop_tasks().await;
         Ok(())
+    }
+
+    /// The role's whole HTTP app as it is served: `api` plus `health`'s routes, the token
+    /// keys and the shared layers. Tests call it without a socket.
+    pub fn app(&self, api: Router, health: Health) -> Router {
+        crate::http::finish(api.merge(health.routes()).layer(axum::Extension(self.keys.clone())))
     }
 
     /// Waits for every background task to end (they watch [`Runtime::shutdown`]).

@@ -1,8 +1,24 @@
 //! Throwaway databases for tests of services built on the kit: a SQLite file in a temporary
 //! directory, or a fresh PostgreSQL database on the server `BAZAAR_TEST_POSTGRES_URL` names
-//! (created per test, dropped by [`TestDb::drop_database`]).
+//! (created per test, dropped by [`TestDb::drop_database`]); and [`TestRole`], a service role
+//! started in-process on such a store whose HTTP app is called without a socket.
 
-use crate::store::Store;
+use axum::{
+    body::Body,
+    http::{header, HeaderMap, Method, Request, StatusCode},
+    Router,
+};
+use serde_json::Value;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+use crate::{
+    auth::ADMIN,
+    runtime::{RoleConfig, Runtime},
+    service::ServiceSpec,
+    shutdown::{self, ShutdownTrigger},
+    store::Store,
+};
 
 /// The environment variable naming the PostgreSQL server tests may use.
 pub const POSTGRES_URL_VAR: &str = "BAZAAR_TEST_POSTGRES_URL";
@@ -71,6 +87,154 @@ impl TestDb {
                 server.close().await;
             }
         }
+    }
+}
+
+/// A service role started for a test: the real [`Runtime`] (store migrated, outbox relay
+/// running) on a temporary SQLite store and a temporary embedded broker, and its HTTP app
+/// exactly as [`Runtime::serve_on`] serves it. Consumers are not started, so the test decides
+/// when each event is handled. Stops its tasks on drop.
+pub struct TestRole {
+    /// The role's runtime.
+    pub rt: Runtime,
+    app: Router,
+    stop: ShutdownTrigger,
+    _store: TestDb,
+    _bus: tempfile::TempDir,
+}
+
+/// What the app answered.
+#[derive(Debug)]
+pub struct Answer {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The body as JSON (`Null` when empty, a string when not JSON).
+    pub body: Value,
+}
+
+impl Answer {
+    /// The response's content type ("" when none).
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+
+    /// Asserts a problem+json response with `status` and returns its detail.
+    #[track_caller]
+    pub fn problem(&self, status: StatusCode) -> String {
+        assert_eq!(self.status, status, "{:?}", self.body);
+        assert_eq!(self.content_type(), "application/problem+json", "{:?}", self.body);
+        assert_eq!(self.body["status"], status.as_u16(), "{:?}", self.body);
+        self.body["detail"]
+            .as_str()
+            .expect("a problem has a detail")
+            .to_string()
+    }
+
+    /// Asserts `status` and returns the body.
+    #[track_caller]
+    pub fn expect(self, status: StatusCode) -> Value {
+        assert_eq!(self.status, status, "{:?}", self.body);
+        self.body
+    }
+}
+
+impl TestRole {
+    /// Starts the service `spec` names; `api` builds its router from the runtime.
+    pub async fn start(spec: &'static ServiceSpec, api: impl FnOnce(&Runtime) -> Router) -> TestRole {
+        let store = TestDb::sqlite(&format!("{}.db", spec.name));
+        let bus = tempfile::tempdir().expect("temp dir");
+        let config = RoleConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            store_url: store.url.clone(),
+            broker_url: format!("sqlite://{}", bus.path().join("bus.db").display()),
+            jwt_secret: format!("{}-test-secret", spec.name),
+        };
+        let (stop, shutdown) = shutdown::channel();
+        let rt = Runtime::start(spec, &config, shutdown)
+            .await
+            .unwrap_or_else(|e| panic!("start {}: {e}", spec.name));
+        let app = rt.app(api(&rt), rt.health());
+        TestRole {
+            rt,
+            app,
+            stop,
+            _store: store,
+            _bus: bus,
+        }
+    }
+
+    /// A token for user `id` with `email` and `roles`, signed with the role's keys.
+    pub fn token(&self, id: Uuid, email: &str, roles: &[String]) -> String {
+        self.rt.keys.issue(id, email, roles).expect("a token")
+    }
+
+    /// A token for a new operator.
+    pub fn admin_token(&self) -> String {
+        self.token(Uuid::now_v7(), "admin@example.com", &[ADMIN.to_string()])
+    }
+
+    /// A new plain customer and their token.
+    pub fn customer(&self) -> (Uuid, String) {
+        let id = Uuid::now_v7();
+        (id, self.token(id, &format!("{id}@example.com"), &[]))
+    }
+
+    /// A request with `token` (if any), `headers`, and a JSON `body` (if any).
+    pub fn request(
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Request<Body> {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => request.body(Body::empty()),
+        }
+        .expect("a request")
+    }
+
+    /// Sends `request` through the served app.
+    pub async fn send(&self, request: Request<Body>) -> Answer {
+        let response = self.app.clone().oneshot(request).await.expect("the app is infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Answer { status, headers, body }
+    }
+
+    /// Sends `method uri` with `token` and a JSON `body`.
+    pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> Answer {
+        self.send(TestRole::request(method, uri, token, &[], body.as_ref()))
+            .await
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        // Stops the outbox relay the runtime started.
+        self.stop.trigger();
     }
 }
 

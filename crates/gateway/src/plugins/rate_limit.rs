@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use chrono::Datelike;
 use http::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 
@@ -45,49 +46,24 @@ impl Period {
             Period::Hour => fixed(3600),
             Period::Day => fixed(86_400),
             Period::Month | Period::Year => {
-                let (year, month, _) = civil_from_days((now / 86_400) as i64);
-                let (start, end) = if self == Period::Month {
-                    let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
-                    (days_from_civil(year, month, 1), days_from_civil(ny, nm, 1))
-                } else {
-                    (days_from_civil(year, 1, 1), days_from_civil(year + 1, 1, 1))
+                let day = chrono::DateTime::from_timestamp(now as i64, 0)
+                    .unwrap_or_default()
+                    .date_naive();
+                let first = |year: i32, month: u32| {
+                    chrono::NaiveDate::from_ymd_opt(year, month, 1)
+                        .and_then(|d| d.and_hms_opt(0, 0, 0))
+                        .map_or(0, |t| t.and_utc().timestamp() as u64)
                 };
-                (start as u64 * 86_400, end as u64 * 86_400)
+                let (year, month) = (day.year(), day.month());
+                if self == Period::Month {
+                    let (next_year, next_month) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
+                    (first(year, month), first(next_year, next_month))
+                } else {
+                    (first(year, 1), first(year + 1, 1))
+                }
             }
         }
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = month as i64;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day count since 1970-01-01.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (
-        if month <= 2 {
-            yoe + era * 400 + 1
-        } else {
-            yoe + era * 400
-        },
-        month,
-        day,
-    )
 }
 
 /// What requests are counted together.
@@ -562,7 +538,9 @@ mod tests {
         // February 2024 has 29 days.
         assert_eq!(Period::Month.window(now), (1_706_745_600, 1_709_251_200));
         assert_eq!(Period::Year.window(now), (1_704_067_200, 1_735_689_600));
-        assert_eq!(civil_from_days(days_from_civil(2000, 12, 31)), (2000, 12, 31));
+        // December rolls over into the next year.
+        let new_years_eve = 1_735_646_400; // 2024-12-31T12:00:00Z
+        assert_eq!(Period::Month.window(new_years_eve), (1_733_011_200, 1_735_689_600));
     }
 
     #[tokio::test]

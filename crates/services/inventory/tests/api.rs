@@ -19,9 +19,9 @@ async fn anyone_can_list_products_without_a_token() {
     let answer = inv.call(Method::GET, "/products", None, None).await;
     assert_eq!(answer.status, StatusCode::OK);
     assert!(
-        answer.content_type.starts_with("application/json"),
+        answer.content_type().starts_with("application/json"),
         "{}",
-        answer.content_type
+        answer.content_type()
     );
     let skus: Vec<&str> = answer
         .body

@@ -3,12 +3,11 @@
 //! breaker guards it; its calls carry the notification id as `Idempotency-Key`, so the
 //! stack may retry them within its budget without sending a text twice.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use bazaar_kit::{
     client::{ClientPolicy, HttpClient, IDEMPOTENCY_KEY},
     resilience::{BreakerConfig, BreakerState, CallError, CircuitBreaker},
-    shutdown::Shutdown,
     store::{now_millis, Store},
 };
 use lettre::{
@@ -200,19 +199,14 @@ const CLAIM: Duration = Duration::from_secs(60);
 /// Gives up on a notification after this many failed sends (it stays visible as `failed`).
 const MAX_ATTEMPTS: i64 = 10;
 
-/// Sends pending notifications every 200 ms until `shutdown`.
-pub fn spawn_sender(store: Store, courier: Arc<Courier>, mut shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = send_pending(&store, &courier).await {
-                tracing::warn!(error = %e, "notification round failed");
-            }
-            tokio::select! {
-                _ = shutdown.wait() => return,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-        }
-    })
+/// How often the sender looks for pending notifications.
+pub const SEND_EVERY: Duration = Duration::from_millis(200);
+
+/// One sender round: delivers what is pending, logging (not returning) a failed round.
+pub async fn send_round(store: &Store, courier: &Courier) {
+    if let Err(e) = send_pending(store, courier).await {
+        tracing::warn!(error = %e, "notification round failed");
+    }
 }
 
 async fn send_pending(store: &Store, courier: &Courier) -> Result<(), sqlx::Error> {

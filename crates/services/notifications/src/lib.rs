@@ -97,10 +97,11 @@ pub async fn run(config: RoleConfig, mail: MailConfig, sms: SmsConfig, shutdown:
         config.max_attempts = 70;
         rt.consume(config, Arc::new(Outcomes))?;
     }
-    rt.own(
-        "sender",
-        courier::spawn_sender(rt.store.clone(), courier.clone(), shutdown),
-    );
+    let (store, sender) = (rt.store.clone(), courier.clone());
+    rt.every(courier::SEND_EVERY, move || {
+        let (store, sender) = (store.clone(), sender.clone());
+        async move { courier::send_round(&store, &sender).await }
+    });
     let health = rt.health().check("delivery", {
         let courier = courier.clone();
         move || {

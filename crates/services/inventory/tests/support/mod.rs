@@ -1,31 +1,25 @@
-//! The inventory role started in-process for tests: the real [`Runtime`] on a temporary
-//! SQLite store and a temporary embedded broker, its router wrapped in the same layers
-//! `Runtime::serve_on` adds (shared HTTP layers, JWT keys, health routes) and called without
-//! a socket, and the saga commands run through `StockCommands` (as the saga participant the
+//! The inventory role started in-process for tests (the kit's [`TestRole`]: the real
+//! [`Runtime`] on a temporary SQLite store and embedded broker, its app called without a
+//! socket), and the saga commands run through `StockCommands` (as the saga participant the
 //! role's consumer runs) inside store transactions, as the consumer runner runs them.
 
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
 
-use axum::{
-    body::Body,
-    http::{header, Method, Request, StatusCode},
-    Router,
-};
+use axum::http::{Method, StatusCode};
 use bazaar_contracts::{topics, types, LineRequest, OrderRef, ReserveStock};
 use bazaar_inventory::StockCommands;
 use bazaar_kit::{
-    auth::ADMIN,
     consumer::{Handler, HandlerError},
     envelope::{Envelope, Metadata},
-    runtime::{RoleConfig, Runtime},
+    runtime::Runtime,
     saga::{CommandHeader, Participates, SagaReply},
-    shutdown::{self, ShutdownTrigger},
-    testing::TestDb,
+    testing::TestRole,
 };
+
+pub use bazaar_kit::testing::Answer;
 use serde_json::{json, Value};
 use sqlx::Row;
-use tower::ServiceExt;
 use uuid::Uuid;
 
 /// The correlation id every test command carries.
@@ -34,121 +28,32 @@ pub const CORRELATION: &str = "inventory-test";
 /// A running inventory role.
 pub struct Inventory {
     pub rt: Runtime,
-    app: Router,
-    stop: ShutdownTrigger,
-    _store: TestDb,
-    _bus: tempfile::TempDir,
-}
-
-impl Drop for Inventory {
-    fn drop(&mut self) {
-        // Stops the outbox relay the runtime started.
-        self.stop.trigger();
-    }
-}
-
-/// What the API answered.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: StatusCode,
-    pub content_type: String,
-    pub body: Value,
-}
-
-impl Answer {
-    /// Asserts a problem response with `status` and returns its detail.
-    #[track_caller]
-    pub fn problem(&self, status: StatusCode) -> String {
-        assert_eq!(self.status, status, "{:?}", self.body);
-        assert_eq!(self.content_type, "application/problem+json", "{:?}", self.body);
-        assert_eq!(self.body["status"], status.as_u16(), "{:?}", self.body);
-        self.body["detail"]
-            .as_str()
-            .expect("a problem has a detail")
-            .to_string()
-    }
+    role: TestRole,
 }
 
 /// Starts inventory on a fresh store and broker.
 pub async fn start() -> Inventory {
-    let store = TestDb::sqlite("inventory.db");
-    let bus = tempfile::tempdir().expect("temp dir");
-    let config = RoleConfig {
-        listen: ([127, 0, 0, 1], 0).into(),
-        store_url: store.url.clone(),
-        broker_url: format!("sqlite://{}", bus.path().join("bus.db").display()),
-        jwt_secret: "inventory-test-secret".into(),
-    };
-    let (stop, shutdown) = shutdown::channel();
-    let rt = Runtime::start(&bazaar_inventory::SERVICE, &config, shutdown)
-        .await
-        .expect("start inventory");
-    // What Runtime::serve_on builds around the service's router.
-    let app = bazaar_kit::http::finish(
-        bazaar_inventory::router(rt.clone())
-            .merge(rt.health().routes())
-            .layer(axum::Extension(rt.keys.clone())),
-    );
+    let role = TestRole::start(&bazaar_inventory::SERVICE, |rt| bazaar_inventory::router(rt.clone())).await;
     Inventory {
-        rt,
-        app,
-        stop,
-        _store: store,
-        _bus: bus,
+        rt: role.rt.clone(),
+        role,
     }
 }
 
 impl Inventory {
     /// A token for an operator.
     pub fn admin(&self) -> String {
-        self.rt
-            .keys
-            .issue(Uuid::new_v4(), "admin@example.com", &[ADMIN.to_string()])
-            .expect("admin token")
+        self.role.admin_token()
     }
 
     /// A token for a plain customer.
     pub fn customer(&self) -> String {
-        self.rt
-            .keys
-            .issue(Uuid::new_v4(), "customer@example.com", &[])
-            .expect("customer token")
+        self.role.customer().1
     }
 
     /// Sends one request through the served router.
     pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> Answer {
-        let mut request = Request::builder().method(method).uri(uri);
-        if let Some(token) = token {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let request = match body {
-            Some(body) => request
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.to_string())),
-            None => request.body(Body::empty()),
-        }
-        .expect("request");
-        let response = self.app.clone().oneshot(request).await.expect("router is infallible");
-        let status = response.status();
-        let content_type = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .expect("body");
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
-        };
-        Answer {
-            status,
-            content_type,
-            body,
-        }
+        self.role.call(method, uri, token, body).await
     }
 
     /// Adds a USD product through the API as an admin; returns its id.

@@ -1,7 +1,6 @@
-//! The orders role started in-process for tests: the real [`Runtime`] on a temporary SQLite
-//! store and a temporary embedded broker, its router wrapped in the same layers
-//! `Runtime::serve_on` adds (shared HTTP layers, JWT keys, health routes) and called without a
-//! socket. The test plays the saga's participants (inventory, payments): it reads the commands
+//! The orders role started in-process for tests (the kit's [`TestRole`]: the real
+//! [`Runtime`] on a temporary SQLite store and embedded broker, its app called without a
+//! socket). The test plays the saga's participants (inventory, payments): it reads the commands
 //! the engine wrote to the `outbox` table, builds each reply with [`CommandHeader::reply`] and
 //! feeds it to [`SagaEngine::on_reply`](bazaar_kit::saga::SagaEngine::on_reply) in one store
 //! transaction, committed when the engine accepts it and rolled back when it does not, as the
@@ -12,40 +11,29 @@
 
 use axum::{
     body::Body,
-    http::{header, HeaderMap, Method, Request, StatusCode},
-    Router,
+    http::{Method, Request, StatusCode},
 };
 use bazaar_contracts::{topics, types, OrderOutcome, Paid, PricedLine, Reserved};
 use bazaar_kit::{
     auth::ADMIN,
     consumer::HandlerError,
     envelope::Envelope,
-    runtime::{RoleConfig, Runtime},
+    runtime::Runtime,
     saga::{CommandHeader, Verdict},
-    shutdown::{self, ShutdownTrigger},
-    testing::TestDb,
+    testing::TestRole,
 };
+
+pub use bazaar_kit::testing::Answer;
 use bazaar_orders::Orders;
 use serde_json::{json, Value};
 use sqlx::Row;
-use tower::ServiceExt;
 use uuid::Uuid;
 
 /// A running orders role.
 pub struct Shop {
     pub rt: Runtime,
     pub orders: Orders,
-    app: Router,
-    stop: ShutdownTrigger,
-    _store: TestDb,
-    _bus: tempfile::TempDir,
-}
-
-impl Drop for Shop {
-    fn drop(&mut self) {
-        // Stops the outbox relay the runtime started.
-        self.stop.trigger();
-    }
+    role: TestRole,
 }
 
 /// A user with a token.
@@ -55,71 +43,19 @@ pub struct User {
     pub token: String,
 }
 
-/// What the API answered.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Value,
-}
-
-impl Answer {
-    /// The response's content type ("" when none).
-    pub fn content_type(&self) -> &str {
-        self.headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-    }
-
-    /// Asserts a problem response with `status` and returns its detail.
-    #[track_caller]
-    pub fn problem(&self, status: StatusCode) -> String {
-        assert_eq!(self.status, status, "{:?}", self.body);
-        assert_eq!(self.content_type(), "application/problem+json", "{:?}", self.body);
-        assert_eq!(self.body["status"], status.as_u16(), "{:?}", self.body);
-        self.body["detail"]
-            .as_str()
-            .expect("a problem has a detail")
-            .to_string()
-    }
-
-    /// Asserts `status` and returns the body.
-    #[track_caller]
-    pub fn expect(self, status: StatusCode) -> Value {
-        assert_eq!(self.status, status, "{:?}", self.body);
-        self.body
-    }
-}
-
 /// Starts orders on a fresh store and broker.
 pub async fn start() -> Shop {
-    let store = TestDb::sqlite("orders.db");
-    let bus = tempfile::tempdir().expect("temp dir");
-    let config = RoleConfig {
-        listen: ([127, 0, 0, 1], 0).into(),
-        store_url: store.url.clone(),
-        broker_url: format!("sqlite://{}", bus.path().join("bus.db").display()),
-        jwt_secret: "orders-test-secret".into(),
-    };
-    let (stop, shutdown) = shutdown::channel();
-    let rt = Runtime::start(&bazaar_orders::SERVICE, &config, shutdown)
-        .await
-        .expect("start orders");
-    let orders = Orders::new(rt.clone());
-    // What Runtime::serve_on builds around the service's router.
-    let app = bazaar_kit::http::finish(
-        bazaar_orders::router(orders.clone())
-            .merge(rt.health().routes())
-            .layer(axum::Extension(rt.keys.clone())),
-    );
+    let mut orders = None;
+    let role = TestRole::start(&bazaar_orders::SERVICE, |rt| {
+        let built = Orders::new(rt.clone());
+        orders = Some(built.clone());
+        bazaar_orders::router(built)
+    })
+    .await;
     Shop {
-        rt,
-        orders,
-        app,
-        stop,
-        _store: store,
-        _bus: bus,
+        rt: role.rt.clone(),
+        orders: orders.expect("the router was built"),
+        role,
     }
 }
 
@@ -167,40 +103,20 @@ impl Sent {
 impl Shop {
     /// A token for a plain customer.
     pub fn customer(&self) -> User {
-        let id = Uuid::now_v7();
-        let token = self
-            .rt
-            .keys
-            .issue(id, &format!("{id}@example.com"), &[])
-            .expect("customer token");
+        let (id, token) = self.role.customer();
         User { id, token }
     }
 
     /// A token for an operator.
     pub fn admin(&self) -> User {
         let id = Uuid::now_v7();
-        let token = self
-            .rt
-            .keys
-            .issue(id, "admin@example.com", &[ADMIN.to_string()])
-            .expect("admin token");
+        let token = self.role.token(id, "admin@example.com", &[ADMIN.to_string()]);
         User { id, token }
     }
 
     /// Sends one request through the served router.
     pub async fn send(&self, request: Request<Body>) -> Answer {
-        let response = self.app.clone().oneshot(request).await.expect("router is infallible");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .expect("body");
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
-        };
-        Answer { status, headers, body }
+        self.role.send(request).await
     }
 
     /// A request with `token` (if any) and a JSON `body` (if any), and `headers`.
@@ -211,25 +127,12 @@ impl Shop {
         headers: &[(&str, &str)],
         body: Option<&Value>,
     ) -> Request<Body> {
-        let mut request = Request::builder().method(method).uri(uri);
-        if let Some(token) = token {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        match body {
-            Some(body) => request
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.to_string())),
-            None => request.body(Body::empty()),
-        }
-        .expect("request")
+        TestRole::request(method, uri, token, headers, body)
     }
 
     /// Sends `method uri` with `token` and a JSON `body`.
     pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> Answer {
-        self.send(Shop::request(method, uri, token, &[], body.as_ref())).await
+        self.role.call(method, uri, token, body).await
     }
 
     /// `GET uri` as `user`.
