@@ -11,7 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
     Router,
 };
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::shutdown::Shutdown;
@@ -136,6 +136,25 @@ impl From<crate::consumer::HandlerError> for Problem {
 impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
         Problem::from(crate::store::StoreError::from(e))
+    }
+}
+
+/// `?limit=&offset=` of a list endpoint (`Query<Page>`); every list bounds its page the same way.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct Page {
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+impl Page {
+    /// Rows to return: `default` when not given, else clamped to `1..=max`.
+    pub fn limit(&self, default: i64, max: i64) -> i64 {
+        self.limit.unwrap_or(default).clamp(1, max)
+    }
+
+    /// Rows to skip (never negative).
+    pub fn offset(&self) -> i64 {
+        self.offset.unwrap_or(0).max(0)
     }
 }
 

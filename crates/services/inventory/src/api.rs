@@ -8,7 +8,7 @@ use axum::{
 };
 use bazaar_kit::{
     auth::AdminUser,
-    http::{Json, Problem},
+    http::{Json, Page, Problem},
     runtime::Runtime,
     store::now_millis,
 };
@@ -67,15 +67,8 @@ async fn load(rt: &Runtime, id: &str) -> Result<Product, Problem> {
     Ok(product(&row)?)
 }
 
-#[derive(Debug, Deserialize)]
-struct Page {
-    limit: Option<i64>,
-    offset: Option<i64>,
-}
-
 async fn list(State(rt): State<Runtime>, Query(page): Query<Page>) -> Result<Json<Vec<Product>>, Problem> {
-    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
-    let offset = page.offset.unwrap_or(0).max(0);
+    let (limit, offset) = (page.limit(100, 1000), page.offset());
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM product ORDER BY sku LIMIT $1 OFFSET $2"
     ))

@@ -7,7 +7,7 @@ use axum::{
 };
 use bazaar_kit::{
     auth::AuthUser,
-    http::{Json, Problem},
+    http::{Json, Page, Problem},
     runtime::Runtime,
 };
 use serde::Deserialize;
@@ -19,12 +19,10 @@ pub fn router(rt: Runtime) -> Router {
     Router::new().route("/notifications", get(list)).with_state(rt)
 }
 
-/// `?recipient=` (operators only) and paging.
+/// `?recipient=` (operators only).
 #[derive(Debug, Deserialize)]
 struct Filter {
     recipient: Option<String>,
-    limit: Option<i64>,
-    offset: Option<i64>,
 }
 
 /// Customers see what was sent to their own email; admins see everything, or one recipient's.
@@ -32,6 +30,7 @@ async fn list(
     State(rt): State<Runtime>,
     AuthUser(user): AuthUser,
     Query(filter): Query<Filter>,
+    Query(page): Query<Page>,
 ) -> Result<Json<Vec<Value>>, Problem> {
     let recipient = match (user.is_admin(), filter.recipient) {
         (true, r) => r,
@@ -45,8 +44,8 @@ async fn list(
          FROM notification WHERE ($1 = '' OR recipient = $1) ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
     )
     .bind(recipient.unwrap_or_default())
-    .bind(filter.limit.unwrap_or(100).clamp(1, 1000))
-    .bind(filter.offset.unwrap_or(0).max(0))
+    .bind(page.limit(100, 1000))
+    .bind(page.offset())
     .fetch_all(rt.store.pool())
     .await?;
     let time = |ms: Option<i64>| {

@@ -12,7 +12,7 @@ use bazaar_contracts::LineRequest;
 use bazaar_kit::saga::{SagaState, SagaStatus};
 use bazaar_kit::{
     auth::{AdminUser, AuthUser},
-    http::{Json, Problem, RequestContext},
+    http::{Json, Page, Problem, RequestContext},
     store::{now_millis, StoreError},
 };
 use serde::{Deserialize, Serialize};
@@ -209,12 +209,6 @@ async fn find_by_key(orders: &Orders, customer: &Uuid, key: Option<&str>) -> Res
     Ok(row.as_ref().map(order).transpose()?)
 }
 
-#[derive(Debug, Deserialize)]
-struct Page {
-    limit: Option<i64>,
-    offset: Option<i64>,
-}
-
 async fn list(
     State(orders): State<Orders>,
     AuthUser(user): AuthUser,
@@ -224,8 +218,8 @@ async fn list(
         "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3"
     ))
     .bind(user.sub.to_string())
-    .bind(page.limit.unwrap_or(50).clamp(1, 500))
-    .bind(page.offset.unwrap_or(0).max(0))
+    .bind(page.limit(50, 500))
+    .bind(page.offset())
     .fetch_all(orders.rt.store.pool())
     .await?;
     Ok(Json(rows.iter().map(order).collect::<Result<_, _>>()?))
