@@ -307,6 +307,14 @@ async fn compensated_order(sys: &System, shop: &Shop) {
     );
 }
 
+/// The audit holds, and Ann heard of her one order's outcome once by email and once by text
+/// (beside the two welcome emails, the admin's and hers).
+async fn assert_audit_clean_and_ann_told_once(sys: &System) {
+    let report = sys.assert_audit_clean().await;
+    assert_eq!(count_files(&sys.data_dir(), "mail"), 3, "{report}");
+    assert_eq!(count_files(&sys.data_dir(), "sms"), 1, "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirmed_order_takes_the_stock_and_the_money_once_and_tells_the_customer_once() {
     let sys = System::start(&[CREDIT]).await;
@@ -314,10 +322,7 @@ async fn a_confirmed_order_takes_the_stock_and_the_money_once_and_tells_the_cust
     confirmed_order(&sys, &shop).await;
     assert_eq!(sys.stock(&shop.mug).await, (3, 3), "sold units left the shelf");
     assert_eq!(sys.balance(&shop.ann).await, 10_000 - 2_500);
-    let report = sys.assert_audit_clean().await;
-    // Email: two welcomes (admin, Ann) and one outcome; SMS: Ann's outcome.
-    assert_eq!(count_files(&sys.data_dir(), "mail"), 3, "{report}");
-    assert_eq!(count_files(&sys.data_dir(), "sms"), 1, "{report}");
+    assert_audit_clean_and_ann_told_once(&sys).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,10 +347,7 @@ async fn an_order_the_wallet_cannot_pay_is_undone_and_its_stock_released() {
     let shop = shop(&sys).await;
     compensated_order(&sys, &shop).await;
     assert_eq!(sys.balance(&shop.ann).await, 10_000, "nothing was charged");
-    let report = sys.assert_audit_clean().await;
-    // Email: two welcomes and the cancellation; SMS: the cancellation.
-    assert_eq!(count_files(&sys.data_dir(), "mail"), 3, "{report}");
-    assert_eq!(count_files(&sys.data_dir(), "sms"), 1, "{report}");
+    assert_audit_clean_and_ann_told_once(&sys).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,26 +55,33 @@ impl Handler for Slow {
     }
 }
 
-fn role_config(dir: &std::path::Path) -> RoleConfig {
-    RoleConfig {
+impl Slow {
+    fn new() -> Arc<Slow> {
+        Arc::new(Slow {
+            started: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+        })
+    }
+}
+
+/// The test role on a store and embedded broker in `dir`, and the trigger that stops it.
+async fn start(dir: &std::path::Path) -> (shutdown::ShutdownTrigger, Runtime) {
+    let config = RoleConfig {
         listen: ([127, 0, 0, 1], 0).into(),
         store_url: format!("sqlite://{}/role.db", dir.display()),
         broker_url: format!("sqlite://{}/bus.db", dir.display()),
         jwt_secret: "secret".into(),
-    }
+    };
+    let (stop, shut) = shutdown::channel();
+    let rt = Runtime::start(&SPEC, &config, shut).await.expect("start");
+    (stop, rt)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_role_finishes_the_delivery_in_hand_before_serve_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (stop, shut) = shutdown::channel();
-    let rt = Runtime::start(&SPEC, &role_config(dir.path()), shut)
-        .await
-        .expect("start");
-    let handler = Arc::new(Slow {
-        started: AtomicBool::new(false),
-        finished: AtomicBool::new(false),
-    });
+    let (stop, rt) = start(dir.path()).await;
+    let handler = Slow::new();
     rt.consume(rt.consumer(TOPIC), handler.clone()).expect("consume");
     let event = Envelope::new("test.slow", "a1", serde_json::json!({}), Metadata::default());
     rt.broker
@@ -109,14 +116,8 @@ async fn a_stopping_role_finishes_the_delivery_in_hand_before_serve_returns() {
 #[tokio::test]
 async fn a_consumer_of_a_topic_the_spec_does_not_list_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_stop, shut) = shutdown::channel();
-    let rt = Runtime::start(&SPEC, &role_config(dir.path()), shut)
-        .await
-        .expect("start");
-    let handler = Arc::new(Slow {
-        started: AtomicBool::new(false),
-        finished: AtomicBool::new(false),
-    });
+    let (_stop, rt) = start(dir.path()).await;
+    let handler = Slow::new();
     let err = rt
         .consume(rt.consumer("elsewhere.events"), handler.clone())
         .unwrap_err();
