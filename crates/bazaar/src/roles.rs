@@ -125,6 +125,69 @@ pub static ROLES: [RoleSpec; 7] = [
 /// The gateway's admin listener (health, metrics, config) is at the base port plus this.
 pub const GATEWAY_ADMIN_OFFSET: u16 = 20;
 
+/// Instance `k` of a service listens `k * REPLICA_STRIDE` above instance 0 (orders: 8103,
+/// 8113, 8123, ...), so every instance of every role has a port of its own.
+pub const REPLICA_STRIDE: u16 = 10;
+
+/// Most instances of one service `up` runs (their ports stay below base + 100).
+pub const MAX_INSTANCES: u16 = 8;
+
+/// How many instances of each service run; one unless said otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replicas(std::collections::BTreeMap<&'static str, u16>);
+
+impl Replicas {
+    /// Instances of `role`.
+    pub fn of(&self, role: Role) -> u16 {
+        self.0.get(role.name).copied().unwrap_or(1)
+    }
+
+    /// Parses `N` (every service), `ROLE=N,ROLE=N`, or both (`2,orders=3`).
+    pub fn parse(text: &str) -> Result<Replicas, String> {
+        let mut replicas = Replicas::default();
+        let count = |n: &str| -> Result<u16, String> {
+            match n.trim().parse::<u16>() {
+                Ok(n) if (1..=MAX_INSTANCES).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "a replica count must be 1 to {MAX_INSTANCES}, not `{}`",
+                    n.trim()
+                )),
+            }
+        };
+        let mut every = None;
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item.split_once('=') {
+                None => every = Some(count(item)?),
+                Some((name, n)) => {
+                    let role = RoleSpec::named(name.trim()).ok_or_else(|| {
+                        let names: Vec<&str> = services().map(|(r, _)| r.name).collect();
+                        format!("no role `{}`; services are {}", name.trim(), names.join(", "))
+                    })?;
+                    if role.service().is_none() {
+                        return Err(format!("{} runs once; only services have replicas", role.name));
+                    }
+                    replicas.0.insert(role.name, count(n)?);
+                }
+            }
+        }
+        if let Some(n) = every {
+            for (role, _) in services() {
+                replicas.0.entry(role.name).or_insert(n);
+            }
+        }
+        Ok(replicas)
+    }
+}
+
+/// The name of instance `k` of `role` in logs and pid files: `orders`, `orders-1`, ...
+pub fn instance_name(role: Role, k: u16) -> String {
+    if k == 0 {
+        role.name.to_string()
+    } else {
+        format!("{}-{k}", role.name)
+    }
+}
+
 impl RoleSpec {
     /// The role called `name`.
     pub fn named(name: &str) -> Option<Role> {
@@ -163,10 +226,13 @@ pub fn services() -> impl Iterator<Item = (Role, &'static ServiceSpec)> {
     ROLES.iter().filter_map(|r| Some((r, r.service()?)))
 }
 
-/// Every role's port offset and the gateway admin's: what a test or bench that runs the
-/// system beside others needs free.
+/// Every port offset a system may take (every role, every possible replica of a service, the
+/// gateway admin): what a test or bench that runs the system beside others needs free.
 pub fn port_offsets() -> Vec<u16> {
     let mut offsets: Vec<u16> = ROLES.iter().map(|r| r.port_offset).collect();
+    for (role, _) in services() {
+        offsets.extend((1..MAX_INSTANCES).map(|k| role.port_offset + k * REPLICA_STRIDE));
+    }
     offsets.push(GATEWAY_ADMIN_OFFSET);
     offsets
 }
@@ -332,6 +398,14 @@ pub struct Settings {
     /// Add a small demo catalogue to an empty inventory (bazaar up turns it on).
     #[arg(long, global = true, env = "BAZAAR_SEED_DEMO")]
     pub seed_demo: bool,
+    /// Which instance of its role this process is (serve only): 0 listens on the role's
+    /// port, instance K on the role's port + 10*K.
+    #[arg(long, global = true, env = "BAZAAR_INSTANCE", default_value_t = 0)]
+    pub instance: u16,
+    /// Milliseconds a stopping service answers not-ready on /health/ready, still serving,
+    /// before it stops accepting (so a balancer takes it out first).
+    #[arg(long, global = true, env = "BAZAAR_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
 }
 
 impl Settings {
@@ -342,9 +416,16 @@ impl Settings {
             .unwrap_or_else(|| format!("sqlite://{}", self.data.join("bus.db").display()))
     }
 
-    /// The port of `role`.
+    /// The port of `role` (its first instance).
     pub fn port(&self, role: Role) -> u16 {
-        self.base_port.saturating_add(role.port_offset)
+        self.instance_port(role, 0)
+    }
+
+    /// The port of instance `k` of `role`.
+    pub fn instance_port(&self, role: Role, k: u16) -> u16 {
+        self.base_port
+            .saturating_add(role.port_offset)
+            .saturating_add(k.saturating_mul(REPLICA_STRIDE))
     }
 
     /// The gateway's admin port.
@@ -352,12 +433,18 @@ impl Settings {
         self.base_port.saturating_add(GATEWAY_ADMIN_OFFSET)
     }
 
-    /// The URL of `role`'s `/health`.
+    /// The URL of `role`'s `/health` (its first instance).
     pub fn health_url(&self, role: Role) -> String {
-        format!(
-            "http://127.0.0.1:{}/health",
-            self.base_port.saturating_add(role.health_offset())
-        )
+        self.instance_health_url(role, 0)
+    }
+
+    /// The URL of instance `k` of `role`'s `/health`.
+    pub fn instance_health_url(&self, role: Role, k: u16) -> String {
+        let port = match role.kind {
+            RoleKind::Gateway => self.base_port.saturating_add(GATEWAY_ADMIN_OFFSET),
+            _ => self.instance_port(role, k),
+        };
+        format!("http://127.0.0.1:{port}/health")
     }
 
     /// The store URL of service `name`, from `BAZAAR_<NAME>_STORE_URL` or the data directory.
@@ -404,30 +491,36 @@ impl Settings {
         Ok(secret)
     }
 
-    /// Writes the default gateway config for these ports when the file is missing.
-    pub fn ensure_gateway_config(&self) -> anyhow::Result<PathBuf> {
+    /// Writes the default gateway config for these ports and `replicas` when the file is
+    /// missing, or (`refresh`) when it is one bazaar generated and nobody claimed by
+    /// deleting its first line; a file of the operator's own is left alone.
+    pub fn ensure_gateway_config(&self, replicas: &Replicas, refresh: bool) -> anyhow::Result<PathBuf> {
         let path = self.gateway_config();
-        if !path.exists() {
+        let generated =
+            || std::fs::read_to_string(&path).is_ok_and(|text| text.starts_with(bazaar_gateway::GENERATED_MARKER));
+        if !path.exists() || (refresh && generated()) {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            let text = bazaar_gateway::default_config(&self.public_routes(), &self.jwt_secret()?);
-            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+            let text = bazaar_gateway::default_config(&self.public_routes(replicas), &self.jwt_secret()?);
+            write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(path)
     }
 }
 
 impl Settings {
-    /// Every service's public routes, at its port: what the default gateway config serves.
-    pub fn public_routes(&self) -> Vec<bazaar_gateway::DefaultRoute<'static>> {
+    /// Every service's public routes, at the ports of its instances: what the default
+    /// gateway config serves.
+    pub fn public_routes(&self, replicas: &Replicas) -> Vec<bazaar_gateway::DefaultRoute<'static>> {
         services()
             .flat_map(|(role, spec)| {
-                let port = self.port(role);
+                let targets: Vec<u16> = (0..replicas.of(role)).map(|k| self.instance_port(role, k)).collect();
                 spec.routes.iter().map(move |r| bazaar_gateway::DefaultRoute {
                     name: r.name,
                     resource: r.resource,
-                    port,
+                    service: role.name,
+                    targets: targets.clone(),
                     methods: r.methods,
                     exact: r.exact,
                     jwt: r.access == Access::Token,
@@ -491,9 +584,17 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
         std::process::exit(101);
     }));
     write_pid_file(settings, role);
+    if settings.instance >= MAX_INSTANCES || (settings.instance > 0 && role.service().is_none()) {
+        anyhow::bail!(
+            "--instance {} is not an instance {} can have (services: 0 to {}; other roles: 0)",
+            settings.instance,
+            role.name,
+            MAX_INSTANCES - 1
+        );
+    }
     let listen = settings
         .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], settings.port(role))));
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], settings.instance_port(role, settings.instance))));
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(async move {
         stop_signal().await;
@@ -507,6 +608,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
                 store_url: settings.store.clone().unwrap_or_else(|| settings.store_url(spec.name)),
                 broker_url: settings.broker_url(),
                 jwt_secret: settings.jwt_secret()?,
+                drain_delay: std::time::Duration::from_millis(settings.drain_delay_ms),
             };
             run(settings.clone(), config, shutdown).await.with_context(|| role.name)
         }
@@ -516,7 +618,8 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
 }
 
 async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
-    let config_path = settings.ensure_gateway_config()?;
+    // `up` wrote the config for its layout; a lone gateway only fills in a missing one.
+    let config_path = settings.ensure_gateway_config(&Replicas::default(), false)?;
     let admin_listen = SocketAddr::new(listen.ip(), settings.admin_port());
     let opts = bazaar_gateway::GatewayOptions {
         config_path,
@@ -533,8 +636,10 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
 /// Records the process id in DATA/run/ROLE.pid so operators and fault drills can find it.
 fn write_pid_file(settings: &Settings, role: Role) {
     let dir = settings.data.join("run");
-    let written = std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(dir.join(format!("{}.pid", role.name)), std::process::id().to_string()));
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        let name = instance_name(role, settings.instance);
+        std::fs::write(dir.join(format!("{name}.pid")), std::process::id().to_string())
+    });
     if let Err(e) = written {
         tracing::warn!(error = %e, "cannot write the pid file");
     }
@@ -566,6 +671,8 @@ mod tests {
             sms_webhook: None,
             admin_password: None,
             seed_demo: false,
+            instance: 0,
+            drain_delay_ms: 0,
         }
     }
 
@@ -578,7 +685,12 @@ mod tests {
         let mut ports = port_offsets();
         ports.sort_unstable();
         ports.dedup();
-        assert_eq!(ports.len(), ROLES.len() + 1, "two roles share a port");
+        let replica_ports = services().count() * usize::from(MAX_INSTANCES - 1);
+        assert_eq!(
+            ports.len(),
+            ROLES.len() + replica_ports + 1,
+            "two instances share a port"
+        );
         for (role, spec) in services() {
             assert_eq!(role.name, spec.name, "a service row is named as its spec");
         }
@@ -612,7 +724,7 @@ mod tests {
     #[test]
     fn each_resource_is_served_by_one_service_and_each_route_named_once() {
         let s = settings(Path::new("data"));
-        let routes = s.public_routes();
+        let routes = s.public_routes(&Replicas::default());
         for r in &routes {
             assert_eq!(
                 routes.iter().filter(|o| o.name == r.name).count(),
@@ -621,7 +733,9 @@ mod tests {
                 r.name
             );
             assert!(
-                routes.iter().all(|o| o.resource != r.resource || o.port == r.port),
+                routes
+                    .iter()
+                    .all(|o| o.resource != r.resource || o.service == r.service),
                 "/{} is served by two services",
                 r.resource
             );
@@ -631,7 +745,9 @@ mod tests {
     #[test]
     fn the_default_gateway_config_is_valid_and_routes_every_service() {
         let dir = tempfile::tempdir().unwrap();
-        let path = settings(dir.path()).ensure_gateway_config().unwrap();
+        let path = settings(dir.path())
+            .ensure_gateway_config(&Replicas::default(), true)
+            .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         bazaar_gateway::check_config_file(&path).unwrap_or_else(|p| panic!("{p:?}"));
         for (role, spec) in services() {
@@ -650,6 +766,46 @@ mod tests {
             topics.dedup();
             assert_eq!(topics.len(), spec.consumes.len(), "{} lists a topic twice", spec.name);
         }
+    }
+
+    #[test]
+    fn replicas_parse_per_role_or_for_every_service_and_refuse_the_rest() {
+        let orders = RoleSpec::named("orders").unwrap();
+        let users = RoleSpec::named("users").unwrap();
+        let r = Replicas::parse("2,orders=3").unwrap();
+        assert_eq!((r.of(orders), r.of(users)), (3, 2));
+        let r = Replicas::parse("orders=3").unwrap();
+        assert_eq!((r.of(orders), r.of(users)), (3, 1));
+        for (bad, says) in [
+            ("orders=0", "1 to 8"),
+            ("9", "1 to 8"),
+            ("orders=lots", "not `lots`"),
+            ("shipping=2", "no role `shipping`"),
+            ("gateway=2", "only services have replicas"),
+        ] {
+            let err = Replicas::parse(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_replica_gets_a_port_of_its_own_and_the_gateway_balances_over_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path());
+        let orders = RoleSpec::named("orders").unwrap();
+        assert_eq!([0, 1, 2].map(|k| s.instance_port(orders, k)), [8103, 8113, 8123]);
+        let replicas = Replicas::parse("orders=2").unwrap();
+        let path = s.ensure_gateway_config(&replicas, true).unwrap();
+        bazaar_gateway::check_config_file(&path).unwrap_or_else(|p| panic!("{p:?}"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("target: 127.0.0.1:8103") && text.contains("target: 127.0.0.1:8113"),
+            "{text}"
+        );
+        // A file the operator claimed (marker line deleted) is never rewritten.
+        std::fs::write(&path, text.replacen(bazaar_gateway::GENERATED_MARKER, "# mine", 1)).unwrap();
+        s.ensure_gateway_config(&Replicas::default(), true).unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().starts_with("# mine"));
     }
 
     #[test]

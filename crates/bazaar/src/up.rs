@@ -13,7 +13,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use bazaar::roles::{self, stop_signal, Role, Settings};
+use bazaar::roles::{self, instance_name, stop_signal, Replicas, Role, Settings};
 
 /// Flags of `bazaar up`.
 #[derive(Debug, Args)]
@@ -24,32 +24,67 @@ pub struct UpArgs {
     /// Seconds to wait for every role to report healthy.
     #[arg(long, default_value_t = 60)]
     ready_timeout: u64,
+    /// Instances of each service: `N` for every one, `orders=3,inventory=2` per service, or
+    /// both (`2,orders=3`). A service with several needs a shared store (PostgreSQL).
+    #[arg(long, value_parser = Replicas::parse, default_value = "1")]
+    replicas: Replicas,
 }
+
+/// A replicated service drains this long (not ready, still serving) before it stops, so
+/// the gateway's one-second readiness probe takes it out of the rotation first.
+const REPLICA_DRAIN_DELAY_MS: u64 = 1_500;
 
 /// Restarts allowed per role within [`RESTART_WINDOW`] before `up` gives up on it.
 const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
-/// One running role.
+/// One running role instance.
 struct Proc {
     role: Role,
+    instance: u16,
     child: Child,
     restarts: Vec<Instant>,
 }
 
+impl Proc {
+    fn name(&self) -> String {
+        instance_name(self.role, self.instance)
+    }
+}
+
+/// Refuses a layout that cannot work before anything starts: several instances of a service
+/// whose store is a SQLite file, which only one process may own.
+fn check_replicas(settings: &Settings, replicas: &Replicas) -> anyhow::Result<()> {
+    for (role, spec) in roles::services() {
+        let n = replicas.of(role);
+        let store = settings.store_url(spec.name);
+        if n > 1 && store.starts_with("sqlite:") {
+            anyhow::bail!(
+                "{} cannot run {n} replicas on its SQLite store ({store}): replicas share one store; set {}=postgres://…",
+                spec.name,
+                roles::store_url_var(spec.name)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs `up` until Ctrl-C or SIGTERM.
 pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
+    check_replicas(settings, &args.replicas)?;
     std::fs::create_dir_all(&settings.data).with_context(|| format!("cannot create {}", settings.data.display()))?;
     settings.jwt_secret()?;
     settings.admin_password()?;
-    let config = settings.ensure_gateway_config()?;
-    let ports = roles::up_roles().map(|r| (r.name, settings.port(r)));
-    for (name, port) in ports.chain([("gateway admin", settings.admin_port())]) {
+    let config = settings.ensure_gateway_config(&args.replicas, true)?;
+    let instances: Vec<(Role, u16)> = roles::up_roles()
+        .flat_map(|r| (0..args.replicas.of(r)).map(move |k| (r, k)))
+        .collect();
+    let ports = instances
+        .iter()
+        .map(|&(r, k)| (instance_name(r, k), settings.instance_port(r, k)));
+    for (name, port) in ports.chain([("gateway admin".to_string(), settings.admin_port())]) {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
-            anyhow::bail!(
-                "port {port} for {} is taken; stop what uses it or pick other ports with --base-port",
-                name
-            );
+            anyhow::bail!("port {port} for {name} is taken; stop what uses it or pick other ports with --base-port");
         }
     }
     let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
@@ -60,15 +95,16 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         }
     });
     let mut procs = Vec::new();
-    for role in roles::up_roles() {
-        let child = spawn(&exe, settings, role, &lines)?;
+    for &(role, instance) in &instances {
+        let child = spawn(&exe, settings, &args.replicas, role, instance, &lines)?;
         procs.push(Proc {
             role,
+            instance,
             child,
             restarts: Vec::new(),
         });
     }
-    let ready = wait_ready(settings, Duration::from_secs(args.ready_timeout)).await;
+    let ready = wait_ready(settings, &instances, Duration::from_secs(args.ready_timeout)).await;
     match &ready {
         Ok(()) if !args.quiet => println!("{}", tour(settings, &config)),
         Ok(()) => println!("bazaar: all roles healthy"),
@@ -88,17 +124,17 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
                 if p.restarts.len() >= MAX_RESTARTS {
                     gave_up = Some(format!(
                         "{} exited ({status}) {MAX_RESTARTS} times within a minute; giving up",
-                        p.role.name
+                        p.name()
                     ));
                     break;
                 }
-                let _ = lines.send(format!("{:>13} | exited ({status}); restarting", p.role.name));
+                let _ = lines.send(format!("{:>15} | exited ({status}); restarting", p.name()));
                 p.restarts.push(Instant::now());
                 tokio::time::sleep(Duration::from_millis(200 * p.restarts.len() as u64)).await;
-                match spawn(&exe, settings, p.role, &lines) {
+                match spawn(&exe, settings, &args.replicas, p.role, p.instance, &lines) {
                     Ok(child) => p.child = child,
                     Err(e) => {
-                        gave_up = Some(format!("cannot restart {}: {e:#}", p.role.name));
+                        gave_up = Some(format!("cannot restart {}: {e:#}", p.name()));
                         break;
                     }
                 }
@@ -117,12 +153,21 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
 fn spawn(
     exe: &std::path::Path,
     settings: &Settings,
+    replicas: &Replicas,
     role: Role,
+    instance: u16,
     lines: &mpsc::UnboundedSender<String>,
 ) -> anyhow::Result<Child> {
+    let drain_delay = if replicas.of(role) > 1 {
+        REPLICA_DRAIN_DELAY_MS
+    } else {
+        0
+    };
     let mut cmd = Command::new(exe);
     cmd.arg("serve")
         .arg(role.name)
+        .env("BAZAAR_INSTANCE", instance.to_string())
+        .env("BAZAAR_DRAIN_DELAY_MS", drain_delay.to_string())
         .env("BAZAAR_DATA", &settings.data)
         .env("BAZAAR_BROKER_URL", settings.broker_url())
         .env("BAZAAR_BASE_PORT", settings.base_port.to_string())
@@ -147,7 +192,8 @@ fn spawn(
     if let Some(url) = &settings.payment_provider_url {
         cmd.env("BAZAAR_PAYMENT_PROVIDER_URL", url);
     }
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", role.name))?;
+    let name = instance_name(role, instance);
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
     for stream in [
         child
             .stdout
@@ -162,11 +208,11 @@ fn spawn(
     .flatten()
     {
         let lines = lines.clone();
-        let name = role.name;
+        let name = name.clone();
         tokio::spawn(async move {
             let mut reader = BufReader::new(stream).lines();
             while let Ok(Some(line)) = reader.next_line().await {
-                let _ = lines.send(format!("{name:>13} | {line}"));
+                let _ = lines.send(format!("{name:>15} | {line}"));
             }
         });
     }
@@ -189,15 +235,15 @@ async fn terminate_all(procs: &mut [Proc]) {
     }
 }
 
-/// Waits until every role answers 200 on `/health`.
-pub async fn wait_ready(settings: &Settings, timeout: Duration) -> anyhow::Result<()> {
+/// Waits until every instance answers 200 on `/health`.
+pub async fn wait_ready(settings: &Settings, instances: &[(Role, u16)], timeout: Duration) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .context("http client")?;
     let deadline = Instant::now() + timeout;
-    for role in roles::up_roles() {
-        let url = settings.health_url(role);
+    for &(role, k) in instances {
+        let url = settings.instance_health_url(role, k);
         loop {
             let ok = client
                 .get(&url)
@@ -209,7 +255,11 @@ pub async fn wait_ready(settings: &Settings, timeout: Duration) -> anyhow::Resul
                 break;
             }
             if Instant::now() > deadline {
-                anyhow::bail!("{} is not healthy after {}s ({url})", role.name, timeout.as_secs());
+                anyhow::bail!(
+                    "{} is not healthy after {}s ({url})",
+                    instance_name(role, k),
+                    timeout.as_secs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

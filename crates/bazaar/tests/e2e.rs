@@ -37,17 +37,18 @@ fn rand_seed() -> u64 {
 
 impl System {
     async fn start(extra_env: &[(&str, &str)]) -> System {
-        System::start_at(None, extra_env).await
+        System::start_with(None, None, extra_env).await
     }
 
-    /// `bazaar up` with `base` as its base port (a free one when `None`).
-    async fn start_at(base: Option<u16>, extra_env: &[(&str, &str)]) -> System {
+    /// `bazaar up` with `base` as its base port (a free one when `None`) and `--replicas`.
+    async fn start_with(base: Option<u16>, replicas: Option<&str>, extra_env: &[(&str, &str)]) -> System {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = Options {
             bin: PathBuf::from(BIN),
             dir: dir.path().to_path_buf(),
             base,
             env: extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            replicas: replicas.map(str::to_string),
         };
         let up = harness::System::start(options)
             .await
@@ -707,7 +708,7 @@ async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
     // One grep over the supervisor's log finds the id in every role's lines.
     let log = sys.up.log();
     for role in ["gateway", "orders", "inventory", "payments", "notifications"] {
-        let prefix = format!("{role:>13} |");
+        let prefix = format!("{role:>15} |");
         assert!(
             log.lines().any(|l| l.starts_with(&prefix) && l.contains(&correlation)),
             "no {role} log line carries {correlation}"
@@ -793,7 +794,7 @@ async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
         }
     };
     control(json!({"outage": true})).await;
-    let sys = System::start_at(Some(base), &[("BAZAAR_PAYMENT_PROVIDER_URL", &sim_url)]).await;
+    let sys = System::start_with(Some(base), None, &[("BAZAAR_PAYMENT_PROVIDER_URL", &sim_url)]).await;
     let admin = sys.admin().await;
     let dee = sys.customer("dee@example.com").await;
     let kettle = sys.product(&admin, "KETTLE", 3_000, 5).await;
@@ -839,4 +840,116 @@ async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
     let (ok, report) = sys.audit().await;
     assert!(ok, "audit failed:\n{report}\n{}", sys.log());
     drop(sim);
+}
+
+#[test]
+fn replicas_of_a_service_on_its_sqlite_store_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(BIN)
+        .args(["up", "--quiet", "--replicas", "orders=2"])
+        .env("BAZAAR_DATA", dir.path().join("data"))
+        .env(
+            "BAZAAR_BASE_PORT",
+            harness::free_base_port().expect("ports").to_string(),
+        )
+        .env_remove("BAZAAR_ORDERS_STORE_URL")
+        .env_remove("BAZAAR_BROKER_URL")
+        .output()
+        .expect("run up");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "up started anyway: {stderr}");
+    assert!(
+        stderr.contains("orders cannot run 2 replicas on its SQLite store") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(!dir.path().join("data").join("run").exists(), "nothing was started");
+}
+
+/// The sum of `metric`'s samples whose labels contain every one of `labels`.
+fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_of_every_service_share_the_requests_and_the_events() {
+    let Ok(nats) = std::env::var("BAZAAR_TEST_NATS_URL") else {
+        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_NATS_URL to run replicas)");
+        return;
+    };
+    let mut dbs = Vec::new();
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (_, spec) in roles::services() {
+        let Some(db) = TestDb::postgres(&format!("replicas_{}", spec.name)).await else {
+            return;
+        };
+        env.push((roles::store_url_var(spec.name), db.url.clone()));
+        dbs.push(db);
+    }
+    env.push((
+        "BAZAAR_BROKER_URL".into(),
+        format!("{nats}?namespace=replicas{}", uuid::Uuid::now_v7().simple()),
+    ));
+    env.push((CREDIT.0.into(), "1000000".into()));
+    {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let sys = System::start_with(None, Some("2"), &env).await;
+        let admin = sys.admin().await;
+        let tea = sys.product(&admin, "TEA", 300, 10_000).await;
+        let mut customers = Vec::new();
+        // Registrations are users.events for payments and notifications: enough of them that
+        // both instances of each get some.
+        for i in 0..8 {
+            customers.push(sys.customer(&format!("rep{i}@example.com")).await);
+        }
+        let orders: Vec<(usize, String)> = futures_util::future::join_all((0..40).map(|n| {
+            let (sys, customers, tea) = (&sys, &customers, &tea);
+            async move { (n % 8, sys.order(&customers[n % 8], tea, 1).await) }
+        }))
+        .await;
+        for (who, id) in &orders {
+            assert_eq!(sys.settled(&customers[*who], id).await["status"], "confirmed");
+        }
+        for token in &customers {
+            sys.call(reqwest::Method::GET, "/notifications", Some(token), None)
+                .await;
+            sys.call(reqwest::Method::GET, "/products", None, None).await;
+        }
+        sys.assert_audit_clean().await;
+
+        for (role, k) in sys.up.instances() {
+            let Some(spec) = role.service() else { continue };
+            let url = format!("http://127.0.0.1:{}/metrics", sys.up.instance_port(role, k));
+            let text = sys
+                .client
+                .get(&url)
+                .send()
+                .await
+                .expect("scrape")
+                .text()
+                .await
+                .expect("text");
+            let api: f64 = spec
+                .routes
+                .iter()
+                .map(|r| {
+                    metric_sum(
+                        &text,
+                        "bazaar_http_requests_total",
+                        &[&format!("route=\"/{}", r.resource)],
+                    )
+                })
+                .sum();
+            assert!(api > 0.0, "{} instance {k} served no API request", spec.name);
+            for topic in spec.consumes {
+                let handled = metric_sum(&text, "bazaar_consumer_handled_total", &[&format!("topic=\"{topic}\"")]);
+                assert!(handled > 0.0, "{} instance {k} handled no event of {topic}", spec.name);
+            }
+        }
+    }
+    for db in dbs {
+        db.drop_database().await;
+    }
 }

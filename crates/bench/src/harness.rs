@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use bazaar::roles::{self, store_url_var, RoleSpec};
+use bazaar::roles::{self, instance_name, store_url_var, Replicas, Role, RoleSpec};
 use tokio::process::{Child, Command};
 
 /// How long every role gets to report healthy.
@@ -27,6 +27,8 @@ pub struct Options {
     pub base: Option<u16>,
     /// Extra `BAZAAR_*` settings (stores, broker, credit, provider).
     pub env: Vec<(String, String)>,
+    /// `up --replicas` (`2`, `orders=3`, ...); one instance of each service when `None`.
+    pub replicas: Option<String>,
 }
 
 /// A `bazaar up` child.
@@ -38,6 +40,7 @@ pub struct System {
     data: PathBuf,
     log: PathBuf,
     env: Vec<(String, String)>,
+    replicas: Replicas,
 }
 
 /// Variables of the caller's environment that could point `up` at someone else's stores,
@@ -91,8 +94,13 @@ impl System {
         let data = options.dir.join("data");
         let log = options.dir.join("up.log");
         let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let replicas = match &options.replicas {
+            Some(text) => Replicas::parse(text).map_err(|e| anyhow::anyhow!("--replicas {text}: {e}"))?,
+            None => Replicas::default(),
+        };
         let mut cmd = Command::new(&options.bin);
         cmd.args(["up", "--quiet"])
+            .args(options.replicas.iter().flat_map(|r| ["--replicas", r.as_str()]))
             .env("BAZAAR_DATA", &data)
             .env("BAZAAR_BASE_PORT", base.to_string())
             .stdin(Stdio::null())
@@ -113,6 +121,7 @@ impl System {
             data,
             log,
             env: options.env,
+            replicas,
         };
         if let Err(e) = system.wait_healthy().await {
             let tail = system.log_tail(4000);
@@ -125,8 +134,8 @@ impl System {
     async fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         let deadline = Instant::now() + READY_WITHIN;
-        for role in roles::up_roles() {
-            let url = format!("http://127.0.0.1:{}/health", self.base + role.health_offset());
+        for (role, k) in self.instances() {
+            let url = format!("http://127.0.0.1:{}/health", self.instance_port(role, k));
             loop {
                 if let Ok(r) = client.get(&url).send().await {
                     if r.status().is_success() {
@@ -148,6 +157,18 @@ impl System {
     /// The base port (the gateway's).
     pub fn base(&self) -> u16 {
         self.base
+    }
+
+    /// Every role instance `up` runs: `(role, k)`.
+    pub fn instances(&self) -> Vec<(Role, u16)> {
+        roles::up_roles()
+            .flat_map(|r| (0..self.replicas.of(r)).map(move |k| (r, k)))
+            .collect()
+    }
+
+    /// The port instance `k` of `role` answers `/health` and `/metrics` on.
+    pub fn instance_port(&self, role: Role, k: u16) -> u16 {
+        self.base + role.health_offset() + k * roles::REPLICA_STRIDE
     }
 
     /// The port of the role called `name`.
@@ -227,9 +248,10 @@ impl System {
     /// from /proc; empty where /proc is missing.
     pub fn cpu(&self) -> Vec<(String, f64)> {
         let mut out = vec![("load driver".to_string(), cpu_seconds("self"))];
-        for role in roles::up_roles() {
-            if let Some(pid) = self.pid(role.name) {
-                out.push((role.name.to_string(), cpu_seconds(&pid.to_string())));
+        for (role, k) in self.instances() {
+            let name = instance_name(role, k);
+            if let Some(pid) = self.pid(&name) {
+                out.push((name, cpu_seconds(&pid.to_string())));
             }
         }
         out.retain(|(_, s)| s.is_finite());

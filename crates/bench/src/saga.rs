@@ -230,6 +230,7 @@ async fn saga(args: &SagaBenchArgs, bin: &Path, dir: &Path, env: Vec<(String, St
             .into_iter()
             .chain(env)
             .collect(),
+        replicas: None,
     };
     let mut system = System::start(options).await?;
     let cpu_before = system.cpu();

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use config::ConfigProblems;
-pub use defaults::{default_config, DefaultRoute};
+pub use defaults::{default_config, DefaultRoute, GENERATED_MARKER};
 pub use server::serve_with_listeners;
 
 /// What the gateway needs to run.

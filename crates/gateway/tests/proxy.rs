@@ -868,7 +868,8 @@ async fn check_config_file_lists_every_problem() {
     let route = bazaar_gateway::DefaultRoute {
         name: "orders",
         resource: "orders",
-        port: 3,
+        service: "orders",
+        targets: vec![3],
         methods: &[],
         exact: false,
         jwt: true,

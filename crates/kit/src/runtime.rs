@@ -14,7 +14,7 @@ use crate::{
     auth::JwtKeys,
     broker::{self, BrokerError, SharedBroker},
     consumer::{self, ConsumerConfig, Handler},
-    health::Health,
+    health::{Draining, Health},
     outbox::{self, Outbox},
     service::ServiceSpec,
     shutdown::Shutdown,
@@ -40,6 +40,9 @@ pub struct RoleConfig {
     pub broker_url: String,
     /// The shared JWT secret.
     pub jwt_secret: String,
+    /// How long a stopping instance answers not-ready (and keeps serving) before it stops
+    /// accepting, so load balancers take it out first. Zero for a lone instance.
+    pub drain_delay: Duration,
 }
 
 /// Why a role could not start or stopped with an error.
@@ -81,6 +84,9 @@ pub struct Runtime {
     pub shutdown: Shutdown,
     /// Every background task of the role; [`Runtime::serve`] waits for them.
     tasks: TaskTracker,
+    /// Set when shutdown starts; readiness fails from then on.
+    pub draining: Draining,
+    drain_delay: Duration,
 }
 
 impl Runtime {
@@ -104,6 +110,8 @@ impl Runtime {
             keys: JwtKeys::new(&config.jwt_secret, Duration::from_secs(24 * 3600)),
             shutdown,
             tasks: TaskTracker::new(),
+            draining: Draining::default(),
+            drain_delay: config.drain_delay,
         };
         rt.own(
             "outbox relay",
@@ -164,7 +172,7 @@ impl Runtime {
     /// event is older than [`OUTBOX_LAG_LIMIT`]: events are piling up).
     pub fn health(&self) -> Health {
         let outbox = self.outbox.clone();
-        Health::new(self.spec.name)
+        Health::new(self.spec.name, self.draining.clone())
             .database(self.store.clone())
             .broker(self.broker.clone())
             .check("outbox", move || {
@@ -236,7 +244,20 @@ impl Runtime {
         })?;
         let router = self.app(api, health);
         tracing::info!(role = self.spec.name, %addr, "listening");
-        crate::http::serve(listener, router, self.shutdown.clone())
+        let (mut stop, draining, delay) = (self.shutdown.clone(), self.draining.clone(), self.drain_delay);
+        let stopping = async move {
+            stop.wait().await;
+            draining.start();
+            if !delay.is_zero() {
+                tracing::info!(
+                    delay_ms = delay.as_millis() as u64,
+                    "draining: not ready, still serving"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        };
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stopping)
             .await
             .map_err(|source| ServiceError::Listen { addr, source })?;
         self.stop_tasks().await;

@@ -153,6 +153,7 @@ impl TestRole {
             store_url: store.url.clone(),
             broker_url: format!("sqlite://{}", bus.path().join("bus.db").display()),
             jwt_secret: format!("{}-test-secret", spec.name),
+            drain_delay: std::time::Duration::ZERO,
         };
         let (stop, shutdown) = shutdown::channel();
         let rt = Runtime::start(spec, &config, shutdown)

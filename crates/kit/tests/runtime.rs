@@ -71,6 +71,7 @@ async fn start(dir: &std::path::Path) -> (shutdown::ShutdownTrigger, Runtime) {
         store_url: format!("sqlite://{}/role.db", dir.display()),
         broker_url: format!("sqlite://{}/bus.db", dir.display()),
         jwt_secret: "secret".into(),
+        drain_delay: std::time::Duration::ZERO,
     };
     let (stop, shut) = shutdown::channel();
     let rt = Runtime::start(&SPEC, &config, shut).await.expect("start");

@@ -137,6 +137,17 @@ impl PaymentCommands {
             Some((id, PaymentStatus::Captured)) => return Ok(Verdict::done(&Paid { payment_id: id })),
             // Being charged: the settler answers.
             Some((_, PaymentStatus::Charging)) => return Ok(Verdict::Later),
+            // A refusal is final for the order: a resent command gets the first answer.
+            Some((_, PaymentStatus::Failed)) => {
+                let reason: Option<String> = sqlx::query("SELECT reason FROM payment WHERE order_id = $1")
+                    .bind(&order)
+                    .fetch_one(&mut **tx)
+                    .await?
+                    .try_get("reason")?;
+                return Ok(Verdict::refused(
+                    reason.unwrap_or_else(|| "payment for this order is already failed".into()),
+                ));
+            }
             Some((_, status)) => {
                 return Ok(Verdict::refused(format!(
                     "payment for this order is already {}",
@@ -164,8 +175,16 @@ impl PaymentCommands {
             .bind(&wallet)
             .execute(&mut **tx)
             .await?;
+        let held: String = sqlx::query("SELECT currency FROM account WHERE id = $1")
+            .bind(&wallet)
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("currency")?;
         let balance = ledger::balance(&mut **tx, &wallet).await?;
-        let declined = if balance < cmd.amount_cents {
+        let declined = if cmd.currency != held {
+            // Never take one currency's minor units as another's.
+            Some(format!("the wallet holds {held}; it cannot pay in {}", cmd.currency))
+        } else if balance < cmd.amount_cents {
             Some(format!(
                 "insufficient funds: balance {balance}, amount {}",
                 cmd.amount_cents

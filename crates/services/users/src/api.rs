@@ -112,8 +112,11 @@ async fn register(
 ) -> Result<(StatusCode, Json<User>), Problem> {
     let email = Email::parse(&body.email)?;
     let phone = body.phone.as_deref().map(parse_phone).transpose()?;
-    if body.password.chars().count() < 8 || body.password.len() > 1024 {
+    if body.password.chars().count() < 8 {
         return Err(Problem::bad_request("password must be at least 8 characters"));
+    }
+    if body.password.len() > 1024 {
+        return Err(Problem::bad_request("password must be at most 1024 bytes"));
     }
     let user = create(&rt, &ctx, email, body.name.trim(), phone, &[], body.password).await?;
     Ok((StatusCode::CREATED, Json(user)))

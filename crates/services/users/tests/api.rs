@@ -1,0 +1,338 @@
+//! The users HTTP API, called in-process through the router the role serves (no socket):
+//! registering answers 201 with the user and announces `user.registered` exactly once (in the
+//! same transaction, through the outbox); what registration refuses (a taken email in any
+//! case, a malformed email, a short password, a phone not in international form, an empty
+//! name, unknown or missing fields, a body that is not JSON) is a 4xx
+//! `application/problem+json` naming the field, storing and announcing nothing; logging in
+//! returns a Bearer token whose claims name the user, and refuses a wrong password and an
+//! unknown email alike; `GET /users/me` needs a token and shows the caller.
+
+mod support;
+
+use axum::{
+    body::Body,
+    http::{header, Method, Request, StatusCode},
+};
+use bazaar_contracts::{topics, types, UserRegistered};
+use bazaar_kit::{auth::ISSUER, http::CORRELATION_HEADER, testing::TestRole};
+use serde_json::json;
+use support::{registration, start, PASSWORD};
+use uuid::Uuid;
+
+#[tokio::test]
+async fn registering_answers_201_and_announces_the_user_once() {
+    let users = start().await;
+    let body = registration(" Ann@Example.COM ", "  Ann Smith ", PASSWORD, Some("+1 415-555-0123"));
+    let request = TestRole::request(
+        Method::POST,
+        "/users",
+        None,
+        &[(CORRELATION_HEADER, "reg-test-1")],
+        Some(&body),
+    );
+    let answer = users.send(request).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.body);
+    assert!(
+        answer.content_type().starts_with("application/json"),
+        "{}",
+        answer.content_type()
+    );
+    let id: Uuid = answer.body["id"].as_str().expect("an id").parse().expect("a UUID");
+    assert_eq!(
+        answer.body,
+        json!({
+            "id": id.to_string(), "email": "ann@example.com", "name": "Ann Smith",
+            "phone": "+14155550123", "roles": [],
+        }),
+        "trimmed, lower-cased, phone in E.164, no password or hash"
+    );
+    assert_eq!(users.user_count().await, 1);
+
+    let announced = users.announced().await;
+    assert_eq!(announced.len(), 1, "one event: {announced:?}");
+    let (topic, event) = &announced[0];
+    assert_eq!(topic, topics::USERS_EVENTS);
+    assert_eq!(event.event_type, types::USER_REGISTERED);
+    assert_eq!(event.aggregate_id, id.to_string());
+    assert_eq!(event.metadata.source, "users");
+    assert_eq!(
+        event.metadata.correlation_id, "reg-test-1",
+        "the request's correlation id"
+    );
+    assert_eq!(
+        event.payload_as::<UserRegistered>().expect("a user.registered payload"),
+        UserRegistered {
+            user_id: id,
+            email: "ann@example.com".into(),
+            name: "Ann Smith".into(),
+            phone: Some("+14155550123".into()),
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_user_without_a_phone_is_announced_without_one() {
+    let users = start().await;
+    let user = users.register("bob@example.com").await;
+    assert!(user.get("phone").is_none(), "{user}");
+    let registered = users.registrations().await;
+    assert_eq!(registered.len(), 1);
+    assert_eq!(registered[0].phone, None);
+    assert_eq!(registered[0].email, "bob@example.com");
+    assert_eq!(registered[0].name, "Ann");
+}
+
+#[tokio::test]
+async fn an_email_already_registered_in_any_case_is_409_and_announces_nothing_more() {
+    let users = start().await;
+    users.register("ann@example.com").await;
+
+    let detail = users
+        .post_user(registration(
+            " ANN@example.com",
+            "Another Ann",
+            "another password",
+            None,
+        ))
+        .await
+        .problem(StatusCode::CONFLICT);
+    assert!(
+        detail.contains("ann@example.com") && detail.contains("already registered"),
+        "{detail}"
+    );
+    assert_eq!(users.user_count().await, 1);
+    assert_eq!(users.registrations().await.len(), 1, "announced once");
+}
+
+#[tokio::test]
+async fn an_invalid_email_is_refused_naming_the_email() {
+    let users = start().await;
+    for email in [
+        "",
+        "ann",
+        "ann@",
+        "@example.com",
+        "ann@example",
+        "a b@example.com",
+        "a@@example.com",
+    ] {
+        let detail = users
+            .post_user(registration(email, "Ann", PASSWORD, None))
+            .await
+            .problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains("email"), "{email}: {detail}");
+    }
+    users.nothing_registered().await;
+}
+
+#[tokio::test]
+async fn a_password_shorter_than_8_characters_is_refused_naming_the_password() {
+    let users = start().await;
+    // Seven characters, even when they take more than eight bytes.
+    for password in ["", "1234567", "ééééééé"] {
+        let detail = users
+            .post_user(registration("ann@example.com", "Ann", password, None))
+            .await
+            .problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains("password") && detail.contains("8"), "{detail}");
+    }
+    users.nothing_registered().await;
+}
+
+#[tokio::test]
+async fn a_password_too_long_is_refused_saying_so() {
+    let users = start().await;
+    let detail = users
+        .post_user(registration("ann@example.com", "Ann", &"x".repeat(1025), None))
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+    assert!(
+        detail.contains("password") && detail.contains("at most 1024"),
+        "{detail}"
+    );
+    users.nothing_registered().await;
+}
+
+#[tokio::test]
+async fn a_phone_not_in_international_form_is_refused_naming_the_phone() {
+    let users = start().await;
+    for phone in ["4155550123", "+12", "+1415abc0123", "+1234567890123456"] {
+        let detail = users
+            .post_user(registration("ann@example.com", "Ann", PASSWORD, Some(phone)))
+            .await
+            .problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains("phone number") && detail.contains(phone), "{detail}");
+    }
+    users.nothing_registered().await;
+}
+
+#[tokio::test]
+async fn an_empty_name_is_refused_naming_the_name() {
+    let users = start().await;
+    for name in ["", "   "] {
+        let detail = users
+            .post_user(registration("ann@example.com", name, PASSWORD, None))
+            .await
+            .problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains("name"), "{detail}");
+    }
+    users.nothing_registered().await;
+}
+
+#[tokio::test]
+async fn a_registration_cannot_carry_unknown_fields_such_as_roles() {
+    let users = start().await;
+    for field in ["roles", "isAdmin", "nickname"] {
+        let mut body = registration("ann@example.com", "Ann", PASSWORD, None);
+        body[field] = json!(["admin"]);
+        let detail = users.post_user(body).await.problem(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(detail.contains(&format!("unknown field `{field}`")), "{detail}");
+    }
+    users.nothing_registered().await;
+}
+
+#[tokio::test]
+async fn a_registration_missing_a_field_is_refused_naming_it() {
+    let users = start().await;
+    let detail = users
+        .post_user(json!({"email": "ann@example.com", "name": "Ann"}))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(detail.contains("missing field `password`"), "{detail}");
+    users.nothing_registered().await;
+}
+
+/// `POST /users` with `body` as it is and `content_type`, if any.
+fn raw(content_type: Option<&str>, body: &str) -> Request<Body> {
+    let mut request = Request::builder().method(Method::POST).uri("/users");
+    if let Some(content_type) = content_type {
+        request = request.header(header::CONTENT_TYPE, content_type);
+    }
+    request.body(Body::from(body.to_string())).expect("a request")
+}
+
+#[tokio::test]
+async fn a_registration_that_is_not_json_is_refused() {
+    let users = start().await;
+    let detail = users
+        .send(raw(None, "email=ann@example.com"))
+        .await
+        .problem(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(detail.contains("application/json"), "{detail}");
+    users
+        .send(raw(Some("application/json"), r#"{"email": "#))
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+    users.nothing_registered().await;
+}
+
+#[tokio::test]
+async fn logging_in_with_the_right_password_returns_a_bearer_token_naming_the_user() {
+    let users = start().await;
+    let user = users.register("ann@example.com").await;
+    let id: Uuid = user["id"].as_str().unwrap().parse().unwrap();
+
+    // The email is matched however it is typed.
+    let answer = users.login(" Ann@Example.com ", PASSWORD).await.expect(StatusCode::OK);
+    assert_eq!(answer["tokenType"], "Bearer");
+    assert_eq!(answer["userId"], id.to_string());
+    assert_eq!(answer["expiresIn"], users.rt.keys.ttl().as_secs());
+    let token = answer["accessToken"].as_str().expect("a token");
+    let claims = users.rt.keys.verify(token).expect("a token the role's keys accept");
+    assert_eq!(claims.sub, id);
+    assert_eq!(claims.email, "ann@example.com");
+    assert_eq!(claims.roles, Vec::<String>::new());
+    assert!(!claims.is_admin());
+    assert_eq!(claims.iss, ISSUER);
+    assert_eq!(claims.exp - claims.iat, users.rt.keys.ttl().as_secs());
+
+    // And the token works.
+    let me = users
+        .call(Method::GET, "/users/me", Some(token), None)
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(me, user);
+}
+
+#[tokio::test]
+async fn a_wrong_password_and_an_unknown_email_are_the_same_401() {
+    let users = start().await;
+    users.register("ann@example.com").await;
+
+    let wrong = users.login("ann@example.com", "not the password").await;
+    let unknown = users.login("nobody@example.com", PASSWORD).await;
+    let malformed = users.login("nobody", PASSWORD).await;
+    let detail = wrong.problem(StatusCode::UNAUTHORIZED);
+    assert_eq!(detail, "unknown email or wrong password");
+    assert_eq!(
+        unknown.problem(StatusCode::UNAUTHORIZED),
+        detail,
+        "no hint which one was wrong"
+    );
+    assert_eq!(malformed.problem(StatusCode::UNAUTHORIZED), detail);
+    assert!(wrong.body.get("accessToken").is_none());
+}
+
+#[tokio::test]
+async fn a_login_with_unknown_fields_is_refused() {
+    let users = start().await;
+    let body = json!({"email": "ann@example.com", "password": PASSWORD, "roles": ["admin"]});
+    let detail = users
+        .call(Method::POST, "/auth/token", None, Some(body))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(detail.contains("unknown field `roles`"), "{detail}");
+}
+
+#[tokio::test]
+async fn who_am_i_needs_a_valid_token() {
+    let users = start().await;
+    let detail = users
+        .call(Method::GET, "/users/me", None, None)
+        .await
+        .problem(StatusCode::UNAUTHORIZED);
+    assert!(detail.contains("bearer token"), "{detail}");
+
+    let forged = bazaar_kit::auth::JwtKeys::new("not-the-secret", std::time::Duration::from_secs(60))
+        .issue(Uuid::now_v7(), "mallory@example.com", &[])
+        .unwrap();
+    users
+        .call(Method::GET, "/users/me", Some(&forged), None)
+        .await
+        .problem(StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn who_am_i_shows_the_caller_or_404_when_their_account_is_gone() {
+    let users = start().await;
+    let body = registration("ann@example.com", "Ann", PASSWORD, Some("+447700900123"));
+    let ann = users.post_user(body).await.expect(StatusCode::CREATED);
+    let id: Uuid = ann["id"].as_str().unwrap().parse().unwrap();
+
+    let me = users
+        .call(
+            Method::GET,
+            "/users/me",
+            Some(&users.token_for(id, "ann@example.com")),
+            None,
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(
+        me,
+        json!({"id": id.to_string(), "email": "ann@example.com", "name": "Ann", "phone": "+447700900123", "roles": []})
+    );
+
+    // A valid token for an account that is not (or no longer) stored.
+    let ghost = Uuid::now_v7();
+    let detail = users
+        .call(
+            Method::GET,
+            "/users/me",
+            Some(&users.token_for(ghost, "ghost@example.com")),
+            None,
+        )
+        .await
+        .problem(StatusCode::NOT_FOUND);
+    assert!(detail.contains("no longer exists"), "{detail}");
+}

@@ -1,0 +1,135 @@
+//! The users role started in-process for tests (the kit's [`TestRole`]: the real [`Runtime`]
+//! on a temporary SQLite store and embedded broker, its app called without a socket), with
+//! helpers to register and log in through the API and to read what the role stored and
+//! announced (`users` and `outbox` tables).
+//!
+//! Every registration and every login with a known email runs argon2 (about 19 MiB and real
+//! CPU each), so tests register only the users they log in as; validation is checked before
+//! any hashing, so refused registrations cost nothing.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use axum::{
+    body::Body,
+    http::{Method, Request, StatusCode},
+};
+use bazaar_contracts::{topics, types, UserRegistered};
+use bazaar_kit::{envelope::Envelope, runtime::Runtime, testing::TestRole};
+
+pub use bazaar_kit::testing::Answer;
+use serde_json::{json, Value};
+use sqlx::Row;
+use uuid::Uuid;
+
+/// The password every registered test user has.
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A running users role.
+pub struct Users {
+    pub rt: Runtime,
+    role: TestRole,
+}
+
+/// Starts users on a fresh store and broker.
+pub async fn start() -> Users {
+    let role = TestRole::start(&bazaar_users::SERVICE, |rt| bazaar_users::router(rt.clone())).await;
+    Users {
+        rt: role.rt.clone(),
+        role,
+    }
+}
+
+/// A registration body.
+pub fn registration(email: &str, name: &str, password: &str, phone: Option<&str>) -> Value {
+    let mut body = json!({"email": email, "name": name, "password": password});
+    if let Some(phone) = phone {
+        body["phone"] = json!(phone);
+    }
+    body
+}
+
+impl Users {
+    /// Sends `method uri` with `token` and a JSON `body` through the served router.
+    pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> Answer {
+        self.role.call(method, uri, token, body).await
+    }
+
+    /// Sends one request through the served router.
+    pub async fn send(&self, request: Request<Body>) -> Answer {
+        self.role.send(request).await
+    }
+
+    /// `POST /users` with `body`.
+    pub async fn post_user(&self, body: Value) -> Answer {
+        self.call(Method::POST, "/users", None, Some(body)).await
+    }
+
+    /// Registers `email` (named Ann, with [`PASSWORD`]), asserting the 201; returns the user.
+    pub async fn register(&self, email: &str) -> Value {
+        self.post_user(registration(email, "Ann", PASSWORD, None))
+            .await
+            .expect(StatusCode::CREATED)
+    }
+
+    /// `POST /auth/token` with `email` and `password`.
+    pub async fn login(&self, email: &str, password: &str) -> Answer {
+        self.call(
+            Method::POST,
+            "/auth/token",
+            None,
+            Some(json!({"email": email, "password": password})),
+        )
+        .await
+    }
+
+    /// A token for user `id` signed with the role's keys (no argon2).
+    pub fn token_for(&self, id: Uuid, email: &str) -> String {
+        self.role.token(id, email, &[])
+    }
+
+    /// How many users are stored.
+    pub async fn user_count(&self) -> i64 {
+        sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM users")
+            .fetch_one(self.rt.store.pool())
+            .await
+            .expect("count")
+            .get("n")
+    }
+
+    /// Every event users wrote to its outbox, with its topic, oldest first.
+    pub async fn announced(&self) -> Vec<(String, Envelope)> {
+        sqlx::query("SELECT topic, body FROM outbox ORDER BY id")
+            .fetch_all(self.rt.store.pool())
+            .await
+            .expect("outbox")
+            .iter()
+            .map(|row| {
+                let body: String = row.get("body");
+                (
+                    row.get("topic"),
+                    Envelope::from_slice(body.as_bytes()).expect("an envelope"),
+                )
+            })
+            .collect()
+    }
+
+    /// The `user.registered` payloads in the outbox, oldest first (asserting each is one).
+    pub async fn registrations(&self) -> Vec<UserRegistered> {
+        self.announced()
+            .await
+            .into_iter()
+            .map(|(topic, e)| {
+                assert_eq!(topic, topics::USERS_EVENTS);
+                assert_eq!(e.event_type, types::USER_REGISTERED);
+                e.payload_as().expect("a user.registered payload")
+            })
+            .collect()
+    }
+
+    /// Asserts a refused registration left no user and announced nothing.
+    pub async fn nothing_registered(&self) {
+        assert_eq!(self.user_count().await, 0, "no user stored");
+        assert!(self.announced().await.is_empty(), "nothing announced");
+    }
+}
