@@ -24,6 +24,12 @@
 //!
 //! The stream and consumer names are stable, so an operator can inspect them with the `nats`
 //! CLI (`nats stream info BAZAAR_orders_events`).
+//!
+//! The URL names one server or several seeds of a cluster, and how many copies a stream
+//! keeps: `nats://127.0.0.1:14221,127.0.0.1:14222,127.0.0.1:14223?replicas=3`. The client
+//! connects to any seed that answers and fails over to the others; streams (and their
+//! consumers) are created with that replication factor, so losing a node, or the stream's
+//! leader moving, costs retries of the publish or fetch in flight, never an acked message.
 
 use std::{
     collections::HashSet,
@@ -111,24 +117,89 @@ fn is_not_found(error: &jetstream::Error) -> bool {
     error.code() == 404
 }
 
+/// Most copies of a stream JetStream keeps (its own limit).
+const MAX_REPLICAS: usize = 5;
+
+/// A parsed broker URL: the seed servers and the streams' replication factor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsUrl {
+    /// `nats://host:port` of each seed (credentials kept).
+    pub seeds: Vec<String>,
+    /// Copies of each stream (1 to 5).
+    pub replicas: usize,
+}
+
+impl std::str::FromStr for NatsUrl {
+    type Err = BrokerError;
+
+    fn from_str(url: &str) -> Result<NatsUrl, BrokerError> {
+        let bad = |why: String| BrokerError::UnsupportedUrl(format!("{}: {why}", redact(url)));
+        let rest = url
+            .strip_prefix("nats://")
+            .ok_or_else(|| bad("a NATS URL starts with nats://".into()))?;
+        let (servers, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let seeds: Vec<String> = servers
+            .split(',')
+            .map(str::trim)
+            .map(|server| {
+                let server = server.strip_prefix("nats://").unwrap_or(server);
+                if server.is_empty() || server.contains('/') {
+                    Err(bad(format!("`{server}` is not HOST:PORT")))
+                } else {
+                    Ok(format!("nats://{server}"))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let mut replicas = 1;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("replicas", n)) => {
+                    replicas = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_REPLICAS).contains(n))
+                        .ok_or_else(|| bad(format!("replicas must be 1 to {MAX_REPLICAS}, not `{n}`")))?;
+                }
+                _ => return Err(bad(format!("unknown parameter `{pair}` (known: replicas, namespace)"))),
+            }
+        }
+        if replicas > seeds.len() && seeds.len() > 1 {
+            return Err(bad(format!(
+                "{replicas} replicas need at least {replicas} servers; {} seeds given",
+                seeds.len()
+            )));
+        }
+        Ok(NatsUrl { seeds, replicas })
+    }
+}
+
 /// The JetStream broker.
 pub struct NatsBroker {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Copies of each stream it creates.
+    replicas: usize,
     /// Topics whose stream this process has created or found.
     streams: Mutex<HashSet<String>>,
 }
 
 impl NatsBroker {
-    /// Connects to `nats://HOST:PORT` and checks that JetStream is enabled; fails within a few
-    /// seconds when no server answers.
+    /// Connects to `nats://HOST:PORT[,HOST:PORT…][?replicas=N]` and checks that JetStream is
+    /// enabled; fails within a few seconds when no seed answers.
     pub async fn connect(url: &str) -> Result<NatsBroker, BrokerError> {
         let shown = redact(url);
+        let parsed: NatsUrl = url.parse()?;
+        let seeds = parsed
+            .seeds
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BrokerError::UnsupportedUrl(format!("{shown}: {e}")))?;
         let options = async_nats::ConnectOptions::new()
             .name("bazaar")
             .connection_timeout(TIMEOUT)
             .request_timeout(Some(TIMEOUT));
-        let client = tokio::time::timeout(TIMEOUT + Duration::from_secs(1), options.connect(url))
+        let client = tokio::time::timeout(TIMEOUT + Duration::from_secs(1), options.connect(seeds))
             .await
             .map_err(|_| unavailable(format!("at {shown}"), format!("no answer within {TIMEOUT:?}")))?
             .map_err(|e| unavailable(format!("at {shown}"), e))?;
@@ -137,6 +208,7 @@ impl NatsBroker {
         let broker = NatsBroker {
             client,
             js,
+            replicas: parsed.replicas,
             streams: Mutex::new(HashSet::new()),
         };
         broker
@@ -190,6 +262,7 @@ impl NatsBroker {
                 } else {
                     RETENTION
                 },
+                num_replicas: self.replicas,
                 ..Default::default()
             };
             self.js
@@ -508,6 +581,35 @@ mod tests {
         assert!(check_topic("orders.*").is_err());
         assert!(check_topic("orders..x").is_err());
         assert!(check_topic("orders x").is_err());
+    }
+
+    #[test]
+    fn urls_name_several_seeds_and_a_replication_factor() {
+        let url: NatsUrl = "nats://127.0.0.1:14221,127.0.0.1:14222, nats://127.0.0.1:14223?replicas=3"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            url.seeds,
+            [
+                "nats://127.0.0.1:14221",
+                "nats://127.0.0.1:14222",
+                "nats://127.0.0.1:14223"
+            ]
+        );
+        assert_eq!(url.replicas, 3);
+        let one: NatsUrl = "nats://u:p@h:4222".parse().unwrap();
+        assert_eq!((one.seeds.len(), one.replicas), (1, 1));
+        for (bad, says) in [
+            ("nats://h:1?replicas=0", "1 to 5"),
+            ("nats://h:1?replicas=9", "1 to 5"),
+            ("nats://h:1,h:2?replicas=3", "need at least 3 servers"),
+            ("nats://h:1?replica=3", "unknown parameter `replica=3`"),
+            ("nats://h:1,,h:2", "is not HOST:PORT"),
+            ("http://h:1", "starts with nats://"),
+        ] {
+            let err = bad.parse::<NatsUrl>().unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]
