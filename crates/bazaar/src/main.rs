@@ -2,6 +2,7 @@
 //! Benchmarks are a separate binary, `bazaar-bench` (crates/bench).
 
 mod audit;
+mod cluster;
 mod config_file;
 mod up;
 

@@ -132,6 +132,12 @@ pub const REPLICA_STRIDE: u16 = 10;
 /// Most instances of one service `up` runs (their ports stay below base + 100).
 pub const MAX_INSTANCES: u16 = 8;
 
+/// Client ports of the three JetStream nodes `up --cluster` runs, from the base port (in the
+/// gaps between service instances' ports).
+pub const NATS_CLIENT_OFFSETS: [u16; 3] = [37, 38, 39];
+/// Their cluster route ports.
+pub const NATS_ROUTE_OFFSETS: [u16; 3] = [47, 48, 49];
+
 /// How many instances of each service run; one unless said otherwise.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replicas(std::collections::BTreeMap<&'static str, u16>);
@@ -233,6 +239,7 @@ pub fn port_offsets() -> Vec<u16> {
     for (role, _) in services() {
         offsets.extend((1..MAX_INSTANCES).map(|k| role.port_offset + k * REPLICA_STRIDE));
     }
+    offsets.extend(NATS_CLIENT_OFFSETS.iter().chain(&NATS_ROUTE_OFFSETS));
     offsets.push(GATEWAY_ADMIN_OFFSET);
     offsets
 }
@@ -494,7 +501,12 @@ impl Settings {
     /// Writes the default gateway config for these ports and `replicas` when the file is
     /// missing, or (`refresh`) when it is one bazaar generated and nobody claimed by
     /// deleting its first line; a file of the operator's own is left alone.
-    pub fn ensure_gateway_config(&self, replicas: &Replicas, refresh: bool) -> anyhow::Result<PathBuf> {
+    pub fn ensure_gateway_config(
+        &self,
+        replicas: &Replicas,
+        redis: Option<&str>,
+        refresh: bool,
+    ) -> anyhow::Result<PathBuf> {
         let path = self.gateway_config();
         let generated =
             || std::fs::read_to_string(&path).is_ok_and(|text| text.starts_with(bazaar_gateway::GENERATED_MARKER));
@@ -502,7 +514,7 @@ impl Settings {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            let text = bazaar_gateway::default_config(&self.public_routes(replicas), &self.jwt_secret()?);
+            let text = bazaar_gateway::default_config(&self.public_routes(replicas), redis, &self.jwt_secret()?);
             write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(path)
@@ -536,7 +548,7 @@ pub fn store_url_var(name: &str) -> String {
 }
 
 /// Writes a file only its owner may read.
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -619,7 +631,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
 
 async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
     // `up` wrote the config for its layout; a lone gateway only fills in a missing one.
-    let config_path = settings.ensure_gateway_config(&Replicas::default(), false)?;
+    let config_path = settings.ensure_gateway_config(&Replicas::default(), None, false)?;
     let admin_listen = SocketAddr::new(listen.ip(), settings.admin_port());
     let opts = bazaar_gateway::GatewayOptions {
         config_path,
@@ -688,7 +700,7 @@ mod tests {
         let replica_ports = services().count() * usize::from(MAX_INSTANCES - 1);
         assert_eq!(
             ports.len(),
-            ROLES.len() + replica_ports + 1,
+            ROLES.len() + replica_ports + 6 + 1,
             "two instances share a port"
         );
         for (role, spec) in services() {
@@ -746,7 +758,7 @@ mod tests {
     fn the_default_gateway_config_is_valid_and_routes_every_service() {
         let dir = tempfile::tempdir().unwrap();
         let path = settings(dir.path())
-            .ensure_gateway_config(&Replicas::default(), true)
+            .ensure_gateway_config(&Replicas::default(), None, true)
             .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         bazaar_gateway::check_config_file(&path).unwrap_or_else(|p| panic!("{p:?}"));
@@ -795,7 +807,9 @@ mod tests {
         let orders = RoleSpec::named("orders").unwrap();
         assert_eq!([0, 1, 2].map(|k| s.instance_port(orders, k)), [8103, 8113, 8123]);
         let replicas = Replicas::parse("orders=2").unwrap();
-        let path = s.ensure_gateway_config(&replicas, true).unwrap();
+        let path = s
+            .ensure_gateway_config(&replicas, Some("redis://127.0.0.1:6379"), true)
+            .unwrap();
         bazaar_gateway::check_config_file(&path).unwrap_or_else(|p| panic!("{p:?}"));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
@@ -804,7 +818,7 @@ mod tests {
         );
         // A file the operator claimed (marker line deleted) is never rewritten.
         std::fs::write(&path, text.replacen(bazaar_gateway::GENERATED_MARKER, "# mine", 1)).unwrap();
-        s.ensure_gateway_config(&Replicas::default(), true).unwrap();
+        s.ensure_gateway_config(&Replicas::default(), None, true).unwrap();
         assert!(std::fs::read_to_string(&path).unwrap().starts_with("# mine"));
     }
 

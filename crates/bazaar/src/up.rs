@@ -1,6 +1,7 @@
 //! `bazaar up`: every role as its own child process, supervised, with multiplexed logs.
 
 use std::{
+    collections::BTreeMap,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -15,6 +16,8 @@ use tokio::{
 
 use bazaar::roles::{self, instance_name, stop_signal, Replicas, Role, Settings};
 
+use crate::cluster;
+
 /// Flags of `bazaar up`.
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -26,38 +29,88 @@ pub struct UpArgs {
     ready_timeout: u64,
     /// Instances of each service: `N` for every one, `orders=3,inventory=2` per service, or
     /// both (`2,orders=3`). A service with several needs a shared store (PostgreSQL).
-    #[arg(long, value_parser = Replicas::parse, default_value = "1")]
-    replicas: Replicas,
+    /// Default: 1, or 2 with --cluster.
+    #[arg(long, value_parser = Replicas::parse)]
+    replicas: Option<Replicas>,
+    /// The distributed form on this machine: a three-node JetStream cluster (nats-server
+    /// processes under DATA/nats), a PostgreSQL database and role per service on --postgres,
+    /// the gateway's rate limits in Redis (--redis), and two replicas of every service.
+    #[arg(long)]
+    cluster: bool,
+    /// PostgreSQL server (a superuser's URL) on which --cluster provisions its databases.
+    #[arg(
+        long,
+        env = "BAZAAR_CLUSTER_POSTGRES_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres: String,
+    /// Redis that holds the gateway's rate-limit counters with --cluster.
+    #[arg(long, env = "BAZAAR_CLUSTER_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Names the JetStream cluster and prefixes the PostgreSQL databases and roles
+    /// (`<name>_orders`, ...), so several clusters can share one server.
+    #[arg(long, default_value = "bazaar", value_parser = cluster_name)]
+    cluster_name: String,
+}
+
+/// A cluster name: lowercase letters, digits and `_`, starting with a letter (it becomes
+/// PostgreSQL identifiers and a NATS cluster name).
+fn cluster_name(name: &str) -> Result<String, String> {
+    let ok = name.len() <= 40
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "`{name}` is not a cluster name: lowercase letters, digits and _, starting with a letter, at most 40"
+        ))
+    }
 }
 
 /// A replicated service drains this long (not ready, still serving) before it stops, so
 /// the gateway's one-second readiness probe takes it out of the rotation first.
 const REPLICA_DRAIN_DELAY_MS: u64 = 1_500;
 
-/// Restarts allowed per role within [`RESTART_WINDOW`] before `up` gives up on it.
+/// Restarts allowed per process within [`RESTART_WINDOW`] before `up` gives up on it.
 const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
-/// One running role instance.
+/// A process `up` runs and restarts: a name for its log lines and a command line.
+pub struct Job {
+    /// `orders-1`, `nats-2`, ...
+    pub name: String,
+    /// The command, ready to spawn (stdout and stderr are piped by `up`).
+    pub command: Command,
+}
+
+/// One running job.
 struct Proc {
-    role: Role,
-    instance: u16,
+    name: String,
+    /// Builds the job again for a restart.
+    make: Box<dyn Fn() -> anyhow::Result<Job> + Send>,
     child: Child,
     restarts: Vec<Instant>,
 }
 
-impl Proc {
-    fn name(&self) -> String {
-        instance_name(self.role, self.instance)
-    }
+/// Where each service keeps its data and how the roles reach the broker: from the settings,
+/// or provisioned by `--cluster`.
+struct Backends {
+    broker: String,
+    stores: BTreeMap<&'static str, String>,
+    /// Rate-limit counters shared by gateways, when set.
+    redis: Option<String>,
 }
 
 /// Refuses a layout that cannot work before anything starts: several instances of a service
 /// whose store is a SQLite file, which only one process may own.
-fn check_replicas(settings: &Settings, replicas: &Replicas) -> anyhow::Result<()> {
+fn check_replicas(backends: &Backends, replicas: &Replicas) -> anyhow::Result<()> {
     for (role, spec) in roles::services() {
         let n = replicas.of(role);
-        let store = settings.store_url(spec.name);
+        let store = &backends.stores[spec.name];
         if n > 1 && store.starts_with("sqlite:") {
             anyhow::bail!(
                 "{} cannot run {n} replicas on its SQLite store ({store}): replicas share one store; set {}=postgres://…",
@@ -71,22 +124,53 @@ fn check_replicas(settings: &Settings, replicas: &Replicas) -> anyhow::Result<()
 
 /// Runs `up` until Ctrl-C or SIGTERM.
 pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
-    check_replicas(settings, &args.replicas)?;
+    let replicas = match (&args.replicas, args.cluster) {
+        (Some(r), _) => r.clone(),
+        (None, true) => Replicas::parse("2").map_err(anyhow::Error::msg)?,
+        (None, false) => Replicas::default(),
+    };
+    let nats = if args.cluster {
+        Some(cluster::Nats::plan(settings, &args.cluster_name)?)
+    } else {
+        None
+    };
+    let mut backends = Backends {
+        broker: settings.broker_url(),
+        stores: roles::services()
+            .map(|(_, s)| (s.name, settings.store_url(s.name)))
+            .collect(),
+        redis: None,
+    };
+    if let Some(nats) = &nats {
+        backends.broker = nats.url();
+        backends.redis = Some(cluster::check_redis(&args.redis).await?);
+    }
+    if !args.cluster {
+        check_replicas(&backends, &replicas)?;
+    }
     std::fs::create_dir_all(&settings.data).with_context(|| format!("cannot create {}", settings.data.display()))?;
     settings.jwt_secret()?;
     settings.admin_password()?;
-    let config = settings.ensure_gateway_config(&args.replicas, true)?;
     let instances: Vec<(Role, u16)> = roles::up_roles()
-        .flat_map(|r| (0..args.replicas.of(r)).map(move |k| (r, k)))
+        .flat_map(|r| (0..replicas.of(r)).map(move |k| (r, k)))
         .collect();
-    let ports = instances
+    let role_ports = instances
         .iter()
         .map(|&(r, k)| (instance_name(r, k), settings.instance_port(r, k)));
-    for (name, port) in ports.chain([("gateway admin".to_string(), settings.admin_port())]) {
+    let nats_ports = nats.iter().flat_map(|n| n.ports());
+    for (name, port) in role_ports
+        .chain(nats_ports)
+        .chain([("gateway admin".to_string(), settings.admin_port())])
+    {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             anyhow::bail!("port {port} for {name} is taken; stop what uses it or pick other ports with --base-port");
         }
     }
+    if args.cluster {
+        backends.stores = cluster::provision_postgres(&args.postgres, &settings.data, &args.cluster_name).await?;
+        cluster::write_env(settings, &backends.broker, &backends.stores)?;
+    }
+    let config = settings.ensure_gateway_config(&replicas, backends.redis.as_deref(), true)?;
     let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
     let (lines, mut rx) = mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
@@ -94,21 +178,50 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
             println!("{line}");
         }
     });
+    let mut makers: Vec<Box<dyn Fn() -> anyhow::Result<Job> + Send>> = Vec::new();
+    for node in nats.iter().flat_map(|n| n.nodes()) {
+        makers.push(Box::new(move || node.job()));
+    }
+    let shared = std::sync::Arc::new((exe, settings.clone(), replicas.clone(), backends));
+    for &(role, k) in &instances {
+        let shared = shared.clone();
+        makers.push(Box::new(move || {
+            let (exe, settings, replicas, backends) = &*shared;
+            role_job(exe, settings, replicas, backends, role, k)
+        }));
+    }
     let mut procs = Vec::new();
-    for &(role, instance) in &instances {
-        let child = spawn(&exe, settings, &args.replicas, role, instance, &lines)?;
+    let nats_nodes = nats.as_ref().map_or(0, |n| n.nodes().len());
+    for (i, make) in makers.into_iter().enumerate() {
+        if i == nats_nodes && nats.is_some() {
+            // The roles check the broker as they start: let the cluster elect its leaders.
+            if let Err(e) = cluster::wait_for_jetstream(&shared.3.broker).await {
+                terminate_all(&mut procs).await;
+                return Err(e);
+            }
+        }
+        let job = make()?;
+        let name = job.name.clone();
+        let child = start(job, &lines)?;
         procs.push(Proc {
-            role,
-            instance,
+            name,
+            make,
             child,
             restarts: Vec::new(),
         });
     }
     let ready = wait_ready(settings, &instances, Duration::from_secs(args.ready_timeout)).await;
     match &ready {
-        Ok(()) if !args.quiet => println!("{}", tour(settings, &config)),
+        Ok(()) if !args.quiet => println!("{}", tour(settings, &config, &shared.3.broker)),
         Ok(()) => println!("bazaar: all roles healthy"),
         Err(e) => eprintln!("bazaar: {e}"),
+    }
+    if let (Ok(()), Some(nats)) = (&ready, &nats) {
+        let backends = &shared.3;
+        println!(
+            "{}",
+            cluster::summary(settings, nats, &replicas, &backends.stores, backends.redis.as_deref())
+        );
     }
     let stop = stop_signal();
     tokio::pin!(stop);
@@ -124,17 +237,17 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
                 if p.restarts.len() >= MAX_RESTARTS {
                     gave_up = Some(format!(
                         "{} exited ({status}) {MAX_RESTARTS} times within a minute; giving up",
-                        p.name()
+                        p.name
                     ));
                     break;
                 }
-                let _ = lines.send(format!("{:>15} | exited ({status}); restarting", p.name()));
+                let _ = lines.send(format!("{:>15} | exited ({status}); restarting", p.name));
                 p.restarts.push(Instant::now());
                 tokio::time::sleep(Duration::from_millis(200 * p.restarts.len() as u64)).await;
-                match spawn(&exe, settings, &args.replicas, p.role, p.instance, &lines) {
+                match (p.make)().and_then(|job| start(job, &lines)) {
                     Ok(child) => p.child = child,
                     Err(e) => {
-                        gave_up = Some(format!("cannot restart {}: {e:#}", p.name()));
+                        gave_up = Some(format!("cannot restart {}: {e:#}", p.name));
                         break;
                     }
                 }
@@ -150,14 +263,15 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     ready
 }
 
-fn spawn(
+/// The command that runs instance `k` of `role`.
+fn role_job(
     exe: &std::path::Path,
     settings: &Settings,
     replicas: &Replicas,
+    backends: &Backends,
     role: Role,
-    instance: u16,
-    lines: &mpsc::UnboundedSender<String>,
-) -> anyhow::Result<Child> {
+    k: u16,
+) -> anyhow::Result<Job> {
     let drain_delay = if replicas.of(role) > 1 {
         REPLICA_DRAIN_DELAY_MS
     } else {
@@ -166,10 +280,10 @@ fn spawn(
     let mut cmd = Command::new(exe);
     cmd.arg("serve")
         .arg(role.name)
-        .env("BAZAAR_INSTANCE", instance.to_string())
+        .env("BAZAAR_INSTANCE", k.to_string())
         .env("BAZAAR_DRAIN_DELAY_MS", drain_delay.to_string())
         .env("BAZAAR_DATA", &settings.data)
-        .env("BAZAAR_BROKER_URL", settings.broker_url())
+        .env("BAZAAR_BROKER_URL", &backends.broker)
         .env("BAZAAR_BASE_PORT", settings.base_port.to_string())
         .env("BAZAAR_JWT_SECRET", settings.jwt_secret()?)
         .env("BAZAAR_GATEWAY_CONFIG", settings.gateway_config())
@@ -178,11 +292,10 @@ fn spawn(
         .env("BAZAAR_ADMIN_PASSWORD", settings.admin_password()?)
         .env("BAZAAR_SEED_DEMO", "true")
         .env_remove("BAZAAR_STORE_URL")
-        .env_remove("BAZAAR_LISTEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .env_remove("BAZAAR_LISTEN");
+    for (service, url) in &backends.stores {
+        cmd.env(roles::store_url_var(service), url);
+    }
     if let Some(smtp) = &settings.smtp {
         cmd.env("BAZAAR_SMTP", smtp);
     }
@@ -192,8 +305,21 @@ fn spawn(
     if let Some(url) = &settings.payment_provider_url {
         cmd.env("BAZAAR_PAYMENT_PROVIDER_URL", url);
     }
-    let name = instance_name(role, instance);
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+    Ok(Job {
+        name: instance_name(role, k),
+        command: cmd,
+    })
+}
+
+/// Spawns `job` with its output prefixed by its name on `lines`.
+fn start(mut job: Job, lines: &mpsc::UnboundedSender<String>) -> anyhow::Result<Child> {
+    job.command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let name = job.name;
+    let mut child = job.command.spawn().with_context(|| format!("cannot start {name}"))?;
     for stream in [
         child
             .stdout
@@ -267,7 +393,7 @@ pub async fn wait_ready(settings: &Settings, instances: &[(Role, u16)], timeout:
     Ok(())
 }
 
-fn tour(settings: &Settings, config: &std::path::Path) -> String {
+fn tour(settings: &Settings, config: &std::path::Path, broker: &str) -> String {
     // The gateway listens on the base port itself.
     let gw = format!("http://127.0.0.1:{}", settings.base_port);
     let data = settings.data.display();
@@ -294,7 +420,7 @@ Health: http://127.0.0.1:{admin}/health and each service's /health; metrics at /
 Check the invariants any time: bazaar audit    Stop: Ctrl-C
 "#,
         admin = settings.admin_port(),
-        broker = settings.broker_url(),
+        broker = broker.split('@').next_back().unwrap_or(broker),
         config = config.display(),
         admin_email = bazaar::roles::ADMIN_EMAIL,
     )

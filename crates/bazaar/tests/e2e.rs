@@ -42,6 +42,16 @@ impl System {
 
     /// `bazaar up` with `base` as its base port (a free one when `None`) and `--replicas`.
     async fn start_with(base: Option<u16>, replicas: Option<&str>, extra_env: &[(&str, &str)]) -> System {
+        System::start_options(base, replicas, None, extra_env).await
+    }
+
+    /// `bazaar up` with every option the harness has, `--cluster NAME` among them.
+    async fn start_options(
+        base: Option<u16>,
+        replicas: Option<&str>,
+        cluster: Option<&str>,
+        extra_env: &[(&str, &str)],
+    ) -> System {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = Options {
             bin: PathBuf::from(BIN),
@@ -49,6 +59,7 @@ impl System {
             base,
             env: extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             replicas: replicas.map(str::to_string),
+            cluster: cluster.map(str::to_string),
         };
         let up = harness::System::start(options)
             .await
@@ -951,5 +962,72 @@ async fn two_replicas_of_every_service_share_the_requests_and_the_events() {
     }
     for db in dbs {
         db.drop_database().await;
+    }
+}
+
+/// Drops what `up --cluster --cluster-name NAME` provisioned on the PostgreSQL server.
+async fn drop_cluster_databases(admin: &str, name: &str) {
+    let Ok(server) = bazaar_kit::store::Store::open(admin).await else {
+        return;
+    };
+    for (_, spec) in roles::services() {
+        let db = format!("{name}_{}", spec.name);
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .execute(server.pool())
+            .await;
+        let _ = sqlx::query(&format!("DROP ROLE IF EXISTS \"{db}\""))
+            .execute(server.pool())
+            .await;
+    }
+    server.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_service() {
+    let Ok(admin) = std::env::var(bazaar_kit::testing::POSTGRES_URL_VAR) else {
+        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_REDIS_URL to run the cluster form)");
+        return;
+    };
+    let redis = std::env::var("BAZAAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let name = format!("e2e{}", uuid::Uuid::now_v7().simple());
+    let result = {
+        let sys = System::start_options(
+            None,
+            None,
+            Some(&name),
+            &[
+                ("BAZAAR_CLUSTER_POSTGRES_URL", &admin),
+                ("BAZAAR_CLUSTER_REDIS_URL", &redis),
+                CREDIT,
+            ],
+        )
+        .await;
+        let env = std::fs::read_to_string(sys.data_dir().join("cluster.env")).expect("cluster.env");
+        let shop = shop(&sys).await;
+        confirmed_order(&sys, &shop).await;
+        compensated_order(&sys, &shop).await;
+        let report = sys.assert_audit_clean().await;
+        (env, report, sys.up.log())
+    };
+    drop_cluster_databases(&admin, &name).await;
+    let (env, report, log) = result;
+    assert!(
+        env.contains("?replicas=3"),
+        "streams are replicated on the three nodes:\n{env}"
+    );
+    for (_, spec) in roles::services() {
+        assert!(
+            env.contains(&format!(
+                "{}=postgres://{name}_{}:",
+                roles::store_url_var(spec.name),
+                spec.name
+            )),
+            "{} logs in as its own role:\n{env}",
+            spec.name
+        );
+    }
+    assert!(report.contains("invariant 6"), "{report}");
+    for node in ["nats-0", "nats-1", "nats-2"] {
+        assert!(log.contains(&format!("{node:>15} |")), "{node} never logged:\n{log}");
     }
 }

@@ -27,8 +27,12 @@ pub struct Options {
     pub base: Option<u16>,
     /// Extra `BAZAAR_*` settings (stores, broker, credit, provider).
     pub env: Vec<(String, String)>,
-    /// `up --replicas` (`2`, `orders=3`, ...); one instance of each service when `None`.
+    /// `up --replicas` (`2`, `orders=3`, ...); one instance of each service when `None`
+    /// (two with `cluster`).
     pub replicas: Option<String>,
+    /// `up --cluster --cluster-name NAME`: a JetStream cluster, a PostgreSQL database and
+    /// role per service named after NAME, replicas of every service.
+    pub cluster: Option<String>,
 }
 
 /// A `bazaar up` child.
@@ -94,13 +98,20 @@ impl System {
         let data = options.dir.join("data");
         let log = options.dir.join("up.log");
         let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let replicas = match &options.replicas {
-            Some(text) => Replicas::parse(text).map_err(|e| anyhow::anyhow!("--replicas {text}: {e}"))?,
-            None => Replicas::default(),
+        let replicas = match (&options.replicas, &options.cluster) {
+            (Some(text), _) => Replicas::parse(text).map_err(|e| anyhow::anyhow!("--replicas {text}: {e}"))?,
+            (None, Some(_)) => Replicas::parse("2").map_err(anyhow::Error::msg)?,
+            (None, None) => Replicas::default(),
         };
         let mut cmd = Command::new(&options.bin);
         cmd.args(["up", "--quiet"])
             .args(options.replicas.iter().flat_map(|r| ["--replicas", r.as_str()]))
+            .args(
+                options
+                    .cluster
+                    .iter()
+                    .flat_map(|name| ["--cluster", "--cluster-name", name.as_str()]),
+            )
             .env("BAZAAR_DATA", &data)
             .env("BAZAAR_BASE_PORT", base.to_string())
             .stdin(Stdio::null())
@@ -207,6 +218,11 @@ impl System {
     /// Runs `bazaar audit --wait WAIT` on this system's stores; `(passed, output)`.
     pub async fn audit(&self, wait: Duration) -> anyhow::Result<(bool, String)> {
         let mut cmd = Command::new(&self.bin);
+        let cluster_env = self.data.join("cluster.env");
+        if cluster_env.is_file() {
+            // What `up --cluster` provisioned: its broker and stores.
+            cmd.arg("--config").arg(&cluster_env);
+        }
         cmd.args(["audit", "--wait", &wait.as_secs().to_string()])
             .env("BAZAAR_DATA", &self.data);
         for var in foreign_env() {

@@ -231,6 +231,7 @@ async fn saga(args: &SagaBenchArgs, bin: &Path, dir: &Path, env: Vec<(String, St
             .chain(env)
             .collect(),
         replicas: None,
+        cluster: None,
     };
     let mut system = System::start(options).await?;
     let cpu_before = system.cpu();

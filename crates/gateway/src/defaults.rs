@@ -35,7 +35,9 @@ pub struct DefaultRoute<'a> {
 }
 
 /// The YAML text of the gateway config used by `bazaar up`; `jwt_secret` signs users' tokens.
-pub fn default_config(routes: &[DefaultRoute<'_>], jwt_secret: &str) -> String {
+/// With `redis` (`redis://HOST:PORT`), rate-limit counters live there, shared by every
+/// gateway instance; otherwise each gateway counts on its own.
+pub fn default_config(routes: &[DefaultRoute<'_>], redis: Option<&str>, jwt_secret: &str) -> String {
     let mut out = format!(
         "{GENERATED_MARKER}\n# bazaar gateway configuration (Kong DB-less format).\n_format_version: \"3.0\"\n\n"
     );
@@ -95,6 +97,10 @@ pub fn default_config(routes: &[DefaultRoute<'_>], jwt_secret: &str) -> String {
         }
     }
     let secret = serde_json::to_string(jwt_secret).unwrap_or_else(|_| "\"\"".into());
+    let policy = match redis.and_then(redis_host_port) {
+        Some((host, port)) => format!("      policy: redis\n      redis_host: {host}\n      redis_port: {port}"),
+        None => "      policy: local".to_string(),
+    };
     let _ = write!(
         out,
         r#"
@@ -116,7 +122,7 @@ plugins:
       second: 1000
       minute: 30000
       limit_by: ip
-      policy: local
+{policy}
   - name: request-size-limiting
     config:
       allowed_payload_size: 1
@@ -131,6 +137,15 @@ plugins:
 "#
     );
     out
+}
+
+/// `(host, port)` of `redis://[user:pass@]HOST:PORT[/db]`.
+fn redis_host_port(url: &str) -> Option<(&str, u16)> {
+    let rest = url.strip_prefix("redis://")?;
+    let authority = rest.split(['/', '?']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let (host, port) = host_port.rsplit_once(':')?;
+    Some((host, port.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -163,14 +178,14 @@ mod tests {
 
     #[test]
     fn default_config_is_valid() {
-        let config = Config::parse(&default_config(&routes(), "it's a \"secret\"")).unwrap();
+        let config = Config::parse(&default_config(&routes(), None, "it's a \"secret\"")).unwrap();
         assert_eq!(config.summary(), "4 services, 6 routes, 1 consumer, 7 plugins");
         assert_eq!(config.jwt_secrets[0].secret, "it's a \"secret\"");
     }
 
     #[test]
     fn default_routes_reach_the_right_paths_and_guard_the_right_ones() {
-        let config = Config::parse(&default_config(&routes(), "s")).unwrap();
+        let config = Config::parse(&default_config(&routes(), Some("redis://127.0.0.1:6379"), "s")).unwrap();
         let router = Router::build(&config);
         let plugins = crate::plugins::PluginSet::build(&config);
         let check = |method: &str, path: &str, port: u16, upstream: &str, guarded: bool| {

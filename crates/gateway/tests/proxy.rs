@@ -874,7 +874,7 @@ async fn check_config_file_lists_every_problem() {
         exact: false,
         jwt: true,
     };
-    std::fs::write(&path, bazaar_gateway::default_config(&[route], "secret")).unwrap();
+    std::fs::write(&path, bazaar_gateway::default_config(&[route], None, "secret")).unwrap();
     assert_eq!(
         bazaar_gateway::check_config_file(&path).unwrap(),
         "1 service, 1 route, 1 consumer, 5 plugins"

@@ -189,9 +189,11 @@ pub async fn seed_demo(rt: &Runtime) -> Result<(), bazaar_kit::store::StoreError
     }
     for (sku, name, price, stock) in DEMO {
         let id = Uuid::now_v7().to_string();
-        sqlx::query(
+        // Replicas starting together may both find the catalogue empty: the second one's
+        // insert waits for the first and then adds nothing.
+        let added = sqlx::query(
             "INSERT INTO product (id, sku, name, price_cents, currency, on_hand, reserved, created_at)
-             VALUES ($1, $2, $3, $4, 'USD', $5, 0, $6)",
+             VALUES ($1, $2, $3, $4, 'USD', $5, 0, $6) ON CONFLICT (sku) DO NOTHING",
         )
         .bind(&id)
         .bind(sku)
@@ -201,7 +203,9 @@ pub async fn seed_demo(rt: &Runtime) -> Result<(), bazaar_kit::store::StoreError
         .bind(now_millis())
         .execute(&mut *tx)
         .await?;
-        movement(&mut tx, &id, *stock, "demo catalogue").await?;
+        if added.rows_affected() == 1 {
+            movement(&mut tx, &id, *stock, "demo catalogue").await?;
+        }
     }
     Ok(tx.commit().await?)
 }
