@@ -1,0 +1,225 @@
+//! The Kubernetes manifests under deploy/ agree with the code: rendered with
+//! `kubectl kustomize`, every role of the role table has a Deployment (with its Service,
+//! ServiceAccount, PodDisruptionBudget and HorizontalPodAutoscaler) that runs `serve ROLE` on
+//! the role's port, probes only routes the binary serves, sets only variables the binary
+//! reads, runs hardened, and the network policies allow exactly the edges the role table
+//! implies. (`deploy/validate`, run by .ci/run, checks the objects against the schemas.)
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use bazaar::roles::{self, RoleKind, Settings, GATEWAY_ADMIN_OFFSET};
+use clap::Args;
+use serde::Deserialize;
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+}
+
+/// Every object of the rendered local overlay (roles, data tier, policies).
+fn render() -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy_dir().join("overlays/local"))
+        .output()
+        .expect("this test needs kubectl (with kustomize) on PATH");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("a YAML object"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+}
+
+/// The roles that are deployed: every role `up` starts (the payment simulator is a tool).
+fn deployed() -> Vec<roles::Role> {
+    roles::up_roles().collect()
+}
+
+/// The port each role listens on under the default base port (as DESIGN.md lists them).
+fn port(role: roles::Role) -> u64 {
+    8080 + u64::from(role.port_offset)
+}
+
+/// Every `BAZAAR_*` variable the binary reads: its settings, the config file, and each
+/// service's store URL.
+fn variables_read() -> BTreeSet<String> {
+    let command = Settings::augment_args(clap::Command::new("bazaar"));
+    let mut names: BTreeSet<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    names.insert("BAZAAR_CONFIG".into());
+    names.extend(roles::services().map(|(_, s)| roles::store_url_var(s.name)));
+    names
+}
+
+#[test]
+fn every_role_of_the_table_is_deployed_with_its_companions() {
+    let objects = render();
+    for role in deployed() {
+        for kind in [
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler",
+        ] {
+            assert!(find(&objects, kind, role.name).is_some(), "no {kind} for {}", role.name);
+        }
+        let deployment = find(&objects, "Deployment", role.name).expect("deployment");
+        assert!(
+            deployment["spec"]["replicas"].as_u64() >= Some(2),
+            "{} runs once",
+            role.name
+        );
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["args"], serde_json::json!(["serve", role.name]));
+        let ports: Vec<u64> = container["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .filter_map(|p| p["containerPort"].as_u64())
+            .collect();
+        assert!(ports.contains(&port(role)), "{} listens on {}", role.name, port(role));
+    }
+    let names: BTreeSet<&str> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Deployment" && o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "bazaar")
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .collect();
+    let table: BTreeSet<&str> = deployed().iter().map(|r| r.name).collect();
+    assert!(table.is_subset(&names), "{table:?} vs {names:?}");
+}
+
+#[test]
+fn probes_use_routes_and_ports_the_binary_serves() {
+    let objects = render();
+    for role in deployed() {
+        let deployment = find(&objects, "Deployment", role.name).expect("deployment");
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let named: HashMap<&str, u64> = container["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .filter_map(|p| Some((p["name"].as_str()?, p["containerPort"].as_u64()?)))
+            .collect();
+        // Services answer health on their API port; the gateway on its admin port, where
+        // /health/ready is not served.
+        let (health_port, served): (u64, &[&str]) = match role.kind {
+            RoleKind::Gateway => (8080 + u64::from(GATEWAY_ADMIN_OFFSET), &["/health", "/health/live"]),
+            _ => (port(role), &["/health", "/health/ready", "/health/live"]),
+        };
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            let get = &container[probe]["httpGet"];
+            let path = get["path"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{} {probe} path", role.name));
+            assert!(served.contains(&path), "{} {probe} probes {path}", role.name);
+            let port = match &get["port"] {
+                Value::String(name) => named[name.as_str()],
+                other => other.as_u64().expect("a port"),
+            };
+            assert_eq!(port, health_port, "{} {probe} port", role.name);
+        }
+    }
+}
+
+#[test]
+fn every_variable_set_is_one_the_binary_reads() {
+    let objects = render();
+    let known = variables_read();
+    for role in deployed() {
+        let deployment = find(&objects, "Deployment", role.name).expect("deployment");
+        let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env");
+        for var in env {
+            let name = var["name"].as_str().expect("name");
+            assert!(
+                known.contains(name),
+                "{} sets {name}, which bazaar does not read",
+                role.name
+            );
+        }
+    }
+}
+
+#[test]
+fn every_role_runs_unprivileged_on_a_read_only_root() {
+    let objects = render();
+    for role in deployed() {
+        let pod = &find(&objects, "Deployment", role.name).expect("deployment")["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{}", role.name);
+        assert_eq!(pod["automountServiceAccountToken"], false, "{}", role.name);
+        let security = &pod["containers"][0]["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true, "{}", role.name);
+        assert_eq!(security["allowPrivilegeEscalation"], false, "{}", role.name);
+        assert_eq!(
+            security["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{}",
+            role.name
+        );
+        assert!(
+            pod["containers"][0]["lifecycle"]["preStop"].is_object()
+                && pod["terminationGracePeriodSeconds"].as_u64() >= Some(30),
+            "{} drains before it stops",
+            role.name
+        );
+    }
+}
+
+/// `(from, to, port)` of every pod-to-pod ingress rule between named apps.
+fn ingress_edges(objects: &[Value]) -> BTreeSet<(String, String, u64)> {
+    let mut edges = BTreeSet::new();
+    for policy in objects.iter().filter(|o| o["kind"] == "NetworkPolicy") {
+        let Some(to) = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str() else {
+            continue;
+        };
+        for rule in policy["spec"]["ingress"].as_array().into_iter().flatten() {
+            let ports: Vec<u64> = rule["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["port"].as_u64())
+                .collect();
+            for peer in rule["from"].as_array().into_iter().flatten() {
+                if let Some(from) = peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str() {
+                    for port in &ports {
+                        edges.insert((from.to_string(), to.to_string(), *port));
+                    }
+                }
+            }
+        }
+    }
+    edges
+}
+
+#[test]
+fn network_policies_allow_exactly_the_edges_of_the_role_table() {
+    let objects = render();
+    assert!(find(&objects, "NetworkPolicy", "default-deny").is_some());
+    // The gateway reaches every service's public port; every service reaches the broker and
+    // the database server; the gateway reaches Redis; JetStream nodes reach each other.
+    let mut expected = BTreeSet::new();
+    for (role, _) in roles::services() {
+        expected.insert(("gateway".to_string(), role.name.to_string(), port(role)));
+        expected.insert((role.name.to_string(), "nats".to_string(), 4222));
+        expected.insert((role.name.to_string(), "postgres".to_string(), 5432));
+    }
+    expected.insert(("gateway".to_string(), "redis".to_string(), 6379));
+    expected.insert(("nats".to_string(), "nats".to_string(), 6222));
+    assert_eq!(ingress_edges(&objects), expected);
+}
