@@ -12,9 +12,14 @@ use serde_json::Value;
 use tower::ServiceExt;
 use uuid::Uuid;
 
+use sqlx::Row;
+
 use crate::{
     auth::ADMIN,
+    consumer::{Handler, HandlerError},
+    envelope::Envelope,
     runtime::{RoleConfig, Runtime},
+    saga::SagaReply,
     service::ServiceSpec,
     shutdown::{self, ShutdownTrigger},
     store::Store,
@@ -229,6 +234,41 @@ impl TestRole {
     pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> Answer {
         self.send(TestRole::request(method, uri, token, &[], body.as_ref()))
             .await
+    }
+
+    /// Runs `event` through `handler` as the consumer runner does: one transaction,
+    /// committed through the outbox when the handler succeeds, rolled back when it fails.
+    pub async fn handle(&self, handler: &dyn Handler, event: &Envelope) -> Result<(), HandlerError> {
+        let mut tx = self.rt.store.begin().await.expect("begin");
+        if let Err(e) = handler.handle(&mut tx, event).await {
+            tx.rollback().await.expect("rollback");
+            return Err(e);
+        }
+        self.rt.outbox.commit(tx).await.expect("commit");
+        Ok(())
+    }
+
+    /// Every envelope the role added to its outbox for `topic`, oldest first.
+    pub async fn outbox(&self, topic: &str) -> Vec<Envelope> {
+        sqlx::query("SELECT body FROM outbox WHERE topic = $1 ORDER BY id")
+            .bind(topic)
+            .fetch_all(self.rt.store.pool())
+            .await
+            .expect("the outbox")
+            .iter()
+            .map(|row| Envelope::from_slice(row.get::<String, _>("body").as_bytes()).expect("an envelope"))
+            .collect()
+    }
+
+    /// The saga replies the role wrote to `topic` for `command`, oldest first.
+    pub async fn replies_to(&self, topic: &str, command: &Envelope) -> Vec<SagaReply> {
+        let cause = command.event_id.to_string();
+        self.outbox(topic)
+            .await
+            .into_iter()
+            .filter(|reply| reply.metadata.causation_id.as_deref() == Some(cause.as_str()))
+            .map(|reply| reply.payload_as::<SagaReply>().expect("a saga reply"))
+            .collect()
     }
 }
 

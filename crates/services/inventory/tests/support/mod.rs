@@ -10,7 +10,7 @@ use axum::http::{Method, StatusCode};
 use bazaar_contracts::{topics, types, LineRequest, OrderRef, ReserveStock};
 use bazaar_inventory::StockCommands;
 use bazaar_kit::{
-    consumer::{Handler, HandlerError},
+    consumer::HandlerError,
     envelope::{Envelope, Metadata},
     runtime::Runtime,
     saga::{CommandHeader, Participates, SagaReply},
@@ -89,16 +89,11 @@ impl Inventory {
     /// outbox when the handler succeeds, rolled back when it fails. Returns the saga reply
     /// it wrote.
     pub async fn handle(&self, command: &Envelope) -> Result<SagaReply, HandlerError> {
-        let mut tx = self.rt.store.begin().await.expect("begin");
         let handler = Participates {
             source: bazaar_inventory::SERVICE.name,
             participant: StockCommands,
         };
-        if let Err(e) = handler.handle(&mut tx, command).await {
-            tx.rollback().await.expect("rollback");
-            return Err(e);
-        }
-        self.rt.outbox.commit(tx).await.expect("commit");
+        self.role.handle(&handler, command).await?;
         let mut replies = self.replies_to(command).await;
         assert!(!replies.is_empty(), "no reply to {}", command.event_type);
         Ok(replies.pop().expect("a reply"))
@@ -120,19 +115,7 @@ impl Inventory {
 
     /// Every reply written to the saga's reply topic for `command`, oldest first.
     pub async fn replies_to(&self, command: &Envelope) -> Vec<SagaReply> {
-        let rows = sqlx::query("SELECT body FROM outbox WHERE topic = $1 ORDER BY id")
-            .bind(topics::ORDER_SAGA_REPLIES)
-            .fetch_all(self.rt.store.pool())
-            .await
-            .expect("outbox");
-        rows.iter()
-            .map(|row| Envelope::from_slice(row.get::<String, _>("body").as_bytes()).expect("reply envelope"))
-            .filter(|reply| reply.metadata.causation_id.as_deref() == Some(&command.event_id.to_string()))
-            .map(|reply| {
-                assert_eq!(reply.event_type, types::ORDER_SAGA_REPLY);
-                reply.payload_as::<SagaReply>().expect("a saga reply")
-            })
-            .collect()
+        self.role.replies_to(topics::ORDER_SAGA_REPLIES, command).await
     }
 
     /// Rows in the outbox (every reply inventory ever wrote).

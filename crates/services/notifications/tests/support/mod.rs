@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use axum::http::{Method, StatusCode};
 use bazaar_contracts::{types, OrderOutcome, UserRegistered};
 use bazaar_kit::{
-    consumer::{Handler, HandlerError},
+    consumer::HandlerError,
     envelope::{Envelope, Metadata},
     runtime::Runtime,
     testing::TestRole,
@@ -187,13 +187,7 @@ impl Notifications {
     /// repeated envelope shows the handler's own idempotency): one transaction, committed
     /// through the outbox when it succeeds, rolled back when it fails.
     pub async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
-        let mut tx = self.rt.store.begin().await.expect("begin");
-        if let Err(e) = Outcomes.handle(&mut tx, event).await {
-            tx.rollback().await.expect("rollback");
-            return Err(e);
-        }
-        self.rt.outbox.commit(tx).await.expect("commit");
-        Ok(())
+        self.role.handle(&Outcomes, event).await
     }
 
     /// Every queued notification, oldest first.

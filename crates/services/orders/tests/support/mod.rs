@@ -188,15 +188,9 @@ impl Shop {
 
     /// Every envelope in the outbox on `topic` about `order`, oldest first.
     pub async fn outbox(&self, topic: &str, order: Uuid) -> Vec<Envelope> {
-        sqlx::query("SELECT body FROM outbox WHERE topic = $1 ORDER BY id")
-            .bind(topic)
-            .fetch_all(self.rt.store.pool())
-            .await
-            .expect("outbox")
-            .iter()
-            .map(|row| Envelope::from_slice(row.get::<String, _>("body").as_bytes()).expect("an envelope"))
-            .filter(|e| e.aggregate_id == order.to_string())
-            .collect()
+        let mut envelopes = self.role.outbox(topic).await;
+        envelopes.retain(|e| e.aggregate_id == order.to_string());
+        envelopes
     }
 
     /// Every saga command the engine sent for `order` (to inventory or payments), in order.

@@ -143,13 +143,7 @@ impl Payments {
     /// repeated envelope shows the handler's own idempotency): one transaction, committed
     /// through the outbox when it succeeds, rolled back when it fails.
     pub async fn run(&self, handler: &dyn Handler, event: &Envelope) -> Result<(), HandlerError> {
-        let mut tx = self.rt.store.begin().await.expect("begin");
-        if let Err(e) = handler.handle(&mut tx, event).await {
-            tx.rollback().await.expect("rollback");
-            return Err(e);
-        }
-        self.rt.outbox.commit(tx).await.expect("commit");
-        Ok(())
+        self.role.handle(handler, event).await
     }
 
     /// Runs a `users.events` event through `UserEvents` with the default welcome credit.
@@ -201,27 +195,12 @@ impl Payments {
 
     /// Every reply written to the saga's reply topic for `command`, oldest first.
     pub async fn replies_to(&self, command: &Envelope) -> Vec<SagaReply> {
-        self.outbox(topics::ORDER_SAGA_REPLIES)
-            .await
-            .into_iter()
-            .filter(|reply| reply.metadata.causation_id.as_deref() == Some(&command.event_id.to_string()))
-            .map(|reply| {
-                assert_eq!(reply.event_type, types::ORDER_SAGA_REPLY);
-                reply.payload_as::<SagaReply>().expect("a saga reply")
-            })
-            .collect()
+        self.role.replies_to(topics::ORDER_SAGA_REPLIES, command).await
     }
 
     /// Every envelope in the outbox on `topic`, oldest first.
     pub async fn outbox(&self, topic: &str) -> Vec<Envelope> {
-        sqlx::query("SELECT body FROM outbox WHERE topic = $1 ORDER BY id")
-            .bind(topic)
-            .fetch_all(self.rt.store.pool())
-            .await
-            .expect("outbox")
-            .iter()
-            .map(|row| Envelope::from_slice(row.get::<String, _>("body").as_bytes()).expect("an envelope"))
-            .collect()
+        self.role.outbox(topic).await
     }
 
     /// How many rows `table` has.
