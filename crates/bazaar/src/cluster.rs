@@ -122,6 +122,7 @@ impl NatsNode {
         Ok(Job {
             name: format!("nats-{}", self.index),
             command,
+            fds: Vec::new(),
         })
     }
 }

@@ -35,6 +35,13 @@ enum Command {
         #[arg(value_parser = RoleParser)]
         role: Role,
     },
+    /// Replaces the instances of each role (all when none) one at a time, beside a running
+    /// `bazaar up` on the same data dir, without refusing a request.
+    Rollout {
+        /// Roles to roll, in order.
+        #[arg(value_parser = RoleParser)]
+        roles: Vec<Role>,
+    },
     /// Checks the invariants (nothing lost, nothing doubled) over every store and the broker.
     Audit(audit::AuditArgs),
     /// Drives orders through the gateway and reports throughput and latency.
@@ -108,6 +115,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(&cli.settings, args).await,
+            Command::Rollout { roles } => up::request_rollout(&cli.settings, &roles).await,
             Command::Serve { role } => roles::serve(&cli.settings, role).await,
             Command::Audit(args) => audit::run(&cli.settings, args).await,
             Command::Load(args) => bazaar::load::run(args).await,

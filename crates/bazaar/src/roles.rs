@@ -413,6 +413,13 @@ pub struct Settings {
     /// before it stops accepting (so a balancer takes it out first).
     #[arg(long, global = true, env = "BAZAAR_DRAIN_DELAY_MS", default_value_t = 0)]
     pub drain_delay_ms: u64,
+    /// A listening socket passed by the supervisor (`bazaar up`): serve on it instead of
+    /// binding the role's port.
+    #[arg(long, global = true, env = "BAZAAR_LISTEN_FD", hide = true)]
+    pub listen_fd: Option<i32>,
+    /// The gateway admin's listening socket passed by the supervisor.
+    #[arg(long, global = true, env = "BAZAAR_ADMIN_LISTEN_FD", hide = true)]
+    pub admin_listen_fd: Option<i32>,
 }
 
 impl Settings {
@@ -621,6 +628,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
                 broker_url: settings.broker_url(),
                 jwt_secret: settings.jwt_secret()?,
                 drain_delay: std::time::Duration::from_millis(settings.drain_delay_ms),
+                listen_fd: settings.listen_fd,
             };
             run(settings.clone(), config, shutdown).await.with_context(|| role.name)
         }
@@ -640,9 +648,17 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
         render_metrics: Arc::new(bazaar_kit::telemetry::render_metrics),
     };
     let mut stop = shutdown;
-    bazaar_gateway::serve(opts, async move { stop.wait().await })
-        .await
-        .context("gateway")
+    let stopped = async move { stop.wait().await };
+    if let (Some(proxy), Some(admin)) = (settings.listen_fd, settings.admin_listen_fd) {
+        // Sockets `up` holds: a replacement gateway accepts from the same queues.
+        let inherited =
+            |fd| bazaar_kit::runtime::inherited_listener(fd).with_context(|| format!("inherited socket {fd}"));
+        let (proxy, admin) = (inherited(proxy)?, inherited(admin)?);
+        return bazaar_gateway::serve_with_listeners(opts.config_path, proxy, admin, opts.render_metrics, stopped)
+            .await
+            .context("gateway");
+    }
+    bazaar_gateway::serve(opts, stopped).await.context("gateway")
 }
 
 /// Records the process id in DATA/run/ROLE.pid so operators and fault drills can find it.
@@ -685,6 +701,8 @@ mod tests {
             seed_demo: false,
             instance: 0,
             drain_delay_ms: 0,
+            listen_fd: None,
+            admin_listen_fd: None,
         }
     }
 

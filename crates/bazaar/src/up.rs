@@ -1,7 +1,8 @@
 //! `bazaar up`: every role as its own child process, supervised, with multiplexed logs.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
+    os::fd::{AsRawFd, RawFd},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -9,12 +10,12 @@ use std::{
 use anyhow::Context;
 use clap::Args;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
     sync::mpsc,
 };
 
-use bazaar::roles::{self, instance_name, stop_signal, Replicas, Role, Settings};
+use bazaar::roles::{self, instance_name, stop_signal, Replicas, Role, RoleKind, Settings};
 
 use crate::cluster;
 
@@ -85,16 +86,38 @@ pub struct Job {
     pub name: String,
     /// The command, ready to spawn (stdout and stderr are piped by `up`).
     pub command: Command,
+    /// Listening sockets `up` holds for it, passed as descriptors 3, 4, ...
+    pub fds: Vec<RawFd>,
 }
 
 /// One running job.
 struct Proc {
     name: String,
-    /// Builds the job again for a restart.
+    /// The role it is an instance of (none for a NATS node).
+    role: Option<Role>,
+    /// Where a new process of it says it is ready, with its pid in the answer.
+    ready_url: Option<String>,
+    /// Builds the job again for a restart or a rollout.
     make: Box<dyn Fn() -> anyhow::Result<Job> + Send>,
     child: Child,
     restarts: Vec<Instant>,
 }
+
+/// A `bazaar rollout` request: the roles to roll (all when empty) and where progress goes.
+struct RolloutRequest {
+    roles: Vec<String>,
+    progress: mpsc::UnboundedSender<String>,
+}
+
+/// The control socket `bazaar rollout` talks to.
+pub fn control_socket(settings: &Settings) -> std::path::PathBuf {
+    settings.data.join("run").join("up.sock")
+}
+
+/// How long a replacement gets to become ready before a rollout gives up on it.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+/// How long a replaced process gets to drain before it is killed.
+const DRAIN_WITHIN: Duration = Duration::from_secs(45);
 
 /// Where each service keeps its data and how the roles reach the broker: from the settings,
 /// or provisioned by `--cluster`.
@@ -154,14 +177,23 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     let instances: Vec<(Role, u16)> = roles::up_roles()
         .flat_map(|r| (0..replicas.of(r)).map(move |k| (r, k)))
         .collect();
+    // `up` holds every role's listening socket and passes it to the role's process, so a
+    // restarted or replacing process accepts from the same queue: connections made while a
+    // process is being replaced wait instead of being refused.
     let role_ports = instances
         .iter()
-        .map(|&(r, k)| (instance_name(r, k), settings.instance_port(r, k)));
-    let nats_ports = nats.iter().flat_map(|n| n.ports());
-    for (name, port) in role_ports
-        .chain(nats_ports)
-        .chain([("gateway admin".to_string(), settings.admin_port())])
-    {
+        .map(|&(r, k)| (instance_name(r, k), settings.instance_port(r, k)))
+        .chain([(GATEWAY_ADMIN.to_string(), settings.admin_port())]);
+    let mut sockets = HashMap::new();
+    for (name, port) in role_ports {
+        let socket = std::net::TcpListener::bind(("127.0.0.1", port)).map_err(|e| {
+            anyhow::anyhow!(
+                "port {port} for {name} is taken ({e}); stop what uses it or pick other ports with --base-port"
+            )
+        })?;
+        sockets.insert(name, socket);
+    }
+    for (name, port) in nats.iter().flat_map(|n| n.ports()) {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             anyhow::bail!("port {port} for {name} is taken; stop what uses it or pick other ports with --base-port");
         }
@@ -178,21 +210,30 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
             println!("{line}");
         }
     });
-    let mut makers: Vec<Box<dyn Fn() -> anyhow::Result<Job> + Send>> = Vec::new();
+    type Maker = Box<dyn Fn() -> anyhow::Result<Job> + Send>;
+    let mut makers: Vec<(Option<Role>, Option<String>, Maker)> = Vec::new();
     for node in nats.iter().flat_map(|n| n.nodes()) {
-        makers.push(Box::new(move || node.job()));
+        makers.push((None, None, Box::new(move || node.job())));
     }
-    let shared = std::sync::Arc::new((exe, settings.clone(), replicas.clone(), backends));
+    let shared = std::sync::Arc::new((exe, settings.clone(), replicas.clone(), backends, sockets));
     for &(role, k) in &instances {
         let shared = shared.clone();
-        makers.push(Box::new(move || {
-            let (exe, settings, replicas, backends) = &*shared;
-            role_job(exe, settings, replicas, backends, role, k)
-        }));
+        let ready = match role.kind {
+            RoleKind::Gateway => format!("http://127.0.0.1:{}/health", settings.admin_port()),
+            _ => format!("http://127.0.0.1:{}/health/ready", settings.instance_port(role, k)),
+        };
+        makers.push((
+            Some(role),
+            Some(ready),
+            Box::new(move || {
+                let (exe, settings, replicas, backends, sockets) = &*shared;
+                role_job(exe, settings, replicas, backends, sockets, role, k)
+            }),
+        ));
     }
     let mut procs = Vec::new();
     let nats_nodes = nats.as_ref().map_or(0, |n| n.nodes().len());
-    for (i, make) in makers.into_iter().enumerate() {
+    for (i, (role, ready_url, make)) in makers.into_iter().enumerate() {
         if i == nats_nodes && nats.is_some() {
             // The roles check the broker as they start: let the cluster elect its leaders.
             if let Err(e) = cluster::wait_for_jetstream(&shared.3.broker).await {
@@ -205,11 +246,14 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         let child = start(job, &lines)?;
         procs.push(Proc {
             name,
+            role,
+            ready_url,
             make,
             child,
             restarts: Vec::new(),
         });
     }
+    let mut rollouts = control(settings)?;
     let ready = wait_ready(settings, &instances, Duration::from_secs(args.ready_timeout)).await;
     match &ready {
         Ok(()) if !args.quiet => println!("{}", tour(settings, &config, &shared.3.broker)),
@@ -228,6 +272,7 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            Some(request) = rollouts.recv() => rollout(&mut procs, request, &lines).await,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
         let mut gave_up = None;
@@ -260,15 +305,54 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     }
     println!("bazaar: stopping every role");
     terminate_all(&mut procs).await;
+    let _ = std::fs::remove_file(control_socket(settings));
     ready
 }
 
-/// The command that runs instance `k` of `role`.
+/// `bazaar rollout [ROLE…]`: asks the `up` running on this data dir to replace the
+/// instances of each role (all when none) one at a time, printing its progress.
+pub async fn request_rollout(settings: &Settings, roles: &[Role]) -> anyhow::Result<()> {
+    let path = control_socket(settings);
+    let mut stream = tokio::net::UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "no `bazaar up` is running on the data dir {} (nothing answers on {})",
+            settings.data.display(),
+            path.display()
+        )
+    })?;
+    let names: Vec<&str> = roles.iter().map(|r| r.name).collect();
+    stream
+        .write_all(format!("rollout {}\n", names.join(" ")).as_bytes())
+        .await
+        .context("cannot send the request")?;
+    let mut lines = BufReader::new(stream).lines();
+    let finished = tokio::time::timeout(Duration::from_secs(600), async {
+        while let Some(line) = lines.next_line().await? {
+            if line == "ok" {
+                println!("rollout finished");
+                return Ok(());
+            }
+            if let Some(reason) = line.strip_prefix("error: ") {
+                anyhow::bail!("rollout stopped: {reason}");
+            }
+            println!("{line}");
+        }
+        anyhow::bail!("`bazaar up` stopped before the rollout finished")
+    })
+    .await;
+    finished.unwrap_or_else(|_| anyhow::bail!("the rollout did not finish within 10 minutes"))
+}
+
+/// The name `up` keeps the gateway admin's socket under.
+const GATEWAY_ADMIN: &str = "gateway admin";
+
+/// The command that runs instance `k` of `role`, on the sockets `up` holds for it.
 fn role_job(
     exe: &std::path::Path,
     settings: &Settings,
     replicas: &Replicas,
     backends: &Backends,
+    sockets: &HashMap<String, std::net::TcpListener>,
     role: Role,
     k: u16,
 ) -> anyhow::Result<Job> {
@@ -305,14 +389,176 @@ fn role_job(
     if let Some(url) = &settings.payment_provider_url {
         cmd.env("BAZAAR_PAYMENT_PROVIDER_URL", url);
     }
+    let name = instance_name(role, k);
+    let mut fds = vec![sockets
+        .get(&name)
+        .with_context(|| format!("no socket held for {name}"))?
+        .as_raw_fd()];
+    cmd.env("BAZAAR_LISTEN_FD", "3");
+    if matches!(role.kind, RoleKind::Gateway) {
+        fds.push(
+            sockets
+                .get(GATEWAY_ADMIN)
+                .context("no socket held for the gateway admin")?
+                .as_raw_fd(),
+        );
+        cmd.env("BAZAAR_ADMIN_LISTEN_FD", "4");
+    }
     Ok(Job {
-        name: instance_name(role, k),
+        name,
         command: cmd,
+        fds,
     })
+}
+
+/// Passes `fds` to the child as descriptors 3, 4, ... (cleared of close-on-exec).
+fn pass_fds(command: &mut Command, fds: Vec<RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: between fork and exec the closure only calls async-signal-safe dup2 and fcntl.
+    unsafe {
+        command.pre_exec(move || {
+            for (i, &fd) in fds.iter().enumerate() {
+                let target = 3 + i as RawFd;
+                if fd == target {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Listens on DATA/run/up.sock (owner-only) for `bazaar rollout` requests: one line naming
+/// the roles (none for all); progress goes back line by line, ending `ok` or `error: …`.
+fn control(settings: &Settings) -> anyhow::Result<mpsc::UnboundedReceiver<RolloutRequest>> {
+    let path = control_socket(settings);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    let (requests, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                // A request is one short line; anything longer is not a rollout.
+                let mut reader = BufReader::new(read.take(4096));
+                if reader.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let (progress, mut updates) = mpsc::unbounded_channel();
+                let roles = line.split_whitespace().skip(1).map(str::to_string).collect();
+                if !line.starts_with("rollout") || requests.send(RolloutRequest { roles, progress }).is_err() {
+                    let _ = write.write_all(b"error: not a rollout request\n").await;
+                    return;
+                }
+                while let Some(update) = updates.recv().await {
+                    if write.write_all(format!("{update}\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(rx)
+}
+
+/// Replaces every process of the requested roles, one at a time: start a new process on the
+/// same socket, wait until it (by pid) says it is ready, then drain and stop the old one.
+/// A replacement that never becomes ready is killed and the old process keeps serving.
+async fn rollout(procs: &mut [Proc], request: RolloutRequest, lines: &mpsc::UnboundedSender<String>) {
+    let say = |text: String| {
+        let _ = lines.send(format!("{:>15} | {text}", "rollout"));
+        let _ = request.progress.send(text);
+    };
+    let known: Vec<&str> = roles::up_roles().map(|r| r.name).collect();
+    if let Some(unknown) = request.roles.iter().find(|r| !known.contains(&r.as_str())) {
+        say(format!("error: no role `{unknown}`; roles are {}", known.join(", ")));
+        return;
+    }
+    // A fresh connection per probe: a kept-alive one would keep asking the old process.
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .pool_max_idle_per_host(0)
+        .build()
+    {
+        Ok(client) => client,
+        Err(e) => return say(format!("error: http client: {e}")),
+    };
+    for p in procs.iter_mut() {
+        let (Some(role), Some(ready_url)) = (p.role, p.ready_url.clone()) else {
+            continue;
+        };
+        if !request.roles.is_empty() && !request.roles.iter().any(|r| r == role.name) {
+            continue;
+        }
+        say(format!("{}: starting a replacement", p.name));
+        let mut fresh = match (p.make)().and_then(|job| start(job, lines)) {
+            Ok(child) => child,
+            Err(e) => return say(format!("error: cannot start a replacement for {}: {e:#}", p.name)),
+        };
+        let Some(pid) = fresh.id() else {
+            return say(format!("error: the replacement for {} exited at once", p.name));
+        };
+        if !ready_as(&client, &ready_url, pid).await {
+            let _ = fresh.kill().await;
+            return say(format!(
+                "error: the replacement for {} (pid {pid}) was not ready within {}s; the old one keeps serving",
+                p.name,
+                READY_WITHIN.as_secs()
+            ));
+        }
+        let mut old = std::mem::replace(&mut p.child, fresh);
+        p.restarts.clear();
+        say(format!("{}: pid {pid} is ready; draining the old one", p.name));
+        if let Some(old_pid) = old.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(old_pid.to_string())
+                .status()
+                .await;
+        }
+        if tokio::time::timeout(DRAIN_WITHIN, old.wait()).await.is_err() {
+            let _ = old.kill().await;
+        }
+        say(format!("{}: replaced", p.name));
+    }
+    say("ok".into());
+}
+
+/// Polls `url` until process `pid` answers it with 200.
+async fn ready_as(client: &reqwest::Client, url: &str, pid: u32) -> bool {
+    let deadline = Instant::now() + READY_WITHIN;
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(url).send().await {
+            let ok = response.status().is_success();
+            if let Ok(body) = response.json::<serde_json::Value>().await {
+                if ok && body["pid"].as_u64() == Some(u64::from(pid)) {
+                    return true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// Spawns `job` with its output prefixed by its name on `lines`.
 fn start(mut job: Job, lines: &mpsc::UnboundedSender<String>) -> anyhow::Result<Child> {
+    pass_fds(&mut job.command, std::mem::take(&mut job.fds));
     job.command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

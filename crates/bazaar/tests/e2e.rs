@@ -1031,3 +1031,75 @@ async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_se
         assert!(log.contains(&format!("{node:>15} |")), "{node} never logged:\n{log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_every_role_under_load_fails_no_request_and_loses_no_order() {
+    let sys = System::start(&[CREDIT]).await;
+    let shop = shop(&sys).await;
+    let rolling = std::sync::atomic::AtomicBool::new(true);
+    let failures = std::sync::Mutex::new(Vec::new());
+    let placed = std::sync::Mutex::new(Vec::new());
+    // A strict client: every answer that is not a success counts, nothing is retried.
+    let load = |worker: usize| {
+        let (sys, shop, rolling, failures, placed) = (&sys, &shop, &rolling, &failures, &placed);
+        async move {
+            let mut n = 0;
+            while rolling.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let result = if worker == 0 {
+                    sys.client.get(sys.api("/products")).send().await
+                } else {
+                    sys.client
+                        .post(sys.api("/orders"))
+                        .bearer_auth(&shop.ann)
+                        .header("idempotency-key", format!("roll-{worker}-{n}"))
+                        .json(&json!({"items": [{"productId": shop.mug, "quantity": 1}]}))
+                        .send()
+                        .await
+                };
+                match result {
+                    Ok(r) if r.status().is_success() => {
+                        if worker != 0 {
+                            let body: Value = r.json().await.unwrap_or(Value::Null);
+                            if let Some(id) = body["id"].as_str() {
+                                placed.lock().expect("lock").push(id.to_string());
+                            }
+                        }
+                    }
+                    Ok(r) => failures.lock().expect("lock").push(format!("{}", r.status())),
+                    Err(e) => failures.lock().expect("lock").push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let roll = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let out = tokio::process::Command::new(BIN)
+            .arg("rollout")
+            .env("BAZAAR_DATA", sys.data_dir())
+            .output()
+            .await
+            .expect("run rollout");
+        rolling.store(false, std::sync::atomic::Ordering::SeqCst);
+        out
+    };
+    let (_, out) = tokio::join!(futures_util::future::join_all((0..3).map(load)), roll);
+    let printed = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "rollout failed:\n{printed}\n{}", sys.log());
+    for role in roles::up_roles() {
+        assert!(printed.contains(&format!("{}: replaced", role.name)), "{printed}");
+    }
+    let failures = failures.into_inner().expect("lock");
+    assert!(
+        failures.is_empty(),
+        "{} requests failed during the rollout: {failures:?}",
+        failures.len()
+    );
+    let placed = placed.into_inner().expect("lock");
+    for id in &placed {
+        let v = sys.settled(&shop.ann, id).await;
+        assert!(v["status"] == "confirmed" || v["status"] == "cancelled", "{v}");
+    }
+    sys.assert_audit_clean().await;
+}

@@ -67,6 +67,8 @@ fn health(shared: &Shared) -> Response<ProxyBody> {
         "checks": { "config": "up", "upstreams": upstreams },
         "version": env!("CARGO_PKG_VERSION"),
         "uptime": shared.started.elapsed().as_secs(),
+        // Tells processes sharing one listening socket apart (a rollout waits for the new one).
+        "pid": std::process::id(),
     });
     response::json(
         if degraded {

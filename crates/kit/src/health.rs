@@ -97,12 +97,18 @@ impl Health {
 
     /// Whether this instance should get traffic now, and why not.
     pub async fn readiness(&self) -> (bool, Value) {
+        // The pid tells processes sharing one listening socket apart (a rollout waits for
+        // the new one to be ready).
+        let pid = std::process::id();
         if self.draining.is_draining() {
-            return (false, json!({"status": "draining", "role": self.role}));
+            return (false, json!({"status": "draining", "role": self.role, "pid": pid}));
         }
         let (ok, checks) = self.run(|name| self.needed_for_ready.contains(&name)).await;
         let status = if ok { "ready" } else { "not ready" };
-        (ok, json!({"status": status, "role": self.role, "checks": checks}))
+        (
+            ok,
+            json!({"status": status, "role": self.role, "checks": checks, "pid": pid}),
+        )
     }
 
     /// Runs the checks `pick` selects; `true` when all are up.

@@ -43,6 +43,10 @@ pub struct RoleConfig {
     /// How long a stopping instance answers not-ready (and keeps serving) before it stops
     /// accepting, so load balancers take it out first. Zero for a lone instance.
     pub drain_delay: Duration,
+    /// A listening socket inherited from the supervisor (`bazaar up` passes each instance
+    /// its port's socket, so a replacement accepts from the same queue and nothing queued is
+    /// refused while one process hands over to the next); bind `listen` when `None`.
+    pub listen_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Why a role could not start or stopped with an error.
@@ -87,6 +91,7 @@ pub struct Runtime {
     /// Set when shutdown starts; readiness fails from then on.
     pub draining: Draining,
     drain_delay: Duration,
+    listen_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Runtime {
@@ -112,6 +117,7 @@ impl Runtime {
             tasks: TaskTracker::new(),
             draining: Draining::default(),
             drain_delay: config.drain_delay,
+            listen_fd: config.listen_fd,
         };
         rt.own(
             "outbox relay",
@@ -224,9 +230,12 @@ impl Runtime {
 
     /// Serves `api` plus `health`'s routes on `addr` until shutdown.
     pub async fn serve(&self, addr: SocketAddr, api: Router, health: Health) -> Result<(), ServiceError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServiceError::Listen { addr, source })?;
+        let listener = match self.listen_fd {
+            Some(fd) => inherited_listener(fd).map_err(|source| ServiceError::Listen { addr, source })?,
+            None => tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServiceError::Listen { addr, source })?,
+        };
         self.serve_on(listener, api, health).await
     }
 
@@ -283,4 +292,14 @@ impl Runtime {
             tracing::info!(role = self.spec.name, "every background task finished");
         }
     }
+}
+
+/// The listening socket at `fd`, inherited from the process that started this one.
+pub fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<tokio::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` names a listening TCP socket the supervisor passed for this purpose and
+    // nothing else in the process owns; it is taken once.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
 }

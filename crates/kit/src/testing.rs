@@ -159,6 +159,7 @@ impl TestRole {
             broker_url: format!("sqlite://{}", bus.path().join("bus.db").display()),
             jwt_secret: format!("{}-test-secret", spec.name),
             drain_delay: std::time::Duration::ZERO,
+            listen_fd: None,
         };
         let (stop, shutdown) = shutdown::channel();
         let rt = Runtime::start(spec, &config, shutdown)

@@ -72,6 +72,7 @@ async fn start(dir: &std::path::Path) -> (shutdown::ShutdownTrigger, Runtime) {
         broker_url: format!("sqlite://{}/bus.db", dir.display()),
         jwt_secret: "secret".into(),
         drain_delay: std::time::Duration::ZERO,
+        listen_fd: None,
     };
     let (stop, shut) = shutdown::channel();
     let rt = Runtime::start(&SPEC, &config, shut).await.expect("start");
