@@ -169,8 +169,11 @@ impl Replicas {
                         let names: Vec<&str> = services().map(|(r, _)| r.name).collect();
                         format!("no role `{}`; services are {}", name.trim(), names.join(", "))
                     })?;
-                    if role.service().is_none() {
-                        return Err(format!("{} runs once; only services have replicas", role.name));
+                    if !role.replicable() {
+                        return Err(format!(
+                            "{} runs once; only services and the gateway have replicas",
+                            role.name
+                        ));
                     }
                     replicas.0.insert(role.name, count(n)?);
                 }
@@ -206,6 +209,17 @@ impl RoleSpec {
             RoleKind::Service { spec, .. } => Some(spec),
             _ => None,
         }
+    }
+
+    /// Whether `up` can run several instances of it.
+    pub fn replicable(&self) -> bool {
+        !matches!(self.kind, RoleKind::Simulator { .. })
+    }
+
+    /// Whether its instances share one port (the gateway's public and admin sockets, which
+    /// `up` holds and hands to each) rather than each having its own.
+    pub fn shares_port(&self) -> bool {
+        matches!(self.kind, RoleKind::Gateway)
     }
 
     /// Whether `bazaar up` starts it.
@@ -437,9 +451,10 @@ impl Settings {
 
     /// The port of instance `k` of `role`.
     pub fn instance_port(&self, role: Role, k: u16) -> u16 {
+        let stride = if role.shares_port() { 0 } else { REPLICA_STRIDE };
         self.base_port
             .saturating_add(role.port_offset)
-            .saturating_add(k.saturating_mul(REPLICA_STRIDE))
+            .saturating_add(k.saturating_mul(stride))
     }
 
     /// The gateway's admin port.
@@ -603,9 +618,9 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
         std::process::exit(101);
     }));
     write_pid_file(settings, role);
-    if settings.instance >= MAX_INSTANCES || (settings.instance > 0 && role.service().is_none()) {
+    if settings.instance >= MAX_INSTANCES || (settings.instance > 0 && !role.replicable()) {
         anyhow::bail!(
-            "--instance {} is not an instance {} can have (services: 0 to {}; other roles: 0)",
+            "--instance {} is not an instance {} can have (services and the gateway: 0 to {}; others: 0)",
             settings.instance,
             role.name,
             MAX_INSTANCES - 1
@@ -811,7 +826,7 @@ mod tests {
             ("9", "1 to 8"),
             ("orders=lots", "not `lots`"),
             ("shipping=2", "no role `shipping`"),
-            ("gateway=2", "only services have replicas"),
+            ("payment-sim=2", "only services and the gateway have replicas"),
         ] {
             let err = Replicas::parse(bad).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");

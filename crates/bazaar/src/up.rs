@@ -35,7 +35,7 @@ pub struct UpArgs {
     replicas: Option<Replicas>,
     /// The distributed form on this machine: a three-node JetStream cluster (nats-server
     /// processes under DATA/nats), a PostgreSQL database and role per service on --postgres,
-    /// the gateway's rate limits in Redis (--redis), and two replicas of every service.
+    /// the gateway's rate limits in Redis (--redis), two replicas of every service and two gateways sharing the public port.
     #[arg(long)]
     cluster: bool,
     /// PostgreSQL server (a superuser's URL) on which --cluster provisions its databases.
@@ -149,7 +149,7 @@ fn check_replicas(backends: &Backends, replicas: &Replicas) -> anyhow::Result<()
 pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     let replicas = match (&args.replicas, args.cluster) {
         (Some(r), _) => r.clone(),
-        (None, true) => Replicas::parse("2").map_err(anyhow::Error::msg)?,
+        (None, true) => Replicas::parse("2,gateway=2").map_err(anyhow::Error::msg)?,
         (None, false) => Replicas::default(),
     };
     let nats = if args.cluster {
@@ -182,10 +182,13 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     // process is being replaced wait instead of being refused.
     let role_ports = instances
         .iter()
-        .map(|&(r, k)| (instance_name(r, k), settings.instance_port(r, k)))
+        .map(|&(r, k)| (socket_name(r, k), settings.instance_port(r, k)))
         .chain([(GATEWAY_ADMIN.to_string(), settings.admin_port())]);
     let mut sockets = HashMap::new();
     for (name, port) in role_ports {
+        if sockets.contains_key(&name) {
+            continue;
+        }
         let socket = std::net::TcpListener::bind(("127.0.0.1", port)).map_err(|e| {
             anyhow::anyhow!(
                 "port {port} for {name} is taken ({e}); stop what uses it or pick other ports with --base-port"
@@ -346,6 +349,16 @@ pub async fn request_rollout(settings: &Settings, roles: &[Role]) -> anyhow::Res
 /// The name `up` keeps the gateway admin's socket under.
 const GATEWAY_ADMIN: &str = "gateway admin";
 
+/// The name `up` keeps instance `k` of `role`'s socket under: its own, or the role's when
+/// its instances share one (the gateway).
+fn socket_name(role: Role, k: u16) -> String {
+    if role.shares_port() {
+        role.name.to_string()
+    } else {
+        instance_name(role, k)
+    }
+}
+
 /// The command that runs instance `k` of `role`, on the sockets `up` holds for it.
 fn role_job(
     exe: &std::path::Path,
@@ -391,7 +404,7 @@ fn role_job(
     }
     let name = instance_name(role, k);
     let mut fds = vec![sockets
-        .get(&name)
+        .get(&socket_name(role, k))
         .with_context(|| format!("no socket held for {name}"))?
         .as_raw_fd()];
     cmd.env("BAZAAR_LISTEN_FD", "3");

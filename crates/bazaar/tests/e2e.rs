@@ -1027,7 +1027,7 @@ async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_se
         );
     }
     assert!(report.contains("invariant 6"), "{report}");
-    for node in ["nats-0", "nats-1", "nats-2"] {
+    for node in ["nats-0", "nats-1", "nats-2", "gateway", "gateway-1"] {
         assert!(log.contains(&format!("{node:>15} |")), "{node} never logged:\n{log}");
     }
 }

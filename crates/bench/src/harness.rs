@@ -100,7 +100,7 @@ impl System {
         let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let replicas = match (&options.replicas, &options.cluster) {
             (Some(text), _) => Replicas::parse(text).map_err(|e| anyhow::anyhow!("--replicas {text}: {e}"))?,
-            (None, Some(_)) => Replicas::parse("2").map_err(anyhow::Error::msg)?,
+            (None, Some(_)) => Replicas::parse("2,gateway=2").map_err(anyhow::Error::msg)?,
             (None, None) => Replicas::default(),
         };
         let mut cmd = Command::new(&options.bin);
@@ -179,7 +179,8 @@ impl System {
 
     /// The port instance `k` of `role` answers `/health` and `/metrics` on.
     pub fn instance_port(&self, role: Role, k: u16) -> u16 {
-        self.base + role.health_offset() + k * roles::REPLICA_STRIDE
+        let stride = if role.shares_port() { 0 } else { roles::REPLICA_STRIDE };
+        self.base + role.health_offset() + k * stride
     }
 
     /// The port of the role called `name`.
