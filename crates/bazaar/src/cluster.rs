@@ -22,6 +22,7 @@ use crate::up::Job;
 pub struct Nats {
     bin: PathBuf,
     dir: PathBuf,
+    run: PathBuf,
     name: String,
     clients: Vec<u16>,
     routes: Vec<u16>,
@@ -32,6 +33,7 @@ pub struct Nats {
 pub struct NatsNode {
     bin: PathBuf,
     dir: PathBuf,
+    run: PathBuf,
     cluster: String,
     index: usize,
     client: u16,
@@ -62,6 +64,7 @@ impl Nats {
         Ok(Nats {
             bin: nats_server()?,
             dir: settings.data.join("nats"),
+            run: settings.data.join("run"),
             name: name.to_string(),
             clients: at(NATS_CLIENT_OFFSETS),
             routes: at(NATS_ROUTE_OFFSETS),
@@ -96,6 +99,7 @@ impl Nats {
             .map(|index| NatsNode {
                 bin: self.bin.clone(),
                 dir: self.dir.join(format!("n{index}")),
+                run: self.run.clone(),
                 cluster: self.name.clone(),
                 index,
                 client: self.clients[index],
@@ -109,7 +113,9 @@ impl Nats {
 impl NatsNode {
     /// The command that runs this node.
     pub fn job(&self) -> anyhow::Result<Job> {
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
+        for dir in [&self.dir, &self.run] {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
         let mut command = Command::new(&self.bin);
         command
             .args(["-n", &format!("{}-{}", self.cluster, self.index)])
@@ -119,8 +125,10 @@ impl NatsNode {
             .args(["--cluster_name", &self.cluster])
             .args(["--cluster", &format!("nats://127.0.0.1:{}", self.route)])
             .args(["--routes", &self.routes]);
+        let name = format!("nats-{}", self.index);
         Ok(Job {
-            name: format!("nats-{}", self.index),
+            pid_file: Some(self.run.join(format!("{name}.pid"))),
+            name,
             command,
             fds: Vec::new(),
         })

@@ -88,6 +88,8 @@ pub struct Job {
     pub command: Command,
     /// Listening sockets `up` holds for it, passed as descriptors 3, 4, ...
     pub fds: Vec<RawFd>,
+    /// Where `up` records the process id (roles record their own).
+    pub pid_file: Option<std::path::PathBuf>,
 }
 
 /// One running job.
@@ -421,6 +423,7 @@ fn role_job(
         name,
         command: cmd,
         fds,
+        pid_file: None,
     })
 }
 
@@ -579,6 +582,11 @@ fn start(mut job: Job, lines: &mpsc::UnboundedSender<String>) -> anyhow::Result<
         .kill_on_drop(true);
     let name = job.name;
     let mut child = job.command.spawn().with_context(|| format!("cannot start {name}"))?;
+    if let (Some(path), Some(pid)) = (&job.pid_file, child.id()) {
+        if let Err(e) = std::fs::write(path, pid.to_string()) {
+            let _ = lines.send(format!("{name:>15} | cannot write {}: {e}", path.display()));
+        }
+    }
     for stream in [
         child
             .stdout

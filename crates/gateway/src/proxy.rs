@@ -417,7 +417,17 @@ async fn forward(
                 report(Outcome::TcpFailure);
                 tracing::warn!(service = %service.name, target = address, %error, "upstream request failed");
                 failure = Failure::Other;
-                break;
+                // The connection broke after the request went out (typically an upstream
+                // closing an idle keep-alive connection as it drains). Sending it again is
+                // safe only when repeating it cannot double an effect: an idempotent method,
+                // or a request that carries an Idempotency-Key. Anything else may have been
+                // processed, so it fails as Kong's does.
+                if !replay_safe(&parts.method, &headers) {
+                    break;
+                }
+                if let Some(guard) = &guard {
+                    tried.push(guard.index);
+                }
             }
             Err(_) => {
                 report(Outcome::Timeout);
@@ -477,5 +487,31 @@ impl Body for GuardedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Whether a request may be sent again after its connection broke mid-flight.
+fn replay_safe(method: &http::Method, headers: &http::HeaderMap) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    ) || headers.contains_key("idempotency-key")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replay_safe;
+
+    #[test]
+    fn only_requests_that_cannot_double_an_effect_are_replayed() {
+        let none = http::HeaderMap::new();
+        let mut keyed = http::HeaderMap::new();
+        keyed.insert("idempotency-key", http::HeaderValue::from_static("k-1"));
+        assert!(replay_safe(&http::Method::GET, &none));
+        assert!(replay_safe(&http::Method::DELETE, &none));
+        assert!(!replay_safe(&http::Method::POST, &none));
+        assert!(replay_safe(&http::Method::POST, &keyed));
+        assert!(!replay_safe(&http::Method::PATCH, &none));
     }
 }
