@@ -61,6 +61,13 @@ pub struct SagaBenchArgs {
     /// The `bazaar` executable to start. Default: the one beside this executable.
     #[arg(long, env = "BAZAAR_BIN")]
     bazaar: Option<PathBuf>,
+    /// Also run the cluster form (`bazaar up --cluster`: 3 JetStream nodes, a PostgreSQL
+    /// database per service on --postgres, Redis) with 1 and with 2 replicas of every role.
+    #[arg(long)]
+    cluster: bool,
+    /// Redis for the cluster variants' gateways.
+    #[arg(long, env = "BAZAAR_BENCH_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
 }
 
 /// The `bazaar` executable: `--bazaar`, or the one built beside this one.
@@ -147,6 +154,27 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
         );
     }
 
+    if args.cluster {
+        match &args.postgres {
+            Some(pg) => {
+                for (n, replicas) in [(1, "1,gateway=1"), (2, "2,gateway=2")] {
+                    let name = format!("saga cluster r{n}");
+                    eprintln!("bench saga: starting `bazaar up --cluster --replicas {replicas}`");
+                    let result =
+                        saga_on_cluster(&args, &bin, &dir.path().join(format!("cluster{n}")), pg, replicas).await;
+                    add_saga(
+                        &mut report,
+                        &name,
+                        &format!("bazaar up --cluster, {n} instance(s) of every role, 3 JetStream nodes (R3)"),
+                        result,
+                        cores,
+                    );
+                }
+            }
+            None => report.row("saga cluster r1", None, "--cluster needs --postgres"),
+        }
+    }
+
     eprintln!("bench saga: monolith, one transaction per order");
     let (mono, outcomes) = monolith(&dir.path().join("monolith.db"), &args, credit).await?;
     report.row(
@@ -156,6 +184,8 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
     );
     report.compare("saga embedded", "monolith");
     report.compare("saga pg+nats", "monolith");
+    report.compare("saga cluster r1", "monolith");
+    report.compare("saga cluster r2", "saga cluster r1");
 
     report.note(
         "saga latency is placed -> confirmed/cancelled as a client sees it (POST /orders, then \
@@ -220,8 +250,49 @@ fn add_saga(report: &mut Report, name: &str, what: &str, result: anyhow::Result<
     }
 }
 
+/// The cluster form with `replicas`, on databases named for this run (dropped afterwards).
+async fn saga_on_cluster(
+    args: &SagaBenchArgs,
+    bin: &Path,
+    dir: &Path,
+    admin: &str,
+    replicas: &str,
+) -> anyhow::Result<SagaRun> {
+    let name = format!("bench{}", uuid::Uuid::now_v7().simple());
+    let env = vec![
+        ("BAZAAR_CLUSTER_POSTGRES_URL".to_string(), admin.to_string()),
+        ("BAZAAR_CLUSTER_REDIS_URL".to_string(), args.redis.clone()),
+    ];
+    let result = saga_with(args, bin, dir, env, Some(replicas.to_string()), Some(name.clone())).await;
+    if let Ok(server) = Store::open(admin).await {
+        for (_, spec) in roles::services() {
+            let db = format!("{name}_{}", spec.name);
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                .execute(server.pool())
+                .await;
+            let _ = sqlx::query(&format!("DROP ROLE IF EXISTS \"{db}\""))
+                .execute(server.pool())
+                .await;
+        }
+        server.close().await;
+    }
+    result
+}
+
 /// Starts `bazaar up` in `dir` with `env`, drives the orders, audits, stops it.
 async fn saga(args: &SagaBenchArgs, bin: &Path, dir: &Path, env: Vec<(String, String)>) -> anyhow::Result<SagaRun> {
+    saga_with(args, bin, dir, env, None, None).await
+}
+
+/// [`saga`] with `--replicas` and `--cluster NAME` when given.
+async fn saga_with(
+    args: &SagaBenchArgs,
+    bin: &Path,
+    dir: &Path,
+    env: Vec<(String, String)>,
+    replicas: Option<String>,
+    cluster: Option<String>,
+) -> anyhow::Result<SagaRun> {
     let options = Options {
         bin: bin.to_path_buf(),
         dir: dir.to_path_buf(),
@@ -230,8 +301,8 @@ async fn saga(args: &SagaBenchArgs, bin: &Path, dir: &Path, env: Vec<(String, St
             .into_iter()
             .chain(env)
             .collect(),
-        replicas: None,
-        cluster: None,
+        replicas,
+        cluster,
     };
     let mut system = System::start(options).await?;
     let cpu_before = system.cpu();
