@@ -251,10 +251,35 @@ impl Store {
     /// (`BEGIN IMMEDIATE`), so two writers queue on the busy timeout instead of one failing
     /// when it upgrades a read lock.
     pub async fn begin(&self) -> Result<Tx<'static>, StoreError> {
-        Ok(match self.dialect {
-            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.pool.begin().await?,
-        })
+        use sqlx::Connection;
+        let mut discarded = 0;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            if conn.is_in_transaction() {
+                // Its last holder was cancelled mid-transaction (a client went away while a
+                // handler held it) and sqlx rolls back lazily, on the connection's next use: a
+                // ping runs after that rollback. One still inside a transaction after it is
+                // closed rather than reused, so no work lands in someone else's transaction.
+                let _ = conn.ping().await;
+                if conn.is_in_transaction() {
+                    let _ = conn.close().await;
+                    discarded += 1;
+                    if discarded > 8 {
+                        return Err(StoreError::Corrupt(
+                            "every pooled connection is stuck inside a transaction".into(),
+                        ));
+                    }
+                    continue;
+                }
+            }
+            let statement = match self.dialect {
+                // Take the write lock up front: a deferred transaction that reads first can
+                // fail to upgrade when another writer got in between.
+                Dialect::Sqlite => Some("BEGIN IMMEDIATE".into()),
+                Dialect::Postgres => None,
+            };
+            return Ok(sqlx::Transaction::begin(conn, statement).await?);
+        }
     }
 
     /// Checks that the database answers; used by health checks.
