@@ -529,12 +529,20 @@ async fn rollout(procs: &mut [Proc], request: RolloutRequest, lines: &mpsc::Unbo
         let Some(pid) = fresh.id() else {
             return say(format!("error: the replacement for {} exited at once", p.name));
         };
-        if !ready_as(&client, &ready_url, pid).await {
+        let ready = tokio::select! {
+            ready = ready_as(&client, &ready_url, pid) => ready.then_some(()).ok_or_else(|| {
+                format!("was not ready within {}s", READY_WITHIN.as_secs())
+            }),
+            exited = fresh.wait() => Err(match exited {
+                Ok(status) => format!("exited ({status}) before it was ready"),
+                Err(e) => format!("could not be watched: {e}"),
+            }),
+        };
+        if let Err(why) = ready {
             let _ = fresh.kill().await;
             return say(format!(
-                "error: the replacement for {} (pid {pid}) was not ready within {}s; the old one keeps serving",
-                p.name,
-                READY_WITHIN.as_secs()
+                "error: the replacement for {} (pid {pid}) {why}; the old one keeps serving",
+                p.name
             ));
         }
         let mut old = std::mem::replace(&mut p.child, fresh);

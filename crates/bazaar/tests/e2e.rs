@@ -1242,3 +1242,28 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
     let (leader, orders, report) = outcome;
     eprintln!("drill: lost JetStream leader {leader}; {orders}\n{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_whose_replacement_cannot_start_stops_and_leaves_the_old_one_serving() {
+    let sys = System::start(&[]).await;
+    // A bad config edit: the running gateway keeps its last good config, a new one refuses it.
+    std::fs::write(
+        sys.data_dir().join("kong.yml"),
+        "_format_version: \"3.0\"\nservices:\n  - name: broken\n",
+    )
+    .expect("write config");
+    let out = tokio::process::Command::new(BIN)
+        .args(["rollout", "gateway"])
+        .env("BAZAAR_DATA", sys.data_dir())
+        .output()
+        .await
+        .expect("run rollout");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the rollout claimed success:\n{stderr}");
+    assert!(
+        stderr.contains("the replacement for gateway") && stderr.contains("the old one keeps serving"),
+        "{stderr}"
+    );
+    let (status, _) = sys.call(reqwest::Method::GET, "/products", None, None).await;
+    assert_eq!(status, 200, "the old gateway still serves");
+}
