@@ -41,19 +41,9 @@ pub struct NatsNode {
     routes: String,
 }
 
-/// The `nats-server` executable on PATH (or where Debian puts it).
+/// The `nats-server` executable, or why there is none.
 fn nats_server() -> anyhow::Result<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("nats-server"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([PathBuf::from("/usr/sbin/nats-server")])
-        .find(|p| p.is_file())
+    bazaar_kit::broker::nats::server_binary()
         .context("bazaar up --cluster needs the nats-server binary on PATH (Debian package `nats-server`)")
 }
 

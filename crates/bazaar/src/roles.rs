@@ -222,6 +222,16 @@ impl RoleSpec {
         matches!(self.kind, RoleKind::Gateway)
     }
 
+    /// How far instance `k`'s ports sit above instance 0's: `k * REPLICA_STRIDE`, or nothing
+    /// when the instances share one port.
+    pub fn instance_stride(&self, k: u16) -> u16 {
+        if self.shares_port() {
+            0
+        } else {
+            k.saturating_mul(REPLICA_STRIDE)
+        }
+    }
+
     /// Whether `bazaar up` starts it.
     pub fn started_by_up(&self) -> bool {
         !matches!(self.kind, RoleKind::Simulator { .. })
@@ -451,10 +461,9 @@ impl Settings {
 
     /// The port of instance `k` of `role`.
     pub fn instance_port(&self, role: Role, k: u16) -> u16 {
-        let stride = if role.shares_port() { 0 } else { REPLICA_STRIDE };
         self.base_port
             .saturating_add(role.port_offset)
-            .saturating_add(k.saturating_mul(stride))
+            .saturating_add(role.instance_stride(k))
     }
 
     /// The gateway's admin port.

@@ -588,23 +588,31 @@ async fn killing_roles_mid_flight_loses_and_doubles_nothing() {
     assert!(ok, "seed {seed}: audit failed:\n{report}\n{}", sys.log());
 }
 
+/// A fresh PostgreSQL database per service and a NATS namespace named `prefix`: the
+/// variables that point a system at them, and the databases (to drop afterwards). `None`
+/// (after saying the test is skipped) without a PostgreSQL server.
+async fn postgres_and_nats(prefix: &str, nats: &str) -> Option<(Vec<(String, String)>, Vec<TestDb>)> {
+    let mut dbs = Vec::new();
+    let mut env = Vec::new();
+    for (_, spec) in roles::services() {
+        let db = TestDb::postgres(&format!("{prefix}_{}", spec.name.replace('-', "_"))).await?;
+        env.push((roles::store_url_var(spec.name), db.url.clone()));
+        dbs.push(db);
+    }
+    let namespace = format!("{prefix}{}", uuid::Uuid::now_v7().simple());
+    env.push(("BAZAAR_BROKER_URL".into(), format!("{nats}?namespace={namespace}")));
+    Some((env, dbs))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_system_runs_on_postgres_and_nats() {
     let Ok(nats) = std::env::var("BAZAAR_TEST_NATS_URL") else {
         eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_NATS_URL to run on PostgreSQL and NATS)");
         return;
     };
-    let mut dbs = Vec::new();
-    let mut env: Vec<(String, String)> = Vec::new();
-    for (_, spec) in roles::services() {
-        let Some(db) = TestDb::postgres(&format!("e2e_{}", spec.name.replace('-', "_"))).await else {
-            return;
-        };
-        env.push((roles::store_url_var(spec.name), db.url.clone()));
-        dbs.push(db);
-    }
-    let broker = format!("{nats}?namespace=e2e{}", uuid::Uuid::now_v7().simple());
-    env.push(("BAZAAR_BROKER_URL".into(), broker));
+    let Some((mut env, dbs)) = postgres_and_nats("e2e", &nats).await else {
+        return;
+    };
     env.push((CREDIT.0.into(), CREDIT.1.into()));
     {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -890,19 +898,9 @@ async fn two_replicas_of_every_service_share_the_requests_and_the_events() {
         eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_NATS_URL to run replicas)");
         return;
     };
-    let mut dbs = Vec::new();
-    let mut env: Vec<(String, String)> = Vec::new();
-    for (_, spec) in roles::services() {
-        let Some(db) = TestDb::postgres(&format!("replicas_{}", spec.name)).await else {
-            return;
-        };
-        env.push((roles::store_url_var(spec.name), db.url.clone()));
-        dbs.push(db);
-    }
-    env.push((
-        "BAZAAR_BROKER_URL".into(),
-        format!("{nats}?namespace=replicas{}", uuid::Uuid::now_v7().simple()),
-    ));
+    let Some((mut env, dbs)) = postgres_and_nats("replicas", &nats).await else {
+        return;
+    };
     env.push((CREDIT.0.into(), "1000000".into()));
     {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -965,23 +963,6 @@ async fn two_replicas_of_every_service_share_the_requests_and_the_events() {
     }
 }
 
-/// Drops what `up --cluster --cluster-name NAME` provisioned on the PostgreSQL server.
-async fn drop_cluster_databases(admin: &str, name: &str) {
-    let Ok(server) = bazaar_kit::store::Store::open(admin).await else {
-        return;
-    };
-    for (_, spec) in roles::services() {
-        let db = format!("{name}_{}", spec.name);
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-            .execute(server.pool())
-            .await;
-        let _ = sqlx::query(&format!("DROP ROLE IF EXISTS \"{db}\""))
-            .execute(server.pool())
-            .await;
-    }
-    server.close().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_service() {
     let Ok(admin) = std::env::var(bazaar_kit::testing::POSTGRES_URL_VAR) else {
@@ -1009,7 +990,7 @@ async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_se
         let report = sys.assert_audit_clean().await;
         (env, report, sys.up.log())
     };
-    drop_cluster_databases(&admin, &name).await;
+    harness::drop_cluster_databases(&admin, &name).await;
     let (env, report, log) = result;
     assert!(
         env.contains("?replicas=3"),
@@ -1111,18 +1092,6 @@ async fn rolling_every_role_under_load_fails_no_request_and_loses_no_order() {
     sys.assert_audit_clean().await;
 }
 
-/// Waits until every instance of the system answers `/health` again (after kills).
-async fn wait_all_healthy(sys: &System) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    for (role, k) in sys.up.instances() {
-        let url = format!("http://127.0.0.1:{}/health", sys.up.instance_port(role, k));
-        while !sys.client.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
-            assert!(Instant::now() < deadline, "{url} never came back\n{}", sys.log());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
 /// The cluster drill: the distributed form under closed-loop orders loses the JetStream node
 /// leading the saga replies and one replica of every service, then rolls every role; every
 /// order settles, the audit holds, and no client request failed during the rollout.
@@ -1135,7 +1104,7 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
     let redis = std::env::var("BAZAAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let name = format!("drill{}", uuid::Uuid::now_v7().simple());
     let outcome = async {
-        let sys = System::start_options(
+        let mut sys = System::start_options(
             None,
             None,
             Some(&name),
@@ -1175,14 +1144,8 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
                 .lines()
                 .find_map(|l| l.strip_prefix("BAZAAR_BROKER_URL="))
                 .expect("broker url");
-            let seeds: Vec<async_nats::ServerAddr> = url
-                .trim_start_matches("nats://")
-                .split('?')
-                .next()
-                .unwrap_or_default()
-                .split(',')
-                .map(|s| format!("nats://{s}").parse().expect("seed"))
-                .collect();
+            let url: bazaar_kit::broker::nats::NatsUrl = url.parse().expect("the cluster's broker URL");
+            let seeds: Vec<async_nats::ServerAddr> = url.seeds.iter().map(|s| s.parse().expect("seed")).collect();
             let js = async_nats::jetstream::new(async_nats::connect(seeds).await.expect("nats"));
             let stream = bazaar_kit::broker::nats::stream_name("orders.saga-replies");
             let info = js
@@ -1208,7 +1171,9 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
             leader
         };
         let (_, leader) = tokio::join!(futures_util::future::join_all((0..3).map(client)), faults);
-        wait_all_healthy(&sys).await;
+        if let Err(e) = sys.up.wait_healthy().await {
+            panic!("{e:#}\n{}", sys.log());
+        }
 
         let (out, failures, during_rollout) = roll_under_strict_load(&sys, &shop).await;
         let printed = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -1238,7 +1203,7 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
         )
     }
     .await;
-    drop_cluster_databases(&admin, &name).await;
+    harness::drop_cluster_databases(&admin, &name).await;
     let (leader, orders, report) = outcome;
     eprintln!("drill: lost JetStream leader {leader}; {orders}\n{report}");
 }

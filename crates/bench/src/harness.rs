@@ -142,7 +142,8 @@ impl System {
         Ok(system)
     }
 
-    async fn wait_healthy(&mut self) -> anyhow::Result<()> {
+    /// Waits until every instance answers `/health` with 200 (again, after faults).
+    pub async fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         let deadline = Instant::now() + READY_WITHIN;
         for (role, k) in self.instances() {
@@ -179,8 +180,7 @@ impl System {
 
     /// The port instance `k` of `role` answers `/health` and `/metrics` on.
     pub fn instance_port(&self, role: Role, k: u16) -> u16 {
-        let stride = if role.shares_port() { 0 } else { roles::REPLICA_STRIDE };
-        self.base + role.health_offset() + k * stride
+        self.base + role.health_offset() + role.instance_stride(k)
     }
 
     /// The port of the role called `name`.
@@ -339,4 +339,22 @@ pub fn cpu_delta(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(Stri
             Some((name.clone(), (a - b).max(0.0)))
         })
         .collect()
+}
+
+/// Drops the databases and login roles `up --cluster --cluster-name NAME` provisioned on the
+/// PostgreSQL server at `admin` (what a test or bench run leaves behind otherwise).
+pub async fn drop_cluster_databases(admin: &str, name: &str) {
+    let Ok(server) = bazaar_kit::store::Store::open(admin).await else {
+        return;
+    };
+    for (_, spec) in roles::services() {
+        let db = format!("{name}_{}", spec.name.replace('-', "_"));
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .execute(server.pool())
+            .await;
+        let _ = sqlx::query(&format!("DROP ROLE IF EXISTS \"{db}\""))
+            .execute(server.pool())
+            .await;
+    }
+    server.close().await;
 }

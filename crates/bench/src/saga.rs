@@ -30,7 +30,7 @@ use bazaar::{
     load::{self, LoadArgs, LoadShape, LoadStats},
     roles::{self, store_url_var},
 };
-use bazaar_bench::harness::{cpu_delta, Options, System};
+use bazaar_bench::harness::{cpu_delta, drop_cluster_databases, Options, System};
 use bazaar_contracts::{types, LineRequest, OrderRef, ProcessPayment, ReserveStock, Reserved};
 use bazaar_inventory::StockCommands;
 use bazaar_kit::{
@@ -264,18 +264,7 @@ async fn saga_on_cluster(
         ("BAZAAR_CLUSTER_REDIS_URL".to_string(), args.redis.clone()),
     ];
     let result = saga_with(args, bin, dir, env, Some(replicas.to_string()), Some(name.clone())).await;
-    if let Ok(server) = Store::open(admin).await {
-        for (_, spec) in roles::services() {
-            let db = format!("{name}_{}", spec.name);
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-                .execute(server.pool())
-                .await;
-            let _ = sqlx::query(&format!("DROP ROLE IF EXISTS \"{db}\""))
-                .execute(server.pool())
-                .await;
-        }
-        server.close().await;
-    }
+    drop_cluster_databases(admin, &name).await;
     result
 }
 

@@ -42,20 +42,7 @@ impl Drop for Cluster {
 }
 
 fn nats_server() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("nats-server"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([
-            PathBuf::from("/usr/sbin/nats-server"),
-            PathBuf::from("/usr/bin/nats-server"),
-        ])
-        .find(|p| p.is_file())
+    bazaar_kit::broker::nats::server_binary()
         .expect("this test needs the nats-server binary (Debian package `nats-server`)")
 }
 
@@ -133,34 +120,30 @@ impl Cluster {
         }
     }
 
-    /// The name of the node that leads `topic`'s stream now.
-    async fn leader(&self) -> String {
+    /// `topic`'s stream as any live node describes it now.
+    async fn stream_info(&self) -> async_nats::jetstream::stream::Info {
         let seeds: Vec<async_nats::ServerAddr> = self
             .nodes
             .iter()
             .map(|n| format!("nats://127.0.0.1:{}", n.port).parse().expect("addr"))
             .collect();
-        let client = async_nats::connect(seeds).await.expect("connect");
-        let js = async_nats::jetstream::new(client);
+        let js = async_nats::jetstream::new(async_nats::connect(seeds).await.expect("connect"));
         let mut stream = js.get_stream(stream_name(TOPIC)).await.expect("the stream");
-        let info = stream.info().await.expect("stream info");
-        info.cluster
-            .as_ref()
-            .and_then(|c| c.leader.clone())
+        stream.info().await.expect("stream info").clone()
+    }
+
+    /// The name of the node that leads `topic`'s stream now.
+    async fn leader(&self) -> String {
+        self.stream_info()
+            .await
+            .cluster
+            .and_then(|c| c.leader)
             .expect("a replicated stream has a leader")
     }
 
-    /// How many messages `topic`'s stream holds, asked of any live node.
+    /// How many messages `topic`'s stream holds.
     async fn stored(&self) -> u64 {
-        let seeds: Vec<async_nats::ServerAddr> = self
-            .nodes
-            .iter()
-            .map(|n| format!("nats://127.0.0.1:{}", n.port).parse().expect("addr"))
-            .collect();
-        let client = async_nats::connect(seeds).await.expect("connect");
-        let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream(stream_name(TOPIC)).await.expect("the stream");
-        stream.info().await.expect("stream info").state.messages
+        self.stream_info().await.state.messages
     }
 
     fn kill(&mut self, name: &str) {

@@ -117,6 +117,21 @@ fn is_not_found(error: &jetstream::Error) -> bool {
     error.code() == 404
 }
 
+/// The `nats-server` executable on PATH, or where Debian's package installs it.
+pub fn server_binary() -> Option<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("nats-server"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/sbin/nats-server")])
+        .find(|p| p.is_file())
+}
+
 /// Most copies of a stream JetStream keeps (its own limit).
 const MAX_REPLICAS: usize = 5;
 
