@@ -79,6 +79,12 @@ enum DlqCommand {
 }
 
 fn main() -> ExitCode {
+    // Whatever bazaar and the processes it starts write (stores, secrets, logs, mail, pid
+    // files, the cluster's NATS data) is readable by its owner only.
+    // SAFETY: umask only sets this process's file-mode mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     let args: Vec<String> = std::env::args().collect();
     if let Some(path) = config_file::named(&args) {
         if let Err(e) = config_file::apply(&path) {

@@ -381,7 +381,7 @@ pub const ADMIN_EMAIL: &str = "admin@bazaar.local";
 /// Settings shared by every command; each flag also reads a `BAZAAR_*` variable.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
-    /// Directory for SQLite files, the gateway config, the JWT secret and mail.
+    /// Directory for SQLite files, the gateway config, secrets and mail (kept 0700).
     #[arg(long, global = true, env = "BAZAAR_DATA", default_value = "data")]
     pub data: PathBuf,
     /// Broker URL: sqlite://PATH (embedded) or nats://HOST:PORT. Default: sqlite://DATA/bus.db.
@@ -397,9 +397,10 @@ pub struct Settings {
     /// The role's store URL (serve only). Default: BAZAAR_<ROLE>_STORE_URL or sqlite://DATA/<role>.db.
     #[arg(long, global = true, env = "BAZAAR_STORE_URL")]
     pub store: Option<String>,
-    /// Shared JWT secret. Default: read (or create) DATA/jwt.secret.
-    #[arg(long, global = true, env = "BAZAAR_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    /// Where the gateway and services load the users service's public token keys (a JWKS).
+    /// Default: users on this machine, http://127.0.0.1:<users port>/.well-known/jwks.json.
+    #[arg(long, global = true, env = "BAZAAR_JWKS_URL")]
+    pub jwks_url: Option<String>,
     /// Gateway config file. Default: DATA/kong.yml, written with bazaar's routes when missing.
     #[arg(long, global = true, env = "BAZAAR_GATEWAY_CONFIG")]
     pub gateway_config: Option<PathBuf>,
@@ -500,9 +501,12 @@ impl Settings {
             .unwrap_or_else(|| self.data.join("kong.yml"))
     }
 
-    /// The JWT secret, creating DATA/jwt.secret on first use.
-    pub fn jwt_secret(&self) -> anyhow::Result<String> {
-        self.secret(self.jwt_secret.as_deref(), "jwt.secret")
+    /// The URL of the users service's JWKS.
+    pub fn jwks_url(&self) -> String {
+        self.jwks_url.clone().unwrap_or_else(|| {
+            let users = RoleSpec::named(bazaar_users::SERVICE.name).map_or(0, |r| self.port(r));
+            format!("http://127.0.0.1:{users}{}", bazaar_kit::auth::JWKS_PATH)
+        })
     }
 
     /// The admin password, creating DATA/admin.password on first use.
@@ -545,7 +549,7 @@ impl Settings {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            let text = bazaar_gateway::default_config(&self.public_routes(replicas), redis, &self.jwt_secret()?);
+            let text = bazaar_gateway::default_config(&self.public_routes(replicas), redis, &self.jwks_url());
             write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(path)
@@ -562,6 +566,7 @@ impl Settings {
                 spec.routes.iter().map(move |r| bazaar_gateway::DefaultRoute {
                     name: r.name,
                     resource: r.resource,
+                    prefix: r.mount.prefix(),
                     service: role.name,
                     targets: targets.clone(),
                     methods: r.methods,
@@ -576,6 +581,28 @@ impl Settings {
 /// The variable that names service `name`'s store: `BAZAAR_<NAME>_STORE_URL`.
 pub fn store_url_var(name: &str) -> String {
     format!("BAZAAR_{}_STORE_URL", name.to_uppercase().replace('-', "_"))
+}
+
+/// Creates the data directory readable by its owner only, tightening one an older bazaar
+/// left open, and removes the shared token secret older versions wrote there.
+pub fn private_data_dir(data: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let mode = std::fs::metadata(data)
+        .with_context(|| format!("cannot read {}", data.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", data.display()))?;
+        tracing::warn!(dir = %data.display(), was = format!("{:o}", mode & 0o777), "the data directory was readable by others; it is 0700 now");
+    }
+    let old_secret = data.join("jwt.secret");
+    if old_secret.exists() {
+        std::fs::remove_file(&old_secret).with_context(|| format!("cannot remove {}", old_secret.display()))?;
+        tracing::warn!(file = %old_secret.display(), "removed the shared token secret of an older bazaar: only the users service signs tokens now");
+    }
+    Ok(())
 }
 
 /// Writes a file only its owner may read.
@@ -650,7 +677,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
                 listen,
                 store_url: settings.store.clone().unwrap_or_else(|| settings.store_url(spec.name)),
                 broker_url: settings.broker_url(),
-                jwt_secret: settings.jwt_secret()?,
+                tokens: bazaar_kit::auth::Verifier::jwks(&settings.jwks_url()),
                 drain_delay: std::time::Duration::from_millis(settings.drain_delay_ms),
                 listen_fd: settings.listen_fd,
             };
@@ -713,7 +740,7 @@ mod tests {
             base_port: 8080,
             listen: None,
             store: None,
-            jwt_secret: Some("secret".into()),
+            jwks_url: None,
             gateway_config: None,
             json_logs: false,
             decline_rate: 0.0,

@@ -173,8 +173,7 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     if !args.cluster {
         check_replicas(&backends, &replicas)?;
     }
-    std::fs::create_dir_all(&settings.data).with_context(|| format!("cannot create {}", settings.data.display()))?;
-    settings.jwt_secret()?;
+    roles::private_data_dir(&settings.data)?;
     settings.admin_password()?;
     let instances: Vec<(Role, u16)> = roles::up_roles()
         .flat_map(|r| (0..replicas.of(r)).map(move |k| (r, k)))
@@ -384,7 +383,7 @@ fn role_job(
         .env("BAZAAR_DATA", &settings.data)
         .env("BAZAAR_BROKER_URL", &backends.broker)
         .env("BAZAAR_BASE_PORT", settings.base_port.to_string())
-        .env("BAZAAR_JWT_SECRET", settings.jwt_secret()?)
+        .env("BAZAAR_JWKS_URL", settings.jwks_url())
         .env("BAZAAR_GATEWAY_CONFIG", settings.gateway_config())
         .env("BAZAAR_DECLINE_RATE", settings.decline_rate.to_string())
         .env("BAZAAR_WELCOME_CREDIT_CENTS", settings.welcome_credit_cents.to_string())

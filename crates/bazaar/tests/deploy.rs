@@ -211,11 +211,16 @@ fn ingress_edges(objects: &[Value]) -> BTreeSet<(String, String, u64)> {
 fn network_policies_allow_exactly_the_edges_of_the_role_table() {
     let objects = render();
     assert!(find(&objects, "NetworkPolicy", "default-deny").is_some());
-    // The gateway reaches every service's public port; every service reaches the broker and
-    // the database server; the gateway reaches Redis; JetStream nodes reach each other.
+    // The gateway reaches every service's public port; every other service reaches users'
+    // (for its JWKS); every service reaches the broker and the database server; the gateway
+    // reaches Redis; JetStream nodes reach each other.
+    let users = roles::RoleSpec::named(bazaar_users::SERVICE.name).expect("users is a role");
     let mut expected = BTreeSet::new();
     for (role, _) in roles::services() {
         expected.insert(("gateway".to_string(), role.name.to_string(), port(role)));
+        if role.name != users.name {
+            expected.insert((role.name.to_string(), users.name.to_string(), port(users)));
+        }
         expected.insert((role.name.to_string(), "nats".to_string(), 4222));
         expected.insert((role.name.to_string(), "postgres".to_string(), 5432));
     }

@@ -337,6 +337,151 @@ async fn a_confirmed_order_takes_the_stock_and_the_money_once_and_tells_the_cust
     assert_audit_clean_and_ann_told_once(&sys).await;
 }
 
+/// Every file and directory under `dir` that group or others could read, write or enter.
+fn open_to_others(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut open = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o077 != 0 {
+            open.push(format!("{} {:o}", path.display(), meta.permissions().mode() & 0o777));
+        }
+        if meta.is_dir() {
+            pending.extend(
+                std::fs::read_dir(&path)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    open
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_tokens_users_signed_pass_the_gateway_or_any_service_and_no_data_is_readable_by_others() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let sys = System::start(&[]).await;
+    let ann = sys.customer("ann@example.com").await;
+    let real_kid = jsonwebtoken::decode_header(&ann).unwrap().kid.expect("a kid");
+    let claims = json!({
+        "sub": uuid::Uuid::now_v7(), "email": "mallory@example.com", "iss": bazaar_kit::auth::ISSUER,
+        "iat": 0, "exp": 4_000_000_000u64, "roles": ["admin"],
+    });
+    let with_kid = |alg| {
+        let mut header = Header::new(alg);
+        header.kid = Some(real_kid.clone());
+        header
+    };
+    let stranger = bazaar_kit::auth::SigningKey::generate().unwrap();
+    let b64 = |v: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let forged = [
+        (
+            "HS256",
+            encode(
+                &with_kid(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(b"secret"),
+            )
+            .unwrap(),
+        ),
+        (
+            "alg none",
+            format!("{}.{}.", b64(&json!({"alg": "none", "kid": real_kid})), b64(&claims)),
+        ),
+        (
+            "unknown kid",
+            stranger
+                .issue(
+                    uuid::Uuid::now_v7(),
+                    "mallory@example.com",
+                    &["admin".into()],
+                    Duration::from_secs(600),
+                )
+                .unwrap(),
+        ),
+        (
+            "users' kid, another key",
+            encode(
+                &with_kid(Algorithm::EdDSA),
+                &claims,
+                &EncodingKey::from_ed_der(stranger.pkcs8()),
+            )
+            .unwrap(),
+        ),
+    ];
+    // A route of each service that needs a token, called directly on the service's port.
+    let guarded = [
+        ("users", "/users/me"),
+        ("orders", "/orders"),
+        ("payments", "/accounts/me"),
+        ("notifications", "/notifications"),
+        ("inventory", "/products"),
+    ];
+    let direct = |role: &str, path: &str, token: &str| {
+        let url = format!("http://127.0.0.1:{}{path}", sys.base() + port_offset(role));
+        let request = if role == "inventory" {
+            sys.client
+                .post(url)
+                .json(&json!({"sku": "FORGED", "name": "Forged", "priceCents": 1}))
+        } else {
+            sys.client.get(url)
+        };
+        request.bearer_auth(token.to_string()).send()
+    };
+    for (role, path) in guarded {
+        let status = direct(role, path, &ann).await.unwrap().status().as_u16();
+        let expected = if role == "inventory" { 403 } else { 200 };
+        assert_eq!(status, expected, "ann's real token at {role} {path}");
+    }
+    for (what, token) in &forged {
+        let (status, body) = sys.call(reqwest::Method::GET, "/users/me", Some(token), None).await;
+        assert_eq!(status, 401, "{what} through the gateway: {body}");
+        for (role, path) in guarded {
+            let answer = direct(role, path, token).await.unwrap();
+            assert_eq!(answer.status().as_u16(), 401, "{what} at {role} {path}");
+            assert_eq!(
+                answer.headers()["content-type"],
+                "application/problem+json",
+                "{what} at {role}"
+            );
+        }
+    }
+
+    // The published keys, through the gateway, verify ann's token.
+    let jwks: bazaar_kit::auth::Jwks = sys
+        .client
+        .get(format!("http://127.0.0.1:{}/.well-known/jwks.json", sys.base()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .expect("a JWKS through the gateway");
+    let keys = bazaar_kit::auth::KeySet::from_jwks(&jwks).unwrap();
+    assert_eq!(keys.verify(&ann).unwrap().email, "ann@example.com");
+
+    let data = sys.data_dir();
+    assert_eq!(
+        open_to_others(&data),
+        Vec::<String>::new(),
+        "readable by group or others"
+    );
+    assert!(!data.join("jwt.secret").exists(), "no shared token secret");
+    let gateway_config = std::fs::read_to_string(data.join("kong.yml")).unwrap();
+    assert!(
+        !gateway_config.contains("secret:"),
+        "the gateway holds no signing secret"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_short_of_stock_is_cancelled_with_the_reason_and_takes_nothing() {
     let sys = System::start(&[CREDIT]).await;

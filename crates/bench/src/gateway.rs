@@ -79,24 +79,29 @@ pub async fn run(args: GatewayBenchArgs, cores: usize) -> anyhow::Result<Report>
     let direct = load.drive(upstream, "").await;
     report.row("direct", Some(direct), "load generator -> upstream");
 
-    let secret = format!("bench-{}", uuid::Uuid::now_v7().simple());
+    let key = bazaar_kit::auth::SigningKey::generate().context("cannot make the bench's signing key")?;
     let bare = start_gateway(dir.path(), "bare", &bare_config(upstream), "", stopped.clone()).await?;
     eprintln!("bench gateway: through the bazaar gateway at {bare} (no plugins)");
     let sample = load.drive(bare, "").await;
     report.row("gateway", Some(sample), "bazaar gateway, no plugins");
 
-    let token = bazaar_kit::auth::JwtKeys::new(&secret, Duration::from_secs(3600))
-        .issue(uuid::Uuid::now_v7(), "bench@example.com", &[])
+    let token = key
+        .issue(
+            uuid::Uuid::now_v7(),
+            "bench@example.com",
+            &[],
+            Duration::from_secs(3600),
+        )
         .context("cannot mint the bench's JWT")?;
     let headers = format!("Authorization: Bearer {token}\r\n");
-    let config = plugins_config(upstream, &secret)?;
+    let config = plugins_config(upstream, &key.public_key_pem())?;
     let full = start_gateway(dir.path(), "plugins", &config, &headers, stopped.clone()).await?;
     eprintln!("bench gateway: through the bazaar gateway at {full} (jwt, rate-limiting, correlation-id)");
     let sample = load.drive(full, &headers).await;
     report.row(
         "gateway+plugins",
         Some(sample),
-        "jwt (HS256) + rate-limiting (local) + correlation-id",
+        "jwt (EdDSA, as bazaar's tokens) + rate-limiting (local) + correlation-id",
     );
 
     match start_haproxy(dir.path(), upstream).await {
@@ -175,15 +180,15 @@ services:
     )
 }
 
-fn plugins_config(upstream: SocketAddr, secret: &str) -> anyhow::Result<String> {
+fn plugins_config(upstream: SocketAddr, public_key_pem: &str) -> anyhow::Result<String> {
     Ok(format!(
         r#"{bare}
 consumers:
   - username: bench
     jwt_secrets:
       - key: {issuer}
-        algorithm: HS256
-        secret: {secret}
+        algorithm: EdDSA
+        rsa_public_key: {pem}
 
 plugins:
   - name: jwt
@@ -203,7 +208,7 @@ plugins:
 "#,
         bare = bare_config(upstream),
         issuer = bazaar_kit::auth::ISSUER,
-        secret = serde_json::to_string(secret)?,
+        pem = serde_json::to_string(public_key_pem)?,
     ))
 }
 

@@ -225,6 +225,7 @@ struct JwtSecretSpec {
     #[serde(default = "default_jwt_algorithm")]
     algorithm: String,
     rsa_public_key: Option<String>,
+    jwks_uri: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +375,8 @@ pub(crate) struct JwtSecret {
     pub algorithm: String,
     pub secret: String,
     pub rsa_public_key: Option<String>,
+    /// Where to load the verifying keys (a JWKS, by `kid`): bazaar's extension for EdDSA.
+    pub jwks_uri: Option<http::Uri>,
 }
 
 /// A plugin attached somewhere, with its typed config.
@@ -885,16 +888,44 @@ impl Builder {
                     }
                 }
             },
+            "EdDSA" => match (&spec.rsa_public_key, &spec.jwks_uri) {
+                (Some(pem), None) => {
+                    if let Err(e) = crate::plugins::jwt::ed25519_public_key(pem) {
+                        self.errors.push(format!("{path}.rsa_public_key: {e}"));
+                    }
+                }
+                (None, Some(_)) => {}
+                _ => self.errors.push(format!(
+                    "{path}: EdDSA needs exactly one of rsa_public_key (an Ed25519 PUBLIC KEY PEM) and jwks_uri"
+                )),
+            },
             other => self.errors.push(format!(
-                "{path}.algorithm: {other:?} is not supported (HS256/384/512, RS256/384/512)"
+                "{path}.algorithm: {other:?} is not supported (HS256/384/512, RS256/384/512, EdDSA)"
             )),
         }
+        let jwks_uri = match spec.jwks_uri.as_deref() {
+            None => None,
+            Some(_) if algorithm != "EdDSA" => {
+                self.errors
+                    .push(format!("{path}.jwks_uri: only EdDSA credentials load a JWKS"));
+                None
+            }
+            Some(text) => match text.parse::<http::Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => Some(uri),
+                _ => {
+                    self.errors
+                        .push(format!("{path}.jwks_uri: {text:?} is not an http:// URL"));
+                    None
+                }
+            },
+        };
         self.config.jwt_secrets.push(JwtSecret {
             consumer,
             key,
             algorithm,
             secret: spec.secret.unwrap_or_default(),
             rsa_public_key: spec.rsa_public_key,
+            jwks_uri,
         });
     }
 

@@ -1,5 +1,6 @@
-//! The configuration `bazaar up` writes: the given routes under `/api/v1`, JWT on those that
-//! need a token, and permissive-but-bounded global plugins. The routes come from the caller
+//! The configuration `bazaar up` writes: the given routes under `/api/v1` (or the root, for
+//! well-known documents), JWT on those that need a token, verified with the keys of the
+//! users service's JWKS, and permissive-but-bounded global plugins. The routes come from the caller
 //! (the binary's role table), so this module knows no service by name.
 //!
 //! Kong cannot strip part of a prefix, so each resource is its own Kong service whose URL
@@ -20,8 +21,10 @@ pub const GENERATED_MARKER: &str =
 pub struct DefaultRoute<'a> {
     /// The route's name, unique in the file.
     pub name: &'a str,
-    /// `/api/v1/<resource>` reaches `/<resource>` on the serving service.
+    /// `<prefix>/<resource>` reaches `/<resource>` on the serving service.
     pub resource: &'a str,
+    /// `/api/v1`, or `""` for a route at the gateway's root.
+    pub prefix: &'a str,
     /// The serving service's name (names its upstream when it has several instances).
     pub service: &'a str,
     /// The ports of the serving service's instances on 127.0.0.1.
@@ -34,10 +37,10 @@ pub struct DefaultRoute<'a> {
     pub jwt: bool,
 }
 
-/// The YAML text of the gateway config used by `bazaar up`; `jwt_secret` signs users' tokens.
-/// With `redis` (`redis://HOST:PORT`), rate-limit counters live there, shared by every
+/// The YAML text of the gateway config used by `bazaar up`; tokens are verified with the
+/// keys of the JWKS at `jwks_uri` (the users service's). With `redis` (`redis://HOST:PORT`), rate-limit counters live there, shared by every
 /// gateway instance; otherwise each gateway counts on its own.
-pub fn default_config(routes: &[DefaultRoute<'_>], redis: Option<&str>, jwt_secret: &str) -> String {
+pub fn default_config(routes: &[DefaultRoute<'_>], redis: Option<&str>, jwks_uri: &str) -> String {
     let mut out = format!(
         "{GENERATED_MARKER}\n# bazaar gateway configuration (Kong DB-less format).\n_format_version: \"3.0\"\n\n"
     );
@@ -78,10 +81,11 @@ pub fn default_config(routes: &[DefaultRoute<'_>], redis: Option<&str>, jwt_secr
         );
         for route in routes.iter().filter(|r| r.resource == resource) {
             // The exact-path regex keeps registration from opening `POST /api/v1/users/{id}/…`.
+            let prefix = route.prefix;
             let path = if route.exact {
-                format!("\"~/api/v1/{resource}$\"")
+                format!("\"~{prefix}/{resource}$\"")
             } else {
-                format!("/api/v1/{resource}")
+                format!("{prefix}/{resource}")
             };
             let name = route.name;
             let _ = write!(
@@ -96,7 +100,7 @@ pub fn default_config(routes: &[DefaultRoute<'_>], redis: Option<&str>, jwt_secr
             }
         }
     }
-    let secret = serde_json::to_string(jwt_secret).unwrap_or_else(|_| "\"\"".into());
+    let jwks_uri = serde_json::to_string(jwks_uri).unwrap_or_else(|_| "\"\"".into());
     let policy = match redis.and_then(redis_host_port) {
         Some((host, port)) => format!("      policy: redis\n      redis_host: {host}\n      redis_port: {port}"),
         None => "      policy: local".to_string(),
@@ -108,8 +112,8 @@ consumers:
   - username: bazaar-users
     jwt_secrets:
       - key: bazaar-users
-        algorithm: HS256
-        secret: {secret}
+        algorithm: EdDSA
+        jwks_uri: {jwks_uri}
 
 plugins:
   - name: correlation-id
@@ -160,6 +164,7 @@ mod tests {
         let route = |name, resource, port, methods, exact, jwt| DefaultRoute {
             name,
             resource,
+            prefix: if resource == ".well-known" { "" } else { "/api/v1" },
             service: resource,
             targets: vec![port],
             methods,
@@ -170,6 +175,7 @@ mod tests {
             route("users-register", "users", 8101, &["POST"], true, false),
             route("users", "users", 8101, &[], false, true),
             route("auth", "auth", 8101, &[], false, false),
+            route("users-jwks", ".well-known", 8101, &[], false, false),
             route("products-browse", "products", 8102, &["GET", "HEAD"], false, false),
             route("products", "products", 8102, &[], false, true),
             route("orders", "orders", 8103, &[], false, true),
@@ -178,14 +184,32 @@ mod tests {
 
     #[test]
     fn default_config_is_valid() {
-        let config = Config::parse(&default_config(&routes(), None, "it's a \"secret\"")).unwrap();
-        assert_eq!(config.summary(), "4 services, 6 routes, 1 consumer, 7 plugins");
-        assert_eq!(config.jwt_secrets[0].secret, "it's a \"secret\"");
+        let config = Config::parse(&default_config(
+            &routes(),
+            None,
+            "http://127.0.0.1:8101/.well-known/jwks.json",
+        ))
+        .unwrap();
+        assert_eq!(config.summary(), "5 services, 7 routes, 1 consumer, 7 plugins");
+        assert_eq!(config.jwt_secrets[0].algorithm, "EdDSA");
+        assert_eq!(
+            config.jwt_secrets[0]
+                .jwks_uri
+                .as_ref()
+                .map(|u| u.to_string())
+                .as_deref(),
+            Some("http://127.0.0.1:8101/.well-known/jwks.json")
+        );
     }
 
     #[test]
     fn default_routes_reach_the_right_paths_and_guard_the_right_ones() {
-        let config = Config::parse(&default_config(&routes(), Some("redis://127.0.0.1:6379"), "s")).unwrap();
+        let config = Config::parse(&default_config(
+            &routes(),
+            Some("redis://127.0.0.1:6379"),
+            "http://127.0.0.1:8101/.well-known/jwks.json",
+        ))
+        .unwrap();
         let router = Router::build(&config);
         let plugins = crate::plugins::PluginSet::build(&config);
         let check = |method: &str, path: &str, port: u16, upstream: &str, guarded: bool| {
@@ -206,5 +230,6 @@ mod tests {
         check("POST", "/api/v1/auth/login", 8101, "/auth/login", false);
         check("GET", "/api/v1/products/42", 8102, "/products/42", false);
         check("POST", "/api/v1/products", 8102, "/products", true);
+        check("GET", "/.well-known/jwks.json", 8101, "/.well-known/jwks.json", false);
     }
 }

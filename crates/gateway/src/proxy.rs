@@ -178,7 +178,7 @@ async fn process(
     let mut who: Option<(usize, String)> = None;
     if let Some(conf) = &plugins.jwt {
         if conf.run_on_preflight || parts.method != Method::OPTIONS {
-            match jwt::authenticate(conf, &parts, &snapshot.credentials) {
+            match jwt::authenticate(conf, &parts, &snapshot.credentials).await {
                 Ok(found) => {
                     let consumer = &snapshot.config.consumers[found.consumer];
                     set_header(&mut parts.headers, "x-consumer-id", &consumer.id);

@@ -330,6 +330,171 @@ consumers:
     gw.shutdown().await;
 }
 
+/// An Ed25519 key for EdDSA tests: (kid, PKCS#8 DER, its JWK).
+fn ed25519_key(kid: &str) -> (String, Vec<u8>, Value) {
+    use base64::Engine;
+    use ring::signature::KeyPair;
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+    let jwk = json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig"});
+    (kid.to_string(), pkcs8.as_ref().to_vec(), jwk)
+}
+
+fn eddsa(kid: &str, pkcs8: &[u8], claims: Value) -> String {
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(kid.to_string());
+    encode(&header, &claims, &EncodingKey::from_ed_der(pkcs8)).unwrap()
+}
+
+/// Serves `document` as a JWKS at any path and counts the requests.
+struct JwksServer {
+    addr: SocketAddr,
+    document: Arc<std::sync::Mutex<Value>>,
+    served: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    async fn start(document: Value) -> JwksServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let document = Arc::new(std::sync::Mutex::new(document));
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (doc, count) = (document.clone(), served.clone());
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let (doc, count) = (doc.clone(), count.clone());
+                connections.spawn(async move {
+                    let service = service_fn(move |_request: hyper::Request<hyper::body::Incoming>| {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let body = doc.lock().unwrap().to_string();
+                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body)))) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        JwksServer {
+            addr,
+            document,
+            served,
+            task,
+        }
+    }
+
+    fn served(&self) -> usize {
+        self.served.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn jwt_verifies_eddsa_tokens_with_a_jwks_and_follows_its_rotation() {
+    let up = Upstream::start("users").await;
+    let (kid1, key1, jwk1) = ed25519_key("k1");
+    let (kid2, key2, jwk2) = ed25519_key("k2");
+    let jwks = JwksServer::start(json!({"keys": [jwk1]})).await;
+    let gw = Gateway::start(&format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: users
+    url: http://{addr}
+    routes:
+      - name: users
+        paths: [/users]
+        plugins:
+          - name: jwt
+            config:
+              claims_to_verify: [exp]
+consumers:
+  - username: bazaar-users
+    jwt_secrets:
+      - key: bazaar-users
+        algorithm: EdDSA
+        jwks_uri: http://{jwks}/.well-known/jwks.json
+"#,
+        addr = up.addr,
+        jwks = jwks.addr
+    ))
+    .await;
+    let http = client();
+    let get = |token: String| {
+        http.get(gw.url("/users/me"))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+    };
+    let claims = json!({"iss": "bazaar-users", "exp": now() + 60});
+
+    let first = get(eddsa(&kid1, &key1, claims.clone())).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(body_json(first).await["headers"]["x-consumer-username"], "bazaar-users");
+    assert_eq!(jwks.served(), 1, "loaded once, on first use");
+
+    // HS256 under the same issuer, even keyed with the public key's text, and `alg: none`.
+    let hs = hs256(jwk1["x"].as_str().unwrap(), claims.clone());
+    let refused = get(hs).await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(body_json(refused).await, json!({"message": "Invalid algorithm"}));
+    use base64::Engine;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let none = format!("{}.{}.", b64(&json!({"alg": "none", "kid": kid1})), b64(&claims));
+    assert_eq!(get(none).await.unwrap().status(), 401);
+
+    // A token signed by a key the JWKS does not publish: one reload, then 401.
+    let stranger = get(eddsa(&kid2, &key2, claims.clone())).await.unwrap();
+    assert_eq!(stranger.status(), 401);
+    assert_eq!(
+        body_json(stranger).await,
+        json!({"message": "No credentials found for given 'kid'"})
+    );
+    assert_eq!(jwks.served(), 2);
+    // Ten at once share one load.
+    let flood = futures_util::future::join_all((0..10).map(|_| get(eddsa(&kid2, &key2, claims.clone())))).await;
+    assert!(flood.iter().all(|r| r.as_ref().unwrap().status() == 401));
+    assert_eq!(jwks.served(), 3);
+    // A known kid with another key's signature.
+    assert_eq!(get(eddsa(&kid1, &key2, claims.clone())).await.unwrap().status(), 401);
+
+    // Rotation: the issuer publishes k2 beside k1, and k2's first token, moments after the
+    // last load, waits for the next one rather than being refused.
+    *jwks.document.lock().unwrap() = json!({"keys": [jwk1, jwk2]});
+    assert_eq!(get(eddsa(&kid2, &key2, claims.clone())).await.unwrap().status(), 200);
+    assert_eq!(get(eddsa(&kid1, &key1, claims.clone())).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn jwt_answers_503_while_the_jwks_cannot_be_loaded() {
+    let up = Upstream::start("users").await;
+    let (kid, key, _) = ed25519_key("k1");
+    // A port nothing listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let gw = Gateway::start(&format!(
+        "_format_version: \"3.0\"\nservices:\n  - name: users\n    url: http://{}\n    routes: [{{name: users, paths: [/users], plugins: [{{name: jwt}}]}}]\nconsumers:\n  - username: u\n    jwt_secrets: [{{key: bazaar-users, algorithm: EdDSA, jwks_uri: \"http://{closed}/jwks\"}}]\n",
+        up.addr
+    ))
+    .await;
+    let token = eddsa(&kid, &key, json!({"iss": "bazaar-users", "exp": now() + 60}));
+    let answer = client()
+        .get(gw.url("/users/me"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 503);
+    let message = body_json(answer).await["message"].as_str().unwrap().to_string();
+    assert!(message.contains("cannot load the keys"), "{message}");
+}
+
 #[tokio::test]
 async fn rate_limiting_refuses_after_the_limit_with_kong_headers() {
     let up = Upstream::start("inventory").await;
@@ -868,13 +1033,18 @@ async fn check_config_file_lists_every_problem() {
     let route = bazaar_gateway::DefaultRoute {
         name: "orders",
         resource: "orders",
+        prefix: "/api/v1",
         service: "orders",
         targets: vec![3],
         methods: &[],
         exact: false,
         jwt: true,
     };
-    std::fs::write(&path, bazaar_gateway::default_config(&[route], None, "secret")).unwrap();
+    std::fs::write(
+        &path,
+        bazaar_gateway::default_config(&[route], None, "http://127.0.0.1:3/.well-known/jwks.json"),
+    )
+    .unwrap();
     assert_eq!(
         bazaar_gateway::check_config_file(&path).unwrap(),
         "1 service, 1 route, 1 consumer, 5 plugins"

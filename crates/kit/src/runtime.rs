@@ -11,7 +11,7 @@ use axum::Router;
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    auth::JwtKeys,
+    auth::Verifier,
     broker::{self, BrokerError, SharedBroker},
     consumer::{self, ConsumerConfig, Handler},
     health::{Draining, Health},
@@ -38,8 +38,9 @@ pub struct RoleConfig {
     pub store_url: String,
     /// The broker: `sqlite://data/bus.db` or `nats://127.0.0.1:4222`.
     pub broker_url: String,
-    /// The shared JWT secret.
-    pub jwt_secret: String,
+    /// How the role checks bearer tokens: users' JWKS ([`Verifier::jwks`]) when deployed,
+    /// fixed keys in tests. The users role verifies with its own key ring instead.
+    pub tokens: Verifier,
     /// How long a stopping instance answers not-ready (and keeps serving) before it stops
     /// accepting, so load balancers take it out first. Zero for a lone instance.
     pub drain_delay: Duration,
@@ -82,8 +83,8 @@ pub struct Runtime {
     pub outbox: Outbox,
     /// The broker.
     pub broker: SharedBroker,
-    /// Token keys.
-    pub keys: JwtKeys,
+    /// Checks bearer tokens (the routers' `AuthUser` extractor uses it).
+    pub tokens: Verifier,
     /// Fires when the role must stop.
     pub shutdown: Shutdown,
     /// Every background task of the role; [`Runtime::serve`] waits for them.
@@ -112,7 +113,7 @@ impl Runtime {
             store,
             outbox,
             broker,
-            keys: JwtKeys::new(&config.jwt_secret, Duration::from_secs(24 * 3600)),
+            tokens: config.tokens.clone(),
             shutdown,
             tasks: TaskTracker::new(),
             draining: Draining::default(),
@@ -274,9 +275,9 @@ impl Runtime {
     }
 
     /// The role's whole HTTP app as it is served: `api` plus `health`'s routes, the token
-    /// keys and the shared layers. Tests call it without a socket.
+    /// verifier and the shared layers. Tests call it without a socket.
     pub fn app(&self, api: Router, health: Health) -> Router {
-        crate::http::finish(api.merge(health.routes()).layer(axum::Extension(self.keys.clone())))
+        crate::http::finish(api.merge(health.routes()).layer(axum::Extension(self.tokens.clone())))
     }
 
     /// Waits for every background task to end (they watch [`Runtime::shutdown`]).

@@ -18,19 +18,42 @@ pub struct ServiceSpec {
     pub routes: &'static [PublicRoute],
 }
 
-/// One resource a service serves to clients, as the gateway exposes it under `/api/v1`.
+/// One resource a service serves to clients, as the gateway exposes it (under `/api/v1`,
+/// or at its root for well-known documents).
 #[derive(Debug)]
 pub struct PublicRoute {
     /// The gateway route's name, unique across services.
     pub name: &'static str,
     /// The first path segment: `/api/v1/<resource>` reaches `/<resource>` on the service.
     pub resource: &'static str,
+    /// Where the gateway mounts it.
+    pub mount: Mount,
     /// Methods this route matches; empty matches every method.
     pub methods: &'static [&'static str],
     /// Matches `/api/v1/<resource>` only, not paths below it (registration, say).
     pub exact: bool,
     /// Who may call it.
     pub access: Access,
+}
+
+/// Where the gateway serves a public route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mount {
+    /// `/api/v1/<resource>`: the versioned API.
+    Api,
+    /// `/<resource>` at the gateway's root: documents whose place a standard fixes, such as
+    /// `/.well-known/jwks.json`.
+    Root,
+}
+
+impl Mount {
+    /// The gateway path prefix before `/<resource>`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Mount::Api => "/api/v1",
+            Mount::Root => "",
+        }
+    }
 }
 
 /// Who may call a public route.
@@ -48,6 +71,7 @@ impl PublicRoute {
         PublicRoute {
             name: resource,
             resource,
+            mount: Mount::Api,
             methods: &[],
             exact: false,
             access: Access::Token,

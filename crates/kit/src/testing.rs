@@ -15,7 +15,7 @@ use uuid::Uuid;
 use sqlx::Row;
 
 use crate::{
-    auth::ADMIN,
+    auth::{Jwks, KeySet, SigningKey, Verifier, ADMIN},
     consumer::{Handler, HandlerError},
     envelope::Envelope,
     runtime::{RoleConfig, Runtime},
@@ -103,6 +103,8 @@ pub struct TestRole {
     /// The role's runtime.
     pub rt: Runtime,
     app: Router,
+    /// Signs the tokens [`TestRole::token`] hands out; the role trusts its public key.
+    signer: SigningKey,
     stop: ShutdownTrigger,
     _store: TestDb,
     _bus: tempfile::TempDir,
@@ -153,11 +155,16 @@ impl TestRole {
     pub async fn start(spec: &'static ServiceSpec, api: impl FnOnce(&Runtime) -> Router) -> TestRole {
         let store = TestDb::sqlite(&format!("{}.db", spec.name));
         let bus = tempfile::tempdir().expect("temp dir");
+        let signer = SigningKey::generate().expect("a signing key");
+        let trusted = KeySet::from_jwks(&Jwks {
+            keys: vec![signer.public().clone()],
+        })
+        .expect("a key set");
         let config = RoleConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             store_url: store.url.clone(),
             broker_url: format!("sqlite://{}", bus.path().join("bus.db").display()),
-            jwt_secret: format!("{}-test-secret", spec.name),
+            tokens: Verifier::fixed(trusted),
             drain_delay: std::time::Duration::ZERO,
             listen_fd: None,
         };
@@ -169,15 +176,18 @@ impl TestRole {
         TestRole {
             rt,
             app,
+            signer,
             stop,
             _store: store,
             _bus: bus,
         }
     }
 
-    /// A token for user `id` with `email` and `roles`, signed with the role's keys.
+    /// A token for user `id` with `email` and `roles`, signed by a key the role trusts.
     pub fn token(&self, id: Uuid, email: &str, roles: &[String]) -> String {
-        self.rt.keys.issue(id, email, roles).expect("a token")
+        self.signer
+            .issue(id, email, roles, std::time::Duration::from_secs(3600))
+            .expect("a token")
     }
 
     /// A token for a new operator.

@@ -70,7 +70,7 @@ async fn start(dir: &std::path::Path) -> (shutdown::ShutdownTrigger, Runtime) {
         listen: ([127, 0, 0, 1], 0).into(),
         store_url: format!("sqlite://{}/role.db", dir.display()),
         broker_url: format!("sqlite://{}/bus.db", dir.display()),
-        jwt_secret: "secret".into(),
+        tokens: bazaar_kit::auth::Verifier::fixed(Default::default()),
         drain_delay: std::time::Duration::ZERO,
         listen_fd: None,
     };

@@ -2,13 +2,19 @@
 //!
 //! As in Kong, the token's key claim (`iss` by default) names the credential; the credential's
 //! algorithm must equal the token's `alg`; the signature is checked with `ring` (HMAC for
-//! HS256/384/512, RSA PKCS#1 v1.5 for RS256/384/512); then the registered claims listed in
-//! `claims_to_verify` are checked. Rejections carry Kong's status and body so clients written
-//! against Kong keep working.
+//! HS256/384/512, RSA PKCS#1 v1.5 for RS256/384/512, Ed25519 for EdDSA); then the registered
+//! claims listed in `claims_to_verify` are checked. Rejections carry Kong's status and body so
+//! clients written against Kong keep working.
+//!
+//! An EdDSA credential may name a `jwks_uri` instead of one key (bazaar's extension): the
+//! token's `kid` picks the key from that JWKS, which is loaded on first use, again when a
+//! token names a key not in it (a rotation; at most once a second, the token waiting for
+//! that load) and when it is five minutes old (a retirement). This is how the gateway trusts the users service's tokens
+//! while holding nothing that could sign one.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
@@ -76,6 +82,7 @@ enum Algorithm {
     Rs256,
     Rs384,
     Rs512,
+    EdDsa,
 }
 
 impl Algorithm {
@@ -87,6 +94,7 @@ impl Algorithm {
             "RS256" => Algorithm::Rs256,
             "RS384" => Algorithm::Rs384,
             "RS512" => Algorithm::Rs512,
+            "EdDSA" => Algorithm::EdDsa,
             _ => return None,
         })
     }
@@ -121,6 +129,10 @@ struct Credential {
     hmac_base64: Option<hmac::Key>,
     /// PKCS#1 `RSAPublicKey` DER.
     rsa_der: Option<Vec<u8>>,
+    /// A raw Ed25519 public key, from `rsa_public_key` with EdDSA.
+    ed_key: Option<Vec<u8>>,
+    /// Ed25519 keys by `kid`, from `jwks_uri`.
+    jwks: Option<Arc<JwksKeys>>,
 }
 
 /// Every JWT credential of a config, by key.
@@ -155,10 +167,12 @@ impl Credentials {
                 ),
                 None => (None, None),
             };
-            let rsa_der = secret
-                .rsa_public_key
-                .as_deref()
-                .and_then(|pem| rsa_public_key_der(pem).ok());
+            let (rsa_der, ed_key) = match (algorithm, secret.rsa_public_key.as_deref()) {
+                (Algorithm::EdDsa, Some(pem)) => (None, ed25519_public_key(pem).ok()),
+                (_, Some(pem)) => (rsa_public_key_der(pem).ok(), None),
+                (_, None) => (None, None),
+            };
+            let jwks = secret.jwks_uri.clone().map(|uri| Arc::new(JwksKeys::new(uri)));
             let credential = Credential {
                 consumer: secret.consumer,
                 key: secret.key.clone(),
@@ -166,6 +180,8 @@ impl Credentials {
                 hmac_plain,
                 hmac_base64,
                 rsa_der,
+                ed_key,
+                jwks,
             };
             by_key.insert(secret.key.clone(), Arc::new(credential));
         }
@@ -180,6 +196,8 @@ pub(crate) struct Authenticated {
     pub consumer: usize,
     /// The credential's key, sent upstream as `X-Credential-Identifier`.
     pub credential_key: String,
+    /// The JWKS the key came from, if it came from one.
+    jwks: Option<Arc<JwksKeys>>,
 }
 
 /// Why a request was refused: Kong's status and JSON body.
@@ -196,8 +214,23 @@ fn unauthorized(message: &str) -> Rejection {
     }
 }
 
-/// Checks the request's token and names its consumer.
-pub(crate) fn authenticate(
+/// Why [`verify`] did not accept a token.
+enum Failure {
+    /// Refused for good.
+    Rejected(Rejection),
+    /// The token names a key the credential's JWKS does not hold (yet).
+    NeedKeys(Arc<JwksKeys>),
+}
+
+impl From<Rejection> for Failure {
+    fn from(rejection: Rejection) -> Failure {
+        Failure::Rejected(rejection)
+    }
+}
+
+/// Checks the request's token and names its consumer, loading a credential's JWKS when the
+/// token needs it.
+pub(crate) async fn authenticate(
     conf: &JwtConfig,
     request: &Parts,
     credentials: &Credentials,
@@ -207,7 +240,167 @@ pub(crate) fn authenticate(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    verify(conf, &token, credentials, now)
+    let asked = Instant::now();
+    let mut reloaded = false;
+    loop {
+        match verify(conf, &token, credentials, now) {
+            Ok(found) => match &found.jwks {
+                Some(jwks) if !reloaded && jwks.is_stale() => {
+                    jwks.reload(|started| started.elapsed() < JwksKeys::MAX_AGE, Duration::ZERO)
+                        .await;
+                    reloaded = true;
+                }
+                _ => return Ok(found),
+            },
+            Err(Failure::Rejected(rejection)) => return Err(rejection),
+            // Perhaps a rotation: wait for a load that starts after this token arrived.
+            Err(Failure::NeedKeys(jwks)) if !reloaded => {
+                jwks.reload(|started| started >= asked, JwksKeys::RELOAD_INTERVAL).await;
+                reloaded = true;
+            }
+            Err(Failure::NeedKeys(jwks)) if jwks.is_loaded() => {
+                return Err(unauthorized("No credentials found for given 'kid'"))
+            }
+            Err(Failure::NeedKeys(jwks)) => {
+                return Err(Rejection {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    body: serde_json::json!({
+                        "message": format!("cannot load the keys that verify tokens from {}", jwks.uri)
+                    }),
+                })
+            }
+        }
+    }
+}
+
+/// Raw Ed25519 public keys by `kid`.
+type KeysByKid = HashMap<String, Vec<u8>>;
+
+/// Ed25519 keys by `kid` from a JWKS document.
+pub(crate) struct JwksKeys {
+    uri: http::Uri,
+    /// The keys and when they were loaded (`None` before the first load).
+    keys: RwLock<(KeysByKid, Option<Instant>)>,
+    /// When the last load started; held during a load so concurrent callers share it.
+    attempt: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for JwksKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JwksKeys({})", self.uri)
+    }
+}
+
+impl JwksKeys {
+    /// The shortest time between loads (a token naming an unknown key waits for the next).
+    const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+    /// The longest a load may take.
+    const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+    /// How long loaded keys are trusted before a load (retired keys go).
+    const MAX_AGE: Duration = Duration::from_secs(300);
+    /// The largest JWKS document read.
+    const MAX_BYTES: usize = 64 * 1024;
+
+    fn new(uri: http::Uri) -> JwksKeys {
+        JwksKeys {
+            uri,
+            keys: RwLock::new((HashMap::new(), None)),
+            attempt: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn is_loaded(&self) -> bool {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).1.is_some()
+    }
+
+    fn is_stale(&self) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .is_some_and(|at| at.elapsed() > JwksKeys::MAX_AGE)
+    }
+
+    /// Whether `signature` over `message` is valid for key `kid`; `None` for an unknown kid.
+    fn verify(&self, kid: &str, message: &[u8], sig: &[u8]) -> Option<bool> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let key = keys.0.get(kid)?;
+        Some(
+            signature::UnparsedPublicKey::new(&signature::ED25519, key)
+                .verify(message, sig)
+                .is_ok(),
+        )
+    }
+
+    /// Loads the document unless the last load started is `recent_enough`, waiting until
+    /// `gap` after the last load first: callers queue on one load, and loads happen at most
+    /// once per `gap`. A failed load keeps the keys loaded before.
+    async fn reload(&self, recent_enough: impl Fn(Instant) -> bool, gap: Duration) {
+        let Ok(mut last) = tokio::time::timeout(gap + JwksKeys::LOAD_TIMEOUT, self.attempt.lock()).await else {
+            return;
+        };
+        if last.is_some_and(&recent_enough) {
+            return;
+        }
+        if let Some(at) = *last {
+            tokio::time::sleep(gap.saturating_sub(at.elapsed())).await;
+        }
+        *last = Some(Instant::now());
+        match tokio::time::timeout(JwksKeys::LOAD_TIMEOUT, self.fetch()).await {
+            Ok(Ok(keys)) => {
+                tracing::debug!(uri = %self.uri, keys = keys.len(), "jwt: JWKS loaded");
+                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = (keys, Some(Instant::now()));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(uri = %self.uri, error = %e, "jwt: cannot load the JWKS; keeping the keys loaded before")
+            }
+            Err(_) => {
+                tracing::warn!(uri = %self.uri, "jwt: the JWKS did not arrive in time; keeping the keys loaded before")
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<KeysByKid, String> {
+        use http_body_util::BodyExt;
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(hyper_util::client::legacy::connect::HttpConnector::new());
+        let request = http::Request::get(self.uri.clone())
+            .header(http::header::USER_AGENT, "bazaar-gateway jwt")
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("answered {}", response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), JwksKeys::MAX_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("cannot read the document: {e}"))?
+            .to_bytes();
+        parse_jwks(&body)
+    }
+}
+
+/// The Ed25519 keys of a JWKS document by `kid`; keys of other types are skipped.
+fn parse_jwks(body: &[u8]) -> Result<KeysByKid, String> {
+    let document: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let keys = document["keys"].as_array().ok_or("no \"keys\" array")?;
+    let mut found = HashMap::new();
+    for key in keys {
+        if key["kty"] != "OKP" || key["crv"] != "Ed25519" {
+            continue;
+        }
+        let (Some(kid), Some(x)) = (key["kid"].as_str(), key["x"].as_str()) else {
+            return Err("an Ed25519 key without kid or x".into());
+        };
+        let raw = B64URL.decode(x).map_err(|e| format!("key {kid:?}: {e}"))?;
+        if raw.len() != 32 {
+            return Err(format!("key {kid:?} is not a 32-byte Ed25519 key"));
+        }
+        found.insert(kid.to_string(), raw);
+    }
+    Ok(found)
 }
 
 /// Collects the token from query, cookies and headers; Kong refuses two different ones.
@@ -257,18 +450,18 @@ fn find_token(conf: &JwtConfig, request: &Parts) -> Result<String, Rejection> {
 }
 
 /// Verifies a compact JWS at time `now` (seconds since the epoch).
-fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) -> Result<Authenticated, Rejection> {
+fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) -> Result<Authenticated, Failure> {
     let mut parts = token.split('.');
     let (Some(header64), Some(claims64), Some(signature64), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(unauthorized("Bad token; invalid JWT"));
+        return Err(unauthorized("Bad token; invalid JWT").into());
     };
-    let decode_json = |segment: &str| -> Result<serde_json::Map<String, serde_json::Value>, Rejection> {
+    let decode_json = |segment: &str| -> Result<serde_json::Map<String, serde_json::Value>, Failure> {
         let raw = B64URL
             .decode(segment)
             .map_err(|_| unauthorized("Bad token; invalid JSON"))?;
-        serde_json::from_slice(&raw).map_err(|_| unauthorized("Bad token; invalid JSON"))
+        serde_json::from_slice(&raw).map_err(|_| unauthorized("Bad token; invalid JSON").into())
     };
     let header = decode_json(header64)?;
     let claims = decode_json(claims64)?;
@@ -276,27 +469,43 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
         .decode(signature64)
         .map_err(|_| unauthorized("Bad token; invalid signature encoding"))?;
     let Some(token_alg) = header.get("alg").and_then(|a| a.as_str()).and_then(Algorithm::parse) else {
-        return Err(unauthorized("Bad token; invalid alg"));
+        return Err(unauthorized("Bad token; invalid alg").into());
     };
 
     let key_claim = &conf.key_claim_name;
     let key = match claims.get(key_claim).or_else(|| header.get(key_claim)) {
-        None => return Err(unauthorized(&format!("No mandatory '{key_claim}' in claims"))),
+        None => return Err(unauthorized(&format!("No mandatory '{key_claim}' in claims")).into()),
         Some(serde_json::Value::String(s)) if !s.is_empty() => s.as_str(),
-        Some(_) => return Err(unauthorized(&format!("Invalid '{key_claim}' in claims"))),
+        Some(_) => return Err(unauthorized(&format!("Invalid '{key_claim}' in claims")).into()),
     };
     let Some(credential) = credentials.by_key.get(key) else {
-        return Err(unauthorized(&format!("No credentials found for given '{key_claim}'")));
+        return Err(unauthorized(&format!("No credentials found for given '{key_claim}'")).into());
     };
     if credential.algorithm != token_alg {
-        return Err(unauthorized("Invalid algorithm"));
+        return Err(unauthorized("Invalid algorithm").into());
     }
 
     // The signature covers the two first segments exactly as sent.
     let signing_input = &token[..header64.len() + 1 + claims64.len()];
-    let valid = if let Some(rsa) = token_alg.rsa() {
+    let valid = if token_alg == Algorithm::EdDsa {
+        match (&credential.ed_key, &credential.jwks) {
+            (Some(key), _) => signature::UnparsedPublicKey::new(&signature::ED25519, key)
+                .verify(signing_input.as_bytes(), &signature)
+                .is_ok(),
+            (None, Some(jwks)) => {
+                let Some(kid) = header.get("kid").and_then(|k| k.as_str()) else {
+                    return Err(unauthorized("No mandatory 'kid' in header").into());
+                };
+                match jwks.verify(kid, signing_input.as_bytes(), &signature) {
+                    Some(valid) => valid,
+                    None => return Err(Failure::NeedKeys(jwks.clone())),
+                }
+            }
+            (None, None) => return Err(unauthorized("Invalid key/secret").into()),
+        }
+    } else if let Some(rsa) = token_alg.rsa() {
         let Some(der) = &credential.rsa_der else {
-            return Err(unauthorized("Invalid key/secret"));
+            return Err(unauthorized("Invalid key/secret").into());
         };
         signature::UnparsedPublicKey::new(rsa, der)
             .verify(signing_input.as_bytes(), &signature)
@@ -308,12 +517,12 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
             &credential.hmac_plain
         };
         let Some(key) = key else {
-            return Err(unauthorized("Invalid key/secret"));
+            return Err(unauthorized("Invalid key/secret").into());
         };
         hmac::verify(key, signing_input.as_bytes(), &signature).is_ok()
     };
     if !valid {
-        return Err(unauthorized("Invalid signature"));
+        return Err(unauthorized("Invalid signature").into());
     }
 
     let mut errors = BTreeMap::new();
@@ -337,7 +546,8 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
         return Err(Rejection {
             status: StatusCode::UNAUTHORIZED,
             body: serde_json::json!(errors),
-        });
+        }
+        .into());
     }
     if conf.maximum_expiration > 0 {
         let exp = claims.get("exp").and_then(|e| e.as_f64());
@@ -345,28 +555,49 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
             return Err(Rejection {
                 status: StatusCode::UNAUTHORIZED,
                 body: serde_json::json!({ "exp": "exceeds maximum allowed expiration" }),
-            });
+            }
+            .into());
         }
     }
     Ok(Authenticated {
         consumer: credential.consumer,
         credential_key: credential.key.clone(),
+        jwks: credential.jwks.clone(),
     })
 }
 
 /// Turns an RSA public key PEM (`PUBLIC KEY` or `RSA PUBLIC KEY`) into the PKCS#1 DER ring uses.
 pub(crate) fn rsa_public_key_der(pem: &str) -> Result<Vec<u8>, String> {
+    let der = pem_der(pem)?;
+    if pem.contains("BEGIN RSA PUBLIC KEY") {
+        return Ok(der);
+    }
+    subject_public_key(&der)
+}
+
+/// The raw 32-byte key of an Ed25519 `PUBLIC KEY` PEM.
+pub(crate) fn ed25519_public_key(pem: &str) -> Result<Vec<u8>, String> {
+    let key = subject_public_key(&pem_der(pem)?)?;
+    if key.len() == 32 {
+        Ok(key)
+    } else {
+        Err("expected an Ed25519 public key (32 bytes)".into())
+    }
+}
+
+fn pem_der(pem: &str) -> Result<Vec<u8>, String> {
     let body: String = pem
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with("-----"))
         .collect();
-    let der = STANDARD.decode(body).map_err(|e| format!("not a PEM: {e}"))?;
-    if pem.contains("BEGIN RSA PUBLIC KEY") {
-        return Ok(der);
-    }
+    STANDARD.decode(body).map_err(|e| format!("not a PEM: {e}"))
+}
+
+/// The key bits of a DER SubjectPublicKeyInfo.
+fn subject_public_key(der: &[u8]) -> Result<Vec<u8>, String> {
     // SubjectPublicKeyInfo ::= SEQUENCE { algorithm SEQUENCE, subjectPublicKey BIT STRING }.
-    let (tag, spki, _) = der_element(&der).ok_or("malformed DER")?;
+    let (tag, spki, _) = der_element(der).ok_or("malformed DER")?;
     if tag != 0x30 {
         return Err("expected a SubjectPublicKeyInfo sequence".into());
     }
@@ -374,7 +605,7 @@ pub(crate) fn rsa_public_key_der(pem: &str) -> Result<Vec<u8>, String> {
     let (tag, bits, _) = der_element(rest).ok_or("malformed DER")?;
     match (tag, bits.split_first()) {
         (0x03, Some((0, key))) => Ok(key.to_vec()),
-        _ => Err("expected an RSA public key".into()),
+        _ => Err("expected a public key".into()),
     }
 }
 
@@ -430,6 +661,13 @@ consumers:
 
     const NOW: f64 = 1_700_000_000.0;
 
+    fn check(conf: &JwtConfig, token: &str, creds: &Credentials, now: f64) -> Result<Authenticated, Rejection> {
+        verify(conf, token, creds, now).map_err(|failure| match failure {
+            Failure::Rejected(rejection) => rejection,
+            Failure::NeedKeys(_) => unauthorized("needs keys"),
+        })
+    }
+
     #[test]
     fn accepts_a_valid_token_and_rejects_each_fault() {
         let creds = Credentials::build(&config());
@@ -439,23 +677,23 @@ consumers:
             "alice-secret",
             serde_json::json!({"iss": "alice-key", "exp": NOW + 60.0}),
         );
-        let ok = verify(&conf(), &good, &creds, NOW).unwrap();
+        let ok = check(&conf(), &good, &creds, NOW).unwrap();
         assert_eq!((ok.consumer, ok.credential_key.as_str()), (0, "alice-key"));
 
         let msg = |m: &str| serde_json::json!({ "message": m });
         let bad_sig = mint(hs256, "wrong", serde_json::json!({"iss": "alice-key"}));
         assert_eq!(
-            verify(&conf(), &bad_sig, &creds, NOW).unwrap_err().body,
+            check(&conf(), &bad_sig, &creds, NOW).unwrap_err().body,
             msg("Invalid signature")
         );
         let unknown = mint(hs256, "x", serde_json::json!({"iss": "bob"}));
         assert_eq!(
-            verify(&conf(), &unknown, &creds, NOW).unwrap_err().body,
+            check(&conf(), &unknown, &creds, NOW).unwrap_err().body,
             msg("No credentials found for given 'iss'")
         );
         let no_iss = mint(hs256, "x", serde_json::json!({"sub": "bob"}));
         assert_eq!(
-            verify(&conf(), &no_iss, &creds, NOW).unwrap_err().body,
+            check(&conf(), &no_iss, &creds, NOW).unwrap_err().body,
             msg("No mandatory 'iss' in claims")
         );
         let expired = mint(
@@ -464,7 +702,7 @@ consumers:
             serde_json::json!({"iss": "alice-key", "exp": NOW - 1.0}),
         );
         assert_eq!(
-            verify(&conf(), &expired, &creds, NOW).unwrap_err().body,
+            check(&conf(), &expired, &creds, NOW).unwrap_err().body,
             serde_json::json!({"exp": "token expired"})
         );
         let early = mint(
@@ -473,7 +711,7 @@ consumers:
             serde_json::json!({"iss": "alice-key", "nbf": NOW + 100.0}),
         );
         assert_eq!(
-            verify(&conf(), &early, &creds, NOW).unwrap_err().body,
+            check(&conf(), &early, &creds, NOW).unwrap_err().body,
             serde_json::json!({"nbf": "token not valid yet"})
         );
         let wrong_alg = mint(
@@ -482,11 +720,11 @@ consumers:
             serde_json::json!({"iss": "alice-key"}),
         );
         assert_eq!(
-            verify(&conf(), &wrong_alg, &creds, NOW).unwrap_err().body,
+            check(&conf(), &wrong_alg, &creds, NOW).unwrap_err().body,
             msg("Invalid algorithm")
         );
         assert_eq!(
-            verify(&conf(), "garbage", &creds, NOW).unwrap_err().body,
+            check(&conf(), "garbage", &creds, NOW).unwrap_err().body,
             msg("Bad token; invalid JWT")
         );
         let hs512 = mint(
@@ -494,7 +732,7 @@ consumers:
             "other",
             serde_json::json!({"iss": "alice-512"}),
         );
-        assert!(verify(&conf(), &hs512, &creds, NOW).is_ok());
+        assert!(check(&conf(), &hs512, &creds, NOW).is_ok());
     }
 
     #[test]
@@ -507,7 +745,7 @@ consumers:
             serde_json::json!({"iss": "alice-key", "exp": NOW + 3600.0}),
         );
         assert_eq!(
-            verify(&conf, &far, &creds, NOW).unwrap_err().body,
+            check(&conf, &far, &creds, NOW).unwrap_err().body,
             serde_json::json!({"exp": "exceeds maximum allowed expiration"})
         );
     }

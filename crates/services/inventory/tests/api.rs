@@ -102,10 +102,16 @@ async fn adding_a_product_without_a_token_is_401() {
 }
 
 #[tokio::test]
-async fn a_token_signed_with_another_secret_is_401() {
+async fn a_token_signed_by_a_key_users_does_not_publish_is_401() {
     let inv = start().await;
-    let forged = bazaar_kit::auth::JwtKeys::new("not-the-secret", std::time::Duration::from_secs(60))
-        .issue(Uuid::new_v4(), "mallory@example.com", &["admin".into()])
+    let forged = bazaar_kit::auth::SigningKey::generate()
+        .unwrap()
+        .issue(
+            Uuid::new_v4(),
+            "mallory@example.com",
+            &["admin".into()],
+            std::time::Duration::from_secs(60),
+        )
         .unwrap();
     let body = json!({"sku": "MUG", "name": "Mug", "priceCents": 100});
     inv.call(Method::POST, "/products", Some(&forged), Some(body))

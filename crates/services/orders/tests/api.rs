@@ -72,8 +72,9 @@ async fn an_order_needs_a_valid_token() {
     let ann = shop.customer();
     let id = shop.place(&ann, &[(product(), 1)]).await;
     let body = items(&[(product(), 1)]);
-    let foreign = bazaar_kit::auth::JwtKeys::new("another-secret", Duration::from_secs(60))
-        .issue(ann.id, "ann@example.com", &[])
+    let foreign = bazaar_kit::auth::SigningKey::generate()
+        .expect("a key")
+        .issue(ann.id, "ann@example.com", &[], Duration::from_secs(60))
         .expect("token");
 
     for token in [None, Some("not-a-token"), Some(foreign.as_str())] {

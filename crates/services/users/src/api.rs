@@ -1,4 +1,4 @@
-//! The users HTTP API: register, log in, who am I.
+//! The users HTTP API: register, log in, who am I, and the token keys.
 
 use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
@@ -6,13 +6,14 @@ use argon2::{
 };
 use axum::{
     extract::State,
-    http::StatusCode,
+    http::{header, StatusCode},
+    response::IntoResponse,
     routing::{get, post},
-    Router,
+    Extension, Router,
 };
 use bazaar_contracts::{topics, types, UserRegistered};
 use bazaar_kit::{
-    auth::{AuthUser, ADMIN},
+    auth::{AdminUser, AuthUser, ADMIN, JWKS_PATH},
     envelope::{Envelope, Metadata},
     http::{Json, Problem, RequestContext},
     runtime::Runtime,
@@ -23,13 +24,33 @@ use serde_json::{json, Value};
 use sqlx::Row;
 use uuid::Uuid;
 
-/// The API routes.
+use crate::keys::{KeyRing, TOKEN_TTL};
+
+/// What every handler shares: the runtime and the signing keys.
+#[derive(Clone)]
+struct Users {
+    rt: Runtime,
+    keys: KeyRing,
+}
+
+/// The API routes, on a key ring of the role's own store.
 pub fn router(rt: Runtime) -> Router {
+    let keys = KeyRing::new(rt.store.clone());
+    routes(rt, keys)
+}
+
+/// The API routes signing with `keys`. Tokens are verified against the ring itself, not the
+/// runtime's verifier (which would fetch this role's own JWKS over HTTP).
+pub fn routes(rt: Runtime, keys: KeyRing) -> Router {
+    let verifier = keys.verifier();
     Router::new()
         .route("/users", post(register))
         .route("/users/me", get(me))
         .route("/auth/token", post(token))
-        .with_state(rt)
+        .route("/auth/keys", post(rotate_keys))
+        .route(JWKS_PATH, get(jwks))
+        .layer(Extension(verifier))
+        .with_state(Users { rt, keys })
 }
 
 /// The body of `POST /users`.
@@ -106,7 +127,7 @@ struct User {
 }
 
 async fn register(
-    State(rt): State<Runtime>,
+    State(Users { rt, .. }): State<Users>,
     ctx: RequestContext,
     Json(body): Json<Registration>,
 ) -> Result<(StatusCode, Json<User>), Problem> {
@@ -215,7 +236,7 @@ struct Login {
 }
 
 /// Logs in: checks the password and issues an access token.
-async fn token(State(rt): State<Runtime>, Json(body): Json<Login>) -> Result<Json<Value>, Problem> {
+async fn token(State(Users { rt, keys }): State<Users>, Json(body): Json<Login>) -> Result<Json<Value>, Problem> {
     let refused = || Problem::unauthorized("unknown email or wrong password");
     let email = Email::parse(&body.email).map_err(|_| refused())?;
     let row = sqlx::query("SELECT id, roles, password_hash FROM users WHERE email = $1")
@@ -238,13 +259,35 @@ async fn token(State(rt): State<Runtime>, Json(body): Json<Login>) -> Result<Jso
         return Err(refused());
     }
     let user: Uuid = id.parse().map_err(Problem::internal)?;
-    let token = rt.keys.issue(user, &email.0, &roles).map_err(Problem::internal)?;
+    let token = keys
+        .signer()
+        .await?
+        .issue(user, &email.0, &roles, TOKEN_TTL)
+        .map_err(Problem::internal)?;
     Ok(Json(json!({
         "accessToken": token,
         "tokenType": "Bearer",
-        "expiresIn": rt.keys.ttl().as_secs(),
+        "expiresIn": TOKEN_TTL.as_secs(),
         "userId": user,
     })))
+}
+
+/// The public keys tokens are verified with (RFC 7517). Verifiers reload it when a token
+/// names a key they have not seen, so a minute of caching is safe.
+async fn jwks(State(Users { keys, .. }): State<Users>) -> Result<impl IntoResponse, Problem> {
+    let jwks = keys.jwks().await?;
+    Ok(([(header::CACHE_CONTROL, "public, max-age=60")], Json(jwks)))
+}
+
+/// Starts signing with a new key now (an operator suspects the old one leaked, or tests a
+/// rotation); tokens already issued keep working until they expire.
+async fn rotate_keys(
+    State(Users { keys, .. }): State<Users>,
+    AdminUser(_): AdminUser,
+) -> Result<(StatusCode, Json<Value>), Problem> {
+    let kid = keys.rotate().await?;
+    let published = keys.jwks().await?.keys.len();
+    Ok((StatusCode::CREATED, Json(json!({ "kid": kid, "published": published }))))
 }
 
 fn split_roles(stored: &str) -> Vec<String> {
@@ -255,7 +298,7 @@ fn split_roles(stored: &str) -> Vec<String> {
         .collect()
 }
 
-async fn me(State(rt): State<Runtime>, AuthUser(claims): AuthUser) -> Result<Json<User>, Problem> {
+async fn me(State(Users { rt, .. }): State<Users>, AuthUser(claims): AuthUser) -> Result<Json<User>, Problem> {
     let row = sqlx::query("SELECT id, email, name, phone, roles FROM users WHERE id = $1")
         .bind(claims.sub.to_string())
         .fetch_optional(rt.store.pool())

@@ -2,24 +2,29 @@
 //!
 //! `POST /users` stores the user and announces `user.registered` (payments opens a wallet,
 //! notifications sends a welcome) in one transaction; `POST /auth/login` checks the argon2
-//! hash and issues a JWT (see `bazaar_kit::auth`).
+//! hash and issues a JWT signed with users' own key (see [`keys`]), whose public half it
+//! publishes at `/.well-known/jwks.json` for every other role to verify with.
 
 mod api;
+pub mod keys;
+
+use std::time::Duration;
 
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
-    service::{Access, PublicRoute, ServiceSpec},
+    service::{Access, Mount, PublicRoute, ServiceSpec},
     shutdown::Shutdown,
     store::Migration,
 };
 
-pub use api::router;
+pub use api::{router, routes};
 
 /// The users tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 10,
-    name: "users",
-    sql: "CREATE TABLE users (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 10,
+        name: "users",
+        sql: "CREATE TABLE users (
             id TEXT PRIMARY KEY,
             email TEXT NOT NULL UNIQUE,
             name TEXT NOT NULL,
@@ -28,7 +33,18 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             password_hash TEXT NOT NULL,
             created_at BIGINT NOT NULL
         );",
-}];
+    },
+    Migration {
+        version: 11,
+        name: "signing_keys",
+        sql: "CREATE TABLE signing_keys (
+            kid TEXT PRIMARY KEY,
+            private_key TEXT NOT NULL,
+            public_jwk TEXT NOT NULL,
+            created_at BIGINT NOT NULL
+        );",
+    },
+];
 
 /// The users service: it consumes nothing; anyone may register and log in.
 pub const SERVICE: ServiceSpec = ServiceSpec {
@@ -46,6 +62,12 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
         },
         PublicRoute::token("users"),
         PublicRoute::anyone("auth"),
+        // The public keys, at the gateway's root as OpenID Connect clients look for them.
+        PublicRoute {
+            name: "users-jwks",
+            mount: Mount::Root,
+            ..PublicRoute::anyone(".well-known")
+        },
     ],
 };
 
@@ -61,10 +83,23 @@ pub struct AdminAccount {
 /// Runs the users role until `shutdown`, creating `admin` first when given.
 pub async fn run(config: RoleConfig, admin: Option<AdminAccount>, shutdown: Shutdown) -> Result<(), ServiceError> {
     let rt = Runtime::start(&SERVICE, &config, shutdown).await?;
+    let ring = keys::KeyRing::new(rt.store.clone());
+    ring.maintain()
+        .await
+        .map_err(|p| ServiceError::Config(format!("cannot prepare the token signing key: {}", p.detail)))?;
+    let maintained = ring.clone();
+    rt.every(Duration::from_secs(3600), move || {
+        let ring = maintained.clone();
+        async move {
+            if let Err(p) = ring.maintain().await {
+                tracing::warn!(error = %p.detail, "cannot rotate or retire token signing keys");
+            }
+        }
+    });
     if let Some(admin) = admin {
         api::ensure_admin(&rt, &admin.email, &admin.password)
             .await
             .map_err(|p| ServiceError::Config(format!("cannot create the admin account: {}", p.detail)))?;
     }
-    rt.serve(config.listen, router(rt.clone()), rt.health()).await
+    rt.serve(config.listen, routes(rt.clone(), ring), rt.health()).await
 }

@@ -14,7 +14,12 @@ use axum::{
     http::{header, Method, Request, StatusCode},
 };
 use bazaar_contracts::{topics, types, UserRegistered};
-use bazaar_kit::{auth::ISSUER, http::CORRELATION_HEADER, testing::TestRole};
+use bazaar_kit::{
+    auth::{Jwks, KeySet, ISSUER, JWKS_PATH},
+    http::CORRELATION_HEADER,
+    testing::TestRole,
+};
+use bazaar_users::keys::TOKEN_TTL;
 use serde_json::json;
 use support::{registration, start, PASSWORD};
 use uuid::Uuid;
@@ -236,15 +241,26 @@ async fn logging_in_with_the_right_password_returns_a_bearer_token_naming_the_us
     let answer = users.login(" Ann@Example.com ", PASSWORD).await.expect(StatusCode::OK);
     assert_eq!(answer["tokenType"], "Bearer");
     assert_eq!(answer["userId"], id.to_string());
-    assert_eq!(answer["expiresIn"], users.rt.keys.ttl().as_secs());
+    assert_eq!(answer["expiresIn"], TOKEN_TTL.as_secs());
     let token = answer["accessToken"].as_str().expect("a token");
-    let claims = users.rt.keys.verify(token).expect("a token the role's keys accept");
+    // Anyone holding the published keys can check it.
+    let jwks: Jwks = serde_json::from_value(
+        users
+            .call(Method::GET, JWKS_PATH, None, None)
+            .await
+            .expect(StatusCode::OK),
+    )
+    .expect("a JWKS");
+    let claims = KeySet::from_jwks(&jwks)
+        .expect("usable keys")
+        .verify(token)
+        .expect("a token the published keys accept");
     assert_eq!(claims.sub, id);
     assert_eq!(claims.email, "ann@example.com");
     assert_eq!(claims.roles, Vec::<String>::new());
     assert!(!claims.is_admin());
     assert_eq!(claims.iss, ISSUER);
-    assert_eq!(claims.exp - claims.iat, users.rt.keys.ttl().as_secs());
+    assert_eq!(claims.exp - claims.iat, TOKEN_TTL.as_secs());
 
     // And the token works.
     let me = users
@@ -293,13 +309,12 @@ async fn who_am_i_needs_a_valid_token() {
         .problem(StatusCode::UNAUTHORIZED);
     assert!(detail.contains("bearer token"), "{detail}");
 
-    let forged = bazaar_kit::auth::JwtKeys::new("not-the-secret", std::time::Duration::from_secs(60))
-        .issue(Uuid::now_v7(), "mallory@example.com", &[])
-        .unwrap();
-    users
+    let forged = users.foreign_token(Uuid::now_v7(), "mallory@example.com");
+    let detail = users
         .call(Method::GET, "/users/me", Some(&forged), None)
         .await
         .problem(StatusCode::UNAUTHORIZED);
+    assert!(detail.contains("does not publish"), "{detail}");
 }
 
 #[tokio::test]
@@ -313,7 +328,7 @@ async fn who_am_i_shows_the_caller_or_404_when_their_account_is_gone() {
         .call(
             Method::GET,
             "/users/me",
-            Some(&users.token_for(id, "ann@example.com")),
+            Some(&users.token_for(id, "ann@example.com").await),
             None,
         )
         .await
@@ -329,10 +344,72 @@ async fn who_am_i_shows_the_caller_or_404_when_their_account_is_gone() {
         .call(
             Method::GET,
             "/users/me",
-            Some(&users.token_for(ghost, "ghost@example.com")),
+            Some(&users.token_for(ghost, "ghost@example.com").await),
             None,
         )
         .await
         .problem(StatusCode::NOT_FOUND);
     assert!(detail.contains("no longer exists"), "{detail}");
+}
+
+#[tokio::test]
+async fn the_published_keys_hold_only_public_halves() {
+    let users = start().await;
+    // The first token creates the first key.
+    users.token_for(Uuid::now_v7(), "ann@example.com").await;
+    let jwks = users
+        .call(Method::GET, JWKS_PATH, None, None)
+        .await
+        .expect(StatusCode::OK);
+    let keys = jwks["keys"].as_array().expect("a keys array");
+    assert_eq!(keys.len(), 1, "one key on a new store: {jwks}");
+    for key in keys {
+        assert_eq!(
+            (&key["kty"], &key["crv"], &key["alg"]),
+            (&json!("OKP"), &json!("Ed25519"), &json!("EdDSA"))
+        );
+        let mut names: Vec<&str> = key.as_object().unwrap().keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["alg", "crv", "kid", "kty", "use", "x"],
+            "no private member such as d"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_rotation_keeps_old_tokens_working_and_signs_new_ones_with_the_new_key() {
+    let users = start().await;
+    let user = users.register("ann@example.com").await;
+    async fn login(users: &support::Users) -> String {
+        let answer = users.login("ann@example.com", PASSWORD).await.expect(StatusCode::OK);
+        answer["accessToken"].as_str().unwrap().to_string()
+    }
+    let before = login(&users).await;
+    let admin = users.admin_token().await;
+
+    // Only an operator may rotate.
+    let ann = before.clone();
+    users
+        .call(Method::POST, "/auth/keys", Some(&ann), None)
+        .await
+        .problem(StatusCode::FORBIDDEN);
+    let rotated = users
+        .call(Method::POST, "/auth/keys", Some(&admin), None)
+        .await
+        .expect(StatusCode::CREATED);
+    assert_eq!(rotated["published"], 2, "old and new side by side: {rotated}");
+
+    let after = login(&users).await;
+    let kid = |token: &str| jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+    assert_eq!(kid(&after), rotated["kid"].as_str().unwrap());
+    assert_ne!(kid(&before), kid(&after));
+    for token in [&before, &after] {
+        let me = users
+            .call(Method::GET, "/users/me", Some(token), None)
+            .await
+            .expect(StatusCode::OK);
+        assert_eq!(me, user);
+    }
 }

@@ -84,7 +84,37 @@ impl Users {
     }
 
     /// A token for user `id` signed with the role's keys (no argon2).
-    pub fn token_for(&self, id: Uuid, email: &str) -> String {
+    pub async fn token_for(&self, id: Uuid, email: &str) -> String {
+        self.keys()
+            .signer()
+            .await
+            .expect("a signing key")
+            .issue(id, email, &[], bazaar_users::keys::TOKEN_TTL)
+            .expect("a token")
+    }
+
+    /// A token for a new operator, signed with the role's own key.
+    pub async fn admin_token(&self) -> String {
+        self.keys()
+            .signer()
+            .await
+            .expect("a signing key")
+            .issue(
+                Uuid::now_v7(),
+                "admin@example.com",
+                &[bazaar_kit::auth::ADMIN.to_string()],
+                bazaar_users::keys::TOKEN_TTL,
+            )
+            .expect("a token")
+    }
+
+    /// The role's signing keys, as its own router reads them.
+    pub fn keys(&self) -> bazaar_users::keys::KeyRing {
+        bazaar_users::keys::KeyRing::new(self.rt.store.clone())
+    }
+
+    /// A token signed by a key the role does not know (a TestRole's own test key).
+    pub fn foreign_token(&self, id: Uuid, email: &str) -> String {
         self.role.token(id, email, &[])
     }
 
