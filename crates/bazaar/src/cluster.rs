@@ -1,6 +1,8 @@
 //! `bazaar up --cluster`: the distributed form on one machine. A three-node JetStream
 //! cluster of `nats-server` processes (supervised by `up` like the roles, stores under
-//! DATA/nats), a PostgreSQL database and login role per service (each role owns its database
+//! DATA/nats; a NATS user per service that may publish only the topics its spec names and
+//! work only its own consumers, and an operator user for `up` and the audit), a PostgreSQL
+//! database and login role per service (each role owns its database
 //! and nobody else may connect to it), the gateway's rate-limit counters in Redis, and
 //! replicas of every service. What it provisioned is written to DATA/cluster.env (owner-only),
 //! so `bazaar --config DATA/cluster.env audit` checks the same stores.
@@ -28,6 +30,17 @@ pub struct Nats {
     routes: Vec<u16>,
 }
 
+/// The NATS user of `up`, the audit and the dead-letter tools: every right.
+const OPERATOR: &str = "operator";
+
+/// Broker URLs with credentials: the operator's and each service's.
+pub struct NatsLogins {
+    /// Every right: for `up`'s own checks and `bazaar audit` (written to cluster.env).
+    pub operator: String,
+    /// Each service's own user.
+    pub services: BTreeMap<&'static str, String>,
+}
+
 /// One node of it.
 #[derive(Debug, Clone)]
 pub struct NatsNode {
@@ -39,6 +52,7 @@ pub struct NatsNode {
     client: u16,
     route: u16,
     routes: String,
+    auth: PathBuf,
 }
 
 /// The `nats-server` executable, or why there is none.
@@ -61,10 +75,58 @@ impl Nats {
         })
     }
 
-    /// The broker URL of the cluster: every seed, streams kept on all three nodes.
+    /// The broker URL of the cluster: every seed, streams kept on all three nodes (no
+    /// credentials: for display).
     pub fn url(&self) -> String {
-        let seeds: Vec<String> = self.clients.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        self.url_as(None)
+    }
+
+    /// The broker URL logging in as `login` (user, password).
+    fn url_as(&self, login: Option<(&str, &str)>) -> String {
+        let user = login.map_or(String::new(), |(user, password)| format!("{user}:{password}@"));
+        let seeds: Vec<String> = self.clients.iter().map(|p| format!("{user}127.0.0.1:{p}")).collect();
         format!("nats://{}?replicas=3", seeds.join(","))
+    }
+
+    /// Writes the nodes' users (DATA/nats/auth.conf, owner-only; passwords in
+    /// DATA/nats/USER.password): one per service with exactly the rights its spec implies
+    /// ([`bazaar_kit::broker::nats::permissions`]), and an operator with every right. Returns
+    /// the operator's broker URL and each service's.
+    pub fn provision_users(&self) -> anyhow::Result<NatsLogins> {
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let password = |user: &str| secret_file(&self.dir.join(format!("{user}.password")));
+        let mut users = Vec::new();
+        let mut services = BTreeMap::new();
+        for (_, spec) in roles::services() {
+            let secret = password(spec.name)?;
+            let rights = bazaar_kit::broker::nats::permissions(spec.name, spec.publishes, spec.consumes);
+            users.push(serde_json::json!({
+                "user": spec.name,
+                "password": secret,
+                "permissions": {
+                    "publish": {"allow": rights.publish},
+                    "subscribe": {"allow": rights.subscribe},
+                },
+            }));
+            services.insert(spec.name, self.url_as(Some((spec.name, &secret))));
+        }
+        let operator = password(OPERATOR)?;
+        users.push(serde_json::json!({"user": OPERATOR, "password": operator}));
+        // nats-server reads JSON as its configuration syntax.
+        let text = format!(
+            "# Written by `bazaar up --cluster` from the role table at each start.\nauthorization: {}\n",
+            serde_json::json!({ "users": users })
+        );
+        let auth = self.auth_file();
+        roles::write_private(&auth, &text).with_context(|| format!("cannot write {}", auth.display()))?;
+        Ok(NatsLogins {
+            operator: self.url_as(Some((OPERATOR, &operator))),
+            services,
+        })
+    }
+
+    fn auth_file(&self) -> PathBuf {
+        self.dir.join("auth.conf")
     }
 
     /// The ports it listens on, named.
@@ -95,6 +157,7 @@ impl Nats {
                 client: self.clients[index],
                 route: self.routes[index],
                 routes: routes.join(","),
+                auth: self.auth_file(),
             })
             .collect()
     }
@@ -108,6 +171,8 @@ impl NatsNode {
         }
         let mut command = Command::new(&self.bin);
         command
+            .arg("-c")
+            .arg(&self.auth)
             .args(["-n", &format!("{}-{}", self.cluster, self.index)])
             .args(["-a", "127.0.0.1", "-p", &self.client.to_string(), "-js"])
             .arg("-sd")

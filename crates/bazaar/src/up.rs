@@ -125,6 +125,8 @@ const DRAIN_WITHIN: Duration = Duration::from_secs(45);
 /// or provisioned by `--cluster`.
 struct Backends {
     broker: String,
+    /// Each service's own broker login, where the broker has users (`--cluster`).
+    service_brokers: BTreeMap<&'static str, String>,
     stores: BTreeMap<&'static str, String>,
     /// Rate-limit counters shared by gateways, when set.
     redis: Option<String>,
@@ -161,13 +163,16 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     };
     let mut backends = Backends {
         broker: settings.broker_url(),
+        service_brokers: BTreeMap::new(),
         stores: roles::services()
             .map(|(_, s)| (s.name, settings.store_url(s.name)))
             .collect(),
         redis: None,
     };
     if let Some(nats) = &nats {
-        backends.broker = nats.url();
+        let logins = nats.provision_users()?;
+        backends.broker = logins.operator;
+        backends.service_brokers = logins.services;
         backends.redis = Some(cluster::check_redis(&args.redis).await?);
     }
     if !args.cluster {
@@ -381,19 +386,36 @@ fn role_job(
         .env("BAZAAR_INSTANCE", k.to_string())
         .env("BAZAAR_DRAIN_DELAY_MS", drain_delay.to_string())
         .env("BAZAAR_DATA", &settings.data)
-        .env("BAZAAR_BROKER_URL", &backends.broker)
         .env("BAZAAR_BASE_PORT", settings.base_port.to_string())
         .env("BAZAAR_JWKS_URL", settings.jwks_url())
         .env("BAZAAR_GATEWAY_CONFIG", settings.gateway_config())
         .env("BAZAAR_DECLINE_RATE", settings.decline_rate.to_string())
         .env("BAZAAR_WELCOME_CREDIT_CENTS", settings.welcome_credit_cents.to_string())
-        .env("BAZAAR_ADMIN_PASSWORD", settings.admin_password()?)
         .env("BAZAAR_SEED_DEMO", "true")
         .env_remove("BAZAAR_STORE_URL")
         .env_remove("BAZAAR_LISTEN");
+    // Each service sees its own store's URL (and login) only.
     for (service, url) in &backends.stores {
-        cmd.env(roles::store_url_var(service), url);
+        if *service == role.name {
+            cmd.env(roles::store_url_var(service), url);
+        } else {
+            cmd.env_remove(roles::store_url_var(service));
+        }
     }
+    // Only users creates the admin account.
+    if role.name == bazaar_users::SERVICE.name {
+        cmd.env("BAZAAR_ADMIN_PASSWORD", settings.admin_password()?);
+    } else {
+        cmd.env_remove("BAZAAR_ADMIN_PASSWORD");
+    }
+    // Only services use the broker, each with its own login where the broker has users.
+    match role.service() {
+        Some(_) => cmd.env(
+            "BAZAAR_BROKER_URL",
+            backends.service_brokers.get(role.name).unwrap_or(&backends.broker),
+        ),
+        None => cmd.env_remove("BAZAAR_BROKER_URL"),
+    };
     if let Some(smtp) = &settings.smtp {
         cmd.env("BAZAAR_SMTP", smtp);
     }

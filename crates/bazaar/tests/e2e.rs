@@ -1133,6 +1133,8 @@ async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_se
         confirmed_order(&sys, &shop).await;
         compensated_order(&sys, &shop).await;
         let report = sys.assert_audit_clean().await;
+        the_broker_refuses_a_forged_command(&sys).await;
+        orders_cannot_open_the_inventory_database(&env).await;
         (env, report, sys.up.log())
     };
     harness::drop_cluster_databases(&admin, &name).await;
@@ -1156,6 +1158,63 @@ async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_se
     for node in ["nats-0", "nats-1", "nats-2", "gateway", "gateway-1"] {
         assert!(log.contains(&format!("{node:>15} |")), "{node} never logged:\n{log}");
     }
+}
+
+/// Logged in with notifications' own NATS user, a client may use JetStream but cannot put a
+/// command on inventory's subject (a forged reservation or release).
+async fn the_broker_refuses_a_forged_command(sys: &System) {
+    let password = std::fs::read_to_string(sys.data_dir().join("nats/notifications.password")).expect("a password");
+    let port = sys.base() + roles::NATS_CLIENT_OFFSETS[0];
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password("notifications".into(), password.trim().into())
+        .connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("notifications logs in");
+    let js = async_nats::jetstream::new(client.clone());
+    let info = client
+        .request("$JS.API.INFO", Vec::new().into())
+        .await
+        .expect("notifications may use JetStream");
+    let info = String::from_utf8_lossy(&info.payload).to_string();
+    assert!(
+        info.contains("account_info_response") && !info.contains("\"error\""),
+        "{info}"
+    );
+    let forged = json!({"orderId": uuid::Uuid::now_v7(), "sagaId": "x", "step": "reserveInventory"});
+    let published = tokio::time::timeout(Duration::from_secs(10), async {
+        js.publish("inventory.commands", forged.to_string().into()).await?.await
+    })
+    .await;
+    assert!(
+        !matches!(published, Ok(Ok(_))),
+        "JetStream stored a command notifications published on inventory.commands"
+    );
+    // And a stranger gets nowhere.
+    let stranger = async_nats::ConnectOptions::new()
+        .user_and_password("notifications".into(), "not-the-password".into())
+        .connect(format!("127.0.0.1:{port}"))
+        .await;
+    assert!(stranger.is_err(), "a wrong password was let in");
+}
+
+/// With orders' own PostgreSQL login, the inventory database is closed.
+async fn orders_cannot_open_the_inventory_database(env: &str) {
+    let url = |service: &str| {
+        let var = format!("{}=", roles::store_url_var(service));
+        env.lines()
+            .find_map(|l| l.strip_prefix(&var))
+            .expect("a store URL")
+            .to_string()
+    };
+    let (orders, inventory) = (url("orders"), url("inventory"));
+    let inventory_db = inventory.rsplit('/').next().unwrap().split('?').next().unwrap();
+    let (orders_server, _) = orders.rsplit_once('/').unwrap();
+    let refused = bazaar_kit::store::Store::open(&format!("{orders_server}/{inventory_db}")).await;
+    let why = match refused {
+        Ok(_) => panic!("orders opened inventory's database"),
+        Err(e) => e.to_string(),
+    };
+    assert!(why.contains("permission denied"), "{why}");
 }
 
 /// Runs `bazaar rollout` (every role) while a strict client (no retries) browses and places
@@ -1291,7 +1350,17 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
                 .expect("broker url");
             let url: bazaar_kit::broker::nats::NatsUrl = url.parse().expect("the cluster's broker URL");
             let seeds: Vec<async_nats::ServerAddr> = url.seeds.iter().map(|s| s.parse().expect("seed")).collect();
-            let js = async_nats::jetstream::new(async_nats::connect(seeds).await.expect("nats"));
+            // The operator's login, as cluster.env gives it.
+            let (user, password) = (
+                seeds[0].username().expect("a user"),
+                seeds[0].password().unwrap_or_default(),
+            );
+            let client = async_nats::ConnectOptions::new()
+                .user_and_password(user.into(), password.into())
+                .connect(seeds.clone())
+                .await
+                .expect("nats");
+            let js = async_nats::jetstream::new(client);
             let stream = bazaar_kit::broker::nats::stream_name("orders.saga-replies");
             let info = js
                 .get_stream(&stream)

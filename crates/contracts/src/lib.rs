@@ -8,6 +8,23 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// The services that publish and consume these messages, by the name each one's spec
+/// carries: the `source` of what it publishes and its consumer group. A participant checks
+/// that a command came from [`roles::ORDERS`], and the order saga that each reply came from
+/// the participant it asked.
+pub mod roles {
+    /// Registration and tokens.
+    pub const USERS: &str = "users";
+    /// The catalogue and stock.
+    pub const INVENTORY: &str = "inventory";
+    /// Orders and the order saga.
+    pub const ORDERS: &str = "orders";
+    /// Wallets and payments.
+    pub const PAYMENTS: &str = "payments";
+    /// Emails and texts.
+    pub const NOTIFICATIONS: &str = "notifications";
+}
+
 /// Topic names.
 pub mod topics {
     /// Domain events of users (`user.registered`).

@@ -131,6 +131,8 @@ pub struct Step<S> {
     pub step: S,
     /// Topic the participant consumes.
     pub topic: &'static str,
+    /// The service that consumes it and answers: a reply from anyone else is dead-lettered.
+    pub participant: &'static str,
     /// Event type of the execute command.
     pub execute: &'static str,
     /// Event type of the compensating command, if the step has effects to undo. A step with
@@ -297,10 +299,16 @@ pub trait Participant: Send + Sync + 'static {
 }
 
 /// Runs a [`Participant`] as a consumer handler: reads the command, acts, and replies in the
-/// same transaction.
+/// same transaction. A command from anyone but the orchestrator, or one asking for its reply
+/// on another topic, is dead-lettered before anything is done: whoever could publish to the
+/// participant's topic must not steer it (nor make it publish where it may not).
 pub struct Participates<P> {
     /// The replying service (the reply's `source`).
     pub source: &'static str,
+    /// The orchestrator: the only `source` a command may carry.
+    pub commands_from: &'static str,
+    /// The only topic replies may go to.
+    pub replies_on: &'static str,
     /// The participant.
     pub participant: P,
 }
@@ -309,7 +317,19 @@ impl<P: Participant> Handler for Participates<P> {
     fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             // A command without a saga header is poison before anything is done.
-            CommandHeader::of(event)?;
+            let header = CommandHeader::of(event)?;
+            if event.metadata.source != self.commands_from {
+                return Err(HandlerError::Poison(format!(
+                    "`{}` claims to come from {:?}; only {} sends commands here",
+                    event.event_type, event.metadata.source, self.commands_from
+                )));
+            }
+            if header.reply_to != self.replies_on {
+                return Err(HandlerError::Poison(format!(
+                    "`{}` asks for its reply on {:?}; {} replies only on {}",
+                    event.event_type, header.reply_to, self.source, self.replies_on
+                )));
+            }
             let verdict = self.participant.act(tx, event).await?;
             answer(tx, event, self.source, verdict).await
         })
@@ -440,6 +460,16 @@ impl<F: SagaFlow> SagaEngine<F> {
             history(tx, &state.id, &reply.step, "ignored a late or duplicate reply").await?;
             return Ok(());
         };
+        if event.metadata.source != step.participant {
+            return Err(HandlerError::Poison(format!(
+                "{} saga {}: a {} reply claims to come from {:?}, but only {} answers that step",
+                self.flow.kind(),
+                state.id,
+                reply.step,
+                event.metadata.source,
+                step.participant
+            )));
+        }
         let step = step.step;
         metrics::counter!("bazaar_saga_replies_total", "saga" => self.flow.kind(), "ok" => reply.ok.to_string())
             .increment(1);

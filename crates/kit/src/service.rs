@@ -12,6 +12,9 @@ pub struct ServiceSpec {
     pub name: &'static str,
     /// The service's own tables, applied after the kit's outbox and inbox tables.
     pub migrations: &'static [Migration],
+    /// Topics it publishes to (through its outbox): the broker lets it publish to these
+    /// and no others.
+    pub publishes: &'static [&'static str],
     /// Topics it consumes, each as consumer group [`ServiceSpec::name`].
     pub consumes: &'static [&'static str],
     /// What clients may call through the gateway.

@@ -30,6 +30,7 @@ static SPEC: ServiceSpec = ServiceSpec {
         "handled",
         "CREATE TABLE handled (event_id TEXT NOT NULL)",
     )],
+    publishes: &[],
     consumes: &[TOPIC],
     routes: &[],
 };

@@ -84,6 +84,7 @@ impl TestFlow {
         let remote = |step, topic, execute, compensate| Step {
             step,
             topic,
+            participant: "participant",
             execute,
             compensate,
             timeout: TIMEOUT,
@@ -392,6 +393,31 @@ async fn all_steps_succeed(db: &Db) {
     assert_eq!(o.tick().await, 0);
     assert_eq!(o.commands().await.len(), 3);
     assert_eq!(o.history("s1").await.last().map(String::as_str), Some("- completed"));
+}
+
+/// A reply claiming to come from anyone but the step's participant (another service that
+/// can publish to the reply topic, forging a result) is refused as poison and moves nothing.
+async fn a_reply_from_another_service_is_refused_and_changes_nothing(db: &Db) {
+    let o = Orchestrator::open(db).await;
+    o.start("s9").await;
+    let a = o.last_command("s9").await;
+    let before = snapshot(&o.state("s9").await);
+    let forged = a
+        .header
+        .reply(&a.envelope, "mallory", Verdict::Done(json!({"a": 1})))
+        .expect("an answer now")
+        .1;
+    let mut tx = o.store.begin().await.expect("begin");
+    let refused = o.engine.on_reply(&mut tx, &forged).await;
+    tx.rollback().await.expect("rollback");
+    match refused {
+        Err(HandlerError::Poison(why)) => assert!(why.contains("mallory") && why.contains("participant"), "{why}"),
+        other => panic!("a forged reply was not refused as poison: {other:?}"),
+    }
+    assert_eq!(snapshot(&o.state("s9").await), before);
+    // The participant's own reply still counts.
+    o.answer(&a, Ok(json!({"a": 1}))).await;
+    assert_eq!(o.last_command("s9").await.event_type(), "b.do");
 }
 
 /// B fails: only A (done before it) is undone, C never runs, and the error says why.
@@ -872,6 +898,7 @@ macro_rules! saga_cases {
 saga_cases!(
     all_steps_succeed,
     failed_step_compensates_earlier_steps,
+    a_reply_from_another_service_is_refused_and_changes_nothing,
     duplicate_and_late_replies_change_nothing,
     silent_step_is_resent_then_compensated,
     failing_compensation_is_retried_then_stuck,

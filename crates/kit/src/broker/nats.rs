@@ -73,6 +73,53 @@ pub fn consumer_name(group: &str) -> String {
     sanitise(group)
 }
 
+/// What one role may do on the NATS server, as subject lists for its user's `permissions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    /// Subjects it may publish to.
+    pub publish: Vec<String>,
+    /// Subjects it may subscribe to.
+    pub subscribe: Vec<String>,
+}
+
+/// Least privilege for consumer `group` publishing `publishes` and consuming `consumes`:
+/// publish to those topics (and the dead-letter topics of the ones it consumes) and no
+/// others; look up and create their streams; create, read, pull from and ack its own durable
+/// consumer on each consumed topic, and no one else's; receive replies on `_INBOX`. Deleting
+/// or purging streams and reading others' consumers stay with the operator's user.
+pub fn permissions(group: &str, publishes: &[&str], consumes: &[&str]) -> Permissions {
+    let dead_letters: Vec<String> = consumes.iter().map(|t| super::dlq_topic(t)).collect();
+    let produced: Vec<&str> = publishes
+        .iter()
+        .copied()
+        .chain(dead_letters.iter().map(String::as_str))
+        .collect();
+    let mut publish = vec!["$JS.API.INFO".to_string()];
+    for topic in produced.iter().chain(consumes) {
+        let stream = stream_name(topic);
+        publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
+        publish.push(format!("$JS.API.STREAM.CREATE.{stream}"));
+    }
+    publish.extend(produced.iter().map(|t| t.to_string()));
+    let consumer = consumer_name(group);
+    for topic in consumes {
+        let stream = stream_name(topic);
+        for api in ["CONSUMER.CREATE", "CONSUMER.INFO", "CONSUMER.MSG.NEXT"] {
+            publish.push(format!("$JS.API.{api}.{stream}.{consumer}"));
+        }
+        // With a filter subject the create request names it after the consumer.
+        publish.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"));
+        // Acks, in the server's short form and in its form with domain and account.
+        publish.push(format!("$JS.ACK.{stream}.{consumer}.>"));
+        publish.push(format!("$JS.ACK.*.*.{stream}.{consumer}.>"));
+    }
+    publish.dedup();
+    Permissions {
+        publish,
+        subscribe: vec!["_INBOX.>".to_string()],
+    }
+}
+
 fn sanitise(name: &str) -> String {
     name.chars()
         .map(|c| {
@@ -199,7 +246,7 @@ pub struct NatsBroker {
 }
 
 impl NatsBroker {
-    /// Connects to `nats://HOST:PORT[,HOST:PORT…][?replicas=N]` and checks that JetStream is
+    /// Connects to `nats://[USER:PASSWORD@]HOST:PORT[,…][?replicas=N]` and checks that JetStream is
     /// enabled; fails within a few seconds when no seed answers.
     pub async fn connect(url: &str) -> Result<NatsBroker, BrokerError> {
         let shown = redact(url);
@@ -210,10 +257,18 @@ impl NatsBroker {
             .map(|s| s.parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| BrokerError::UnsupportedUrl(format!("{shown}: {e}")))?;
-        let options = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new()
             .name("bazaar")
             .connection_timeout(TIMEOUT)
             .request_timeout(Some(TIMEOUT));
+        // `nats://user:password@host:port`: the role's own login (bazaar up --cluster gives
+        // each service one).
+        if let Some((user, password)) = seeds
+            .iter()
+            .find_map(|s| Some((s.username()?, s.password().unwrap_or_default())))
+        {
+            options = options.user_and_password(user.to_string(), password.to_string());
+        }
         let client = tokio::time::timeout(TIMEOUT + Duration::from_secs(1), options.connect(seeds))
             .await
             .map_err(|_| unavailable(format!("at {shown}"), format!("no answer within {TIMEOUT:?}")))?
@@ -579,6 +634,23 @@ impl Acker for NatsAcker {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_role_may_publish_only_its_own_topics_and_work_only_its_own_consumers() {
+        let p = super::permissions("notifications", &[], &["orders.events"]);
+        assert!(p.publish.contains(&"orders.events.dlq".to_string()), "its dead letters");
+        assert!(!p
+            .publish
+            .iter()
+            .any(|s| s == "orders.events" || s.ends_with('>') && !s.starts_with("$JS")));
+        assert!(p
+            .publish
+            .contains(&"$JS.API.CONSUMER.MSG.NEXT.BAZAAR_orders_events.notifications".to_string()));
+        assert!(!p.publish.iter().any(|s| s.contains("DELETE") || s.contains("PURGE")));
+        assert_eq!(p.subscribe, ["_INBOX.>"]);
+        let orders = super::permissions("orders", &["inventory.commands"], &[]);
+        assert!(orders.publish.contains(&"inventory.commands".to_string()));
+    }
+
     use super::*;
 
     #[test]

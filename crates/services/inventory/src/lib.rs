@@ -10,7 +10,7 @@ mod commands;
 
 use std::sync::Arc;
 
-use bazaar_contracts::topics;
+use bazaar_contracts::{roles, topics};
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
     saga::Participates,
@@ -21,6 +21,17 @@ use bazaar_kit::{
 
 pub use api::router;
 pub use commands::{ReservationStatus, StockCommands};
+
+/// The consumer of `inventory.commands`: [`StockCommands`] answering the order saga, which
+/// alone may send it commands.
+pub fn stock_commands() -> Participates<StockCommands> {
+    Participates {
+        source: SERVICE.name,
+        commands_from: roles::ORDERS,
+        replies_on: topics::ORDER_SAGA_REPLIES,
+        participant: StockCommands,
+    }
+}
 
 /// The inventory tables.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -60,8 +71,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// The inventory service: it answers stock commands; anyone may browse the catalogue.
 pub const SERVICE: ServiceSpec = ServiceSpec {
-    name: "inventory",
+    name: roles::INVENTORY,
     migrations: MIGRATIONS,
+    publishes: &[topics::ORDER_SAGA_REPLIES],
     consumes: &[topics::INVENTORY_COMMANDS],
     routes: &[
         PublicRoute {
@@ -89,12 +101,6 @@ pub async fn run(config: RoleConfig, demo: bool, shutdown: Shutdown) -> Result<(
     );
     let mut consumer = rt.consumer(topics::INVENTORY_COMMANDS);
     consumer.tasks = 2;
-    rt.consume(
-        consumer,
-        Arc::new(Participates {
-            source: SERVICE.name,
-            participant: StockCommands,
-        }),
-    )?;
+    rt.consume(consumer, Arc::new(stock_commands()))?;
     rt.serve(config.listen, router(rt.clone()), rt.health()).await
 }

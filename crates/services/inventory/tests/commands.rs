@@ -389,3 +389,25 @@ async fn a_reserve_whose_payload_breaks_its_schema_is_poison() {
     assert!(matches!(inv.handle(&cmd).await, Err(HandlerError::Poison(_))));
     assert_eq!(inv.outbox_rows().await, 0, "no reply");
 }
+
+#[tokio::test]
+async fn a_command_not_from_the_order_saga_is_dead_lettered_and_holds_nothing() {
+    let inv = start().await;
+    let mug = inv.add_product("MUG", 1_000, 5).await;
+    // Another service that can publish here, or a forger, naming itself.
+    let mut forged = reserve(Uuid::now_v7(), &[(mug, 5)]);
+    forged.metadata.source = "notifications".into();
+    match inv.handle(&forged).await {
+        Err(HandlerError::Poison(why)) => assert!(why.contains("only orders sends commands"), "{why}"),
+        other => panic!("a command from notifications was not refused: {other:?}"),
+    }
+    // One that asks for its reply somewhere inventory may not publish.
+    let mut elsewhere = reserve(Uuid::now_v7(), &[(mug, 5)]);
+    elsewhere.payload["replyTo"] = json!(topics::PAYMENTS_COMMANDS);
+    match inv.handle(&elsewhere).await {
+        Err(HandlerError::Poison(why)) => assert!(why.contains("replies only on"), "{why}"),
+        other => panic!("a reply to payments.commands was not refused: {other:?}"),
+    }
+    assert_eq!(inv.levels(mug).await, (5, 5, 0), "nothing reserved");
+    assert_eq!(inv.outbox_rows().await, 0, "nothing announced");
+}

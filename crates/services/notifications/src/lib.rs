@@ -14,7 +14,7 @@ mod events;
 
 use std::{path::PathBuf, sync::Arc};
 
-use bazaar_contracts::topics;
+use bazaar_contracts::{roles, topics};
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
     service::{PublicRoute, ServiceSpec},
@@ -56,8 +56,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// The notifications service: it hears outcomes and new users; what was sent needs a token.
 pub const SERVICE: ServiceSpec = ServiceSpec {
-    name: "notifications",
+    name: roles::NOTIFICATIONS,
     migrations: MIGRATIONS,
+    publishes: &[],
     consumes: &[topics::ORDERS_EVENTS, topics::USERS_EVENTS],
     routes: &[PublicRoute::token("notifications")],
 };

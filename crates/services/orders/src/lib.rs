@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use bazaar_contracts::{topics, types};
+use bazaar_contracts::{roles, topics, types};
 use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::Envelope,
@@ -56,8 +56,13 @@ pub const MIGRATIONS: &[Migration] = &[
 
 /// The orders service: it hears the saga's replies; its orders and sagas need a token.
 pub const SERVICE: ServiceSpec = ServiceSpec {
-    name: "orders",
+    name: roles::ORDERS,
     migrations: MIGRATIONS,
+    publishes: &[
+        topics::INVENTORY_COMMANDS,
+        topics::PAYMENTS_COMMANDS,
+        topics::ORDERS_EVENTS,
+    ],
     consumes: &[topics::ORDER_SAGA_REPLIES],
     routes: &[PublicRoute::token("orders"), PublicRoute::token("sagas")],
 };

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bazaar_contracts::{
-    topics, types, LineRequest, OrderOutcome, OrderRef, Paid, ProcessPayment, ReserveStock, Reserved,
+    roles, topics, types, LineRequest, OrderOutcome, OrderRef, Paid, ProcessPayment, ReserveStock, Reserved,
 };
 use bazaar_kit::{
     consumer::HandlerError,
@@ -89,12 +89,46 @@ impl Default for OrderSaga {
     }
 }
 
+/// Checks a reservation against what was ordered before its total is charged: the priced
+/// quantities are the ordered ones, product by product, and the total is what the lines add
+/// up to. Inventory owns prices, but the quantities and the sum are the saga's own to check.
+fn check_reservation(ordered: &[LineRequest], reserved: &Reserved) -> Result<(), String> {
+    let mut wanted: std::collections::BTreeMap<Uuid, i64> = std::collections::BTreeMap::new();
+    for line in ordered {
+        *wanted.entry(line.product_id).or_default() += line.quantity;
+    }
+    let mut priced: std::collections::BTreeMap<Uuid, i64> = std::collections::BTreeMap::new();
+    let mut total: i64 = 0;
+    for line in &reserved.priced_lines {
+        if line.unit_price_cents < 0 || line.quantity < 1 {
+            return Err(format!("line {} has a negative price or no quantity", line.product_id));
+        }
+        *priced.entry(line.product_id).or_default() += line.quantity;
+        total = line
+            .unit_price_cents
+            .checked_mul(line.quantity)
+            .and_then(|cents| total.checked_add(cents))
+            .ok_or("the lines' total overflows")?;
+    }
+    if priced != wanted {
+        return Err(format!("it priced {priced:?}, but the order is for {wanted:?}"));
+    }
+    if total != reserved.total_cents {
+        return Err(format!(
+            "its total is {} but its lines add up to {total}",
+            reserved.total_cents
+        ));
+    }
+    Ok(())
+}
+
 impl OrderSaga {
     /// The three steps of DESIGN.md.
     pub fn new() -> OrderSaga {
-        let step = |step, topic, execute, compensate| Step {
+        let step = |step, topic, participant, execute, compensate| Step {
             step,
             topic,
+            participant,
             execute,
             compensate,
             timeout: Duration::from_secs(10),
@@ -105,18 +139,21 @@ impl OrderSaga {
                 step(
                     OrderStep::ReserveInventory,
                     topics::INVENTORY_COMMANDS,
+                    roles::INVENTORY,
                     types::RESERVE_STOCK,
                     Some(types::RELEASE_STOCK),
                 ),
                 step(
                     OrderStep::ProcessPayment,
                     topics::PAYMENTS_COMMANDS,
+                    roles::PAYMENTS,
                     types::PROCESS_PAYMENT,
                     Some(types::REFUND_PAYMENT),
                 ),
                 step(
                     OrderStep::CommitStock,
                     topics::INVENTORY_COMMANDS,
+                    roles::INVENTORY,
                     types::COMMIT_STOCK,
                     None,
                 ),
@@ -170,7 +207,9 @@ impl SagaFlow for OrderSaga {
     fn record(&self, step: OrderStep, ctx: &mut OrderContext, data: Value) -> Result<(), String> {
         match step {
             OrderStep::ReserveInventory => {
-                ctx.reserved = Some(serde_json::from_value::<Reserved>(data).map_err(|e| e.to_string())?);
+                let reserved = serde_json::from_value::<Reserved>(data).map_err(|e| e.to_string())?;
+                check_reservation(&ctx.lines, &reserved)?;
+                ctx.reserved = Some(reserved);
             }
             OrderStep::ProcessPayment => {
                 ctx.payment_id = Some(
@@ -290,6 +329,24 @@ mod tests {
             serde_json::from_value(saga.command(OrderStep::ProcessPayment, false, &ctx).unwrap()).unwrap();
         assert_eq!((cmd.amount_cents, cmd.currency.as_str()), (500, "EUR"));
         assert_eq!(cmd.customer_id, ctx.customer_id);
+    }
+
+    #[test]
+    fn a_reservation_whose_total_or_quantities_do_not_fit_the_order_is_refused() {
+        let saga = OrderSaga::new();
+        let mut cheap = reserved();
+        cheap.total_cents = 1;
+        let mut fewer = reserved();
+        fewer.priced_lines[0].quantity = 1;
+        fewer.total_cents = 250;
+        let mut other = reserved();
+        other.priced_lines[0].product_id = Uuid::now_v7();
+        for (what, forged) in [("total", cheap), ("quantities", fewer), ("products", other)] {
+            let mut ctx = context();
+            let refused = saga.record(OrderStep::ReserveInventory, &mut ctx, json(forged).unwrap());
+            assert!(refused.is_err(), "a reservation with other {what} was recorded");
+            assert_eq!(ctx.reserved, None);
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub mod simulator;
 
 use std::sync::Arc;
 
-use bazaar_contracts::topics;
+use bazaar_contracts::{roles, topics};
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
     saga::Participates,
@@ -33,6 +33,17 @@ use bazaar_kit::{
 pub use api::router;
 pub use commands::{PaymentCommands, UserEvents};
 pub use provider::PaymentProvider;
+
+/// The consumer of `payments.commands`: `commands` answering the order saga, which alone may
+/// send it commands.
+pub fn payment_commands(commands: PaymentCommands) -> Participates<PaymentCommands> {
+    Participates {
+        source: SERVICE.name,
+        commands_from: roles::ORDERS,
+        replies_on: topics::ORDER_SAGA_REPLIES,
+        participant: commands,
+    }
+}
 
 /// The payments tables.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -73,8 +84,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// The payments service: it opens wallets for new users and answers payment commands.
 pub const SERVICE: ServiceSpec = ServiceSpec {
-    name: "payments",
+    name: roles::PAYMENTS,
     migrations: MIGRATIONS,
+    publishes: &[topics::ORDER_SAGA_REPLIES],
     consumes: &[topics::PAYMENTS_COMMANDS, topics::USERS_EVENTS],
     routes: &[PublicRoute::token("accounts"), PublicRoute::token("payments")],
 };
@@ -188,13 +200,10 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
     commands.max_attempts = 12;
     rt.consume(
         commands,
-        Arc::new(Participates {
-            source: SERVICE.name,
-            participant: PaymentCommands {
-                decline_rate: payments.decline_rate,
-                provider: provider.clone(),
-            },
-        }),
+        Arc::new(payment_commands(PaymentCommands {
+            decline_rate: payments.decline_rate,
+            provider: provider.clone(),
+        })),
     )?;
     if let Some(provider) = &provider {
         rt.own("settler", settle::spawn(rt.outbox.clone(), provider.clone(), shutdown));

@@ -12,7 +12,7 @@ use bazaar_kit::{
     envelope::{Envelope, Metadata},
     outbox::{self, Outbox},
     resilience::{BreakerConfig, BreakerState},
-    saga::{CommandHeader, Participates},
+    saga::CommandHeader,
     shutdown::Shutdown,
     store::Store,
 };
@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use sqlx::Row;
 use uuid::Uuid;
 
-const REPLIES: &str = "orders.replies";
+const REPLIES: &str = bazaar_contracts::topics::ORDER_SAGA_REPLIES;
 
 struct World {
     store: Store,
@@ -145,10 +145,7 @@ impl World {
     ) -> Result<Option<(bool, Option<String>)>, HandlerError> {
         let before = self.last_outbox_id().await;
         let mut tx = self.store.begin().await.expect("tx");
-        let handler = Participates {
-            source: "payments",
-            participant: payments.clone(),
-        };
+        let handler = bazaar_payments::payment_commands(payments.clone());
         if let Err(e) = handler.handle(&mut tx, command).await {
             tx.rollback().await.expect("rollback");
             return Err(e);
@@ -214,7 +211,11 @@ fn command(event_type: &str, payload: Value, order: Uuid, compensation: bool) ->
     if let (Some(obj), Ok(Value::Object(h))) = (payload.as_object_mut(), serde_json::to_value(&header)) {
         obj.extend(h);
     }
-    Envelope::new(event_type, order.to_string(), payload, Metadata::default())
+    let metadata = Metadata {
+        source: "orders".into(),
+        ..Metadata::default()
+    };
+    Envelope::new(event_type, order.to_string(), payload, metadata)
 }
 
 fn process(order: Uuid, customer: Uuid, cents: i64) -> Envelope {

@@ -10,6 +10,7 @@ pub mod keys;
 
 use std::time::Duration;
 
+use bazaar_contracts::{roles, topics};
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
     service::{Access, Mount, PublicRoute, ServiceSpec},
@@ -48,8 +49,9 @@ pub const MIGRATIONS: &[Migration] = &[
 
 /// The users service: it consumes nothing; anyone may register and log in.
 pub const SERVICE: ServiceSpec = ServiceSpec {
-    name: "users",
+    name: roles::USERS,
     migrations: MIGRATIONS,
+    publishes: &[topics::USERS_EVENTS],
     consumes: &[],
     routes: &[
         // Registration is `POST /api/v1/users` exactly; everything else under it needs a token.

@@ -8,12 +8,11 @@
 
 use axum::http::{Method, StatusCode};
 use bazaar_contracts::{topics, types, LineRequest, OrderRef, ReserveStock};
-use bazaar_inventory::StockCommands;
 use bazaar_kit::{
     consumer::HandlerError,
     envelope::{Envelope, Metadata},
     runtime::Runtime,
-    saga::{CommandHeader, Participates, SagaReply},
+    saga::{CommandHeader, SagaReply},
     testing::TestRole,
 };
 
@@ -89,10 +88,7 @@ impl Inventory {
     /// outbox when the handler succeeds, rolled back when it fails. Returns the saga reply
     /// it wrote.
     pub async fn handle(&self, command: &Envelope) -> Result<SagaReply, HandlerError> {
-        let handler = Participates {
-            source: bazaar_inventory::SERVICE.name,
-            participant: StockCommands,
-        };
+        let handler = bazaar_inventory::stock_commands();
         self.role.handle(&handler, command).await?;
         let mut replies = self.replies_to(command).await;
         assert!(!replies.is_empty(), "no reply to {}", command.event_type);

@@ -17,7 +17,7 @@ use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::{Envelope, Metadata},
     runtime::Runtime,
-    saga::{CommandHeader, Participates, SagaReply},
+    saga::{CommandHeader, SagaReply},
     testing::TestRole,
 };
 use bazaar_payments::{ledger, PaymentCommands, PaymentsConfig, UserEvents};
@@ -157,10 +157,7 @@ impl Payments {
     /// Runs a saga command through `PaymentCommands` (no provider, no simulated declines)
     /// and returns the reply it wrote.
     pub async fn handle(&self, command: &Envelope) -> Result<SagaReply, HandlerError> {
-        let handler = Participates {
-            source: bazaar_payments::SERVICE.name,
-            participant: PaymentCommands::default(),
-        };
+        let handler = bazaar_payments::payment_commands(PaymentCommands::default());
         self.run(&handler, command).await?;
         // The latest: a repeated envelope is answered again, under the same causation.
         let mut replies = self.replies_to(command).await;
