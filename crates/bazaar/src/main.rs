@@ -4,6 +4,7 @@
 mod audit;
 mod cluster;
 mod config_file;
+mod mesh;
 mod up;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -55,6 +56,11 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// The mesh CA: create, show, issue a tool's certificate, rotate.
+    Mesh {
+        #[command(subcommand)]
+        command: mesh::MeshCommand,
     },
 }
 
@@ -144,6 +150,7 @@ fn main() -> ExitCode {
                 }
             },
             Command::Dlq { command } => audit::dlq(&cli.settings, command).await,
+            Command::Mesh { command } => mesh::run(&cli.settings, command),
         }
     });
     match result {

@@ -24,6 +24,7 @@ pub mod envelope;
 pub mod health;
 pub mod http;
 pub mod inbox;
+pub mod mesh;
 pub mod otlp;
 pub mod outbox;
 pub mod resilience;

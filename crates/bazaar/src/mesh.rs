@@ -1,0 +1,171 @@
+//! `bazaar mesh`: the installation's mesh CA under DATA/mesh. `init` creates it, `show` tells
+//! what it is and what it issued, `issue` makes a certificate for an operator's tool (to call
+//! roles over mutual TLS, with curl say), and `rotate` replaces the CA while peers trust old
+//! and new side by side.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context};
+use bazaar::roles::Settings;
+use bazaar_kit::mesh::{fingerprint, Authority, Identity, MeshFiles, Workload, DEFAULT_TRUST_DOMAIN};
+use clap::Subcommand;
+
+/// How long a mesh CA lives.
+const CA_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The longest a certificate `mesh issue` makes may live.
+const MAX_TOOL_HOURS: u64 = 24 * 30;
+
+/// What `bazaar mesh` does.
+#[derive(Debug, Subcommand)]
+pub enum MeshCommand {
+    /// Creates the mesh CA under DATA/mesh unless there is one.
+    Init {
+        /// The trust domain of the identities it issues.
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+    /// Shows the CA, the CAs peers trust, and the certificates issued under DATA/mesh.
+    Show,
+    /// Issues a certificate for an operator's tool: spiffe://<trust-domain>/tool/NAME.
+    Issue {
+        /// The tool's name (lower-case letters, digits, `-`).
+        name: String,
+        /// Where to write NAME.crt, NAME.key and bundle.pem. Default: DATA/mesh/tools.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// How long it is valid, in hours (at most 720).
+        #[arg(long, default_value_t = 8)]
+        hours: u64,
+    },
+    /// Makes a new CA the issuer; peers trust the new and the previous one until the next
+    /// rotation, so certificates the old one issued keep working until they are renewed.
+    Rotate,
+}
+
+/// The mesh directory of an installation.
+pub fn dir(settings: &Settings) -> PathBuf {
+    settings.data.join("mesh")
+}
+
+/// Runs `bazaar mesh COMMAND`.
+pub fn run(settings: &Settings, command: MeshCommand) -> anyhow::Result<()> {
+    let dir = dir(settings);
+    match command {
+        MeshCommand::Init { trust_domain } => {
+            let (ca, created) = ensure_ca(&dir, &trust_domain)?;
+            let verb = if created { "created" } else { "already there" };
+            println!(
+                "mesh CA {verb}: {} (trust domain {}, sha256 {})",
+                ca.common_name(),
+                ca.trust_domain(),
+                ca.fingerprint()
+            );
+            Ok(())
+        }
+        MeshCommand::Show => show(&dir),
+        MeshCommand::Issue { name, out, hours } => {
+            if hours == 0 || hours > MAX_TOOL_HOURS {
+                bail!("--hours must be 1 to {MAX_TOOL_HOURS}, not {hours}");
+            }
+            let ca = load(&dir)?;
+            let identity = Identity::new(ca.trust_domain(), Workload::Tool, &name)?;
+            let out = out.unwrap_or_else(|| dir.join("tools"));
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let files = MeshFiles::in_dir(&out, &name);
+            ca.issue(&identity, Duration::from_secs(hours * 3600))?.write(&files)?;
+            let bundle = std::fs::read_to_string(dir.join("bundle.pem")).context("cannot read the trust bundle")?;
+            bazaar::roles::write_private(&files.bundle, &bundle)
+                .with_context(|| format!("cannot write {}", files.bundle.display()))?;
+            println!(
+                "issued {identity} for {hours} h: {} {} (trust {})",
+                files.cert.display(),
+                files.key.display(),
+                files.bundle.display()
+            );
+            Ok(())
+        }
+        MeshCommand::Rotate => {
+            let old = load(&dir)?;
+            let next = Authority::create(old.trust_domain(), CA_LIFETIME)?;
+            next.save(&dir)?;
+            let bundle = [next.cert_pem(), old.cert_pem()].concat();
+            bazaar::roles::write_private(&dir.join("bundle.pem"), &bundle).context("cannot write the trust bundle")?;
+            println!(
+                "mesh CA rotated: {} now issues; {} stays trusted until the next rotation",
+                next.fingerprint(),
+                old.fingerprint()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The CA in `dir`, created (for `trust_domain`) when there is none; and whether it was.
+pub fn ensure_ca(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<(Authority, bool)> {
+    if dir.join("ca.key").exists() {
+        let ca = load(dir)?;
+        if ca.trust_domain() != trust_domain {
+            bail!(
+                "the mesh CA in {} is for trust domain {}, not {trust_domain}; rotate or remove it",
+                dir.display(),
+                ca.trust_domain()
+            );
+        }
+        return Ok((ca, false));
+    }
+    let ca = Authority::create(trust_domain, CA_LIFETIME)?;
+    ca.save(dir)?;
+    bazaar::roles::write_private(&dir.join("bundle.pem"), ca.cert_pem()).context("cannot write the trust bundle")?;
+    Ok((ca, true))
+}
+
+fn load(dir: &std::path::Path) -> anyhow::Result<Authority> {
+    if !dir.join("ca.key").exists() {
+        bail!("no mesh CA in {} (run `bazaar mesh init`)", dir.display());
+    }
+    Authority::load(dir).with_context(|| format!("cannot load the mesh CA in {}", dir.display()))
+}
+
+fn when(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0).map_or_else(|| secs.to_string(), |t| t.to_rfc3339())
+}
+
+fn show(dir: &std::path::Path) -> anyhow::Result<()> {
+    let ca = load(dir)?;
+    println!("issuer:  {}", ca.common_name());
+    println!("domain:  {}", ca.trust_domain());
+    println!("sha256:  {}", ca.fingerprint());
+    println!("expires: {}", when(ca.not_after()));
+    let bundle = std::fs::read_to_string(dir.join("bundle.pem")).context("cannot read the trust bundle")?;
+    for pem in bundle.split_inclusive("-----END CERTIFICATE-----\n") {
+        if pem.contains("BEGIN CERTIFICATE") {
+            println!("trusted: {}", fingerprint(pem));
+        }
+    }
+    let mut issued: Vec<PathBuf> = [dir.to_path_buf(), dir.join("tools")]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "crt") && p.file_name().is_some_and(|n| n != "ca.crt"))
+        .collect();
+    issued.sort();
+    for path in issued {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let files = MeshFiles {
+            cert: path.clone(),
+            key: path.with_extension("key"),
+            bundle: dir.join("bundle.pem"),
+        };
+        match bazaar_kit::mesh::Tls::load(files) {
+            Ok(tls) => println!("issued:  {name} = {}", tls.identity()),
+            Err(e) => println!("issued:  {name}: {e}"),
+        }
+    }
+    Ok(())
+}
