@@ -169,3 +169,76 @@ fn show(dir: &std::path::Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// How long a role instance's certificate lives.
+const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// How long `up` waits before it renews the certificates (a third of their life).
+const RENEW_AFTER: Duration = Duration::from_secs(8 * 3600);
+
+/// The mesh `up` runs: the CA under DATA/mesh and a certificate per role instance, renewed a
+/// third of the way through their life and as soon as the CA is rotated.
+pub struct UpMesh {
+    dir: PathBuf,
+    /// (file name, role) of every certificate it keeps.
+    holders: Vec<(String, &'static str)>,
+    /// The CA that issued the current certificates.
+    issuer: String,
+    issued_at: std::time::Instant,
+}
+
+impl UpMesh {
+    /// Creates the CA when there is none and issues a certificate for each of `holders`
+    /// (file name, role).
+    pub fn start(settings: &Settings, holders: Vec<(String, &'static str)>) -> anyhow::Result<UpMesh> {
+        let dir = dir(settings);
+        let (ca, created) = ensure_ca(&dir, bazaar::roles::TRUST_DOMAIN)?;
+        if created {
+            tracing::info!(sha256 = %ca.fingerprint(), "mesh: created the CA");
+        }
+        let mut mesh = UpMesh {
+            dir,
+            holders,
+            issuer: String::new(),
+            issued_at: std::time::Instant::now(),
+        };
+        mesh.issue_all(&ca)?;
+        Ok(mesh)
+    }
+
+    fn issue_all(&mut self, ca: &Authority) -> anyhow::Result<()> {
+        for (file, role) in &self.holders {
+            let identity = Identity::role(ca.trust_domain(), role)?;
+            ca.issue(&identity, LEAF_LIFETIME)?
+                .write(&MeshFiles::in_dir(&self.dir, file))?;
+        }
+        self.issuer = ca.fingerprint();
+        self.issued_at = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Renews every certificate when they are a third through their life or the CA was
+    /// rotated; true when it did (the roles pick the new files up by themselves).
+    pub fn renew_if_due(&mut self) -> anyhow::Result<bool> {
+        let ca = load(&self.dir)?;
+        if ca.fingerprint() == self.issuer && self.issued_at.elapsed() < RENEW_AFTER {
+            return Ok(false);
+        }
+        self.issue_all(&ca)?;
+        Ok(true)
+    }
+
+    /// The files of holder `file`.
+    pub fn files(&self, file: &str) -> MeshFiles {
+        MeshFiles::in_dir(&self.dir, file)
+    }
+
+    /// The certificate, key and trust bundle (PEMs) of holder `file`.
+    pub fn pems(&self, file: &str) -> anyhow::Result<(String, String, String)> {
+        let files = self.files(file);
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        Ok((read(&files.cert)?, read(&files.key)?, read(&files.bundle)?))
+    }
+}

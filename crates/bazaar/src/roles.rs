@@ -125,6 +125,14 @@ pub static ROLES: [RoleSpec; 7] = [
 /// The gateway's admin listener (health, metrics, config) is at the base port plus this.
 pub const GATEWAY_ADMIN_OFFSET: u16 = 20;
 
+/// A service's plain health-and-metrics listener sits this far above its API port (orders:
+/// 8103 and 8203), for probes and scrapers that hold no mesh certificate.
+pub const ADMIN_PORT_OFFSET: u16 = 100;
+
+/// The trust domain of the identities `bazaar up` issues; the gateway reaches each service
+/// as the upstream `<service>.<trust domain>`, the name its certificate carries.
+pub const TRUST_DOMAIN: &str = "bazaar";
+
 /// Instance `k` of a service listens `k * REPLICA_STRIDE` above instance 0 (orders: 8103,
 /// 8113, 8123, ...), so every instance of every role has a port of its own.
 pub const REPLICA_STRIDE: u16 = 10;
@@ -241,7 +249,8 @@ impl RoleSpec {
     pub fn health_offset(&self) -> u16 {
         match self.kind {
             RoleKind::Gateway => GATEWAY_ADMIN_OFFSET,
-            _ => self.port_offset,
+            RoleKind::Service { .. } => self.port_offset + ADMIN_PORT_OFFSET,
+            RoleKind::Simulator { .. } => self.port_offset,
         }
     }
 }
@@ -262,6 +271,7 @@ pub fn port_offsets() -> Vec<u16> {
     let mut offsets: Vec<u16> = ROLES.iter().map(|r| r.port_offset).collect();
     for (role, _) in services() {
         offsets.extend((1..MAX_INSTANCES).map(|k| role.port_offset + k * REPLICA_STRIDE));
+        offsets.extend((0..MAX_INSTANCES).map(|k| role.port_offset + k * REPLICA_STRIDE + ADMIN_PORT_OFFSET));
     }
     offsets.extend(NATS_CLIENT_OFFSETS.iter().chain(&NATS_ROUTE_OFFSETS));
     offsets.push(GATEWAY_ADMIN_OFFSET);
@@ -397,6 +407,21 @@ pub struct Settings {
     /// The role's store URL (serve only). Default: BAZAAR_<ROLE>_STORE_URL or sqlite://DATA/<role>.db.
     #[arg(long, global = true, env = "BAZAAR_STORE_URL")]
     pub store: Option<String>,
+    /// This process's mesh certificate (PEM): with it a service's API speaks only mutual TLS.
+    /// `bazaar up` issues one per instance; without one a service serves plain HTTP and says
+    /// so loudly. Needs BAZAAR_MESH_KEY and BAZAAR_MESH_BUNDLE too.
+    #[arg(long, global = true, env = "BAZAAR_MESH_CERT")]
+    pub mesh_cert: Option<PathBuf>,
+    /// The mesh certificate's private key (PEM).
+    #[arg(long, global = true, env = "BAZAAR_MESH_KEY")]
+    pub mesh_key: Option<PathBuf>,
+    /// The mesh CA certificates to trust (PEM, one or more).
+    #[arg(long, global = true, env = "BAZAAR_MESH_BUNDLE")]
+    pub mesh_bundle: Option<PathBuf>,
+    /// The address every role is reached at by name over the mesh (`bazaar up`: 127.0.0.1).
+    /// Default: role names resolve through DNS, as Kubernetes Services do.
+    #[arg(long, global = true, env = "BAZAAR_PEER_IP", hide = true)]
+    pub peer_ip: Option<std::net::IpAddr>,
     /// Where the gateway and services load the users service's public token keys (a JWKS).
     /// Default: users on this machine, http://127.0.0.1:<users port>/.well-known/jwks.json.
     #[arg(long, global = true, env = "BAZAAR_JWKS_URL")]
@@ -481,7 +506,8 @@ impl Settings {
     pub fn instance_health_url(&self, role: Role, k: u16) -> String {
         let port = match role.kind {
             RoleKind::Gateway => self.base_port.saturating_add(GATEWAY_ADMIN_OFFSET),
-            _ => self.instance_port(role, k),
+            RoleKind::Service { .. } => self.instance_port(role, k).saturating_add(ADMIN_PORT_OFFSET),
+            RoleKind::Simulator { .. } => self.instance_port(role, k),
         };
         format!("http://127.0.0.1:{port}/health")
     }
@@ -501,12 +527,47 @@ impl Settings {
             .unwrap_or_else(|| self.data.join("kong.yml"))
     }
 
-    /// The URL of the users service's JWKS.
+    /// The URL of the users service's JWKS: over the mesh (`https://users:PORT/…`) when this
+    /// process has a mesh certificate.
     pub fn jwks_url(&self) -> String {
         self.jwks_url.clone().unwrap_or_else(|| {
             let users = RoleSpec::named(bazaar_users::SERVICE.name).map_or(0, |r| self.port(r));
-            format!("http://127.0.0.1:{users}{}", bazaar_kit::auth::JWKS_PATH)
+            match self.mesh_cert {
+                Some(_) => format!(
+                    "https://{}:{users}{}",
+                    bazaar_users::SERVICE.name,
+                    bazaar_kit::auth::JWKS_PATH
+                ),
+                None => format!("http://127.0.0.1:{users}{}", bazaar_kit::auth::JWKS_PATH),
+            }
         })
+    }
+
+    /// This process's mesh material, when all three files are set; an error naming what is
+    /// missing or unusable when only some are.
+    pub fn mesh(&self) -> anyhow::Result<Option<Arc<bazaar_kit::mesh::Tls>>> {
+        match (&self.mesh_cert, &self.mesh_key, &self.mesh_bundle) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(bundle)) => {
+                let files = bazaar_kit::mesh::MeshFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    bundle: bundle.clone(),
+                };
+                Ok(Some(Arc::new(bazaar_kit::mesh::Tls::load(files).context("mesh")?)))
+            }
+            _ => anyhow::bail!(
+                "BAZAAR_MESH_CERT, BAZAAR_MESH_KEY and BAZAAR_MESH_BUNDLE go together; set all three or none"
+            ),
+        }
+    }
+
+    /// Role names and where they are reached, for mesh clients (none: DNS).
+    pub fn peers(&self) -> Vec<(String, std::net::IpAddr)> {
+        match self.peer_ip {
+            Some(ip) => ROLES.iter().map(|r| (r.name.to_string(), ip)).collect(),
+            None => Vec::new(),
+        }
     }
 
     /// The admin password, creating DATA/admin.password on first use.
@@ -541,6 +602,7 @@ impl Settings {
         replicas: &Replicas,
         redis: Option<&str>,
         refresh: bool,
+        mesh: Option<&bazaar_gateway::DefaultMesh<'_>>,
     ) -> anyhow::Result<PathBuf> {
         let path = self.gateway_config();
         let generated =
@@ -549,7 +611,17 @@ impl Settings {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            let text = bazaar_gateway::default_config(&self.public_routes(replicas), redis, &self.jwks_url());
+            // Over the mesh the gateway reaches users' keys as it reaches users.
+            let jwks_uri = match mesh {
+                Some(mesh) => format!(
+                    "https://{}.{}{}",
+                    bazaar_users::SERVICE.name,
+                    mesh.trust_domain,
+                    bazaar_kit::auth::JWKS_PATH
+                ),
+                None => self.jwks_url(),
+            };
+            let text = bazaar_gateway::default_config(&self.public_routes(replicas), redis, &jwks_uri, mesh);
             write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(path)
@@ -673,13 +745,39 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
     });
     match role.kind {
         RoleKind::Service { spec, run } => {
+            let mesh = settings.mesh()?;
+            match &mesh {
+                Some(tls) => tracing::info!(identity = %tls.identity(), "mesh: serving the API over mutual TLS"),
+                None => tracing::warn!(
+                    "MESH OFF: the API is plain HTTP and takes any caller; set BAZAAR_MESH_CERT, BAZAAR_MESH_KEY and BAZAAR_MESH_BUNDLE (bazaar up does)"
+                ),
+            }
+            let tokens = match &mesh {
+                Some(tls) => {
+                    let (tls, peers) = (tls.clone(), settings.peers());
+                    bazaar_kit::auth::Verifier::jwks_with(
+                        &settings.jwks_url(),
+                        Arc::new(move || {
+                            bazaar_kit::mesh::http_client(&tls, std::time::Duration::from_secs(2), &peers)
+                                .map_err(|e| e.to_string())
+                        }),
+                    )
+                }
+                None => bazaar_kit::auth::Verifier::jwks(&settings.jwks_url()),
+            };
             let config = RoleConfig {
                 listen,
                 store_url: settings.store.clone().unwrap_or_else(|| settings.store_url(spec.name)),
                 broker_url: settings.broker_url(),
-                tokens: bazaar_kit::auth::Verifier::jwks(&settings.jwks_url()),
+                tokens,
                 drain_delay: std::time::Duration::from_millis(settings.drain_delay_ms),
                 listen_fd: settings.listen_fd,
+                mesh,
+                admin_listen: Some(SocketAddr::new(
+                    listen.ip(),
+                    listen.port().saturating_add(ADMIN_PORT_OFFSET),
+                )),
+                admin_listen_fd: settings.admin_listen_fd,
             };
             run(settings.clone(), config, shutdown).await.with_context(|| role.name)
         }
@@ -690,7 +788,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
 
 async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
     // `up` wrote the config for its layout; a lone gateway only fills in a missing one.
-    let config_path = settings.ensure_gateway_config(&Replicas::default(), None, false)?;
+    let config_path = settings.ensure_gateway_config(&Replicas::default(), None, false, None)?;
     let admin_listen = SocketAddr::new(listen.ip(), settings.admin_port());
     let opts = bazaar_gateway::GatewayOptions {
         config_path,
@@ -741,6 +839,10 @@ mod tests {
             listen: None,
             store: None,
             jwks_url: None,
+            mesh_cert: None,
+            mesh_key: None,
+            mesh_bundle: None,
+            peer_ip: None,
             gateway_config: None,
             json_logs: false,
             decline_rate: 0.0,
@@ -767,9 +869,10 @@ mod tests {
         ports.sort_unstable();
         ports.dedup();
         let replica_ports = services().count() * usize::from(MAX_INSTANCES - 1);
+        let admin_ports = services().count() * usize::from(MAX_INSTANCES);
         assert_eq!(
             ports.len(),
-            ROLES.len() + replica_ports + 6 + 1,
+            ROLES.len() + replica_ports + admin_ports + 6 + 1,
             "two instances share a port"
         );
         for (role, spec) in services() {
@@ -798,7 +901,7 @@ mod tests {
         );
         assert_eq!(
             s.health_url(RoleSpec::named("orders").unwrap()),
-            "http://127.0.0.1:8103/health"
+            "http://127.0.0.1:8203/health"
         );
     }
 
@@ -827,7 +930,7 @@ mod tests {
     fn the_default_gateway_config_is_valid_and_routes_every_service() {
         let dir = tempfile::tempdir().unwrap();
         let path = settings(dir.path())
-            .ensure_gateway_config(&Replicas::default(), None, true)
+            .ensure_gateway_config(&Replicas::default(), None, true, None)
             .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         bazaar_gateway::check_config_file(&path).unwrap_or_else(|p| panic!("{p:?}"));
@@ -877,7 +980,7 @@ mod tests {
         assert_eq!([0, 1, 2].map(|k| s.instance_port(orders, k)), [8103, 8113, 8123]);
         let replicas = Replicas::parse("orders=2").unwrap();
         let path = s
-            .ensure_gateway_config(&replicas, Some("redis://127.0.0.1:6379"), true)
+            .ensure_gateway_config(&replicas, Some("redis://127.0.0.1:6379"), true, None)
             .unwrap();
         bazaar_gateway::check_config_file(&path).unwrap_or_else(|p| panic!("{p:?}"));
         let text = std::fs::read_to_string(&path).unwrap();
@@ -887,7 +990,7 @@ mod tests {
         );
         // A file the operator claimed (marker line deleted) is never rewritten.
         std::fs::write(&path, text.replacen(bazaar_gateway::GENERATED_MARKER, "# mine", 1)).unwrap();
-        s.ensure_gateway_config(&Replicas::default(), None, true).unwrap();
+        s.ensure_gateway_config(&Replicas::default(), None, true, None).unwrap();
         assert!(std::fs::read_to_string(&path).unwrap().starts_with("# mine"));
     }
 

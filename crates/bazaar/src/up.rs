@@ -15,7 +15,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use bazaar::roles::{self, instance_name, stop_signal, Replicas, Role, RoleKind, Settings};
+use bazaar::roles::{self, instance_name, stop_signal, Replicas, Role, RoleKind, Settings, ADMIN_PORT_OFFSET};
 
 use crate::cluster;
 
@@ -53,6 +53,19 @@ pub struct UpArgs {
     /// (`<name>_orders`, ...), so several clusters can share one server.
     #[arg(long, default_value = "bazaar", value_parser = cluster_name)]
     cluster_name: String,
+    /// The built-in mesh: every service's API over mutual TLS with a certificate per
+    /// instance from the CA under DATA/mesh. `off` serves plain HTTP, for debugging only.
+    #[arg(long, env = "BAZAAR_MESH", value_enum, default_value_t = MeshMode::On)]
+    mesh: MeshMode,
+}
+
+/// Whether `up` runs the built-in mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MeshMode {
+    /// Mutual TLS on every hop to a service.
+    On,
+    /// Plain HTTP; any local process may call any service.
+    Off,
 }
 
 /// A cluster name: lowercase letters, digits and `_`, starting with a letter (it becomes
@@ -125,6 +138,8 @@ const DRAIN_WITHIN: Duration = Duration::from_secs(45);
 /// or provisioned by `--cluster`.
 struct Backends {
     broker: String,
+    /// Whether the roles run on the built-in mesh.
+    mesh: bool,
     /// Each service's own broker login, where the broker has users (`--cluster`).
     service_brokers: BTreeMap<&'static str, String>,
     stores: BTreeMap<&'static str, String>,
@@ -163,6 +178,7 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     };
     let mut backends = Backends {
         broker: settings.broker_url(),
+        mesh: false,
         service_brokers: BTreeMap::new(),
         stores: roles::services()
             .map(|(_, s)| (s.name, settings.store_url(s.name)))
@@ -189,6 +205,12 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     let role_ports = instances
         .iter()
         .map(|&(r, k)| (socket_name(r, k), settings.instance_port(r, k)))
+        .chain(instances.iter().filter(|(r, _)| r.service().is_some()).map(|&(r, k)| {
+            (
+                admin_socket_name(r, k),
+                settings.instance_port(r, k) + ADMIN_PORT_OFFSET,
+            )
+        }))
         .chain([(GATEWAY_ADMIN.to_string(), settings.admin_port())]);
     let mut sockets = HashMap::new();
     for (name, port) in role_ports {
@@ -211,7 +233,24 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         backends.stores = cluster::provision_postgres(&args.postgres, &settings.data, &args.cluster_name).await?;
         cluster::write_env(settings, &backends.broker, &backends.stores)?;
     }
-    let config = settings.ensure_gateway_config(&replicas, backends.redis.as_deref(), true)?;
+    // A certificate per service instance, and the gateway's (it goes into kong.yml).
+    let mut mesh = match args.mesh {
+        MeshMode::On => {
+            let holders = instances
+                .iter()
+                .filter(|(role, _)| role.service().is_some())
+                .map(|&(role, k)| (instance_name(role, k), role.name))
+                .chain([(GATEWAY_MESH_FILE.to_string(), GATEWAY_ROLE)])
+                .collect();
+            Some(crate::mesh::UpMesh::start(settings, holders)?)
+        }
+        MeshMode::Off => {
+            tracing::warn!("MESH OFF (--mesh off): services speak plain HTTP and take any caller; for debugging only");
+            None
+        }
+    };
+    backends.mesh = mesh.is_some();
+    let config = write_gateway_config(settings, &replicas, backends.redis.as_deref(), mesh.as_ref())?;
     let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
     let (lines, mut rx) = mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
@@ -229,7 +268,10 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         let shared = shared.clone();
         let ready = match role.kind {
             RoleKind::Gateway => format!("http://127.0.0.1:{}/health", settings.admin_port()),
-            _ => format!("http://127.0.0.1:{}/health/ready", settings.instance_port(role, k)),
+            _ => format!(
+                "http://127.0.0.1:{}/health/ready",
+                settings.instance_port(role, k) + ADMIN_PORT_OFFSET
+            ),
         };
         makers.push((
             Some(role),
@@ -278,11 +320,30 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     }
     let stop = stop_signal();
     tokio::pin!(stop);
+    let mut renewal_checked = Instant::now();
     loop {
         tokio::select! {
             _ = &mut stop => break,
             Some(request) = rollouts.recv() => rollout(&mut procs, request, &lines).await,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if let Some(mesh) = mesh.as_mut().filter(|_| renewal_checked.elapsed() >= RENEWAL_CHECK) {
+            renewal_checked = Instant::now();
+            match mesh.renew_if_due() {
+                Ok(true) => {
+                    let _ = lines.send(format!("{:>15} | mesh certificates renewed", "up"));
+                    if let Err(e) = write_gateway_config(settings, &replicas, shared.3.redis.as_deref(), Some(mesh)) {
+                        let _ = lines.send(format!(
+                            "{:>15} | cannot put the gateway's renewed certificate in its config: {e:#}",
+                            "up"
+                        ));
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    let _ = lines.send(format!("{:>15} | cannot renew the mesh certificates: {e:#}", "up"));
+                }
+            }
         }
         let mut gave_up = None;
         for p in procs.iter_mut() {
@@ -354,6 +415,35 @@ pub async fn request_rollout(settings: &Settings, roles: &[Role]) -> anyhow::Res
 
 /// The name `up` keeps the gateway admin's socket under.
 const GATEWAY_ADMIN: &str = "gateway admin";
+
+/// The role the gateway's mesh certificate names, and the files it is kept in.
+const GATEWAY_ROLE: &str = "gateway";
+const GATEWAY_MESH_FILE: &str = "gateway";
+
+/// How often `up` looks whether the mesh certificates are due for renewal.
+const RENEWAL_CHECK: Duration = Duration::from_secs(60);
+
+/// The name `up` keeps instance `k` of service `role`'s admin socket under.
+fn admin_socket_name(role: Role, k: u16) -> String {
+    format!("{} admin", instance_name(role, k))
+}
+
+/// Writes kong.yml for this layout (while bazaar generated it), over the mesh when there is one.
+fn write_gateway_config(
+    settings: &Settings,
+    replicas: &Replicas,
+    redis: Option<&str>,
+    mesh: Option<&crate::mesh::UpMesh>,
+) -> anyhow::Result<std::path::PathBuf> {
+    let pems = mesh.map(|m| m.pems(GATEWAY_MESH_FILE)).transpose()?;
+    let default_mesh = pems.as_ref().map(|(cert, key, bundle)| bazaar_gateway::DefaultMesh {
+        trust_domain: roles::TRUST_DOMAIN,
+        cert_pem: cert,
+        key_pem: key,
+        ca_pem: bundle,
+    });
+    settings.ensure_gateway_config(replicas, redis, true, default_mesh.as_ref())
+}
 
 /// The name `up` keeps instance `k` of `role`'s socket under: its own, or the role's when
 /// its instances share one (the gateway).
@@ -431,6 +521,39 @@ fn role_job(
         .with_context(|| format!("no socket held for {name}"))?
         .as_raw_fd()];
     cmd.env("BAZAAR_LISTEN_FD", "3");
+    for var in [
+        "BAZAAR_MESH_CERT",
+        "BAZAAR_MESH_KEY",
+        "BAZAAR_MESH_BUNDLE",
+        "BAZAAR_PEER_IP",
+    ] {
+        cmd.env_remove(var);
+    }
+    if role.service().is_some() {
+        fds.push(
+            sockets
+                .get(&admin_socket_name(role, k))
+                .with_context(|| format!("no admin socket held for {name}"))?
+                .as_raw_fd(),
+        );
+        cmd.env("BAZAAR_ADMIN_LISTEN_FD", "4");
+        if backends.mesh {
+            let files = bazaar_kit::mesh::MeshFiles::in_dir(&crate::mesh::dir(settings), &name);
+            let users = roles::RoleSpec::named(bazaar_users::SERVICE.name).map_or(0, |r| settings.port(r));
+            cmd.env("BAZAAR_MESH_CERT", &files.cert)
+                .env("BAZAAR_MESH_KEY", &files.key)
+                .env("BAZAAR_MESH_BUNDLE", &files.bundle)
+                .env("BAZAAR_PEER_IP", "127.0.0.1")
+                .env(
+                    "BAZAAR_JWKS_URL",
+                    format!(
+                        "https://{}:{users}{}",
+                        bazaar_users::SERVICE.name,
+                        bazaar_kit::auth::JWKS_PATH
+                    ),
+                );
+        }
+    }
     if matches!(role.kind, RoleKind::Gateway) {
         fds.push(
             sockets

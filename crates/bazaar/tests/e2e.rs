@@ -78,6 +78,37 @@ impl System {
         self.up.data().to_path_buf()
     }
 
+    /// A client holding a tool certificate from the system's mesh CA (as `bazaar mesh
+    /// issue` makes), that reaches every role by name on this machine.
+    fn mesh_client(&self, tool: &str) -> reqwest::Client {
+        use bazaar_kit::mesh::{Authority, Identity, MeshFiles, Tls, Workload};
+        let dir = self.data_dir().join("mesh");
+        let ca = Authority::load(&dir).expect("the mesh CA");
+        let files = MeshFiles::in_dir(&dir.join("tools"), tool);
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir.join("tools"))
+            .expect("tools dir");
+        ca.issue(
+            &Identity::new(ca.trust_domain(), Workload::Tool, tool).expect("a tool identity"),
+            Duration::from_secs(600),
+        )
+        .expect("a tool certificate")
+        .write(&files)
+        .expect("write it");
+        std::fs::copy(dir.join("bundle.pem"), &files.bundle).expect("the bundle");
+        let tls = Tls::load(files).expect("load it");
+        let peers: Vec<(String, std::net::IpAddr)> = roles::ROLES
+            .iter()
+            .map(|r| (r.name.to_string(), std::net::IpAddr::from([127, 0, 0, 1])))
+            .collect();
+        bazaar_kit::mesh::http_client(&tls, Duration::from_secs(10), &peers).expect("a mesh client")
+    }
+
+    /// `path` on instance 0 of service `role`, over the mesh.
+    fn service_url(&self, role: &str, path: &str) -> String {
+        format!("https://{role}:{}{path}", self.base() + port_offset(role))
+    }
+
     fn base(&self) -> u16 {
         self.up.base()
     }
@@ -425,14 +456,14 @@ async fn only_tokens_users_signed_pass_the_gateway_or_any_service_and_no_data_is
         ("notifications", "/notifications"),
         ("inventory", "/products"),
     ];
+    let mesh = sys.mesh_client("e2e");
     let direct = |role: &str, path: &str, token: &str| {
-        let url = format!("http://127.0.0.1:{}{path}", sys.base() + port_offset(role));
+        let url = sys.service_url(role, path);
         let request = if role == "inventory" {
-            sys.client
-                .post(url)
+            mesh.post(url)
                 .json(&json!({"sku": "FORGED", "name": "Forged", "priceCents": 1}))
         } else {
-            sys.client.get(url)
+            mesh.get(url)
         };
         request.bearer_auth(token.to_string()).send()
     };
@@ -480,6 +511,70 @@ async fn only_tokens_users_signed_pass_the_gateway_or_any_service_and_no_data_is
         !gateway_config.contains("secret:"),
         "the gateway holds no signing secret"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_ports_speak_only_mutual_tls_and_health_stays_on_the_plain_admin_ports() {
+    let sys = System::start(&[]).await;
+    let mesh = sys.mesh_client("probe");
+    for (role, _) in roles::services() {
+        let port = sys.base() + port_offset(role.name);
+        // Plain HTTP gets nothing from the API port; a mesh certificate gets an answer.
+        assert!(
+            sys.client
+                .get(format!("http://127.0.0.1:{port}/health"))
+                .send()
+                .await
+                .is_err(),
+            "{} answered plain HTTP",
+            role.name
+        );
+        let ready = mesh.get(sys.service_url(role.name, "/health/ready")).send().await;
+        assert_eq!(
+            ready.map(|r| r.status().as_u16()).ok(),
+            Some(200),
+            "{} over the mesh",
+            role.name
+        );
+        // The admin port answers probes and scrapers in plain HTTP, and nothing else.
+        let admin = port + roles::ADMIN_PORT_OFFSET;
+        let health = sys
+            .client
+            .get(format!("http://127.0.0.1:{admin}/health/ready"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200, "{} admin health", role.name);
+        let api = sys
+            .client
+            .get(format!("http://127.0.0.1:{admin}/orders"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(api.status(), 404, "{} serves its API on the admin port", role.name);
+    }
+    // A certificate from another CA, for a name the mesh knows, is refused at the handshake.
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = bazaar_kit::mesh::Authority::create("bazaar", Duration::from_secs(600)).unwrap();
+    let files = bazaar_kit::mesh::MeshFiles::in_dir(dir.path(), "gateway");
+    stranger
+        .issue(
+            &bazaar_kit::mesh::Identity::role("bazaar", "gateway").unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap()
+        .write(&files)
+        .unwrap();
+    std::fs::copy(sys.data_dir().join("mesh/bundle.pem"), &files.bundle).unwrap();
+    let forged = bazaar_kit::mesh::Tls::load(files).unwrap();
+    let peers = [("orders".to_string(), std::net::IpAddr::from([127, 0, 0, 1]))];
+    let mallory = bazaar_kit::mesh::http_client(&forged, Duration::from_secs(5), &peers).unwrap();
+    assert!(
+        mallory.get(sys.service_url("orders", "/orders")).send().await.is_err(),
+        "orders served a certificate from another CA"
+    );
+    let log = sys.log();
+    assert!(log.contains("serving the API over mutual TLS"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -898,7 +993,7 @@ async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
         .client
         .get(format!(
             "http://127.0.0.1:{}/metrics",
-            sys.base() + port_offset("orders")
+            sys.base() + port_offset("orders") + roles::ADMIN_PORT_OFFSET
         ))
         .send()
         .await
@@ -974,7 +1069,10 @@ async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
     );
     let health: Value = sys
         .client
-        .get(format!("http://127.0.0.1:{}/health", base + port_offset("payments")))
+        .get(format!(
+            "http://127.0.0.1:{}/health",
+            base + port_offset("payments") + roles::ADMIN_PORT_OFFSET
+        ))
         .send()
         .await
         .expect("payments health")

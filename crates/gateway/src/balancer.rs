@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 
 use crate::config::{Algorithm, Config, HealthyThresholds, UnhealthyThresholds};
 
-/// The HTTP client used both for proxying and for probes.
-pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The HTTP client used both for proxying and for probes (plain or TLS per connector).
+pub(crate) type HttpClient = Client<crate::tls::UpstreamConnector, Full<Bytes>>;
 
 /// What happened when a target was used or probed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,17 +314,20 @@ impl Balancers {
 
     /// Starts one active prober per upstream that asks for one. Each task holds only a weak
     /// reference, so it ends by itself once a reload or shutdown drops the balancer.
-    pub fn start_probes(&self, client: &HttpClient) {
-        for balancer in self.by_name.values() {
+    /// Starts the active probes; an upstream that https services use is probed over TLS
+    /// with their client (`by_upstream`), others with `plain`.
+    pub fn start_probes(&self, plain: &HttpClient, by_upstream: &HashMap<String, (HttpClient, &'static str)>) {
+        for (name, balancer) in &self.by_name {
             let active = &balancer.checks.active;
             if active.healthy.interval > 0.0 || active.unhealthy.interval > 0.0 {
-                tokio::spawn(probe_loop(Arc::downgrade(balancer), client.clone()));
+                let (client, scheme) = by_upstream.get(name).cloned().unwrap_or((plain.clone(), "http"));
+                tokio::spawn(probe_loop(Arc::downgrade(balancer), client, scheme));
             }
         }
     }
 }
 
-async fn probe_loop(balancer: Weak<UpstreamBalancer>, client: HttpClient) {
+async fn probe_loop(balancer: Weak<UpstreamBalancer>, client: HttpClient, scheme: &'static str) {
     let mut next_due: Vec<Instant> = Vec::new();
     loop {
         let Some(upstream) = balancer.upgrade() else { return };
@@ -346,7 +349,7 @@ async fn probe_loop(balancer: Weak<UpstreamBalancer>, client: HttpClient) {
                 continue;
             }
             next_due[index] = now + every;
-            let outcome = probe(&client, &target.address, &active.http_path, active.timeout).await;
+            let outcome = probe(&client, scheme, &target.address, &active.http_path, active.timeout).await;
             if let Some(flipped) = target.record(outcome, &active.healthy, &active.unhealthy) {
                 log_flip(&upstream.name, &target.address, flipped, "active");
             }
@@ -361,8 +364,8 @@ async fn probe_loop(balancer: Weak<UpstreamBalancer>, client: HttpClient) {
     }
 }
 
-async fn probe(client: &HttpClient, address: &str, path: &str, timeout_secs: f64) -> Outcome {
-    let Ok(request) = http::Request::get(format!("http://{address}{path}"))
+async fn probe(client: &HttpClient, scheme: &str, address: &str, path: &str, timeout_secs: f64) -> Outcome {
+    let Ok(request) = http::Request::get(format!("{scheme}://{address}{path}"))
         .header(http::header::USER_AGENT, "bazaar-gateway health check")
         .body(Full::new(Bytes::new()))
     else {

@@ -37,6 +37,10 @@ struct FileSpec {
     jwt_secrets: Vec<Value>,
     #[serde(default)]
     plugins: Vec<Value>,
+    #[serde(default)]
+    certificates: Vec<Value>,
+    #[serde(default)]
+    ca_certificates: Vec<Value>,
 }
 
 /// A reference to another entity: Kong accepts a bare name or `{name: …}` / `{id: …}`.
@@ -79,6 +83,27 @@ struct ServiceSpec {
     routes: Vec<Value>,
     #[serde(default)]
     plugins: Vec<Value>,
+    client_certificate: Option<EntityRef>,
+    tls_verify: Option<bool>,
+    #[allow(dead_code)]
+    tls_verify_depth: Option<u32>,
+    #[serde(default)]
+    ca_certificates: Vec<String>,
+}
+
+/// A client certificate and its key (Kong's `certificates`).
+#[derive(Debug, Deserialize)]
+struct CertificateSpec {
+    id: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+/// A CA certificate upstreams are verified against (Kong's `ca_certificates`).
+#[derive(Debug, Deserialize)]
+struct CaCertificateSpec {
+    id: Option<String>,
+    cert: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -314,6 +339,32 @@ pub(crate) struct Service {
     /// Longest wait, from sending the request, for the upstream's response head.
     pub read_timeout_ms: u64,
     pub retries: u32,
+    /// Set for `protocol: https`.
+    pub tls: Option<ServiceTls>,
+}
+
+/// How an https service is reached.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceTls {
+    /// Index into [`Config::certificates`]: presented to the upstream.
+    pub client_certificate: Option<usize>,
+    /// Verify the upstream's certificate against `ca_certificates`.
+    pub verify: bool,
+    /// Indexes into [`Config::ca_certificates`].
+    pub ca_certificates: Vec<usize>,
+}
+
+/// A certificate with its key, PEM.
+#[derive(Debug)]
+pub(crate) struct Certificate {
+    pub cert: String,
+    pub key: String,
+}
+
+/// A trusted CA certificate, PEM.
+#[derive(Debug)]
+pub(crate) struct CaCertificate {
+    pub cert: String,
 }
 
 /// A route: which requests belong to which service.
@@ -395,6 +446,8 @@ pub(crate) struct Config {
     pub consumers: Vec<Consumer>,
     pub jwt_secrets: Vec<JwtSecret>,
     pub plugins: Vec<PluginInstance>,
+    pub certificates: Vec<Certificate>,
+    pub ca_certificates: Vec<CaCertificate>,
 }
 
 /// Everything wrong with a config file, one located line each, such as
@@ -479,6 +532,8 @@ struct Builder {
     route_keys: HashMap<String, usize>,
     consumer_keys: HashMap<String, usize>,
     upstream_keys: HashMap<String, usize>,
+    certificate_keys: HashMap<String, usize>,
+    ca_certificate_keys: HashMap<String, usize>,
     routes: Vec<PendingRoute>,
     plugins: Vec<PendingPlugin>,
 }
@@ -501,6 +556,12 @@ impl Builder {
             Some(other) => self
                 .errors
                 .push(format!("_format_version: unsupported {other:?} (expected \"3.0\")")),
+        }
+        for (i, value) in file.certificates.into_iter().enumerate() {
+            self.certificate(format!("certificates[{i}]"), value);
+        }
+        for (i, value) in file.ca_certificates.into_iter().enumerate() {
+            self.ca_certificate(format!("ca_certificates[{i}]"), value);
         }
         for (i, value) in file.services.into_iter().enumerate() {
             self.service(format!("services[{i}]"), value);
@@ -552,11 +613,27 @@ impl Builder {
             }
         }
         let protocol = protocol.unwrap_or_else(|| "http".into());
-        if protocol != "http" {
-            self.errors.push(format!(
-                "{path}.protocol: {protocol:?} is not supported (only \"http\")"
-            ));
-        }
+        let tls = match protocol.as_str() {
+            "http" => {
+                if spec.client_certificate.is_some()
+                    || spec.tls_verify == Some(true)
+                    || !spec.ca_certificates.is_empty()
+                {
+                    self.errors.push(format!(
+                        "{path}: client_certificate, tls_verify and ca_certificates need protocol https"
+                    ));
+                }
+                None
+            }
+            "https" => Some(self.service_tls(&path, &spec)),
+            other => {
+                self.errors.push(format!(
+                    "{path}.protocol: {other:?} is not supported (\"http\" or \"https\")"
+                ));
+                None
+            }
+        };
+        let default_port = if tls.is_some() { 443 } else { 80 };
         let Some(host) = host.filter(|h| !h.is_empty()) else {
             self.errors.push(format!("{path}: needs a url or a host"));
             return;
@@ -583,11 +660,12 @@ impl Builder {
         self.config.services.push(Service {
             name: name.into(),
             host,
-            port: port.unwrap_or(80),
+            port: port.unwrap_or(default_port),
             path: svc_path,
             connect_timeout_ms: spec.connect_timeout,
             read_timeout_ms: spec.read_timeout,
             retries: spec.retries,
+            tls,
         });
         for (i, value) in spec.routes.into_iter().enumerate() {
             self.pending_route(format!("{path}.routes[{i}]"), value, Some(index));
@@ -595,6 +673,85 @@ impl Builder {
         for (i, value) in spec.plugins.into_iter().enumerate() {
             self.pending_plugin(format!("{path}.plugins[{i}]"), value, Some(index), None, None);
         }
+    }
+
+    /// The TLS settings of https service `spec`, its references resolved.
+    fn service_tls(&mut self, path: &str, spec: &ServiceSpec) -> ServiceTls {
+        let client_certificate = spec.client_certificate.as_ref().and_then(|reference| {
+            let key = reference.key().unwrap_or("");
+            let found = self.certificate_keys.get(key).copied();
+            if found.is_none() {
+                self.errors
+                    .push(format!("{path}.client_certificate: no certificate {key:?}"));
+            }
+            found
+        });
+        let mut ca_certificates = Vec::new();
+        for (i, id) in spec.ca_certificates.iter().enumerate() {
+            match self.ca_certificate_keys.get(id) {
+                Some(index) => ca_certificates.push(*index),
+                None => self
+                    .errors
+                    .push(format!("{path}.ca_certificates[{i}]: no CA certificate {id:?}")),
+            }
+        }
+        let verify = spec.tls_verify.unwrap_or(false);
+        if verify && ca_certificates.is_empty() {
+            self.errors.push(format!(
+                "{path}.ca_certificates: tls_verify needs the CA certificates to verify with (this gateway has no system store)"
+            ));
+        }
+        ServiceTls {
+            client_certificate,
+            verify,
+            ca_certificates,
+        }
+    }
+
+    fn certificate(&mut self, path: String, value: Value) {
+        let Some(spec) = self.parse::<CertificateSpec>(&path, value) else {
+            return;
+        };
+        let (Some(id), Some(cert), Some(key)) = (spec.id, spec.cert, spec.key) else {
+            self.errors.push(format!("{path}: needs id, cert and key"));
+            return;
+        };
+        if let Err(e) = crate::tls::certificates(&cert) {
+            self.errors.push(format!("{path}.cert: {e}"));
+        }
+        if let Err(e) = crate::tls::private_key(&key) {
+            self.errors.push(format!("{path}.key: {e}"));
+        }
+        if self
+            .certificate_keys
+            .insert(id.clone(), self.config.certificates.len())
+            .is_some()
+        {
+            self.errors.push(format!("{path}.id: duplicate certificate id {id:?}"));
+        }
+        self.config.certificates.push(Certificate { cert, key });
+    }
+
+    fn ca_certificate(&mut self, path: String, value: Value) {
+        let Some(spec) = self.parse::<CaCertificateSpec>(&path, value) else {
+            return;
+        };
+        let (Some(id), Some(cert)) = (spec.id, spec.cert) else {
+            self.errors.push(format!("{path}: needs id and cert"));
+            return;
+        };
+        if let Err(e) = crate::tls::certificates(&cert) {
+            self.errors.push(format!("{path}.cert: {e}"));
+        }
+        if self
+            .ca_certificate_keys
+            .insert(id.clone(), self.config.ca_certificates.len())
+            .is_some()
+        {
+            self.errors
+                .push(format!("{path}.id: duplicate CA certificate id {id:?}"));
+        }
+        self.config.ca_certificates.push(CaCertificate { cert });
     }
 
     fn pending_route(&mut self, path: String, value: Value, service: Option<usize>) {
@@ -912,9 +1069,23 @@ impl Builder {
             }
             Some(text) => match text.parse::<http::Uri>() {
                 Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => Some(uri),
+                // Reached as the gateway proxies to the service with that host.
+                Ok(uri)
+                    if uri.scheme_str() == Some("https")
+                        && uri.host().is_some_and(|h| {
+                            let port = uri.port_u16().unwrap_or(443);
+                            self.config
+                                .services
+                                .iter()
+                                .any(|s| s.host == h && s.port == port && s.tls.is_some())
+                        }) =>
+                {
+                    Some(uri)
+                }
                 _ => {
-                    self.errors
-                        .push(format!("{path}.jwks_uri: {text:?} is not an http:// URL"));
+                    self.errors.push(format!(
+                        "{path}.jwks_uri: {text:?} is neither an http:// URL nor an https:// one whose host is an https service's host"
+                    ));
                     None
                 }
             },

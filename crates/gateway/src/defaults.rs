@@ -37,15 +37,50 @@ pub struct DefaultRoute<'a> {
     pub jwt: bool,
 }
 
+/// The mesh a default config joins: every service is reached over mutual TLS as the upstream
+/// `<service>.<trust_domain>` (the name its certificate carries), presenting `cert_pem` and
+/// trusting `ca_pem`.
+#[derive(Debug, Clone)]
+pub struct DefaultMesh<'a> {
+    /// Names the upstreams.
+    pub trust_domain: &'a str,
+    /// The gateway's certificate (PEM).
+    pub cert_pem: &'a str,
+    /// Its key (PEM).
+    pub key_pem: &'a str,
+    /// The CA certificates to trust (PEM).
+    pub ca_pem: &'a str,
+}
+
 /// The YAML text of the gateway config used by `bazaar up`; tokens are verified with the
-/// keys of the JWKS at `jwks_uri` (the users service's). With `redis` (`redis://HOST:PORT`), rate-limit counters live there, shared by every
+/// keys of the JWKS at `jwks_uri` (the users service's). With `mesh`, services are reached
+/// over mutual TLS. With `redis` (`redis://HOST:PORT`), rate-limit counters live there, shared by every
 /// gateway instance; otherwise each gateway counts on its own.
-pub fn default_config(routes: &[DefaultRoute<'_>], redis: Option<&str>, jwks_uri: &str) -> String {
+pub fn default_config(
+    routes: &[DefaultRoute<'_>],
+    redis: Option<&str>,
+    jwks_uri: &str,
+    mesh: Option<&DefaultMesh<'_>>,
+) -> String {
     let mut out = format!(
         "{GENERATED_MARKER}\n# bazaar gateway configuration (Kong DB-less format).\n_format_version: \"3.0\"\n\n"
     );
+    let domain = mesh.map_or("bazaar", |m| m.trust_domain);
+    if let Some(mesh) = mesh {
+        let json = |text: &str| serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into());
+        // Writing into a String cannot fail.
+        let _ = write!(
+            out,
+            "# The gateway's mesh certificate (renewed by `bazaar up`) and the mesh CA.\ncertificates:\n  - id: bazaar-mesh\n    cert: {}\n    key: {}\nca_certificates:\n  - id: bazaar-mesh-ca\n    cert: {}\n\n",
+            json(mesh.cert_pem),
+            json(mesh.key_pem),
+            json(mesh.ca_pem)
+        );
+    }
+    // Over the mesh every service is an upstream, named as its certificate is.
+    let balanced = |route: &DefaultRoute<'_>| mesh.is_some() || route.targets.len() > 1;
     let mut upstreams: Vec<&str> = Vec::new();
-    for route in routes.iter().filter(|r| r.targets.len() > 1) {
+    for route in routes.iter().filter(|r| balanced(r)) {
         if upstreams.contains(&route.service) {
             continue;
         }
@@ -53,10 +88,9 @@ pub fn default_config(routes: &[DefaultRoute<'_>], redis: Option<&str>, jwks_uri
         if upstreams.len() == 1 {
             out.push_str("upstreams:\n");
         }
-        // Writing into a String cannot fail.
         let _ = write!(
             out,
-            "  - name: {}.bazaar\n    healthchecks:\n      active:\n        http_path: /health/ready\n        timeout: 1\n        healthy: {{interval: 1, successes: 1}}\n        unhealthy: {{interval: 1, http_failures: 1, tcp_failures: 1, timeouts: 2}}\n      passive:\n        unhealthy: {{tcp_failures: 1}}\n    targets:\n",
+            "  - name: {}.{domain}\n    healthchecks:\n      active:\n        http_path: /health/ready\n        timeout: 1\n        healthy: {{interval: 1, successes: 1}}\n        unhealthy: {{interval: 1, http_failures: 1, tcp_failures: 1, timeouts: 2}}\n      passive:\n        unhealthy: {{tcp_failures: 1}}\n    targets:\n",
             route.service
         );
         for port in &route.targets {
@@ -72,13 +106,20 @@ pub fn default_config(routes: &[DefaultRoute<'_>], redis: Option<&str>, jwks_uri
         }
         written.push(resource);
         let host = match first.targets.as_slice() {
-            [port] => format!("127.0.0.1:{port}"),
-            _ => format!("{}.bazaar", first.service),
+            [port] if !balanced(first) => format!("127.0.0.1:{port}"),
+            _ => format!("{}.{domain}", first.service),
         };
+        let scheme = if mesh.is_some() { "https" } else { "http" };
         let _ = write!(
             out,
-            "  - name: {resource}\n    url: http://{host}/{resource}\n    connect_timeout: 2000\n    read_timeout: 30000\n    retries: 2\n    routes:\n"
+            "  - name: {resource}\n    url: {scheme}://{host}/{resource}\n    connect_timeout: 2000\n    read_timeout: 30000\n    retries: 2\n"
         );
+        if mesh.is_some() {
+            out.push_str(
+                "    client_certificate: bazaar-mesh\n    tls_verify: true\n    ca_certificates: [bazaar-mesh-ca]\n",
+            );
+        }
+        out.push_str("    routes:\n");
         for route in routes.iter().filter(|r| r.resource == resource) {
             // The exact-path regex keeps registration from opening `POST /api/v1/users/{id}/…`.
             let prefix = route.prefix;
@@ -188,6 +229,7 @@ mod tests {
             &routes(),
             None,
             "http://127.0.0.1:8101/.well-known/jwks.json",
+            None,
         ))
         .unwrap();
         assert_eq!(config.summary(), "5 services, 7 routes, 1 consumer, 7 plugins");
@@ -203,11 +245,47 @@ mod tests {
     }
 
     #[test]
+    fn over_the_mesh_every_service_is_an_https_upstream_verified_by_its_name() {
+        use bazaar_kit::mesh::{Authority, Identity};
+        let ca = Authority::create("bazaar", std::time::Duration::from_secs(3600)).unwrap();
+        let leaf = ca
+            .issue(
+                &Identity::role("bazaar", "gateway").unwrap(),
+                std::time::Duration::from_secs(600),
+            )
+            .unwrap();
+        let mesh = DefaultMesh {
+            trust_domain: "bazaar",
+            cert_pem: &leaf.cert_pem,
+            key_pem: &leaf.key_pem,
+            ca_pem: ca.cert_pem(),
+        };
+        let text = default_config(
+            &routes(),
+            None,
+            "https://users.bazaar/.well-known/jwks.json",
+            Some(&mesh),
+        );
+        let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(config.upstreams.len(), 5, "one per serving service, single targets too");
+        for service in &config.services {
+            assert!(service.host.ends_with(".bazaar"), "{}", service.host);
+            let tls = service.tls.as_ref().expect("https");
+            assert!(tls.verify && tls.client_certificate.is_some() && !tls.ca_certificates.is_empty());
+        }
+        assert_eq!(
+            config.jwt_secrets[0].jwks_uri.as_ref().unwrap().scheme_str(),
+            Some("https")
+        );
+    }
+
+    #[test]
     fn default_routes_reach_the_right_paths_and_guard_the_right_ones() {
         let config = Config::parse(&default_config(
             &routes(),
             Some("redis://127.0.0.1:6379"),
             "http://127.0.0.1:8101/.well-known/jwks.json",
+            None,
         ))
         .unwrap();
         let router = Router::build(&config);

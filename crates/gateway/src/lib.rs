@@ -25,6 +25,7 @@ mod response;
 mod router;
 mod server;
 mod state;
+mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use config::ConfigProblems;
-pub use defaults::{default_config, DefaultRoute, GENERATED_MARKER};
+pub use defaults::{default_config, DefaultMesh, DefaultRoute, GENERATED_MARKER};
 pub use server::serve_with_listeners;
 
 /// What the gateway needs to run.

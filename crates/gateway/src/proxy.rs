@@ -373,7 +373,7 @@ async fn forward(
             None => None,
         };
         let address = guard.as_ref().map_or(runtime.address.as_str(), TargetGuard::address);
-        let Ok(uri) = format!("http://{address}{path_and_query}").parse::<Uri>() else {
+        let Ok(uri) = format!("{}://{address}{path_and_query}", runtime.scheme).parse::<Uri>() else {
             return response::message(StatusCode::BAD_REQUEST, "Bad request");
         };
         let mut upstream_request = Request::new(Full::new(body.clone()));

@@ -16,17 +16,20 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
 use crate::balancer::{Balancers, HttpClient, UpstreamBalancer};
-use crate::config::Config;
-use crate::plugins::jwt::Credentials;
+use crate::config::{Config, ServiceTls};
+use crate::plugins::jwt::{Credentials, JwksRoute};
 use crate::plugins::rate_limit::Limiter;
 use crate::plugins::PluginSet;
 use crate::router::Router;
+use crate::tls::{UpstreamConnector, UpstreamTls};
 
 /// How a service is reached.
 #[derive(Debug)]
 pub(crate) struct ServiceRuntime {
-    /// A pooled client whose connector applies this service's connect timeout.
+    /// A pooled client whose connector applies this service's connect timeout and TLS.
     pub client: HttpClient,
+    /// `http` or `https`.
+    pub scheme: &'static str,
     /// The upstream to balance over, when the service's host names one.
     pub upstream: Option<Arc<UpstreamBalancer>>,
     /// `host:port` for a service that names a host directly.
@@ -81,9 +84,9 @@ pub(crate) type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 pub(crate) struct Shared {
     snapshot: RwLock<Arc<Snapshot>>,
     pub limiter: Limiter,
-    /// One pooled client per distinct connect timeout, reused across reloads so keep-alive
-    /// connections to upstreams survive them.
-    clients: Mutex<HashMap<u64, HttpClient>>,
+    /// One pooled client per distinct connect timeout and TLS setting, reused across reloads
+    /// so keep-alive connections to upstreams survive them.
+    clients: Mutex<HashMap<String, HttpClient>>,
     pub stats: Stats,
     pub started: Instant,
     pub config_path: PathBuf,
@@ -121,50 +124,107 @@ impl Shared {
 }
 
 /// Compiles a config and starts its health probes.
-fn build_snapshot(config: Config, previous: Option<&Balancers>, clients: &Mutex<HashMap<u64, HttpClient>>) -> Snapshot {
+fn build_snapshot(
+    config: Config,
+    previous: Option<&Balancers>,
+    clients: &Mutex<HashMap<String, HttpClient>>,
+) -> Snapshot {
     let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
-    let mut client_for = |connect_timeout_ms: u64| {
+    let mut client_for = |connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>| {
+        let key = format!(
+            "{connect_timeout_ms}|{}",
+            tls.as_ref().map_or("", |t| t.fingerprint.as_str())
+        );
         clients
-            .entry(connect_timeout_ms)
+            .entry(key)
             .or_insert_with(|| {
                 let mut connector = HttpConnector::new();
                 connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
                 connector.set_nodelay(true);
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_secs(60))
-                    .build(connector)
+                    .build(UpstreamConnector::new(connector, tls))
             })
             .clone()
     };
     let balancers = Balancers::build(&config, previous);
-    let services = config
+    let mut probe_clients: HashMap<String, (HttpClient, &'static str)> = HashMap::new();
+    let services: Vec<ServiceRuntime> = config
         .services
         .iter()
         .map(|s| {
             let upstream = balancers.get(&s.host).cloned();
             let address = format!("{}:{}", s.host, s.port);
             // Kong sends the upstream's name as Host when balancing, else host[:port].
-            let host_text = if upstream.is_some() || s.port == 80 {
+            let default_port = if s.tls.is_some() { 443 } else { 80 };
+            let host_text = if upstream.is_some() || s.port == default_port {
                 s.host.clone()
             } else {
                 address.clone()
             };
+            let tls = s.tls.as_ref().and_then(|tls| upstream_tls(&config, &s.host, tls));
+            let scheme = if s.tls.is_some() { "https" } else { "http" };
+            let client = client_for(s.connect_timeout_ms, tls.clone());
+            if upstream.is_some() {
+                // Probes reach an upstream's targets as its services do.
+                probe_clients
+                    .entry(s.host.clone())
+                    .or_insert_with(|| (client_for(1000, tls), scheme));
+            }
             ServiceRuntime {
-                client: client_for(s.connect_timeout_ms),
+                client,
+                scheme,
                 upstream,
                 address,
                 host_header: HeaderValue::from_str(&host_text).unwrap_or(HeaderValue::from_static("localhost")),
             }
         })
         .collect();
-    balancers.start_probes(&client_for(1000));
+    balancers.start_probes(&client_for(1000, None), &probe_clients);
     Snapshot {
         router: Router::build(&config),
         plugins: PluginSet::build(&config),
-        credentials: Credentials::build(&config),
+        credentials: Credentials::build_with(&config, |uri| {
+            let https = uri.scheme_str() == Some("https");
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let index = config
+                .services
+                .iter()
+                .position(|s| Some(s.host.as_str()) == uri.host() && s.port == port && s.tls.is_some() == https)?;
+            let service: &ServiceRuntime = &services[index];
+            Some(JwksRoute {
+                client: service.client.clone(),
+                scheme: service.scheme,
+                upstream: service.upstream.clone(),
+                address: service.address.clone(),
+            })
+        }),
         balancers,
         services,
         loaded_at: SystemTime::now(),
         config,
+    }
+}
+
+/// The client TLS of an https service reaching `host`; config checking already reported
+/// anything that keeps it from being built, so a failure here only logs.
+fn upstream_tls(config: &Config, host: &str, tls: &ServiceTls) -> Option<Arc<UpstreamTls>> {
+    let client = tls.client_certificate.map(|i| {
+        (
+            config.certificates[i].cert.as_str(),
+            config.certificates[i].key.as_str(),
+        )
+    });
+    let roots: Vec<&str> = tls
+        .ca_certificates
+        .iter()
+        .map(|i| config.ca_certificates[*i].cert.as_str())
+        .collect();
+    match UpstreamTls::new(host, client, &roots, tls.verify) {
+        Ok(tls) => Some(Arc::new(tls)),
+        Err(e) => {
+            tracing::error!(host, error = %e, "cannot set up TLS to the upstream");
+            None
+        }
     }
 }

@@ -495,6 +495,116 @@ async fn jwt_answers_503_while_the_jwks_cannot_be_loaded() {
     assert!(message.contains("cannot load the keys"), "{message}");
 }
 
+/// A mesh CA in `dir` and the TLS files of `names` (roles) it issued.
+fn mesh(dir: &std::path::Path, names: &[&str]) -> (bazaar_kit::mesh::Authority, Vec<Arc<bazaar_kit::mesh::Tls>>) {
+    use bazaar_kit::mesh::{Authority, Identity, MeshFiles, Tls};
+    let ca = Authority::create("test", Duration::from_secs(3600)).unwrap();
+    let tls = names
+        .iter()
+        .map(|name| {
+            let files = MeshFiles::in_dir(dir, name);
+            ca.issue(&Identity::role("test", name).unwrap(), Duration::from_secs(600))
+                .unwrap()
+                .write(&files)
+                .unwrap();
+            std::fs::write(&files.bundle, ca.cert_pem()).unwrap();
+            Arc::new(Tls::load(files).unwrap())
+        })
+        .collect();
+    (ca, tls)
+}
+
+#[tokio::test]
+async fn https_upstreams_get_the_client_certificate_and_are_verified_like_kong() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, tls) = mesh(dir.path(), &["orders", "gateway"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app =
+        axum::Router::new().fallback(
+            |axum::Extension(bazaar_kit::mesh::PeerIdentity(caller)): axum::Extension<
+                bazaar_kit::mesh::PeerIdentity,
+            >| async move { caller.uri() },
+        );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(bazaar_kit::mesh::serve_mtls(listener, app, tls[0].clone(), async {
+        let _ = stopped.await;
+    }));
+    let pem = |path: &std::path::Path| serde_json::to_string(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let gateway_files = tls[1].files();
+    let stranger = bazaar_kit::mesh::Authority::create("test", Duration::from_secs(3600)).unwrap();
+    let config = format!(
+        r#"
+_format_version: "3.0"
+certificates:
+  - id: gateway-cert
+    cert: {cert}
+    key: {key}
+ca_certificates:
+  - id: mesh-ca
+    cert: {ca}
+  - id: stranger-ca
+    cert: {stranger}
+upstreams:
+  - name: orders
+    targets: [{{target: "127.0.0.1:{port}"}}]
+services:
+  - name: orders
+    url: https://orders/
+    client_certificate: gateway-cert
+    tls_verify: true
+    ca_certificates: [mesh-ca]
+    routes: [{{name: orders, paths: [/orders]}}]
+  - name: anonymous
+    url: https://orders/
+    tls_verify: true
+    ca_certificates: [mesh-ca]
+    retries: 0
+    routes: [{{name: anonymous, paths: [/anonymous]}}]
+  - name: wrong-ca
+    url: https://orders/
+    client_certificate: gateway-cert
+    tls_verify: true
+    ca_certificates: [stranger-ca]
+    retries: 0
+    routes: [{{name: wrong-ca, paths: [/wrong-ca]}}]
+"#,
+        cert = pem(&gateway_files.cert),
+        key = pem(&gateway_files.key),
+        ca = serde_json::to_string(ca.cert_pem()).unwrap(),
+        stranger = serde_json::to_string(stranger.cert_pem()).unwrap(),
+    );
+    let gw = Gateway::start(&config).await;
+    let answer = client().get(gw.url("/orders/1")).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.text().await.unwrap(),
+        "spiffe://test/role/gateway",
+        "orders saw the gateway's identity"
+    );
+    for (path, why) in [
+        ("/anonymous", "no client certificate"),
+        ("/wrong-ca", "orders is not signed by the trusted CA"),
+    ] {
+        let refused = client().get(gw.url(path)).send().await.unwrap();
+        assert_eq!(refused.status(), 502, "{path}: {why}");
+    }
+    gw.shutdown().await;
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+
+    // What the config check says about TLS settings that cannot work.
+    let problems = |text: &str| {
+        let path = dir.path().join("bad.yml");
+        std::fs::write(&path, text).unwrap();
+        bazaar_gateway::check_config_file(&path).unwrap_err().lines().join("\n")
+    };
+    let bad = problems("_format_version: \"3.0\"\nservices:\n  - {name: a, url: https://a/, tls_verify: true, client_certificate: nope}\n  - {name: b, url: http://b/, tls_verify: true}\n");
+    assert!(bad.contains("client_certificate: no certificate \"nope\""), "{bad}");
+    assert!(bad.contains("tls_verify needs the CA certificates"), "{bad}");
+    assert!(bad.contains("need protocol https"), "{bad}");
+}
+
 #[tokio::test]
 async fn rate_limiting_refuses_after_the_limit_with_kong_headers() {
     let up = Upstream::start("inventory").await;
@@ -1042,7 +1152,7 @@ async fn check_config_file_lists_every_problem() {
     };
     std::fs::write(
         &path,
-        bazaar_gateway::default_config(&[route], None, "http://127.0.0.1:3/.well-known/jwks.json"),
+        bazaar_gateway::default_config(&[route], None, "http://127.0.0.1:3/.well-known/jwks.json", None),
     )
     .unwrap();
     assert_eq!(

@@ -318,12 +318,21 @@ impl Verifier {
             .timeout(Duration::from_secs(2))
             .build()
             .unwrap_or_default();
+        Verifier::jwks_with(url, Arc::new(move || Ok(client.clone())))
+    }
+
+    /// A verifier that loads the JWKS from `url` with a client `client` makes for each load
+    /// (a mesh client, say, so a renewed certificate is used from the next load on).
+    pub fn jwks_with(url: &str, client: Arc<dyn Fn() -> Result<reqwest::Client, String> + Send + Sync>) -> Verifier {
         let target = url.to_string();
         Verifier::new(
             url,
             Arc::new(move || {
-                let (client, url) = (client.clone(), target.clone());
-                Box::pin(async move { fetch_jwks(&client, &url).await })
+                let (client, url) = (client(), target.clone());
+                Box::pin(async move {
+                    let client = client.map_err(|e| AuthError::KeysUnavailable(format!("{url}: {e}")))?;
+                    fetch_jwks(&client, &url).await
+                })
             }),
         )
     }

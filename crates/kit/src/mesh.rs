@@ -2,8 +2,8 @@
 //!
 //! An installation has a mesh CA ([`Authority`]); it issues each role instance a short-lived
 //! certificate ([`Leaf`]) whose identity is a SPIFFE-style URI SAN,
-//! `spiffe://<trust-domain>/role/<role>` ([`Identity`]), beside a DNS SAN
-//! `<role>.<trust-domain>` that clients name as the TLS server name, so stock WebPKI
+//! `spiffe://<trust-domain>/role/<role>` ([`Identity`]), beside DNS SANs `<role>` and
+//! `<role>.<trust-domain>`; clients name the role as the TLS server name, so stock WebPKI
 //! verification checks *which role* answered, whatever address it was reached on. Servers
 //! demand a client certificate from a trusted CA; [`peer_identity`] reads who the client is.
 //! Connections are TLS 1.3 only, on rustls with ring.
@@ -164,12 +164,21 @@ impl Identity {
         &self.trust_domain
     }
 
-    /// The DNS name its certificate carries and clients verify: `<name>.<trust-domain>` for a
-    /// role, `<name>.tool.<trust-domain>` for a tool.
+    /// The DNS name clients verify: the role's name, as a Kubernetes Service of that name
+    /// is reached (`https://orders:8103`); `<name>.tool.<trust-domain>` for a tool.
     pub fn server_name(&self) -> String {
         match self.kind {
-            Workload::Role => format!("{}.{}", self.name, self.trust_domain),
+            Workload::Role => self.name.clone(),
             Workload::Tool => format!("{}.tool.{}", self.name, self.trust_domain),
+        }
+    }
+
+    /// The DNS names its certificate carries: the server name, and for a role also
+    /// `<name>.<trust-domain>`.
+    pub fn dns_names(&self) -> Vec<String> {
+        match self.kind {
+            Workload::Role => vec![self.name.clone(), format!("{}.{}", self.name, self.trust_domain)],
+            Workload::Tool => vec![self.server_name()],
         }
     }
 }
@@ -339,11 +348,11 @@ impl Authority {
         name.push(DnType::CommonName, identity.uri());
         params.distinguished_name = name;
         let uri = identity.uri().try_into().map_err(|e| generate("the URI SAN", e))?;
-        let dns = identity
-            .server_name()
-            .try_into()
-            .map_err(|e| generate("the DNS SAN", e))?;
-        params.subject_alt_names = vec![SanType::URI(uri), SanType::DnsName(dns)];
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        for name in identity.dns_names() {
+            let dns = name.try_into().map_err(|e| generate("a DNS SAN", e))?;
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -589,6 +598,104 @@ impl TlsState {
     }
 }
 
+/// Who called, on a connection the mesh authenticated; every request served by
+/// [`serve_mtls`] carries it in its extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub Identity);
+
+/// How long a client gets to complete the TLS handshake before the connection is cut.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long open connections get to finish once `stop` has fired.
+const CLOSE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Serves `router` over mutual TLS on `listener` until `stop` resolves, then lets open
+/// requests finish (up to 30 s). A client without a certificate from the trust bundle fails
+/// the handshake; every request carries its caller's [`PeerIdentity`]. Each accepted
+/// connection uses the configuration current at that moment, so renewed certificates apply
+/// to new connections at once.
+pub async fn serve_mtls(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tls: Arc<Tls>,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use tower::ServiceExt;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = tokio_util::task::TaskTracker::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, say: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        let (router, builder, watcher) = (router.clone(), builder.clone(), graceful.watcher());
+        connections.spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    metrics::counter!("bazaar_mesh_handshake_failures_total").increment(1);
+                    tracing::info!(%peer, error = %e, "mesh: handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("bazaar_mesh_handshake_failures_total").increment(1);
+                    tracing::info!(%peer, "mesh: handshake not finished in time");
+                    return;
+                }
+            };
+            let Some(identity) = stream.get_ref().1.peer_certificates().and_then(peer_identity) else {
+                tracing::info!(%peer, "mesh: a trusted certificate without a workload identity");
+                return;
+            };
+            let caller = PeerIdentity(identity);
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(caller.clone());
+                router.clone().oneshot(request.map(axum::body::Body::new))
+            });
+            let connection = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "mesh: connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(CLOSE_LIMIT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("mesh: connections still open after {CLOSE_LIMIT:?}; closing them");
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+/// A client that presents this workload's certificate and trusts the bundle; each of
+/// `peers` (a role's server name and the IP it is reached at) is resolved there, so
+/// `https://users:8101/…` reaches users on this machine and verifies that users answered.
+pub fn http_client(
+    tls: &Tls,
+    timeout: Duration,
+    peers: &[(String, std::net::IpAddr)],
+) -> Result<reqwest::Client, MeshError> {
+    let mut builder = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls.client_config()).clone())
+        .timeout(timeout);
+    for (name, ip) in peers {
+        builder = builder.resolve(name, std::net::SocketAddr::new(*ip, 0));
+    }
+    builder.build().map_err(|e| MeshError::Tls(e.to_string()))
+}
+
 /// The TLS server name to verify when connecting to `identity`.
 pub fn server_name(identity: &Identity) -> Result<ServerName<'static>, MeshError> {
     ServerName::try_from(identity.server_name()).map_err(|e| MeshError::BadIdentity(format!("{identity}: {e}")))
@@ -782,8 +889,9 @@ mod tests {
         let id = Identity::parse("spiffe://bazaar.local/role/orders").unwrap();
         assert_eq!(
             (id.name(), id.kind(), id.server_name().as_str()),
-            ("orders", Workload::Role, "orders.bazaar.local")
+            ("orders", Workload::Role, "orders")
         );
+        assert_eq!(id.dns_names(), ["orders", "orders.bazaar.local"]);
         assert_eq!(id.uri(), "spiffe://bazaar.local/role/orders");
         for bad in [
             "spiffe://bazaar.local/orders",
@@ -870,7 +978,7 @@ mod tests {
         let refused = handshake(&orders, Some(&f.gateway), &f.gateway, &f.users_id)
             .await
             .unwrap_err();
-        assert!(refused.contains("not valid for name"), "{refused}");
+        assert!(refused.contains("not valid for name \"users\""), "{refused}");
     }
 
     #[tokio::test]

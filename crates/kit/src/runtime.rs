@@ -15,6 +15,7 @@ use crate::{
     broker::{self, BrokerError, SharedBroker},
     consumer::{self, ConsumerConfig, Handler},
     health::{Draining, Health},
+    mesh::Tls,
     outbox::{self, Outbox},
     service::ServiceSpec,
     shutdown::Shutdown,
@@ -28,6 +29,9 @@ pub const OUTBOX_LAG_LIMIT: Duration = Duration::from_secs(60);
 /// stops after its current delivery or round (short transactions), so this is a backstop;
 /// whatever a task had not acked is redelivered to another instance.
 pub const TASK_DRAIN_LIMIT: Duration = Duration::from_secs(20);
+
+/// How often a role looks for renewed mesh certificates.
+pub const MESH_RELOAD_PERIOD: Duration = Duration::from_secs(5);
 
 /// Settings every service role reads (from flags or `BAZAAR_*` variables in the binary).
 #[derive(Debug, Clone)]
@@ -48,6 +52,14 @@ pub struct RoleConfig {
     /// its port's socket, so a replacement accepts from the same queue and nothing queued is
     /// refused while one process hands over to the next); bind `listen` when `None`.
     pub listen_fd: Option<std::os::fd::RawFd>,
+    /// The role's mesh certificate: its API listener then speaks only mutual TLS and every
+    /// request names its caller. `None` serves plain HTTP.
+    pub mesh: Option<Arc<Tls>>,
+    /// Where `/health*` and `/metrics` are also served in plain HTTP, and nothing else, for
+    /// probes and scrapers that hold no mesh certificate.
+    pub admin_listen: Option<SocketAddr>,
+    /// An inherited socket for the admin listener (as `listen_fd`).
+    pub admin_listen_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Why a role could not start or stopped with an error.
@@ -93,6 +105,9 @@ pub struct Runtime {
     pub draining: Draining,
     drain_delay: Duration,
     listen_fd: Option<std::os::fd::RawFd>,
+    mesh: Option<Arc<Tls>>,
+    admin_listen: Option<SocketAddr>,
+    admin_listen_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Runtime {
@@ -119,7 +134,25 @@ impl Runtime {
             draining: Draining::default(),
             drain_delay: config.drain_delay,
             listen_fd: config.listen_fd,
+            mesh: config.mesh.clone(),
+            admin_listen: config.admin_listen,
+            admin_listen_fd: config.admin_listen_fd,
         };
+        if let Some(tls) = rt.mesh.clone() {
+            // Renewed certificates (and a rotated trust bundle) apply without a restart.
+            rt.every(MESH_RELOAD_PERIOD, move || {
+                let tls = tls.clone();
+                async move {
+                    match tls.reload_if_changed() {
+                        Ok(true) => tracing::info!(identity = %tls.identity(), "mesh: renewed certificate loaded"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "mesh: cannot load the renewed certificate; keeping the old one")
+                        }
+                    }
+                }
+            });
+        }
         rt.own(
             "outbox relay",
             rt.outbox.spawn_relay(rt.broker.clone(), rt.shutdown.clone()),
@@ -229,15 +262,16 @@ impl Runtime {
         });
     }
 
-    /// Serves `api` plus `health`'s routes on `addr` until shutdown.
+    /// Serves `api` plus `health`'s routes on `addr` (and health alone on the admin
+    /// listener, when configured) until shutdown.
     pub async fn serve(&self, addr: SocketAddr, api: Router, health: Health) -> Result<(), ServiceError> {
-        let listener = match self.listen_fd {
-            Some(fd) => inherited_listener(fd).map_err(|source| ServiceError::Listen { addr, source })?,
-            None => tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServiceError::Listen { addr, source })?,
+        let listener = listen(addr, self.listen_fd).await?;
+        let admin = match (self.admin_listen, self.admin_listen_fd) {
+            (Some(addr), fd) => Some(listen(addr, fd).await?),
+            (None, Some(fd)) => Some(listen(([127, 0, 0, 1], 0).into(), Some(fd)).await?),
+            (None, None) => None,
         };
-        self.serve_on(listener, api, health).await
+        self.serve_with_admin(listener, admin, api, health).await
     }
 
     /// Serves on an already bound listener (tests bind port 0); once shutdown fires and HTTP
@@ -248,36 +282,86 @@ impl Runtime {
         api: Router,
         health: Health,
     ) -> Result<(), ServiceError> {
+        self.serve_with_admin(listener, None, api, health).await
+    }
+
+    /// Serves the API on `listener` (over mutual TLS when the role has a mesh certificate)
+    /// and health alone on `admin` in plain HTTP; once shutdown fires and both have drained,
+    /// waits for every background task (up to [`TASK_DRAIN_LIMIT`]).
+    pub async fn serve_with_admin(
+        &self,
+        listener: tokio::net::TcpListener,
+        admin: Option<tokio::net::TcpListener>,
+        api: Router,
+        health: Health,
+    ) -> Result<(), ServiceError> {
         let addr = listener.local_addr().map_err(|source| ServiceError::Listen {
             addr: ([0, 0, 0, 0], 0).into(),
             source,
         })?;
-        let router = self.app(api, health);
-        tracing::info!(role = self.spec.name, %addr, "listening");
+        let health = health.routes();
+        let router = self.app_with(api, health.clone());
+        let mode = if self.mesh.is_some() {
+            "mutual TLS"
+        } else {
+            "plain HTTP"
+        };
+        tracing::info!(role = self.spec.name, %addr, mode, "listening");
+        let api_served = async {
+            match &self.mesh {
+                Some(tls) => crate::mesh::serve_mtls(listener, router, tls.clone(), self.stopping()).await,
+                None => {
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(self.stopping())
+                        .await
+                }
+            }
+            .map_err(|source| ServiceError::Listen { addr, source })
+        };
+        let admin_served = async {
+            let Some(admin) = admin else { return Ok(()) };
+            let admin_addr = admin.local_addr().unwrap_or(addr);
+            tracing::info!(role = self.spec.name, addr = %admin_addr, "health and metrics listening (plain HTTP)");
+            axum::serve(admin, crate::http::finish(health))
+                .with_graceful_shutdown(self.stopping())
+                .await
+                .map_err(|source| ServiceError::Listen {
+                    addr: admin_addr,
+                    source,
+                })
+        };
+        let (api, admin) = tokio::join!(api_served, admin_served);
+        api?;
+        admin?;
+        self.stop_tasks().await;
+        Ok(())
+    }
+
+    /// Resolves when a stopping role should stop accepting: after shutdown fires, readiness
+    /// turns false, and the drain delay passes.
+    fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
         let (mut stop, draining, delay) = (self.shutdown.clone(), self.draining.clone(), self.drain_delay);
-        let stopping = async move {
+        async move {
             stop.wait().await;
-            draining.start();
-            if !delay.is_zero() {
+            if !draining.is_draining() && !delay.is_zero() {
                 tracing::info!(
                     delay_ms = delay.as_millis() as u64,
                     "draining: not ready, still serving"
                 );
-                tokio::time::sleep(delay).await;
             }
-        };
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stopping)
-            .await
-            .map_err(|source| ServiceError::Listen { addr, source })?;
-        self.stop_tasks().await;
-        Ok(())
+            draining.start();
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// The role's whole HTTP app as it is served: `api` plus `health`'s routes, the token
     /// verifier and the shared layers. Tests call it without a socket.
     pub fn app(&self, api: Router, health: Health) -> Router {
-        crate::http::finish(api.merge(health.routes()).layer(axum::Extension(self.tokens.clone())))
+        self.app_with(api, health.routes())
+    }
+
+    fn app_with(&self, api: Router, health: Router) -> Router {
+        crate::http::finish(api.merge(health).layer(axum::Extension(self.tokens.clone())))
     }
 
     /// Waits for every background task to end (they watch [`Runtime::shutdown`]).
@@ -292,6 +376,16 @@ impl Runtime {
         } else {
             tracing::info!(role = self.spec.name, "every background task finished");
         }
+    }
+}
+
+/// The inherited socket `fd`, or a new one bound to `addr`.
+async fn listen(addr: SocketAddr, fd: Option<std::os::fd::RawFd>) -> Result<tokio::net::TcpListener, ServiceError> {
+    match fd {
+        Some(fd) => inherited_listener(fd).map_err(|source| ServiceError::Listen { addr, source }),
+        None => tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServiceError::Listen { addr, source }),
     }
 }
 

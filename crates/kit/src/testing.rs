@@ -167,6 +167,9 @@ impl TestRole {
             tokens: Verifier::fixed(trusted),
             drain_delay: std::time::Duration::ZERO,
             listen_fd: None,
+            mesh: None,
+            admin_listen: None,
+            admin_listen_fd: None,
         };
         let (stop, shutdown) = shutdown::channel();
         let rt = Runtime::start(spec, &config, shutdown)

@@ -1,6 +1,8 @@
 //! The role runtime owns its background tasks: a stopping role finishes the delivery its
 //! consumer is handling before `serve` returns, and a consumer of a topic the service's spec
-//! does not list is refused.
+//! does not list is refused. With a mesh certificate its API speaks only mutual TLS and names
+//! each caller, while health and metrics stay on a plain admin listener that serves nothing
+//! else.
 
 use std::{
     sync::{
@@ -13,6 +15,7 @@ use std::{
 use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::{Envelope, Metadata},
+    mesh::{Authority, Identity, MeshFiles, PeerIdentity, Tls, Workload},
     runtime::{RoleConfig, Runtime, ServiceError},
     service::ServiceSpec,
     shutdown,
@@ -67,6 +70,10 @@ impl Slow {
 
 /// The test role on a store and embedded broker in `dir`, and the trigger that stops it.
 async fn start(dir: &std::path::Path) -> (shutdown::ShutdownTrigger, Runtime) {
+    start_with(dir, None).await
+}
+
+async fn start_with(dir: &std::path::Path, mesh: Option<Arc<Tls>>) -> (shutdown::ShutdownTrigger, Runtime) {
     let config = RoleConfig {
         listen: ([127, 0, 0, 1], 0).into(),
         store_url: format!("sqlite://{}/role.db", dir.display()),
@@ -74,6 +81,9 @@ async fn start(dir: &std::path::Path) -> (shutdown::ShutdownTrigger, Runtime) {
         tokens: bazaar_kit::auth::Verifier::fixed(Default::default()),
         drain_delay: std::time::Duration::ZERO,
         listen_fd: None,
+        mesh,
+        admin_listen: None,
+        admin_listen_fd: None,
     };
     let (stop, shut) = shutdown::channel();
     let rt = Runtime::start(&SPEC, &config, shut).await.expect("start");
@@ -131,4 +141,123 @@ async fn a_consumer_of_a_topic_the_spec_does_not_list_is_refused() {
     let mut other_group = rt.consumer(TOPIC);
     other_group.group = "someone-else".into();
     assert!(rt.consume(other_group, handler).is_err(), "a foreign group is refused");
+}
+
+/// Certificates for `names` (roles, then tools prefixed `tool:`) from one new CA in `dir`.
+fn mesh_files(dir: &std::path::Path, names: &[&str]) -> Vec<Arc<Tls>> {
+    let ca = Authority::create("test.local", Duration::from_secs(3600)).expect("a CA");
+    names
+        .iter()
+        .map(|name| {
+            let identity = match name.strip_prefix("tool:") {
+                Some(tool) => Identity::new("test.local", Workload::Tool, tool),
+                None => Identity::role("test.local", name),
+            }
+            .expect("an identity");
+            let file = name.replace(':', "-");
+            let files = MeshFiles::in_dir(dir, &file);
+            ca.issue(&identity, Duration::from_secs(600))
+                .expect("a leaf")
+                .write(&files)
+                .expect("write");
+            std::fs::write(&files.bundle, ca.cert_pem()).expect("bundle");
+            Arc::new(Tls::load(files).expect("load"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_mesh_certificate_the_api_speaks_only_mutual_tls_and_health_stays_plain_on_the_admin_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = mesh_files(dir.path(), &["runtime-test", "tool:probe"]);
+    let (stop, rt) = start_with(dir.path(), Some(tls[0].clone())).await;
+    let api = axum::Router::new().route(
+        "/whoami",
+        axum::routing::get(
+            |axum::Extension(PeerIdentity(caller)): axum::Extension<PeerIdentity>| async move { caller.uri() },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (port, admin_port) = (
+        listener.local_addr().unwrap().port(),
+        admin.local_addr().unwrap().port(),
+    );
+    let serving = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.serve_with_admin(listener, Some(admin), api, rt.health()).await })
+    };
+    let plain = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+
+    // A caller with the mesh's certificate is served and named.
+    let peers = [("runtime-test".to_string(), std::net::IpAddr::from([127, 0, 0, 1]))];
+    let mesh = bazaar_kit::mesh::http_client(&tls[1], Duration::from_secs(5), &peers).expect("a mesh client");
+    let answer = mesh
+        .get(format!("https://runtime-test:{port}/whoami"))
+        .send()
+        .await
+        .expect("served over mTLS");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text().await.unwrap(), "spiffe://test.local/tool/probe");
+    let ready = mesh
+        .get(format!("https://runtime-test:{port}/health/ready"))
+        .send()
+        .await
+        .expect("health over mTLS");
+    assert_eq!(ready.status(), 200);
+
+    // Plain HTTP, or TLS without a client certificate, gets nothing from the API port.
+    assert!(plain
+        .get(format!("http://127.0.0.1:{port}/whoami"))
+        .send()
+        .await
+        .is_err());
+    let anonymous = reqwest::Client::builder()
+        .use_preconfigured_tls({
+            let mut roots = rustls::RootCertStore::empty();
+            let bundle = std::fs::read(&tls[1].files().bundle).unwrap();
+            for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&bundle) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        })
+        .resolve("runtime-test", ([127, 0, 0, 1], 0).into())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    assert!(
+        anonymous
+            .get(format!("https://runtime-test:{port}/whoami"))
+            .send()
+            .await
+            .is_err(),
+        "served a client without a certificate"
+    );
+
+    // The admin port serves health and metrics in plain HTTP, and nothing else.
+    for path in ["/health", "/health/ready", "/health/live", "/metrics"] {
+        let status = plain
+            .get(format!("http://127.0.0.1:{admin_port}{path}"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "{path}");
+    }
+    let api_on_admin = plain
+        .get(format!("http://127.0.0.1:{admin_port}/whoami"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api_on_admin.status(), 404);
+
+    stop.trigger();
+    serving.await.expect("join").expect("serve");
 }

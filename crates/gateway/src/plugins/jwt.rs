@@ -148,8 +148,15 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// Prepares verification keys for every `jwt_secrets` entry.
+    /// Prepares verification keys for every `jwt_secrets` entry, each JWKS fetched directly.
+    #[cfg(test)]
     pub fn build(config: &Config) -> Credentials {
+        Credentials::build_with(config, |_| None)
+    }
+
+    /// Prepares verification keys, reaching each JWKS whose host is a service's host the way
+    /// the gateway proxies to that service (`route_for`): over its upstream and TLS.
+    pub fn build_with(config: &Config, route_for: impl Fn(&http::Uri) -> Option<JwksRoute>) -> Credentials {
         let mut by_key = HashMap::new();
         for secret in &config.jwt_secrets {
             // Config loading already rejected unknown algorithms and bad PEMs.
@@ -172,7 +179,10 @@ impl Credentials {
                 (_, Some(pem)) => (rsa_public_key_der(pem).ok(), None),
                 (_, None) => (None, None),
             };
-            let jwks = secret.jwks_uri.clone().map(|uri| Arc::new(JwksKeys::new(uri)));
+            let jwks = secret.jwks_uri.clone().map(|uri| {
+                let route = route_for(&uri);
+                Arc::new(JwksKeys::new(uri, route))
+            });
             let credential = Credential {
                 consumer: secret.consumer,
                 key: secret.key.clone(),
@@ -273,12 +283,26 @@ pub(crate) async fn authenticate(
     }
 }
 
+/// How a JWKS is reached when its host is one of the gateway's services' hosts.
+#[derive(Clone)]
+pub(crate) struct JwksRoute {
+    /// The service's client (its connect timeout and TLS).
+    pub client: crate::balancer::HttpClient,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// The service's upstream, when its host names one.
+    pub upstream: Option<Arc<crate::balancer::UpstreamBalancer>>,
+    /// `host:port` otherwise.
+    pub address: String,
+}
+
 /// Raw Ed25519 public keys by `kid`.
 type KeysByKid = HashMap<String, Vec<u8>>;
 
 /// Ed25519 keys by `kid` from a JWKS document.
 pub(crate) struct JwksKeys {
     uri: http::Uri,
+    route: Option<JwksRoute>,
     /// The keys and when they were loaded (`None` before the first load).
     keys: RwLock<(KeysByKid, Option<Instant>)>,
     /// When the last load started; held during a load so concurrent callers share it.
@@ -301,9 +325,10 @@ impl JwksKeys {
     /// The largest JWKS document read.
     const MAX_BYTES: usize = 64 * 1024;
 
-    fn new(uri: http::Uri) -> JwksKeys {
+    fn new(uri: http::Uri, route: Option<JwksRoute>) -> JwksKeys {
         JwksKeys {
             uri,
+            route,
             keys: RwLock::new((HashMap::new(), None)),
             attempt: tokio::sync::Mutex::new(None),
         }
@@ -362,14 +387,33 @@ impl JwksKeys {
 
     async fn fetch(&self) -> Result<KeysByKid, String> {
         use http_body_util::BodyExt;
-        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(hyper_util::client::legacy::connect::HttpConnector::new());
-        let request = http::Request::get(self.uri.clone())
-            .header(http::header::USER_AGENT, "bazaar-gateway jwt")
-            .body(http_body_util::Empty::new())
-            .map_err(|e| e.to_string())?;
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let request = |uri: http::Uri| {
+            http::Request::get(uri)
+                .header(http::header::USER_AGENT, "bazaar-gateway jwt")
+                .header(http::header::HOST, self.uri.host().unwrap_or_default())
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .map_err(|e| e.to_string())
+        };
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let response = match &self.route {
+            Some(route) => {
+                let guard = route.upstream.as_ref().and_then(|u| u.pick("", &[]));
+                let address = guard.as_ref().map_or(route.address.as_str(), |g| g.address());
+                let uri = format!("{}://{address}{path}", route.scheme)
+                    .parse::<http::Uri>()
+                    .map_err(|e| e.to_string())?;
+                route.client.request(request(uri)?).await.map_err(|e| e.to_string())?
+            }
+            None => {
+                let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+                    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+                client
+                    .request(request(self.uri.clone())?)
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        };
         if !response.status().is_success() {
             return Err(format!("answered {}", response.status()));
         }
