@@ -418,6 +418,10 @@ pub struct Settings {
     /// The mesh CA certificates to trust (PEM, one or more).
     #[arg(long, global = true, env = "BAZAAR_MESH_BUNDLE")]
     pub mesh_bundle: Option<PathBuf>,
+    /// The mesh's authorization policy (YAML): who may call which routes of which role.
+    /// `bazaar up` writes DATA/mesh/policy.yaml from the role table's edges.
+    #[arg(long, global = true, env = "BAZAAR_MESH_POLICY")]
+    pub mesh_policy: Option<PathBuf>,
     /// The address every role is reached at by name over the mesh (`bazaar up`: 127.0.0.1).
     /// Default: role names resolve through DNS, as Kubernetes Services do.
     #[arg(long, global = true, env = "BAZAAR_PEER_IP", hide = true)]
@@ -778,6 +782,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
                     listen.port().saturating_add(ADMIN_PORT_OFFSET),
                 )),
                 admin_listen_fd: settings.admin_listen_fd,
+                mesh_policy: settings.mesh_policy.clone(),
             };
             run(settings.clone(), config, shutdown).await.with_context(|| role.name)
         }
@@ -842,6 +847,7 @@ mod tests {
             mesh_cert: None,
             mesh_key: None,
             mesh_bundle: None,
+            mesh_policy: None,
             peer_ip: None,
             gateway_config: None,
             json_logs: false,

@@ -242,7 +242,9 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
                 .map(|&(role, k)| (instance_name(role, k), role.name))
                 .chain([(GATEWAY_MESH_FILE.to_string(), GATEWAY_ROLE)])
                 .collect();
-            Some(crate::mesh::UpMesh::start(settings, holders)?)
+            let mesh = crate::mesh::UpMesh::start(settings, holders)?;
+            crate::mesh::ensure_policy(settings)?;
+            Some(mesh)
         }
         MeshMode::Off => {
             tracing::warn!("MESH OFF (--mesh off): services speak plain HTTP and take any caller; for debugging only");
@@ -329,19 +331,22 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         }
         if let Some(mesh) = mesh.as_mut().filter(|_| renewal_checked.elapsed() >= RENEWAL_CHECK) {
             renewal_checked = Instant::now();
-            match mesh.renew_if_due() {
-                Ok(true) => {
-                    let _ = lines.send(format!("{:>15} | mesh certificates renewed", "up"));
-                    if let Err(e) = write_gateway_config(settings, &replicas, shared.3.redis.as_deref(), Some(mesh)) {
-                        let _ = lines.send(format!(
-                            "{:>15} | cannot put the gateway's renewed certificate in its config: {e:#}",
-                            "up"
-                        ));
-                    }
-                }
-                Ok(false) => {}
+            let done = match mesh.renew_if_due() {
+                Ok(crate::mesh::Renewal::Nothing) => None,
+                Ok(crate::mesh::Renewal::Trusted) => Some("the gateway and services now trust the rotated mesh CA"),
+                Ok(crate::mesh::Renewal::Renewed) => Some("mesh certificates renewed"),
                 Err(e) => {
                     let _ = lines.send(format!("{:>15} | cannot renew the mesh certificates: {e:#}", "up"));
+                    None
+                }
+            };
+            if let Some(done) = done {
+                let _ = lines.send(format!("{:>15} | {done}", "up"));
+                if let Err(e) = write_gateway_config(settings, &replicas, shared.3.redis.as_deref(), Some(mesh)) {
+                    let _ = lines.send(format!(
+                        "{:>15} | cannot put the gateway's mesh certificate in its config: {e:#}",
+                        "up"
+                    ));
                 }
             }
         }
@@ -420,8 +425,9 @@ const GATEWAY_ADMIN: &str = "gateway admin";
 const GATEWAY_ROLE: &str = "gateway";
 const GATEWAY_MESH_FILE: &str = "gateway";
 
-/// How often `up` looks whether the mesh certificates are due for renewal.
-const RENEWAL_CHECK: Duration = Duration::from_secs(60);
+/// How often `up` looks whether the mesh certificates are due for renewal or the CA was
+/// rotated.
+const RENEWAL_CHECK: Duration = Duration::from_secs(2);
 
 /// The name `up` keeps instance `k` of service `role`'s admin socket under.
 fn admin_socket_name(role: Role, k: u16) -> String {
@@ -525,6 +531,7 @@ fn role_job(
         "BAZAAR_MESH_CERT",
         "BAZAAR_MESH_KEY",
         "BAZAAR_MESH_BUNDLE",
+        "BAZAAR_MESH_POLICY",
         "BAZAAR_PEER_IP",
     ] {
         cmd.env_remove(var);
@@ -540,7 +547,8 @@ fn role_job(
         if backends.mesh {
             let files = bazaar_kit::mesh::MeshFiles::in_dir(&crate::mesh::dir(settings), &name);
             let users = roles::RoleSpec::named(bazaar_users::SERVICE.name).map_or(0, |r| settings.port(r));
-            cmd.env("BAZAAR_MESH_CERT", &files.cert)
+            cmd.env("BAZAAR_MESH_POLICY", crate::mesh::dir(settings).join("policy.yaml"))
+                .env("BAZAAR_MESH_CERT", &files.cert)
                 .env("BAZAAR_MESH_KEY", &files.key)
                 .env("BAZAAR_MESH_BUNDLE", &files.bundle)
                 .env("BAZAAR_PEER_IP", "127.0.0.1")

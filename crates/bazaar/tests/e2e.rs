@@ -81,15 +81,20 @@ impl System {
     /// A client holding a tool certificate from the system's mesh CA (as `bazaar mesh
     /// issue` makes), that reaches every role by name on this machine.
     fn mesh_client(&self, tool: &str) -> reqwest::Client {
-        use bazaar_kit::mesh::{Authority, Identity, MeshFiles, Tls, Workload};
+        self.mesh_client_as(bazaar_kit::mesh::Workload::Tool, tool)
+    }
+
+    /// A client holding a certificate for `name` of `kind` from the system's mesh CA.
+    fn mesh_client_as(&self, kind: bazaar_kit::mesh::Workload, name: &str) -> reqwest::Client {
+        use bazaar_kit::mesh::{Authority, Identity, MeshFiles, Tls};
         let dir = self.data_dir().join("mesh");
         let ca = Authority::load(&dir).expect("the mesh CA");
-        let files = MeshFiles::in_dir(&dir.join("tools"), tool);
+        let files = MeshFiles::in_dir(&dir.join("tools"), &format!("test-{name}"));
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(dir.join("tools"))
             .expect("tools dir");
         ca.issue(
-            &Identity::new(ca.trust_domain(), Workload::Tool, tool).expect("a tool identity"),
+            &Identity::new(ca.trust_domain(), kind, name).expect("an identity"),
             Duration::from_secs(600),
         )
         .expect("a tool certificate")
@@ -575,6 +580,68 @@ async fn service_ports_speak_only_mutual_tls_and_health_stays_on_the_plain_admin
     );
     let log = sys.log();
     assert!(log.contains("serving the API over mutual TLS"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_calling_outside_the_mesh_policy_gets_403_naming_it_and_is_counted() {
+    let sys = System::start(&[]).await;
+    let ann = sys.customer("ann@example.com").await;
+    // What notifications' certificate may do: read users' keys, and nothing else.
+    let notifications = sys.mesh_client_as(bazaar_kit::mesh::Workload::Role, "notifications");
+    let keys = notifications
+        .get(sys.service_url("users", "/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keys.status(), 200, "the JWKS edge is in the policy");
+    for (role, path) in [("orders", "/orders"), ("users", "/users/me")] {
+        let refused = notifications
+            .get(sys.service_url(role, path))
+            .bearer_auth(&ann)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 403, "notifications -> {role} {path}");
+        assert_eq!(refused.headers()["content-type"], "application/problem+json");
+        let detail = refused.json::<Value>().await.unwrap()["detail"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(detail.contains("spiffe://bazaar/role/notifications"), "{detail}");
+        assert!(detail.contains(&format!("GET {path} on {role}")), "{detail}");
+    }
+    // Refusals and the gateway's traffic are counted per edge on the callee.
+    let order_list = sys.call(reqwest::Method::GET, "/orders", Some(&ann), None).await;
+    assert_eq!(order_list.0, 200);
+    let metrics = sys
+        .client
+        .get(format!(
+            "http://127.0.0.1:{}/metrics",
+            sys.base() + port_offset("orders") + roles::ADMIN_PORT_OFFSET
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refusals = metric_sum(
+        &metrics,
+        "bazaar_mesh_refusals_total",
+        &["caller=\"spiffe://bazaar/role/notifications\"", "callee=\"orders\""],
+    );
+    assert_eq!(refusals, 1.0, "{metrics}");
+    let from_gateway = metric_sum(
+        &metrics,
+        "bazaar_mesh_requests_total",
+        &[
+            "caller=\"spiffe://bazaar/role/gateway\"",
+            "callee=\"orders\"",
+            "route=\"/orders\"",
+        ],
+    );
+    assert!(from_gateway >= 1.0, "{metrics}");
+    assert!(sys.log().contains("refused by the policy"), "refusals are logged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1318,6 +1385,21 @@ async fn orders_cannot_open_the_inventory_database(env: &str) {
 /// Runs `bazaar rollout` (every role) while a strict client (no retries) browses and places
 /// orders as Ann; returns what rollout printed, the failed requests, and the orders placed.
 async fn roll_under_strict_load(sys: &System, shop: &Shop) -> (std::process::Output, Vec<String>, Vec<String>) {
+    under_strict_load(sys, shop, async {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.arg("rollout").env("BAZAAR_DATA", sys.data_dir());
+        cmd.output().await.expect("run rollout")
+    })
+    .await
+}
+
+/// Runs `during` while a strict client (no retries) browses and places orders as Ann;
+/// returns what `during` gave, the failed requests, and the orders placed.
+async fn under_strict_load<T>(
+    sys: &System,
+    shop: &Shop,
+    during: impl std::future::Future<Output = T>,
+) -> (T, Vec<String>, Vec<String>) {
     let rolling = std::sync::atomic::AtomicBool::new(true);
     let failures = std::sync::Mutex::new(Vec::new());
     let placed = std::sync::Mutex::new(Vec::new());
@@ -1358,9 +1440,7 @@ async fn roll_under_strict_load(sys: &System, shop: &Shop) -> (std::process::Out
     };
     let roll = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut cmd = tokio::process::Command::new(BIN);
-        cmd.arg("rollout").env("BAZAAR_DATA", sys.data_dir());
-        let out = cmd.output().await.expect("run rollout");
+        let out = during.await;
         rolling.store(false, std::sync::atomic::Ordering::SeqCst);
         out
     };
@@ -1370,6 +1450,53 @@ async fn roll_under_strict_load(sys: &System, shop: &Shop) -> (std::process::Out
         failures.into_inner().expect("lock"),
         placed.into_inner().expect("lock"),
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_mesh_ca_under_load_fails_no_request_and_loses_no_order() {
+    let sys = System::start(&[CREDIT]).await;
+    let shop = shop(&sys).await;
+    // Services that loaded certificates after up renewed them from the new CA.
+    let loaded_after_renewal = |log: &str| {
+        log.find("mesh certificates renewed")
+            .map_or(0, |at| log[at..].matches("renewed certificate loaded").count())
+    };
+    let (rotated, failures, placed) = under_strict_load(&sys, &shop, async {
+        let out = tokio::process::Command::new(BIN)
+            .args(["mesh", "rotate"])
+            .env("BAZAAR_DATA", sys.data_dir())
+            .output()
+            .await
+            .expect("run bazaar mesh rotate");
+        // Peers first trust the new CA, then up issues every certificate from it and each
+        // service loads its own; the load goes on a little past that.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while loaded_after_renewal(&sys.up.log()) < roles::services().count() {
+            assert!(
+                Instant::now() < deadline,
+                "the renewed certificates were not loaded:\n{}",
+                sys.log()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        out
+    })
+    .await;
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    assert!(failures.is_empty(), "requests failed during the rotation: {failures:?}");
+    assert!(!placed.is_empty(), "orders were placed during the rotation");
+    let shown = std::process::Command::new(BIN)
+        .args(["mesh", "show"])
+        .env("BAZAAR_DATA", sys.data_dir())
+        .output()
+        .expect("bazaar mesh show");
+    let shown = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert_eq!(shown.matches("trusted:").count(), 2, "old and new CA trusted:\n{shown}");
+    for id in &placed {
+        sys.settled(&shop.ann, id).await;
+    }
+    sys.assert_audit_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,7 @@ pub mod inbox;
 pub mod mesh;
 pub mod otlp;
 pub mod outbox;
+pub mod policy;
 pub mod resilience;
 pub mod runtime;
 pub mod saga;

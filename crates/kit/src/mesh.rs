@@ -16,7 +16,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use rcgen::{
@@ -461,11 +461,15 @@ impl MeshFiles {
         }
     }
 
-    fn modified(&self) -> Vec<Option<SystemTime>> {
-        [&self.cert, &self.key, &self.bundle]
-            .iter()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .collect()
+    /// A digest of the three files' contents (the files are small; modification times
+    /// can repeat within a clock tick, contents cannot hide a change).
+    fn digest(&self) -> Vec<u8> {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        for path in [&self.cert, &self.key, &self.bundle] {
+            context.update(&std::fs::read(path).unwrap_or_default());
+            context.update(&[0]);
+        }
+        context.finish().as_ref().to_vec()
     }
 }
 
@@ -484,7 +488,7 @@ pub struct Tls {
 struct TlsState {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
-    modified: Vec<Option<SystemTime>>,
+    digest: Vec<u8>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -527,8 +531,7 @@ impl Tls {
     /// Reloads the files when any changed since the last load; true when it did. A set of
     /// files that does not load (a renewal half-written) keeps the old configurations.
     pub fn reload_if_changed(&self) -> Result<bool, MeshError> {
-        let modified = self.files.modified();
-        if self.state.read().unwrap_or_else(|e| e.into_inner()).modified == modified {
+        if self.state.read().unwrap_or_else(|e| e.into_inner()).digest == self.files.digest() {
             return Ok(false);
         }
         let (state, identity) = TlsState::load(&self.files)?;
@@ -545,7 +548,7 @@ impl Tls {
 
 impl TlsState {
     fn load(files: &MeshFiles) -> Result<(TlsState, Identity), MeshError> {
-        let modified = files.modified();
+        let digest = files.digest();
         let bad = |path: &Path, why: String| MeshError::BadFile {
             path: path.to_path_buf(),
             why,
@@ -591,7 +594,7 @@ impl TlsState {
             TlsState {
                 server: Arc::new(server),
                 client: Arc::new(client),
-                modified,
+                digest,
             },
             identity,
         ))

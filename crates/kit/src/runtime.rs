@@ -17,6 +17,7 @@ use crate::{
     health::{Draining, Health},
     mesh::Tls,
     outbox::{self, Outbox},
+    policy::PolicyGuard,
     service::ServiceSpec,
     shutdown::Shutdown,
     store::{Migration, Store, StoreError},
@@ -60,6 +61,9 @@ pub struct RoleConfig {
     pub admin_listen: Option<SocketAddr>,
     /// An inherited socket for the admin listener (as `listen_fd`).
     pub admin_listen_fd: Option<std::os::fd::RawFd>,
+    /// The mesh's authorization policy (see [`crate::policy`]): who may call which routes of
+    /// this role over the mesh. Without one, any certificate from the mesh CA may call.
+    pub mesh_policy: Option<std::path::PathBuf>,
 }
 
 /// Why a role could not start or stopped with an error.
@@ -106,6 +110,7 @@ pub struct Runtime {
     drain_delay: Duration,
     listen_fd: Option<std::os::fd::RawFd>,
     mesh: Option<Arc<Tls>>,
+    policy: Option<Arc<PolicyGuard>>,
     admin_listen: Option<SocketAddr>,
     admin_listen_fd: Option<std::os::fd::RawFd>,
 }
@@ -118,6 +123,19 @@ impl Runtime {
         config: &RoleConfig,
         shutdown: Shutdown,
     ) -> Result<Runtime, ServiceError> {
+        let policy = match (&config.mesh, &config.mesh_policy) {
+            (Some(_), Some(file)) => Some(Arc::new(
+                PolicyGuard::load(spec.name, file.clone()).map_err(|e| ServiceError::Config(e.to_string()))?,
+            )),
+            (Some(_), None) => {
+                tracing::warn!(
+                    role = spec.name,
+                    "no mesh policy: any certificate from the mesh CA may call every route"
+                );
+                None
+            }
+            (None, _) => None,
+        };
         let store = Store::open(&config.store_url).await?;
         let all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(spec.migrations).cloned().collect();
         store.migrate(&all).await?;
@@ -135,13 +153,16 @@ impl Runtime {
             drain_delay: config.drain_delay,
             listen_fd: config.listen_fd,
             mesh: config.mesh.clone(),
+            policy,
             admin_listen: config.admin_listen,
             admin_listen_fd: config.admin_listen_fd,
         };
         if let Some(tls) = rt.mesh.clone() {
-            // Renewed certificates (and a rotated trust bundle) apply without a restart.
+            // Renewed certificates, a rotated trust bundle and an edited policy apply without
+            // a restart.
+            let policy = rt.policy.clone();
             rt.every(MESH_RELOAD_PERIOD, move || {
-                let tls = tls.clone();
+                let (tls, policy) = (tls.clone(), policy.clone());
                 async move {
                     match tls.reload_if_changed() {
                         Ok(true) => tracing::info!(identity = %tls.identity(), "mesh: renewed certificate loaded"),
@@ -149,6 +170,13 @@ impl Runtime {
                         Err(e) => {
                             tracing::warn!(error = %e, "mesh: cannot load the renewed certificate; keeping the old one")
                         }
+                    }
+                    match policy.as_ref().map(|p| p.reload_if_changed()) {
+                        Some(Ok(true)) => tracing::info!("mesh: policy reloaded"),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "mesh: cannot load the edited policy; keeping the old one")
+                        }
+                        _ => {}
                     }
                 }
             });
@@ -307,6 +335,13 @@ impl Runtime {
             "plain HTTP"
         };
         tracing::info!(role = self.spec.name, %addr, mode, "listening");
+        let router = match &self.policy {
+            Some(policy) => router.layer(axum::middleware::from_fn_with_state(
+                policy.clone(),
+                crate::policy::enforce,
+            )),
+            None => router,
+        };
         let api_served = async {
             match &self.mesh {
                 Some(tls) => crate::mesh::serve_mtls(listener, router, tls.clone(), self.stopping()).await,

@@ -170,6 +170,7 @@ impl TestRole {
             mesh: None,
             admin_listen: None,
             admin_listen_fd: None,
+            mesh_policy: None,
         };
         let (stop, shutdown) = shutdown::channel();
         let rt = Runtime::start(spec, &config, shutdown)

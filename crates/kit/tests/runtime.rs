@@ -84,6 +84,7 @@ async fn start_with(dir: &std::path::Path, mesh: Option<Arc<Tls>>) -> (shutdown:
         mesh,
         admin_listen: None,
         admin_listen_fd: None,
+        mesh_policy: None,
     };
     let (stop, shut) = shutdown::channel();
     let rt = Runtime::start(&SPEC, &config, shut).await.expect("start");
