@@ -22,9 +22,14 @@ fn deploy_dir() -> PathBuf {
 
 /// Every object of the rendered local overlay (roles, data tier, policies).
 fn render() -> Vec<Value> {
+    render_dir("overlays/local")
+}
+
+/// The objects `kubectl kustomize deploy/<dir>` renders.
+fn render_dir(dir: &str) -> Vec<Value> {
     let out = Command::new("kubectl")
         .arg("kustomize")
-        .arg(deploy_dir().join("overlays/local"))
+        .arg(deploy_dir().join(dir))
         .output()
         .expect("this test needs kubectl (with kustomize) on PATH");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -227,4 +232,125 @@ fn network_policies_allow_exactly_the_edges_of_the_role_table() {
     expected.insert(("gateway".to_string(), "redis".to_string(), 6379));
     expected.insert(("nats".to_string(), "nats".to_string(), 6222));
     assert_eq!(ingress_edges(&objects), expected);
+}
+
+/// The edges of the role table as a mesh policy sees them: (caller, callee, route), where the
+/// route is `*` for every route. Clients reach the gateway from anywhere.
+fn expected_mesh_edges() -> BTreeSet<(String, String, String)> {
+    let users = roles::RoleSpec::named(bazaar_users::SERVICE.name).expect("users is a role");
+    let mut edges = BTreeSet::new();
+    edges.insert(("anyone".to_string(), "gateway".to_string(), "*".to_string()));
+    for (role, _) in roles::services() {
+        edges.insert(("gateway".to_string(), role.name.to_string(), "*".to_string()));
+        if role.name != users.name {
+            edges.insert((
+                role.name.to_string(),
+                users.name.to_string(),
+                format!("GET {}", bazaar_kit::auth::JWKS_PATH),
+            ));
+        }
+    }
+    edges
+}
+
+/// The name in a Kubernetes service account identity (Istio principal or Linkerd identity).
+fn account(identity: &str) -> String {
+    let identity = identity.strip_prefix("cluster.local/ns/bazaar/sa/").unwrap_or(identity);
+    identity.split('.').next().unwrap_or(identity).to_string()
+}
+
+#[test]
+fn the_istio_policies_allow_exactly_the_edges_of_the_role_table() {
+    let objects = render_dir("mesh/istio");
+    let peer = find(&objects, "PeerAuthentication", "default").expect("a PeerAuthentication");
+    assert_eq!(peer["spec"]["mtls"]["mode"], "STRICT");
+    let mut edges = BTreeSet::new();
+    for policy in objects.iter().filter(|o| o["kind"] == "AuthorizationPolicy") {
+        let Some(to) = policy["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"].as_str() else {
+            assert_eq!(
+                policy["spec"],
+                serde_json::json!({}),
+                "only allow-nothing selects every workload"
+            );
+            continue;
+        };
+        assert_eq!(policy["spec"]["action"], "ALLOW");
+        for rule in policy["spec"]["rules"].as_array().expect("rules") {
+            let route = match rule["to"][0]["operation"].as_object() {
+                Some(op) => format!(
+                    "{} {}",
+                    op["methods"][0].as_str().unwrap(),
+                    op["paths"][0].as_str().unwrap()
+                ),
+                None => "*".to_string(),
+            };
+            match rule["from"][0]["source"]["principals"].as_array() {
+                Some(principals) => {
+                    for principal in principals {
+                        edges.insert((account(principal.as_str().unwrap()), to.to_string(), route.clone()));
+                    }
+                }
+                None => {
+                    edges.insert(("anyone".to_string(), to.to_string(), route));
+                }
+            }
+        }
+    }
+    assert_eq!(edges, expected_mesh_edges());
+}
+
+#[test]
+fn the_linkerd_policies_allow_exactly_the_edges_of_the_role_table() {
+    let objects = render_dir("mesh/linkerd");
+    let server_app = |name: &str| {
+        find(&objects, "Server", name).expect("a Server")["spec"]["podSelector"]["matchLabels"]
+            ["app.kubernetes.io/name"]
+            .as_str()
+            .expect("an app")
+            .to_string()
+    };
+    let callers = |reference: &Value| -> Vec<String> {
+        let name = reference["name"].as_str().unwrap();
+        match reference["kind"].as_str().unwrap() {
+            "NetworkAuthentication" => vec!["anyone".to_string()],
+            kind => find(&objects, kind, name).expect("an authentication")["spec"]["identities"]
+                .as_array()
+                .expect("identities")
+                .iter()
+                .map(|i| account(i.as_str().unwrap()))
+                .collect(),
+        }
+    };
+    let mut edges = BTreeSet::new();
+    for policy in objects.iter().filter(|o| o["kind"] == "AuthorizationPolicy") {
+        let target = &policy["spec"]["targetRef"];
+        let name = target["name"].as_str().unwrap();
+        let (to, route) = match target["kind"].as_str().unwrap() {
+            "Server" => (server_app(name), "*".to_string()),
+            _ => {
+                let route = find(&objects, "HTTPRoute", name).expect("an HTTPRoute");
+                let matched = &route["spec"]["rules"][0]["matches"][0];
+                let server = route["spec"]["parentRefs"][0]["name"].as_str().unwrap();
+                let text = match (matched["path"]["type"].as_str(), matched["method"].as_str()) {
+                    (Some("PathPrefix"), None) if matched["path"]["value"] == "/" => "*".to_string(),
+                    (Some("Exact"), Some(method)) => format!("{method} {}", matched["path"]["value"].as_str().unwrap()),
+                    other => panic!("a route bazaar does not use: {other:?}"),
+                };
+                (server_app(server), text)
+            }
+        };
+        for reference in policy["spec"]["requiredAuthenticationRefs"].as_array().expect("refs") {
+            for caller in callers(reference) {
+                edges.insert((caller, to.clone(), route.clone()));
+            }
+        }
+    }
+    // The gateway may also read the keys through users' own route (it may call all of users).
+    let mut expected = expected_mesh_edges();
+    expected.insert((
+        "gateway".to_string(),
+        "users".to_string(),
+        format!("GET {}", bazaar_kit::auth::JWKS_PATH),
+    ));
+    assert_eq!(edges, expected);
 }

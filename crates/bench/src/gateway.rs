@@ -85,6 +85,16 @@ pub async fn run(args: GatewayBenchArgs, cores: usize) -> anyhow::Result<Report>
     let sample = load.drive(bare, "").await;
     report.row("gateway", Some(sample), "bazaar gateway, no plugins");
 
+    eprintln!("bench gateway: through the bazaar gateway to an mTLS upstream (the mesh's hop)");
+    let mesh_upstream = start_mesh_upstream(dir.path(), stopped.clone()).await?;
+    let mesh_gw = start_gateway(dir.path(), "mesh", &mesh_upstream.config, "", stopped.clone()).await?;
+    let sample = load.drive(mesh_gw, "").await;
+    report.row(
+        "gateway+mesh",
+        Some(sample),
+        "bazaar gateway, no plugins, upstream over mutual TLS 1.3 (pooled connections)",
+    );
+
     let token = key
         .issue(
             uuid::Uuid::now_v7(),
@@ -120,6 +130,7 @@ pub async fn run(args: GatewayBenchArgs, cores: usize) -> anyhow::Result<Report>
     let _ = stop.send(true);
 
     report.compare("gateway", "direct");
+    report.compare("gateway+mesh", "gateway");
     report.compare("gateway+plugins", "direct");
     report.compare("gateway", "haproxy");
     report.compare("gateway+plugins", "haproxy");
@@ -164,6 +175,70 @@ async fn start_upstream(mut stop: watch::Receiver<bool>) -> anyhow::Result<Socke
         }
     });
     Ok(addr)
+}
+
+/// An upstream answering [`BODY`] over the mesh's mutual TLS (kit's `serve_mtls`, a
+/// certificate from a fresh mesh CA), and the gateway config that reaches it as bazaar's
+/// default config reaches a service.
+struct MeshUpstream {
+    config: String,
+}
+
+async fn start_mesh_upstream(dir: &Path, mut stop: watch::Receiver<bool>) -> anyhow::Result<MeshUpstream> {
+    use bazaar_kit::mesh::{Authority, Identity, MeshFiles, Tls};
+    let ca = Authority::create("bench", Duration::from_secs(3600))?;
+    let issue = |role: &str| -> anyhow::Result<MeshFiles> {
+        let files = MeshFiles::in_dir(dir, &format!("mesh-{role}"));
+        ca.issue(&Identity::role("bench", role)?, Duration::from_secs(3600))?
+            .write(&files)?;
+        std::fs::write(&files.bundle, ca.cert_pem())?;
+        Ok(files)
+    };
+    let upstream = Arc::new(Tls::load(issue("upstream")?)?);
+    let gateway = issue("gateway")?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().fallback(|| async {
+        (
+            [(hyper::header::CONTENT_TYPE, "application/json")],
+            Bytes::from_static(BODY),
+        )
+    });
+    tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let _ = bazaar_kit::mesh::serve_mtls(listener, app, upstream, stopped).await;
+    });
+    let pem = |path: &Path| -> anyhow::Result<String> { Ok(serde_json::to_string(&std::fs::read_to_string(path)?)?) };
+    let config = format!(
+        r#"_format_version: "3.0"
+certificates:
+  - id: mesh
+    cert: {cert}
+    key: {key}
+ca_certificates:
+  - id: mesh-ca
+    cert: {ca}
+upstreams:
+  - name: upstream.bench
+    targets: [{{target: "{addr}"}}]
+services:
+  - name: bench
+    url: https://upstream.bench
+    client_certificate: mesh
+    tls_verify: true
+    ca_certificates: [mesh-ca]
+    routes:
+      - name: bench
+        paths: [/bench]
+        strip_path: false
+"#,
+        cert = pem(&gateway.cert)?,
+        key = pem(&gateway.key)?,
+        ca = pem(&gateway.bundle)?,
+    );
+    Ok(MeshUpstream { config })
 }
 
 fn bare_config(upstream: SocketAddr) -> String {

@@ -121,8 +121,23 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
     add_saga(
         &mut report,
         "saga embedded",
-        "bazaar up, SQLite per role + embedded broker",
+        "bazaar up, SQLite per role + embedded broker, mTLS mesh on (the default)",
         embedded,
+        cores,
+    );
+    eprintln!("bench saga: the same with the mesh off (plain HTTP from the gateway to the services)");
+    let plain = saga(
+        &args,
+        &bin,
+        &dir.path().join("embedded-plain"),
+        vec![("BAZAAR_MESH".to_string(), "off".to_string())],
+    )
+    .await;
+    add_saga(
+        &mut report,
+        "saga embedded, mesh off",
+        "bazaar up --mesh off: the same, plain HTTP between roles",
+        plain,
         cores,
     );
 
@@ -183,6 +198,7 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
         format!("one SQLite tx per order through the participants' code; outcomes {outcomes:?}"),
     );
     report.compare("saga embedded", "monolith");
+    report.compare("saga embedded", "saga embedded, mesh off");
     report.compare("saga pg+nats", "monolith");
     report.compare("saga cluster r1", "monolith");
     report.compare("saga cluster r2", "saga cluster r1");
