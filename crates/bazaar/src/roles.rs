@@ -401,6 +401,10 @@ pub struct Settings {
     /// the services +21..+25, the payment simulator +26).
     #[arg(long, global = true, env = "BAZAAR_BASE_PORT", default_value_t = 8080)]
     pub base_port: u16,
+    /// Where admin listeners bind (the gateway's /config, /status and /metrics; services'
+    /// plain health and metrics), whatever the public address: loopback unless told.
+    #[arg(long, global = true, env = "BAZAAR_ADMIN_LISTEN_IP", default_value = "127.0.0.1")]
+    pub admin_listen_ip: std::net::IpAddr,
     /// Address the role listens on (serve only). Default: 127.0.0.1 and the role's port.
     #[arg(long, global = true, env = "BAZAAR_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -778,7 +782,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
                 listen_fd: settings.listen_fd,
                 mesh,
                 admin_listen: Some(SocketAddr::new(
-                    listen.ip(),
+                    settings.admin_listen_ip,
                     listen.port().saturating_add(ADMIN_PORT_OFFSET),
                 )),
                 admin_listen_fd: settings.admin_listen_fd,
@@ -794,7 +798,9 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
 async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
     // `up` wrote the config for its layout; a lone gateway only fills in a missing one.
     let config_path = settings.ensure_gateway_config(&Replicas::default(), None, false, None)?;
-    let admin_listen = SocketAddr::new(listen.ip(), settings.admin_port());
+    // A public gateway (`BAZAAR_LISTEN=0.0.0.0:…`) keeps its admin API on loopback unless
+    // BAZAAR_ADMIN_LISTEN_IP says otherwise.
+    let admin_listen = SocketAddr::new(settings.admin_listen_ip, settings.admin_port());
     let opts = bazaar_gateway::GatewayOptions {
         config_path,
         listen,
@@ -844,6 +850,7 @@ mod tests {
             listen: None,
             store: None,
             jwks_url: None,
+            admin_listen_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             mesh_cert: None,
             mesh_key: None,
             mesh_bundle: None,

@@ -1087,6 +1087,56 @@ impl Drop for Simulator {
     }
 }
 
+/// The local addresses listening on `port`, from /proc/net/tcp (IPv4).
+fn listening_on(port: u16) -> Vec<std::net::Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            let (ip, p) = local.split_once(':')?;
+            let ip = std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.swap_bytes());
+            (state == "0A" && u16::from_str_radix(p, 16).ok()? == port).then_some(ip)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_open_to_the_world_keeps_its_admin_api_on_loopback() {
+    let base = harness::free_base_port().expect("free ports");
+    let data = tempfile::tempdir().expect("tempdir");
+    let _gateway = Simulator(
+        Command::new(BIN)
+            .args(["serve", "gateway"])
+            .env("BAZAAR_BASE_PORT", base.to_string())
+            .env("BAZAAR_LISTEN", format!("0.0.0.0:{base}"))
+            .env("BAZAAR_DATA", data.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the gateway"),
+    );
+    let admin = base + roles::GATEWAY_ADMIN_OFFSET;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::get(format!("http://127.0.0.1:{admin}/health")).await.is_err() {
+        assert!(Instant::now() < deadline, "the gateway's admin API never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        listening_on(base),
+        [std::net::Ipv4Addr::UNSPECIFIED],
+        "the proxy listens everywhere"
+    );
+    assert_eq!(
+        listening_on(admin),
+        [std::net::Ipv4Addr::LOCALHOST],
+        "the admin API on loopback only"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
     let base = harness::free_base_port().expect("free ports");

@@ -101,9 +101,17 @@ fn generate(generator: Generator, arrival: &Arrival) -> String {
     }
 }
 
-/// Ensures the request carries a correlation id and returns it (for echoing and logs).
+/// The longest correlation id a client may send; a longer one (or one with spaces or control
+/// characters) is replaced, so no client can make every log line and event carry kilobytes.
+pub(crate) const MAX_CORRELATION_ID: usize = 128;
+
+/// Ensures the request carries a correlation id and returns it (for echoing and logs): the
+/// client's when it is 1 to [`MAX_CORRELATION_ID`] visible ASCII characters, else a new one.
 pub(crate) fn apply(conf: &CorrelationConfig, headers: &mut HeaderMap, arrival: &Arrival) -> HeaderValue {
-    if let Some(existing) = headers.get(&conf.header).filter(|v| !v.is_empty()) {
+    let acceptable = |v: &&HeaderValue| {
+        !v.is_empty() && v.len() <= MAX_CORRELATION_ID && v.as_bytes().iter().all(|b| (0x21..=0x7e).contains(b))
+    };
+    if let Some(existing) = headers.get(&conf.header).filter(acceptable) {
         return existing.clone();
     }
     // A generated id is ASCII by construction, so this conversion cannot fail in practice.
@@ -157,6 +165,32 @@ mod tests {
         let made = apply(&conf, &mut empty, &arrival);
         assert_eq!(made.len(), 36);
         assert_eq!(empty.get("x-correlation-id"), Some(&made));
+    }
+
+    #[test]
+    fn an_overlong_or_odd_incoming_id_is_replaced() {
+        let conf: CorrelationConfig = serde_yaml::from_str("{header_name: X-Correlation-ID, generator: uuid}").unwrap();
+        let addr = "127.0.0.1:8000".parse().unwrap();
+        let arrival = Arrival {
+            server: addr,
+            client: addr,
+        };
+        let longest = "a".repeat(MAX_CORRELATION_ID);
+        for (sent, kept) in [
+            (longest.as_str(), true),
+            (&*"a".repeat(MAX_CORRELATION_ID + 1), false),
+            ("two words", false),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-correlation-id", HeaderValue::from_str(sent).unwrap());
+            let id = apply(&conf, &mut headers, &arrival);
+            assert_eq!(id == sent, kept, "{sent:?}");
+            assert_eq!(
+                headers.get("x-correlation-id"),
+                Some(&id),
+                "the upstream sees the id the gateway uses"
+            );
+        }
     }
 
     #[test]
