@@ -283,8 +283,8 @@ pub const POLICY_MARKER: &str =
 
 /// The mesh policy under DATA/mesh, written from the role table's edges unless the operator
 /// owns it (deleted the marker line): the gateway and operators' tools may call every route
-/// of every service, and every other service may read users' public token keys. Anything
-/// else is refused.
+/// of every service, every other service may read users' public token keys, and payments
+/// may call the payment simulator. Anything else is refused.
 pub fn ensure_policy(settings: &Settings) -> anyhow::Result<PathBuf> {
     let path = dir(settings).join("policy.yaml");
     let ours = std::fs::read_to_string(&path).map_or(true, |text| text.starts_with(POLICY_MARKER));
@@ -313,6 +313,12 @@ pub fn ensure_policy(settings: &Settings) -> anyhow::Result<PathBuf> {
             ));
         }
     }
+    // The payment simulator stands in for an outside provider that payments calls.
+    text.push_str(&format!(
+        "  {}:\n    - from: [\"spiffe://{domain}/role/{}\", \"spiffe://{domain}/tool/*\"]\n      routes: [\"*\"]\n",
+        bazaar::roles::PAYMENT_SIM,
+        bazaar_payments::SERVICE.name
+    ));
     bazaar::roles::write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }

@@ -48,8 +48,9 @@ pub enum RoleKind {
     },
     /// A stand-in for an outside system, for local runs and fault drills; `up` leaves it out.
     Simulator {
-        /// Serves it on the address until shutdown.
-        run: fn(SocketAddr, Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>>,
+        /// Serves it on the address until shutdown (over the mesh when the settings give it
+        /// a certificate).
+        run: fn(Settings, SocketAddr, Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>>,
     },
 }
 
@@ -114,7 +115,7 @@ pub static ROLES: [RoleSpec; 7] = [
         kind: RoleKind::Gateway,
     },
     RoleSpec {
-        name: "payment-sim",
+        name: PAYMENT_SIM,
         about: "A Stripe-like payment provider for local runs and drills (base port + 26); \
                 point payments at it with BAZAAR_PAYMENT_PROVIDER_URL.",
         port_offset: 26,
@@ -373,17 +374,38 @@ fn run_notifications(
     })
 }
 
-fn run_payment_sim(listen: SocketAddr, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
+fn run_payment_sim(
+    settings: Settings,
+    listen: SocketAddr,
+    stop: Shutdown,
+) -> LocalBoxFuture<'static, anyhow::Result<()>> {
     Box::pin(async move {
+        let mesh = settings.mesh()?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let state = bazaar_payments::simulator::SimulatorState::default();
-        bazaar_payments::simulator::serve(listener, state, stop)
+        let Some(tls) = mesh else {
+            tracing::warn!("MESH OFF: the payment simulator serves plain HTTP to any caller");
+            return bazaar_payments::simulator::serve(listener, state, stop)
+                .await
+                .context("payment-sim");
+        };
+        tracing::info!(identity = %tls.identity(), %listen, "payment provider simulator listening over mutual TLS");
+        let mut router = bazaar_payments::simulator::router(state);
+        if let Some(file) = &settings.mesh_policy {
+            let guard = bazaar_kit::policy::PolicyGuard::load(PAYMENT_SIM, file.clone()).context("mesh policy")?;
+            router = Arc::new(guard).guard(router);
+        }
+        let mut stop = stop;
+        bazaar_kit::mesh::serve_mtls(listener, router, tls, async move { stop.wait().await })
             .await
             .context("payment-sim")
     })
 }
+
+/// The payment simulator's role name.
+pub const PAYMENT_SIM: &str = "payment-sim";
 
 /// The operator account `bazaar up` creates (its password is in DATA/admin.password).
 pub const ADMIN_EMAIL: &str = "admin@bazaar.local";
@@ -787,11 +809,12 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
                 )),
                 admin_listen_fd: settings.admin_listen_fd,
                 mesh_policy: settings.mesh_policy.clone(),
+                mesh_peers: settings.peers(),
             };
             run(settings.clone(), config, shutdown).await.with_context(|| role.name)
         }
         RoleKind::Gateway => serve_gateway(settings, listen, shutdown).await,
-        RoleKind::Simulator { run } => run(listen, shutdown).await,
+        RoleKind::Simulator { run } => run(settings.clone(), listen, shutdown).await,
     }
 }
 

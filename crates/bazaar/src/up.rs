@@ -241,6 +241,8 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
                 .filter(|(role, _)| role.service().is_some())
                 .map(|&(role, k)| (instance_name(role, k), role.name))
                 .chain([(GATEWAY_MESH_FILE.to_string(), GATEWAY_ROLE)])
+                // For `bazaar serve payment-sim` beside this up (up does not start it).
+                .chain([(roles::PAYMENT_SIM.to_string(), roles::PAYMENT_SIM)])
                 .collect();
             let mesh = crate::mesh::UpMesh::start(settings, holders)?;
             crate::mesh::ensure_policy(settings)?;

@@ -1140,19 +1140,27 @@ async fn a_gateway_open_to_the_world_keeps_its_admin_api_on_loopback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
     let base = harness::free_base_port().expect("free ports");
-    let sim_url = format!("http://127.0.0.1:{}", base + port_offset("payment-sim"));
-    let sim_data = tempfile::tempdir().expect("tempdir");
+    let port = base + port_offset("payment-sim");
+    // Payments calls the simulator over the mesh, with its own certificate.
+    let provider_url = format!("https://payment-sim:{port}");
+    let sys = System::start_with(Some(base), None, &[("BAZAAR_PAYMENT_PROVIDER_URL", &provider_url)]).await;
+    let mesh_dir = sys.data_dir().join("mesh");
     let sim = Simulator(
         Command::new(BIN)
             .args(["serve", "payment-sim"])
             .env("BAZAAR_BASE_PORT", base.to_string())
-            .env("BAZAAR_DATA", sim_data.path())
+            .env("BAZAAR_DATA", sys.data_dir())
+            .env("BAZAAR_MESH_CERT", mesh_dir.join("payment-sim.crt"))
+            .env("BAZAAR_MESH_KEY", mesh_dir.join("payment-sim.key"))
+            .env("BAZAAR_MESH_BUNDLE", mesh_dir.join("bundle.pem"))
+            .env("BAZAAR_MESH_POLICY", mesh_dir.join("policy.yaml"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start the simulator"),
     );
-    let client = reqwest::Client::new();
+    let sim_url = sys.service_url("payment-sim", "");
+    let client = sys.mesh_client("e2e");
     let control = |body: Value| {
         let client = client.clone();
         let url = format!("{sim_url}/_control");
@@ -1170,7 +1178,10 @@ async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
         }
     };
     control(json!({"outage": true})).await;
-    let sys = System::start_with(Some(base), None, &[("BAZAAR_PAYMENT_PROVIDER_URL", &sim_url)]).await;
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{port}/_stats")).await.is_err(),
+        "the simulator answered plain HTTP"
+    );
     let admin = sys.admin().await;
     let dee = sys.customer("dee@example.com").await;
     let kettle = sys.product(&admin, "KETTLE", 3_000, 5).await;

@@ -441,6 +441,16 @@ impl HttpClient {
         Ok(Self::with_transport(name, policy, client, transport))
     }
 
+    /// A client for `name` over an already built `client` (a mesh client with its TLS, say);
+    /// the stack's timeouts still apply.
+    pub fn with_client(name: &'static str, policy: ClientPolicy, client: reqwest::Client) -> HttpClient {
+        let transport = Transport {
+            client: client.clone(),
+            timeout: policy.timeout,
+        };
+        Self::with_transport(name, policy, client, transport)
+    }
+
     /// A client whose last hop is `transport` instead of the network (tests).
     fn with_transport<S>(name: &'static str, policy: ClientPolicy, client: reqwest::Client, transport: S) -> HttpClient
     where

@@ -482,13 +482,80 @@ fn provider() -> Arc<CryptoProvider> {
 pub struct Tls {
     files: MeshFiles,
     identity: Identity,
-    state: RwLock<TlsState>,
+    state: Arc<RwLock<TlsState>>,
+    /// Built once; presents and verifies with whatever the state holds at each handshake,
+    /// so a long-lived client (a pool) follows renewals and rotations.
+    client: Arc<ClientConfig>,
 }
 
 struct TlsState {
     server: Arc<ServerConfig>,
-    client: Arc<ClientConfig>,
+    certified: Arc<rustls::sign::CertifiedKey>,
+    server_verifier: Arc<rustls::client::WebPkiServerVerifier>,
     digest: Vec<u8>,
+}
+
+/// Reads the current certificate and trust bundle of a [`Tls`] at each client handshake.
+struct Live(Arc<RwLock<TlsState>>);
+
+impl Live {
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, TlsState> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Live {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.state().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for Live {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verifier = self.state().server_verifier.clone();
+        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let verifier = self.state().server_verifier.clone();
+        verifier.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let verifier = self.state().server_verifier.clone();
+        verifier.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.state().server_verifier.supported_verify_schemes()
+    }
 }
 
 impl std::fmt::Debug for Tls {
@@ -501,10 +568,18 @@ impl Tls {
     /// Loads `files`; fails with the file and the reason when any is missing or unusable.
     pub fn load(files: MeshFiles) -> Result<Tls, MeshError> {
         let (state, identity) = TlsState::load(&files)?;
+        let state = Arc::new(RwLock::new(state));
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| MeshError::Tls(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Live(state.clone())))
+            .with_client_cert_resolver(Arc::new(Live(state.clone())));
         Ok(Tls {
             files,
             identity,
-            state: RwLock::new(state),
+            state,
+            client: Arc::new(client),
         })
     }
 
@@ -523,9 +598,10 @@ impl Tls {
         self.state.read().unwrap_or_else(|e| e.into_inner()).server.clone()
     }
 
-    /// For connecting: TLS 1.3, presenting this workload's certificate, trusting the bundle.
+    /// For connecting: TLS 1.3, presenting this workload's certificate, trusting the bundle
+    /// (both as they are at each handshake, renewals included).
     pub fn client_config(&self) -> Arc<ClientConfig> {
-        self.state.read().unwrap_or_else(|e| e.into_inner()).client.clone()
+        self.client.clone()
     }
 
     /// Reloads the files when any changed since the last load; true when it did. A set of
@@ -584,16 +660,16 @@ impl TlsState {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(tls)?;
-        let client = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls)?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(tls)?;
+        let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| MeshError::Tls(e.to_string()))?;
+        let signing = provider().key_provider.load_private_key(key).map_err(tls)?;
+        let certified = Arc::new(rustls::sign::CertifiedKey::new(chain, signing));
         Ok((
             TlsState {
                 server: Arc::new(server),
-                client: Arc::new(client),
+                certified,
+                server_verifier,
                 digest,
             },
             identity,
@@ -989,6 +1065,8 @@ mod tests {
         let f = fixture();
         let next = Authority::create("test.local", 24 * HOUR).unwrap();
         // Both CAs in every bundle; users renewed by the new CA, the gateway still on the old.
+        // A client made before the rotation (a pool, say) is the one used after it.
+        let pooled = f.gateway.client_config();
         let bundle = [next.cert_pem(), f.ca.cert_pem()].concat();
         write_private(&f.users.files().bundle, &bundle).unwrap();
         next.issue(&f.users_id, HOUR).unwrap().write(f.users.files()).unwrap();
@@ -999,6 +1077,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(peer.unwrap().name(), "gateway");
+        assert!(Arc::ptr_eq(&pooled, &f.gateway.client_config()));
     }
 
     #[test]

@@ -244,6 +244,11 @@ impl PolicyGuard {
     pub fn file(&self) -> &Path {
         &self.file
     }
+
+    /// `router` with this policy enforced on every request ([`enforce`]).
+    pub fn guard(self: &Arc<Self>, router: axum::Router) -> axum::Router {
+        router.layer(axum::middleware::from_fn_with_state(self.clone(), enforce))
+    }
 }
 
 /// The middleware: a request over the mesh is served only when the policy lets its caller

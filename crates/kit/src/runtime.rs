@@ -64,6 +64,9 @@ pub struct RoleConfig {
     /// The mesh's authorization policy (see [`crate::policy`]): who may call which routes of
     /// this role over the mesh. Without one, any certificate from the mesh CA may call.
     pub mesh_policy: Option<std::path::PathBuf>,
+    /// Where roles are reached by name over the mesh (`bazaar up`: every role at 127.0.0.1);
+    /// empty: names resolve through DNS.
+    pub mesh_peers: Vec<(String, std::net::IpAddr)>,
 }
 
 /// Why a role could not start or stopped with an error.
@@ -336,10 +339,7 @@ impl Runtime {
         };
         tracing::info!(role = self.spec.name, %addr, mode, "listening");
         let router = match &self.policy {
-            Some(policy) => router.layer(axum::middleware::from_fn_with_state(
-                policy.clone(),
-                crate::policy::enforce,
-            )),
+            Some(policy) => policy.guard(router),
             None => router,
         };
         let api_served = async {

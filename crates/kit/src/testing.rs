@@ -171,6 +171,7 @@ impl TestRole {
             admin_listen: None,
             admin_listen_fd: None,
             mesh_policy: None,
+            mesh_peers: Vec::new(),
         };
         let (stop, shutdown) = shutdown::channel();
         let rt = Runtime::start(spec, &config, shutdown)

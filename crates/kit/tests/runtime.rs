@@ -85,6 +85,7 @@ async fn start_with(dir: &std::path::Path, mesh: Option<Arc<Tls>>) -> (shutdown:
         admin_listen: None,
         admin_listen_fd: None,
         mesh_policy: None,
+        mesh_peers: Vec::new(),
     };
     let (stop, shut) = shutdown::channel();
     let rt = Runtime::start(&SPEC, &config, shut).await.expect("start");

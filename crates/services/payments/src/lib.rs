@@ -180,8 +180,18 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
                     "payment provider URL must start with http:// or https://, got `{url}`"
                 )));
             }
-            let provider =
-                PaymentProvider::new(url).map_err(|e| ServiceError::Config(format!("payment provider client: {e}")))?;
+            // An https provider on this installation's mesh (the simulator) is called with the
+            // role's own certificate; another is an outside provider.
+            let provider = match (&config.mesh, url.starts_with("https://")) {
+                (Some(tls), true) => {
+                    let client =
+                        bazaar_kit::mesh::http_client(tls, provider::default_policy().timeout, &config.mesh_peers)
+                            .map_err(|e| ServiceError::Config(format!("payment provider client: {e}")))?;
+                    PaymentProvider::with_client(url, client)
+                }
+                _ => PaymentProvider::new(url)
+                    .map_err(|e| ServiceError::Config(format!("payment provider client: {e}")))?,
+            };
             tracing::info!(%url, "charging through the payment provider");
             Some(provider)
         }

@@ -117,6 +117,15 @@ impl PaymentProvider {
         })
     }
 
+    /// The provider at `base_url` reached with `client` (a mesh client: the simulator on the
+    /// mesh), with [`default_policy`].
+    pub fn with_client(base_url: &str, client: reqwest::Client) -> PaymentProvider {
+        PaymentProvider {
+            http: HttpClient::with_client("payment-provider", default_policy(), client),
+            base: base_url.trim_end_matches('/').to_string(),
+        }
+    }
+
     /// Charges `request` once per `key`: a repeat of the key answers the first charge.
     pub async fn charge(&self, key: &str, request: &ChargeRequest) -> Result<Charge, ProviderError> {
         let call = self
