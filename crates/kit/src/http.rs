@@ -80,6 +80,12 @@ impl Problem {
         Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the service log")
     }
 
+    /// 503 with `Retry-After`: the role sheds this request to keep serving the ones it took;
+    /// nothing was changed and the same request may be sent again shortly.
+    pub fn unavailable(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, detail)
+    }
+
     /// 503 with `Retry-After`: the store was busy and nothing was changed, so the same
     /// request may be sent again (with its Idempotency-Key, where it has one).
     pub fn busy(cause: impl std::fmt::Display) -> Problem {

@@ -1,5 +1,7 @@
 //! The users HTTP API: register, log in, who am I, and the token keys.
 
+use std::{sync::Arc, time::Duration};
+
 use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Argon2,
@@ -26,11 +28,12 @@ use uuid::Uuid;
 
 use crate::keys::{KeyRing, TOKEN_TTL};
 
-/// What every handler shares: the runtime and the signing keys.
+/// What every handler shares: the runtime, the signing keys and the hashing limit.
 #[derive(Clone)]
 struct Users {
     rt: Runtime,
     keys: KeyRing,
+    hashing: Hashing,
 }
 
 /// The API routes, on a key ring of the role's own store.
@@ -42,6 +45,11 @@ pub fn router(rt: Runtime) -> Router {
 /// The API routes signing with `keys`. Tokens are verified against the ring itself, not the
 /// runtime's verifier (which would fetch this role's own JWKS over HTTP).
 pub fn routes(rt: Runtime, keys: KeyRing) -> Router {
+    routes_limited(rt, keys, HashingLimit::default())
+}
+
+/// [`routes`] hashing passwords under `limit`.
+pub fn routes_limited(rt: Runtime, keys: KeyRing, limit: HashingLimit) -> Router {
     let verifier = keys.verifier();
     Router::new()
         .route("/users", post(register))
@@ -50,7 +58,11 @@ pub fn routes(rt: Runtime, keys: KeyRing) -> Router {
         .route("/auth/keys", post(rotate_keys))
         .route(JWKS_PATH, get(jwks))
         .layer(Extension(verifier))
-        .with_state(Users { rt, keys })
+        .with_state(Users {
+            rt,
+            keys,
+            hashing: Hashing::new(limit),
+        })
 }
 
 /// The body of `POST /users`.
@@ -77,18 +89,99 @@ fn parse_phone(raw: &str) -> Result<String, Problem> {
     }
 }
 
-/// Hashes a password with argon2id off the async threads.
-async fn hash_password(password: String) -> Result<String, Problem> {
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-    })
-    .await
-    .map_err(Problem::internal)?
-    .map_err(Problem::internal)
+/// How much password hashing (argon2id: 19 MiB and tens of milliseconds of CPU each) the
+/// role does at once, and how long a request waits for a turn before it is turned away with
+/// 503 and `Retry-After`: a flood of logins queues briefly and is then shed, instead of
+/// growing threads and memory until the role falls over.
+#[derive(Debug, Clone, Copy)]
+pub struct HashingLimit {
+    /// Hashes computed at once.
+    pub concurrent: usize,
+    /// Longest wait for a turn.
+    pub wait: Duration,
 }
+
+impl Default for HashingLimit {
+    /// One hash per core (at most four), two seconds' wait.
+    fn default() -> HashingLimit {
+        HashingLimit {
+            concurrent: std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4),
+            wait: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Runs password work under a [`HashingLimit`].
+#[derive(Clone)]
+struct Hashing {
+    permits: Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+}
+
+impl Hashing {
+    fn new(limit: HashingLimit) -> Hashing {
+        Hashing {
+            permits: Arc::new(tokio::sync::Semaphore::new(limit.concurrent.max(1))),
+            wait: limit.wait,
+        }
+    }
+
+    /// Runs `work` on the blocking pool once a turn is free, or sheds the request.
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Problem> {
+        let permit = match tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await {
+            Ok(permit) => permit.map_err(Problem::internal)?,
+            Err(_) => {
+                metrics::counter!("bazaar_users_hashing_shed_total").increment(1);
+                tracing::warn!("password hashing saturated; shedding a sign-in or registration");
+                return Err(Problem::unavailable(
+                    "too many sign-ins and registrations at once; nothing was changed, retry in a moment",
+                ));
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let _turn = permit;
+            work()
+        })
+        .await
+        .map_err(Problem::internal)
+    }
+
+    /// Hashes a password with argon2id.
+    async fn hash(&self, password: String) -> Result<String, Problem> {
+        self.run(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+        })
+        .await?
+        .map_err(Problem::internal)
+    }
+
+    /// Whether `password` matches `hash`; with no hash (an unknown email) it checks against
+    /// a stand-in, so the answer takes as long either way.
+    async fn verify(&self, hash: Option<String>, password: String) -> Result<bool, Problem> {
+        self.run(move || {
+            let stand_in = STAND_IN.get_or_init(|| {
+                let salt = SaltString::generate(&mut OsRng);
+                Argon2::default()
+                    .hash_password(Uuid::new_v4().to_string().as_bytes(), &salt)
+                    .map(|h| h.to_string())
+                    .unwrap_or_default()
+            });
+            let known = hash.is_some();
+            let hash = hash.as_deref().unwrap_or(stand_in);
+            let matches = PasswordHash::new(hash)
+                .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+                .unwrap_or(false);
+            known && matches
+        })
+        .await
+    }
+}
+
+/// The hash an unknown email's password is checked against (of a random password nobody has).
+static STAND_IN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// An email address, trimmed and lower-cased, with one `@` between non-empty parts.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,7 +220,7 @@ struct User {
 }
 
 async fn register(
-    State(Users { rt, .. }): State<Users>,
+    State(Users { rt, hashing, .. }): State<Users>,
     ctx: RequestContext,
     Json(body): Json<Registration>,
 ) -> Result<(StatusCode, Json<User>), Problem> {
@@ -139,13 +232,15 @@ async fn register(
     if body.password.len() > 1024 {
         return Err(Problem::bad_request("password must be at most 1024 bytes"));
     }
-    let user = create(&rt, &ctx, email, body.name.trim(), phone, &[], body.password).await?;
+    let user = create(&rt, &hashing, &ctx, email, body.name.trim(), phone, &[], body.password).await?;
     Ok((StatusCode::CREATED, Json(user)))
 }
 
 /// Stores a user and announces `user.registered` in one transaction.
+#[allow(clippy::too_many_arguments)]
 async fn create(
     rt: &Runtime,
+    hashing: &Hashing,
     ctx: &RequestContext,
     email: Email,
     name: &str,
@@ -156,7 +251,7 @@ async fn create(
     if name.is_empty() || name.len() > 200 {
         return Err(Problem::bad_request("name must be 1 to 200 characters"));
     }
-    let hash = hash_password(password).await?;
+    let hash = hashing.hash(password).await?;
     let id = Uuid::now_v7();
     let mut tx = rt.store.begin().await?;
     let inserted = sqlx::query(
@@ -220,7 +315,19 @@ pub(crate) async fn ensure_admin(rt: &Runtime, email: &str, password: &str) -> R
         correlation_id: Uuid::now_v7().to_string(),
         traceparent: None,
     };
-    match create(rt, &ctx, email, "Administrator", None, &[ADMIN], password.to_string()).await {
+    let hashing = Hashing::new(HashingLimit::default());
+    match create(
+        rt,
+        &hashing,
+        &ctx,
+        email,
+        "Administrator",
+        None,
+        &[ADMIN],
+        password.to_string(),
+    )
+    .await
+    {
         // Another instance created it at the same moment.
         Err(p) if p.status == 409 => Ok(()),
         other => other.map(|_| ()),
@@ -236,33 +343,41 @@ struct Login {
 }
 
 /// Logs in: checks the password and issues an access token.
-async fn token(State(Users { rt, keys }): State<Users>, Json(body): Json<Login>) -> Result<Json<Value>, Problem> {
+async fn token(
+    State(Users { rt, keys, hashing }): State<Users>,
+    Json(body): Json<Login>,
+) -> Result<Json<Value>, Problem> {
     let refused = || Problem::unauthorized("unknown email or wrong password");
-    let email = Email::parse(&body.email).map_err(|_| refused())?;
-    let row = sqlx::query("SELECT id, roles, password_hash FROM users WHERE email = $1")
-        .bind(&email.0)
-        .fetch_optional(rt.store.pool())
-        .await?
-        .ok_or_else(refused)?;
-    let id: String = row.try_get("id")?;
-    let roles = split_roles(&row.try_get::<String, _>("roles")?);
-    let hash: String = row.try_get("password_hash")?;
-    let password = body.password;
-    let ok = tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash)
-            .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
-            .unwrap_or(false)
-    })
-    .await
-    .map_err(Problem::internal)?;
-    if !ok {
+    if body.password.len() > 1024 {
         return Err(refused());
     }
+    // An unknown or malformed email is checked against a stand-in hash, so the answer and
+    // its timing say nothing about which emails are registered.
+    let row = match Email::parse(&body.email) {
+        Ok(email) => {
+            sqlx::query("SELECT id, email, roles, password_hash FROM users WHERE email = $1")
+                .bind(&email.0)
+                .fetch_optional(rt.store.pool())
+                .await?
+        }
+        Err(_) => None,
+    };
+    let hash = row
+        .as_ref()
+        .map(|r| r.try_get::<String, _>("password_hash"))
+        .transpose()?;
+    if !hashing.verify(hash, body.password).await? {
+        return Err(refused());
+    }
+    let row = row.ok_or_else(refused)?;
+    let id: String = row.try_get("id")?;
+    let email: String = row.try_get("email")?;
+    let roles = split_roles(&row.try_get::<String, _>("roles")?);
     let user: Uuid = id.parse().map_err(Problem::internal)?;
     let token = keys
         .signer()
         .await?
-        .issue(user, &email.0, &roles, TOKEN_TTL)
+        .issue(user, &email, &roles, TOKEN_TTL)
         .map_err(Problem::internal)?;
     Ok(Json(json!({
         "accessToken": token,

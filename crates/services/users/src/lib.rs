@@ -18,7 +18,7 @@ use bazaar_kit::{
     store::Migration,
 };
 
-pub use api::{router, routes};
+pub use api::{router, routes, routes_limited, HashingLimit};
 
 /// The users tables.
 pub const MIGRATIONS: &[Migration] = &[

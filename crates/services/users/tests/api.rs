@@ -413,3 +413,77 @@ async fn a_key_rotation_keeps_old_tokens_working_and_signs_new_ones_with_the_new
         assert_eq!(me, user);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_beyond_the_hashing_limit_is_shed_with_503_and_retry_after() {
+    let limit = bazaar_users::HashingLimit {
+        concurrent: 1,
+        wait: std::time::Duration::from_millis(1),
+    };
+    let users = TestRole::start(&bazaar_users::SERVICE, |rt| {
+        bazaar_users::routes_limited(rt.clone(), bazaar_users::keys::KeyRing::new(rt.store.clone()), limit)
+    })
+    .await;
+    let created = users
+        .call(
+            Method::POST,
+            "/users",
+            None,
+            Some(registration("ann@example.com", "Ann", PASSWORD, None)),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    let login = |password: &str| json!({"email": "ann@example.com", "password": password});
+    let flood = futures_util::future::join_all(
+        (0..16).map(|_| users.call(Method::POST, "/auth/token", None, Some(login("not the password")))),
+    )
+    .await;
+    let mut shed = 0;
+    for answer in &flood {
+        match answer.status {
+            StatusCode::UNAUTHORIZED => {}
+            StatusCode::SERVICE_UNAVAILABLE => {
+                shed += 1;
+                assert_eq!(answer.headers["retry-after"], "1");
+                assert!(answer.problem(StatusCode::SERVICE_UNAVAILABLE).contains("retry"));
+            }
+            other => panic!("a flooded login answered {other}: {:?}", answer.body),
+        }
+    }
+    assert!(
+        shed > 0,
+        "sixteen logins at once with one hashing turn and no wait shed none"
+    );
+    // Once the flood has passed, the right password still works.
+    users
+        .call(Method::POST, "/auth/token", None, Some(login(PASSWORD)))
+        .await
+        .expect(StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_login_for_an_unknown_email_takes_as_long_as_one_with_a_wrong_password() {
+    let users = start().await;
+    users.register("ann@example.com").await;
+    let time = |email: &'static str| {
+        let users = &users;
+        async move {
+            let started = std::time::Instant::now();
+            for _ in 0..3 {
+                users
+                    .login(email, "not the password")
+                    .await
+                    .problem(StatusCode::UNAUTHORIZED);
+            }
+            started.elapsed().as_secs_f64()
+        }
+    };
+    // Warm the stand-in hash first.
+    time("nobody@example.com").await;
+    let (known, unknown) = (time("ann@example.com").await, time("nobody@example.com").await);
+    let ratio = unknown / known;
+    assert!(
+        (0.5..2.0).contains(&ratio),
+        "unknown email {unknown:.3}s vs wrong password {known:.3}s: the timing tells them apart"
+    );
+}
