@@ -190,6 +190,22 @@ impl NatsNode {
     }
 }
 
+/// Creates every stream the roles use, logged in as the operator (`url`), before they start:
+/// no role may create one, so none can shape a stream another role depends on.
+pub async fn create_streams(url: &str) -> anyhow::Result<()> {
+    let mut topics = std::collections::BTreeSet::new();
+    for (_, spec) in roles::services() {
+        topics.extend(spec.publishes.iter().map(|t| t.to_string()));
+        for topic in spec.consumes {
+            topics.insert(topic.to_string());
+            topics.insert(bazaar_kit::broker::dlq_topic(topic));
+        }
+    }
+    bazaar_kit::broker::nats::create_streams(url, topics.iter().map(String::as_str))
+        .await
+        .context("cannot create the JetStream streams")
+}
+
 /// How long a new JetStream cluster gets to elect its meta leader.
 const JETSTREAM_READY_WITHIN: Duration = Duration::from_secs(60);
 

@@ -398,9 +398,24 @@ fn run_payment_sim(
             router = Arc::new(guard).guard(router);
         }
         let mut stop = stop;
-        bazaar_kit::mesh::serve_mtls(listener, router, tls, async move { stop.wait().await })
-            .await
-            .context("payment-sim")
+        let served = bazaar_kit::mesh::serve_mtls(listener, router, tls.clone(), async move { stop.wait().await });
+        // Renewed certificates apply without a restart, as in every role.
+        let reload = async {
+            loop {
+                tokio::time::sleep(bazaar_kit::runtime::MESH_RELOAD_PERIOD).await;
+                match tls.reload_if_changed() {
+                    Ok(true) => tracing::info!(identity = %tls.identity(), "mesh: renewed certificate loaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mesh: cannot load the renewed certificate; keeping the old one")
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            served = served => served.context("payment-sim"),
+            never = reload => never,
+        }
     })
 }
 

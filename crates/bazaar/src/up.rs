@@ -291,7 +291,11 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     for (i, (role, ready_url, make)) in makers.into_iter().enumerate() {
         if i == nats_nodes && nats.is_some() {
             // The roles check the broker as they start: let the cluster elect its leaders.
-            if let Err(e) = cluster::wait_for_jetstream(&shared.3.broker).await {
+            let ready = async {
+                cluster::wait_for_jetstream(&shared.3.broker).await?;
+                cluster::create_streams(&shared.3.broker).await
+            };
+            if let Err(e) = ready.await {
                 terminate_all(&mut procs).await;
                 return Err(e);
             }

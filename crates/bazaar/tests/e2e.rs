@@ -1393,6 +1393,7 @@ async fn the_broker_refuses_a_forged_command(sys: &System) {
     let port = sys.base() + roles::NATS_CLIENT_OFFSETS[0];
     let client = async_nats::ConnectOptions::new()
         .user_and_password("notifications".into(), password.trim().into())
+        .custom_inbox_prefix(bazaar_kit::broker::nats::inbox_prefix("notifications"))
         .connect(format!("127.0.0.1:{port}"))
         .await
         .expect("notifications logs in");
@@ -1415,6 +1416,15 @@ async fn the_broker_refuses_a_forged_command(sys: &System) {
         !matches!(published, Ok(Ok(_))),
         "JetStream stored a command notifications published on inventory.commands"
     );
+    // Nor can it shape a stream (say, one that captures payments' commands).
+    let create = format!(
+        "$JS.API.STREAM.CREATE.{}",
+        bazaar_kit::broker::nats::stream_name("payments.commands")
+    );
+    let spec =
+        json!({"name": bazaar_kit::broker::nats::stream_name("payments.commands"), "subjects": ["payments.commands"]});
+    let created = tokio::time::timeout(Duration::from_secs(5), client.request(create, spec.to_string().into())).await;
+    assert!(!matches!(created, Ok(Ok(_))), "notifications may create streams");
     // And a stranger gets nowhere.
     let stranger = async_nats::ConnectOptions::new()
         .user_and_password("notifications".into(), "not-the-password".into())

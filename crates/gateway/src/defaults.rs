@@ -88,11 +88,13 @@ pub fn default_config(
         if upstreams.len() == 1 {
             out.push_str("upstreams:\n");
         }
-        let _ = write!(
-            out,
-            "  - name: {}.{domain}\n    healthchecks:\n      active:\n        http_path: /health/ready\n        timeout: 1\n        healthy: {{interval: 1, successes: 1}}\n        unhealthy: {{interval: 1, http_failures: 1, tcp_failures: 1, timeouts: 2}}\n      passive:\n        unhealthy: {{tcp_failures: 1}}\n    targets:\n",
-            route.service
-        );
+        let _ = writeln!(out, "  - name: {}.{domain}", route.service);
+        // Health checks choose between targets; a lone target (a single instance reached over
+        // the mesh) is better tried than marked down for one slow probe.
+        if route.targets.len() > 1 {
+            out.push_str("    healthchecks:\n      active:\n        http_path: /health/ready\n        timeout: 1\n        healthy: {interval: 1, successes: 1}\n        unhealthy: {interval: 1, http_failures: 1, tcp_failures: 1, timeouts: 2}\n      passive:\n        unhealthy: {tcp_failures: 1}\n");
+        }
+        out.push_str("    targets:\n");
         for port in &route.targets {
             let _ = writeln!(out, "      - target: 127.0.0.1:{port}");
         }

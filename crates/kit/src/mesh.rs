@@ -702,7 +702,13 @@ pub async fn serve_mtls(
     use tower::ServiceExt;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = tokio_util::task::TaskTracker::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // A client that never finishes its request head is cut, as one that never finishes the
+    // handshake is.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -751,10 +757,19 @@ pub async fn serve_mtls(
     }
     drop(listener);
     if tokio::time::timeout(CLOSE_LIMIT, graceful.shutdown()).await.is_err() {
-        tracing::warn!("mesh: connections still open after {CLOSE_LIMIT:?}; closing them");
+        tracing::warn!("mesh: connections still open after {CLOSE_LIMIT:?}; leaving them to the exit");
     }
     connections.close();
-    connections.wait().await;
+    // A connection still mid-handshake gets at most its handshake timeout.
+    if tokio::time::timeout(HANDSHAKE_TIMEOUT, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = connections.len(),
+            "mesh: connections still open; leaving them to the exit"
+        );
+    }
     Ok(())
 }
 

@@ -124,13 +124,21 @@ impl Route {
         Ok(Route { method, path, prefix })
     }
 
+    /// Whether the route covers `method path`: a `GET` rule covers `HEAD` (servers answer
+    /// it with the GET handler), and a prefix covers itself and what is below it by whole
+    /// segments (`/orders*` covers `/orders` and `/orders/1`, not `/orders-admin`).
     fn covers(&self, method: &str, path: &str) -> bool {
-        self.method.as_deref().is_none_or(|m| m == method)
-            && if self.prefix {
-                path.starts_with(&self.path)
-            } else {
-                path == self.path
-            }
+        let method_ok = self
+            .method
+            .as_deref()
+            .is_none_or(|m| m == method || (m == "GET" && method == "HEAD"));
+        let path_ok = if self.prefix {
+            let base = self.path.trim_end_matches('/');
+            base.is_empty() || path == base || path.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'))
+        } else {
+            path == self.path
+        };
+        method_ok && path_ok
     }
 }
 
@@ -325,6 +333,15 @@ roles:
         assert!(orders.allows("spiffe://bazaar/role/gateway", "GET", "/orders/123"));
         assert!(!orders.allows("spiffe://bazaar/role/gateway", "DELETE", "/orders/123"));
         assert!(!orders.allows("spiffe://bazaar/role/notifications", "GET", "/orders"));
+        assert!(orders.allows("spiffe://bazaar/role/gateway", "GET", "/orders"));
+        assert!(
+            orders.allows("spiffe://bazaar/role/gateway", "HEAD", "/orders/1"),
+            "GET covers HEAD"
+        );
+        assert!(
+            !orders.allows("spiffe://bazaar/role/gateway", "GET", "/orders-admin"),
+            "whole segments only"
+        );
         assert!(
             policy("payments").rules.is_empty(),
             "a role the file omits admits no one"

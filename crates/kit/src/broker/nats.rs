@@ -82,11 +82,19 @@ pub struct Permissions {
     pub subscribe: Vec<String>,
 }
 
-/// Least privilege for consumer `group` publishing `publishes` and consuming `consumes`:
-/// publish to those topics (and the dead-letter topics of the ones it consumes) and no
-/// others; look up and create their streams; create, read, pull from and ack its own durable
-/// consumer on each consumed topic, and no one else's; receive replies on `_INBOX`. Deleting
-/// or purging streams and reading others' consumers stay with the operator's user.
+/// The inbox prefix of a client logged in as `user`: its replies (JetStream API answers,
+/// pulled messages) arrive there, where no other user may subscribe.
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX_{}", sanitise(user))
+}
+
+/// Least privilege for consumer `group` (also its NATS user) publishing `publishes` and
+/// consuming `consumes`: publish to those topics (and the dead-letter topics of the ones it
+/// consumes) and no others; look up their streams, which the operator creates
+/// ([`create_streams`]) so that no role shapes one; create, read, pull from and ack its own
+/// durable consumer on each consumed topic, and no one else's; receive replies only on its
+/// own inbox ([`inbox_prefix`]). Creating, deleting or purging streams and reading others'
+/// consumers stay with the operator's user.
 pub fn permissions(group: &str, publishes: &[&str], consumes: &[&str]) -> Permissions {
     let dead_letters: Vec<String> = consumes.iter().map(|t| super::dlq_topic(t)).collect();
     let produced: Vec<&str> = publishes
@@ -98,7 +106,6 @@ pub fn permissions(group: &str, publishes: &[&str], consumes: &[&str]) -> Permis
     for topic in produced.iter().chain(consumes) {
         let stream = stream_name(topic);
         publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
-        publish.push(format!("$JS.API.STREAM.CREATE.{stream}"));
     }
     publish.extend(produced.iter().map(|t| t.to_string()));
     let consumer = consumer_name(group);
@@ -116,8 +123,17 @@ pub fn permissions(group: &str, publishes: &[&str], consumes: &[&str]) -> Permis
     publish.dedup();
     Permissions {
         publish,
-        subscribe: vec!["_INBOX.>".to_string()],
+        subscribe: vec![format!("{}.>", inbox_prefix(group))],
     }
+}
+
+/// Creates (or finds) the stream of each of `topics` at `url`, logged in as the operator.
+pub async fn create_streams<'a>(url: &str, topics: impl IntoIterator<Item = &'a str>) -> Result<(), BrokerError> {
+    let broker = NatsBroker::connect(url).await?;
+    for topic in topics {
+        broker.stream(topic).await?;
+    }
+    Ok(())
 }
 
 fn sanitise(name: &str) -> String {
@@ -267,7 +283,9 @@ impl NatsBroker {
             .iter()
             .find_map(|s| Some((s.username()?, s.password().unwrap_or_default())))
         {
-            options = options.user_and_password(user.to_string(), password.to_string());
+            options = options
+                .user_and_password(user.to_string(), password.to_string())
+                .custom_inbox_prefix(inbox_prefix(user));
         }
         let client = tokio::time::timeout(TIMEOUT + Duration::from_secs(1), options.connect(seeds))
             .await
@@ -646,7 +664,11 @@ mod tests {
             .publish
             .contains(&"$JS.API.CONSUMER.MSG.NEXT.BAZAAR_orders_events.notifications".to_string()));
         assert!(!p.publish.iter().any(|s| s.contains("DELETE") || s.contains("PURGE")));
-        assert_eq!(p.subscribe, ["_INBOX.>"]);
+        assert_eq!(p.subscribe, ["_INBOX_notifications.>"]);
+        assert!(
+            !p.publish.iter().any(|s| s.contains("STREAM.CREATE")),
+            "the operator shapes streams"
+        );
         let orders = super::permissions("orders", &["inventory.commands"], &[]);
         assert!(orders.publish.contains(&"inventory.commands".to_string()));
     }

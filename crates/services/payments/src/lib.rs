@@ -182,7 +182,18 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
             }
             // An https provider on this installation's mesh (the simulator) is called with the
             // role's own certificate; another is an outside provider.
-            let provider = match (&config.mesh, url.starts_with("https://")) {
+            // A mesh peer: a name `up` resolves (`payment-sim`), or, where names go through DNS
+            // (Kubernetes), a bare service name.
+            let host = url
+                .strip_prefix("https://")
+                .and_then(|rest| rest.split([':', '/']).next())
+                .unwrap_or_default();
+            let on_mesh = if config.mesh_peers.is_empty() {
+                !host.is_empty() && !host.contains('.')
+            } else {
+                config.mesh_peers.iter().any(|(name, _)| name == host)
+            };
+            let provider = match (&config.mesh, on_mesh) {
                 (Some(tls), true) => {
                     let client =
                         bazaar_kit::mesh::http_client(tls, provider::default_policy().timeout, &config.mesh_peers)
