@@ -40,6 +40,10 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest a load of the keys may take.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long keys that can no longer be reloaded are still trusted: a token's lifetime, after
+/// which any of them may have been retired.
+pub const KEYS_TRUST_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
 /// What a token says about its holder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Claims {
@@ -356,10 +360,28 @@ impl Verifier {
         let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner()).clone();
         match loaded {
             Some((keys, at)) if at.elapsed() < KEYS_MAX_AGE => Ok(keys),
-            Some((keys, _)) => Ok(self
-                .reload(|started| started.elapsed() < KEYS_MAX_AGE, Duration::ZERO)
-                .await
-                .unwrap_or(keys)),
+            // Old keys: one caller a second tries to reload them (the others go on with what
+            // there is), and after a token's lifetime without a reload they are not trusted.
+            Some((keys, at)) => {
+                let keys = self
+                    .reload(|started| started.elapsed() < RELOAD_INTERVAL, Duration::ZERO)
+                    .await
+                    .unwrap_or(keys);
+                let age = self
+                    .loaded
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map_or(at.elapsed(), |(_, at)| at.elapsed());
+                if age > KEYS_TRUST_LIMIT {
+                    return Err(AuthError::KeysUnavailable(format!(
+                        "the keys from {} could not be reloaded for {} h",
+                        self.source,
+                        age.as_secs() / 3600
+                    )));
+                }
+                Ok(keys)
+            }
             None => self
                 .reload(|started| started >= asked, RELOAD_INTERVAL)
                 .await
@@ -378,10 +400,18 @@ impl Verifier {
                 .as_ref()
                 .map(|(k, _)| k.clone())
         };
-        // A caller waits for at most one gap and one load before it gives up.
-        let mut last = tokio::time::timeout(gap + LOAD_TIMEOUT, self.attempt.lock())
-            .await
-            .ok()?;
+        // With no gap to keep, a caller does not queue behind a load under way; otherwise it
+        // waits for at most one gap and one load before it gives up.
+        let mut last = if gap.is_zero() {
+            match self.attempt.try_lock() {
+                Ok(last) => last,
+                Err(_) => return loaded_keys(),
+            }
+        } else {
+            tokio::time::timeout(gap + LOAD_TIMEOUT, self.attempt.lock())
+                .await
+                .ok()?
+        };
         if last.is_some_and(&recent_enough) {
             return loaded_keys();
         }

@@ -256,7 +256,8 @@ pub(crate) async fn authenticate(
         match verify(conf, &token, credentials, now) {
             Ok(found) => match &found.jwks {
                 Some(jwks) if !reloaded && jwks.is_stale() => {
-                    jwks.reload(|started| started.elapsed() < JwksKeys::MAX_AGE, Duration::ZERO)
+                    // One request a second tries; the others go on with the keys there are.
+                    jwks.reload(|started| started.elapsed() < JwksKeys::RELOAD_INTERVAL, Duration::ZERO)
                         .await;
                     reloaded = true;
                 }
@@ -361,8 +362,17 @@ impl JwksKeys {
     /// `gap` after the last load first: callers queue on one load, and loads happen at most
     /// once per `gap`. A failed load keeps the keys loaded before.
     async fn reload(&self, recent_enough: impl Fn(Instant) -> bool, gap: Duration) {
-        let Ok(mut last) = tokio::time::timeout(gap + JwksKeys::LOAD_TIMEOUT, self.attempt.lock()).await else {
-            return;
+        let mut last = if gap.is_zero() {
+            // Nothing to wait for: a load under way is someone else's.
+            match self.attempt.try_lock() {
+                Ok(last) => last,
+                Err(_) => return,
+            }
+        } else {
+            let Ok(last) = tokio::time::timeout(gap + JwksKeys::LOAD_TIMEOUT, self.attempt.lock()).await else {
+                return;
+            };
+            last
         };
         if last.is_some_and(&recent_enough) {
             return;
