@@ -342,7 +342,7 @@ fn run_orders(_: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture
 fn run_payments(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
     Box::pin(async move {
         let payments = bazaar_payments::PaymentsConfig {
-            welcome_credit_cents: settings.welcome_credit_cents,
+            welcome_credit_cents: settings.welcome_credit(false)?,
             decline_rate: settings.decline_rate,
             provider_url: settings.payment_provider_url.clone(),
         };
@@ -422,6 +422,9 @@ fn run_payment_sim(
 /// The payment simulator's role name.
 pub const PAYMENT_SIM: &str = "payment-sim";
 
+/// The credit each new wallet gets in `bazaar up`'s demo, unless set.
+pub const DEMO_WELCOME_CREDIT_CENTS: i64 = 100_000;
+
 /// The operator account `bazaar up` creates (its password is in DATA/admin.password).
 pub const ADMIN_EMAIL: &str = "admin@bazaar.local";
 
@@ -484,9 +487,10 @@ pub struct Settings {
     /// `bazaar serve payment-sim` at http://127.0.0.1:8106. Default: the wallet alone pays.
     #[arg(long, global = true, env = "BAZAAR_PAYMENT_PROVIDER_URL")]
     pub payment_provider_url: Option<String>,
-    /// Credit for each new wallet in cents (payments).
-    #[arg(long, global = true, env = "BAZAAR_WELCOME_CREDIT_CENTS", default_value_t = 100_000)]
-    pub welcome_credit_cents: i64,
+    /// Credit for each new wallet in cents (payments): free money, so a demo feature.
+    /// Default: none for `bazaar serve`; `bazaar up`'s demo gives 100 000.
+    #[arg(long, global = true, env = "BAZAAR_WELCOME_CREDIT_CENTS")]
+    pub welcome_credit_cents: Option<i64>,
     /// SMTP relay HOST:PORT (notifications). Default: write mail to DATA/mail/*.eml.
     #[arg(long, global = true, env = "BAZAAR_SMTP")]
     pub smtp: Option<String>,
@@ -570,6 +574,17 @@ impl Settings {
         self.gateway_config
             .clone()
             .unwrap_or_else(|| self.data.join("kong.yml"))
+    }
+
+    /// The credit each new wallet gets: as set, else [`DEMO_WELCOME_CREDIT_CENTS`] in `up`'s
+    /// demo (`demo`) and nothing otherwise, so a served shop gives no free money unless told.
+    pub fn welcome_credit(&self, demo: bool) -> anyhow::Result<i64> {
+        match self.welcome_credit_cents {
+            Some(cents) if cents < 0 => anyhow::bail!("BAZAAR_WELCOME_CREDIT_CENTS must not be negative, got {cents}"),
+            Some(cents) => Ok(cents),
+            None if demo => Ok(DEMO_WELCOME_CREDIT_CENTS),
+            None => Ok(0),
+        }
     }
 
     /// The URL of the users service's JWKS: over the mesh (`https://users:PORT/…`) when this
@@ -898,7 +913,7 @@ mod tests {
             json_logs: false,
             decline_rate: 0.0,
             payment_provider_url: None,
-            welcome_credit_cents: 0,
+            welcome_credit_cents: None,
             smtp: None,
             sms_webhook: None,
             admin_password: None,
@@ -908,6 +923,25 @@ mod tests {
             listen_fd: None,
             admin_listen_fd: None,
         }
+    }
+
+    #[test]
+    fn only_the_demo_gives_new_wallets_free_money_unless_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path());
+        assert_eq!(s.welcome_credit(false).unwrap(), 0, "bazaar serve");
+        assert_eq!(
+            s.welcome_credit(true).unwrap(),
+            DEMO_WELCOME_CREDIT_CENTS,
+            "bazaar up's demo"
+        );
+        s.welcome_credit_cents = Some(2_500);
+        assert_eq!(
+            (s.welcome_credit(false).unwrap(), s.welcome_credit(true).unwrap()),
+            (2_500, 2_500)
+        );
+        s.welcome_credit_cents = Some(-1);
+        assert!(s.welcome_credit(true).is_err());
     }
 
     #[test]

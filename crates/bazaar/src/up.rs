@@ -166,6 +166,8 @@ fn check_replicas(backends: &Backends, replicas: &Replicas) -> anyhow::Result<()
 
 /// Runs `up` until Ctrl-C or SIGTERM.
 pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
+    // Settings every role will read are checked before anything starts.
+    settings.welcome_credit(true)?;
     let replicas = match (&args.replicas, args.cluster) {
         (Some(r), _) => r.clone(),
         (None, true) => Replicas::parse("2,gateway=2").map_err(anyhow::Error::msg)?,
@@ -492,7 +494,10 @@ fn role_job(
         .env("BAZAAR_JWKS_URL", settings.jwks_url())
         .env("BAZAAR_GATEWAY_CONFIG", settings.gateway_config())
         .env("BAZAAR_DECLINE_RATE", settings.decline_rate.to_string())
-        .env("BAZAAR_WELCOME_CREDIT_CENTS", settings.welcome_credit_cents.to_string())
+        .env(
+            "BAZAAR_WELCOME_CREDIT_CENTS",
+            settings.welcome_credit(true)?.to_string(),
+        )
         .env("BAZAAR_SEED_DEMO", "true")
         .env_remove("BAZAAR_STORE_URL")
         .env_remove("BAZAAR_LISTEN");
