@@ -86,27 +86,40 @@ impl System {
 
     /// A client holding a certificate for `name` of `kind` from the system's mesh CA.
     fn mesh_client_as(&self, kind: bazaar_kit::mesh::Workload, name: &str) -> reqwest::Client {
-        use bazaar_kit::mesh::{Authority, Identity, MeshFiles, Tls};
+        use bazaar_kit::mesh::{Authority, Identity, MeshFiles};
         let dir = self.data_dir().join("mesh");
         let ca = Authority::load(&dir).expect("the mesh CA");
         let files = MeshFiles::in_dir(&dir.join("tools"), &format!("test-{name}"));
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(dir.join("tools"))
             .expect("tools dir");
-        ca.issue(
-            &Identity::new(ca.trust_domain(), kind, name).expect("an identity"),
-            Duration::from_secs(600),
-        )
-        .expect("a tool certificate")
-        .write(&files)
-        .expect("write it");
-        std::fs::copy(dir.join("bundle.pem"), &files.bundle).expect("the bundle");
-        let tls = Tls::load(files).expect("load it");
+        let bundle = std::fs::read_to_string(dir.join("bundle.pem")).expect("the bundle");
+        let tls = ca
+            .issue(
+                &Identity::new(ca.trust_domain(), kind, name).expect("an identity"),
+                Duration::from_secs(600),
+            )
+            .expect("a certificate")
+            .install(&files, &bundle)
+            .expect("install it");
         let peers: Vec<(String, std::net::IpAddr)> = roles::ROLES
             .iter()
             .map(|r| (r.name.to_string(), std::net::IpAddr::from([127, 0, 0, 1])))
             .collect();
         bazaar_kit::mesh::http_client(&tls, Duration::from_secs(10), &peers).expect("a mesh client")
+    }
+
+    /// What service `role`'s instance 0 shows on its admin port's `/metrics`.
+    async fn metrics(&self, role: &str) -> String {
+        let port = self.base() + port_offset(role) + roles::ADMIN_PORT_OFFSET;
+        self.client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text")
     }
 
     /// `path` on instance 0 of service `role`, over the mesh.
@@ -613,18 +626,7 @@ async fn a_role_calling_outside_the_mesh_policy_gets_403_naming_it_and_is_counte
     // Refusals and the gateway's traffic are counted per edge on the callee.
     let order_list = sys.call(reqwest::Method::GET, "/orders", Some(&ann), None).await;
     assert_eq!(order_list.0, 200);
-    let metrics = sys
-        .client
-        .get(format!(
-            "http://127.0.0.1:{}/metrics",
-            sys.base() + port_offset("orders") + roles::ADMIN_PORT_OFFSET
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sys.metrics("orders").await;
     let refusals = metric_sum(
         &metrics,
         "bazaar_mesh_refusals_total",
@@ -1056,18 +1058,7 @@ async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
         let samples = parse_prometheus(&text).unwrap_or_else(|e| panic!("{url}: {e}"));
         assert!(samples > 0, "{url} has no samples");
     }
-    let orders = sys
-        .client
-        .get(format!(
-            "http://127.0.0.1:{}/metrics",
-            sys.base() + port_offset("orders") + roles::ADMIN_PORT_OFFSET
-        ))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let orders = sys.metrics("orders").await;
     for name in [
         "bazaar_http_requests_total",
         "bazaar_saga_transitions_total",

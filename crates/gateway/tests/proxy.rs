@@ -497,18 +497,14 @@ async fn jwt_answers_503_while_the_jwks_cannot_be_loaded() {
 
 /// A mesh CA in `dir` and the TLS files of `names` (roles) it issued.
 fn mesh(dir: &std::path::Path, names: &[&str]) -> (bazaar_kit::mesh::Authority, Vec<Arc<bazaar_kit::mesh::Tls>>) {
-    use bazaar_kit::mesh::{Authority, Identity, MeshFiles, Tls};
+    use bazaar_kit::mesh::{Authority, Identity, MeshFiles};
     let ca = Authority::create("test", Duration::from_secs(3600)).unwrap();
     let tls = names
         .iter()
         .map(|name| {
             let files = MeshFiles::in_dir(dir, name);
-            ca.issue(&Identity::role("test", name).unwrap(), Duration::from_secs(600))
-                .unwrap()
-                .write(&files)
-                .unwrap();
-            std::fs::write(&files.bundle, ca.cert_pem()).unwrap();
-            Arc::new(Tls::load(files).unwrap())
+            let leaf = ca.issue(&Identity::role("test", name).unwrap(), Duration::from_secs(600));
+            Arc::new(leaf.unwrap().install(&files, ca.cert_pem()).unwrap())
         })
         .collect();
     (ca, tls)

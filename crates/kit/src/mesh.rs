@@ -397,6 +397,14 @@ impl Leaf {
         write_private(&files.cert, &self.cert_pem)?;
         write_private(&files.key, &self.key_pem)
     }
+
+    /// Writes the certificate and key to `files` beside `bundle` (the CA certificates to
+    /// trust, PEM) and loads them: a workload's whole TLS material in one step.
+    pub fn install(&self, files: &MeshFiles, bundle: &str) -> Result<Tls, MeshError> {
+        self.write(files)?;
+        write_private(&files.bundle, bundle)?;
+        Tls::load(files.clone())
+    }
 }
 
 /// The SHA-256 of the first certificate in `pem`, hex.
@@ -879,9 +887,15 @@ mod tests {
 
     fn files_for(dir: &Path, ca_pems: &[&str], leaf: &Leaf, name: &str) -> MeshFiles {
         let files = MeshFiles::in_dir(dir, name);
-        leaf.write(&files).unwrap();
-        write_private(&files.bundle, &ca_pems.concat()).unwrap();
+        leaf.install(&files, &ca_pems.concat()).unwrap();
         files
+    }
+
+    /// Why a handshake between `server` and `client` (expecting `expect`) failed.
+    async fn refusal(server: &Tls, client: Option<&Tls>, anonymous: &Tls, expect: &Identity) -> String {
+        handshake(server, client, anonymous, expect)
+            .await
+            .expect_err("the handshake succeeded")
     }
 
     /// Runs a TLS handshake between a server with `server` and a client presenting `client`
@@ -1014,7 +1028,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_without_a_certificate_fails_the_handshake() {
         let f = fixture();
-        let refused = handshake(&f.users, None, &f.gateway, &f.users_id).await.unwrap_err();
+        let refused = refusal(&f.users, None, &f.gateway, &f.users_id).await;
         assert!(
             refused.contains("CertificateRequired") || refused.contains("certificate"),
             "{refused}"
@@ -1030,9 +1044,7 @@ mod tests {
             .unwrap();
         // Mallory trusts the real CA (to reach users) but holds a certificate of her own CA.
         let mallory = Tls::load(files_for(&f.dir, &[f.ca.cert_pem()], &mallory, "mallory")).unwrap();
-        let refused = handshake(&f.users, Some(&mallory), &f.gateway, &f.users_id)
-            .await
-            .unwrap_err();
+        let refused = refusal(&f.users, Some(&mallory), &f.gateway, &f.users_id).await;
         assert!(
             refused.contains("UnknownCA") || refused.contains("UnknownIssuer"),
             "{refused}"
@@ -1051,9 +1063,7 @@ mod tests {
             )
             .unwrap();
         let old = Tls::load(files_for(&f.dir, &[f.ca.cert_pem()], &old, "old")).unwrap();
-        let refused = handshake(&f.users, Some(&old), &f.gateway, &f.users_id)
-            .await
-            .unwrap_err();
+        let refused = refusal(&f.users, Some(&old), &f.gateway, &f.users_id).await;
         assert!(refused.contains("Expired"), "{refused}");
     }
 
@@ -1069,9 +1079,7 @@ mod tests {
             "orders",
         ))
         .unwrap();
-        let refused = handshake(&orders, Some(&f.gateway), &f.gateway, &f.users_id)
-            .await
-            .unwrap_err();
+        let refused = refusal(&orders, Some(&f.gateway), &f.gateway, &f.users_id).await;
         assert!(refused.contains("not valid for name \"users\""), "{refused}");
     }
 
