@@ -240,25 +240,23 @@ impl UpMesh {
     /// from it, so no peer meets a certificate it does not trust yet. The roles pick the new
     /// files up by themselves; the caller rewrites the gateway's config.
     pub fn renew_if_due(&mut self) -> anyhow::Result<Renewal> {
-        let ca = load(&self.dir)?;
-        if ca.fingerprint() != self.issuer {
+        // Every check reads the CA's certificate only; its key is loaded when issuing.
+        let cert = self.dir.join("ca.crt");
+        let current =
+            fingerprint(&std::fs::read_to_string(&cert).with_context(|| format!("cannot read {}", cert.display()))?);
+        if current != self.issuer {
             match self.rotation_seen {
                 None => {
                     self.rotation_seen = Some(std::time::Instant::now());
                     return Ok(Renewal::Trusted);
                 }
                 Some(at) if at.elapsed() < TRUST_PROPAGATION => return Ok(Renewal::Nothing),
-                Some(_) => {
-                    self.rotation_seen = None;
-                    self.issue_all(&ca)?;
-                    return Ok(Renewal::Renewed);
-                }
+                Some(_) => self.rotation_seen = None,
             }
-        }
-        if self.issued_at.elapsed() < RENEW_AFTER {
+        } else if self.issued_at.elapsed() < RENEW_AFTER {
             return Ok(Renewal::Nothing);
         }
-        self.issue_all(&ca)?;
+        self.issue_all(&load(&self.dir)?)?;
         Ok(Renewal::Renewed)
     }
 

@@ -813,16 +813,11 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
                 ),
             }
             let tokens = match &mesh {
-                Some(tls) => {
-                    let (tls, peers) = (tls.clone(), settings.peers());
-                    bazaar_kit::auth::Verifier::jwks_with(
-                        &settings.jwks_url(),
-                        Arc::new(move || {
-                            bazaar_kit::mesh::http_client(&tls, std::time::Duration::from_secs(2), &peers)
-                                .map_err(|e| e.to_string())
-                        }),
-                    )
-                }
+                Some(tls) => bazaar_kit::auth::Verifier::jwks_with(
+                    &settings.jwks_url(),
+                    bazaar_kit::mesh::http_client(tls, std::time::Duration::from_secs(2), &settings.peers())
+                        .context("mesh client for users' keys")?,
+                ),
                 None => bazaar_kit::auth::Verifier::jwks(&settings.jwks_url()),
             };
             let config = RoleConfig {

@@ -491,7 +491,6 @@ fn role_job(
         .env("BAZAAR_DRAIN_DELAY_MS", drain_delay.to_string())
         .env("BAZAAR_DATA", &settings.data)
         .env("BAZAAR_BASE_PORT", settings.base_port.to_string())
-        .env("BAZAAR_JWKS_URL", settings.jwks_url())
         .env("BAZAAR_GATEWAY_CONFIG", settings.gateway_config())
         .env("BAZAAR_DECLINE_RATE", settings.decline_rate.to_string())
         .env(
@@ -509,6 +508,12 @@ fn role_job(
             cmd.env_remove(roles::store_url_var(service));
         }
     }
+    // A service finds users' keys from its own settings (over the mesh when it has a
+    // certificate) unless the operator named the JWKS.
+    match &settings.jwks_url {
+        Some(url) => cmd.env("BAZAAR_JWKS_URL", url),
+        None => cmd.env_remove("BAZAAR_JWKS_URL"),
+    };
     // Only users creates the admin account.
     if role.name == bazaar_users::SERVICE.name {
         cmd.env("BAZAAR_ADMIN_PASSWORD", settings.admin_password()?);
@@ -557,20 +562,11 @@ fn role_job(
         cmd.env("BAZAAR_ADMIN_LISTEN_FD", "4");
         if backends.mesh {
             let files = bazaar_kit::mesh::MeshFiles::in_dir(&crate::mesh::dir(settings), &name);
-            let users = roles::RoleSpec::named(bazaar_users::SERVICE.name).map_or(0, |r| settings.port(r));
             cmd.env("BAZAAR_MESH_POLICY", crate::mesh::dir(settings).join("policy.yaml"))
                 .env("BAZAAR_MESH_CERT", &files.cert)
                 .env("BAZAAR_MESH_KEY", &files.key)
                 .env("BAZAAR_MESH_BUNDLE", &files.bundle)
-                .env("BAZAAR_PEER_IP", "127.0.0.1")
-                .env(
-                    "BAZAAR_JWKS_URL",
-                    format!(
-                        "https://{}:{users}{}",
-                        bazaar_users::SERVICE.name,
-                        bazaar_kit::auth::JWKS_PATH
-                    ),
-                );
+                .env("BAZAAR_PEER_IP", "127.0.0.1");
         }
     }
     if matches!(role.kind, RoleKind::Gateway) {

@@ -322,21 +322,18 @@ impl Verifier {
             .timeout(Duration::from_secs(2))
             .build()
             .unwrap_or_default();
-        Verifier::jwks_with(url, Arc::new(move || Ok(client.clone())))
+        Verifier::jwks_with(url, client)
     }
 
-    /// A verifier that loads the JWKS from `url` with a client `client` makes for each load
-    /// (a mesh client, say, so a renewed certificate is used from the next load on).
-    pub fn jwks_with(url: &str, client: Arc<dyn Fn() -> Result<reqwest::Client, String> + Send + Sync>) -> Verifier {
+    /// A verifier that loads the JWKS from `url` with `client` (a mesh client, say, whose
+    /// certificate follows renewals by itself).
+    pub fn jwks_with(url: &str, client: reqwest::Client) -> Verifier {
         let target = url.to_string();
         Verifier::new(
             url,
             Arc::new(move || {
-                let (client, url) = (client(), target.clone());
-                Box::pin(async move {
-                    let client = client.map_err(|e| AuthError::KeysUnavailable(format!("{url}: {e}")))?;
-                    fetch_jwks(&client, &url).await
-                })
+                let (client, url) = (client.clone(), target.clone());
+                Box::pin(async move { fetch_jwks(&client, &url).await })
             }),
         )
     }
@@ -474,7 +471,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
             .ok_or_else(|| Problem::unauthorized(AuthError::Missing.to_string()))?;
         match verifier.verify(token.trim()).await {
             Ok(claims) => Ok(AuthUser(claims)),
-            Err(e @ AuthError::KeysUnavailable(_)) => Err(Problem::busy(e)),
+            Err(e @ AuthError::KeysUnavailable(_)) => Err(Problem::unavailable(e.to_string())),
             Err(e) => Err(Problem::unauthorized(e.to_string())),
         }
     }
