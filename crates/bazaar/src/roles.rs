@@ -862,7 +862,8 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
         let inherited =
             |fd| bazaar_kit::runtime::inherited_listener(fd).with_context(|| format!("inherited socket {fd}"));
         let (proxy, admin) = (inherited(proxy)?, inherited(admin)?);
-        return bazaar_gateway::serve_with_listeners(opts.config_path, proxy, admin, opts.render_metrics, stopped)
+        let drain = std::time::Duration::from_millis(settings.drain_delay_ms);
+        return bazaar_gateway::serve_draining(opts.config_path, proxy, admin, opts.render_metrics, stopped, drain)
             .await
             .context("gateway");
     }

@@ -479,7 +479,8 @@ fn role_job(
     role: Role,
     k: u16,
 ) -> anyhow::Result<Job> {
-    let drain_delay = if replicas.of(role) > 1 {
+    // A replicated service, and any gateway (its replacement shares its socket), drains.
+    let drain_delay = if replicas.of(role) > 1 || role.shares_port() {
         REPLICA_DRAIN_DELAY_MS
     } else {
         0

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 pub use config::ConfigProblems;
 pub use defaults::{default_config, DefaultMesh, DefaultRoute, GENERATED_MARKER};
-pub use server::serve_with_listeners;
+pub use server::{serve_draining, serve_with_listeners};
 
 /// What the gateway needs to run.
 pub struct GatewayOptions {

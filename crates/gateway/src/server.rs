@@ -42,6 +42,28 @@ pub async fn serve_with_listeners(
     render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    serve_draining(
+        config_path,
+        proxy_listener,
+        admin_listener,
+        render_metrics,
+        shutdown,
+        Duration::ZERO,
+    )
+    .await
+}
+
+/// [`serve_with_listeners`], keeping on serving for `drain` once `shutdown` completes with
+/// `Connection: close` on every response, so clients move their keep-alive connections (to a
+/// replacement on the same socket, say) before this gateway closes the idle ones.
+pub async fn serve_draining(
+    config_path: PathBuf,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> Result<(), GatewayError> {
     let config = Config::load_file(&config_path).map_err(|problems| GatewayError::Config {
         path: config_path.clone(),
         problems,
@@ -49,6 +71,7 @@ pub async fn serve_with_listeners(
     tracing::info!(config = %config_path.display(), summary = %config.summary(), "gateway config loaded");
     let render: RenderMetrics = render_metrics;
     let shared = Shared::new(config, config_path, render);
+    let draining = shared.clone();
     let (stop, stopped) = watch::channel(false);
     let tasks = [
         tokio::spawn(accept_loop(
@@ -66,6 +89,14 @@ pub async fn serve_with_listeners(
         tokio::spawn(watch_config(shared, stopped)),
     ];
     shutdown.await;
+    if !drain.is_zero() {
+        tracing::info!(
+            drain_ms = drain.as_millis() as u64,
+            "gateway stopping: asking clients to close their connections"
+        );
+        draining.draining.store(true, Ordering::Relaxed);
+        tokio::time::sleep(drain).await;
+    }
     tracing::info!("gateway shutting down; draining in-flight requests");
     // Every receiver lives in a task we await below, so a send error cannot happen here.
     let _ = stop.send(true);
@@ -102,10 +133,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         let service = service_fn(move |request| {
             let shared = for_requests.clone();
             async move {
-                let response = match role {
-                    Role::Proxy => proxy::handle(shared, request, proxy::Connection { peer, local }).await,
+                let mut response = match role {
+                    Role::Proxy => proxy::handle(shared.clone(), request, proxy::Connection { peer, local }).await,
                     Role::Admin => admin::handle(&shared, &request),
                 };
+                if shared.draining.load(Ordering::Relaxed) {
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
                 Ok::<_, Infallible>(response)
             }
         });

@@ -91,6 +91,9 @@ pub(crate) struct Shared {
     pub started: Instant,
     pub config_path: PathBuf,
     pub render_metrics: RenderMetrics,
+    /// Set when the gateway is about to stop: responses ask clients to close their
+    /// connections, so none is cut under a request they are sending.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -106,6 +109,7 @@ impl Shared {
             started: Instant::now(),
             config_path,
             render_metrics,
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
