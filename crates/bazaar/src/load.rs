@@ -1,6 +1,6 @@
 //! `bazaar load`: drives real orders through the gateway and reports what a user would feel.
 //!
-//! It registers users, adds products, places orders from concurrent workers and follows
+//! It registers and confirms users, adds products, places orders from concurrent workers and follows
 //! each order until it is confirmed or cancelled. Bounded in count and time; loopback or
 //! whatever `--url` says.
 
@@ -26,6 +26,11 @@ pub struct LoadArgs {
     url: String,
     #[command(flatten)]
     shape: LoadShape,
+    /// Place orders open-loop at this many a second, whatever the answers (so overload can be
+    /// driven on purpose), instead of from `--concurrency` workers each waiting for its last.
+    /// Shed answers (503, 429) are counted, not retried.
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<f64>,
     /// Password of the admin account (admin@bazaar.local) that adds the load's products.
     /// Default: the DATA/admin.password file `bazaar up` wrote.
     #[arg(long, env = "BAZAAR_ADMIN_PASSWORD", hide_env_values = true)]
@@ -56,8 +61,16 @@ impl LoadArgs {
         LoadArgs {
             url,
             shape,
+            rate: None,
             admin_password,
         }
+    }
+}
+
+fn parse_rate(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= 100_000.0 => Ok(r),
+        _ => Err(format!("`{raw}` is not a rate between 0 and 100000 orders a second")),
     }
 }
 
@@ -70,8 +83,29 @@ pub struct LoadStats {
     pub place: Vec<Duration>,
     /// Placed to confirmed or cancelled, sorted.
     pub settle: Vec<Duration>,
-    /// Final order statuses and failures, counted.
+    /// Final order statuses, shed placements (`shed 503`, `shed 429`) and failures, counted.
     pub outcomes: std::collections::BTreeMap<String, usize>,
+}
+
+impl LoadStats {
+    /// Placements the system turned away on purpose (503 or 429), to be sent again later.
+    pub fn shed(&self) -> usize {
+        self.count(|k| k.starts_with("shed"))
+    }
+
+    /// Placements that failed or orders that did not settle: what must never happen.
+    pub fn failed(&self) -> usize {
+        self.count(|k| k.starts_with("http") || k.starts_with("error") || k == "timed out")
+    }
+
+    /// Orders admitted (202) that reached an outcome.
+    pub fn admitted(&self) -> usize {
+        self.settle.len()
+    }
+
+    fn count(&self, which: impl Fn(&str) -> bool) -> usize {
+        self.outcomes.iter().filter(|(k, _)| which(k)).map(|(_, n)| n).sum()
+    }
 }
 
 pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -107,12 +141,15 @@ async fn json_call(req: reqwest::RequestBuilder) -> anyhow::Result<(StatusCode, 
 
 /// `bazaar load`.
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    let stats = measure(&args).await?;
+    let (admitted, shed, failed) = (stats.admitted(), stats.shed(), stats.failed());
     let LoadStats {
         elapsed,
         place,
         settle,
         outcomes,
-    } = measure(&args).await?;
+    } = stats;
+    println!("admitted {admitted}, shed {shed} (503/429, nothing placed), failed {failed}");
     println!(
         "{} orders in {:.2}s: {:.1} orders/s settled",
         settle.len(),
@@ -132,10 +169,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         percentile(&settle, 0.99)
     );
     println!("outcomes: {outcomes:?}");
-    if outcomes
-        .keys()
-        .any(|k| k.starts_with("http") || k.starts_with("error") || k == "timed out")
-    {
+    if failed > 0 {
         bail!("some orders failed or did not settle: {outcomes:?}");
     }
     Ok(())
@@ -166,6 +200,58 @@ async fn admin_token(client: &Client, api: &str, args: &LoadArgs) -> anyhow::Res
     }
 }
 
+/// Registers `email`, reads its confirmation code as the admin (from the notification that
+/// mailed it), confirms it and returns the customer's token.
+pub async fn open_account(
+    client: &Client,
+    api: &str,
+    admin: &str,
+    email: &str,
+    name: &str,
+    password: &str,
+) -> anyhow::Result<String> {
+    let (st, body) = json_call(
+        client
+            .post(format!("{api}/users"))
+            .json(&json!({"email": email, "name": name, "password": password})),
+    )
+    .await?;
+    if st != StatusCode::ACCEPTED {
+        bail!("registering a user answered {st}: {body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        let (st, sent) = json_call(
+            client
+                .get(format!("{api}/notifications"))
+                .query(&[("recipient", email)])
+                .bearer_auth(admin),
+        )
+        .await?;
+        let code = sent.as_array().into_iter().flatten().find_map(|n| {
+            n["subject"]
+                .as_str()?
+                .strip_prefix(bazaar_notifications::CODE_SUBJECT)
+                .map(|c| c.trim().to_string())
+        });
+        match code {
+            Some(code) => break code,
+            None if Instant::now() > deadline => bail!("no confirmation code reached {email} within 30s ({st})"),
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let (st, body) = json_call(
+        client
+            .post(format!("{api}/auth/verification"))
+            .json(&json!({"email": email, "password": password, "code": code})),
+    )
+    .await?;
+    match body["accessToken"].as_str() {
+        Some(t) if st.is_success() => Ok(t.to_string()),
+        _ => bail!("confirming {email} answered {st}: {body}"),
+    }
+}
+
 /// Sets up customers and products, places `args.shape.orders` orders and follows each to its end.
 pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
     if args.shape.orders == 0 || args.shape.concurrency == 0 || args.shape.users == 0 {
@@ -177,32 +263,14 @@ pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
         .build()?;
     let api = format!("{}/api/v1", args.url.trim_end_matches('/'));
     let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let admin = admin_token(&client, &api, args)
+        .await
+        .with_context(|| format!("cannot sign in as the admin at {}", args.url))?;
     let mut tokens = Vec::new();
     for i in 0..args.shape.users {
         let email = format!("load-{run_id}-{i}@example.com");
-        let (st, body) = json_call(
-            client
-                .post(format!("{api}/users"))
-                .json(&json!({"email": email, "name": format!("Load {i}"), "password": "load-test-pass"})),
-        )
-        .await
-        .with_context(|| format!("cannot reach the gateway at {}", args.url))?;
-        if st != StatusCode::CREATED {
-            bail!("registering a user answered {st}: {body}");
-        }
-        let (st, body) = json_call(
-            client
-                .post(format!("{api}/auth/token"))
-                .json(&json!({"email": email, "password": "load-test-pass"})),
-        )
-        .await?;
-        let token = body["accessToken"].as_str().map(str::to_string);
-        match token {
-            Some(t) if st.is_success() => tokens.push(t),
-            _ => bail!("login answered {st}: {body}"),
-        }
+        tokens.push(open_account(&client, &api, &admin, &email, &format!("Load {i}"), "load-test-pass").await?);
     }
-    let admin = admin_token(&client, &api, args).await?;
     let mut products = Vec::new();
     for (i, price) in [250, 399, 1000, 1250].iter().enumerate() {
         let (st, body) = json_call(client.post(format!("{api}/products")).bearer_auth(&admin).json(&json!({
@@ -230,63 +298,108 @@ pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    println!(
-        "placing {} orders from {} workers for {} customers via {}",
-        args.shape.orders, args.shape.concurrency, args.shape.users, args.url
-    );
+    match args.rate {
+        Some(rate) => println!(
+            "placing {} orders at {rate}/s (open loop) for {} customers via {}",
+            args.shape.orders, args.shape.users, args.url
+        ),
+        None => println!(
+            "placing {} orders from {} workers for {} customers via {}",
+            args.shape.orders, args.shape.concurrency, args.shape.users, args.url
+        ),
+    }
     let next = Arc::new(AtomicUsize::new(0));
     let place = Arc::new(Mutex::new(Vec::new()));
     let settle = Arc::new(Mutex::new(Vec::new()));
     let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.shape.timeout);
-    let mut workers = Vec::new();
-    for _ in 0..args.shape.concurrency {
+    let total = args.shape.orders;
+    let shared = (place.clone(), settle.clone(), outcomes.clone());
+    let order = move |n: usize, open_loop: bool| {
         let (client, api, tokens, products) = (client.clone(), api.clone(), tokens.clone(), products.clone());
-        let (next, place, settle, outcomes) = (next.clone(), place.clone(), settle.clone(), outcomes.clone());
-        let total = args.shape.orders;
-        workers.push(tokio::spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total || Instant::now() > deadline {
-                    return;
+        let (place, settle, outcomes) = shared.clone();
+        async move {
+            let token = &tokens[n % tokens.len()];
+            let body = json!({"items": [{"productId": products[n % products.len()], "quantity": 1 + n % 2}]});
+            let t0 = Instant::now();
+            let request = client.post(format!("{api}/orders")).bearer_auth(token).json(&body);
+            // Closed-loop workers wait out a 429 as a client would; open-loop counts it.
+            let result = if open_loop {
+                match request.send().await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        Ok((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
+                    }
+                    Err(e) => Err(anyhow::Error::from(e)),
                 }
-                let token = &tokens[n % tokens.len()];
-                let body = json!({"items": [{"productId": products[n % products.len()], "quantity": 1 + n % 2}]});
-                let t0 = Instant::now();
-                let result = json_call(client.post(format!("{api}/orders")).bearer_auth(token).json(&body)).await;
-                let placed_in = t0.elapsed();
-                let id = match result {
-                    Ok((st, v)) if st == StatusCode::ACCEPTED => v["id"].as_str().map(str::to_string),
-                    Ok((st, _)) => {
-                        *outcomes.lock().await.entry(format!("http {st}")).or_default() += 1;
-                        None
-                    }
-                    Err(e) => {
-                        *outcomes.lock().await.entry(format!("error: {e}")).or_default() += 1;
-                        None
-                    }
-                };
-                place.lock().await.push(placed_in);
-                let Some(id) = id else { continue };
-                let status = loop {
-                    if Instant::now() > deadline {
-                        break "timed out".to_string();
-                    }
-                    // The server answers as soon as the order has its outcome: no client polling.
-                    let wait = format!("{api}/orders/{id}?waitFor=outcome&timeout=10");
-                    match json_call(client.get(wait).bearer_auth(token)).await {
-                        Ok((_, v)) => match v["status"].as_str() {
-                            Some("pending") | None => continue,
-                            Some(s) => break s.to_string(),
-                        },
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
-                };
-                settle.lock().await.push(t0.elapsed());
-                *outcomes.lock().await.entry(status).or_default() += 1;
+            } else {
+                json_call(request).await
+            };
+            place.lock().await.push(t0.elapsed());
+            let id = match result {
+                Ok((st, v)) if st == StatusCode::ACCEPTED => v["id"].as_str().map(str::to_string),
+                Ok((st, _)) if st == StatusCode::SERVICE_UNAVAILABLE || st == StatusCode::TOO_MANY_REQUESTS => {
+                    *outcomes
+                        .lock()
+                        .await
+                        .entry(format!("shed {}", st.as_u16()))
+                        .or_default() += 1;
+                    None
+                }
+                Ok((st, _)) => {
+                    *outcomes.lock().await.entry(format!("http {st}")).or_default() += 1;
+                    None
+                }
+                Err(e) => {
+                    *outcomes.lock().await.entry(format!("error: {e}")).or_default() += 1;
+                    None
+                }
+            };
+            let Some(id) = id else { return };
+            let status = loop {
+                if Instant::now() > deadline {
+                    break "timed out".to_string();
+                }
+                // The server answers as soon as the order has its outcome: no client polling.
+                let wait = format!("{api}/orders/{id}?waitFor=outcome&timeout=10");
+                match json_call(client.get(wait).bearer_auth(token)).await {
+                    Ok((_, v)) => match v["status"].as_str() {
+                        Some("pending") | None => continue,
+                        Some(s) => break s.to_string(),
+                    },
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            settle.lock().await.push(t0.elapsed());
+            *outcomes.lock().await.entry(status).or_default() += 1;
+        }
+    };
+    let mut workers = Vec::new();
+    if let Some(rate) = args.rate {
+        // Open loop: one order every 1/rate seconds, each followed by a task of its own.
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        for n in 0..total {
+            tick.tick().await;
+            if Instant::now() > deadline {
+                break;
             }
-        }));
+            workers.push(tokio::spawn(order(n, true)));
+        }
+    } else {
+        for _ in 0..args.shape.concurrency {
+            let (next, order) = (next.clone(), order.clone());
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total || Instant::now() > deadline {
+                        return;
+                    }
+                    order(n, false).await;
+                }
+            }));
+        }
     }
     for w in workers {
         let _ = w.await;

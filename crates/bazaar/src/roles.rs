@@ -335,8 +335,14 @@ fn run_inventory(
     Box::pin(async move { Ok(bazaar_inventory::run(config, settings.seed_demo, stop).await?) })
 }
 
-fn run_orders(_: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
-    Box::pin(async move { Ok(bazaar_orders::run(config, stop).await?) })
+fn run_orders(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let limits = bazaar_orders::AdmissionLimits {
+            per_customer_per_minute: settings.orders_per_customer_per_minute,
+            max_in_flight: i64::from(settings.orders_max_in_flight),
+        };
+        Ok(bazaar_orders::run(config, limits, stop).await?)
+    })
 }
 
 fn run_payments(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
@@ -491,6 +497,17 @@ pub struct Settings {
     /// Default: none for `bazaar serve`; `bazaar up`'s demo gives 100 000.
     #[arg(long, global = true, env = "BAZAAR_WELCOME_CREDIT_CENTS")]
     pub welcome_credit_cents: Option<i64>,
+    /// Orders one customer may place in any minute (orders; 0: no limit); past it, 429.
+    #[arg(
+        long,
+        global = true,
+        env = "BAZAAR_ORDERS_PER_CUSTOMER_PER_MINUTE",
+        default_value_t = 30
+    )]
+    pub orders_per_customer_per_minute: u32,
+    /// Sagas in progress past which new orders are shed with 503 (orders; 0: no limit).
+    #[arg(long, global = true, env = "BAZAAR_ORDERS_MAX_IN_FLIGHT", default_value_t = 1000)]
+    pub orders_max_in_flight: u32,
     /// SMTP relay HOST:PORT (notifications). Default: write mail to DATA/mail/*.eml.
     #[arg(long, global = true, env = "BAZAAR_SMTP")]
     pub smtp: Option<String>,
@@ -910,6 +927,8 @@ mod tests {
             decline_rate: 0.0,
             payment_provider_url: None,
             welcome_credit_cents: None,
+            orders_per_customer_per_minute: 30,
+            orders_max_in_flight: 1000,
             smtp: None,
             sms_webhook: None,
             admin_password: None,

@@ -841,8 +841,10 @@ Try it (copy and paste):
   curl -s {gw}/api/v1/products
   curl -s -XPOST {gw}/api/v1/users -H 'content-type: application/json' \
        -d '{{"email":"ann@example.com","name":"Ann","password":"correct horse"}}'
-  TOKEN=$(curl -s -XPOST {gw}/api/v1/auth/token -H 'content-type: application/json' \
-       -d '{{"email":"ann@example.com","password":"correct horse"}}' | sed 's/.*"accessToken":"\([^"]*\)".*/\1/')
+  sleep 1; CODE=$(grep -ho 'confirmation code: [0-9]*' {data}/mail/*.eml | tail -1 | cut -d' ' -f3)
+  TOKEN=$(curl -s -XPOST {gw}/api/v1/auth/verification -H 'content-type: application/json' \
+       -d "{{\"email\":\"ann@example.com\",\"password\":\"correct horse\",\"code\":\"$CODE\"}}" \
+       | sed 's/.*"accessToken":"\([^"]*\)".*/\1/')
   MUG=$(curl -s {gw}/api/v1/products | sed 's/.*"id":"\([^"]*\)","sku":"MUG-CLASSIC".*/\1/')
   ORDER=$(curl -s -XPOST {gw}/api/v1/orders -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
        -d "{{\"items\":[{{\"productId\":\"$MUG\",\"quantity\":2}}]}}" | sed 's/.*"id":"\([^"]*\)".*/\1/')

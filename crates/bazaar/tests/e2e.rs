@@ -20,6 +20,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_bazaar");
 struct System {
     up: harness::System,
     client: reqwest::Client,
+    /// The admin's token, signed in once (repeated sign-ins of one account are throttled).
+    admin: tokio::sync::OnceCell<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -57,7 +59,13 @@ impl System {
             bin: PathBuf::from(BIN),
             dir: dir.path().to_path_buf(),
             base,
-            env: extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            // These tests place orders as fast as they can for a few customers; the
+            // per-customer limit has tests of its own (abuse.rs, orders' API tests).
+            env: [("BAZAAR_ORDERS_PER_CUSTOMER_PER_MINUTE", "0")]
+                .iter()
+                .chain(extra_env)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             replicas: replicas.map(str::to_string),
             cluster: cluster.map(str::to_string),
         };
@@ -70,6 +78,7 @@ impl System {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .expect("client"),
+            admin: tokio::sync::OnceCell::new(),
             _dir: dir,
         }
     }
@@ -194,19 +203,31 @@ impl System {
 
     /// The admin account `up` created.
     async fn admin(&self) -> String {
-        let password = std::fs::read_to_string(self.data_dir().join("admin.password")).expect("admin.password");
-        self.login("admin@bazaar.local", password.trim()).await
+        self.admin
+            .get_or_init(|| async {
+                let password = std::fs::read_to_string(self.data_dir().join("admin.password")).expect("admin.password");
+                self.login("admin@bazaar.local", password.trim()).await
+            })
+            .await
+            .clone()
     }
 
-    /// Registers (with a phone when given) and logs in; waits for the wallet to open.
+    /// Registers (with a phone when given), confirms the address with the code mailed to it
+    /// (read as the admin) and logs in; waits for the wallet to open.
     async fn customer_with(&self, email: &str, phone: Option<&str>) -> String {
         let mut body = json!({"email": email, "name": "Test", "password": "long enough"});
         if let Some(p) = phone {
             body["phone"] = json!(p);
         }
-        let (st, _) = self.call(reqwest::Method::POST, "/users", None, Some(body)).await;
-        assert_eq!(st, 201, "register");
-        let token = self.login(email, "long enough").await;
+        let (st, v) = self.call(reqwest::Method::POST, "/users", None, Some(body)).await;
+        assert_eq!(st, 202, "register: {v}");
+        let code = self.confirmation_code(email).await;
+        let body = json!({"email": email, "password": "long enough", "code": code});
+        let (st, v) = self
+            .call(reqwest::Method::POST, "/auth/verification", None, Some(body))
+            .await;
+        assert_eq!(st, 200, "confirm: {v}");
+        let token = v["accessToken"].as_str().expect("accessToken").to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
         while self
             .call(reqwest::Method::GET, "/accounts/me", Some(&token), None)
@@ -218,6 +239,33 @@ impl System {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         token
+    }
+
+    /// The newest confirmation code mailed to `email`, as the admin reads it.
+    async fn confirmation_code(&self, email: &str) -> String {
+        let admin = self.admin().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, sent) = self
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/notifications?recipient={email}"),
+                    Some(&admin),
+                    None,
+                )
+                .await;
+            let code = sent.as_array().into_iter().flatten().find_map(|n| {
+                n["subject"]
+                    .as_str()?
+                    .strip_prefix(bazaar_notifications::CODE_SUBJECT)
+                    .map(str::to_string)
+            });
+            if let Some(code) = code {
+                return code;
+            }
+            assert!(Instant::now() < deadline, "no confirmation code reached {email}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn customer(&self, email: &str) -> String {
@@ -369,10 +417,10 @@ async fn compensated_order(sys: &System, shop: &Shop) {
 }
 
 /// The audit holds, and Ann heard of her one order's outcome once by email and once by text
-/// (beside the two welcome emails, the admin's and hers).
+/// (beside the two welcome emails, the admin's and hers, and Ann's confirmation code).
 async fn assert_audit_clean_and_ann_told_once(sys: &System) {
     let report = sys.assert_audit_clean().await;
-    assert_eq!(count_files(&sys.data_dir(), "mail"), 3, "{report}");
+    assert_eq!(count_files(&sys.data_dir(), "mail"), 4, "{report}");
     assert_eq!(count_files(&sys.data_dir(), "sms"), 1, "{report}");
 }
 

@@ -27,7 +27,8 @@ pub mod roles {
 
 /// Topic names.
 pub mod topics {
-    /// Domain events of users (`user.registered`).
+    /// Domain events of users (`user.registered`, `user.verification-requested`,
+    /// `user.registration-repeated`).
     pub const USERS_EVENTS: &str = "users.events";
     /// Domain events of orders (`order.confirmed`, `order.cancelled`).
     pub const ORDERS_EVENTS: &str = "orders.events";
@@ -41,8 +42,14 @@ pub mod topics {
 
 /// Event and command types (the envelope's `eventType`).
 pub mod types {
-    /// A user registered: [`super::UserRegistered`].
+    /// A user confirmed their email address and their account is open: [`super::UserRegistered`].
     pub const USER_REGISTERED: &str = "user.registered";
+    /// Someone registered an address that is not confirmed yet; mail it this code:
+    /// [`super::VerificationRequested`].
+    pub const USER_VERIFICATION_REQUESTED: &str = "user.verification-requested";
+    /// Someone registered an address that already has an account; tell its owner:
+    /// [`super::RegistrationRepeated`].
+    pub const USER_REGISTRATION_REPEATED: &str = "user.registration-repeated";
     /// An order was confirmed: [`super::OrderOutcome`].
     pub const ORDER_CONFIRMED: &str = "order.confirmed";
     /// An order was cancelled: [`super::OrderOutcome`].
@@ -74,6 +81,33 @@ pub struct UserRegistered {
     /// Mobile number in E.164 form, for SMS, when the user gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phone: Option<String>,
+}
+
+/// A code that proves an address is its registrant's, to be mailed to that address only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerificationRequested {
+    /// The account waiting for the code.
+    pub user_id: Uuid,
+    /// The address to confirm (and the only place the code may go).
+    pub email: String,
+    /// Display name, for the greeting.
+    pub name: String,
+    /// The one-time code the registrant enters.
+    pub code: String,
+    /// Minutes the code stays valid.
+    pub valid_minutes: i64,
+}
+
+/// A registration for an address that already has a confirmed account: its owner hears of
+/// it (the registrant is told nothing different, so registration reveals no accounts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationRepeated {
+    /// The existing account.
+    pub user_id: Uuid,
+    /// Its confirmed address.
+    pub email: String,
 }
 
 /// One line of an order as the customer asked for it.

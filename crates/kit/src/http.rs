@@ -31,6 +31,9 @@ pub struct Problem {
     pub status: u16,
     /// What went wrong in this occurrence, for a human.
     pub detail: String,
+    /// Seconds to send as `Retry-After` (429 and 503 only; 503 defaults to one second).
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 impl Problem {
@@ -41,6 +44,16 @@ impl Problem {
             title: status.canonical_reason().unwrap_or("Error").into(),
             status: status.as_u16(),
             detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `Retry-After`: this client or account asked too often; nothing was changed
+    /// and the same request may be sent again after `retry_after`.
+    pub fn too_many(detail: impl Into<String>, retry_after: std::time::Duration) -> Problem {
+        Problem {
+            retry_after: Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+            ..Problem::new(StatusCode::TOO_MANY_REQUESTS, detail)
         }
     }
 
@@ -110,10 +123,11 @@ impl IntoResponse for Problem {
             body,
         )
             .into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+            let seconds = self.retry_after.unwrap_or(1);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -1,6 +1,6 @@
 //! Turns events into pending notifications, once per outcome.
 
-use bazaar_contracts::{types, OrderOutcome, UserRegistered};
+use bazaar_contracts::{types, OrderOutcome, RegistrationRepeated, UserRegistered, VerificationRequested};
 use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::Envelope,
@@ -10,7 +10,17 @@ use futures_util::future::BoxFuture;
 use sqlx::Row;
 use uuid::Uuid;
 
-/// Handles `user.registered`, `order.confirmed` and `order.cancelled`.
+/// How a confirmation email's subject begins; the code follows (an operator's tool, such as
+/// `bazaar load`, reads it from there through `GET /notifications?recipient=`).
+pub const CODE_SUBJECT: &str = "Your bazaar confirmation code: ";
+
+/// Texts one number may be sent a day. Numbers are typed in at registration and never
+/// confirmed, so past this a number's texts are recorded as `suppressed`, not sent: an
+/// account cannot be used to flood someone else's phone.
+pub const TEXTS_PER_NUMBER_PER_DAY: i64 = 20;
+
+/// Handles `user.registered`, `user.verification-requested`, `user.registration-repeated`,
+/// `order.confirmed` and `order.cancelled`.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcomes;
 
@@ -48,6 +58,32 @@ impl Handler for Outcomes {
                         None,
                         "Welcome to bazaar".to_string(),
                         format!("Hello {},\n\nyour bazaar account is ready.\n", u.name),
+                    )
+                }
+                // Only to the address being confirmed: the code is the proof of owning it.
+                types::USER_VERIFICATION_REQUESTED => {
+                    let v: VerificationRequested = event.payload_as()?;
+                    (
+                        format!("{}:{}", event.event_type, event.event_id),
+                        v.email,
+                        None,
+                        format!("{CODE_SUBJECT}{}", v.code),
+                        format!(
+                            "Hello {},\n\nto open your bazaar account, enter this code with your address and password: {}\n\nIt is valid for {} hours. If you did not register, ignore this message: nothing happens without the code.\n",
+                            v.name,
+                            v.code,
+                            v.valid_minutes / 60
+                        ),
+                    )
+                }
+                types::USER_REGISTRATION_REPEATED => {
+                    let r: RegistrationRepeated = event.payload_as()?;
+                    (
+                        format!("{}:{}", event.event_type, event.event_id),
+                        r.email,
+                        None,
+                        "Someone tried to register your address at bazaar".to_string(),
+                        "Hello,\n\nsomeone asked to register this address, which already has a bazaar account. If it was you, sign in with your password. If not, nothing changed.\n".to_string(),
                     )
                 }
                 types::ORDER_CONFIRMED | types::ORDER_CANCELLED => {
@@ -104,9 +140,18 @@ impl Handler for Outcomes {
                 });
             }
             for note in notes {
+                let now = now_millis();
+                let (status, why) =
+                    if note.channel == "sms" && texts_today(tx, &note.to, now).await? >= TEXTS_PER_NUMBER_PER_DAY {
+                        metrics::counter!("bazaar_notifications_suppressed_total", "channel" => "sms").increment(1);
+                        tracing::warn!(key = %note.key, "this number was sent its daily limit of texts; not sending");
+                        ("suppressed", Some("the number was sent its daily limit of texts"))
+                    } else {
+                        ("pending", None)
+                    };
                 sqlx::query(
-                    "INSERT INTO notification (id, dedupe_key, channel, recipient, subject, body, status, attempts, correlation_id, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $8) ON CONFLICT (dedupe_key) DO NOTHING",
+                    "INSERT INTO notification (id, dedupe_key, channel, recipient, subject, body, status, attempts, last_error, correlation_id, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10) ON CONFLICT (dedupe_key) DO NOTHING",
                 )
                 .bind(Uuid::now_v7().to_string())
                 .bind(note.key)
@@ -114,14 +159,28 @@ impl Handler for Outcomes {
                 .bind(note.to)
                 .bind(note.subject)
                 .bind(note.body)
+                .bind(status)
+                .bind(why)
                 .bind(&event.metadata.correlation_id)
-                .bind(now_millis())
+                .bind(now)
                 .execute(&mut **tx)
                 .await?;
             }
             Ok(())
         })
     }
+}
+
+/// Texts recorded for `number` in the day before `now`, sent or to be sent.
+async fn texts_today(tx: &mut Tx<'static>, number: &str, now: i64) -> Result<i64, HandlerError> {
+    let row = sqlx::query(
+        "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM notification WHERE recipient = $1 AND channel = 'sms' AND status <> 'suppressed' AND created_at > $2",
+    )
+    .bind(number)
+    .bind(now - 24 * 3600 * 1000)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(row.try_get("n")?)
 }
 
 /// The customer's phone, from the contact their `user.registered` left. Until that event is

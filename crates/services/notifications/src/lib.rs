@@ -24,7 +24,7 @@ use bazaar_kit::{
 
 pub use api::router;
 pub use courier::Courier;
-pub use events::Outcomes;
+pub use events::{Outcomes, CODE_SUBJECT, TEXTS_PER_NUMBER_PER_DAY};
 
 /// The notifications table.
 pub const MIGRATIONS: &[Migration] = &[Migration {

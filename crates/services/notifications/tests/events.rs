@@ -1,17 +1,19 @@
 //! What notifications does with the events it consumes, run through `Outcomes` inside store
 //! transactions as the consumer runner runs them, and how the sender delivers what was
 //! queued (sender rounds run by the test, mail and texts written to temporary directories):
-//! a new user is remembered and welcomed by email; an `order.confirmed` for a known customer
+//! a new user is remembered and welcomed by email; a confirmation code is mailed to the
+//! address being confirmed only, and a repeated registration's notice to the owner; an
+//! `order.confirmed` for a known customer
 //! queues one email with the total written out, and one text when they gave a phone; an
 //! `order.cancelled` says why and that nothing was charged; a redelivered or re-announced
 //! event queues nothing more; an outcome whose customer is not known yet is retried (a
 //! transient error), never dropped; a payload that breaks its schema is poison. Each queued
 //! message is delivered once (`<id>.eml` / `<id>.txt`), and one that cannot be delivered is
-//! retried and then given up as `failed`.
+//! retried and then given up as `failed`; a number past its daily texts gets none more.
 
 mod support;
 
-use bazaar_contracts::types;
+use bazaar_contracts::{types, RegistrationRepeated, VerificationRequested};
 use bazaar_kit::{
     consumer::HandlerError,
     envelope::{Envelope, Metadata},
@@ -42,6 +44,81 @@ async fn a_new_user_is_welcomed_by_email_once() {
     assert!(note.body.starts_with("Hello Ann,"), "{}", note.body);
     assert_eq!((note.status.as_str(), note.attempts), ("pending", 0));
     assert_eq!(note.correlation_id, CORRELATION);
+}
+
+#[tokio::test]
+async fn a_confirmation_code_is_mailed_to_the_address_and_nowhere_else() {
+    let n = start().await;
+    let ann = n.stranger("ann@example.com", Some("+14155550123"));
+    let code = VerificationRequested {
+        user_id: ann.id,
+        email: ann.email.clone(),
+        name: "Ann".into(),
+        code: "042917".into(),
+        valid_minutes: 24 * 60,
+    };
+    let event = Envelope::new(
+        types::USER_VERIFICATION_REQUESTED,
+        ann.id.to_string(),
+        code,
+        Metadata::default(),
+    );
+    n.handle(&event).await.expect("handled");
+    n.handle(&event).await.expect("redelivered");
+    let notes = n.notes().await;
+    assert_eq!(notes.len(), 1, "one email, no text to an unconfirmed phone: {notes:?}");
+    assert_eq!(
+        (notes[0].channel.as_str(), notes[0].recipient.as_str()),
+        ("email", "ann@example.com")
+    );
+    assert_eq!(
+        notes[0].subject,
+        format!("{}042917", bazaar_notifications::CODE_SUBJECT)
+    );
+    assert!(
+        notes[0].body.contains("042917") && notes[0].body.contains("24 hours"),
+        "{}",
+        notes[0].body
+    );
+
+    // Its owner hears of a second registration of a taken address.
+    let notice = RegistrationRepeated {
+        user_id: ann.id,
+        email: ann.email.clone(),
+    };
+    let event = Envelope::new(
+        types::USER_REGISTRATION_REPEATED,
+        ann.id.to_string(),
+        notice,
+        Metadata::default(),
+    );
+    n.handle(&event).await.expect("handled");
+    let notes = n.notes().await;
+    assert_eq!(notes.len(), 2);
+    assert!(notes.iter().any(|n| n.subject.contains("tried to register")));
+}
+
+#[tokio::test]
+async fn a_number_past_its_daily_texts_gets_no_more_and_the_emails_still_go() {
+    let n = start().await;
+    let ann = n.customer("ann@example.com", Some("+14155550123")).await;
+    let limit = bazaar_notifications::TEXTS_PER_NUMBER_PER_DAY as usize;
+    for _ in 0..limit + 3 {
+        n.handle(&cancelled(Uuid::now_v7(), &ann, Some("out of stock")))
+            .await
+            .expect("handled");
+    }
+    let notes = n.notes().await;
+    let texts: Vec<_> = notes.iter().filter(|n| n.channel == "sms").collect();
+    assert_eq!(texts.len(), limit + 3, "every outcome recorded");
+    assert_eq!(texts.iter().filter(|t| t.status == "pending").count(), limit);
+    assert_eq!(texts.iter().filter(|t| t.status == "suppressed").count(), 3);
+    let emails = notes
+        .iter()
+        .filter(|n| n.channel == "email" && n.about.starts_with("order.cancelled") && n.status == "pending");
+    assert_eq!(emails.count(), limit + 3, "the confirmed address still hears of each");
+    n.send_round().await;
+    assert_eq!(n.sms_files().len(), limit, "suppressed texts are never sent");
 }
 
 #[tokio::test]

@@ -136,6 +136,8 @@ async fn place(
     if let Some(existing) = find_by_key(&orders, &user.sub, key.as_deref()).await? {
         return same_request(existing, &items);
     }
+    // A retry of a placed order (above) is answered even when new ones are turned away.
+    let _turn = orders.admission.admit(&orders.rt, &user.sub).await?;
     let id = Uuid::now_v7();
     let now = now_millis();
     let lines = serde_json::to_string(&items).unwrap_or_default();

@@ -4,6 +4,7 @@
 //! (see [`saga::OrderSaga`]) reserves stock, takes payment and commits the stock, or undoes
 //! what was done, and finally confirms or cancels the order and announces the outcome.
 
+pub mod admission;
 mod api;
 pub mod saga;
 
@@ -26,6 +27,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+pub use admission::{Admission, AdmissionLimits};
 pub use api::router;
 use saga::OrderSaga;
 
@@ -109,6 +111,8 @@ pub struct Orders {
     pub engine: Arc<SagaEngine<OrderSaga>>,
     /// Requests waiting for an order's outcome (`?waitFor=outcome`).
     pub waiters: Arc<Waiters>,
+    /// Who may place an order now.
+    pub admission: Admission,
 }
 
 /// Wakes requests waiting on an order when a reply for its saga commits in this process.
@@ -166,8 +170,13 @@ impl Drop for WaitGuard {
 }
 
 impl Orders {
-    /// The engine for `rt`'s store.
+    /// The engine for `rt`'s store, admitting orders under the default limits.
     pub fn new(rt: Runtime) -> Orders {
+        Orders::limited(rt, AdmissionLimits::default())
+    }
+
+    /// The engine for `rt`'s store, admitting orders under `limits`.
+    pub fn limited(rt: Runtime, limits: AdmissionLimits) -> Orders {
         let engine = SagaEngine::new(
             OrderSaga::new(),
             rt.outbox.clone(),
@@ -179,6 +188,7 @@ impl Orders {
             rt,
             engine: Arc::new(engine),
             waiters: Arc::new(Waiters::default()),
+            admission: Admission::new(limits),
         }
     }
 }
@@ -205,10 +215,11 @@ impl Handler for Replies {
     }
 }
 
-/// Runs the orders role until `shutdown`.
-pub async fn run(config: RoleConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
+/// Runs the orders role until `shutdown`, admitting orders under `limits`.
+pub async fn run(config: RoleConfig, limits: AdmissionLimits, shutdown: Shutdown) -> Result<(), ServiceError> {
     let rt = Runtime::start(&SERVICE, &config, shutdown.clone()).await?;
-    let orders = Orders::new(rt.clone());
+    let orders = Orders::limited(rt.clone(), limits);
+    orders.admission.watch(&rt);
     rt.consume(
         rt.consumer(topics::ORDER_SAGA_REPLIES),
         Arc::new(Replies(orders.engine.clone(), orders.waiters.clone())),

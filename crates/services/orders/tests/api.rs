@@ -626,3 +626,75 @@ async fn retrying_a_stuck_saga_sends_its_compensation_again() {
     assert_eq!(order["status"], "cancelled", "{order}");
     assert!(order["reason"].as_str().unwrap().contains("card declined"), "{order}");
 }
+
+#[tokio::test]
+async fn a_customer_past_their_orders_a_minute_is_told_when_to_come_back_and_others_are_not() {
+    let shop = support::start_limited(bazaar_orders::AdmissionLimits {
+        per_customer_per_minute: 3,
+        max_in_flight: 0,
+    })
+    .await;
+    let (ann, bob) = (shop.customer(), shop.customer());
+    let product = Uuid::now_v7();
+    let first = shop
+        .post_order(&ann, &items(&[(product, 1)]), Some("first"))
+        .await
+        .expect(StatusCode::ACCEPTED);
+    for _ in 0..2 {
+        shop.place(&ann, &[(product, 1)]).await;
+    }
+    let refused = shop.post_order(&ann, &items(&[(product, 1)]), None).await;
+    let detail = refused.problem(StatusCode::TOO_MANY_REQUESTS);
+    assert!(detail.contains("3 orders in the last minute"), "{detail}");
+    let wait: u64 = refused.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    assert_eq!(shop.count("orders").await, 3, "nothing placed");
+    // A retry of an order already placed is still answered; another customer is not limited.
+    let again = shop
+        .post_order(&ann, &items(&[(product, 1)]), Some("first"))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(again["id"], first["id"]);
+    shop.place(&bob, &[(product, 1)]).await;
+}
+
+#[tokio::test]
+async fn new_orders_are_shed_with_503_while_too_many_sagas_are_in_flight_and_admitted_again_after() {
+    let shop = support::start_limited(bazaar_orders::AdmissionLimits {
+        per_customer_per_minute: 0,
+        max_in_flight: 2,
+    })
+    .await;
+    let ann = shop.customer();
+    let product = Uuid::now_v7();
+    let mut placed = vec![
+        shop.place(&ann, &[(product, 1)]).await,
+        shop.place(&ann, &[(product, 1)]).await,
+    ];
+    // The count of sagas in flight is re-read four times a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let shed = loop {
+        let answer = shop.post_order(&ann, &items(&[(product, 1)]), None).await;
+        if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+            break answer;
+        }
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{:?}", answer.body);
+        placed.push(answer.body["id"].as_str().unwrap().parse().unwrap());
+        assert!(std::time::Instant::now() < deadline, "never shed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(shed.headers["retry-after"], "1");
+    assert!(shed.problem(StatusCode::SERVICE_UNAVAILABLE).contains("at capacity"));
+    let stored = shop.count("orders").await;
+    assert_eq!(stored, placed.len() as i64, "a shed order stored nothing");
+    // Sagas finish until one fewer than the limit runs; new orders are admitted again.
+    for order in &placed[1..] {
+        shop.confirm(*order, &priced(&[(product, 1)], 250, "USD")).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while shop.post_order(&ann, &items(&[(product, 1)]), None).await.status != StatusCode::ACCEPTED {
+        assert!(std::time::Instant::now() < deadline, "never admitted again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(shop.count("orders").await, stored + 1);
+}

@@ -1,12 +1,16 @@
 //! The users service: registration, credentials, and the tokens every other role trusts.
 //!
-//! `POST /users` stores the user and announces `user.registered` (payments opens a wallet,
-//! notifications sends a welcome) in one transaction; `POST /auth/login` checks the argon2
-//! hash and issues a JWT signed with users' own key (see [`keys`]), whose public half it
-//! publishes at `/.well-known/jwks.json` for every other role to verify with.
+//! `POST /users` stores the account unconfirmed and has a code mailed to the address
+//! ([`verification`]); `POST /auth/verification` with that code and the password opens it and
+//! announces `user.registered` (payments opens a wallet, notifications sends a welcome) in
+//! one transaction. `POST /auth/token` checks the argon2 hash under a per-account
+//! [`throttle`] and issues a JWT signed with users' own key (see [`keys`]), whose public half
+//! it publishes at `/.well-known/jwks.json` for every other role to verify with.
 
 mod api;
 pub mod keys;
+pub mod throttle;
+pub mod verification;
 
 use std::time::Duration;
 
@@ -44,6 +48,18 @@ pub const MIGRATIONS: &[Migration] = &[
             public_jwk TEXT NOT NULL,
             created_at BIGINT NOT NULL
         );",
+    },
+    Migration {
+        version: 12,
+        name: "email_verification",
+        // Accounts from before verification existed stay open.
+        sql: "ALTER TABLE users ADD COLUMN verified_at BIGINT;
+            ALTER TABLE users ADD COLUMN code_hash TEXT;
+            ALTER TABLE users ADD COLUMN code_expires_at BIGINT;
+            ALTER TABLE users ADD COLUMN code_failures BIGINT NOT NULL DEFAULT 0;
+            ALTER TABLE users ADD COLUMN codes_sent BIGINT NOT NULL DEFAULT 0;
+            ALTER TABLE users ADD COLUMN codes_since BIGINT NOT NULL DEFAULT 0;
+            UPDATE users SET verified_at = created_at;",
     },
 ];
 

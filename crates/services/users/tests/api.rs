@@ -1,7 +1,8 @@
 //! The users HTTP API, called in-process through the router the role serves (no socket):
-//! registering answers 201 with the user and announces `user.registered` exactly once (in the
-//! same transaction, through the outbox); what registration refuses (a taken email in any
-//! case, a malformed email, a short password, a phone not in international form, an empty
+//! registering answers 202 and has a code mailed; confirming it with the password opens the
+//! account and announces `user.registered` exactly once (in the same transaction, through the
+//! outbox); a taken address answers the same as a new one, in the same time; what
+//! registration refuses (a malformed email, a short password, a phone not in international form, an empty
 //! name, unknown or missing fields, a body that is not JSON) is a 4xx
 //! `application/problem+json` naming the field, storing and announcing nothing; logging in
 //! returns a Bearer token whose claims name the user, and refuses a wrong password and an
@@ -13,7 +14,7 @@ use axum::{
     body::Body,
     http::{header, Method, Request, StatusCode},
 };
-use bazaar_contracts::{topics, types, UserRegistered};
+use bazaar_contracts::{topics, types, RegistrationRepeated, UserRegistered, VerificationRequested};
 use bazaar_kit::{
     auth::{Jwks, KeySet, ISSUER, JWKS_PATH},
     http::CORRELATION_HEADER,
@@ -25,7 +26,7 @@ use support::{registration, start, PASSWORD};
 use uuid::Uuid;
 
 #[tokio::test]
-async fn registering_answers_201_and_announces_the_user_once() {
+async fn registering_mails_a_code_and_opens_the_account_only_when_it_is_confirmed() {
     let users = start().await;
     let body = registration(" Ann@Example.COM ", "  Ann Smith ", PASSWORD, Some("+1 415-555-0123"));
     let request = TestRole::request(
@@ -36,43 +37,71 @@ async fn registering_answers_201_and_announces_the_user_once() {
         Some(&body),
     );
     let answer = users.send(request).await;
-    assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.body);
-    assert!(
-        answer.content_type().starts_with("application/json"),
-        "{}",
-        answer.content_type()
-    );
-    let id: Uuid = answer.body["id"].as_str().expect("an id").parse().expect("a UUID");
-    assert_eq!(
-        answer.body,
-        json!({
-            "id": id.to_string(), "email": "ann@example.com", "name": "Ann Smith",
-            "phone": "+14155550123", "roles": [],
-        }),
-        "trimmed, lower-cased, phone in E.164, no password or hash"
-    );
-    assert_eq!(users.user_count().await, 1);
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{:?}", answer.body);
+    assert!(answer.content_type().starts_with("application/json"));
+    assert_eq!(answer.body["email"], "ann@example.com");
+    assert_eq!(answer.body["codeExpiresIn"], 24 * 3600);
+    assert!(answer.body["detail"].as_str().unwrap().contains("/auth/verification"));
 
+    // A code goes to the address, and nothing else happens yet.
     let announced = users.announced().await;
     assert_eq!(announced.len(), 1, "one event: {announced:?}");
     let (topic, event) = &announced[0];
     assert_eq!(topic, topics::USERS_EVENTS);
-    assert_eq!(event.event_type, types::USER_REGISTERED);
-    assert_eq!(event.aggregate_id, id.to_string());
-    assert_eq!(event.metadata.source, "users");
+    assert_eq!(event.event_type, types::USER_VERIFICATION_REQUESTED);
+    assert_eq!(event.metadata.correlation_id, "reg-test-1");
+    let sent: VerificationRequested = event.payload_as().expect("a verification payload");
     assert_eq!(
-        event.metadata.correlation_id, "reg-test-1",
-        "the request's correlation id"
+        (sent.email.as_str(), sent.name.as_str()),
+        ("ann@example.com", "Ann Smith")
     );
+    assert!(sent.code.len() == 6 && sent.code.chars().all(|c| c.is_ascii_digit()));
+    assert!(
+        users.registrations().await.is_empty(),
+        "no wallet or welcome before confirmation"
+    );
+
+    // Signing in before confirming says what to do; a wrong code opens nothing.
+    let detail = users
+        .login("ann@example.com", PASSWORD)
+        .await
+        .problem(StatusCode::FORBIDDEN);
+    assert!(detail.contains("confirm your email"), "{detail}");
+    let wrong = if sent.code == "000000" { "000001" } else { "000000" };
+    users
+        .confirm("ann@example.com", PASSWORD, wrong)
+        .await
+        .problem(StatusCode::UNAUTHORIZED);
+    // The right code with the wrong password opens nothing either.
+    users
+        .confirm("ann@example.com", "not the password", &sent.code)
+        .await
+        .problem(StatusCode::UNAUTHORIZED);
+    assert!(users.registrations().await.is_empty());
+
+    let opened = users
+        .confirm("Ann@example.com", PASSWORD, &sent.code)
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(opened["tokenType"], "Bearer", "confirming signs in: {opened}");
+    let id: Uuid = opened["userId"].as_str().unwrap().parse().unwrap();
     assert_eq!(
-        event.payload_as::<UserRegistered>().expect("a user.registered payload"),
-        UserRegistered {
+        users.registrations().await,
+        vec![UserRegistered {
             user_id: id,
             email: "ann@example.com".into(),
             name: "Ann Smith".into(),
             phone: Some("+14155550123".into()),
-        }
+        }],
+        "trimmed, lower-cased, phone in E.164"
     );
+    // Confirming again (a retry after a lost answer) signs in and announces nothing more.
+    users
+        .confirm("ann@example.com", PASSWORD, &sent.code)
+        .await
+        .expect(StatusCode::OK);
+    users.login("ann@example.com", PASSWORD).await.expect(StatusCode::OK);
+    assert_eq!(users.registrations().await.len(), 1, "announced once");
 }
 
 #[tokio::test]
@@ -88,11 +117,15 @@ async fn a_user_without_a_phone_is_announced_without_one() {
 }
 
 #[tokio::test]
-async fn an_email_already_registered_in_any_case_is_409_and_announces_nothing_more() {
+async fn registering_a_taken_address_answers_as_a_new_one_does_and_tells_only_its_owner() {
     let users = start().await;
     users.register("ann@example.com").await;
+    let fresh = users
+        .post_user(registration("bob@example.com", "Bob", PASSWORD, None))
+        .await
+        .expect(StatusCode::ACCEPTED);
 
-    let detail = users
+    let again = users
         .post_user(registration(
             " ANN@example.com",
             "Another Ann",
@@ -100,13 +133,100 @@ async fn an_email_already_registered_in_any_case_is_409_and_announces_nothing_mo
             None,
         ))
         .await
-        .problem(StatusCode::CONFLICT);
-    assert!(
-        detail.contains("ann@example.com") && detail.contains("already registered"),
-        "{detail}"
+        .expect(StatusCode::ACCEPTED);
+    let mut as_new = fresh.clone();
+    as_new["email"] = json!("ann@example.com");
+    assert_eq!(again, as_new, "the same answer as for an address nobody has");
+    // The owner is told; the account and its password are untouched.
+    let notices: Vec<_> = users
+        .announced()
+        .await
+        .into_iter()
+        .filter(|(_, e)| e.event_type == types::USER_REGISTRATION_REPEATED)
+        .collect();
+    assert_eq!(notices.len(), 1);
+    assert_eq!(
+        notices[0].1.payload_as::<RegistrationRepeated>().unwrap().email,
+        "ann@example.com"
     );
-    assert_eq!(users.user_count().await, 1);
+    assert_eq!(users.codes_sent("ann@example.com").await.len(), 1, "no new code");
+    users.login("ann@example.com", PASSWORD).await.expect(StatusCode::OK);
+    users
+        .login("ann@example.com", "another password")
+        .await
+        .problem(StatusCode::UNAUTHORIZED);
     assert_eq!(users.registrations().await.len(), 1, "announced once");
+}
+
+#[tokio::test]
+async fn whoever_squats_an_unconfirmed_address_loses_it_to_the_mailbox_owner() {
+    let users = start().await;
+    // Mallory registers Ann's address first; only Ann's mailbox gets the code.
+    users
+        .post_user(registration("ann@example.com", "Mallory", "mallory's password", None))
+        .await
+        .expect(StatusCode::ACCEPTED);
+    let mallorys_code = users.code_for("ann@example.com").await.unwrap();
+    // Ann registers too: her password replaces Mallory's, and a new code voids the old one.
+    users
+        .post_user(registration("ann@example.com", "Ann", PASSWORD, None))
+        .await
+        .expect(StatusCode::ACCEPTED);
+    let code = users.code_for("ann@example.com").await.unwrap();
+    users
+        .confirm("ann@example.com", "mallory's password", &code)
+        .await
+        .problem(StatusCode::UNAUTHORIZED);
+    if mallorys_code != code {
+        users
+            .confirm("ann@example.com", PASSWORD, &mallorys_code)
+            .await
+            .problem(StatusCode::UNAUTHORIZED);
+    }
+    users
+        .confirm("ann@example.com", PASSWORD, &code)
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(users.registrations().await[0].name, "Ann");
+}
+
+#[tokio::test]
+async fn a_code_dies_after_five_wrong_guesses() {
+    let users = start().await;
+    users
+        .post_user(registration("ann@example.com", "Ann", PASSWORD, None))
+        .await
+        .expect(StatusCode::ACCEPTED);
+    let code = users.code_for("ann@example.com").await.unwrap();
+    let wrong = format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
+    for _ in 0..5 {
+        let answer = users.confirm("ann@example.com", PASSWORD, &wrong).await;
+        assert!(
+            answer.status == StatusCode::UNAUTHORIZED || answer.status == StatusCode::TOO_MANY_REQUESTS,
+            "{:?}",
+            answer.body
+        );
+    }
+    // Wait out any sign-in lock the guesses earned, then even the right code is refused.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let detail = users
+        .confirm("ann@example.com", PASSWORD, &code)
+        .await
+        .problem(StatusCode::UNAUTHORIZED);
+    assert!(detail.contains("register again"), "{detail}");
+    assert!(users.registrations().await.is_empty());
+}
+
+#[tokio::test]
+async fn an_address_is_sent_at_most_three_codes_an_hour() {
+    let users = start().await;
+    for _ in 0..5 {
+        users
+            .post_user(registration("ann@example.com", "Ann", PASSWORD, None))
+            .await
+            .expect(StatusCode::ACCEPTED);
+    }
+    assert_eq!(users.codes_sent("ann@example.com").await.len(), 3);
 }
 
 #[tokio::test]
@@ -321,7 +441,7 @@ async fn who_am_i_needs_a_valid_token() {
 async fn who_am_i_shows_the_caller_or_404_when_their_account_is_gone() {
     let users = start().await;
     let body = registration("ann@example.com", "Ann", PASSWORD, Some("+447700900123"));
-    let ann = users.post_user(body).await.expect(StatusCode::CREATED);
+    let ann = users.register_with(body).await;
     let id: Uuid = ann["id"].as_str().unwrap().parse().unwrap();
 
     let me = users
@@ -416,27 +536,17 @@ async fn a_key_rotation_keeps_old_tokens_working_and_signs_new_ones_with_the_new
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_flood_beyond_the_hashing_limit_is_shed_with_503_and_retry_after() {
-    let limit = bazaar_users::HashingLimit {
+    let users = support::start_limited(bazaar_users::HashingLimit {
         concurrent: 1,
         wait: std::time::Duration::from_millis(1),
-    };
-    let users = TestRole::start(&bazaar_users::SERVICE, |rt| {
-        bazaar_users::routes_limited(rt.clone(), bazaar_users::keys::KeyRing::new(rt.store.clone()), limit)
     })
     .await;
-    let created = users
-        .call(
-            Method::POST,
-            "/users",
-            None,
-            Some(registration("ann@example.com", "Ann", PASSWORD, None)),
-        )
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
-    let login = |password: &str| json!({"email": "ann@example.com", "password": password});
-    let flood = futures_util::future::join_all(
-        (0..16).map(|_| users.call(Method::POST, "/auth/token", None, Some(login("not the password")))),
-    )
+    users.register("ann@example.com").await;
+    // Sixteen different addresses at once, so only the hashing limit can turn them away.
+    let flood = futures_util::future::join_all((0..16).map(|i| {
+        let body = json!({"email": format!("guess{i}@example.com"), "password": "not the password"});
+        users.call(Method::POST, "/auth/token", None, Some(body))
+    }))
     .await;
     let mut shed = 0;
     for answer in &flood {
@@ -455,10 +565,61 @@ async fn a_login_flood_beyond_the_hashing_limit_is_shed_with_503_and_retry_after
         "sixteen logins at once with one hashing turn and no wait shed none"
     );
     // Once the flood has passed, the right password still works.
-    users
-        .call(Method::POST, "/auth/token", None, Some(login(PASSWORD)))
-        .await
-        .expect(StatusCode::OK);
+    users.login("ann@example.com", PASSWORD).await.expect(StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_for_one_account_is_answered_429_without_hashing_and_the_owner_gets_in_after() {
+    let users = start().await;
+    users.register("ann@example.com").await;
+    let flood =
+        futures_util::future::join_all((0..24).map(|_| users.login("ann@example.com", "not the password"))).await;
+    let throttled: Vec<_> = flood
+        .iter()
+        .filter(|a| a.status == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    assert!(
+        throttled.len() >= 20,
+        "only two sign-ins of one account run at once: {} of 24 throttled",
+        throttled.len()
+    );
+    for answer in throttled {
+        assert!(answer.headers.contains_key("retry-after"));
+        assert!(answer.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("too many sign-in attempts"));
+    }
+    assert!(flood.iter().all(|a| matches!(a.status.as_u16(), 401 | 429)));
+    users.login("ann@example.com", PASSWORD).await.expect(StatusCode::OK);
+}
+
+#[tokio::test]
+async fn repeated_wrong_passwords_lock_an_account_and_an_unknown_address_alike() {
+    let users = start().await;
+    users.register("ann@example.com").await;
+    for email in ["ann@example.com", "nobody@example.com"] {
+        for _ in 0..5 {
+            users
+                .login(email, "not the password")
+                .await
+                .problem(StatusCode::UNAUTHORIZED);
+        }
+    }
+    let (known, unknown) = (
+        users.login("ann@example.com", PASSWORD).await,
+        users.login("nobody@example.com", PASSWORD).await,
+    );
+    assert_eq!(
+        known.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "even the right password waits"
+    );
+    assert_eq!(known.body, unknown.body, "no hint which address exists");
+    assert_eq!(known.headers["retry-after"], unknown.headers["retry-after"]);
+    // The lock is short at first: after it, the right password works and clears the count.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    users.login("ann@example.com", PASSWORD).await.expect(StatusCode::OK);
 }
 
 #[tokio::test]
@@ -469,9 +630,11 @@ async fn a_login_for_an_unknown_email_takes_as_long_as_one_with_a_wrong_password
         let users = &users;
         async move {
             let started = std::time::Instant::now();
-            for _ in 0..3 {
+            for i in 0..3 {
+                // Distinct unknown addresses, so none is locked by the guesses before.
+                let email = email.replace('#', &i.to_string());
                 users
-                    .login(email, "not the password")
+                    .login(&email, "not the password")
                     .await
                     .problem(StatusCode::UNAUTHORIZED);
             }
@@ -479,11 +642,38 @@ async fn a_login_for_an_unknown_email_takes_as_long_as_one_with_a_wrong_password
         }
     };
     // Warm the stand-in hash first.
-    time("nobody@example.com").await;
-    let (known, unknown) = (time("ann@example.com").await, time("nobody@example.com").await);
+    time("warm#@example.com").await;
+    let (known, unknown) = (time("ann@example.com").await, time("nobody#@example.com").await);
     let ratio = unknown / known;
     assert!(
         (0.5..2.0).contains(&ratio),
         "unknown email {unknown:.3}s vs wrong password {known:.3}s: the timing tells them apart"
+    );
+}
+
+#[tokio::test]
+async fn registering_a_taken_address_takes_as_long_as_a_new_one() {
+    let users = start().await;
+    users.register("ann@example.com").await;
+    let time = |email: &'static str| {
+        let users = &users;
+        async move {
+            let started = std::time::Instant::now();
+            for i in 0..3 {
+                let email = email.replace('#', &i.to_string());
+                users
+                    .post_user(registration(&email, "Ann", PASSWORD, None))
+                    .await
+                    .expect(StatusCode::ACCEPTED);
+            }
+            started.elapsed().as_secs_f64()
+        }
+    };
+    time("warm#@example.com").await;
+    let (taken, new) = (time("ann@example.com").await, time("new#@example.com").await);
+    let ratio = new / taken;
+    assert!(
+        (0.5..2.0).contains(&ratio),
+        "new address {new:.3}s vs taken {taken:.3}s: the timing tells them apart"
     );
 }

@@ -45,9 +45,16 @@ pub struct User {
 
 /// Starts orders on a fresh store and broker.
 pub async fn start() -> Shop {
+    start_limited(bazaar_orders::AdmissionLimits::default()).await
+}
+
+/// Starts orders admitting orders under `limits` (the count of sagas in flight is kept
+/// fresh, as the role does).
+pub async fn start_limited(limits: bazaar_orders::AdmissionLimits) -> Shop {
     let mut orders = None;
     let role = TestRole::start(&bazaar_orders::SERVICE, |rt| {
-        let built = Orders::new(rt.clone());
+        let built = Orders::limited(rt.clone(), limits);
+        built.admission.watch(rt);
         orders = Some(built.clone());
         bazaar_orders::router(built)
     })

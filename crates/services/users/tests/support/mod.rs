@@ -14,7 +14,7 @@ use axum::{
     body::Body,
     http::{Method, Request, StatusCode},
 };
-use bazaar_contracts::{topics, types, UserRegistered};
+use bazaar_contracts::{topics, types, UserRegistered, VerificationRequested};
 use bazaar_kit::{envelope::Envelope, runtime::Runtime, testing::TestRole};
 
 pub use bazaar_kit::testing::Answer;
@@ -33,7 +33,15 @@ pub struct Users {
 
 /// Starts users on a fresh store and broker.
 pub async fn start() -> Users {
-    let role = TestRole::start(&bazaar_users::SERVICE, |rt| bazaar_users::router(rt.clone())).await;
+    start_limited(bazaar_users::HashingLimit::default()).await
+}
+
+/// Starts users hashing passwords under `limit`.
+pub async fn start_limited(limit: bazaar_users::HashingLimit) -> Users {
+    let role = TestRole::start(&bazaar_users::SERVICE, |rt| {
+        bazaar_users::routes_limited(rt.clone(), bazaar_users::keys::KeyRing::new(rt.store.clone()), limit)
+    })
+    .await;
     Users {
         rt: role.rt.clone(),
         role,
@@ -65,11 +73,48 @@ impl Users {
         self.call(Method::POST, "/users", None, Some(body)).await
     }
 
-    /// Registers `email` (named Ann, with [`PASSWORD`]), asserting the 201; returns the user.
+    /// Registers `email` (named Ann, with [`PASSWORD`]) and confirms it; returns the user as
+    /// `GET /users/me` shows it.
     pub async fn register(&self, email: &str) -> Value {
-        self.post_user(registration(email, "Ann", PASSWORD, None))
+        self.register_with(registration(email, "Ann", PASSWORD, None)).await
+    }
+
+    /// Registers with `body`, asserting the 202, confirms the address with the code the role
+    /// announced for it and the body's password; returns the user as `GET /users/me` shows it.
+    pub async fn register_with(&self, body: Value) -> Value {
+        self.post_user(body.clone()).await.expect(StatusCode::ACCEPTED);
+        let email = body["email"].as_str().expect("an email").trim().to_lowercase();
+        let password = body["password"].as_str().expect("a password");
+        let code = self.code_for(&email).await.expect("a code was sent");
+        let token = self.confirm(&email, password, &code).await.expect(StatusCode::OK)["accessToken"]
+            .as_str()
+            .expect("a token")
+            .to_string();
+        self.call(Method::GET, "/users/me", Some(&token), None)
             .await
-            .expect(StatusCode::CREATED)
+            .expect(StatusCode::OK)
+    }
+
+    /// `POST /auth/verification` with `email`, `password` and `code`.
+    pub async fn confirm(&self, email: &str, password: &str, code: &str) -> Answer {
+        let body = json!({"email": email, "password": password, "code": code});
+        self.call(Method::POST, "/auth/verification", None, Some(body)).await
+    }
+
+    /// The codes the role asked to mail to `email`, oldest first.
+    pub async fn codes_sent(&self, email: &str) -> Vec<VerificationRequested> {
+        self.announced()
+            .await
+            .into_iter()
+            .filter(|(_, e)| e.event_type == types::USER_VERIFICATION_REQUESTED)
+            .map(|(_, e)| e.payload_as::<VerificationRequested>().expect("a verification payload"))
+            .filter(|v| v.email == email)
+            .collect()
+    }
+
+    /// The newest code the role asked to mail to `email`.
+    pub async fn code_for(&self, email: &str) -> Option<String> {
+        self.codes_sent(email).await.pop().map(|v| v.code)
     }
 
     /// `POST /auth/token` with `email` and `password`.
@@ -144,15 +189,15 @@ impl Users {
             .collect()
     }
 
-    /// The `user.registered` payloads in the outbox, oldest first (asserting each is one).
+    /// The `user.registered` payloads in the outbox, oldest first (asserting every event
+    /// went to `users.events`).
     pub async fn registrations(&self) -> Vec<UserRegistered> {
         self.announced()
             .await
             .into_iter()
-            .map(|(topic, e)| {
+            .filter_map(|(topic, e)| {
                 assert_eq!(topic, topics::USERS_EVENTS);
-                assert_eq!(e.event_type, types::USER_REGISTERED);
-                e.payload_as().expect("a user.registered payload")
+                (e.event_type == types::USER_REGISTERED).then(|| e.payload_as().expect("a user.registered payload"))
             })
             .collect()
     }
