@@ -67,6 +67,16 @@ impl LoadArgs {
     }
 }
 
+impl LoadArgs {
+    /// The same load placed open-loop at `rate` orders a second (`--rate`).
+    pub fn at_rate(self, rate: f64) -> LoadArgs {
+        LoadArgs {
+            rate: Some(rate),
+            ..self
+        }
+    }
+}
+
 fn parse_rate(raw: &str) -> Result<f64, String> {
     match raw.parse::<f64>() {
         Ok(r) if r.is_finite() && r > 0.0 && r <= 100_000.0 => Ok(r),

@@ -721,6 +721,7 @@ impl Settings {
                     methods: r.methods,
                     exact: r.exact,
                     jwt: r.access == Access::Token,
+                    credentials: r.access == Access::Credentials,
                 })
             })
             .collect()

@@ -89,9 +89,20 @@ fn cluster_name(name: &str) -> Result<String, String> {
 /// the gateway's one-second readiness probe takes it out of the rotation first.
 const REPLICA_DRAIN_DELAY_MS: u64 = 1_500;
 
-/// Restarts allowed per process within [`RESTART_WINDOW`] before `up` gives up on it.
+/// Restarts within [`RESTART_WINDOW`] after which a process that never became ready is given
+/// up on, and one that did is restarted more and more slowly (up to [`LONGEST_RESTART_DELAY`]).
 const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
+const LONGEST_RESTART_DELAY: Duration = Duration::from_secs(30);
+
+/// How long to wait before restarting a process that exited `recent` times in the window:
+/// 200 ms more for each of the first few, then doubling from a second up to half a minute.
+fn restart_delay(recent: usize) -> Duration {
+    match recent.checked_sub(MAX_RESTARTS) {
+        None => Duration::from_millis(200 * (recent as u64 + 1)),
+        Some(over) => Duration::from_secs(1u64 << over.min(5)).min(LONGEST_RESTART_DELAY),
+    }
+}
 
 /// A process `up` runs and restarts: a name for its log lines and a command line.
 pub struct Job {
@@ -116,6 +127,8 @@ struct Proc {
     make: Box<dyn Fn() -> anyhow::Result<Job> + Send>,
     child: Child,
     restarts: Vec<Instant>,
+    /// When an exited process is to be started again.
+    restart_at: Option<Instant>,
 }
 
 /// A `bazaar rollout` request: the roles to roll (all when empty) and where progress goes.
@@ -312,6 +325,7 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
             make,
             child,
             restarts: Vec::new(),
+            restart_at: None,
         });
     }
     let mut rollouts = control(settings)?;
@@ -360,25 +374,45 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         }
         let mut gave_up = None;
         for p in procs.iter_mut() {
+            if let Some(at) = p.restart_at {
+                if Instant::now() >= at {
+                    p.restart_at = None;
+                    match (p.make)().and_then(|job| start(job, &lines)) {
+                        Ok(child) => p.child = child,
+                        Err(e) => {
+                            gave_up = Some(format!("cannot restart {}: {e:#}", p.name));
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
             if let Ok(Some(status)) = p.child.try_wait() {
                 p.restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
-                if p.restarts.len() >= MAX_RESTARTS {
+                let recent = p.restarts.len();
+                // A role that cannot even come up is a configuration to fix; one that crashes
+                // after the system was serving waits longer between restarts instead, so the
+                // other roles keep serving (a flood that crashed it is not a reason to stop all).
+                if recent >= MAX_RESTARTS && ready.is_err() {
                     gave_up = Some(format!(
                         "{} exited ({status}) {MAX_RESTARTS} times within a minute; giving up",
                         p.name
                     ));
                     break;
                 }
-                let _ = lines.send(format!("{:>15} | exited ({status}); restarting", p.name));
+                let delay = restart_delay(recent);
+                let looping = if recent >= MAX_RESTARTS {
+                    "; it keeps crashing, the other roles keep serving"
+                } else {
+                    ""
+                };
+                let _ = lines.send(format!(
+                    "{:>15} | exited ({status}); restarting in {} ms{looping}",
+                    p.name,
+                    delay.as_millis()
+                ));
                 p.restarts.push(Instant::now());
-                tokio::time::sleep(Duration::from_millis(200 * p.restarts.len() as u64)).await;
-                match (p.make)().and_then(|job| start(job, &lines)) {
-                    Ok(child) => p.child = child,
-                    Err(e) => {
-                        gave_up = Some(format!("cannot restart {}: {e:#}", p.name));
-                        break;
-                    }
-                }
+                p.restart_at = Some(Instant::now() + delay);
             }
         }
         if let Some(reason) = gave_up {
@@ -707,6 +741,8 @@ async fn rollout(procs: &mut [Proc], request: RolloutRequest, lines: &mpsc::Unbo
         }
         let mut old = std::mem::replace(&mut p.child, fresh);
         p.restarts.clear();
+        // The replacement stands in for an exited process waiting for its restart, too.
+        p.restart_at = None;
         say(format!("{}: pid {pid} is ready; draining the old one", p.name));
         if let Some(old_pid) = old.id() {
             let _ = Command::new("kill")
@@ -861,4 +897,18 @@ Check the invariants any time: bazaar audit    Stop: Ctrl-C
         config = config.display(),
         admin_email = bazaar::roles::ADMIN_EMAIL,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crash_looping_role_waits_longer_each_time_but_never_past_half_a_minute() {
+        assert_eq!(restart_delay(0), Duration::from_millis(200));
+        assert_eq!(restart_delay(MAX_RESTARTS - 1), Duration::from_millis(1_000));
+        assert_eq!(restart_delay(MAX_RESTARTS), Duration::from_secs(1));
+        assert_eq!(restart_delay(MAX_RESTARTS + 2), Duration::from_secs(4));
+        assert_eq!(restart_delay(MAX_RESTARTS + 100), LONGEST_RESTART_DELAY);
+    }
 }

@@ -159,7 +159,7 @@ impl System {
     }
 
     /// Like [`System::call`] with extra headers. A gateway that is down (a fault drill killed
-    /// it and `up` is restarting it) is waited for, up to 30 s.
+    /// it and `up` is restarting it), or that asks to wait (429), is waited for, up to 30 s.
     async fn call_with(
         &self,
         method: reqwest::Method,
@@ -181,6 +181,16 @@ impl System {
                 req = req.header(*k, *v);
             }
             match req.send().await {
+                // A careful client waits out the gateway's per-client limit (sign-ins and
+                // registrations have a strict one).
+                Ok(resp) if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS && Instant::now() < deadline => {
+                    let wait = resp
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .unwrap_or(1);
+                    tokio::time::sleep(Duration::from_secs(wait).min(Duration::from_secs(5))).await;
+                }
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     return (status, resp.json().await.unwrap_or(Value::Null));

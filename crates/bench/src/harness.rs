@@ -61,6 +61,18 @@ pub fn foreign_env() -> Vec<String> {
     common.into_iter().map(String::from).chain(stores).collect()
 }
 
+/// Why a system did not start: `up` exited (perhaps its ports were taken), or anything else.
+enum StartError {
+    Exited(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StartError {
+    fn from(e: anyhow::Error) -> StartError {
+        StartError::Other(e)
+    }
+}
+
 /// A base port whose every role's port is free, below the ephemeral range (32768+) so that
 /// outgoing connections cannot take them meanwhile.
 pub fn free_base_port() -> anyhow::Result<u16> {
@@ -90,10 +102,27 @@ pub fn port_offset(name: &str) -> anyhow::Result<u16> {
 impl System {
     /// Starts `up` and waits until every role answers `/health` with 200.
     pub async fn start(options: Options) -> anyhow::Result<System> {
-        let base = match options.base {
-            Some(base) => base,
-            None => free_base_port()?,
-        };
+        // Another test may take the free ports this one chose before `up` binds them; then
+        // `up` exits at once, and a chosen (not given) base is chosen again.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let base = match options.base {
+                Some(base) => base,
+                None => free_base_port()?,
+            };
+            match System::start_on(&options, base).await {
+                Err(StartError::Exited(e)) if options.base.is_none() && attempts < 3 => {
+                    eprintln!("harness: `bazaar up` on base {base} exited while starting ({e:#}); another base");
+                }
+                Err(StartError::Exited(e) | StartError::Other(e)) => return Err(e),
+                Ok(system) => return Ok(system),
+            }
+        }
+    }
+
+    async fn start_on(options: &Options, base: u16) -> Result<System, StartError> {
+        let options = options.clone();
         std::fs::create_dir_all(&options.dir).with_context(|| format!("cannot create {}", options.dir.display()))?;
         let data = options.dir.join("data");
         let log = options.dir.join("up.log");
@@ -115,7 +144,7 @@ impl System {
             .env("BAZAAR_DATA", &data)
             .env("BAZAAR_BASE_PORT", base.to_string())
             .stdin(Stdio::null())
-            .stdout(Stdio::from(file.try_clone()?))
+            .stdout(Stdio::from(file.try_clone().context("cannot share the log file")?))
             .stderr(Stdio::from(file))
             .kill_on_drop(true);
         for var in foreign_env() {
@@ -135,9 +164,15 @@ impl System {
             replicas,
         };
         if let Err(e) = system.wait_healthy().await {
+            let exited = matches!(system.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
             let tail = system.log_tail(4000);
             system.stop().await;
-            bail!("{e:#}; the end of its log:\n{tail}");
+            let e = anyhow::anyhow!("{e:#}; the end of its log:\n{tail}");
+            return Err(if exited {
+                StartError::Exited(e)
+            } else {
+                StartError::Other(e)
+            });
         }
         Ok(system)
     }
@@ -150,8 +185,13 @@ impl System {
             let url = format!("http://127.0.0.1:{}/health", self.instance_port(role, k));
             loop {
                 if let Ok(r) = client.get(&url).send().await {
+                    // Only this system's own processes count (gateways sharing a socket answer
+                    // for each other): another test's system on the same ports must not pass.
                     if r.status().is_success() {
-                        break;
+                        let body: serde_json::Value = r.json().await.unwrap_or_default();
+                        if body["pid"].as_u64().is_some_and(|pid| self.pids().contains(&pid)) {
+                            break;
+                        }
                     }
                 }
                 if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -164,6 +204,18 @@ impl System {
             }
         }
         Ok(())
+    }
+
+    /// The pids this system's processes recorded under `DATA/run`.
+    fn pids(&self) -> Vec<u64> {
+        let Ok(entries) = std::fs::read_dir(self.data.join("run")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+            .collect()
     }
 
     /// The base port (the gateway's).

@@ -35,7 +35,19 @@ pub struct DefaultRoute<'a> {
     pub exact: bool,
     /// Require a valid JWT.
     pub jwt: bool,
+    /// Checks passwords or opens accounts: limited per client by [`CREDENTIAL_LIMITS`].
+    pub credentials: bool,
 }
+
+/// The per-client limits of every route (`second`, `minute` for the global rate-limiting
+/// plugin): about what this system serves from one client on two cores (a few thousand
+/// catalogue reads, under a hundred orders a second), so one client cannot take it all.
+pub const CLIENT_LIMITS: (u32, u32) = (200, 9_000);
+
+/// The per-client limits (`second`, `minute`, `hour`) of routes that check a password or
+/// open an account: each costs an argon2 hash (19 MiB, tens of milliseconds), and a person
+/// signs in a few times a day.
+pub const CREDENTIAL_LIMITS: (u32, u32, u32) = (5, 60, 600);
 
 /// The mesh a default config joins: every service is reached over mutual TLS as the upstream
 /// `<service>.<trust_domain>` (the name its certificate carries), presenting `cert_pem` and
@@ -99,6 +111,10 @@ pub fn default_config(
             let _ = writeln!(out, "      - target: 127.0.0.1:{port}");
         }
     }
+    let policy = match redis.and_then(redis_host_port) {
+        Some((host, port)) => format!("      policy: redis\n      redis_host: {host}\n      redis_port: {port}"),
+        None => "      policy: local".to_string(),
+    };
     out.push_str("\nservices:\n");
     let mut written: Vec<&str> = Vec::new();
     for first in routes {
@@ -141,13 +157,17 @@ pub fn default_config(
             if route.jwt {
                 out.push_str("        plugins:\n          - name: jwt\n            config:\n              claims_to_verify: [exp]\n");
             }
+            if route.credentials {
+                let (second, minute, hour) = CREDENTIAL_LIMITS;
+                let _ = write!(
+                    out,
+                    "        plugins:\n          - name: rate-limiting\n            config:\n              second: {second}\n              minute: {minute}\n              hour: {hour}\n              limit_by: ip\n{}\n",
+                    policy.replace("      ", "              ")
+                );
+            }
         }
     }
     let jwks_uri = serde_json::to_string(jwks_uri).unwrap_or_else(|_| "\"\"".into());
-    let policy = match redis.and_then(redis_host_port) {
-        Some((host, port)) => format!("      policy: redis\n      redis_host: {host}\n      redis_port: {port}"),
-        None => "      policy: local".to_string(),
-    };
     let _ = write!(
         out,
         r#"
@@ -166,8 +186,8 @@ plugins:
       echo_downstream: true
   - name: rate-limiting
     config:
-      second: 1000
-      minute: 30000
+      second: {client_second}
+      minute: {client_minute}
       limit_by: ip
 {policy}
   - name: request-size-limiting
@@ -181,7 +201,9 @@ plugins:
       headers: [Authorization, Content-Type, X-Correlation-ID, Idempotency-Key]
       exposed_headers: [X-Correlation-ID, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Retry-After]
       max_age: 3600
-"#
+"#,
+        client_second = CLIENT_LIMITS.0,
+        client_minute = CLIENT_LIMITS.1,
     );
     out
 }
@@ -204,7 +226,7 @@ mod tests {
     /// A shop shaped like bazaar's: an exact open route beside a guarded one on the same
     /// resource, an open resource, and a resource open to reads only.
     fn routes() -> Vec<DefaultRoute<'static>> {
-        let route = |name, resource, port, methods, exact, jwt| DefaultRoute {
+        let route = |name, resource, port, methods, exact, jwt: bool| DefaultRoute {
             name,
             resource,
             prefix: if resource == ".well-known" { "" } else { "/api/v1" },
@@ -213,6 +235,7 @@ mod tests {
             methods,
             exact,
             jwt,
+            credentials: !jwt && (resource == "auth" || exact),
         };
         vec![
             route("users-register", "users", 8101, &["POST"], true, false),
@@ -234,7 +257,7 @@ mod tests {
             None,
         ))
         .unwrap();
-        assert_eq!(config.summary(), "5 services, 7 routes, 1 consumer, 7 plugins");
+        assert_eq!(config.summary(), "5 services, 7 routes, 1 consumer, 9 plugins");
         assert_eq!(config.jwt_secrets[0].algorithm, "EdDSA");
         assert_eq!(
             config.jwt_secrets[0]
@@ -243,6 +266,37 @@ mod tests {
                 .map(|u| u.to_string())
                 .as_deref(),
             Some("http://127.0.0.1:8101/.well-known/jwks.json")
+        );
+    }
+
+    #[test]
+    fn routes_that_check_credentials_are_limited_per_client_more_strictly_than_the_rest() {
+        let text = default_config(&routes(), None, "http://127.0.0.1:8101/.well-known/jwks.json", None);
+        let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let limits = |plugins: &serde_yaml::Value| {
+            plugins
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == "rate-limiting")
+                .map(|p| (p["config"]["second"].as_u64(), p["config"]["minute"].as_u64()))
+        };
+        let (second, minute, _) = CREDENTIAL_LIMITS;
+        let strict = Some((Some(u64::from(second)), Some(u64::from(minute))));
+        let mut limited = Vec::new();
+        for service in yaml["services"].as_sequence().unwrap() {
+            for route in service["routes"].as_sequence().unwrap() {
+                if limits(&route["plugins"]) == strict {
+                    limited.push(route["name"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        assert_eq!(limited, ["users-register", "auth"]);
+        let (second, minute) = CLIENT_LIMITS;
+        assert_eq!(
+            limits(&yaml["plugins"]),
+            Some((Some(u64::from(second)), Some(u64::from(minute)))),
+            "every other route shares the per-client default"
         );
     }
 

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use config::ConfigProblems;
-pub use defaults::{default_config, DefaultMesh, DefaultRoute, GENERATED_MARKER};
+pub use defaults::{default_config, DefaultMesh, DefaultRoute, CLIENT_LIMITS, CREDENTIAL_LIMITS, GENERATED_MARKER};
 pub use server::{serve_draining, serve_with_listeners};
 
 /// What the gateway needs to run.

@@ -1145,6 +1145,7 @@ async fn check_config_file_lists_every_problem() {
         methods: &[],
         exact: false,
         jwt: true,
+        credentials: false,
     };
     std::fs::write(
         &path,

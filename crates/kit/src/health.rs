@@ -142,6 +142,8 @@ impl Health {
             "checks": checks,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime": self.started.elapsed().as_secs(),
+            // Which process answered, as the gateway's says too.
+            "pid": std::process::id(),
         });
         (healthy, body)
     }

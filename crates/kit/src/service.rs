@@ -66,6 +66,9 @@ pub enum Access {
     Anyone,
     /// A bearer token the gateway verifies; the service checks roles and ownership.
     Token,
+    /// Anyone, but each call checks a password or opens an account (sign-in, registration):
+    /// the gateway limits it per client far more strictly than the rest.
+    Credentials,
 }
 
 impl PublicRoute {
@@ -78,6 +81,14 @@ impl PublicRoute {
             methods: &[],
             exact: false,
             access: Access::Token,
+        }
+    }
+
+    /// A route to every method under `resource` open to anyone but checking credentials.
+    pub const fn credentials(resource: &'static str) -> PublicRoute {
+        PublicRoute {
+            access: Access::Credentials,
+            ..PublicRoute::token(resource)
         }
     }
 

@@ -75,11 +75,11 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
             name: "users-register",
             methods: &["POST"],
             exact: true,
-            access: Access::Anyone,
+            access: Access::Credentials,
             ..PublicRoute::token("users")
         },
         PublicRoute::token("users"),
-        PublicRoute::anyone("auth"),
+        PublicRoute::credentials("auth"),
         // The public keys, at the gateway's root as OpenID Connect clients look for them.
         PublicRoute {
             name: "users-jwks",
