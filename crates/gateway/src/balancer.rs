@@ -14,13 +14,12 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 
 use crate::config::{Algorithm, Config, HealthyThresholds, UnhealthyThresholds};
 
 /// The HTTP client used both for proxying and for probes (plain or TLS per connector).
-pub(crate) type HttpClient = Client<crate::tls::UpstreamConnector, Full<Bytes>>;
+pub(crate) type HttpClient = Client<crate::tls::UpstreamConnector, crate::outgoing::OutgoingBody>;
 
 /// What happened when a target was used or probed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,7 +366,7 @@ async fn probe_loop(balancer: Weak<UpstreamBalancer>, client: HttpClient, scheme
 async fn probe(client: &HttpClient, scheme: &str, address: &str, path: &str, timeout_secs: f64) -> Outcome {
     let Ok(request) = http::Request::get(format!("{scheme}://{address}{path}"))
         .header(http::header::USER_AGENT, "bazaar-gateway health check")
-        .body(Full::new(Bytes::new()))
+        .body(crate::outgoing::OutgoingBody::new(Bytes::new()))
     else {
         return Outcome::TcpFailure;
     };

@@ -77,6 +77,8 @@ struct ServiceSpec {
     connect_timeout: u64,
     #[serde(default = "default_timeout")]
     read_timeout: u64,
+    #[serde(default = "default_timeout")]
+    write_timeout: u64,
     #[serde(default = "default_retries")]
     retries: u32,
     #[serde(default)]
@@ -336,8 +338,12 @@ pub(crate) struct Service {
     /// Prefix of every upstream path; `/` when unset.
     pub path: String,
     pub connect_timeout_ms: u64,
-    /// Longest wait, from sending the request, for the upstream's response head.
+    /// Kong's `read_timeout`: the longest wait for the upstream's next read, the response head
+    /// after the request went out or the next part of its body.
     pub read_timeout_ms: u64,
+    /// Kong's `write_timeout`: the longest the request may take to go out to the upstream
+    /// (it is buffered whole first, so this bounds an upstream that stops reading).
+    pub write_timeout_ms: u64,
     pub retries: u32,
     /// Set for `protocol: https`.
     pub tls: Option<ServiceTls>,
@@ -645,6 +651,7 @@ impl Builder {
         for (field, value) in [
             ("connect_timeout", spec.connect_timeout),
             ("read_timeout", spec.read_timeout),
+            ("write_timeout", spec.write_timeout),
         ] {
             if value == 0 {
                 self.errors.push(format!("{path}.{field}: must be greater than 0"));
@@ -664,6 +671,7 @@ impl Builder {
             path: svc_path,
             connect_timeout_ms: spec.connect_timeout,
             read_timeout_ms: spec.read_timeout,
+            write_timeout_ms: spec.write_timeout,
             retries: spec.retries,
             tls,
         });

@@ -5,6 +5,7 @@
 //! the answer back with the plugins' response headers. Every refusal along the way uses Kong's
 //! status and body.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,10 +15,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::balancer::{Outcome, TargetGuard};
+use crate::outgoing::OutgoingBody;
 use crate::plugins::rate_limit::Identity;
 use crate::plugins::{correlation, cors, jwt, size_limit};
 use crate::response::{self, BoxError, ProxyBody};
@@ -248,23 +250,73 @@ async fn process(
 
     // The body is read whole before sending, as nginx does by default: it enforces the size
     // limit on chunked uploads and lets a connect failure be retried on another target.
-    let body = if body.is_end_stream() {
-        Bytes::new()
-    } else {
-        let collected = match body_limit {
-            Some(limit) => Limited::new(body, limit as usize).collect().await,
-            None => body.collect().await.map_err(BoxError::from),
-        };
-        match collected {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                return response::message(size_limit::TOO_LARGE.0, size_limit::TOO_LARGE.1);
-            }
-            Err(_) => return response::message(StatusCode::BAD_REQUEST, "Bad request"),
+    let body = match read_body(body, body_limit).await {
+        Ok(body) => body,
+        Err(BodyFailure::TooLarge) => return response::message(size_limit::TOO_LARGE.0, size_limit::TOO_LARGE.1),
+        Err(BodyFailure::Stalled) => {
+            metrics::counter!("bazaar_gateway_slow_clients_total", "phase" => "body").increment(1);
+            let mut refused = response::message(
+                StatusCode::REQUEST_TIMEOUT,
+                "The client took too long to send the request body",
+            );
+            refused
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return refused;
         }
+        Err(BodyFailure::Broken) => return response::message(StatusCode::BAD_REQUEST, "Bad request"),
     };
 
-    forward(snapshot, service_index, found, parts, body, host, connection).await
+    forward(
+        snapshot,
+        &shared.retries,
+        service_index,
+        found,
+        parts,
+        body,
+        host,
+        connection,
+    )
+    .await
+}
+
+/// Longest pause between two parts of a client's request body (nginx's
+/// `client_body_timeout`, which Kong inherits, is 60 s; a trickle costs a socket and memory,
+/// so ours is shorter).
+pub(crate) const CLIENT_BODY_IDLE: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a whole request body, however steadily it trickles.
+pub(crate) const CLIENT_BODY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Why a client's body could not be read.
+enum BodyFailure {
+    TooLarge,
+    Stalled,
+    Broken,
+}
+
+/// Reads a client's body whole, within `limit` bytes, [`CLIENT_BODY_IDLE`] between parts and
+/// [`CLIENT_BODY_DEADLINE`] in all.
+async fn read_body(mut body: Incoming, limit: Option<u64>) -> Result<Bytes, BodyFailure> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let deadline = tokio::time::Instant::now() + CLIENT_BODY_DEADLINE;
+    let mut collected = bytes::BytesMut::new();
+    loop {
+        let wait = deadline.min(tokio::time::Instant::now() + CLIENT_BODY_IDLE);
+        let frame = match tokio::time::timeout_at(wait, body.frame()).await {
+            Err(_) => return Err(BodyFailure::Stalled),
+            Ok(None) => return Ok(collected.freeze()),
+            Ok(Some(Err(_))) => return Err(BodyFailure::Broken),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            collected.extend_from_slice(&data);
+            if limit.is_some_and(|limit| collected.len() as u64 > limit) {
+                return Err(BodyFailure::TooLarge);
+            }
+        }
+    }
 }
 
 fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
@@ -294,8 +346,10 @@ enum Failure {
     Other,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     snapshot: &Snapshot,
+    budget: &crate::retry_budget::RetryBudget,
     service_index: usize,
     found: RouteMatch,
     parts: http::request::Parts,
@@ -353,9 +407,16 @@ async fn forward(
         _ => String::new(),
     };
     let read_timeout = Duration::from_millis(service.read_timeout_ms);
+    let write_timeout = Duration::from_millis(service.write_timeout_ms);
     let mut tried: Vec<usize> = Vec::new();
     let mut failure = Failure::Other;
+    budget.request();
     for attempt in 0..=service.retries {
+        if attempt > 0 && !budget.try_retry() {
+            metrics::counter!("bazaar_gateway_retries_refused_total", "service" => service.name.clone()).increment(1);
+            tracing::warn!(service = %service.name, "retry budget spent; answering with the failure");
+            break;
+        }
         let guard = match &runtime.upstream {
             Some(upstream) => match upstream.pick(&hash_input, &tried) {
                 Some(guard) => Some(guard),
@@ -376,7 +437,8 @@ async fn forward(
         let Ok(uri) = format!("{}://{address}{path_and_query}", runtime.scheme).parse::<Uri>() else {
             return response::message(StatusCode::BAD_REQUEST, "Bad request");
         };
-        let mut upstream_request = Request::new(Full::new(body.clone()));
+        let (outgoing, sent) = OutgoingBody::signalling(body.clone());
+        let mut upstream_request = Request::new(outgoing);
         *upstream_request.method_mut() = parts.method.clone();
         *upstream_request.uri_mut() = uri;
         *upstream_request.headers_mut() = headers.clone();
@@ -386,7 +448,7 @@ async fn forward(
                 guard.report(outcome);
             }
         };
-        match tokio::time::timeout(read_timeout, runtime.client.request(upstream_request)).await {
+        match exchange(&runtime.client, upstream_request, sent, write_timeout, read_timeout).await {
             Ok(Ok(upstream_response)) => {
                 report(Outcome::Status(upstream_response.status().as_u16()));
                 let (mut head, incoming) = upstream_response.into_parts();
@@ -396,6 +458,9 @@ async fn forward(
                     GuardedBody {
                         inner: incoming,
                         _guard: guard,
+                        idle: read_timeout,
+                        stall: Box::pin(tokio::time::sleep(read_timeout)),
+                        service: service.name.clone(),
                     }
                     .boxed(),
                 );
@@ -447,6 +512,30 @@ async fn forward(
     }
 }
 
+/// Sends `request` and waits for the answer's head: the body must go out within
+/// `write_timeout` (Kong's limit on sending), then the head arrive within `read_timeout`.
+/// `Err` when either passes.
+async fn exchange(
+    client: &crate::balancer::HttpClient,
+    request: Request<OutgoingBody>,
+    sent: tokio::sync::oneshot::Receiver<()>,
+    write_timeout: Duration,
+    read_timeout: Duration,
+) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed> {
+    let answer = client.request(request);
+    tokio::pin!(answer);
+    tokio::select! {
+        answered = &mut answer => return Ok(answered),
+        written = tokio::time::timeout(write_timeout, sent) => {
+            // A closed signal means the request was dropped: the answer says why.
+            if written.is_err() {
+                return tokio::time::timeout(Duration::ZERO, std::future::pending()).await;
+            }
+        }
+    }
+    tokio::time::timeout(read_timeout, answer).await
+}
+
 /// Whether an error (or one of its causes) is a timeout.
 fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
@@ -462,10 +551,14 @@ fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// An upstream response body that keeps its target counted as busy until fully sent.
+/// An upstream response body that keeps its target counted as busy until fully sent, and is
+/// cut when the upstream sends nothing for `idle` (Kong's `read_timeout` between two reads).
 struct GuardedBody {
     inner: Incoming,
     _guard: Option<TargetGuard>,
+    idle: Duration,
+    stall: std::pin::Pin<Box<tokio::time::Sleep>>,
+    service: Arc<str>,
 }
 
 impl Body for GuardedBody {
@@ -476,9 +569,22 @@ impl Body for GuardedBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        std::pin::Pin::new(&mut self.inner)
-            .poll_frame(cx)
-            .map_err(BoxError::from)
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.stall.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+            Poll::Pending => match self.stall.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    tracing::warn!(service = %self.service, "upstream stalled mid-body past read_timeout; cutting the response");
+                    metrics::counter!("bazaar_gateway_upstream_errors_total", "service" => self.service.clone())
+                        .increment(1);
+                    Poll::Ready(Some(Err(BoxError::from("upstream stalled past read_timeout"))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {

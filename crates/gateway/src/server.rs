@@ -21,8 +21,14 @@ use crate::{admin, proxy, GatewayError};
 /// How often the config file's modification time is checked.
 const RELOAD_POLL: Duration = Duration::from_secs(2);
 
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers, and how long a keep-alive
+/// connection may sit idle before its next request.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections the proxy listener serves at once; past it new ones wait in the backlog.
+pub const MAX_PROXY_CONNECTIONS: usize = 4096;
+/// Connections the admin listener serves at once.
+const MAX_ADMIN_CONNECTIONS: usize = 256;
 
 /// How long in-flight requests get to finish after shutdown begins.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -110,7 +116,32 @@ pub async fn serve_draining(
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>, role: Role) {
     let graceful = GracefulShutdown::new();
+    let cap = match role {
+        Role::Proxy => MAX_PROXY_CONNECTIONS,
+        Role::Admin => MAX_ADMIN_CONNECTIONS,
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let mut warned: Option<std::time::Instant> = None;
     loop {
+        // At the cap, new connections wait in the kernel's backlog rather than take
+        // descriptors and memory from the clients already being served.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!(listener = ?role, cap, "connection cap {cap} reached on the gateway's {role:?} listener; new connections wait");
+                    warned = Some(std::time::Instant::now());
+                }
+                metrics::counter!("bazaar_gateway_connection_cap_reached_total").increment(1);
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -154,6 +185,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         let connection = graceful.watch(connection);
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let _active = (role == Role::Proxy).then(|| CountGuard::new(&shared.stats.connections_active));
             if let Err(error) = connection.await {
                 tracing::debug!(%error, %peer, "connection ended with an error");

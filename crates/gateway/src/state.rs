@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     /// Set when the gateway is about to stop: responses ask clients to close their
     /// connections, so none is cut under a request they are sending.
     pub draining: std::sync::atomic::AtomicBool,
+    /// How many failed upstream attempts may still be retried.
+    pub retries: crate::retry_budget::RetryBudget,
 }
 
 impl Shared {
@@ -110,6 +112,7 @@ impl Shared {
             config_path,
             render_metrics,
             draining: std::sync::atomic::AtomicBool::new(false),
+            retries: Default::default(),
         })
     }
 

@@ -1279,3 +1279,89 @@ async fn serve_refuses_to_start_on_a_bad_config() {
         other => panic!("expected a config error, got {other:?}"),
     }
 }
+
+/// Opens `n` connections that send a request head promising a body, and a few bytes of it.
+async fn trickling_bodies(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut sockets = Vec::new();
+    for _ in 0..n {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        socket
+            .write_all(b"POST /up/x HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"a\":")
+            .await
+            .unwrap();
+        sockets.push(socket);
+    }
+    sockets
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_clients_trickling_bodies_are_cut_with_408_while_others_are_served() {
+    use tokio::io::AsyncReadExt;
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "_format_version: \"3.0\"\nservices:\n  - name: up\n    url: http://{}\n    routes: [{{name: r, paths: [/up]}}]\n",
+        up.addr
+    ))
+    .await;
+    let started = Instant::now();
+    let mut slow = trickling_bodies(gw.addr, 300).await;
+    // Everyone else is served meanwhile.
+    for _ in 0..20 {
+        let ok = client().get(gw.url("/up/fine")).send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "normal requests waited behind the slow ones"
+    );
+    // Each slow one is answered 408 and closed once its body stalls past the limit.
+    for socket in slow.iter_mut() {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), socket.read_to_end(&mut answer))
+            .await
+            .expect("the gateway cut the slow client")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("too long to send the request body"), "{answer}");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+        "cut after {waited:?}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_stalling_mid_body_is_cut_at_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let stalling = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 1024];
+        let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut head).await;
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nthe first part")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    });
+    let gw = Gateway::start(&format!(
+        "_format_version: \"3.0\"\nservices:\n  - name: stall\n    url: http://{upstream}\n    read_timeout: 300\n    routes: [{{name: r, paths: [/stall]}}]\n"
+    ))
+    .await;
+    let started = Instant::now();
+    let response = client().get(gw.url("/stall")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "the head arrived in time");
+    assert!(response.bytes().await.is_err(), "a stalled body is cut, not waited for");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut after {:?}",
+        started.elapsed()
+    );
+    stalling.abort();
+    gw.shutdown().await;
+}

@@ -2,7 +2,7 @@
 //! whose rejections are problems, request observation (correlation id, traceparent, metrics,
 //! a log line per request) and graceful serving.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::{
     extract::{FromRequest, FromRequestParts, MatchedPath, Request},
@@ -332,15 +332,194 @@ pub async fn not_found(req: Request) -> Problem {
     Problem::not_found(format!("no resource at {} {}", req.method(), req.uri().path()))
 }
 
-/// Adds the shared layers (observation, problem 404) to a service's router.
+/// Adds the shared layers (observation, bounded bodies, problem 404) to a service's router.
 pub fn finish(router: Router) -> Router {
-    router.fallback(not_found).layer(axum::middleware::from_fn(observe))
+    router
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(bounded_body))
+        .layer(axum::middleware::from_fn(observe))
 }
 
-/// Serves `router` on `listener` until `shutdown` fires, then lets in-flight requests finish.
+/// How long a client may take to send a request's head, and how long a keep-alive connection
+/// may sit idle before its next request.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause between two parts of a request body.
+pub const BODY_IDLE: Duration = Duration::from_secs(10);
+/// Longest a request body may take in all, however steadily it trickles.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(30);
+/// Largest request body a service reads (every API takes small JSON documents).
+pub const BODY_LIMIT: usize = 1024 * 1024;
+/// Connections one listener serves at once; past it, new ones wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long in-flight requests get to finish once serving stops.
+const CLOSE_LIMIT: Duration = Duration::from_secs(30);
+
+/// A listener's limit on connections served at once. Past it, accepting pauses (new clients
+/// wait in the backlog instead of taking descriptors from those being served), and a warning
+/// says so at most every ten seconds.
+#[derive(Debug, Clone)]
+pub struct ConnectionCap {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    cap: usize,
+    listener: &'static str,
+    warned: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl ConnectionCap {
+    /// At most `cap` connections on the listener called `listener` (for the log).
+    pub fn new(cap: usize, listener: &'static str) -> ConnectionCap {
+        ConnectionCap {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(cap.max(1))),
+            cap: cap.max(1),
+            listener,
+            warned: Default::default(),
+        }
+    }
+
+    /// A slot for the next connection, held while it is served; waits when all are taken.
+    pub async fn slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return slot;
+        }
+        {
+            let mut warned = self.warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    listener = self.listener,
+                    cap = self.cap,
+                    "connection cap {} reached on {}; new connections wait",
+                    self.cap,
+                    self.listener
+                );
+                *warned = Some(Instant::now());
+            }
+        }
+        metrics::counter!("bazaar_connection_cap_reached_total", "listener" => self.listener).increment(1);
+        // The semaphore is never closed.
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed")
+    }
+}
+
+/// The HTTP/1 and HTTP/2 connection builder every service listener uses: request heads (and
+/// idle keep-alive connections) are cut after [`HEADER_TIMEOUT`].
+pub fn connection_builder() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(HEADER_TIMEOUT));
+    builder
+}
+
+/// Serves `router` in plain HTTP on `listener` until `stop` resolves, then lets in-flight
+/// requests finish (up to 30 s): heads bounded by [`HEADER_TIMEOUT`], at most
+/// [`MAX_CONNECTIONS`] at once.
+pub async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    name: &'static str,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use tower::ServiceExt;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = connection_builder();
+    let cap = ConnectionCap::new(MAX_CONNECTIONS, name);
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            slot = cap.slot() => slot,
+            () = &mut stop => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, say: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            router.clone().oneshot(request.map(axum::body::Body::new))
+        });
+        let connection = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+        let watched = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = watched.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(CLOSE_LIMIT, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            listener = name,
+            "connections still open after {CLOSE_LIMIT:?}; leaving them to the exit"
+        );
+    }
+    Ok(())
+}
+
+/// [`serve_plain`] until `shutdown` fires.
 pub async fn serve(listener: tokio::net::TcpListener, router: Router, mut shutdown: Shutdown) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.wait().await })
+    serve_plain(listener, router, "http", async move { shutdown.wait().await }).await
+}
+
+/// Reads the whole request body before the handler runs, within [`BODY_LIMIT`] bytes,
+/// [`BODY_IDLE`] between parts and [`BODY_DEADLINE`] in all: a client trickling a body is
+/// answered 408 and cut, instead of holding a connection and a task forever.
+pub async fn bounded_body(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    if axum::body::HttpBody::is_end_stream(&body) {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    let mut stream = body.into_data_stream();
+    let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
+    let mut collected = Vec::new();
+    loop {
+        let wait = deadline.min(tokio::time::Instant::now() + BODY_IDLE);
+        match tokio::time::timeout_at(wait, futures_util::StreamExt::next(&mut stream)).await {
+            Err(_) => {
+                metrics::counter!("bazaar_http_slow_bodies_total").increment(1);
+                let mut refused = Problem::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body arrived too slowly; send it again",
+                )
+                .into_response();
+                refused
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return refused;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Problem::bad_request("the request body could not be read").into_response(),
+            Ok(Some(Ok(data))) => {
+                collected.extend_from_slice(&data);
+                if collected.len() > BODY_LIMIT {
+                    return Problem::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the request body is over {BODY_LIMIT} bytes"),
+                    )
+                    .into_response();
+                }
+            }
+        }
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(collected)))
         .await
 }
 
@@ -359,6 +538,23 @@ mod tests {
         let broken = Problem::from(sqlx::Error::RowNotFound).into_response();
         assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(broken.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_listener_at_its_cap_makes_the_next_connection_wait_for_a_slot() {
+        let cap = ConnectionCap::new(2, "test");
+        let (one, _two) = (cap.slot().await, cap.slot().await);
+        let third = tokio::spawn({
+            let cap = cap.clone();
+            async move { cap.slot().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!third.is_finished(), "a third connection was served past the cap");
+        drop(one);
+        let _slot = tokio::time::timeout(Duration::from_secs(1), third)
+            .await
+            .expect("a freed slot goes to the waiting connection")
+            .unwrap();
     }
 
     #[test]

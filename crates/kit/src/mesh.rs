@@ -710,15 +710,16 @@ pub async fn serve_mtls(
     use tower::ServiceExt;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = tokio_util::task::TaskTracker::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     // A client that never finishes its request head is cut, as one that never finishes the
-    // handshake is.
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    // handshake is; past the cap, new connections wait in the backlog.
+    let builder = crate::http::connection_builder();
+    let cap = crate::http::ConnectionCap::new(crate::http::MAX_CONNECTIONS, "mesh");
     tokio::pin!(stop);
     loop {
+        let slot = tokio::select! {
+            slot = cap.slot() => slot,
+            () = &mut stop => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -735,6 +736,7 @@ pub async fn serve_mtls(
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
         let (router, builder, watcher) = (router.clone(), builder.clone(), graceful.watcher());
         connections.spawn(async move {
+            let _slot = slot;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {

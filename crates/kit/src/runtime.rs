@@ -345,11 +345,7 @@ impl Runtime {
         let api_served = async {
             match &self.mesh {
                 Some(tls) => crate::mesh::serve_mtls(listener, router, tls.clone(), self.stopping()).await,
-                None => {
-                    axum::serve(listener, router)
-                        .with_graceful_shutdown(self.stopping())
-                        .await
-                }
+                None => crate::http::serve_plain(listener, router, self.spec.name, self.stopping()).await,
             }
             .map_err(|source| ServiceError::Listen { addr, source })
         };
@@ -357,8 +353,7 @@ impl Runtime {
             let Some(admin) = admin else { return Ok(()) };
             let admin_addr = admin.local_addr().unwrap_or(addr);
             tracing::info!(role = self.spec.name, addr = %admin_addr, "health and metrics listening (plain HTTP)");
-            axum::serve(admin, crate::http::finish(health))
-                .with_graceful_shutdown(self.stopping())
+            crate::http::serve_plain(admin, crate::http::finish(health), "admin", self.stopping())
                 .await
                 .map_err(|source| ServiceError::Listen {
                     addr: admin_addr,

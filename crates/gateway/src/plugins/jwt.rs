@@ -401,7 +401,7 @@ impl JwksKeys {
             http::Request::get(uri)
                 .header(http::header::USER_AGENT, "bazaar-gateway jwt")
                 .header(http::header::HOST, self.uri.host().unwrap_or_default())
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .body(crate::outgoing::OutgoingBody::new(bytes::Bytes::new()))
                 .map_err(|e| e.to_string())
         };
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -415,7 +415,7 @@ impl JwksKeys {
                 route.client.request(request(uri)?).await.map_err(|e| e.to_string())?
             }
             None => {
-                let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+                let client: hyper_util::client::legacy::Client<_, crate::outgoing::OutgoingBody> =
                     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                         .build(hyper_util::client::legacy::connect::HttpConnector::new());
                 client
