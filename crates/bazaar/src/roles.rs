@@ -497,6 +497,11 @@ pub struct Settings {
     /// Default: none for `bazaar serve`; `bazaar up`'s demo gives 100 000.
     #[arg(long, global = true, env = "BAZAAR_WELCOME_CREDIT_CENTS")]
     pub welcome_credit_cents: Option<i64>,
+    /// Proxies in front of the gateway whose X-Forwarded-For names the client (gateway;
+    /// Kong's trusted_ips): IPs or CIDR blocks, comma-separated. Default: none, so every
+    /// client is its connecting address and a forged header picks no rate-limit bucket.
+    #[arg(long, global = true, env = "BAZAAR_TRUSTED_IPS")]
+    pub trusted_ips: Option<String>,
     /// Orders one customer may place in any minute (orders; 0: no limit); past it, 429.
     #[arg(
         long,
@@ -602,6 +607,12 @@ impl Settings {
             None if demo => Ok(DEMO_WELCOME_CREDIT_CENTS),
             None => Ok(0),
         }
+    }
+
+    /// The proxies whose X-Forwarded-For the gateway believes (`BAZAAR_TRUSTED_IPS`).
+    pub fn trusted_proxies(&self) -> anyhow::Result<bazaar_gateway::TrustedProxies> {
+        bazaar_gateway::TrustedProxies::parse(self.trusted_ips.as_deref().unwrap_or(""))
+            .map_err(|e| anyhow::anyhow!("BAZAAR_TRUSTED_IPS: {e}"))
     }
 
     /// The URL of the users service's JWKS: over the mesh (`https://users:PORT/…`) when this
@@ -863,6 +874,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
 
 async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
     // `up` wrote the config for its layout; a lone gateway only fills in a missing one.
+    let trusted = settings.trusted_proxies()?;
     let config_path = settings.ensure_gateway_config(&Replicas::default(), None, false, None)?;
     // A public gateway (`BAZAAR_LISTEN=0.0.0.0:…`) keeps its admin API on loopback unless
     // BAZAAR_ADMIN_LISTEN_IP says otherwise.
@@ -872,6 +884,7 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
         listen,
         admin_listen,
         render_metrics: Arc::new(bazaar_kit::telemetry::render_metrics),
+        trusted,
     };
     let mut stop = shutdown;
     let stopped = async move { stop.wait().await };
@@ -881,9 +894,17 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
             |fd| bazaar_kit::runtime::inherited_listener(fd).with_context(|| format!("inherited socket {fd}"));
         let (proxy, admin) = (inherited(proxy)?, inherited(admin)?);
         let drain = std::time::Duration::from_millis(settings.drain_delay_ms);
-        return bazaar_gateway::serve_draining(opts.config_path, proxy, admin, opts.render_metrics, stopped, drain)
-            .await
-            .context("gateway");
+        return bazaar_gateway::serve_draining(
+            opts.config_path,
+            proxy,
+            admin,
+            opts.render_metrics,
+            stopped,
+            drain,
+            opts.trusted,
+        )
+        .await
+        .context("gateway");
     }
     bazaar_gateway::serve(opts, stopped).await.context("gateway")
 }
@@ -928,6 +949,7 @@ mod tests {
             decline_rate: 0.0,
             payment_provider_url: None,
             welcome_credit_cents: None,
+            trusted_ips: None,
             orders_per_customer_per_minute: 30,
             orders_max_in_flight: 1000,
             smtp: None,

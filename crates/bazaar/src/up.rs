@@ -181,6 +181,7 @@ fn check_replicas(backends: &Backends, replicas: &Replicas) -> anyhow::Result<()
 pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     // Settings every role will read are checked before anything starts.
     settings.welcome_credit(true)?;
+    settings.trusted_proxies()?;
     let replicas = match (&args.replicas, args.cluster) {
         (Some(r), _) => r.clone(),
         (None, true) => Replicas::parse("2,gateway=2").map_err(anyhow::Error::msg)?,

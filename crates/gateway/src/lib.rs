@@ -22,6 +22,7 @@ mod defaults;
 mod outgoing;
 mod plugins;
 mod proxy;
+mod real_ip;
 mod response;
 mod retry_budget;
 mod router;
@@ -36,6 +37,7 @@ use std::sync::Arc;
 
 pub use config::ConfigProblems;
 pub use defaults::{default_config, DefaultMesh, DefaultRoute, CLIENT_LIMITS, CREDENTIAL_LIMITS, GENERATED_MARKER};
+pub use real_ip::TrustedProxies;
 pub use server::{serve_draining, serve_with_listeners};
 
 /// What the gateway needs to run.
@@ -49,6 +51,8 @@ pub struct GatewayOptions {
     /// Renders Prometheus text for `/metrics`; the binary owns the recorder behind the
     /// `metrics` facade the gateway records into.
     pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Proxies whose `X-Forwarded-For` names the client (Kong's `trusted_ips`).
+    pub trusted: TrustedProxies,
 }
 
 /// Why the gateway could not start.
@@ -90,7 +94,16 @@ pub async fn serve(
     })?;
     let proxy = bind(opts.listen).await?;
     let admin = bind(opts.admin_listen).await?;
-    serve_with_listeners(opts.config_path, proxy, admin, opts.render_metrics, shutdown).await
+    serve_draining(
+        opts.config_path,
+        proxy,
+        admin,
+        opts.render_metrics,
+        shutdown,
+        std::time::Duration::ZERO,
+        opts.trusted,
+    )
+    .await
 }
 
 /// Checks a config file without serving it: a summary such as

@@ -57,6 +57,13 @@ pub(crate) struct Connection {
     pub local: SocketAddr,
 }
 
+impl Connection {
+    /// The client's address: the peer, or whom a trusted proxy says it forwards for.
+    fn client(&self, shared: &Shared, headers: &HeaderMap) -> std::net::IpAddr {
+        shared.trusted.client(self.peer.ip(), headers)
+    }
+}
+
 /// What plugins add to the response, whoever produced it (upstream or a refusal).
 #[derive(Default)]
 struct Decorations {
@@ -212,7 +219,7 @@ async fn process(
     }
 
     if let Some((conf, namespace)) = &plugins.rate_limit {
-        let ip = connection.peer.ip().to_string();
+        let ip = connection.client(shared, &parts.headers).to_string();
         let identity = Identity {
             consumer: who.as_ref().map(|(c, _)| snapshot.config.consumers[*c].id.as_str()),
             credential: who.as_ref().map(|(_, key)| key.as_str()),
@@ -267,6 +274,7 @@ async fn process(
         Err(BodyFailure::Broken) => return response::message(StatusCode::BAD_REQUEST, "Bad request"),
     };
 
+    let client = connection.client(shared, &parts.headers);
     forward(
         snapshot,
         &shared.retries,
@@ -276,6 +284,7 @@ async fn process(
         body,
         host,
         connection,
+        client,
     )
     .await
 }
@@ -356,6 +365,7 @@ async fn forward(
     body: Bytes,
     host: Option<String>,
     connection: Connection,
+    client: std::net::IpAddr,
 ) -> Response<ProxyBody> {
     let service = &snapshot.config.services[service_index];
     let runtime = &snapshot.services[service_index];
@@ -372,13 +382,14 @@ async fn forward(
     remove_hop_by_hop(&mut headers);
     // The body was read whole, so it goes out with a Content-Length, never chunked.
     headers.remove(header::TRANSFER_ENCODING);
+    // As Kong does: the peer is appended to the chain, and X-Real-IP names the client.
     let ip = connection.peer.ip().to_string();
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {ip}"),
         None => ip.clone(),
     };
     set_header(&mut headers, "x-forwarded-for", &forwarded_for);
-    set_header(&mut headers, "x-real-ip", &ip);
+    set_header(&mut headers, "x-real-ip", &client.to_string());
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     if let Some(host) = &host {
         let bare = host

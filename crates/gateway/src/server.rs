@@ -55,13 +55,15 @@ pub async fn serve_with_listeners(
         render_metrics,
         shutdown,
         Duration::ZERO,
+        crate::TrustedProxies::none(),
     )
     .await
 }
 
 /// [`serve_with_listeners`], keeping on serving for `drain` once `shutdown` completes with
 /// `Connection: close` on every response, so clients move their keep-alive connections (to a
-/// replacement on the same socket, say) before this gateway closes the idle ones.
+/// replacement on the same socket, say) before this gateway closes the idle ones. Requests
+/// from `trusted` proxies are attributed to the client their `X-Forwarded-For` names.
 pub async fn serve_draining(
     config_path: PathBuf,
     proxy_listener: TcpListener,
@@ -69,6 +71,7 @@ pub async fn serve_draining(
     render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
+    trusted: crate::TrustedProxies,
 ) -> Result<(), GatewayError> {
     let config = Config::load_file(&config_path).map_err(|problems| GatewayError::Config {
         path: config_path.clone(),
@@ -76,7 +79,7 @@ pub async fn serve_draining(
     })?;
     tracing::info!(config = %config_path.display(), summary = %config.summary(), "gateway config loaded");
     let render: RenderMetrics = render_metrics;
-    let shared = Shared::new(config, config_path, render);
+    let shared = Shared::new(config, config_path, render, trusted);
     let draining = shared.clone();
     let (stop, stopped) = watch::channel(false);
     let tasks = [

@@ -96,11 +96,18 @@ pub(crate) struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// How many failed upstream attempts may still be retried.
     pub retries: crate::retry_budget::RetryBudget,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted: crate::TrustedProxies,
 }
 
 impl Shared {
     /// Loads the first config; fails if it is invalid.
-    pub fn new(config: Config, config_path: PathBuf, render_metrics: RenderMetrics) -> Arc<Shared> {
+    pub fn new(
+        config: Config,
+        config_path: PathBuf,
+        render_metrics: RenderMetrics,
+        trusted: crate::TrustedProxies,
+    ) -> Arc<Shared> {
         let clients = Mutex::new(HashMap::new());
         let snapshot = Arc::new(build_snapshot(config, None, &clients));
         Arc::new(Shared {
@@ -113,6 +120,7 @@ impl Shared {
             render_metrics,
             draining: std::sync::atomic::AtomicBool::new(false),
             retries: Default::default(),
+            trusted,
         })
     }
 

@@ -97,6 +97,11 @@ struct Gateway {
 
 impl Gateway {
     async fn start(config: &str) -> Gateway {
+        Gateway::start_trusting(config, bazaar_gateway::TrustedProxies::none()).await
+    }
+
+    /// A gateway that believes `X-Forwarded-For` from `trusted` proxies.
+    async fn start_trusting(config: &str, trusted: bazaar_gateway::TrustedProxies) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, config).unwrap();
@@ -105,7 +110,7 @@ impl Gateway {
         let (addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let render = Arc::new(|| "# TYPE test_metric counter\ntest_metric 1\n".to_string());
-        let task = tokio::spawn(bazaar_gateway::serve_with_listeners(
+        let task = tokio::spawn(bazaar_gateway::serve_draining(
             config_path.clone(),
             proxy,
             admin,
@@ -113,6 +118,8 @@ impl Gateway {
             async {
                 let _ = stopped.await;
             },
+            Duration::ZERO,
+            trusted,
         ));
         Gateway {
             addr,
@@ -1271,6 +1278,7 @@ async fn serve_refuses_to_start_on_a_bad_config() {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         render_metrics: Arc::new(String::new),
+        trusted: bazaar_gateway::TrustedProxies::none(),
     };
     match bazaar_gateway::serve(opts, async {}).await {
         Err(bazaar_gateway::GatewayError::Config { problems, .. }) => {
@@ -1363,5 +1371,60 @@ async fn an_upstream_stalling_mid_body_is_cut_at_read_timeout() {
         started.elapsed()
     );
     stalling.abort();
+    gw.shutdown().await;
+}
+
+/// A config whose one route allows two requests a minute per client address.
+fn two_a_minute(upstream: SocketAddr) -> String {
+    format!(
+        "_format_version: \"3.0\"\nservices:\n  - name: up\n    url: http://{upstream}\n    routes: [{{name: r, paths: [/up]}}]\nplugins:\n  - name: rate-limiting\n    config: {{minute: 2, limit_by: ip, policy: local}}\n"
+    )
+}
+
+async fn from(gw: &Gateway, forwarded_for: &str) -> (u16, Value) {
+    let answer = client()
+        .get(gw.url("/up/x"))
+        .header("x-forwarded-for", forwarded_for)
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_forged_x_forwarded_for_does_not_pick_the_rate_limit_bucket() {
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&two_a_minute(up.addr)).await;
+    let (first, echo) = from(&gw, "198.51.100.1").await;
+    assert_eq!(first, 200);
+    assert_eq!(
+        echo["headers"]["x-real-ip"], "127.0.0.1",
+        "the peer, not what it claimed"
+    );
+    assert_eq!(from(&gw, "198.51.100.2").await.0, 200);
+    assert_eq!(from(&gw, "198.51.100.3").await.0, 429, "one bucket, whatever it claims");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_it_forwards_for_has_its_own_bucket() {
+    let up = Upstream::start("up").await;
+    let trusted = bazaar_gateway::TrustedProxies::parse("127.0.0.0/8").unwrap();
+    let gw = Gateway::start_trusting(&two_a_minute(up.addr), trusted).await;
+    for _ in 0..2 {
+        let (status, echo) = from(&gw, "6.6.6.6, 198.51.100.1").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            echo["headers"]["x-real-ip"], "198.51.100.1",
+            "the hop the proxy appended"
+        );
+    }
+    assert_eq!(from(&gw, "198.51.100.1").await.0, 429);
+    assert_eq!(
+        from(&gw, "198.51.100.2").await.0,
+        200,
+        "another client behind the proxy"
+    );
     gw.shutdown().await;
 }
