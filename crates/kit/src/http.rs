@@ -376,6 +376,39 @@ impl ConnectionCap {
         }
     }
 
+    /// The next connection on `listener` with the slot it holds while served, or `None` once
+    /// `stop` resolves.
+    pub async fn accept<F: std::future::Future<Output = ()>>(
+        &self,
+        listener: &tokio::net::TcpListener,
+        stop: &mut std::pin::Pin<&mut F>,
+    ) -> Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::net::TcpStream,
+        std::net::SocketAddr,
+    )> {
+        let slot = tokio::select! {
+            slot = self.slot() => slot,
+            () = stop.as_mut() => return None,
+        };
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        return Some((slot, stream, peer));
+                    }
+                    Err(e) => {
+                        // Out of descriptors, say: back off rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = stop.as_mut() => return None,
+            }
+        }
+    }
+
     /// A slot for the next connection, held while it is served; waits when all are taken.
     pub async fn slot(&self) -> tokio::sync::OwnedSemaphorePermit {
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
@@ -433,24 +466,7 @@ pub async fn serve_plain(
     let builder = connection_builder();
     let cap = ConnectionCap::new(MAX_CONNECTIONS, name);
     tokio::pin!(stop);
-    loop {
-        let slot = tokio::select! {
-            slot = cap.slot() => slot,
-            () = &mut stop => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of descriptors, say: back off rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((slot, stream, peer)) = cap.accept(&listener, &mut stop).await {
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             router.clone().oneshot(request.map(axum::body::Body::new))

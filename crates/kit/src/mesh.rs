@@ -715,24 +715,7 @@ pub async fn serve_mtls(
     let builder = crate::http::connection_builder();
     let cap = crate::http::ConnectionCap::new(crate::http::MAX_CONNECTIONS, "mesh");
     tokio::pin!(stop);
-    loop {
-        let slot = tokio::select! {
-            slot = cap.slot() => slot,
-            () = &mut stop => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of descriptors, say: back off rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((slot, stream, peer)) = cap.accept(&listener, &mut stop).await {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
         let (router, builder, watcher) = (router.clone(), builder.clone(), graceful.watcher());
         connections.spawn(async move {
