@@ -332,12 +332,32 @@ pub async fn not_found(req: Request) -> Problem {
     Problem::not_found(format!("no resource at {} {}", req.method(), req.uri().path()))
 }
 
-/// Adds the shared layers (observation, bounded bodies, problem 404) to a service's router.
+/// Adds the shared layers (observation, contained panics, bounded bodies, problem 404) to a
+/// service's router.
 pub fn finish(router: Router) -> Router {
     router
         .fallback(not_found)
         .layer(axum::middleware::from_fn(bounded_body))
+        .layer(axum::middleware::from_fn(contain_panics))
         .layer(axum::middleware::from_fn(observe))
+}
+
+/// Answers a handler's panic with a 500 problem (and logs it) instead of dropping the
+/// connection unanswered: no input takes more than its own request down.
+pub async fn contain_panics(request: Request, next: Next) -> Response {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            metrics::counter!("bazaar_http_panics_total").increment(1);
+            Problem::internal(format!("a request handler panicked: {what}")).into_response()
+        }
+    }
 }
 
 /// How long a client may take to send a request's head, and how long a keep-alive connection
@@ -571,6 +591,29 @@ mod tests {
             .await
             .expect("a freed slot goes to the waiting connection")
             .unwrap();
+    }
+
+    async fn boom() -> &'static str {
+        panic!("a bug")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_and_the_router_keeps_serving() {
+        use tower::ServiceExt;
+        let router = finish(
+            Router::new()
+                .route("/boom", axum::routing::get(boom))
+                .route("/fine", axum::routing::get(|| async { "fine" })),
+        );
+        let call = |path: &'static str| {
+            router
+                .clone()
+                .oneshot(axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap())
+        };
+        let boom = call("/boom").await.unwrap();
+        assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(boom.headers()[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(call("/fine").await.unwrap().status(), StatusCode::OK);
     }
 
     #[test]
