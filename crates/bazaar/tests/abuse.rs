@@ -204,6 +204,16 @@ async fn a_login_flood_for_one_account_is_turned_away_while_shoppers_are_served(
             other => panic!("a flooded sign-in answered {other}\n{}", shop.up.log_tail(4000)),
         }
     }
+    let p99_so_far = {
+        let mut times: Vec<Duration> = answers.iter().map(|(_, t)| *t).collect();
+        times.sort();
+        load::percentile(&times, 0.99)
+    };
+    eprintln!(
+        "flood: {turned_away} of 600 turned away; shopper: {} answers, p99 {p99_so_far:.0} ms; users peak {} MiB",
+        answers.len(),
+        peak_kib / 1024
+    );
     assert!(turned_away >= 500, "only {turned_away} of 600 sign-ins turned away");
     assert!(
         answers.iter().all(|(status, _)| *status == 200 || *status == 202),
