@@ -385,20 +385,35 @@ async fn send_code(
     Ok(())
 }
 
-/// Opens the account `id` (confirmed at `now`) and announces `user.registered` in `tx`.
+/// Opens the account `row` (confirmed at `now`) and announces `user.registered` in `tx`;
+/// false when it was not waiting as `unchanged` says.
 async fn open_account(
     rt: &Runtime,
     tx: &mut Tx<'static>,
     row: &AnyRow,
     now: i64,
     meta: Metadata,
-) -> Result<(), Problem> {
+    unchanged: Option<(&str, &str)>,
+) -> Result<bool, Problem> {
     let id: String = row.try_get("id")?;
-    sqlx::query("UPDATE users SET verified_at = $1, code_hash = NULL, code_expires_at = NULL WHERE id = $2")
-        .bind(now)
-        .bind(&id)
-        .execute(&mut **tx)
-        .await?;
+    // With `unchanged` (the password and code hashes that were checked), only an account
+    // still waiting with exactly those opens: of two racing confirmations one announces it,
+    // and a registration that replaced the password meanwhile wins over a stale check.
+    let (password_hash, code_hash) = unchanged.unwrap_or_default();
+    let updated = sqlx::query(
+        "UPDATE users SET verified_at = $1, code_hash = NULL, code_expires_at = NULL
+         WHERE id = $2 AND verified_at IS NULL AND ($3 = 0 OR (password_hash = $4 AND code_hash = $5))",
+    )
+    .bind(now)
+    .bind(&id)
+    .bind(i64::from(unchanged.is_some()))
+    .bind(password_hash)
+    .bind(code_hash)
+    .execute(&mut **tx)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(false);
+    }
     let event = Envelope::new(
         types::USER_REGISTERED,
         id.clone(),
@@ -412,7 +427,7 @@ async fn open_account(
     );
     rt.outbox.add(tx, topics::USERS_EVENTS, &event).await?;
     metrics::counter!("bazaar_users_registered_total").increment(1);
-    Ok(())
+    Ok(true)
 }
 
 /// Creates the operator account `email` with the admin role, confirmed, unless it exists.
@@ -452,7 +467,7 @@ pub(crate) async fn ensure_admin(rt: &Runtime, email: &str, password: &str) -> R
             correlation_id: Uuid::now_v7().to_string(),
             traceparent: None,
         };
-        open_account(rt, &mut tx, &row, now, metadata(&ctx)).await?;
+        open_account(rt, &mut tx, &row, now, metadata(&ctx), None).await?;
     }
     rt.outbox.commit(tx).await?;
     Ok(())
@@ -565,16 +580,37 @@ async fn confirm(
             attempt.matched(false);
             return Err(refused());
         }
+        let password_hash: String = row.try_get("password_hash")?;
         let mut tx = users.rt.store.begin().await?;
-        // Only the first of two racing confirmations opens it (and announces it).
-        let still = sqlx::query("SELECT 1 AS one FROM users WHERE id = $1 AND verified_at IS NULL")
-            .bind(&id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if still.is_some() {
-            open_account(&users.rt, &mut tx, &row, now, metadata(&ctx)).await?;
-        }
+        let opened = open_account(
+            &users.rt,
+            &mut tx,
+            &row,
+            now,
+            metadata(&ctx),
+            Some((&password_hash, stored.as_deref().unwrap_or_default())),
+        )
+        .await?;
         users.rt.outbox.commit(tx).await?;
+        if !opened {
+            // Another confirmation opened it a moment ago (fine: the same password), or a
+            // registration replaced the password and code since they were checked (refused).
+            let now_stored = sqlx::query("SELECT verified_at, password_hash FROM users WHERE id = $1")
+                .bind(&id)
+                .fetch_optional(users.rt.store.pool())
+                .await?;
+            let same = match &now_stored {
+                Some(r) => {
+                    r.try_get::<Option<i64>, _>("verified_at")?.is_some()
+                        && r.try_get::<String, _>("password_hash")? == password_hash
+                }
+                None => false,
+            };
+            if !same {
+                attempt.matched(false);
+                return Err(refused());
+            }
+        }
     }
     attempt.matched(true);
     issue(&users.keys, &row).await
