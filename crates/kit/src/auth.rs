@@ -320,6 +320,7 @@ impl Verifier {
     pub fn jwks(url: &str) -> Verifier {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
+            .pool_idle_timeout(crate::http::CLIENT_POOL_IDLE)
             .build()
             .unwrap_or_default();
         Verifier::jwks_with(url, client)

@@ -432,6 +432,7 @@ impl HttpClient {
         let client = reqwest::Client::builder()
             .timeout(policy.timeout)
             .connect_timeout(policy.timeout)
+            .pool_idle_timeout(crate::http::CLIENT_POOL_IDLE)
             .build()
             .map_err(|e| CallError::Failed(HttpError::Build(describe(&e))))?;
         let transport = Transport {

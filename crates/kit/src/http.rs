@@ -363,6 +363,10 @@ pub async fn contain_panics(request: Request, next: Next) -> Response {
 /// How long a client may take to send a request's head, and how long a keep-alive connection
 /// may sit idle before its next request.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client keeps an idle pooled connection to a service: well under
+/// [`HEADER_TIMEOUT`], so a client never sends a request on a connection the service is
+/// closing at that moment (a POST lost that way cannot be retried safely).
+pub const CLIENT_POOL_IDLE: Duration = Duration::from_secs(5);
 /// Longest pause between two parts of a request body.
 pub const BODY_IDLE: Duration = Duration::from_secs(10);
 /// Longest a request body may take in all, however steadily it trickles.

@@ -776,6 +776,7 @@ pub fn http_client(
 ) -> Result<reqwest::Client, MeshError> {
     let mut builder = reqwest::Client::builder()
         .use_preconfigured_tls((*tls.client_config()).clone())
+        .pool_idle_timeout(crate::http::CLIENT_POOL_IDLE)
         .timeout(timeout);
     for (name, ip) in peers {
         builder = builder.resolve(name, std::net::SocketAddr::new(*ip, 0));
