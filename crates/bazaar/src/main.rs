@@ -62,6 +62,34 @@ enum Command {
         #[command(subcommand)]
         command: mesh::MeshCommand,
     },
+    /// Prints or writes the API and event contracts (OpenAPI 3.1, AsyncAPI 3.0).
+    Contracts {
+        #[command(subcommand)]
+        command: ContractsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ContractsCommand {
+    /// Prints the public OpenAPI document (as the gateway serves it), or one service's.
+    Openapi {
+        /// A service of the role table, for its own document.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Prints the AsyncAPI document of every event and command.
+    Asyncapi,
+    /// Writes every document under DIR/api (the committed copies: run it after changing a
+    /// contract).
+    Write {
+        /// The repository root.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Also replace the baseline under DIR/api/baseline that changes are held to (a
+        /// deliberate, breaking change).
+        #[arg(long)]
+        baseline: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,6 +110,38 @@ enum DlqCommand {
         /// The original topic, e.g. `payments.commands`.
         topic: String,
     },
+}
+
+fn contracts(command: ContractsCommand) -> anyhow::Result<()> {
+    use bazaar::contracts;
+    let print = |doc: serde_json::Value| println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    match command {
+        ContractsCommand::Openapi { service: None } => print(contracts::public_openapi()),
+        ContractsCommand::Openapi { service: Some(name) } => {
+            let doc = contracts::service_openapi(&name).ok_or_else(|| {
+                let known: Vec<&str> = roles::services().map(|(r, _)| r.name).collect();
+                anyhow::anyhow!("no service `{name}` (services: {})", known.join(", "))
+            })?;
+            print(doc)
+        }
+        ContractsCommand::Asyncapi => print(contracts::asyncapi()),
+        ContractsCommand::Write { dir, baseline } => {
+            let mut files = contracts::files();
+            if baseline {
+                files.extend(contracts::baseline_files());
+            }
+            for (path, text) in files {
+                let path = dir.join(path);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
+                }
+                std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -151,6 +211,7 @@ fn main() -> ExitCode {
             },
             Command::Dlq { command } => audit::dlq(&cli.settings, command).await,
             Command::Mesh { command } => mesh::run(&cli.settings, command),
+            Command::Contracts { command } => contracts(command),
         }
     });
     match result {

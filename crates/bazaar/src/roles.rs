@@ -884,7 +884,10 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
         listen,
         admin_listen,
         render_metrics: Arc::new(bazaar_kit::telemetry::render_metrics),
-        trusted,
+        edge: bazaar_gateway::Edge {
+            trusted,
+            documents: crate::contracts::gateway_documents(),
+        },
     };
     let mut stop = shutdown;
     let stopped = async move { stop.wait().await };
@@ -901,7 +904,7 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
             opts.render_metrics,
             stopped,
             drain,
-            opts.trusted,
+            opts.edge,
         )
         .await
         .context("gateway");

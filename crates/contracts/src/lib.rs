@@ -5,7 +5,10 @@
 //! `bazaar_kit::envelope::Envelope`; money is integer minor units with a currency. Who
 //! consumes which topic is in each service's `SERVICE` spec; its consumer group is its name.
 
+use bazaar_kit::asyncapi::{schema_of, MessageKind, MessageSpec};
+use bazaar_kit::saga::SagaReply;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// The services that publish and consume these messages, by the name each one's spec
@@ -68,8 +71,91 @@ pub mod types {
     pub const ORDER_SAGA_REPLY: &str = "orders.saga-reply";
 }
 
+/// Every message type with the topic that carries it and its payload's schema: what the
+/// AsyncAPI document describes and what each consumer holds incoming payloads to.
+pub const MESSAGES: &[MessageSpec] = &[
+    MessageSpec {
+        event_type: types::USER_REGISTERED,
+        topic: topics::USERS_EVENTS,
+        kind: MessageKind::Event,
+        summary: "A user confirmed their address and their account is open.",
+        payload: schema_of::<UserRegistered>,
+    },
+    MessageSpec {
+        event_type: types::USER_VERIFICATION_REQUESTED,
+        topic: topics::USERS_EVENTS,
+        kind: MessageKind::Event,
+        summary: "Someone registered an unconfirmed address; mail it this code.",
+        payload: schema_of::<VerificationRequested>,
+    },
+    MessageSpec {
+        event_type: types::USER_REGISTRATION_REPEATED,
+        topic: topics::USERS_EVENTS,
+        kind: MessageKind::Event,
+        summary: "Someone registered an address that has an account; tell its owner.",
+        payload: schema_of::<RegistrationRepeated>,
+    },
+    MessageSpec {
+        event_type: types::ORDER_CONFIRMED,
+        topic: topics::ORDERS_EVENTS,
+        kind: MessageKind::Event,
+        summary: "An order was reserved, paid and committed.",
+        payload: schema_of::<OrderOutcome>,
+    },
+    MessageSpec {
+        event_type: types::ORDER_CANCELLED,
+        topic: topics::ORDERS_EVENTS,
+        kind: MessageKind::Event,
+        summary: "An order was refused or undone; nothing is charged.",
+        payload: schema_of::<OrderOutcome>,
+    },
+    MessageSpec {
+        event_type: types::RESERVE_STOCK,
+        topic: topics::INVENTORY_COMMANDS,
+        kind: MessageKind::Command,
+        summary: "Reserve every line of an order, or none.",
+        payload: schema_of::<ReserveStock>,
+    },
+    MessageSpec {
+        event_type: types::RELEASE_STOCK,
+        topic: topics::INVENTORY_COMMANDS,
+        kind: MessageKind::Command,
+        summary: "Release an order's reservation (compensation).",
+        payload: schema_of::<OrderRef>,
+    },
+    MessageSpec {
+        event_type: types::COMMIT_STOCK,
+        topic: topics::INVENTORY_COMMANDS,
+        kind: MessageKind::Command,
+        summary: "Turn an order's reservation into a sale.",
+        payload: schema_of::<OrderRef>,
+    },
+    MessageSpec {
+        event_type: types::PROCESS_PAYMENT,
+        topic: topics::PAYMENTS_COMMANDS,
+        kind: MessageKind::Command,
+        summary: "Charge the customer for an order.",
+        payload: schema_of::<ProcessPayment>,
+    },
+    MessageSpec {
+        event_type: types::REFUND_PAYMENT,
+        topic: topics::PAYMENTS_COMMANDS,
+        kind: MessageKind::Command,
+        summary: "Give an order's payment back (compensation).",
+        payload: schema_of::<OrderRef>,
+    },
+    MessageSpec {
+        event_type: types::ORDER_SAGA_REPLY,
+        topic: topics::ORDER_SAGA_REPLIES,
+        kind: MessageKind::Reply,
+        summary: "A participant's answer to an order saga command; `data` is the step's result \
+                  (`Reserved` for reserveInventory, `Paid` for processPayment).",
+        payload: schema_of::<SagaReply>,
+    },
+];
+
 /// A new user.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UserRegistered {
     /// The user's id.
@@ -84,7 +170,7 @@ pub struct UserRegistered {
 }
 
 /// A code that proves an address is its registrant's, to be mailed to that address only.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VerificationRequested {
     /// The account waiting for the code.
@@ -101,7 +187,7 @@ pub struct VerificationRequested {
 
 /// A registration for an address that already has a confirmed account: its owner hears of
 /// it (the registrant is told nothing different, so registration reveals no accounts).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrationRepeated {
     /// The existing account.
@@ -111,7 +197,7 @@ pub struct RegistrationRepeated {
 }
 
 /// One line of an order as the customer asked for it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LineRequest {
     /// The product.
@@ -121,7 +207,7 @@ pub struct LineRequest {
 }
 
 /// One line as priced by inventory when reserved.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PricedLine {
     /// The product.
@@ -133,7 +219,7 @@ pub struct PricedLine {
 }
 
 /// Reserve stock for an order (saga step `reserveInventory`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReserveStock {
     /// The order.
@@ -143,7 +229,7 @@ pub struct ReserveStock {
 }
 
 /// What inventory returns for a successful reservation (merged into the saga's context).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Reserved {
     /// The lines with their prices.
@@ -155,7 +241,7 @@ pub struct Reserved {
 }
 
 /// A command about one order that needs nothing else (release, commit, refund).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderRef {
     /// The order.
@@ -163,7 +249,7 @@ pub struct OrderRef {
 }
 
 /// Charge a customer for an order (saga step `processPayment`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessPayment {
     /// The order.
@@ -177,7 +263,7 @@ pub struct ProcessPayment {
 }
 
 /// What payments returns for a successful charge.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Paid {
     /// The payment's id.
@@ -185,7 +271,7 @@ pub struct Paid {
 }
 
 /// An order reached its outcome (`order.confirmed` or `order.cancelled`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderOutcome {
     /// The order.

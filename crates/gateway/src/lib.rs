@@ -19,6 +19,7 @@ mod admin;
 mod balancer;
 mod config;
 mod defaults;
+mod edge;
 mod outgoing;
 mod plugins;
 mod proxy;
@@ -37,6 +38,7 @@ use std::sync::Arc;
 
 pub use config::ConfigProblems;
 pub use defaults::{default_config, DefaultMesh, DefaultRoute, CLIENT_LIMITS, CREDENTIAL_LIMITS, GENERATED_MARKER};
+pub use edge::{Document, Edge};
 pub use real_ip::TrustedProxies;
 pub use server::{serve_draining, serve_with_listeners};
 
@@ -51,8 +53,8 @@ pub struct GatewayOptions {
     /// Renders Prometheus text for `/metrics`; the binary owns the recorder behind the
     /// `metrics` facade the gateway records into.
     pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
-    /// Proxies whose `X-Forwarded-For` names the client (Kong's `trusted_ips`).
-    pub trusted: TrustedProxies,
+    /// Proxies to believe, and documents served beside the routes.
+    pub edge: Edge,
 }
 
 /// Why the gateway could not start.
@@ -101,7 +103,7 @@ pub async fn serve(
         opts.render_metrics,
         shutdown,
         std::time::Duration::ZERO,
-        opts.trusted,
+        opts.edge,
     )
     .await
 }

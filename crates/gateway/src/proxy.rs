@@ -60,7 +60,7 @@ pub(crate) struct Connection {
 impl Connection {
     /// The client's address: the peer, or whom a trusted proxy says it forwards for.
     fn client(&self, shared: &Shared, headers: &HeaderMap) -> std::net::IpAddr {
-        shared.trusted.client(self.peer.ip(), headers)
+        shared.edge.trusted.client(self.peer.ip(), headers)
     }
 }
 
@@ -146,7 +146,10 @@ async fn process(
         .router
         .find(&parts.method, host.as_deref(), parts.uri.path(), &parts.headers)
     else {
-        return response::message(StatusCode::NOT_FOUND, "no Route matched with those values");
+        return shared
+            .edge
+            .document(&parts.method, parts.uri.path())
+            .unwrap_or_else(|| response::message(StatusCode::NOT_FOUND, "no Route matched with those values"));
     };
     let route = &snapshot.config.routes[found.route];
     decorations.route = Some(route.name.clone());

@@ -55,7 +55,7 @@ pub async fn serve_with_listeners(
         render_metrics,
         shutdown,
         Duration::ZERO,
-        crate::TrustedProxies::none(),
+        crate::Edge::default(),
     )
     .await
 }
@@ -63,7 +63,8 @@ pub async fn serve_with_listeners(
 /// [`serve_with_listeners`], keeping on serving for `drain` once `shutdown` completes with
 /// `Connection: close` on every response, so clients move their keep-alive connections (to a
 /// replacement on the same socket, say) before this gateway closes the idle ones. Requests
-/// from `trusted` proxies are attributed to the client their `X-Forwarded-For` names.
+/// from `edge`'s trusted proxies are attributed to the client their `X-Forwarded-For` names,
+/// and its documents are served where no route matches.
 pub async fn serve_draining(
     config_path: PathBuf,
     proxy_listener: TcpListener,
@@ -71,7 +72,7 @@ pub async fn serve_draining(
     render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
-    trusted: crate::TrustedProxies,
+    edge: crate::Edge,
 ) -> Result<(), GatewayError> {
     let config = Config::load_file(&config_path).map_err(|problems| GatewayError::Config {
         path: config_path.clone(),
@@ -79,7 +80,7 @@ pub async fn serve_draining(
     })?;
     tracing::info!(config = %config_path.display(), summary = %config.summary(), "gateway config loaded");
     let render: RenderMetrics = render_metrics;
-    let shared = Shared::new(config, config_path, render, trusted);
+    let shared = Shared::new(config, config_path, render, edge);
     let draining = shared.clone();
     let (stop, stopped) = watch::channel(false);
     let tasks = [

@@ -101,18 +101,14 @@ pub(crate) struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// How many failed upstream attempts may still be retried.
     pub retries: crate::retry_budget::RetryBudget,
-    /// Proxies whose `X-Forwarded-For` names the client.
-    pub trusted: crate::TrustedProxies,
+    /// Proxies whose `X-Forwarded-For` names the client, and the documents served beside
+    /// the routes.
+    pub edge: crate::Edge,
 }
 
 impl Shared {
     /// Loads the first config; fails if it is invalid.
-    pub fn new(
-        config: Config,
-        config_path: PathBuf,
-        render_metrics: RenderMetrics,
-        trusted: crate::TrustedProxies,
-    ) -> Arc<Shared> {
+    pub fn new(config: Config, config_path: PathBuf, render_metrics: RenderMetrics, edge: crate::Edge) -> Arc<Shared> {
         let clients = Mutex::new(HashMap::new());
         let snapshot = Arc::new(build_snapshot(config, None, &clients));
         Arc::new(Shared {
@@ -125,7 +121,7 @@ impl Shared {
             render_metrics,
             draining: std::sync::atomic::AtomicBool::new(false),
             retries: Default::default(),
-            trusted,
+            edge,
         })
     }
 

@@ -97,11 +97,20 @@ struct Gateway {
 
 impl Gateway {
     async fn start(config: &str) -> Gateway {
-        Gateway::start_trusting(config, bazaar_gateway::TrustedProxies::none()).await
+        Gateway::start_with(config, bazaar_gateway::Edge::default()).await
     }
 
     /// A gateway that believes `X-Forwarded-For` from `trusted` proxies.
     async fn start_trusting(config: &str, trusted: bazaar_gateway::TrustedProxies) -> Gateway {
+        let edge = bazaar_gateway::Edge {
+            trusted,
+            ..Default::default()
+        };
+        Gateway::start_with(config, edge).await
+    }
+
+    /// A gateway with `edge`'s trusted proxies and documents.
+    async fn start_with(config: &str, edge: bazaar_gateway::Edge) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, config).unwrap();
@@ -119,7 +128,7 @@ impl Gateway {
                 let _ = stopped.await;
             },
             Duration::ZERO,
-            trusted,
+            edge,
         ));
         Gateway {
             addr,
@@ -235,6 +244,51 @@ services:
         body_json(missing).await,
         json!({"message": "no Route matched with those values"})
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_gateway_serves_its_own_documents_where_no_route_matches() {
+    let up = Upstream::start("orders").await;
+    let document = |path: &str, body: &'static str| bazaar_gateway::Document {
+        path: path.into(),
+        content_type: "application/json",
+        body: body.into(),
+    };
+    let edge = bazaar_gateway::Edge {
+        documents: vec![
+            document("/api/v1/openapi.json", r#"{"openapi":"3.1.0"}"#),
+            document("/api/v1/orders/openapi.json", r#"{"shadowed":true}"#),
+        ],
+        ..Default::default()
+    };
+    let gw = Gateway::start_with(
+        &format!(
+            r#"
+_format_version: "3.0"
+services:
+  - name: orders
+    url: http://{addr}/orders
+    routes:
+      - name: orders
+        paths: [/api/v1/orders]
+"#,
+            addr = up.addr
+        ),
+        edge,
+    )
+    .await;
+    let http = client();
+    let served = http.get(gw.url("/api/v1/openapi.json")).send().await.unwrap();
+    assert_eq!(served.status(), 200);
+    assert_eq!(served.headers()["content-type"], "application/json");
+    assert_eq!(body_json(served).await, json!({"openapi": "3.1.0"}));
+    let posted = http.post(gw.url("/api/v1/openapi.json")).send().await.unwrap();
+    assert_eq!(posted.status(), 405);
+    assert_eq!(posted.headers()["allow"], "GET, HEAD");
+    // A route of the config wins over a document at a path it matches.
+    let routed = body_json(http.get(gw.url("/api/v1/orders/openapi.json")).send().await.unwrap()).await;
+    assert_eq!(routed["path"], "/orders/openapi.json");
     gw.shutdown().await;
 }
 
@@ -1278,7 +1332,7 @@ async fn serve_refuses_to_start_on_a_bad_config() {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         render_metrics: Arc::new(String::new),
-        trusted: bazaar_gateway::TrustedProxies::none(),
+        edge: bazaar_gateway::Edge::default(),
     };
     match bazaar_gateway::serve(opts, async {}).await {
         Err(bazaar_gateway::GatewayError::Config { problems, .. }) => {

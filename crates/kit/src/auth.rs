@@ -169,7 +169,7 @@ impl SigningKey {
 }
 
 /// A public key as a JWKS (RFC 7517, RFC 8037) lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PublicJwk {
     /// Key type: `OKP`.
     pub kty: String,
@@ -206,7 +206,7 @@ impl PublicJwk {
 }
 
 /// A JWKS document: `{"keys": [...]}`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Jwks {
     /// The published keys.
     pub keys: Vec<PublicJwk>,

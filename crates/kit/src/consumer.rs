@@ -73,6 +73,9 @@ pub struct ConsumerConfig {
     pub ack_wait: Duration,
     /// Runner tasks in this process competing for the group's messages.
     pub tasks: usize,
+    /// Schemas a payload must match before the handler sees it; one that does not is
+    /// dead-lettered with the schema error.
+    pub contract: Option<Arc<crate::asyncapi::Contract>>,
 }
 
 impl ConsumerConfig {
@@ -84,6 +87,7 @@ impl ConsumerConfig {
             max_attempts: 8,
             ack_wait: Duration::from_secs(10),
             tasks: 1,
+            contract: None,
         }
     }
 }
@@ -225,7 +229,10 @@ impl Runner {
         }
         let outcome = match Envelope::from_slice(&delivery.message.body) {
             Err(e) => Outcome::Dead(e.to_string()),
-            Ok(event) => self.apply(&event).await,
+            Ok(event) => match self.config.contract.as_ref().map(|c| c.check(&event)) {
+                Some(Err(reason)) => Outcome::Dead(reason),
+                _ => self.apply(&event).await,
+            },
         };
         let settled = match outcome {
             Outcome::Handled | Outcome::Duplicate => {

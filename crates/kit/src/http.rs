@@ -19,8 +19,8 @@ use crate::shutdown::Shutdown;
 /// The header carrying the correlation id between roles.
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
-/// An `application/problem+json` error response.
-#[derive(Debug, Clone, Serialize)]
+/// An `application/problem+json` error response (RFC 9457).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// A URI naming the kind of problem (`about:blank` when only the status matters).
     #[serde(rename = "type")]
@@ -160,9 +160,14 @@ impl From<sqlx::Error> for Problem {
 }
 
 /// `?limit=&offset=` of a list endpoint (`Query<Page>`); every list bounds its page the same way.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Page {
+    /// Most items to return (each list has its own default and maximum).
+    #[param(minimum = 1)]
     limit: Option<i64>,
+    /// Items to skip, newest first.
+    #[param(minimum = 0)]
     offset: Option<i64>,
 }
 

@@ -16,6 +16,7 @@
 //! - [`shutdown`]: the stop signal every background task listens to.
 //! - [`testing`]: throwaway SQLite and PostgreSQL databases for tests.
 
+pub mod asyncapi;
 pub mod auth;
 pub mod broker;
 pub mod client;
@@ -25,12 +26,14 @@ pub mod health;
 pub mod http;
 pub mod inbox;
 pub mod mesh;
+pub mod openapi;
 pub mod otlp;
 pub mod outbox;
 pub mod policy;
 pub mod resilience;
 pub mod runtime;
 pub mod saga;
+pub mod schema;
 pub mod service;
 pub mod shutdown;
 pub mod store;

@@ -116,6 +116,8 @@ pub struct Runtime {
     policy: Option<Arc<PolicyGuard>>,
     admin_listen: Option<SocketAddr>,
     admin_listen_fd: Option<std::os::fd::RawFd>,
+    /// The message schemas its consumers hold incoming payloads to.
+    contract: Arc<crate::asyncapi::Contract>,
 }
 
 impl Runtime {
@@ -139,6 +141,8 @@ impl Runtime {
             }
             (None, _) => None,
         };
+        let contract = crate::asyncapi::Contract::new(spec.messages)
+            .map_err(|e| ServiceError::Config(format!("message contract: {e}")))?;
         let store = Store::open(&config.store_url).await?;
         let all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(spec.migrations).cloned().collect();
         store.migrate(&all).await?;
@@ -159,6 +163,7 @@ impl Runtime {
             policy,
             admin_listen: config.admin_listen,
             admin_listen_fd: config.admin_listen_fd,
+            contract: Arc::new(contract),
         };
         if let Some(tls) = rt.mesh.clone() {
             // Renewed certificates, a rotated trust bundle and an edited policy apply without
@@ -217,9 +222,11 @@ impl Runtime {
         ConsumerConfig::new(self.spec.name, topic)
     }
 
-    /// Starts `config.tasks` runners of `handler`, owned by the runtime. A topic the spec
-    /// does not list is refused, so the role table (and the audit that reads it) stays true.
-    pub fn consume(&self, config: ConsumerConfig, handler: Arc<dyn Handler>) -> Result<(), ServiceError> {
+    /// Starts `config.tasks` runners of `handler`, owned by the runtime, holding payloads to
+    /// the message contract. A topic the spec does not list is refused, so the role table
+    /// (and the audit that reads it) stays true.
+    pub fn consume(&self, mut config: ConsumerConfig, handler: Arc<dyn Handler>) -> Result<(), ServiceError> {
+        config.contract = Some(self.contract.clone());
         if config.group != self.spec.name || !self.spec.consumes(&config.topic) {
             return Err(ServiceError::Config(format!(
                 "{} would consume {} as group {}, but its ServiceSpec lists only {:?} for group {}",
@@ -330,7 +337,7 @@ impl Runtime {
             addr: ([0, 0, 0, 0], 0).into(),
             source,
         })?;
-        let health = health.routes();
+        let health = health.routes().merge(self.documents());
         let router = self.app_with(api, health.clone());
         let mode = if self.mesh.is_some() {
             "mutual TLS"
@@ -387,7 +394,19 @@ impl Runtime {
     /// The role's whole HTTP app as it is served: `api` plus `health`'s routes, the token
     /// verifier and the shared layers. Tests call it without a socket.
     pub fn app(&self, api: Router, health: Health) -> Router {
-        self.app_with(api, health.routes())
+        self.app_with(api, health.routes().merge(self.documents()))
+    }
+
+    /// The role's contract documents (its API, and the messages it publishes and consumes),
+    /// served beside health on both listeners.
+    fn documents(&self) -> Router {
+        let events = crate::asyncapi::document(
+            &format!("bazaar {} events", self.spec.name),
+            "The messages this service publishes and consumes.",
+            &[self.spec],
+            self.spec.messages,
+        );
+        crate::openapi::routes(crate::openapi::service_document(self.spec)).merge(crate::asyncapi::routes(events))
     }
 
     fn app_with(&self, api: Router, health: Router) -> Router {

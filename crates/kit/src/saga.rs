@@ -70,7 +70,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 pub const COMPENSATION_ATTEMPTS: u32 = 12;
 
 /// Where a saga is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SagaStatus {
     /// Executing steps forward.
@@ -146,7 +146,7 @@ pub struct Step<S> {
 }
 
 /// A saga's persisted state, with the flow's context `C`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SagaState<C> {
     /// The saga id (for the order saga, the order id).
@@ -174,7 +174,7 @@ pub struct SagaState<C> {
 }
 
 /// One line of a saga's history.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     /// When (RFC 3339).
     pub at: String,
@@ -214,7 +214,7 @@ impl Verdict {
 }
 
 /// The reply a participant sends for a saga command (the reply event's payload).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SagaReply {
     /// The saga the command belonged to.
@@ -230,11 +230,12 @@ pub struct SagaReply {
     pub reason: Option<String>,
     /// What the participant reports on success, recorded into the context by the flow.
     #[serde(default)]
+    #[schema(value_type = Value)]
     pub data: Value,
 }
 
 /// The routing fields the engine adds to every command payload.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CommandHeader {
     /// The saga.

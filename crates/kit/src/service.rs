@@ -19,6 +19,12 @@ pub struct ServiceSpec {
     pub consumes: &'static [&'static str],
     /// What clients may call through the gateway.
     pub routes: &'static [PublicRoute],
+    /// The operations its API serves, declared where they are routed (see
+    /// [`crate::openapi`]); [`crate::openapi::service_document`] finishes them.
+    pub openapi: fn() -> utoipa::openapi::OpenApi,
+    /// Every message type of the system with its schema: what the role's consumers hold
+    /// incoming payloads to (see [`crate::asyncapi`]).
+    pub messages: &'static [crate::asyncapi::MessageSpec],
 }
 
 /// One resource a service serves to clients, as the gateway exposes it (under `/api/v1`,

@@ -13,6 +13,8 @@ use std::{
 };
 
 use bazaar_kit::{
+    asyncapi::{schema_of, MessageKind, MessageSpec},
+    broker::{dlq_topic, DeadLetter},
     consumer::{Handler, HandlerError},
     envelope::{Envelope, Metadata},
     mesh::{Authority, Identity, MeshFiles, PeerIdentity, Tls, Workload},
@@ -36,7 +38,22 @@ static SPEC: ServiceSpec = ServiceSpec {
     publishes: &[],
     consumes: &[TOPIC],
     routes: &[],
+    openapi: bazaar_kit::openapi::no_operations,
+    messages: &[MessageSpec {
+        event_type: "test.counted",
+        topic: TOPIC,
+        kind: MessageKind::Event,
+        summary: "A count, at least one.",
+        payload: schema_of::<Counted>,
+    }],
 };
+
+/// The payload of `test.counted`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Counted {
+    #[schema(minimum = 1)]
+    n: i64,
+}
 
 /// Takes its time over each event, so a shutdown lands mid-delivery.
 struct Slow {
@@ -126,6 +143,49 @@ async fn a_stopping_role_finishes_the_delivery_in_hand_before_serve_returns() {
         .await
         .expect("count");
     assert_eq!(handled, 1, "the delivery in hand committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_that_breaks_its_schema_is_dead_lettered_with_the_reason_and_the_rest_are_handled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (stop, rt) = start(dir.path()).await;
+    let handler = Slow::new();
+    rt.consume(rt.consumer(TOPIC), handler.clone()).expect("consume");
+    let payloads = [
+        serde_json::json!({"n": 1}),
+        serde_json::json!({"n": "two"}),
+        serde_json::json!({"n": 3}),
+    ];
+    let mut ids = Vec::new();
+    for payload in payloads {
+        let event = Envelope::new("test.counted", "a1", payload, Metadata::default());
+        ids.push(event.event_id.to_string());
+        rt.broker
+            .publish(TOPIC, &event.event_id.to_string(), Bytes::from(event.to_vec()))
+            .await
+            .expect("publish");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (handled, dead) = loop {
+        let handled: Vec<String> = sqlx::query_scalar("SELECT event_id FROM handled ORDER BY event_id")
+            .fetch_all(rt.store.pool())
+            .await
+            .expect("handled");
+        let dead = rt.broker.read(&dlq_topic(TOPIC), 10).await.expect("dlq");
+        if handled.len() == 2 && dead.len() == 1 {
+            break (handled, dead);
+        }
+        assert!(Instant::now() < deadline, "handled {handled:?}, dead {}", dead.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(handled, [ids[0].clone(), ids[2].clone()]);
+    let letter: DeadLetter = serde_json::from_slice(&dead[0].body).expect("a dead letter");
+    assert_eq!(letter.msg_id, ids[1]);
+    assert_eq!(
+        letter.reason,
+        "payload of `test.counted` does not match its schema: at $.n: expected integer, found a string"
+    );
+    stop.trigger();
 }
 
 #[tokio::test]

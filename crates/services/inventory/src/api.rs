@@ -3,40 +3,59 @@
 use axum::{
     extract::{Path, Query, State},
     http::StatusCode,
-    routing::{get, post},
     Router,
 };
 use bazaar_kit::{
     auth::AdminUser,
     http::{Json, Page, Problem},
+    openapi::OpenApiRouter,
     runtime::Runtime,
     store::now_millis,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
+use utoipa::ToSchema;
+use utoipa_axum::routes;
 use uuid::Uuid;
+
+/// The API's routes, each with the operation it documents.
+fn api() -> OpenApiRouter<Runtime> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show))
+        .routes(routes!(restock))
+}
 
 /// The API routes.
 pub fn router(rt: Runtime) -> Router {
-    Router::new()
-        .route("/products", get(list).post(create))
-        .route("/products/{id}", get(show))
-        .route("/products/{id}/stock", post(restock))
-        .with_state(rt)
+    api().split_for_parts().0.with_state(rt)
+}
+
+/// The API's operations, for its OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
 }
 
 /// A product as clients see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct Product {
+    /// The product's id.
+    #[schema(format = Uuid)]
     id: String,
+    /// Stock-keeping unit, unique.
     sku: String,
+    /// What shoppers see.
     name: String,
+    /// Price of one unit in minor units.
     price_cents: i64,
+    /// ISO 4217 currency.
     currency: String,
     /// Units available to order now (on hand minus reserved).
     stock: i64,
+    /// Units in the warehouse.
     on_hand: i64,
+    /// Units held for orders in progress.
     reserved: i64,
 }
 
@@ -67,6 +86,9 @@ async fn load(rt: &Runtime, id: &str) -> Result<Product, Problem> {
     Ok(product(&row)?)
 }
 
+/// The catalogue, by SKU.
+#[utoipa::path(get, path = "/products", tag = "products", params(Page),
+    responses((status = 200, description = "A page of products", body = Vec<Product>)))]
 async fn list(State(rt): State<Runtime>, Query(page): Query<Page>) -> Result<Json<Vec<Product>>, Problem> {
     let (limit, offset) = (page.limit(100, 1000), page.offset());
     let rows = sqlx::query(&format!(
@@ -84,6 +106,11 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
         .map_err(|_| Problem::bad_request(format!("`{id}` is not a product id (a UUID)")))
 }
 
+/// One product with its live stock.
+#[utoipa::path(get, path = "/products/{id}", tag = "products",
+    params(("id" = Uuid, Path, description = "The product's id")),
+    responses((status = 200, description = "The product", body = Product),
+        (status = 404, description = "No such product")))]
 async fn show(State(rt): State<Runtime>, Path(id): Path<String>) -> Result<Json<Product>, Problem> {
     let id = parse_id(&id)?;
     Ok(Json(load(&rt, &id.to_string()).await?))
@@ -95,15 +122,25 @@ const MAX_PRICE_CENTS: i64 = 1_000_000_000;
 const MAX_STOCK: i64 = 1_000_000_000;
 
 /// The body of `POST /products`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct NewProduct {
+    /// Stock-keeping unit, unique.
+    #[schema(min_length = 1, max_length = 64)]
     sku: String,
+    /// What shoppers see.
+    #[schema(min_length = 1, max_length = 200)]
     name: String,
+    /// Price of one unit in minor units.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     price_cents: i64,
+    /// ISO 4217 currency (default USD).
     #[serde(default = "usd")]
+    #[schema(pattern = "^[A-Z]{3}$", default = "USD")]
     currency: String,
+    /// Units on hand to begin with.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000, default = 0)]
     stock: i64,
 }
 
@@ -134,6 +171,10 @@ impl NewProduct {
     }
 }
 
+/// Adds a product to the catalogue (admins).
+#[utoipa::path(post, path = "/products", tag = "products", security(("bearer" = ["admin"])),
+    responses((status = 201, description = "The new product", body = Product),
+        (status = 409, description = "A product with this SKU exists")))]
 async fn create(
     State(rt): State<Runtime>,
     _admin: AdminUser,
@@ -229,14 +270,23 @@ async fn movement(
 
 /// The body of `POST /products/{id}/stock`: units received (positive) or written off
 /// (negative, never below what is reserved).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Restock {
+    /// Units received (positive) or written off (negative); never zero.
+    #[schema(minimum = -1_000_000_000, maximum = 1_000_000_000)]
     delta: i64,
+    /// Why, for the stock history (default `restock` or `write-off`).
     #[serde(default)]
     reason: Option<String>,
 }
 
+/// Receives or writes off stock (admins).
+#[utoipa::path(post, path = "/products/{id}/stock", tag = "products", security(("bearer" = ["admin"])),
+    params(("id" = Uuid, Path, description = "The product's id")),
+    responses((status = 200, description = "The product after the change", body = Product),
+        (status = 404, description = "No such product"),
+        (status = 409, description = "The change would leave fewer units than are reserved")))]
 async fn restock(
     State(rt): State<Runtime>,
     _admin: AdminUser,

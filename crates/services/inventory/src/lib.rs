@@ -83,6 +83,8 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
         },
         PublicRoute::token("products"),
     ],
+    openapi: api::openapi,
+    messages: bazaar_contracts::MESSAGES,
 };
 
 /// Runs the inventory role until `shutdown`; `demo` adds a small catalogue to an empty store.

@@ -61,6 +61,8 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     publishes: &[],
     consumes: &[topics::ORDERS_EVENTS, topics::USERS_EVENTS],
     routes: &[PublicRoute::token("notifications")],
+    openapi: api::openapi,
+    messages: bazaar_contracts::MESSAGES,
 };
 
 /// Where mail goes.

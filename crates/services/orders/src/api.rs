@@ -5,33 +5,43 @@ use axum::{
     extract::{Path, Query, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    routing::{get, post},
     Router,
 };
 use bazaar_contracts::LineRequest;
-use bazaar_kit::saga::{SagaState, SagaStatus};
+use bazaar_kit::saga::{HistoryEntry, SagaState, SagaStatus};
 use bazaar_kit::{
     auth::{AdminUser, AuthUser},
     http::{Json, Page, Problem, RequestContext},
+    openapi::OpenApiRouter,
     store::{now_millis, StoreError},
 };
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use sqlx::Row;
 use std::time::{Duration, Instant};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::{saga::OrderContext, OrderStatus, Orders};
 
+/// The API's routes, each with the operation it documents.
+fn api() -> OpenApiRouter<Orders> {
+    OpenApiRouter::new()
+        .routes(routes!(list, place))
+        .routes(routes!(show))
+        .routes(routes!(sagas))
+        .routes(routes!(saga))
+        .routes(routes!(retry))
+}
+
 /// The API routes.
 pub fn router(orders: Orders) -> Router {
-    Router::new()
-        .route("/orders", get(list).post(place))
-        .route("/orders/{id}", get(show))
-        .route("/sagas", get(sagas))
-        .route("/sagas/{id}", get(saga))
-        .route("/sagas/{id}/retry", post(retry))
-        .with_state(orders)
+    api().split_for_parts().0.with_state(orders)
+}
+
+/// The API's operations, for its OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
 }
 
 /// Most lines one order may have.
@@ -39,18 +49,23 @@ const MAX_LINES: usize = 100;
 
 /// The body of `POST /orders`: what to buy; prices come from the catalogue. Unknown fields
 /// are refused in the lines too, so nothing the customer asked for (a size, say) is dropped.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PlaceOrder {
+    /// What to buy, one line per product.
+    #[schema(min_items = 1, max_items = 100)]
     items: Vec<OrderLine>,
 }
 
 /// One line of [`PlaceOrder`]: the strict form of [`LineRequest`], which (as a contract
 /// between services) tolerates fields it does not know.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct OrderLine {
+    /// The product.
     product_id: Uuid,
+    /// How many.
+    #[schema(minimum = 1, maximum = 10_000)]
     quantity: i64,
 }
 
@@ -64,18 +79,65 @@ impl From<OrderLine> for LineRequest {
 }
 
 /// An order as clients see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct Order {
+    /// The order's id.
+    #[schema(format = Uuid)]
     id: String,
+    /// Who placed it.
+    #[schema(format = Uuid)]
     customer_id: String,
+    /// Where it is.
     status: OrderStatus,
+    /// What was ordered.
+    #[schema(value_type = Vec<LineRequest>)]
     lines: serde_json::Value,
+    /// What was charged in minor units, once priced.
     total_cents: Option<i64>,
+    /// ISO 4217 currency of the total, once priced.
     currency: Option<String>,
+    /// Why it was cancelled.
     reason: Option<String>,
+    /// When it was placed.
+    #[schema(format = DateTime)]
     created_at: String,
+    /// When it last changed.
+    #[schema(format = DateTime)]
     updated_at: String,
+}
+
+/// An order with its saga's progress (`GET /orders/{id}`).
+#[derive(Debug, Serialize, ToSchema)]
+struct OrderView {
+    #[serde(flatten)]
+    order: Order,
+    /// The saga that decides the order's fate.
+    saga: SagaProgress,
+}
+
+/// Where an order's saga is, and what happened so far.
+#[derive(Debug, Serialize, ToSchema)]
+struct SagaProgress {
+    /// None only for an order whose saga is not stored (it should not happen).
+    status: Option<SagaStatus>,
+    /// The step it is at (none once it has passed the first step backwards).
+    step: Option<&'static str>,
+    /// Every transition, oldest first.
+    history: Vec<HistoryEntry>,
+}
+
+/// An order saga's state.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(transparent)]
+struct OrderSaga(SagaState<OrderContext>);
+
+/// A saga's full state and history (`GET /sagas/{id}`).
+#[derive(Debug, Serialize, ToSchema)]
+struct SagaView {
+    saga: OrderSaga,
+    /// Every transition, oldest first.
+    history: Vec<HistoryEntry>,
 }
 
 fn order(r: &sqlx::any::AnyRow) -> Result<Order, StoreError> {
@@ -102,6 +164,15 @@ const COLUMNS: &str = "id, customer_id, status, lines, total_cents, currency, re
 
 /// Places an order: 202 with the pending order; the saga decides its fate. The same
 /// `Idempotency-Key` from the same customer returns the first order instead of a second one.
+#[utoipa::path(post, path = "/orders", tag = "orders", security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Makes a retry of this request return the order it placed (1 to 200 characters)")),
+    responses(
+        (status = 202, description = "Placed; the saga decides its fate",
+            headers(("Location" = String, description = "The order's address")), body = Order),
+        (status = 200, description = "An earlier request with this Idempotency-Key placed it", body = Order),
+        (status = 422, description = "This Idempotency-Key was used for a different order"),
+        (status = 429, description = "Too many orders from this customer this minute")))]
 async fn place(
     State(orders): State<Orders>,
     AuthUser(user): AuthUser,
@@ -211,6 +282,9 @@ async fn find_by_key(orders: &Orders, customer: &Uuid, key: Option<&str>) -> Res
     Ok(row.as_ref().map(order).transpose()?)
 }
 
+/// The caller's orders, newest first.
+#[utoipa::path(get, path = "/orders", tag = "orders", security(("bearer" = [])), params(Page),
+    responses((status = 200, description = "A page of orders", body = Vec<Order>)))]
 async fn list(
     State(orders): State<Orders>,
     AuthUser(user): AuthUser,
@@ -233,10 +307,15 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
 }
 
 /// `?waitFor=outcome&timeout=SECS` on `GET /orders/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 struct Wait {
+    /// `outcome`: answer once the order is confirmed or cancelled.
+    #[param(value_type = Option<String>, pattern = "^outcome$")]
     wait_for: Option<String>,
+    /// Longest wait in seconds (default 30, at most 60).
+    #[param(maximum = 60)]
     timeout: Option<u64>,
 }
 
@@ -249,12 +328,16 @@ const FALLBACK_READ: Duration = Duration::from_millis(250);
 /// One of the caller's orders, with its saga's progress. With `?waitFor=outcome` the answer
 /// waits (up to `timeout` seconds, default 30) until the order is confirmed or cancelled, so
 /// clients need not poll.
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The order's id"), Wait),
+    responses((status = 200, description = "The order and its saga", body = OrderView),
+        (status = 404, description = "No such order of the caller's")))]
 async fn show(
     State(orders): State<Orders>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
     Query(wait): Query<Wait>,
-) -> Result<Json<serde_json::Value>, Problem> {
+) -> Result<Json<OrderView>, Problem> {
     let id = parse_id(&id)?.to_string();
     let until = match wait.wait_for.as_deref() {
         None => None,
@@ -293,28 +376,36 @@ async fn show(
     };
     let saga = orders.engine.load(&id).await?;
     let history = orders.engine.history(&id).await?;
-    let mut body = json!(found);
-    body["saga"] = json!({
-        "status": saga.as_ref().map(|s| s.status),
-        "step": saga.as_ref().and_then(|s| orders.engine.step_name(s.step)),
-        "history": history,
-    });
-    Ok(Json(body))
+    Ok(Json(OrderView {
+        order: found,
+        saga: SagaProgress {
+            status: saga.as_ref().map(|s| s.status),
+            step: saga.as_ref().and_then(|s| orders.engine.step_name(s.step)),
+            history,
+        },
+    }))
 }
 
 /// `?status=` of `GET /sagas`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SagaFilter {
+    /// Which status to list (default `stuck`).
+    #[param(value_type = Option<SagaStatus>)]
     status: Option<String>,
+    /// Most sagas to return (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
 /// Sagas in one status, `stuck` by default: what needs an operator (admins).
+#[utoipa::path(get, path = "/sagas", tag = "sagas", security(("bearer" = ["admin"])), params(SagaFilter),
+    responses((status = 200, description = "Sagas in that status", body = Vec<OrderSaga>)))]
 async fn sagas(
     State(orders): State<Orders>,
     _admin: AdminUser,
     Query(filter): Query<SagaFilter>,
-) -> Result<Json<Vec<SagaState<OrderContext>>>, Problem> {
+) -> Result<Json<Vec<OrderSaga>>, Problem> {
     let name = filter.status.as_deref().unwrap_or("stuck");
     let status = SagaStatus::parse(name).map_err(|_| {
         Problem::bad_request(format!(
@@ -325,15 +416,19 @@ async fn sagas(
         .engine
         .list(status, filter.limit.unwrap_or(100).clamp(1, 1000))
         .await?;
-    Ok(Json(list))
+    Ok(Json(list.into_iter().map(OrderSaga).collect()))
 }
 
 /// A saga's full state and history (admins).
+#[utoipa::path(get, path = "/sagas/{id}", tag = "sagas", security(("bearer" = ["admin"])),
+    params(("id" = Uuid, Path, description = "The saga's id (its order's)")),
+    responses((status = 200, description = "The saga", body = SagaView),
+        (status = 404, description = "No such saga")))]
 async fn saga(
     State(orders): State<Orders>,
     _admin: AdminUser,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, Problem> {
+) -> Result<Json<SagaView>, Problem> {
     let id = parse_id(&id)?.to_string();
     let state = orders
         .engine
@@ -341,10 +436,17 @@ async fn saga(
         .await?
         .ok_or_else(|| Problem::not_found(format!("no saga {id}")))?;
     let history = orders.engine.history(&id).await?;
-    Ok(Json(json!({ "saga": state, "history": history })))
+    Ok(Json(SagaView {
+        saga: OrderSaga(state),
+        history,
+    }))
 }
 
 /// Sends a stuck saga back to compensation (admins).
+#[utoipa::path(post, path = "/sagas/{id}/retry", tag = "sagas", security(("bearer" = ["admin"])),
+    params(("id" = Uuid, Path, description = "The saga's id (its order's)")),
+    responses((status = 202, description = "Sent back to compensation"),
+        (status = 409, description = "No such saga, or it is not stuck")))]
 async fn retry(State(orders): State<Orders>, _admin: AdminUser, Path(id): Path<String>) -> Result<StatusCode, Problem> {
     let id = parse_id(&id)?.to_string();
     match orders.engine.retry(&id).await {

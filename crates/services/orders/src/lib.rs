@@ -67,10 +67,12 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     ],
     consumes: &[topics::ORDER_SAGA_REPLIES],
     routes: &[PublicRoute::token("orders"), PublicRoute::token("sagas")],
+    openapi: api::openapi,
+    messages: bazaar_contracts::MESSAGES,
 };
 
 /// Where an order is; stored by name in `orders.status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderStatus {
     /// Placed; its saga is running.

@@ -44,7 +44,7 @@ impl SagaStep for OrderStep {
 }
 
 /// What the order saga carries from step to step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderContext {
     /// The order (also the saga id).
@@ -55,8 +55,10 @@ pub struct OrderContext {
     pub email: String,
     /// What was ordered.
     pub lines: Vec<LineRequest>,
-    /// What reserveInventory priced, once it has (its fields sit beside the others).
+    /// What reserveInventory priced, once it has (its fields sit beside the others; the
+    /// schema leaves them out, since a schema cannot say "all of these or none").
     #[serde(flatten, default)]
+    #[schema(ignore)]
     pub reserved: Option<Reserved>,
     /// The payment processPayment took, once it has.
     #[serde(default, skip_serializing_if = "Option::is_none")]

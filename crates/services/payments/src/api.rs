@@ -3,34 +3,75 @@
 use axum::{
     extract::{Path, State},
     http::StatusCode,
-    routing::{get, post},
     Router,
 };
 use bazaar_kit::{
     auth::{AdminUser, AuthUser},
     http::{Json, Problem},
+    openapi::OpenApiRouter,
     runtime::Runtime,
 };
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
+use utoipa::ToSchema;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::ledger;
+use crate::{ledger, PaymentStatus};
+
+/// The API's routes, each with the operation it documents.
+fn api() -> OpenApiRouter<Runtime> {
+    OpenApiRouter::new()
+        .routes(routes!(me))
+        .routes(routes!(deposit))
+        .routes(routes!(show))
+}
 
 /// The API routes.
 pub fn router(rt: Runtime) -> Router {
-    Router::new()
-        .route("/accounts/me", get(me))
-        .route("/accounts/{user_id}/deposits", post(deposit))
-        .route("/payments/{order_id}", get(show))
-        .with_state(rt)
+    api().split_for_parts().0.with_state(rt)
+}
+
+/// The API's operations, for its OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+/// A customer's wallet.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Account {
+    /// Whose it is.
+    user_id: Uuid,
+    /// What it holds, in minor units.
+    balance_cents: i64,
+    /// ISO 4217 currency.
+    currency: String,
+}
+
+/// The payment of an order.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Payment {
+    /// The payment's id.
+    #[schema(format = Uuid)]
+    id: String,
+    /// The order it pays.
+    order_id: Uuid,
+    /// The amount in minor units.
+    amount_cents: i64,
+    /// ISO 4217 currency.
+    currency: String,
+    /// Where it is.
+    status: PaymentStatus,
+    /// Why it failed, when it did.
+    reason: Option<String>,
 }
 
 /// Largest single deposit (minor units).
 const MAX_DEPOSIT: i64 = 100_000_000;
 
-async fn account_view(rt: &Runtime, customer: &Uuid) -> Result<Value, Problem> {
+async fn account_view(rt: &Runtime, customer: &Uuid) -> Result<Account, Problem> {
     let wallet = ledger::wallet(customer);
     let exists = sqlx::query("SELECT currency FROM account WHERE id = $1")
         .bind(&wallet)
@@ -43,26 +84,40 @@ async fn account_view(rt: &Runtime, customer: &Uuid) -> Result<Value, Problem> {
     };
     let currency: String = row.try_get("currency")?;
     let balance = ledger::balance(rt.store.pool(), &wallet).await?;
-    Ok(json!({ "userId": customer, "balanceCents": balance, "currency": currency }))
+    Ok(Account {
+        user_id: *customer,
+        balance_cents: balance,
+        currency,
+    })
 }
 
-async fn me(State(rt): State<Runtime>, AuthUser(user): AuthUser) -> Result<Json<Value>, Problem> {
+/// The caller's wallet and balance.
+#[utoipa::path(get, path = "/accounts/me", tag = "payments", security(("bearer" = [])),
+    responses((status = 200, description = "The wallet", body = Account),
+        (status = 404, description = "The wallet is not open yet (moments after the account opens)")))]
+async fn me(State(rt): State<Runtime>, AuthUser(user): AuthUser) -> Result<Json<Account>, Problem> {
     Ok(Json(account_view(&rt, &user.sub).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Deposit {
+    /// Minor units to credit.
+    #[schema(minimum = 1, maximum = 100_000_000)]
     amount_cents: i64,
 }
 
 /// Credits a user's wallet from outside (operators only).
+#[utoipa::path(post, path = "/accounts/{user_id}/deposits", tag = "payments", security(("bearer" = ["admin"])),
+    params(("user_id" = Uuid, Path, description = "Whose wallet")),
+    responses((status = 201, description = "The wallet after the deposit", body = Account),
+        (status = 404, description = "No wallet for that user")))]
 async fn deposit(
     State(rt): State<Runtime>,
     _admin: AdminUser,
     Path(user_id): Path<String>,
     Json(body): Json<Deposit>,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+) -> Result<(StatusCode, Json<Account>), Problem> {
     let user: Uuid = user_id
         .parse()
         .map_err(|_| Problem::bad_request(format!("`{user_id}` is not a user id (a UUID)")))?;
@@ -90,11 +145,16 @@ async fn deposit(
     Ok((StatusCode::CREATED, Json(account_view(&rt, &user).await?)))
 }
 
+/// The payment of one of the caller's orders.
+#[utoipa::path(get, path = "/payments/{order_id}", tag = "payments", security(("bearer" = [])),
+    params(("order_id" = Uuid, Path, description = "The order it pays")),
+    responses((status = 200, description = "The payment", body = Payment),
+        (status = 404, description = "No payment for an order of the caller's")))]
 async fn show(
     State(rt): State<Runtime>,
     AuthUser(user): AuthUser,
     Path(order_id): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Payment>, Problem> {
     let order: Uuid = order_id
         .parse()
         .map_err(|_| Problem::bad_request(format!("`{order_id}` is not an order id (a UUID)")))?;
@@ -105,12 +165,12 @@ async fn show(
             .await?
             .filter(|r| r.try_get::<String, _>("customer_id").ok() == Some(user.sub.to_string()))
             .ok_or_else(|| Problem::not_found(format!("no payment for order {order}")))?;
-    Ok(Json(json!({
-        "id": row.try_get::<String, _>("id")?,
-        "orderId": order,
-        "amountCents": row.try_get::<i64, _>("amount_cents")?,
-        "currency": row.try_get::<String, _>("currency")?,
-        "status": row.try_get::<String, _>("status")?,
-        "reason": row.try_get::<Option<String>, _>("reason")?,
-    })))
+    Ok(Json(Payment {
+        id: row.try_get("id")?,
+        order_id: order,
+        amount_cents: row.try_get("amount_cents")?,
+        currency: row.try_get("currency")?,
+        status: PaymentStatus::parse(&row.try_get::<String, _>("status")?)?,
+        reason: row.try_get("reason")?,
+    }))
 }

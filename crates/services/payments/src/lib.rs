@@ -89,10 +89,13 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     publishes: &[topics::ORDER_SAGA_REPLIES],
     consumes: &[topics::PAYMENTS_COMMANDS, topics::USERS_EVENTS],
     routes: &[PublicRoute::token("accounts"), PublicRoute::token("payments")],
+    openapi: api::openapi,
+    messages: bazaar_contracts::MESSAGES,
 };
 
 /// Where a payment is; stored by name in `payment.status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum PaymentStatus {
     /// The amount is held and the provider is being asked to charge it.
     Charging,

@@ -10,20 +10,21 @@ use axum::{
     extract::State,
     http::{header, StatusCode},
     response::IntoResponse,
-    routing::{get, post},
     Extension, Router,
 };
 use bazaar_contracts::{topics, types, RegistrationRepeated, UserRegistered, VerificationRequested};
 use bazaar_kit::{
-    auth::{AdminUser, AuthUser, ADMIN, JWKS_PATH},
+    auth::{AdminUser, AuthUser, ADMIN},
     envelope::{Envelope, Metadata},
     http::{Json, Problem, RequestContext},
+    openapi::OpenApiRouter,
     runtime::Runtime,
     store::{now_millis, Tx},
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use sqlx::{any::AnyRow, Row};
+use utoipa::ToSchema;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::{
@@ -57,29 +58,44 @@ pub fn routes(rt: Runtime, keys: KeyRing) -> Router {
 /// [`routes`] hashing passwords under `limit`.
 pub fn routes_limited(rt: Runtime, keys: KeyRing, limit: HashingLimit) -> Router {
     let verifier = keys.verifier();
-    Router::new()
-        .route("/users", post(register))
-        .route("/users/me", get(me))
-        .route("/auth/token", post(token))
-        .route("/auth/verification", post(confirm))
-        .route("/auth/keys", post(rotate_keys))
-        .route(JWKS_PATH, get(jwks))
-        .layer(Extension(verifier))
-        .with_state(Users {
-            rt,
-            keys,
-            hashing: Hashing::new(limit),
-            throttle: LoginThrottle::default(),
-        })
+    api().split_for_parts().0.layer(Extension(verifier)).with_state(Users {
+        rt,
+        keys,
+        hashing: Hashing::new(limit),
+        throttle: LoginThrottle::default(),
+    })
+}
+
+/// The API's routes, each with the operation it documents.
+fn api() -> OpenApiRouter<Users> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(me))
+        .routes(routes!(token))
+        .routes(routes!(confirm))
+        .routes(routes!(rotate_keys))
+        .routes(routes!(jwks))
+}
+
+/// The API's operations, for its OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
 }
 
 /// The body of `POST /users`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Registration {
+    /// The address to confirm; the code goes there.
+    #[schema(format = Email, max_length = 254)]
     email: String,
+    /// Display name.
+    #[schema(min_length = 1, max_length = 100)]
     name: String,
+    /// At least 8 characters.
+    #[schema(min_length = 8, max_length = 256)]
     password: String,
+    /// A mobile number in E.164 form (`+` and 8 to 15 digits), for texts.
     #[serde(default)]
     phone: Option<String>,
 }
@@ -216,27 +232,63 @@ impl Email {
 }
 
 /// A user as clients see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct User {
+    /// The user's id.
+    #[schema(format = Uuid)]
     id: String,
+    /// The confirmed address.
     email: String,
+    /// Display name.
     name: String,
+    /// Mobile number in E.164 form, when given.
     #[serde(skip_serializing_if = "Option::is_none")]
     phone: Option<String>,
+    /// Roles (`admin` for operators).
     roles: Vec<String>,
 }
 
 /// What `POST /users` answers, whether the address was new, unconfirmed or taken: the same
 /// status, body and (hashing the password every time) time, so it reveals no accounts.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct RegistrationAnswer {
+    /// The address as stored (trimmed, lower-case).
     email: String,
+    /// What to do next.
     detail: &'static str,
+    /// Seconds the mailed code stays valid.
     code_expires_in: u64,
 }
 
+/// An access token.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Token {
+    /// The JWT (EdDSA) to send as `Authorization: Bearer …`.
+    access_token: String,
+    /// Always `Bearer`.
+    token_type: &'static str,
+    /// Seconds until it expires.
+    expires_in: u64,
+    /// Whose it is.
+    user_id: Uuid,
+}
+
+/// A new signing key.
+#[derive(Debug, Serialize, ToSchema)]
+struct Rotated {
+    /// Its key id.
+    kid: String,
+    /// How many keys the JWKS publishes now.
+    published: usize,
+}
+
+/// Registers an address: mails it a code that opens the account (`POST /auth/verification`).
+/// The answer is the same whether the address is new, waiting or taken.
+#[utoipa::path(post, path = "/users", tag = "users",
+    responses((status = 202, description = "If the address can be registered, a code is on its way", body = RegistrationAnswer)))]
 async fn register(
     State(Users { rt, hashing, .. }): State<Users>,
     ctx: RequestContext,
@@ -474,19 +526,24 @@ pub(crate) async fn ensure_admin(rt: &Runtime, email: &str, password: &str) -> R
 }
 
 /// The body of `POST /auth/token`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Login {
+    /// The account's address.
     email: String,
+    /// Its password.
     password: String,
 }
 
 /// The body of `POST /auth/verification`: a login with the code that was mailed.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Confirmation {
+    /// The registered address.
     email: String,
+    /// The password given at registration.
     password: String,
+    /// The six-digit code mailed to the address.
     code: String,
 }
 
@@ -535,7 +592,11 @@ async fn check_credentials(users: &Users, email: &str, password: String) -> Resu
 }
 
 /// Logs in: checks the password and issues an access token.
-async fn token(State(users): State<Users>, Json(body): Json<Login>) -> Result<Json<Value>, Problem> {
+#[utoipa::path(post, path = "/auth/token", tag = "auth",
+    responses((status = 200, description = "A token", body = Token),
+        (status = 401, description = "The address and password match no open account"),
+        (status = 429, description = "Too many failed sign-ins for this address; wait `Retry-After` seconds")))]
+async fn token(State(users): State<Users>, Json(body): Json<Login>) -> Result<Json<Token>, Problem> {
     let (row, attempt) = check_credentials(&users, &body.email, body.password).await?;
     let row = row.ok_or_else(|| Problem::internal("a password matched no account"))?;
     attempt.matched(true);
@@ -550,11 +611,14 @@ async fn token(State(users): State<Users>, Json(body): Json<Login>) -> Result<Js
 
 /// Confirms an address with the code mailed to it and the account's password, opening the
 /// account, and logs in. Sent again for an open account, it is a login.
+#[utoipa::path(post, path = "/auth/verification", tag = "auth",
+    responses((status = 200, description = "The account is open; a token for it", body = Token),
+        (status = 401, description = "The code, address and password match no account waiting for confirmation")))]
 async fn confirm(
     State(users): State<Users>,
     ctx: RequestContext,
     Json(body): Json<Confirmation>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Token>, Problem> {
     let refused = || {
         Problem::unauthorized("that code, address and password do not match an account waiting for confirmation; register again for a new code")
     };
@@ -617,7 +681,7 @@ async fn confirm(
 }
 
 /// An access token for the account `row`.
-async fn issue(keys: &KeyRing, row: &AnyRow) -> Result<Json<Value>, Problem> {
+async fn issue(keys: &KeyRing, row: &AnyRow) -> Result<Json<Token>, Problem> {
     let id: String = row.try_get("id")?;
     let email: String = row.try_get("email")?;
     let roles = split_roles(&row.try_get::<String, _>("roles")?);
@@ -627,16 +691,18 @@ async fn issue(keys: &KeyRing, row: &AnyRow) -> Result<Json<Value>, Problem> {
         .await?
         .issue(user, &email, &roles, TOKEN_TTL)
         .map_err(Problem::internal)?;
-    Ok(Json(json!({
-        "accessToken": token,
-        "tokenType": "Bearer",
-        "expiresIn": TOKEN_TTL.as_secs(),
-        "userId": user,
-    })))
+    Ok(Json(Token {
+        access_token: token,
+        token_type: "Bearer",
+        expires_in: TOKEN_TTL.as_secs(),
+        user_id: user,
+    }))
 }
 
 /// The public keys tokens are verified with (RFC 7517). Verifiers reload it when a token
 /// names a key they have not seen, so a minute of caching is safe.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth",
+    responses((status = 200, description = "The keys that verify tokens", body = bazaar_kit::auth::Jwks)))]
 async fn jwks(State(Users { keys, .. }): State<Users>) -> Result<impl IntoResponse, Problem> {
     let jwks = keys.jwks().await?;
     Ok(([(header::CACHE_CONTROL, "public, max-age=60")], Json(jwks)))
@@ -644,13 +710,15 @@ async fn jwks(State(Users { keys, .. }): State<Users>) -> Result<impl IntoRespon
 
 /// Starts signing with a new key now (an operator suspects the old one leaked, or tests a
 /// rotation); tokens already issued keep working until they expire.
+#[utoipa::path(post, path = "/auth/keys", tag = "auth", security(("bearer" = ["admin"])),
+    responses((status = 201, description = "Signing with the new key", body = Rotated)))]
 async fn rotate_keys(
     State(Users { keys, .. }): State<Users>,
-    AdminUser(_): AdminUser,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+    _admin: AdminUser,
+) -> Result<(StatusCode, Json<Rotated>), Problem> {
     let kid = keys.rotate().await?;
     let published = keys.jwks().await?.keys.len();
-    Ok((StatusCode::CREATED, Json(json!({ "kid": kid, "published": published }))))
+    Ok((StatusCode::CREATED, Json(Rotated { kid, published })))
 }
 
 fn split_roles(stored: &str) -> Vec<String> {
@@ -661,6 +729,10 @@ fn split_roles(stored: &str) -> Vec<String> {
         .collect()
 }
 
+/// The caller's account.
+#[utoipa::path(get, path = "/users/me", tag = "users", security(("bearer" = [])),
+    responses((status = 200, description = "The account", body = User),
+        (status = 404, description = "The account no longer exists")))]
 async fn me(State(Users { rt, .. }): State<Users>, AuthUser(claims): AuthUser) -> Result<Json<User>, Problem> {
     let row = sqlx::query("SELECT id, email, name, phone, roles FROM users WHERE id = $1")
         .bind(claims.sub.to_string())

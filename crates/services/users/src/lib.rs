@@ -87,6 +87,8 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
             ..PublicRoute::anyone(".well-known")
         },
     ],
+    openapi: api::openapi,
+    messages: bazaar_contracts::MESSAGES,
 };
 
 /// An operator account to create at start when it does not exist yet.
