@@ -15,10 +15,168 @@ pub const REFERENCE_PAGE: &str = "/api/v1/docs";
 /// Where the gateway serves the AsyncAPI document.
 pub const ASYNCAPI: &str = "/api/v1/asyncapi.json";
 
+/// How one public operation leads into another (an OpenAPI link, which clients and stateful
+/// fuzzers follow).
+struct Link {
+    /// The operation whose answer it starts from, and that answer's status.
+    from: (&'static str, &'static str),
+    /// The link's name.
+    name: &'static str,
+    /// The operation it leads to.
+    to: &'static str,
+    /// That operation's parameters (or request body fields) as runtime expressions.
+    values: &'static [(&'static str, &'static str)],
+}
+
+const fn link(
+    from: &'static str,
+    status: &'static str,
+    name: &'static str,
+    to: &'static str,
+    values: &'static [(&'static str, &'static str)],
+) -> Link {
+    Link {
+        from: (from, status),
+        name,
+        to,
+        values,
+    }
+}
+
+/// How the public operations lead into each other.
+const LINKS: &[Link] = &[
+    link(
+        "users_register",
+        "202",
+        "SignIn",
+        "users_token",
+        &[
+            ("email", "$request.body#/email"),
+            ("password", "$request.body#/password"),
+        ],
+    ),
+    link(
+        "users_register",
+        "202",
+        "Confirm",
+        "users_confirm",
+        &[
+            ("email", "$request.body#/email"),
+            ("password", "$request.body#/password"),
+        ],
+    ),
+    link("users_confirm", "200", "Wallet", "payments_me", &[]),
+    link("users_token", "200", "Me", "users_me", &[]),
+    link(
+        "orders_place",
+        "202",
+        "Order",
+        "orders_show",
+        &[("id", "$response.body#/id")],
+    ),
+    link(
+        "orders_place",
+        "202",
+        "Payment",
+        "payments_show",
+        &[("order_id", "$response.body#/id")],
+    ),
+    link(
+        "orders_place",
+        "200",
+        "Order",
+        "orders_show",
+        &[("id", "$response.body#/id")],
+    ),
+    link(
+        "orders_show",
+        "200",
+        "Payment",
+        "payments_show",
+        &[("order_id", "$response.body#/id")],
+    ),
+    link("orders_show", "200", "Wallet", "payments_me", &[]),
+    link(
+        "orders_list",
+        "200",
+        "FirstOrder",
+        "orders_show",
+        &[("id", "$response.body#/0/id")],
+    ),
+    link(
+        "inventory_list",
+        "200",
+        "FirstProduct",
+        "inventory_show",
+        &[("id", "$response.body#/0/id")],
+    ),
+    link(
+        "inventory_create",
+        "201",
+        "Product",
+        "inventory_show",
+        &[("id", "$response.body#/id")],
+    ),
+    link(
+        "inventory_create",
+        "201",
+        "Restock",
+        "inventory_restock",
+        &[("id", "$response.body#/id")],
+    ),
+    link(
+        "orders_sagas",
+        "200",
+        "FirstSaga",
+        "orders_saga",
+        &[("id", "$response.body#/0/id")],
+    ),
+];
+
 /// The public API as clients call it through the gateway.
 pub fn public_openapi() -> Value {
     let specs: Vec<_> = services().map(|(_, spec)| spec).collect();
-    bazaar_kit::openapi::public_document(&specs)
+    let mut doc = bazaar_kit::openapi::public_document(&specs);
+    let mut operations = std::collections::HashMap::new();
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for (method, op) in item.as_object().into_iter().flatten() {
+            if let Some(id) = op["operationId"].as_str() {
+                operations.insert(id.to_string(), (path.clone(), method.clone()));
+            }
+        }
+    }
+    for Link {
+        from: (from, status),
+        name,
+        to,
+        values,
+    } in LINKS
+    {
+        let (Some((path, method)), Some((target_path, target_method))) = (operations.get(*from), operations.get(*to))
+        else {
+            continue;
+        };
+        // Parameters the target declares are parameters; the rest make its request body.
+        let declared: Vec<&str> = doc["paths"][target_path][target_method]["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        let (parameters, body): (Vec<_>, Vec<_>) = values.iter().partition(|(k, _)| declared.contains(k));
+        let mut described = serde_json::json!({ "operationId": to });
+        if !parameters.is_empty() {
+            described["parameters"] = parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), Value::from(*v)))
+                .collect();
+        }
+        if !body.is_empty() {
+            described["requestBody"] = body.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect();
+        }
+        doc["paths"][path][method]["responses"][status]["links"][name] = described;
+    }
+    doc
 }
 
 /// One service's own API document, or `None` for a name that is no service.
@@ -139,6 +297,30 @@ mod tests {
              or, for a deliberate break, run `cargo run -p bazaar -- contracts write --baseline`:\n  {}",
             found.join("\n  ")
         );
+    }
+
+    #[test]
+    fn every_link_joins_two_public_operations() {
+        let doc = public_openapi();
+        let ids: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .filter_map(|op| op["operationId"].as_str())
+            .collect();
+        for Link {
+            from: (from, _),
+            name,
+            to,
+            ..
+        } in LINKS
+        {
+            assert!(
+                ids.contains(from) && ids.contains(to),
+                "link {name}: {from} -> {to} names an unknown operation"
+            );
+        }
     }
 
     #[test]

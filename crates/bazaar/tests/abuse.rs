@@ -286,7 +286,7 @@ async fn registrations_from_one_client_are_limited_and_open_no_wallet_without_a_
             .json(&json!({"email": "sock0@example.com", "password": "long enough"})),
     )
     .await;
-    assert!(status == 403 || status == 429, "{status} {body}");
+    assert!(status == 401 || status == 429, "{status} {body}");
     let audit = shop.assert_audit_clean().await;
     assert!(audit.contains("deposits 0 "), "free money was handed out:\n{audit}");
 }

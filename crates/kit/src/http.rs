@@ -163,11 +163,10 @@ impl From<sqlx::Error> for Problem {
 #[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct Page {
-    /// Most items to return (each list has its own default and maximum).
-    #[param(minimum = 1)]
+    /// Most items to return; each list has its own default, and a value outside 1 to its
+    /// maximum is taken as the nearest of them.
     limit: Option<i64>,
-    /// Items to skip, newest first.
-    #[param(minimum = 0)]
+    /// Items to skip (a negative value counts as 0).
     offset: Option<i64>,
 }
 
@@ -184,7 +183,8 @@ impl Page {
 }
 
 /// A JSON body whose rejections (wrong content type, bad syntax, missing fields) are
-/// problem responses that say what was wrong.
+/// problem responses that say what was wrong. Numbers are read as JSON Schema reads them:
+/// `3.0` is the integer 3, as the API documents promise.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Json<T>(pub T);
 
@@ -196,10 +196,32 @@ where
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(rejection) => Err(Problem::new(rejection.status(), rejection.body_text())),
+        let reject = |rejection: axum::extract::rejection::JsonRejection| {
+            Problem::new(rejection.status(), rejection.body_text())
+        };
+        let axum::Json(mut value) = axum::Json::<serde_json::Value>::from_request(req, state)
+            .await
+            .map_err(reject)?;
+        integral_floats_as_integers(&mut value);
+        // Through bytes again, so a type error names the field it is in.
+        let bytes = serde_json::to_vec(&value).unwrap_or_default();
+        axum::Json::<T>::from_bytes(&bytes)
+            .map(|axum::Json(v)| Json(v))
+            .map_err(reject)
+    }
+}
+
+/// Turns every number with no fractional part (`3.0`) into an integer, in place.
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15) {
+                *value = serde_json::Value::from(f as i64);
+            }
         }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
     }
 }
 

@@ -124,12 +124,13 @@ const MAX_STOCK: i64 = 1_000_000_000;
 /// The body of `POST /products`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"sku": "MUG-BLUE", "name": "Blue mug", "priceCents": 1250, "currency": "USD", "stock": 40}))]
 struct NewProduct {
-    /// Stock-keeping unit, unique.
-    #[schema(min_length = 1, max_length = 64)]
+    /// Stock-keeping unit, unique (surrounding spaces are dropped).
+    #[schema(max_length = 64, pattern = "\\S")]
     sku: String,
-    /// What shoppers see.
-    #[schema(min_length = 1, max_length = 200)]
+    /// What shoppers see (surrounding spaces are dropped).
+    #[schema(max_length = 200, pattern = "\\S")]
     name: String,
     /// Price of one unit in minor units.
     #[schema(minimum = 0, maximum = 1_000_000_000)]
@@ -150,10 +151,10 @@ fn usd() -> String {
 
 impl NewProduct {
     fn check(&self) -> Result<(), Problem> {
-        if self.sku.trim().is_empty() || self.sku.len() > 64 {
+        if self.sku.trim().is_empty() || self.sku.chars().count() > 64 {
             return Err(Problem::bad_request("sku must be 1 to 64 characters"));
         }
-        if self.name.trim().is_empty() || self.name.len() > 200 {
+        if self.name.trim().is_empty() || self.name.chars().count() > 200 {
             return Err(Problem::bad_request("name must be 1 to 200 characters"));
         }
         if !(0..=MAX_PRICE_CENTS).contains(&self.price_cents) {
@@ -272,13 +273,32 @@ async fn movement(
 /// (negative, never below what is reserved).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"delta": 24, "reason": "delivery 2026-12-01"}))]
 struct Restock {
     /// Units received (positive) or written off (negative); never zero.
-    #[schema(minimum = -1_000_000_000, maximum = 1_000_000_000)]
+    #[schema(schema_with = stock_change)]
     delta: i64,
     /// Why, for the stock history (default `restock` or `write-off`).
     #[serde(default)]
+    #[schema(max_length = 200)]
     reason: Option<String>,
+}
+
+/// The schema of [`Restock::delta`]: a non-zero count within [`MAX_STOCK`] either way.
+fn stock_change() -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    let range = |min: i64, max: i64| {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(min as f64))
+            .maximum(Some(max as f64))
+    };
+    OneOfBuilder::new()
+        .item(range(-MAX_STOCK, -1))
+        .item(range(1, MAX_STOCK))
+        .description(Some("Units received (positive) or written off (negative); never zero."))
+        .build()
+        .into()
 }
 
 /// Receives or writes off stock (admins).
@@ -299,6 +319,9 @@ async fn restock(
         return Err(Problem::bad_request(format!(
             "delta must be non-zero and between -{MAX_STOCK} and {MAX_STOCK}"
         )));
+    }
+    if body.reason.as_ref().is_some_and(|r| r.chars().count() > 200) {
+        return Err(Problem::bad_request("reason must be at most 200 characters"));
     }
     let mut tx = rt.store.begin().await?;
     let changed = sqlx::query(

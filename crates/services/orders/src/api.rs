@@ -51,6 +51,7 @@ const MAX_LINES: usize = 100;
 /// are refused in the lines too, so nothing the customer asked for (a size, say) is dropped.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"items": [{"productId": "01938a4e-7c1e-7a9b-8c3d-1e2f3a4b5c6d", "quantity": 2}]}))]
 struct PlaceOrder {
     /// What to buy, one line per product.
     #[schema(min_items = 1, max_items = 100)]
@@ -165,8 +166,8 @@ const COLUMNS: &str = "id, customer_id, status, lines, total_cents, currency, re
 /// Places an order: 202 with the pending order; the saga decides its fate. The same
 /// `Idempotency-Key` from the same customer returns the first order instead of a second one.
 #[utoipa::path(post, path = "/orders", tag = "orders", security(("bearer" = [])),
-    params(("Idempotency-Key" = Option<String>, Header,
-        description = "Makes a retry of this request return the order it placed (1 to 200 characters)")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,200}$",
+        description = "Makes a retry of this request return the order it placed (1 to 200 visible ASCII characters)")),
     responses(
         (status = 202, description = "Placed; the saga decides its fate",
             headers(("Location" = String, description = "The order's address")), body = Order),
@@ -197,7 +198,7 @@ async fn place(
         Some(v) => Some(
             v.to_str()
                 .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 200)
+                .filter(|k| !k.is_empty() && k.len() <= 200 && k.bytes().all(|b| b.is_ascii_graphic()))
                 .ok_or_else(|| Problem::bad_request("Idempotency-Key must be 1 to 200 visible ASCII characters"))?
                 .to_string(),
         ),
@@ -314,9 +315,9 @@ struct Wait {
     /// `outcome`: answer once the order is confirmed or cancelled.
     #[param(value_type = Option<String>, pattern = "^outcome$")]
     wait_for: Option<String>,
-    /// Longest wait in seconds (default 30, at most 60).
-    #[param(maximum = 60)]
-    timeout: Option<u64>,
+    /// Longest wait in seconds (default 30; more than 60 counts as 60).
+    #[param(minimum = 0)]
+    timeout: Option<i64>,
 }
 
 /// Longest a client may wait for an outcome in one request.
@@ -339,9 +340,11 @@ async fn show(
     Query(wait): Query<Wait>,
 ) -> Result<Json<OrderView>, Problem> {
     let id = parse_id(&id)?.to_string();
+    let timeout = u64::try_from(wait.timeout.unwrap_or(30))
+        .map_err(|_| Problem::bad_request("timeout must be 0 or more seconds"))?;
     let until = match wait.wait_for.as_deref() {
         None => None,
-        Some("outcome") => Some(Instant::now() + Duration::from_secs(wait.timeout.unwrap_or(30)).min(MAX_WAIT)),
+        Some("outcome") => Some(Instant::now() + Duration::from_secs(timeout).min(MAX_WAIT)),
         Some(other) => {
             return Err(Problem::bad_request(format!(
                 "waitFor must be `outcome`, not `{other}`"
@@ -393,8 +396,7 @@ struct SagaFilter {
     /// Which status to list (default `stuck`).
     #[param(value_type = Option<SagaStatus>)]
     status: Option<String>,
-    /// Most sagas to return (default 100, at most 1000).
-    #[param(minimum = 1, maximum = 1000)]
+    /// Most sagas to return (default 100; taken as the nearest of 1 and 1000 when outside).
     limit: Option<i64>,
 }
 

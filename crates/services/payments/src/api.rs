@@ -101,6 +101,7 @@ async fn me(State(rt): State<Runtime>, AuthUser(user): AuthUser) -> Result<Json<
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"amountCents": 5000}))]
 struct Deposit {
     /// Minor units to credit.
     #[schema(minimum = 1, maximum = 100_000_000)]

@@ -85,18 +85,21 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The body of `POST /users`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"email": "ann@example.com", "name": "Ann", "password": "correct horse battery", "phone": "+14155550123"}))]
 struct Registration {
     /// The address to confirm; the code goes there.
     #[schema(format = Email, max_length = 254)]
     email: String,
-    /// Display name.
-    #[schema(min_length = 1, max_length = 100)]
+    /// Display name (surrounding spaces are dropped).
+    #[schema(max_length = 200, pattern = "\\S")]
     name: String,
-    /// At least 8 characters.
-    #[schema(min_length = 8, max_length = 256)]
+    /// 8 to 1024 characters.
+    #[schema(min_length = 8, max_length = 1024)]
     password: String,
-    /// A mobile number in E.164 form (`+` and 8 to 15 digits), for texts.
+    /// A mobile number in international form (`+` and 8 to 15 digits; spaces and dashes
+    /// between them are dropped), for texts.
     #[serde(default)]
+    #[schema(pattern = "^\\+[ -]*([0-9][ -]*){8,15}$")]
     phone: Option<String>,
 }
 
@@ -333,18 +336,41 @@ async fn register(
         Some(row) => {
             let id: Uuid = row.try_get::<String, _>("id")?.parse().map_err(Problem::internal)?;
             let verified = row.try_get::<Option<i64>, _>("verified_at")?.is_some();
-            let (sent, since): (i64, i64) = (row.try_get("codes_sent")?, row.try_get("codes_since")?);
-            match verification::may_send(sent, since, now) {
-                None => {
+            let (old_sent, old_since): (i64, i64) = (row.try_get("codes_sent")?, row.try_get("codes_since")?);
+            match verification::may_send(old_sent, old_since, now) {
+                None if verified => {
                     tracing::info!(user = %id, "registration for an address sent its hourly limit of messages; nothing sent")
                 }
+                None => {
+                    // Over the limit no new code is sent, but the password is still the latest
+                    // registrant's: whoever spends an address's messages cannot keep its owner,
+                    // who holds the codes already sent, from opening it with their own.
+                    sqlx::query(
+                        "UPDATE users SET name = $1, phone = $2, password_hash = $3 WHERE id = $4 AND verified_at IS NULL",
+                    )
+                    .bind(name)
+                    .bind(phone)
+                    .bind(&hash)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 Some((since, sent)) if verified => {
-                    sqlx::query("UPDATE users SET codes_sent = $1, codes_since = $2 WHERE id = $3")
-                        .bind(sent)
-                        .bind(since)
-                        .bind(id.to_string())
-                        .execute(&mut *tx)
-                        .await?;
+                    // Conditional on the counts read: of two racing registrations one sends.
+                    let counted = sqlx::query(
+                        "UPDATE users SET codes_sent = $1, codes_since = $2 WHERE id = $3 AND codes_sent = $4 AND codes_since = $5",
+                    )
+                    .bind(sent)
+                    .bind(since)
+                    .bind(id.to_string())
+                    .bind(old_sent)
+                    .bind(old_since)
+                    .execute(&mut *tx)
+                    .await?;
+                    if counted.rows_affected() == 0 {
+                        rt.outbox.commit(tx).await?;
+                        return Ok(registration_answer(email));
+                    }
                     let notice = RegistrationRepeated {
                         user_id: id,
                         email: email.0.clone(),
@@ -356,9 +382,10 @@ async fn register(
                     // Not confirmed yet: whoever registers it now chooses the password, and
                     // only the mailbox's owner receives the code that opens it.
                     let code = verification::new_code().map_err(|_| Problem::internal("no randomness for a code"))?;
-                    sqlx::query(
+                    let replaced = sqlx::query(
                         "UPDATE users SET name = $1, phone = $2, password_hash = $3, code_hash = $4, code_expires_at = $5,
-                         code_failures = 0, codes_sent = $6, codes_since = $7 WHERE id = $8",
+                         code_failures = 0, codes_sent = $6, codes_since = $7
+                         WHERE id = $8 AND verified_at IS NULL AND codes_sent = $9 AND codes_since = $10",
                     )
                     .bind(name)
                     .bind(phone)
@@ -368,16 +395,27 @@ async fn register(
                     .bind(sent)
                     .bind(since)
                     .bind(id.to_string())
+                    .bind(old_sent)
+                    .bind(old_since)
                     .execute(&mut *tx)
                     .await?;
-                    send_code(&rt, &mut tx, id, &email, name, code, meta).await?;
+                    // Zero rows: a registration (or a confirmation) of this address committed
+                    // since it was read; answering alike, this one changes nothing.
+                    if replaced.rows_affected() == 1 {
+                        send_code(&rt, &mut tx, id, &email, name, code, meta).await?;
+                    }
                 }
             }
         }
     }
     rt.outbox.commit(tx).await?;
+    Ok(registration_answer(email))
+}
+
+/// What every registration is answered, whatever became of it.
+fn registration_answer(email: Email) -> (StatusCode, Json<RegistrationAnswer>) {
     metrics::counter!("bazaar_users_registrations_total").increment(1);
-    Ok((
+    (
         StatusCode::ACCEPTED,
         Json(RegistrationAnswer {
             email: email.0,
@@ -385,21 +423,21 @@ async fn register(
                      the address and password to POST /api/v1/auth/verification to open the account",
             code_expires_in: verification::CODE_LIFETIME.as_secs(),
         }),
-    ))
+    )
 }
 
 fn check_password(password: &str) -> Result<(), Problem> {
     if password.chars().count() < 8 {
         return Err(Problem::bad_request("password must be at least 8 characters"));
     }
-    if password.len() > 1024 {
-        return Err(Problem::bad_request("password must be at most 1024 bytes"));
+    if password.chars().count() > 1024 {
+        return Err(Problem::bad_request("password must be at most 1024 characters"));
     }
     Ok(())
 }
 
 fn check_name(name: &str) -> Result<(), Problem> {
-    if name.is_empty() || name.len() > 200 {
+    if name.is_empty() || name.chars().count() > 200 {
         return Err(Problem::bad_request("name must be 1 to 200 characters"));
     }
     Ok(())
@@ -454,13 +492,15 @@ async fn open_account(
     let (password_hash, code_hash) = unchanged.unwrap_or_default();
     let updated = sqlx::query(
         "UPDATE users SET verified_at = $1, code_hash = NULL, code_expires_at = NULL
-         WHERE id = $2 AND verified_at IS NULL AND ($3 = 0 OR (password_hash = $4 AND code_hash = $5))",
+         WHERE id = $2 AND verified_at IS NULL
+           AND ($3 = 0 OR (password_hash = $4 AND code_hash = $5 AND code_failures < $6 AND code_expires_at > $1))",
     )
     .bind(now)
     .bind(&id)
     .bind(i64::from(unchanged.is_some()))
     .bind(password_hash)
     .bind(code_hash)
+    .bind(verification::GUESSES)
     .execute(&mut **tx)
     .await?;
     if updated.rows_affected() == 0 {
@@ -528,6 +568,7 @@ pub(crate) async fn ensure_admin(rt: &Runtime, email: &str, password: &str) -> R
 /// The body of `POST /auth/token`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"email": "ann@example.com", "password": "correct horse battery"}))]
 struct Login {
     /// The account's address.
     email: String,
@@ -538,6 +579,7 @@ struct Login {
 /// The body of `POST /auth/verification`: a login with the code that was mailed.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"email": "ann@example.com", "password": "correct horse battery", "code": "482913"}))]
 struct Confirmation {
     /// The registered address.
     email: String,
@@ -552,8 +594,11 @@ struct Confirmation {
 /// stand-in hash and throttled alike, so neither the answer nor its timing says which
 /// addresses are registered.
 async fn check_credentials(users: &Users, email: &str, password: String) -> Result<(Option<AnyRow>, Attempt), Problem> {
-    let refused = || Problem::unauthorized("unknown email or wrong password");
     let key = email.trim().to_lowercase();
+    // No address is longer; refused before it takes a place in the throttle's memory.
+    if key.len() > 254 {
+        return Err(sign_in_refused());
+    }
     let attempt = users.throttle.admit(&key).map_err(|t| {
         metrics::counter!("bazaar_users_login_throttled_total").increment(1);
         Problem::too_many(
@@ -564,9 +609,9 @@ async fn check_credentials(users: &Users, email: &str, password: String) -> Resu
             t.retry_after,
         )
     })?;
-    if password.len() > 1024 {
+    if password.chars().count() > 1024 {
         attempt.matched(false);
-        return Err(refused());
+        return Err(sign_in_refused());
     }
     let row = match Email::parse(email) {
         Ok(email) => sqlx::query(
@@ -587,7 +632,7 @@ async fn check_credentials(users: &Users, email: &str, password: String) -> Resu
         Ok((row, attempt))
     } else {
         attempt.matched(false);
-        Err(refused())
+        Err(sign_in_refused())
     }
 }
 
@@ -599,14 +644,23 @@ async fn check_credentials(users: &Users, email: &str, password: String) -> Resu
 async fn token(State(users): State<Users>, Json(body): Json<Login>) -> Result<Json<Token>, Problem> {
     let (row, attempt) = check_credentials(&users, &body.email, body.password).await?;
     let row = row.ok_or_else(|| Problem::internal("a password matched no account"))?;
-    attempt.matched(true);
     if row.try_get::<Option<i64>, _>("verified_at")?.is_none() {
-        return Err(Problem::forbidden(
-            "confirm your email address first: send the code we mailed to it, with your address and \
-             password, to POST /api/v1/auth/verification (register again for a new code)",
-        ));
+        // Answered, and throttled, exactly as a wrong password: anyone may register an address
+        // with a password of their choosing, and a different answer here would then tell them
+        // whether it already had an account.
+        attempt.matched(false);
+        return Err(sign_in_refused());
     }
+    attempt.matched(true);
     issue(&users.keys, &row).await
+}
+
+/// The one answer to a sign-in that does not open an account, whatever the reason.
+fn sign_in_refused() -> Problem {
+    Problem::unauthorized(
+        "unknown email or wrong password, or an address not confirmed yet (send the code mailed to it, \
+         with the address and password, to POST /api/v1/auth/verification)",
+    )
 }
 
 /// Confirms an address with the code mailed to it and the account's password, opening the

@@ -61,12 +61,16 @@ async fn registering_mails_a_code_and_opens_the_account_only_when_it_is_confirme
         "no wallet or welcome before confirmation"
     );
 
-    // Signing in before confirming says what to do; a wrong code opens nothing.
+    // Signing in before confirming is refused as a wrong password is (so registering an
+    // address with a password of one's own says nothing of an account behind it), with
+    // what to do; a wrong code opens nothing.
     let detail = users
         .login("ann@example.com", PASSWORD)
         .await
-        .problem(StatusCode::FORBIDDEN);
-    assert!(detail.contains("confirm your email"), "{detail}");
+        .problem(StatusCode::UNAUTHORIZED);
+    assert!(detail.contains("POST /api/v1/auth/verification"), "{detail}");
+    let wrong_password = users.login("ann@example.com", "not the password").await;
+    assert_eq!(wrong_password.problem(StatusCode::UNAUTHORIZED), detail);
     let wrong = if sent.code == "000000" { "000001" } else { "000000" };
     users
         .confirm("ann@example.com", PASSWORD, wrong)
@@ -183,6 +187,39 @@ async fn whoever_squats_an_unconfirmed_address_loses_it_to_the_mailbox_owner() {
             .await
             .problem(StatusCode::UNAUTHORIZED);
     }
+    users
+        .confirm("ann@example.com", PASSWORD, &code)
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(users.registrations().await[0].name, "Ann");
+}
+
+#[tokio::test]
+async fn spending_an_addresss_hourly_messages_does_not_keep_its_owner_out() {
+    let users = start().await;
+    // Mallory registers Ann's address until no more codes are sent this hour.
+    for _ in 0..4 {
+        users
+            .post_user(registration("ann@example.com", "Mallory", "mallory's password", None))
+            .await
+            .expect(StatusCode::ACCEPTED);
+    }
+    let code = users.code_for("ann@example.com").await.unwrap();
+    // Ann registers: no new code is sent, but her password replaces Mallory's, so the code
+    // already in her mailbox opens the account for her and not for Mallory.
+    users
+        .post_user(registration("ann@example.com", "Ann", PASSWORD, None))
+        .await
+        .expect(StatusCode::ACCEPTED);
+    assert_eq!(
+        users.codes_sent("ann@example.com").await.len(),
+        3,
+        "no message past the limit"
+    );
+    users
+        .confirm("ann@example.com", "mallory's password", &code)
+        .await
+        .problem(StatusCode::UNAUTHORIZED);
     users
         .confirm("ann@example.com", PASSWORD, &code)
         .await
@@ -399,7 +436,7 @@ async fn a_wrong_password_and_an_unknown_email_are_the_same_401() {
     let unknown = users.login("nobody@example.com", PASSWORD).await;
     let malformed = users.login("nobody", PASSWORD).await;
     let detail = wrong.problem(StatusCode::UNAUTHORIZED);
-    assert_eq!(detail, "unknown email or wrong password");
+    assert!(detail.starts_with("unknown email or wrong password"), "{detail}");
     assert_eq!(
         unknown.problem(StatusCode::UNAUTHORIZED),
         detail,
