@@ -198,6 +198,12 @@ async fn admin_token(client: &Client, api: &str, args: &LoadArgs) -> anyhow::Res
                 .to_string()
         }
     };
+    sign_in_admin(client, api, &password).await
+}
+
+/// Signs in as the admin account `bazaar up` created, with its `password`, through the
+/// gateway at `api` (`…/api/v1`).
+pub async fn sign_in_admin(client: &Client, api: &str, password: &str) -> anyhow::Result<String> {
     let (st, body) = json_call(
         client
             .post(format!("{api}/auth/token"))

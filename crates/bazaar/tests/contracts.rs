@@ -13,7 +13,6 @@ use std::{
 };
 
 use bazaar_bench::harness::{self, Options};
-use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bazaar");
 
@@ -138,16 +137,9 @@ async fn fuzzing_the_public_api_finds_no_server_error_and_no_answer_off_the_docu
         .build()
         .expect("client");
     let password = std::fs::read_to_string(up.data().join("admin.password")).expect("admin.password");
-    let answer: serde_json::Value = client
-        .post(up.api("/auth/token"))
-        .json(&json!({"email": bazaar::roles::ADMIN_EMAIL, "password": password.trim()}))
-        .send()
+    let admin = bazaar::load::sign_in_admin(&client, &up.api(""), password.trim())
         .await
-        .expect("admin sign-in")
-        .json()
-        .await
-        .expect("a token");
-    let admin = answer["accessToken"].as_str().expect("an admin token").to_string();
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let shopper = bazaar::load::open_account(&client, &up.api(""), &admin, "fuzz@example.com", "Fuzz", "long enough")
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));

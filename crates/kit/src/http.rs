@@ -202,6 +202,9 @@ where
         let axum::Json(mut value) = axum::Json::<serde_json::Value>::from_request(req, state)
             .await
             .map_err(reject)?;
+        if let Ok(v) = T::deserialize(&value) {
+            return Ok(Json(v));
+        }
         integral_floats_as_integers(&mut value);
         // Through bytes again, so a type error names the field it is in.
         let bytes = serde_json::to_vec(&value).unwrap_or_default();
