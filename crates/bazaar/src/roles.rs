@@ -62,7 +62,7 @@ pub type RunService = fn(Settings, RoleConfig, Shutdown) -> LocalBoxFuture<'stat
 pub type Role = &'static RoleSpec;
 
 /// Every role: services first (the order `up` starts them), then the gateway, then tools.
-pub static ROLES: [RoleSpec; 7] = [
+pub static ROLES: [RoleSpec; 8] = [
     RoleSpec {
         name: "users",
         about: "Users and tokens.",
@@ -109,6 +109,15 @@ pub static ROLES: [RoleSpec; 7] = [
         },
     },
     RoleSpec {
+        name: "web",
+        about: "The storefront in the browser, at the gateway's root.",
+        port_offset: 27,
+        kind: RoleKind::Service {
+            spec: &bazaar_web::SERVICE,
+            run: run_web,
+        },
+    },
+    RoleSpec {
         name: "gateway",
         about: "The API gateway (Kong-compatible config).",
         port_offset: 0,
@@ -143,9 +152,9 @@ pub const MAX_INSTANCES: u16 = 8;
 
 /// Client ports of the three JetStream nodes `up --cluster` runs, from the base port (in the
 /// gaps between service instances' ports).
-pub const NATS_CLIENT_OFFSETS: [u16; 3] = [37, 38, 39];
+pub const NATS_CLIENT_OFFSETS: [u16; 3] = [10, 11, 12];
 /// Their cluster route ports.
-pub const NATS_ROUTE_OFFSETS: [u16; 3] = [47, 48, 49];
+pub const NATS_ROUTE_OFFSETS: [u16; 3] = [13, 14, 15];
 
 /// How many instances of each service run; one unless said otherwise.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -380,6 +389,15 @@ fn run_notifications(
     })
 }
 
+fn run_web(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let web = bazaar_web::WebConfig {
+            gateway_url: settings.gateway_url(),
+        };
+        Ok(bazaar_web::run(config, web, stop).await?)
+    })
+}
+
 fn run_payment_sim(
     settings: Settings,
     listen: SocketAddr,
@@ -480,6 +498,10 @@ pub struct Settings {
     /// Default: users on this machine, http://127.0.0.1:<users port>/.well-known/jwks.json.
     #[arg(long, global = true, env = "BAZAAR_JWKS_URL")]
     pub jwks_url: Option<String>,
+    /// Where the web role calls the public API (web). Default: the gateway on this machine,
+    /// http://127.0.0.1:<base port>.
+    #[arg(long, global = true, env = "BAZAAR_GATEWAY_URL")]
+    pub gateway_url: Option<String>,
     /// Gateway config file. Default: DATA/kong.yml, written with bazaar's routes when missing.
     #[arg(long, global = true, env = "BAZAAR_GATEWAY_CONFIG")]
     pub gateway_config: Option<PathBuf>,
@@ -613,6 +635,13 @@ impl Settings {
     pub fn trusted_proxies(&self) -> anyhow::Result<bazaar_gateway::TrustedProxies> {
         bazaar_gateway::TrustedProxies::parse(self.trusted_ips.as_deref().unwrap_or(""))
             .map_err(|e| anyhow::anyhow!("BAZAAR_TRUSTED_IPS: {e}"))
+    }
+
+    /// Where the web role calls the public API: `--gateway-url`, or this machine's gateway.
+    pub fn gateway_url(&self) -> String {
+        self.gateway_url
+            .clone()
+            .unwrap_or_else(|| format!("http://127.0.0.1:{}", self.base_port))
     }
 
     /// The URL of the users service's JWKS: over the mesh (`https://users:PORT/…`) when this
@@ -941,6 +970,7 @@ mod tests {
             listen: None,
             store: None,
             jwks_url: None,
+            gateway_url: None,
             admin_listen_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             mesh_cert: None,
             mesh_key: None,

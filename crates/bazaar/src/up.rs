@@ -874,7 +874,9 @@ fn tour(settings: &Settings, config: &std::path::Path, broker: &str) -> String {
 bazaar is up: gateway {gw}, gateway admin http://127.0.0.1:{admin}, data in {data}, broker {broker}
 gateway config: {config} (edit it; the gateway reloads on change)
 
-Try it (copy and paste):
+Shop in a browser: {gw}/ (sign up, then find the emailed code in {data}/mail)
+
+Or with curl (copy and paste):
   curl -s {gw}/api/v1/products
   curl -s -XPOST {gw}/api/v1/users -H 'content-type: application/json' \
        -d '{{"email":"ann@example.com","name":"Ann","password":"correct horse"}}'

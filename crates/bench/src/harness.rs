@@ -410,3 +410,37 @@ pub async fn drop_cluster_databases(admin: &str, name: &str) {
     }
     server.close().await;
 }
+
+/// Installs the npm `package` (`name@version`) under `prefix` unless `marker` (a file it
+/// holds) is there already: the tests' tools from npm, fetched once per target dir. Only the
+/// package itself: a driver that would download a browser of its own is told not to.
+pub fn npm_install(prefix: &Path, package: &str, marker: &Path) -> anyhow::Result<()> {
+    if marker.is_file() {
+        return Ok(());
+    }
+    let out = std::process::Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--no-save",
+            "--silent",
+            "--prefix",
+        ])
+        .arg(prefix)
+        .arg(package)
+        .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+        .output()
+        .context("cannot run npm")?;
+    if !out.status.success() {
+        bail!(
+            "npm install {package} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if !marker.is_file() {
+        bail!("{} is missing after npm install {package}", marker.display());
+    }
+    Ok(())
+}

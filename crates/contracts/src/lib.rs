@@ -26,6 +26,8 @@ pub mod roles {
     pub const PAYMENTS: &str = "payments";
     /// Emails and texts.
     pub const NOTIFICATIONS: &str = "notifications";
+    /// The storefront and operator console (pages over the public API).
+    pub const WEB: &str = "web";
 }
 
 /// Topic names.

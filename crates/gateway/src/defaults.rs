@@ -128,9 +128,11 @@ pub fn default_config(
             _ => format!("{}.{domain}", first.service),
         };
         let scheme = if mesh.is_some() { "https" } else { "http" };
+        // The root page's resource is empty; its Kong service is named after its route.
+        let service_name = if resource.is_empty() { first.name } else { resource };
         let _ = write!(
             out,
-            "  - name: {resource}\n    url: {scheme}://{host}/{resource}\n    connect_timeout: 2000\n    read_timeout: 30000\n    retries: 2\n"
+            "  - name: {service_name}\n    url: {scheme}://{host}/{resource}\n    connect_timeout: 2000\n    read_timeout: 30000\n    retries: 2\n"
         );
         if mesh.is_some() {
             out.push_str(

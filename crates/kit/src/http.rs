@@ -328,11 +328,12 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
     response
 }
 
-/// True for a JSON body (a problem, or a health report's 503), which is left as it is.
+/// True for a JSON body (a problem, or a health report's 503) or a web page saying what went
+/// wrong, which are left as they are.
 fn is_json(response: &Response) -> bool {
     response.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
         let v = v.as_bytes();
-        v.starts_with(b"application/problem+json") || v.starts_with(b"application/json")
+        v.starts_with(b"application/problem+json") || v.starts_with(b"application/json") || v.starts_with(b"text/html")
     })
 }
 

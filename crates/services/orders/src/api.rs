@@ -307,17 +307,30 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
         .map_err(|_| Problem::bad_request(format!("`{id}` is not an order id (a UUID)")))
 }
 
-/// `?waitFor=outcome&timeout=SECS` on `GET /orders/{id}`.
+/// `?waitFor=outcome|change&seen=N&timeout=SECS` on `GET /orders/{id}`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
 #[into_params(parameter_in = Query)]
 struct Wait {
-    /// `outcome`: answer once the order is confirmed or cancelled.
-    #[param(value_type = Option<String>, pattern = "^outcome$")]
+    /// `outcome`: answer once the order is confirmed or cancelled. `change`: answer once its
+    /// saga's history has more than `seen` entries, or it has an outcome.
+    #[param(value_type = Option<String>, pattern = "^(outcome|change)$")]
     wait_for: Option<String>,
+    /// With `waitFor=change`: how many history entries the client has seen (default 0).
+    #[param(minimum = 0)]
+    seen: Option<i64>,
     /// Longest wait in seconds (default 30; more than 60 counts as 60).
     #[param(minimum = 0)]
     timeout: Option<i64>,
+}
+
+/// What a waiting `GET /orders/{id}` waits for.
+#[derive(Debug, Clone, Copy)]
+enum Awaited {
+    /// Confirmed or cancelled.
+    Outcome,
+    /// More history entries than the client has seen, or an outcome.
+    Change { seen: usize },
 }
 
 /// Longest a client may wait for an outcome in one request.
@@ -327,8 +340,9 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 const FALLBACK_READ: Duration = Duration::from_millis(250);
 
 /// One of the caller's orders, with its saga's progress. With `?waitFor=outcome` the answer
-/// waits (up to `timeout` seconds, default 30) until the order is confirmed or cancelled, so
-/// clients need not poll.
+/// waits (up to `timeout` seconds, default 30) until the order is confirmed or cancelled;
+/// with `?waitFor=change&seen=N` until its saga has moved past the N history entries the
+/// client has seen. Clients need not poll.
 #[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The order's id"), Wait),
     responses((status = 200, description = "The order and its saga", body = OrderView),
@@ -342,17 +356,21 @@ async fn show(
     let id = parse_id(&id)?.to_string();
     let timeout = u64::try_from(wait.timeout.unwrap_or(30))
         .map_err(|_| Problem::bad_request("timeout must be 0 or more seconds"))?;
-    let until = match wait.wait_for.as_deref() {
+    let seen = usize::try_from(wait.seen.unwrap_or(0))
+        .map_err(|_| Problem::bad_request("seen must be 0 or more history entries"))?;
+    let awaited = match wait.wait_for.as_deref() {
         None => None,
-        Some("outcome") => Some(Instant::now() + Duration::from_secs(timeout).min(MAX_WAIT)),
+        Some("outcome") => Some(Awaited::Outcome),
+        Some("change") => Some(Awaited::Change { seen }),
         Some(other) => {
             return Err(Problem::bad_request(format!(
-                "waitFor must be `outcome`, not `{other}`"
+                "waitFor must be `outcome` or `change`, not `{other}`"
             )))
         }
     };
+    let until = awaited.map(|_| Instant::now() + Duration::from_secs(timeout).min(MAX_WAIT));
     let watch = until.map(|_| orders.waiters.watch(&id));
-    let found = loop {
+    let (found, history) = loop {
         // Armed before the read, so an outcome committed between the read and the wait
         // still wakes us.
         let notified = watch.as_ref().map(|w| w.notify().notified());
@@ -370,15 +388,21 @@ async fn show(
             // Not yours: answer as if it did not exist.
             return Err(Problem::not_found(format!("no order {id}")));
         }
+        let history = orders.engine.history(&id).await?;
+        let waiting = found.status == OrderStatus::Pending
+            && match awaited {
+                None => false,
+                Some(Awaited::Outcome) => true,
+                Some(Awaited::Change { seen }) => history.len() <= seen,
+            };
         match (until, notified.as_mut().as_pin_mut()) {
-            (Some(t), Some(n)) if found.status == OrderStatus::Pending && Instant::now() < t => {
+            (Some(t), Some(n)) if waiting && Instant::now() < t => {
                 let _ = tokio::time::timeout(FALLBACK_READ.min(t.saturating_duration_since(Instant::now())), n).await;
             }
-            _ => break found,
+            _ => break (found, history),
         }
     };
     let saga = orders.engine.load(&id).await?;
-    let history = orders.engine.history(&id).await?;
     Ok(Json(OrderView {
         order: found,
         saga: SagaProgress {

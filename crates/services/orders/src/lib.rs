@@ -111,7 +111,7 @@ pub struct Orders {
     pub rt: Runtime,
     /// The order saga's engine.
     pub engine: Arc<SagaEngine<OrderSaga>>,
-    /// Requests waiting for an order's outcome (`?waitFor=outcome`).
+    /// Requests waiting for an order to move (`?waitFor=outcome` or `change`).
     pub waiters: Arc<Waiters>,
     /// Who may place an order now.
     pub admission: Admission,

@@ -486,6 +486,54 @@ async fn wait_for_outcome_answers_at_the_timeout_while_still_pending() {
 }
 
 #[tokio::test]
+async fn wait_for_change_answers_when_the_saga_moves_past_what_was_seen() {
+    let shop = Arc::new(start().await);
+    let ann = shop.customer();
+    let mug = product();
+    let id = shop.place(&ann, &[(mug, 1)]).await;
+    let now = shop.get(&format!("/orders/{id}"), &ann).await.expect(StatusCode::OK);
+    let seen = now["saga"]["history"].as_array().expect("a history").len();
+
+    // Nothing new: it answers at the timeout with what was seen.
+    let started = std::time::Instant::now();
+    let same = shop
+        .get(&format!("/orders/{id}?waitFor=change&seen={seen}&timeout=1"), &ann)
+        .await
+        .expect(StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_eq!(same["saga"]["history"].as_array().map(Vec::len), Some(seen));
+
+    // A reply moves the saga: the waiting request answers soon after, with the new entry.
+    let participants = {
+        let shop = shop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            shop.confirm(id, &priced(&[(mug, 1)], 1_250, "EUR")).await;
+        })
+    };
+    let started = std::time::Instant::now();
+    let moved = shop
+        .get(&format!("/orders/{id}?waitFor=change&seen={seen}&timeout=10"), &ann)
+        .await
+        .expect(StatusCode::OK);
+    let waited = started.elapsed();
+    participants.await.expect("the participants ran");
+    assert!(
+        moved["saga"]["history"].as_array().map(Vec::len) > Some(seen),
+        "{moved}"
+    );
+    assert!(
+        waited >= Duration::from_millis(300),
+        "answered before the move: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "answered {waited:?} after placing");
+
+    shop.get(&format!("/orders/{id}?waitFor=change&seen=-1"), &ann)
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
 async fn wait_for_anything_but_outcome_is_a_400() {
     let shop = start().await;
     let ann = shop.customer();
