@@ -206,6 +206,14 @@ impl Replicas {
     }
 }
 
+/// `ROLE=N,ROLE=N`, as [`Replicas::parse`] reads it.
+impl std::fmt::Display for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let items: Vec<String> = self.0.iter().map(|(role, n)| format!("{role}={n}")).collect();
+        f.write_str(&items.join(","))
+    }
+}
+
 /// The name of instance `k` of `role` in logs and pid files: `orders`, `orders-1`, ...
 pub fn instance_name(role: Role, k: u16) -> String {
     if k == 0 {
@@ -391,8 +399,28 @@ fn run_notifications(
 
 fn run_web(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
     Box::pin(async move {
+        let replicas = match &settings.layout {
+            Some(text) => Replicas::parse(text).map_err(|e| anyhow::anyhow!("BAZAAR_REPLICAS: {e}"))?,
+            None => Replicas::default(),
+        };
+        // Every instance's plain health and metrics listener, for the console.
+        let instances = up_roles()
+            .flat_map(|role| {
+                let count = if role.shares_port() { 1 } else { replicas.of(role) };
+                (0..count).map(move |k| (role, k))
+            })
+            .map(|(role, k)| bazaar_web::Instance {
+                role: role.name,
+                name: instance_name(role, k),
+                admin_url: settings
+                    .instance_health_url(role, k)
+                    .trim_end_matches("/health")
+                    .to_string(),
+            })
+            .collect();
         let web = bazaar_web::WebConfig {
             gateway_url: settings.gateway_url(),
+            instances,
         };
         Ok(bazaar_web::run(config, web, stop).await?)
     })
@@ -548,6 +576,10 @@ pub struct Settings {
     /// Add a small demo catalogue to an empty inventory (bazaar up turns it on).
     #[arg(long, global = true, env = "BAZAAR_SEED_DEMO")]
     pub seed_demo: bool,
+    /// How many instances of each role run (`orders=2,web=1`; web's console lists them).
+    /// `bazaar up` sets it for every role it starts. Default: one of each.
+    #[arg(long = "layout", global = true, env = "BAZAAR_REPLICAS", hide = true)]
+    pub layout: Option<String>,
     /// Which instance of its role this process is (serve only): 0 listens on the role's
     /// port, instance K on the role's port + 10*K.
     #[arg(long, global = true, env = "BAZAAR_INSTANCE", default_value_t = 0)]
@@ -971,6 +1003,7 @@ mod tests {
             store: None,
             jwks_url: None,
             gateway_url: None,
+            layout: None,
             admin_listen_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             mesh_cert: None,
             mesh_key: None,
@@ -1116,6 +1149,8 @@ mod tests {
         assert_eq!((r.of(orders), r.of(users)), (3, 2));
         let r = Replicas::parse("orders=3").unwrap();
         assert_eq!((r.of(orders), r.of(users)), (3, 1));
+        // `up` hands its layout to every role in this form.
+        assert_eq!(Replicas::parse(&r.to_string()), Ok(r));
         for (bad, says) in [
             ("orders=0", "1 to 8"),
             ("9", "1 to 8"),

@@ -524,6 +524,7 @@ fn role_job(
     cmd.arg("serve")
         .arg(role.name)
         .env("BAZAAR_INSTANCE", k.to_string())
+        .env("BAZAAR_REPLICAS", replicas.to_string())
         .env("BAZAAR_DRAIN_DELAY_MS", drain_delay.to_string())
         .env("BAZAAR_DATA", &settings.data)
         .env("BAZAAR_BASE_PORT", settings.base_port.to_string())

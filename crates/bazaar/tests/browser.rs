@@ -1,4 +1,4 @@
-//! The storefront in a real browser: Debian's Chromium, headless, driven by playwright-core
+//! The storefront and the operator console in a real browser: Debian's Chromium, headless, driven by playwright-core
 //! (from npm, told to use `/usr/bin/chromium`; nothing downloads a browser) against a
 //! `bazaar up` on free ports. Each scenario in `browser/storefront.cjs` asserts what a person
 //! would see on the page. Screenshots at desktop and phone widths go to the target dir, or
@@ -29,7 +29,7 @@ fn driver() -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shopper_signs_up_buys_and_watches_the_order_in_a_real_browser() {
+async fn shoppers_and_operators_use_the_shop_and_its_console_in_a_real_browser() {
     assert!(
         Path::new(CHROMIUM).is_file(),
         "{CHROMIUM} is missing: install Debian's chromium package (`.ci/run` does)"
@@ -58,6 +58,8 @@ async fn a_shopper_signs_up_buys_and_watches_the_order_in_a_real_browser() {
         .env("NODE_PATH", &modules)
         .env("BAZAAR_URL", &base)
         .env("BAZAAR_MAIL", up.data().join("mail"))
+        .env("BAZAAR_ADMIN_PASSWORD_FILE", up.data().join("admin.password"))
+        .env("BAZAAR_INSTANCES", bazaar::roles::up_roles().count().to_string())
         .env("BAZAAR_SCREENSHOTS", &shots)
         .env("CHROMIUM", CHROMIUM)
         .env(

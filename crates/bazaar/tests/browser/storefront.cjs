@@ -1,7 +1,8 @@
 // The storefront as shoppers see it, in headless Chromium (Debian's, driven by playwright-core).
 // Run by tests/browser.rs against a `bazaar up` whose new wallets hold $100:
 //   BAZAAR_URL (the gateway), BAZAAR_MAIL (the mail dir), BAZAAR_SCREENSHOTS, CHROMIUM, and
-//   BAZAAR_PAYMENTS_PID (paused for a moment, so an order is seen mid-saga).
+//   BAZAAR_PAYMENTS_PID (paused for a moment, so an order is seen mid-saga),
+//   BAZAAR_ADMIN_PASSWORD_FILE and BAZAAR_INSTANCES (how many the console should list).
 // Each scenario asserts what a person reads on the page; any failure exits non-zero.
 "use strict";
 const fs = require("fs");
@@ -12,6 +13,8 @@ const BASE = process.env.BAZAAR_URL;
 const MAIL = process.env.BAZAAR_MAIL;
 const SHOTS = process.env.BAZAAR_SCREENSHOTS;
 const PAYMENTS = Number(process.env.BAZAAR_PAYMENTS_PID);
+const ADMIN_PASSWORD = fs.readFileSync(process.env.BAZAAR_ADMIN_PASSWORD_FILE, "utf8").trim();
+const INSTANCES = Number(process.env.BAZAAR_INSTANCES);
 const PASSWORD = "correct horse battery";
 const DESKTOP = { width: 1280, height: 860 };
 const PHONE = { width: 390, height: 844 };
@@ -39,6 +42,14 @@ async function mailedCode(email) {
 }
 
 // Signs up through the pages: the form, the mailed code, and back to the shop signed in.
+async function signIn(page, email, password) {
+  await page.goto(`${BASE}/account/signin`);
+  await page.getByLabel("Email", { exact: true }).fill(email);
+  await page.getByLabel("Password", { exact: true }).fill(password);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.getByText(`Signed in as ${email}`).waitFor();
+}
+
 async function signUp(page, name, email) {
   await page.goto(`${BASE}/`);
   await page.getByRole("link", { name: "Sign up" }).click();
@@ -180,19 +191,86 @@ async function main() {
       check((await balance(page)) === "$51.00", "socks were charged once");
     });
 
-    await scenario("another shopper cannot open my order page", async () => {
+    await scenario("another shopper cannot open my order page or the console", async () => {
       const bobContext = await browser.newContext({ viewport: DESKTOP });
       const bobPage = await bobContext.newPage();
       await signUp(bobPage, "Bob", bob);
       const answer = await bobPage.goto(firstOrder);
       check(answer.status() === 404, `someone else's order is not found (got ${answer.status()})`);
       check((await text(bobPage)).includes("You have no order with that number"), "the page says so in words");
+      check((await bobPage.getByRole("link", { name: "Console" }).count()) === 0, "a shopper is not offered the console");
+      const console = await bobPage.goto(`${BASE}/console`);
+      check(console.status() === 403, `the console refuses a shopper (got ${console.status()})`);
+      check((await text(bobPage)).includes("The console is for the shop"), "and says why");
       await bobContext.close();
       const anonymous = await browser.newContext();
       const anonPage = await anonymous.newPage();
       await anonPage.goto(firstOrder);
       check(anonPage.url().includes("/account/signin"), "a visitor is asked to sign in first");
       await anonymous.close();
+    });
+
+    await scenario("an operator sees every role healthy and orders finishing live", async () => {
+      const opsContext = await browser.newContext({ viewport: DESKTOP });
+      const ops = await opsContext.newPage();
+      shown = ops;
+      await signIn(ops, "admin@bazaar.local", ADMIN_PASSWORD);
+      await ops.getByRole("link", { name: "Console" }).click();
+      await ops.getByRole("heading", { name: "Console" }).waitFor();
+      await ops.getByText(`${INSTANCES} of ${INSTANCES} instances healthy`).waitFor({ timeout: 20000 });
+      const rows = await ops.locator("#roles-title ~ table tbody tr").allInnerTexts();
+      for (const role of ["gateway", "users", "inventory", "orders", "payments", "notifications", "web"]) {
+        check(rows.some((r) => r.startsWith(role) && r.includes("healthy")), `${role} is listed healthy: ${rows}`);
+      }
+      check((await ops.getByRole("img", { name: "Orders finished per second" }).count()) === 1, "the orders chart is drawn");
+      check((await ops.getByRole("img", { name: "Saga latency, placed to outcome" }).count()) === 1, "the latency chart is drawn");
+      // Ann shops while the console is open: the chart moves without a reload.
+      const moved = ops.waitForFunction(
+        () =>
+          [...document.querySelectorAll("figure")].some(
+            (f) => f.textContent.includes("Orders finished per second") && /confirmed: (?!0\/s)/.test(f.textContent),
+          ),
+        null,
+        { timeout: 20000 },
+      );
+      for (let i = 0; i < 3; i++) {
+        await addToCart(page, "Three pairs of socks", 1);
+        await page.getByRole("button", { name: "Place order" }).click();
+        await page.getByText("Your order is confirmed.").waitFor({ timeout: 20000 });
+      }
+      await moved;
+      await ops.screenshot({ path: path.join(SHOTS, "console-desktop.png"), fullPage: true });
+      await ops.setViewportSize(PHONE);
+      await ops.screenshot({ path: path.join(SHOTS, "console-phone.png"), fullPage: true });
+      await opsContext.close();
+      shown = page;
+    });
+
+    await scenario("an operator reads a cancelled order's saga and restocks a product", async () => {
+      const opsContext = await browser.newContext({ viewport: DESKTOP });
+      const ops = await opsContext.newPage();
+      shown = ops;
+      await signIn(ops, "admin@bazaar.local", ADMIN_PASSWORD);
+      await ops.goto(`${BASE}/console/sagas`);
+      check((await text(ops)).includes("No saga is stuck."), "nothing is stuck");
+      await ops.getByRole("link", { name: "compensated" }).click();
+      await ops.locator("tbody a").first().click();
+      const history = await text(ops);
+      check(history.includes("compensated") && history.includes("insufficient funds"), `the history says why: ${history}`);
+      check((await ops.getByRole("button", { name: "Retry compensation" }).count()) === 0, "only stuck sagas offer a retry");
+      await ops.goto(`${BASE}/console/products`);
+      const lamp = ops.getByRole("row", { name: /Desk lamp/ });
+      const before = Number(await lamp.locator(".available").innerText());
+      await ops.getByLabel("Units for Desk lamp").fill("5");
+      await ops.getByLabel("Reason for Desk lamp").fill("delivery");
+      await ops.getByRole("button", { name: "Change stock of Desk lamp" }).click();
+      await ops.getByRole("heading", { name: "Products" }).waitFor();
+      const after = Number(await ops.getByRole("row", { name: /Desk lamp/ }).locator(".available").innerText());
+      check(after === before + 5, `5 more lamps are available (${before} -> ${after})`);
+      await ops.goto(`${BASE}/`);
+      check((await text(ops)).includes(`Desk lamp $45.00 ${after} in stock`), "the shop shows the new stock");
+      await opsContext.close();
+      shown = page;
     });
 
     await scenario("pages work at phone width", async () => {

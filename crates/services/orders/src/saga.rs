@@ -291,6 +291,13 @@ impl SagaFlow for OrderSaga {
             let event = Envelope::new(event_type, ctx.order_id.to_string(), outcome, metadata).with_version(2);
             outbox::add(tx, topics::ORDERS_EVENTS, &event).await?;
             metrics::counter!("bazaar_orders_finished_total", "status" => status.as_str()).increment(1);
+            // Placed -> outcome: the order id is a UUIDv7, so it carries when it was placed.
+            if let Some(placed) = ctx.order_id.get_timestamp() {
+                let (secs, nanos) = placed.to_unix();
+                let placed_ms = i64::try_from(secs).unwrap_or(i64::MAX) * 1000 + i64::from(nanos / 1_000_000);
+                let took = (now_millis() - placed_ms).max(0) as f64 / 1000.0;
+                metrics::histogram!("bazaar_order_saga_seconds", "status" => status.as_str()).record(took);
+            }
             Ok(())
         })
     }

@@ -184,13 +184,31 @@ pub struct Notification {
     pub created_at: String,
 }
 
-/// The user a token belongs to.
+/// A saga as operators list it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct User {
-    /// Display name.
-    pub name: String,
-    /// Address.
-    pub email: String,
+#[serde(rename_all(deserialize = "camelCase"))]
+pub struct Saga {
+    /// Its id (the order's).
+    pub id: String,
+    /// Where it is.
+    pub status: String,
+    /// The step it is at (an index).
+    pub step: i64,
+    /// Sends of the current command.
+    pub attempts: u32,
+    /// The last failure.
+    pub error: Option<String>,
+    /// The correlation id of the request that started it.
+    pub correlation_id: String,
+}
+
+/// A saga with its history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SagaView {
+    /// The saga.
+    pub saga: Saga,
+    /// Every transition, oldest first.
+    pub history: Vec<HistoryEntry>,
 }
 
 /// Longest a single call may take (the gateway's own limits are shorter for most).
@@ -248,7 +266,8 @@ impl Api {
         format!("{}/api/v1{path}", self.base)
     }
 
-    async fn call<T: DeserializeOwned>(
+    /// Sends a call and returns the body of a success, or the error in the answer.
+    async fn exchange(
         &self,
         client: &HttpClient,
         method: Method,
@@ -256,7 +275,7 @@ impl Api {
         token: Option<&str>,
         body: Option<&Value>,
         idempotency_key: Option<&str>,
-    ) -> Result<T, ApiError> {
+    ) -> Result<bytes::Bytes, ApiError> {
         let mut request = client.request(method, &self.url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -277,7 +296,7 @@ impl Api {
             .await
             .map_err(|e| ApiError::Unreachable(e.to_string()))?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| ApiError::Unexpected(format!("{path}: {e}")));
+            return Ok(bytes);
         }
         let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let detail = answer["detail"]
@@ -286,6 +305,22 @@ impl Api {
             .unwrap_or_default()
             .to_string();
         Err(ApiError::Answered { status, detail })
+    }
+
+    /// A call whose answer is a `T`.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        client: &HttpClient,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<T, ApiError> {
+        let bytes = self
+            .exchange(client, method, path, token, body, idempotency_key)
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::Unexpected(format!("{path}: {e}")))
     }
 
     /// The catalogue.
@@ -319,12 +354,6 @@ impl Api {
     pub async fn sign_in(&self, email: &str, password: &str) -> Result<Token, ApiError> {
         let body = serde_json::json!({"email": email, "password": password});
         self.call(&self.calls, Method::POST, "/auth/token", None, Some(&body), None)
-            .await
-    }
-
-    /// The signed-in user.
-    pub async fn me(&self, token: &str) -> Result<User, ApiError> {
-        self.call(&self.calls, Method::GET, "/users/me", Some(token), None, None)
             .await
     }
 
@@ -374,6 +403,54 @@ impl Api {
     /// The shopper's wallet.
     pub async fn wallet(&self, token: &str) -> Result<Account, ApiError> {
         self.call(&self.calls, Method::GET, "/accounts/me", Some(token), None, None)
+            .await
+    }
+
+    /// Sagas in `status` (operators).
+    pub async fn sagas(&self, token: &str, status: &str) -> Result<Vec<Saga>, ApiError> {
+        let path = format!("/sagas?status={status}&limit=200");
+        self.call(&self.calls, Method::GET, &path, Some(token), None, None)
+            .await
+    }
+
+    /// A saga and its history (operators).
+    pub async fn saga(&self, token: &str, id: Uuid) -> Result<SagaView, ApiError> {
+        self.call(
+            &self.calls,
+            Method::GET,
+            &format!("/sagas/{id}"),
+            Some(token),
+            None,
+            None,
+        )
+        .await
+    }
+
+    /// Sends a stuck saga back to compensation (operators).
+    pub async fn retry_saga(&self, token: &str, id: Uuid) -> Result<(), ApiError> {
+        self.exchange(
+            &self.calls,
+            Method::POST,
+            &format!("/sagas/{id}/retry"),
+            Some(token),
+            None,
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Receives (`delta` > 0) or writes off stock (operators).
+    pub async fn restock(&self, token: &str, id: Uuid, delta: i64, reason: &str) -> Result<Product, ApiError> {
+        let body = serde_json::json!({"delta": delta, "reason": reason});
+        let path = format!("/products/{id}/stock");
+        self.call(&self.calls, Method::POST, &path, Some(token), Some(&body), None)
+            .await
+    }
+
+    /// Adds a product to the catalogue (operators).
+    pub async fn add_product(&self, token: &str, product: &Value) -> Result<Product, ApiError> {
+        self.call(&self.calls, Method::POST, "/products", Some(token), Some(product), None)
             .await
     }
 

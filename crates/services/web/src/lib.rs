@@ -9,6 +9,9 @@
 //! small script are compiled into the binary.
 
 mod api;
+mod chart;
+mod console;
+mod monitor;
 mod pages;
 mod session;
 mod view;
@@ -31,6 +34,7 @@ use bazaar_kit::{
 };
 
 pub use api::{Api, ApiError};
+pub use monitor::{Instance, Monitor};
 pub use view::{money, Views};
 
 /// What the gateway routes to the web role: pages at its root.
@@ -45,8 +49,8 @@ const fn page(name: &'static str, resource: &'static str) -> PublicRoute {
     }
 }
 
-/// The web role's routes at the gateway: the home page, the shopper's pages, the cart and
-/// the static assets. Token checks happen here, on the session cookie, not at the gateway.
+/// The web role's routes at the gateway: the home page, the shopper's pages, the cart, the
+/// operator console and the static assets. Token checks happen here, on the session cookie, not at the gateway.
 const ROUTES: &[PublicRoute] = &[
     PublicRoute {
         exact: true,
@@ -55,6 +59,7 @@ const ROUTES: &[PublicRoute] = &[
     },
     page("web-account", "account"),
     page("web-cart", "cart"),
+    page("web-console", "console"),
     page("web-assets", "assets"),
 ];
 
@@ -74,6 +79,8 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
 pub struct WebConfig {
     /// The gateway whose public API the pages call (`http://127.0.0.1:8080`).
     pub gateway_url: String,
+    /// Every role instance the console watches.
+    pub instances: Vec<Instance>,
 }
 
 /// The web role's shared state.
@@ -85,6 +92,8 @@ pub struct Web {
     pub api: Api,
     /// The templates.
     pub views: Arc<Views>,
+    /// What the console watches.
+    pub monitor: Monitor,
 }
 
 /// Runs the web role until `shutdown`.
@@ -97,11 +106,18 @@ pub async fn run(config: RoleConfig, web: WebConfig, shutdown: Shutdown) -> Resu
     }
     let views = Views::new().map_err(|e| ServiceError::Config(e.to_string()))?;
     let api = Api::new(&web.gateway_url).map_err(|e| ServiceError::Config(e.to_string()))?;
+    let monitor = Monitor::new(web.instances).map_err(|e| ServiceError::Config(e.to_string()))?;
     let rt = Runtime::start(&SERVICE, &config, shutdown).await?;
+    let sampler = monitor.clone();
+    rt.every(monitor::SAMPLE_EVERY, move || {
+        let sampler = sampler.clone();
+        async move { sampler.sample().await }
+    });
     let state = Web {
         rt: rt.clone(),
         api: api.clone(),
         views: Arc::new(views),
+        monitor,
     };
     let health = rt.health().check("gateway", move || {
         let api = api.clone();
@@ -128,10 +144,17 @@ pub fn router(web: Web) -> Router {
         .route("/account/orders/{id}/events", get(pages::order_events))
         .route("/account/wallet", get(pages::wallet))
         .route("/account/messages", get(pages::messages))
+        .route("/console", get(console::home))
+        .route("/console/live", get(console::live))
+        .route("/console/sagas", get(console::sagas))
+        .route("/console/sagas/{id}", get(console::saga))
+        .route("/console/sagas/{id}/retry", post(console::retry))
+        .route("/console/products", get(console::products).post(console::add_product))
+        .route("/console/products/{id}/stock", post(console::restock))
         .route("/assets/site.css", get(|| asset("text/css; charset=utf-8", SITE_CSS)))
         .route(
-            "/assets/order.js",
-            get(|| asset("text/javascript; charset=utf-8", ORDER_JS)),
+            "/assets/live.js",
+            get(|| asset("text/javascript; charset=utf-8", LIVE_JS)),
         )
         .route("/{*rest}", get(pages::not_found))
         .layer(axum::middleware::from_fn(html_errors))
@@ -141,7 +164,7 @@ pub fn router(web: Web) -> Router {
 }
 
 const SITE_CSS: &str = include_str!("../assets/site.css");
-const ORDER_JS: &str = include_str!("../assets/order.js");
+const LIVE_JS: &str = include_str!("../assets/live.js");
 
 async fn asset(content_type: &'static str, body: &'static str) -> Response {
     (

@@ -31,7 +31,7 @@ const FEED_LIMIT: Duration = Duration::from_secs(300);
 
 /// What every page's layout needs: who is visiting and the cart's size.
 #[derive(Debug, Serialize)]
-struct Nav {
+pub(crate) struct Nav {
     signed_in: bool,
     email: Option<String>,
     admin: bool,
@@ -39,7 +39,7 @@ struct Nav {
 }
 
 impl Nav {
-    fn of(visitor: &Visitor) -> Nav {
+    pub(crate) fn of(visitor: &Visitor) -> Nav {
         Nav {
             signed_in: visitor.shopper.is_some(),
             email: visitor.shopper.as_ref().map(|s| s.claims.email.clone()),
@@ -64,7 +64,7 @@ fn see_other_with(to: &str, cookies: &[HeaderValue]) -> Response {
 }
 
 /// The sign-in page, coming back to `back` afterwards.
-fn sign_in_first(back: &Uri) -> Response {
+pub(crate) fn sign_in_first(back: &Uri) -> Response {
     let next = back.path_and_query().map_or("/", |p| p.as_str());
     see_other(&format!("/account/signin?next={}", encode(next)))
 }
@@ -88,7 +88,7 @@ fn local_path(next: Option<&str>) -> &str {
 }
 
 /// A page saying what went wrong, in words.
-fn problem_page(web: &Web, visitor: &Visitor, status: StatusCode, title: &str, words: &str) -> Response {
+pub(crate) fn problem_page(web: &Web, visitor: &Visitor, status: StatusCode, title: &str, words: &str) -> Response {
     web.views.page(
         status,
         "problem.html",
@@ -98,7 +98,7 @@ fn problem_page(web: &Web, visitor: &Visitor, status: StatusCode, title: &str, w
 
 /// The status a page answers with when the API refused: the API's own for a client
 /// error, 502 when the shop behind it failed.
-fn page_status(error: &ApiError) -> StatusCode {
+pub(crate) fn page_status(error: &ApiError) -> StatusCode {
     match error.status() {
         Some(s) if s.is_client_error() => s,
         _ => StatusCode::BAD_GATEWAY,
@@ -477,7 +477,7 @@ struct Feed {
     stop: bazaar_kit::shutdown::Shutdown,
 }
 
-/// `GET /account/orders/{id}/events`: server-sent events, one `progress` event with the
+/// `GET /account/orders/{id}/events`: server-sent events, one `update` event with the
 /// rendered steps each time the saga moves, and `settled` once the order has an outcome.
 pub async fn order_events(
     State(web): State<Web>,
@@ -537,7 +537,7 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
         feed.seen = view.seen;
         feed.settled = view.settled;
         let event = Event::default()
-            .event(if view.settled { "settled" } else { "progress" })
+            .event(if view.settled { "settled" } else { "update" })
             .id(view.seen.to_string())
             .data(html);
         Some((Ok(event), feed))

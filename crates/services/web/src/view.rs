@@ -25,6 +25,15 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("wallet.html", include_str!("../templates/wallet.html")),
     ("messages.html", include_str!("../templates/messages.html")),
     ("problem.html", include_str!("../templates/problem.html")),
+    ("console_nav.html", include_str!("../templates/console_nav.html")),
+    ("console.html", include_str!("../templates/console.html")),
+    ("console_live.html", include_str!("../templates/console_live.html")),
+    ("console_sagas.html", include_str!("../templates/console_sagas.html")),
+    ("console_saga.html", include_str!("../templates/console_saga.html")),
+    (
+        "console_products.html",
+        include_str!("../templates/console_products.html"),
+    ),
 ];
 
 /// The compiled templates.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::http::{header, Method, StatusCode};
 use bazaar_kit::testing::{Answer, TestRole};
-use bazaar_web::{Api, Views, Web, SERVICE};
+use bazaar_web::{Api, Monitor, Views, Web, SERVICE};
 
 /// Nothing listens here: every API call fails to connect.
 const STOPPED_GATEWAY: &str = "http://127.0.0.1:9";
@@ -18,6 +18,7 @@ async fn start() -> TestRole {
             rt: rt.clone(),
             api: Api::new(STOPPED_GATEWAY).expect("a client"),
             views: Arc::new(Views::new().expect("templates")),
+            monitor: Monitor::new(Vec::new()).expect("a monitor"),
         })
     })
     .await
@@ -149,4 +150,28 @@ async fn an_unknown_page_is_a_page_saying_so() {
     let answer = get(&web, "/account/nothing-here", &[]).await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
     assert!(html(&answer).contains("There is no page here"));
+}
+
+#[tokio::test]
+async fn the_console_is_for_operators_only() {
+    let web = start().await;
+    let visitor = get(&web, "/console/sagas", &[]).await;
+    assert_eq!(visitor.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        visitor.headers[header::LOCATION].to_str().unwrap(),
+        "/account/signin?next=/console/sagas"
+    );
+    let (_, shopper) = web.customer();
+    let cookie = format!("bazaar_session={shopper}");
+    for page in ["/console", "/console/sagas", "/console/products"] {
+        let refused = get(&web, page, &[("cookie", &cookie)]).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{page}");
+        assert!(html(&refused).contains("The console is for the shop"));
+    }
+    let live = get(&web, "/console/live", &[("cookie", &cookie)]).await;
+    assert_eq!(live.status, StatusCode::FORBIDDEN);
+    let cookie = format!("bazaar_session={}", web.admin_token());
+    let console = get(&web, "/console", &[("cookie", &cookie)]).await;
+    assert_eq!(console.status, StatusCode::OK);
+    assert!(html(&console).contains("0 of 0 instances healthy"));
 }
