@@ -128,8 +128,10 @@ pub fn default_config(
             _ => format!("{}.{domain}", first.service),
         };
         let scheme = if mesh.is_some() { "https" } else { "http" };
-        // The root page's resource is empty; its Kong service is named after its route.
-        let service_name = if resource.is_empty() { first.name } else { resource };
+        // A resource that is not one word (the root page's empty one, a page below another)
+        // names its Kong service after its route.
+        let one_word = !resource.is_empty() && !resource.contains('/');
+        let service_name = if one_word { resource } else { first.name };
         let _ = write!(
             out,
             "  - name: {service_name}\n    url: {scheme}://{host}/{resource}\n    connect_timeout: 2000\n    read_timeout: 30000\n    retries: 2\n"

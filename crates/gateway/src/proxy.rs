@@ -90,7 +90,11 @@ pub(crate) async fn handle(
     let mut decorations = Decorations::default();
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    let page = response::wants_page(request.headers());
     let mut response = process(&shared, &snapshot, request, connection, &mut decorations).await;
+    if page {
+        response = response::as_page(response);
+    }
 
     // One access line per request, carrying the correlation id the services will log too.
     let correlation_id = decorations

@@ -301,6 +301,24 @@ async function main() {
       // The goal is 200 ms on an idle machine; tests share two cores with other suites.
       check(Math.max(...times) < 1000, `every page loads within a second: ${times}`);
     });
+    await scenario("a flood of sign-ins is told to wait, in words", async () => {
+      const flood = await browser.newContext();
+      const answers = [];
+      for (let i = 0; i < 8; i++) {
+        answers.push(
+          await flood.request.post(`${BASE}/account/signin`, {
+            form: { email: ann, password: "not the password" },
+            headers: { accept: "text/html", origin: BASE },
+            maxRedirects: 0,
+          }),
+        );
+      }
+      const limited = answers.filter((a) => a.status() === 429);
+      check(limited.length > 0, `the edge limits sign-ins per address: ${answers.map((a) => a.status())}`);
+      check(limited[0].headers()["content-type"].startsWith("text/html"), "a browser is answered with a page");
+      check((await limited[0].text()).includes("wait a moment and try again"), "which says what to do");
+      await flood.close();
+    });
   } finally {
     await browser.close();
   }

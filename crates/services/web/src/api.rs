@@ -45,7 +45,7 @@ impl ApiError {
                 StatusCode::FORBIDDEN => "You are not allowed to do that.".into(),
                 StatusCode::NOT_FOUND => "We could not find that.".into(),
                 StatusCode::TOO_MANY_REQUESTS => {
-                    "Too many attempts in a short time; please wait a minute and try again.".into()
+                    "Too many attempts in a short time; please wait a moment and try again.".into()
                 }
                 s if s.is_server_error() => "The shop is busy right now; please try again in a moment.".into(),
                 _ => sentence(detail),

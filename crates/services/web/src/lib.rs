@@ -49,6 +49,16 @@ const fn page(name: &'static str, resource: &'static str) -> PublicRoute {
     }
 }
 
+/// A form posted to `resource` that checks credentials: limited per client at the gateway.
+const fn credentials(name: &'static str, resource: &'static str) -> PublicRoute {
+    PublicRoute {
+        methods: &["POST"],
+        exact: true,
+        access: Access::Credentials,
+        ..page(name, resource)
+    }
+}
+
 /// The web role's routes at the gateway: the home page, the shopper's pages, the cart, the
 /// operator console and the static assets. Token checks happen here, on the session cookie, not at the gateway.
 const ROUTES: &[PublicRoute] = &[
@@ -57,6 +67,11 @@ const ROUTES: &[PublicRoute] = &[
         methods: &["GET", "HEAD"],
         ..page("web-home", "")
     },
+    // The forms that check a password or open an account are limited per shopper at the
+    // edge, as the API's own credential routes are.
+    credentials("web-signin", "account/signin"),
+    credentials("web-signup", "account/signup"),
+    credentials("web-confirm", "account/confirm"),
     page("web-account", "account"),
     page("web-cart", "cart"),
     page("web-console", "console"),
