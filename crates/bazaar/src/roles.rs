@@ -421,6 +421,10 @@ fn run_web(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFu
         let web = bazaar_web::WebConfig {
             gateway_url: settings.gateway_url(),
             instances,
+            consumers: services()
+                .filter(|(_, spec)| !spec.consumes.is_empty())
+                .map(|(_, spec)| spec.name)
+                .collect(),
         };
         Ok(bazaar_web::run(config, web, stop).await?)
     })

@@ -47,6 +47,24 @@ async fn shoppers_and_operators_use_the_shop_and_its_console_in_a_real_browser()
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
+    // An event no consumer can take (its payload breaks the contract): notifications sets it
+    // aside at once, for the operator to find in the console.
+    let bus = bazaar_kit::broker::connect(&format!("sqlite://{}", up.data().join("bus.db").display()))
+        .await
+        .expect("the embedded broker");
+    let broken = bazaar_kit::envelope::Envelope::new(
+        "order.confirmed",
+        uuid::Uuid::now_v7().to_string(),
+        serde_json::json!({"orderId": "not an order id"}),
+        bazaar_kit::envelope::Metadata::default(),
+    );
+    bus.publish(
+        bazaar_contracts::topics::ORDERS_EVENTS,
+        &broken.event_id.to_string(),
+        broken.to_vec().into(),
+    )
+    .await
+    .expect("publish");
     let shots = std::env::var_os("BAZAAR_SCREENSHOTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots"));

@@ -11,7 +11,7 @@ use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
 use crate::{
-    broker::{DeadLetter, Delivery, SharedBroker, SubscribeOptions},
+    broker::{Broker, BrokerError, DeadLetter, Delivery, SharedBroker, SubscribeOptions},
     envelope::Envelope,
     inbox,
     outbox::Outbox,
@@ -262,51 +262,7 @@ impl Runner {
     }
 
     async fn apply(&self, event: &Envelope) -> Outcome {
-        let span = tracing::info_span!(
-            "handle",
-            event_type = %event.event_type,
-            event_id = %event.event_id,
-            correlation_id = %event.metadata.correlation_id,
-            traceparent = event.metadata.traceparent.as_deref().unwrap_or("")
-        );
-        let context = crate::http::RequestContext {
-            correlation_id: event.metadata.correlation_id.clone(),
-            traceparent: event.metadata.traceparent.clone(),
-        };
-        context.scope(self.apply_in_span(event)).instrument(span).await
-    }
-
-    async fn apply_in_span(&self, event: &Envelope) -> Outcome {
-        let mut tx = match self.outbox.store().begin().await {
-            Ok(tx) => tx,
-            Err(e) => return Outcome::Retry(e.to_string()),
-        };
-        match inbox::record(&mut tx, &self.config.group, &event.event_id.to_string()).await {
-            Ok(true) => {}
-            Ok(false) => {
-                let _ = tx.rollback().await;
-                return Outcome::Duplicate;
-            }
-            Err(e) => return Outcome::Retry(e.to_string()),
-        }
-        match self.handler.handle(&mut tx, event).await {
-            Ok(()) => match self.outbox.commit(tx).await {
-                Ok(()) => {
-                    tracing::info!(group = %self.config.group, "handled");
-                    self.handler.committed(event);
-                    Outcome::Handled
-                }
-                Err(e) => Outcome::Retry(e.to_string()),
-            },
-            Err(HandlerError::Transient(reason)) => {
-                let _ = tx.rollback().await;
-                Outcome::Retry(reason)
-            }
-            Err(HandlerError::Poison(reason)) => {
-                let _ = tx.rollback().await;
-                Outcome::Dead(reason)
-            }
-        }
+        apply(&self.outbox, &self.config.group, self.handler.as_ref(), event).await
     }
 
     async fn park(&self, delivery: Delivery, reason: String) {
@@ -315,6 +271,152 @@ impl Runner {
             tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
         }
     }
+}
+
+/// Handles `event` once for `group`: the inbox records it and the handler's effects commit
+/// in one transaction (a duplicate changes nothing), inside the event's trace and
+/// correlation id.
+async fn apply(outbox: &Outbox, group: &str, handler: &dyn Handler, event: &Envelope) -> Outcome {
+    let span = tracing::info_span!(
+        "handle",
+        event_type = %event.event_type,
+        event_id = %event.event_id,
+        correlation_id = %event.metadata.correlation_id,
+        traceparent = event.metadata.traceparent.as_deref().unwrap_or("")
+    );
+    let context = crate::http::RequestContext {
+        correlation_id: event.metadata.correlation_id.clone(),
+        traceparent: event.metadata.traceparent.clone(),
+    };
+    context
+        .scope(apply_in_span(outbox, group, handler, event))
+        .instrument(span)
+        .await
+}
+
+async fn apply_in_span(outbox: &Outbox, group: &str, handler: &dyn Handler, event: &Envelope) -> Outcome {
+    let mut tx = match outbox.store().begin().await {
+        Ok(tx) => tx,
+        Err(e) => return Outcome::Retry(e.to_string()),
+    };
+    match inbox::record(&mut tx, group, &event.event_id.to_string()).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = tx.rollback().await;
+            return Outcome::Duplicate;
+        }
+        Err(e) => return Outcome::Retry(e.to_string()),
+    }
+    match handler.handle(&mut tx, event).await {
+        Ok(()) => match outbox.commit(tx).await {
+            Ok(()) => {
+                tracing::info!(%group, "handled");
+                handler.committed(event);
+                Outcome::Handled
+            }
+            Err(e) => Outcome::Retry(e.to_string()),
+        },
+        Err(HandlerError::Transient(reason)) => {
+            let _ = tx.rollback().await;
+            Outcome::Retry(reason)
+        }
+        Err(HandlerError::Poison(reason)) => {
+            let _ = tx.rollback().await;
+            Outcome::Dead(reason)
+        }
+    }
+}
+
+/// A dead letter of one group, as an operator lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parked {
+    /// Its place in the dead-letter topic.
+    pub seq: u64,
+    /// What was set aside and why.
+    pub letter: DeadLetter,
+}
+
+/// The dead letters `group` set aside from `topic`, oldest first (at most `limit`).
+pub async fn dead_letters(
+    broker: &dyn Broker,
+    group: &str,
+    topic: &str,
+    limit: usize,
+) -> Result<Vec<Parked>, BrokerError> {
+    let messages = broker.read(&crate::broker::dlq_topic(topic), limit).await?;
+    Ok(messages
+        .into_iter()
+        .filter_map(|m| {
+            let letter: DeadLetter = serde_json::from_slice(&m.body).ok()?;
+            (letter.group == group).then_some(Parked { seq: m.seq, letter })
+        })
+        .collect())
+}
+
+/// What replaying a dead letter did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replayed {
+    /// The handler took it now; the dead letter is gone.
+    Handled,
+    /// The group had handled it meanwhile (its inbox says so); the dead letter is gone.
+    AlreadyHandled,
+}
+
+/// Why a dead letter was not replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The group has no dead letter there (replayed already, or never).
+    #[error("no dead letter #{seq} of {group} on {topic}")]
+    NotFound {
+        /// The group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// The place asked for.
+        seq: u64,
+    },
+    /// The handler still fails; the dead letter stays for another try.
+    #[error("it still fails: {0}")]
+    StillFailing(String),
+    /// The broker could not be read or changed.
+    #[error("broker: {0}")]
+    Broker(#[from] BrokerError),
+}
+
+/// Hands the dead letter at `seq` of `config`'s topic back to its own group's `handler`,
+/// exactly as a delivery would be handled (contract, inbox, one transaction), and removes
+/// it once handled. Publishing nothing, it needs no right on the topic beyond reading and
+/// trimming the group's dead letters.
+pub async fn replay(
+    outbox: &Outbox,
+    broker: &dyn Broker,
+    config: &ConsumerConfig,
+    handler: &dyn Handler,
+    seq: u64,
+) -> Result<Replayed, ReplayError> {
+    let not_found = || ReplayError::NotFound {
+        group: config.group.clone(),
+        topic: config.topic.clone(),
+        seq,
+    };
+    let parked = dead_letters(broker, &config.group, &config.topic, 10_000)
+        .await?
+        .into_iter()
+        .find(|p| p.seq == seq)
+        .ok_or_else(not_found)?;
+    let event =
+        Envelope::from_slice(parked.letter.body.as_bytes()).map_err(|e| ReplayError::StillFailing(e.to_string()))?;
+    if let Some(Err(reason)) = config.contract.as_ref().map(|c| c.check(&event)) {
+        return Err(ReplayError::StillFailing(reason));
+    }
+    let replayed = match apply(outbox, &config.group, handler, &event).await {
+        Outcome::Handled => Replayed::Handled,
+        Outcome::Duplicate => Replayed::AlreadyHandled,
+        Outcome::Retry(reason) | Outcome::Dead(reason) => return Err(ReplayError::StillFailing(reason)),
+    };
+    broker.delete(&crate::broker::dlq_topic(&config.topic), seq).await?;
+    tracing::info!(topic = %config.topic, group = %config.group, seq, ?replayed, "dead letter replayed");
+    Ok(replayed)
 }
 
 #[cfg(test)]

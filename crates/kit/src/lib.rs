@@ -21,6 +21,7 @@ pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod consumer;
+pub mod deadletters;
 pub mod envelope;
 pub mod health;
 pub mod http;

@@ -93,6 +93,16 @@ pub fn public_document(specs: &[&ServiceSpec]) -> Value {
 /// stay unique once services are merged (`orders_show`, `payments_show`).
 fn operations(spec: &ServiceSpec) -> Value {
     let mut doc = serde_json::to_value((spec.openapi)()).unwrap_or_else(|_| json!({}));
+    // Every consuming role serves its dead letters (the runtime mounts the routes).
+    if !spec.consumes.is_empty() {
+        let dead = crate::deadletters::document(spec.name);
+        for (path, item) in dead["paths"].as_object().cloned().unwrap_or_default() {
+            doc["paths"][path] = item;
+        }
+        for (name, schema) in dead["components"]["schemas"].as_object().cloned().unwrap_or_default() {
+            doc["components"]["schemas"][name] = schema;
+        }
+    }
     if let Some(paths) = doc["paths"].as_object_mut() {
         for item in paths.values_mut() {
             for method in METHODS {
@@ -116,7 +126,9 @@ fn public_path(spec: &ServiceSpec, path: &str, method: &str) -> Option<String> {
     spec.routes
         .iter()
         .find(|r| {
-            let resource_matches = resource == r.resource || path.starts_with(&format!("/{}/", r.resource));
+            let resource_matches = resource == r.resource
+                || path == format!("/{}", r.resource)
+                || path.starts_with(&format!("/{}/", r.resource));
             let exact = !r.exact || path == format!("/{}", r.resource);
             let method = r.methods.is_empty() || r.methods.iter().any(|m| m.eq_ignore_ascii_case(method));
             resource_matches && exact && method

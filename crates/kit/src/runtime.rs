@@ -118,6 +118,8 @@ pub struct Runtime {
     admin_listen_fd: Option<std::os::fd::RawFd>,
     /// The message schemas its consumers hold incoming payloads to.
     contract: Arc<crate::asyncapi::Contract>,
+    /// The consumers it runs, for replaying their dead letters.
+    pub consumers: crate::deadletters::Consumers,
 }
 
 impl Runtime {
@@ -164,6 +166,7 @@ impl Runtime {
             admin_listen: config.admin_listen,
             admin_listen_fd: config.admin_listen_fd,
             contract: Arc::new(contract),
+            consumers: crate::deadletters::Consumers::default(),
         };
         if let Some(tls) = rt.mesh.clone() {
             // Renewed certificates, a rotated trust bundle and an edited policy apply without
@@ -233,6 +236,7 @@ impl Runtime {
                 self.spec.name, config.topic, config.group, self.spec.consumes, self.spec.name
             )));
         }
+        self.consumers.add(config.clone(), handler.clone());
         let handles = consumer::spawn(
             self.outbox.clone(),
             self.broker.clone(),
@@ -409,7 +413,11 @@ impl Runtime {
         crate::openapi::routes(crate::openapi::service_document(self.spec)).merge(crate::asyncapi::routes(events))
     }
 
+    /// `api` with the role's dead-letter routes, `health`, the token verifier and the shared
+    /// layers.
     fn app_with(&self, api: Router, health: Router) -> Router {
+        let dead_letters = crate::deadletters::api().split_for_parts().0.with_state(self.clone());
+        let api = api.merge(dead_letters);
         crate::http::finish(api.merge(health).layer(axum::Extension(self.tokens.clone())))
     }
 

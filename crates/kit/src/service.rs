@@ -98,6 +98,16 @@ impl PublicRoute {
         }
     }
 
+    /// The route to a consuming role's dead letters (`/api/v1/deadletters/<role>`, served by
+    /// the runtime for every role; see [`crate::deadletters`]): `name` is
+    /// `<role>-deadletters` and `resource` `deadletters/<role>`.
+    pub const fn dead_letters(name: &'static str, resource: &'static str) -> PublicRoute {
+        PublicRoute {
+            name,
+            ..PublicRoute::token(resource)
+        }
+    }
+
     /// A route to every method under `resource` open to anyone.
     pub const fn anyone(resource: &'static str) -> PublicRoute {
         PublicRoute {

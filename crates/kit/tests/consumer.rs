@@ -206,3 +206,56 @@ async fn exhausted_retries_dead_letter_with_the_last_error_and_replay_handles_it
     assert!(f.broker.read(&dlq_topic(&f.topic), 10).await.expect("dlq").is_empty());
     stop.trigger();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_replays_a_dead_letter_through_its_own_handler_once() {
+    let f = fixture().await;
+    let flaky = publish(&f.broker, &f.topic, "test.flaky").await;
+    let (stop, shut) = shutdown::channel();
+    let handler = Arc::new(TestHandler {
+        flaky_failures: AtomicU32::new(0),
+        heal_after: 4,
+    });
+    let outbox = Outbox::new(f.sink.clone());
+    consumer::spawn(
+        outbox.clone(),
+        f.broker.clone(),
+        config(&f.topic, 3),
+        handler.clone(),
+        shut.clone(),
+    );
+    dead_letters(&f.broker, &f.topic, 1).await;
+    let listed = consumer::dead_letters(f.broker.as_ref(), "g", &f.topic, 100)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].letter.msg_id, flaky);
+    assert!(
+        consumer::dead_letters(f.broker.as_ref(), "another-group", &f.topic, 100)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    let seq = listed[0].seq;
+    let cfg = config(&f.topic, 3);
+
+    // The ledger is still down (a fourth failure): the dead letter stays.
+    let still = consumer::replay(&outbox, f.broker.as_ref(), &cfg, handler.as_ref(), seq).await;
+    assert!(
+        matches!(&still, Err(consumer::ReplayError::StillFailing(r)) if r.contains("the ledger is down")),
+        "{still:?}"
+    );
+    assert_eq!(dead_letters(&f.broker, &f.topic, 1).await.len(), 1);
+
+    // Healed: handled once, in the handler's own transaction, and the dead letter is gone.
+    let replayed = consumer::replay(&outbox, f.broker.as_ref(), &cfg, handler.as_ref(), seq).await;
+    assert_eq!(replayed.expect("replayed"), consumer::Replayed::Handled);
+    assert_eq!(handled(&f.sink).await, ["test.flaky"]);
+    assert!(f.broker.read(&dlq_topic(&f.topic), 10).await.expect("dlq").is_empty());
+    let again = consumer::replay(&outbox, f.broker.as_ref(), &cfg, handler.as_ref(), seq).await;
+    assert!(
+        matches!(again, Err(consumer::ReplayError::NotFound { .. })),
+        "{again:?}"
+    );
+    stop.trigger();
+}

@@ -273,6 +273,27 @@ async function main() {
       shown = page;
     });
 
+    await scenario("an operator finds a dead letter with its reason and tries a replay", async () => {
+      const opsContext = await browser.newContext({ viewport: DESKTOP });
+      const ops = await opsContext.newPage();
+      shown = ops;
+      await signIn(ops, "admin@bazaar.local", ADMIN_PASSWORD);
+      await ops.goto(`${BASE}/console`);
+      await ops.getByRole("link", { name: "Dead letters" }).first().click();
+      const section = ops.locator("section", { has: ops.getByRole("heading", { name: "notifications" }) });
+      const row = section.locator("tbody tr", { hasText: "order.confirmed" });
+      check((await row.count()) === 1, `notifications set the broken event aside: ${await text(ops)}`);
+      check((await row.innerText()).includes("does not match its schema"), "with the reason");
+      await row.getByRole("button", { name: /^Replay orders\.events #\d+$/ }).click();
+      await ops.getByRole("alert").waitFor();
+      const answer = await text(ops);
+      check(answer.includes("Could not replay it") && answer.includes("still fails"), `the replay says why not: ${answer}`);
+      check((await section.locator("tbody tr", { hasText: "order.confirmed" }).count()) === 1, "and it stays set aside");
+      await ops.screenshot({ path: path.join(SHOTS, "console-deadletters.png"), fullPage: true });
+      await opsContext.close();
+      shown = page;
+    });
+
     await scenario("pages work at phone width", async () => {
       const phone = await browser.newContext({ viewport: PHONE, isMobile: true, hasTouch: true });
       const phonePage = await phone.newPage();

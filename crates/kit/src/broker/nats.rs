@@ -120,6 +120,12 @@ pub fn permissions(group: &str, publishes: &[&str], consumes: &[&str]) -> Permis
         publish.push(format!("$JS.ACK.{stream}.{consumer}.>"));
         publish.push(format!("$JS.ACK.*.*.{stream}.{consumer}.>"));
     }
+    // Its own dead letters: read to list them, trimmed once a replay handled one.
+    for topic in &dead_letters {
+        let stream = stream_name(topic);
+        publish.push(format!("$JS.API.STREAM.MSG.GET.{stream}"));
+        publish.push(format!("$JS.API.STREAM.MSG.DELETE.{stream}"));
+    }
     publish.dedup();
     Permissions {
         publish,
@@ -663,7 +669,14 @@ mod tests {
         assert!(p
             .publish
             .contains(&"$JS.API.CONSUMER.MSG.NEXT.BAZAAR_orders_events.notifications".to_string()));
-        assert!(!p.publish.iter().any(|s| s.contains("DELETE") || s.contains("PURGE")));
+        // It may trim its own dead letters once replayed, and delete or purge nothing else.
+        assert!(!p
+            .publish
+            .iter()
+            .any(|s| (s.contains("DELETE") && !s.ends_with("BAZAAR_orders_events_dlq")) || s.contains("PURGE")));
+        assert!(p
+            .publish
+            .contains(&"$JS.API.STREAM.MSG.DELETE.BAZAAR_orders_events_dlq".to_string()));
         assert_eq!(p.subscribe, ["_INBOX_notifications.>"]);
         assert!(
             !p.publish.iter().any(|s| s.contains("STREAM.CREATE")),

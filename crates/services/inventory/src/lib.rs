@@ -82,6 +82,7 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
             ..PublicRoute::anyone("products")
         },
         PublicRoute::token("products"),
+        PublicRoute::dead_letters("inventory-deadletters", "deadletters/inventory"),
     ],
     openapi: api::openapi,
     messages: bazaar_contracts::MESSAGES,

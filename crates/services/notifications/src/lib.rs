@@ -60,7 +60,10 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     migrations: MIGRATIONS,
     publishes: &[],
     consumes: &[topics::ORDERS_EVENTS, topics::USERS_EVENTS],
-    routes: &[PublicRoute::token("notifications")],
+    routes: &[
+        PublicRoute::token("notifications"),
+        PublicRoute::dead_letters("notifications-deadletters", "deadletters/notifications"),
+    ],
     openapi: api::openapi,
     messages: bazaar_contracts::MESSAGES,
 };

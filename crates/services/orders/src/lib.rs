@@ -66,7 +66,11 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
         topics::ORDERS_EVENTS,
     ],
     consumes: &[topics::ORDER_SAGA_REPLIES],
-    routes: &[PublicRoute::token("orders"), PublicRoute::token("sagas")],
+    routes: &[
+        PublicRoute::token("orders"),
+        PublicRoute::token("sagas"),
+        PublicRoute::dead_letters("orders-deadletters", "deadletters/orders"),
+    ],
     openapi: api::openapi,
     messages: bazaar_contracts::MESSAGES,
 };

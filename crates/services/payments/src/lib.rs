@@ -88,7 +88,11 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     migrations: MIGRATIONS,
     publishes: &[topics::ORDER_SAGA_REPLIES],
     consumes: &[topics::PAYMENTS_COMMANDS, topics::USERS_EVENTS],
-    routes: &[PublicRoute::token("accounts"), PublicRoute::token("payments")],
+    routes: &[
+        PublicRoute::token("accounts"),
+        PublicRoute::token("payments"),
+        PublicRoute::dead_letters("payments-deadletters", "deadletters/payments"),
+    ],
     openapi: api::openapi,
     messages: bazaar_contracts::MESSAGES,
 };

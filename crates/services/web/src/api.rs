@@ -202,6 +202,24 @@ pub struct Saga {
     pub correlation_id: String,
 }
 
+/// A message a role's consumer group set aside.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all(deserialize = "camelCase"))]
+pub struct DeadLetter {
+    /// The topic it came from.
+    pub topic: String,
+    /// Its place among the topic's dead letters.
+    pub seq: u64,
+    /// The event's type, when it is an event.
+    pub event_type: Option<String>,
+    /// Deliveries tried.
+    pub attempts: u32,
+    /// Why it was set aside.
+    pub reason: String,
+    /// When (RFC 3339).
+    pub dead_at: String,
+}
+
 /// A saga with its history.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SagaView {
@@ -452,6 +470,22 @@ impl Api {
     pub async fn add_product(&self, token: &str, product: &Value) -> Result<Product, ApiError> {
         self.call(&self.calls, Method::POST, "/products", Some(token), Some(product), None)
             .await
+    }
+
+    /// The dead letters `role` set aside (operators).
+    pub async fn dead_letters(&self, token: &str, role: &str) -> Result<Vec<DeadLetter>, ApiError> {
+        let path = format!("/deadletters/{role}");
+        self.call(&self.calls, Method::GET, &path, Some(token), None, None)
+            .await
+    }
+
+    /// Hands a dead letter back to `role`'s handler (operators); the answer's `outcome`.
+    pub async fn replay(&self, token: &str, role: &str, topic: &str, seq: u64) -> Result<String, ApiError> {
+        let path = format!("/deadletters/{role}/{topic}/{seq}/replay");
+        let answer: Value = self
+            .call(&self.calls, Method::POST, &path, Some(token), None, None)
+            .await?;
+        Ok(answer["outcome"].as_str().unwrap_or("handled").to_string())
     }
 
     /// What was sent to the shopper.

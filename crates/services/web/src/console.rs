@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::{
+    api::ApiError,
     chart::{line_chart, Chart, Series},
     monitor::{quantile, rates, InstanceStatus, Sample, SAMPLE_EVERY},
     pages::{problem_page, sign_in_first, Nav},
@@ -353,6 +354,87 @@ pub async fn add_product(State(web): State<Web>, visitor: Visitor, uri: Uri, For
         Err(e) => {
             let status = crate::pages::page_status(&e);
             products_page(&web, &visitor, &uri, status, Some(e.words())).await
+        }
+    }
+}
+
+/// `?done=` after a replay.
+#[derive(Debug, Deserialize)]
+pub struct Done {
+    done: Option<String>,
+}
+
+/// `GET /console/deadletters`: what each consuming role set aside, with a replay each.
+pub async fn dead_letters(State(web): State<Web>, visitor: Visitor, uri: Uri, Query(q): Query<Done>) -> Response {
+    let done = q.done.as_deref().map(|outcome| match outcome {
+        "already-handled" => "Replayed: the role had handled it meanwhile, so nothing was done twice.",
+        _ => "Replayed: the role handled it, and it is no longer set aside.",
+    });
+    dead_letters_page(&web, &visitor, &uri, StatusCode::OK, done.map(str::to_string), None).await
+}
+
+async fn dead_letters_page(
+    web: &Web,
+    visitor: &Visitor,
+    uri: &Uri,
+    status: StatusCode,
+    done: Option<String>,
+    error: Option<String>,
+) -> Response {
+    let admin = match operator(web, visitor, uri) {
+        Ok(admin) => admin,
+        Err(page) => return *page,
+    };
+    let lists = web
+        .consumers
+        .iter()
+        .map(|role| web.api.dead_letters(&admin.token, role));
+    let mut roles = Vec::new();
+    for (role, listed) in web.consumers.iter().zip(futures_util::future::join_all(lists).await) {
+        match listed {
+            Ok(letters) => roles.push(context! { role, letters, error => None::<String> }),
+            Err(e) => roles.push(context! { role, letters => Vec::<()>::new(), error => Some(e.words()) }),
+        }
+    }
+    web.views.page(
+        status,
+        "console_deadletters.html",
+        context! { nav => Nav::of(visitor), roles, done, error },
+    )
+}
+
+/// `POST /console/deadletters/{role}/{topic}/{seq}/replay`.
+pub async fn replay(
+    State(web): State<Web>,
+    visitor: Visitor,
+    uri: Uri,
+    Path((role, topic, seq)): Path<(String, String, u64)>,
+) -> Response {
+    let admin = match operator(&web, &visitor, &uri) {
+        Ok(admin) => admin,
+        Err(page) => return *page,
+    };
+    let Some(role) = web.consumers.iter().find(|r| **r == role) else {
+        return problem_page(
+            &web,
+            &visitor,
+            StatusCode::NOT_FOUND,
+            "Dead letters",
+            "No role of that name consumes anything.",
+        );
+    };
+    match web.api.replay(&admin.token, role, &topic, seq).await {
+        Ok(outcome) => Redirect::to(&format!("/console/deadletters?done={outcome}")).into_response(),
+        Err(e) => {
+            // Operators read the role's own reason.
+            let words = match &e {
+                ApiError::Answered {
+                    status: StatusCode::CONFLICT | StatusCode::NOT_FOUND,
+                    detail,
+                } => format!("Could not replay it: {detail}"),
+                _ => e.words(),
+            };
+            dead_letters_page(&web, &visitor, &uri, crate::pages::page_status(&e), None, Some(words)).await
         }
     }
 }

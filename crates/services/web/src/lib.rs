@@ -96,6 +96,8 @@ pub struct WebConfig {
     pub gateway_url: String,
     /// Every role instance the console watches.
     pub instances: Vec<Instance>,
+    /// The roles whose dead letters the console lists (those that consume).
+    pub consumers: Vec<&'static str>,
 }
 
 /// The web role's shared state.
@@ -109,6 +111,8 @@ pub struct Web {
     pub views: Arc<Views>,
     /// What the console watches.
     pub monitor: Monitor,
+    /// The roles whose dead letters the console lists.
+    pub consumers: Arc<Vec<&'static str>>,
 }
 
 /// Runs the web role until `shutdown`.
@@ -133,6 +137,7 @@ pub async fn run(config: RoleConfig, web: WebConfig, shutdown: Shutdown) -> Resu
         api: api.clone(),
         views: Arc::new(views),
         monitor,
+        consumers: Arc::new(web.consumers),
     };
     let health = rt.health().check("gateway", move || {
         let api = api.clone();
@@ -166,6 +171,11 @@ pub fn router(web: Web) -> Router {
         .route("/console/sagas/{id}/retry", post(console::retry))
         .route("/console/products", get(console::products).post(console::add_product))
         .route("/console/products/{id}/stock", post(console::restock))
+        .route("/console/deadletters", get(console::dead_letters))
+        .route(
+            "/console/deadletters/{role}/{topic}/{seq}/replay",
+            post(console::replay),
+        )
         .route("/assets/site.css", get(|| asset("text/css; charset=utf-8", SITE_CSS)))
         .route(
             "/assets/live.js",

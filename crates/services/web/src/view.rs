@@ -34,6 +34,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         "console_products.html",
         include_str!("../templates/console_products.html"),
     ),
+    (
+        "console_deadletters.html",
+        include_str!("../templates/console_deadletters.html"),
+    ),
 ];
 
 /// The compiled templates.
@@ -318,8 +322,13 @@ mod tests {
     use crate::api::{HistoryEntry, Line, SagaProgress};
 
     #[test]
-    fn every_template_compiles() {
+    fn every_template_compiles_and_every_file_is_one() {
         Views::new().unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+        for file in std::fs::read_dir(dir).unwrap() {
+            let name = file.unwrap().file_name().into_string().unwrap();
+            assert!(TEMPLATES.iter().any(|(n, _)| *n == name), "{name} is not in TEMPLATES");
+        }
     }
 
     #[test]

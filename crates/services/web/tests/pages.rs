@@ -19,6 +19,7 @@ async fn start() -> TestRole {
             api: Api::new(STOPPED_GATEWAY).expect("a client"),
             views: Arc::new(Views::new().expect("templates")),
             monitor: Monitor::new(Vec::new()).expect("a monitor"),
+            consumers: Arc::new(vec!["orders"]),
         })
     })
     .await
