@@ -161,9 +161,10 @@ struct Backends {
 }
 
 /// Refuses a layout that cannot work before anything starts: several instances of a service
-/// whose store is a SQLite file, which only one process may own.
+/// whose store is a SQLite file, which only one process may own (a role that keeps nothing
+/// gives each instance a file of its own instead).
 fn check_replicas(backends: &Backends, replicas: &Replicas) -> anyhow::Result<()> {
-    for (role, spec) in roles::services() {
+    for (role, spec) in roles::services().filter(|(_, spec)| !spec.keeps_nothing()) {
         let n = replicas.of(role);
         let store = &backends.stores[spec.name];
         if n > 1 && store.starts_with("sqlite:") {
@@ -540,6 +541,15 @@ fn role_job(
     // Each service sees its own store's URL (and login) only.
     for (service, url) in &backends.stores {
         if *service == role.name {
+            let keeps_nothing = role.service().is_some_and(|spec| spec.keeps_nothing());
+            let url = match url.strip_prefix("sqlite://") {
+                // Each instance of a role that keeps nothing has a SQLite file of its own.
+                Some(_) if keeps_nothing && k > 0 => {
+                    let file = settings.data.join(format!("{}.db", roles::instance_name(role, k)));
+                    format!("sqlite://{}", file.display())
+                }
+                _ => url.clone(),
+            };
             cmd.env(roles::store_url_var(service), url);
         } else {
             cmd.env_remove(roles::store_url_var(service));

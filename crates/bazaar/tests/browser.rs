@@ -42,7 +42,8 @@ async fn shoppers_and_operators_use_the_shop_and_its_console_in_a_real_browser()
         base: None,
         // $100 per new wallet: a second, larger order runs out of money.
         env: vec![("BAZAAR_WELCOME_CREDIT_CENTS".into(), "10000".into())],
-        replicas: None,
+        // Two web instances behind the gateway: pages, sessions and live feeds hold across them.
+        replicas: Some("web=2".into()),
         cluster: None,
     })
     .await
@@ -77,7 +78,7 @@ async fn shoppers_and_operators_use_the_shop_and_its_console_in_a_real_browser()
         .env("BAZAAR_URL", &base)
         .env("BAZAAR_MAIL", up.data().join("mail"))
         .env("BAZAAR_ADMIN_PASSWORD_FILE", up.data().join("admin.password"))
-        .env("BAZAAR_INSTANCES", bazaar::roles::up_roles().count().to_string())
+        .env("BAZAAR_INSTANCES", (bazaar::roles::up_roles().count() + 1).to_string())
         .env("BAZAAR_SCREENSHOTS", &shots)
         .env("CHROMIUM", CHROMIUM)
         .env(

@@ -219,9 +219,11 @@ async function main() {
       await ops.getByRole("heading", { name: "Console" }).waitFor();
       await ops.getByText(`${INSTANCES} of ${INSTANCES} instances healthy`).waitFor({ timeout: 20000 });
       const rows = await ops.locator("#roles-title ~ table tbody tr").allInnerTexts();
-      for (const role of ["gateway", "users", "inventory", "orders", "payments", "notifications", "web"]) {
+      for (const role of ["gateway", "users", "inventory", "orders", "payments", "notifications", "web", "web-1"]) {
         check(rows.some((r) => r.startsWith(role) && r.includes("healthy")), `${role} is listed healthy: ${rows}`);
       }
+      const edge = await ops.getByRole("row", { name: /^gateway → web / }).innerText();
+      check(/^gateway → web\s+[1-9]\d*\s+0\s+0\s+≤ [\d.]+ ms$/.test(edge.trim()), `the mesh edge to web with its golden metrics: ${edge}`);
       check((await ops.getByRole("img", { name: "Orders finished per second" }).count()) === 1, "the orders chart is drawn");
       check((await ops.getByRole("img", { name: "Saga latency, placed to outcome" }).count()) === 1, "the latency chart is drawn");
       // Ann shops while the console is open: the chart moves without a reload.

@@ -57,12 +57,38 @@ struct Overview {
     mesh: Vec<Edge>,
 }
 
-/// One edge of the mesh with its traffic since the console started watching.
+/// One edge of the mesh with its golden metrics: traffic since its roles started, and
+/// server errors, refusals and latency.
 #[derive(Debug, Serialize)]
 struct Edge {
     edge: String,
     requests: f64,
+    errors: f64,
     refusals: f64,
+    /// p99 over the console's window, in ms (none when nothing was timed in it).
+    p99_ms: Option<f64>,
+}
+
+/// Every edge seen in `last`, with its p99 since `first`.
+fn mesh_edges(first: Option<&Sample>, last: &Sample) -> Vec<Edge> {
+    let edges: std::collections::BTreeSet<&String> =
+        last.mesh_requests.keys().chain(last.mesh_refusals.keys()).collect();
+    edges
+        .into_iter()
+        .map(|edge| {
+            let before = first
+                .and_then(|f| f.mesh_buckets.get(edge))
+                .map_or(&[][..], Vec::as_slice);
+            let after = last.mesh_buckets.get(edge).map_or(&[][..], Vec::as_slice);
+            Edge {
+                edge: edge.clone(),
+                requests: last.mesh_requests.get(edge).copied().unwrap_or(0.0),
+                errors: last.mesh_errors.get(edge).copied().unwrap_or(0.0),
+                refusals: last.mesh_refusals.get(edge).copied().unwrap_or(0.0),
+                p99_ms: quantile(before, after, 0.99).map(|s| s * 1000.0),
+            }
+        })
+        .collect()
 }
 
 fn overview(web: &Web) -> Overview {
@@ -86,7 +112,7 @@ fn overview(web: &Web) -> Overview {
         let percentile = |q: f64| -> Vec<f64> {
             pairs
                 .iter()
-                .map(|(a, b)| quantile(a, b, q).map_or(0.0, |s| s * 1000.0))
+                .map(|(a, b)| quantile(&a.saga_buckets, &b.saga_buckets, q).map_or(0.0, |s| s * 1000.0))
                 .collect()
         };
         let latency = line_chart(
@@ -124,25 +150,7 @@ fn overview(web: &Web) -> Overview {
             healthy,
             charts: vec![orders, latency, outbox, lag],
             dead_letters: last.dead.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            mesh: last
-                .mesh_requests
-                .iter()
-                .map(|(edge, n)| Edge {
-                    edge: edge.clone(),
-                    requests: *n,
-                    refusals: last.mesh_refusals.get(edge).copied().unwrap_or(0.0),
-                })
-                .chain(
-                    last.mesh_refusals
-                        .iter()
-                        .filter(|(edge, _)| !last.mesh_requests.contains_key(*edge))
-                        .map(|(edge, n)| Edge {
-                            edge: edge.clone(),
-                            requests: 0.0,
-                            refusals: *n,
-                        }),
-                )
-                .collect(),
+            mesh: mesh_edges(samples.front(), &last),
         }
     })
 }

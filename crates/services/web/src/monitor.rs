@@ -69,6 +69,10 @@ pub struct Sample {
     pub mesh_requests: BTreeMap<String, f64>,
     /// `bazaar_mesh_refusals_total` by `caller → callee`.
     pub mesh_refusals: BTreeMap<String, f64>,
+    /// Mesh requests answered with a server error, by `caller → callee`.
+    pub mesh_errors: BTreeMap<String, f64>,
+    /// `bazaar_mesh_request_seconds` buckets by `caller → callee`.
+    pub mesh_buckets: BTreeMap<String, Vec<(f64, f64)>>,
 }
 
 /// The console's view of the system, refreshed by [`Monitor::sample`].
@@ -125,7 +129,6 @@ impl Monitor {
             }
             statuses.push(status);
         }
-        sample.saga_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut watch = self.watch.write().unwrap_or_else(|e| e.into_inner());
         watch.instances = statuses;
         watch.samples.push_back(sample);
@@ -216,23 +219,21 @@ fn add(sample: &mut Sample, role: &str, m: &Metric, status: &mut InstanceStatus)
     let sum = |map: &mut BTreeMap<String, f64>, key: String| *map.entry(key).or_default() += m.value;
     match m.name.as_str() {
         "bazaar_orders_finished_total" => sum(&mut sample.finished, label("status")),
-        "bazaar_order_saga_seconds_bucket" => {
-            let le = match label("le").as_str() {
-                "+Inf" => f64::INFINITY,
-                le => le.parse().unwrap_or(f64::INFINITY),
-            };
-            match sample.saga_buckets.iter_mut().find(|(b, _)| *b == le) {
-                Some(bucket) => bucket.1 += m.value,
-                None => sample.saga_buckets.push((le, m.value)),
-            }
+        "bazaar_order_saga_seconds_bucket" => add_bucket(&mut sample.saga_buckets, &label("le"), m.value),
+        "bazaar_mesh_request_seconds_bucket" => {
+            let edge = format!("{} → {}", short(&label("caller")), label("callee"));
+            add_bucket(sample.mesh_buckets.entry(edge).or_default(), &label("le"), m.value);
         }
         "bazaar_outbox_unsent" => sum(&mut sample.outbox, role.to_string()),
         "bazaar_consumer_lag" => sum(&mut sample.lag, format!("{} ← {}", label("group"), label("topic"))),
         "bazaar_dead_letters_total" => sum(&mut sample.dead, label("topic")),
-        "bazaar_mesh_requests_total" => sum(
-            &mut sample.mesh_requests,
-            format!("{} → {}", short(&label("caller")), label("callee")),
-        ),
+        "bazaar_mesh_requests_total" => {
+            let edge = format!("{} → {}", short(&label("caller")), label("callee"));
+            if label("outcome") == "error" {
+                sum(&mut sample.mesh_errors, edge.clone());
+            }
+            sum(&mut sample.mesh_requests, edge);
+        }
         "bazaar_mesh_refusals_total" => sum(
             &mut sample.mesh_refusals,
             format!("{} → {}", short(&label("caller")), label("callee")),
@@ -246,6 +247,22 @@ fn add(sample: &mut Sample, role: &str, m: &Metric, status: &mut InstanceStatus)
             status.breakers.push(format!("{}: {state}", label("breaker")));
         }
         _ => {}
+    }
+}
+
+/// Adds `count` to the cumulative bucket `le` (`+Inf` for the last) of `buckets`, kept in
+/// order of their bounds.
+fn add_bucket(buckets: &mut Vec<(f64, f64)>, le: &str, count: f64) {
+    let le = match le {
+        "+Inf" => f64::INFINITY,
+        le => le.parse().unwrap_or(f64::INFINITY),
+    };
+    match buckets.iter_mut().find(|(b, _)| *b == le) {
+        Some(bucket) => bucket.1 += count,
+        None => {
+            buckets.push((le, count));
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
     }
 }
 
@@ -267,16 +284,12 @@ pub fn rates(samples: &VecDeque<Sample>, pick: impl Fn(&Sample) -> f64) -> Vec<f
         .collect()
 }
 
-/// The `q` quantile (0..1) of the saga latencies recorded between samples `a` and `b`, from
-/// the histogram's cumulative buckets (the bucket's upper bound, as Prometheus estimates
-/// without interpolation); `None` when nothing finished.
-pub fn quantile(a: &Sample, b: &Sample, q: f64) -> Option<f64> {
-    let count = |s: &Sample, le: f64| s.saga_buckets.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, c)| *c);
-    let deltas: Vec<(f64, f64)> = b
-        .saga_buckets
-        .iter()
-        .map(|&(le, c)| (le, (c - count(a, le)).max(0.0)))
-        .collect();
+/// The `q` quantile (0..1) of what a histogram recorded between two readings of its
+/// cumulative buckets, `before` and `after` (the bucket's upper bound, as Prometheus
+/// estimates without interpolation); `None` when nothing was recorded.
+pub fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let count = |le: f64| before.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, c)| *c);
+    let deltas: Vec<(f64, f64)> = after.iter().map(|&(le, c)| (le, (c - count(le)).max(0.0))).collect();
     let total = deltas.iter().map(|(_, c)| *c).fold(0.0, f64::max);
     if total <= 0.0 {
         return None;
@@ -316,8 +329,8 @@ mod tests {
         let b = sample(2.0, &[(0.1, 19.0), (0.5, 20.0), (f64::INFINITY, 20.0)], 20.0);
         let samples = VecDeque::from([a.clone(), b.clone()]);
         assert_eq!(rates(&samples, |s| s.finished["confirmed"]), [5.0]);
-        assert_eq!(quantile(&a, &b, 0.5), Some(0.1));
-        assert_eq!(quantile(&a, &b, 0.99), Some(0.5));
-        assert_eq!(quantile(&b, &b, 0.5), None);
+        assert_eq!(quantile(&a.saga_buckets, &b.saga_buckets, 0.5), Some(0.1));
+        assert_eq!(quantile(&a.saga_buckets, &b.saga_buckets, 0.99), Some(0.5));
+        assert_eq!(quantile(&b.saga_buckets, &b.saga_buckets, 0.5), None);
     }
 }
