@@ -358,7 +358,8 @@ fn run_orders(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBo
             per_customer_per_minute: settings.orders_per_customer_per_minute,
             max_in_flight: i64::from(settings.orders_max_in_flight),
         };
-        Ok(bazaar_orders::run(config, limits, stop).await?)
+        let step_timeout = std::time::Duration::from_millis(settings.saga_step_timeout_ms);
+        Ok(bazaar_orders::run(config, limits, step_timeout, stop).await?)
     })
 }
 
@@ -564,6 +565,12 @@ pub struct Settings {
         default_value_t = 30
     )]
     pub orders_per_customer_per_minute: u32,
+    /// How long each order saga step waits for its participant before resending (orders);
+    /// resends back off from a twentieth of it to three times it, and a compensation that
+    /// fails 12 times leaves the saga stuck. Shorter makes fault drills quick.
+    #[arg(long, global = true, env = "BAZAAR_SAGA_STEP_TIMEOUT_MS", default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub saga_step_timeout_ms: u64,
     /// Sagas in progress past which new orders are shed with 503 (orders; 0: no limit).
     #[arg(long, global = true, env = "BAZAAR_ORDERS_MAX_IN_FLIGHT", default_value_t = 1000)]
     pub orders_max_in_flight: u32,
@@ -1008,6 +1015,7 @@ mod tests {
             jwks_url: None,
             gateway_url: None,
             layout: None,
+            saga_step_timeout_ms: 10_000,
             admin_listen_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             mesh_cert: None,
             mesh_key: None,

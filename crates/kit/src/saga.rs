@@ -367,6 +367,8 @@ pub struct SagaEngine<F: SagaFlow> {
     source: &'static str,
     reply_topic: String,
     reply_type: String,
+    /// Extra wait before each resend of a command (and retry of a failed compensation).
+    resend: Backoff,
 }
 
 impl<F: SagaFlow> SagaEngine<F> {
@@ -384,7 +386,15 @@ impl<F: SagaFlow> SagaEngine<F> {
             source,
             reply_topic: reply_topic.into(),
             reply_type: reply_type.into(),
+            resend: RESEND_BACKOFF,
         }
+    }
+
+    /// The engine with `resend` as the backoff between resends (default 500 ms doubling to
+    /// 30 s), for flows whose steps are paced faster or slower than the default.
+    pub fn with_resend_backoff(mut self, resend: Backoff) -> SagaEngine<F> {
+        self.resend = resend;
+        self
     }
 
     /// Starts saga `id` with `context` inside the caller's transaction; commit it with
@@ -525,7 +535,7 @@ impl<F: SagaFlow> SagaEngine<F> {
                 )
                 .await?;
                 // Resent by the timer after a backoff, or marked stuck when out of attempts.
-                state.deadline = Some(now_millis() + RESEND_BACKOFF.delay(state.attempts).as_millis() as i64);
+                state.deadline = Some(now_millis() + self.resend.delay(state.attempts).as_millis() as i64);
             }
         }
         self.save(tx, &state).await
@@ -819,7 +829,7 @@ impl<F: SagaFlow> SagaEngine<F> {
         state.command_id = Some(command.event_id.to_string());
         state.attempts += 1;
         let wait = if state.attempts > 1 {
-            step.timeout + RESEND_BACKOFF.delay(state.attempts)
+            step.timeout + self.resend.delay(state.attempts)
         } else {
             step.timeout
         };

@@ -7,25 +7,14 @@
 "use strict";
 const fs = require("fs");
 const path = require("path");
-const { chromium } = require("playwright-core");
+const { BASE, DESKTOP, PHONE, check, text, launch, signIn, shown, scenario, run } = require("./common.cjs");
 
-const BASE = process.env.BAZAAR_URL;
 const MAIL = process.env.BAZAAR_MAIL;
 const SHOTS = process.env.BAZAAR_SCREENSHOTS;
 const PAYMENTS = Number(process.env.BAZAAR_PAYMENTS_PID);
 const ADMIN_PASSWORD = fs.readFileSync(process.env.BAZAAR_ADMIN_PASSWORD_FILE, "utf8").trim();
 const INSTANCES = Number(process.env.BAZAAR_INSTANCES);
 const PASSWORD = "correct horse battery";
-const DESKTOP = { width: 1280, height: 860 };
-const PHONE = { width: 390, height: 844 };
-
-function check(condition, what) {
-  if (!condition) throw new Error(what);
-}
-
-async function text(page) {
-  return (await page.locator("main").innerText()).replace(/\s+/g, " ");
-}
 
 // The newest confirmation code mailed to `email` (the demo writes mail to files).
 async function mailedCode(email) {
@@ -42,14 +31,6 @@ async function mailedCode(email) {
 }
 
 // Signs up through the pages: the form, the mailed code, and back to the shop signed in.
-async function signIn(page, email, password) {
-  await page.goto(`${BASE}/account/signin`);
-  await page.getByLabel("Email", { exact: true }).fill(email);
-  await page.getByLabel("Password", { exact: true }).fill(password);
-  await page.getByRole("button", { name: "Sign in" }).click();
-  await page.getByText(`Signed in as ${email}`).waitFor();
-}
-
 async function signUp(page, name, email) {
   await page.goto(`${BASE}/`);
   await page.getByRole("link", { name: "Sign up" }).click();
@@ -82,40 +63,14 @@ async function orderCount(page) {
   return page.locator("tbody tr").count();
 }
 
-// The page a failure is explained with.
-let shown;
-
-async function scenario(name, body) {
-  const started = Date.now();
-  try {
-    await body();
-  } catch (e) {
-    const seen = shown ? `${shown.url()}: ${await text(shown).catch(() => "(no page)")}` : "";
-    throw new Error(`${name}: ${e.message}\n  the page showed ${seen}`);
-  }
-  console.log(`ok - ${name} (${Date.now() - started} ms)`);
-}
-
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM,
-    headless: true,
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
-  });
-  const run = `${Date.now()}`;
-  const ann = `ann-${run}@example.com`;
-  const bob = `bob-${run}@example.com`;
+  const browser = await launch();
+  const stamp = `${Date.now()}`;
+  const ann = `ann-${stamp}@example.com`;
+  const bob = `bob-${stamp}@example.com`;
   const annContext = await browser.newContext({ viewport: DESKTOP });
   const page = await annContext.newPage();
-  shown = page;
+  shown.page = page;
   let firstOrder;
   try {
     await scenario("the shop lists products with prices and live stock", async () => {
@@ -213,7 +168,7 @@ async function main() {
     await scenario("an operator sees every role healthy and orders finishing live", async () => {
       const opsContext = await browser.newContext({ viewport: DESKTOP });
       const ops = await opsContext.newPage();
-      shown = ops;
+      shown.page = ops;
       await signIn(ops, "admin@bazaar.local", ADMIN_PASSWORD);
       await ops.getByRole("link", { name: "Console" }).click();
       await ops.getByRole("heading", { name: "Console" }).waitFor();
@@ -245,13 +200,13 @@ async function main() {
       await ops.setViewportSize(PHONE);
       await ops.screenshot({ path: path.join(SHOTS, "console-phone.png"), fullPage: true });
       await opsContext.close();
-      shown = page;
+      shown.page = page;
     });
 
     await scenario("an operator reads a cancelled order's saga and restocks a product", async () => {
       const opsContext = await browser.newContext({ viewport: DESKTOP });
       const ops = await opsContext.newPage();
-      shown = ops;
+      shown.page = ops;
       await signIn(ops, "admin@bazaar.local", ADMIN_PASSWORD);
       await ops.goto(`${BASE}/console/sagas`);
       check((await text(ops)).includes("No saga is stuck."), "nothing is stuck");
@@ -272,13 +227,13 @@ async function main() {
       await ops.goto(`${BASE}/`);
       check((await text(ops)).includes(`Desk lamp $45.00 ${after} in stock`), "the shop shows the new stock");
       await opsContext.close();
-      shown = page;
+      shown.page = page;
     });
 
     await scenario("an operator finds a dead letter with its reason and tries a replay", async () => {
       const opsContext = await browser.newContext({ viewport: DESKTOP });
       const ops = await opsContext.newPage();
-      shown = ops;
+      shown.page = ops;
       await signIn(ops, "admin@bazaar.local", ADMIN_PASSWORD);
       await ops.goto(`${BASE}/console`);
       await ops.getByRole("link", { name: "Dead letters" }).first().click();
@@ -293,7 +248,7 @@ async function main() {
       check((await section.locator("tbody tr", { hasText: "order.confirmed" }).count()) === 1, "and it stays set aside");
       await ops.screenshot({ path: path.join(SHOTS, "console-deadletters.png"), fullPage: true });
       await opsContext.close();
-      shown = page;
+      shown.page = page;
     });
 
     await scenario("pages work at phone width", async () => {
@@ -347,7 +302,4 @@ async function main() {
   }
 }
 
-main().catch((e) => {
-  console.error(`not ok - ${e.stack || e}`);
-  process.exit(1);
-});
+run(main);

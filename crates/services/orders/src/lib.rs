@@ -11,6 +11,7 @@ pub mod saga;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use bazaar_contracts::{roles, topics, types};
@@ -183,13 +184,22 @@ impl Orders {
 
     /// The engine for `rt`'s store, admitting orders under `limits`.
     pub fn limited(rt: Runtime, limits: AdmissionLimits) -> Orders {
+        Orders::paced(rt, limits, saga::STEP_TIMEOUT)
+    }
+
+    /// The engine for `rt`'s store, admitting orders under `limits`, each saga step waiting
+    /// `step_timeout` for its reply (resends back off from a twentieth of it to three times it:
+    /// 500 ms to 30 s by default).
+    pub fn paced(rt: Runtime, limits: AdmissionLimits, step_timeout: Duration) -> Orders {
+        let resend = bazaar_kit::resilience::Backoff::new(step_timeout / 20, step_timeout * 3);
         let engine = SagaEngine::new(
-            OrderSaga::new(),
+            OrderSaga::paced(step_timeout),
             rt.outbox.clone(),
             SERVICE.name,
             topics::ORDER_SAGA_REPLIES,
             types::ORDER_SAGA_REPLY,
-        );
+        )
+        .with_resend_backoff(resend);
         Orders {
             rt,
             engine: Arc::new(engine),
@@ -221,10 +231,16 @@ impl Handler for Replies {
     }
 }
 
-/// Runs the orders role until `shutdown`, admitting orders under `limits`.
-pub async fn run(config: RoleConfig, limits: AdmissionLimits, shutdown: Shutdown) -> Result<(), ServiceError> {
+/// Runs the orders role until `shutdown`, admitting orders under `limits`, each saga step
+/// waiting `step_timeout` for its participant.
+pub async fn run(
+    config: RoleConfig,
+    limits: AdmissionLimits,
+    step_timeout: Duration,
+    shutdown: Shutdown,
+) -> Result<(), ServiceError> {
     let rt = Runtime::start(&SERVICE, &config, shutdown.clone()).await?;
-    let orders = Orders::limited(rt.clone(), limits);
+    let orders = Orders::paced(rt.clone(), limits, step_timeout);
     orders.admission.watch(&rt);
     rt.consume(
         rt.consumer(topics::ORDER_SAGA_REPLIES),

@@ -124,16 +124,24 @@ fn check_reservation(ordered: &[LineRequest], reserved: &Reserved) -> Result<(),
     Ok(())
 }
 
+/// How long each step waits for its participant's reply before resending, unless set.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl OrderSaga {
-    /// The three steps of DESIGN.md.
+    /// The three steps of DESIGN.md, each waiting [`STEP_TIMEOUT`] for a reply.
     pub fn new() -> OrderSaga {
+        OrderSaga::paced(STEP_TIMEOUT)
+    }
+
+    /// The three steps, each waiting `timeout` for a reply before resending.
+    pub fn paced(timeout: Duration) -> OrderSaga {
         let step = |step, topic, participant, execute, compensate| Step {
             step,
             topic,
             participant,
             execute,
             compensate,
-            timeout: Duration::from_secs(10),
+            timeout,
             max_attempts: 3,
         };
         OrderSaga {

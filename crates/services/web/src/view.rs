@@ -100,10 +100,14 @@ pub fn money(cents: i64, currency: &str) -> String {
     }
 }
 
-/// An RFC 3339 time as `2026-12-05 10:46 UTC`.
+/// An RFC 3339 time as `2026-12-05 10:46:07 UTC`.
 fn when(rfc3339: &str) -> String {
     chrono::DateTime::parse_from_rfc3339(rfc3339)
-        .map(|t| t.with_timezone(&chrono::Utc).format("%Y-%m-%d %H:%M UTC").to_string())
+        .map(|t| {
+            t.with_timezone(&chrono::Utc)
+                .format("%Y-%m-%d %H:%M:%S UTC")
+                .to_string()
+        })
         .unwrap_or_else(|_| rfc3339.to_string())
 }
 
