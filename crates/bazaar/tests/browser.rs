@@ -108,6 +108,54 @@ async fn shoppers_and_operators_use_the_shop_and_its_console_in_a_real_browser()
     )
     .await
     .expect("publish");
+    // A dead letter as a long mail outage leaves one: a good event about the admin's order
+    // that notifications gave up on. Replayed now, its handler takes it.
+    let client = reqwest::Client::new();
+    let password = std::fs::read_to_string(up.data().join("admin.password")).expect("the admin password");
+    let admin = bazaar::load::sign_in_admin(&client, &up.api(""), password.trim())
+        .await
+        .expect("the admin signs in");
+    let me: serde_json::Value = client
+        .get(up.api("/users/me"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("who am I")
+        .json()
+        .await
+        .expect("JSON");
+    let good = bazaar_kit::envelope::Envelope::new(
+        "order.confirmed",
+        uuid::Uuid::now_v7().to_string(),
+        bazaar_contracts::OrderOutcome {
+            order_id: uuid::Uuid::now_v7(),
+            customer_id: me["id"]
+                .as_str()
+                .and_then(|id| id.parse().ok())
+                .expect("the admin's id"),
+            email: bazaar::roles::ADMIN_EMAIL.into(),
+            total_cents: 1250,
+            currency: Some("USD".into()),
+            reason: None,
+        },
+        bazaar_kit::envelope::Metadata::default(),
+    );
+    let parked = bazaar_kit::broker::DeadLetter {
+        topic: bazaar_contracts::topics::ORDERS_EVENTS.into(),
+        group: bazaar_notifications::SERVICE.name.into(),
+        msg_id: good.event_id.to_string(),
+        attempts: 70,
+        reason: "gave up after 70 attempts: the mail relay refused the connection".into(),
+        body: String::from_utf8(good.to_vec()).expect("JSON is UTF-8"),
+        dead_at: chrono::Utc::now().to_rfc3339(),
+    };
+    bus.publish(
+        &bazaar_kit::broker::dlq_topic(bazaar_contracts::topics::ORDERS_EVENTS),
+        &format!("notifications:{}", good.event_id),
+        serde_json::to_vec(&parked).expect("JSON").into(),
+    )
+    .await
+    .expect("publish");
     let env = [
         ("BAZAAR_MAIL", up.data().join("mail").display().to_string()),
         ("BAZAAR_INSTANCES", (bazaar::roles::up_roles().count() + 1).to_string()),

@@ -40,6 +40,9 @@ pub struct InstanceStatus {
     pub name: String,
     /// `healthy`, `degraded` or `unreachable`.
     pub status: String,
+    /// `ready`, `not ready` (draining, or its store or broker down), or `—` where the role
+    /// serves no readiness (the gateway).
+    pub ready: &'static str,
     /// Its checks, `name: up` or `name: down: why`.
     pub checks: Vec<String>,
     /// Its version.
@@ -142,6 +145,7 @@ impl Monitor {
             role: instance.role,
             name: instance.name.clone(),
             status: "unreachable".into(),
+            ready: "not ready",
             checks: Vec::new(),
             version: String::new(),
             uptime: 0,
@@ -164,6 +168,16 @@ impl Monitor {
                     .collect();
             }
         }
+        status.ready = match self
+            .client
+            .get(format!("{}/health/ready", instance.admin_url))
+            .send()
+            .await
+        {
+            Ok(answer) if answer.status().is_success() => "ready",
+            Ok(answer) if answer.status() == reqwest::StatusCode::NOT_FOUND => "—",
+            _ => "not ready",
+        };
         let metrics = match self.client.get(format!("{}/metrics", instance.admin_url)).send().await {
             Ok(answer) => answer.text().await.map(|t| parse(&t)).unwrap_or_default(),
             Err(_) => Vec::new(),
