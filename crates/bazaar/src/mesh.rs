@@ -281,8 +281,8 @@ pub const POLICY_MARKER: &str =
 
 /// The mesh policy under DATA/mesh, written from the role table's edges unless the operator
 /// owns it (deleted the marker line): the gateway and operators' tools may call every route
-/// of every service, every other service may read users' public token keys, and payments
-/// may call the payment simulator. Anything else is refused.
+/// of every service, every other service may read users' public token keys, web may call
+/// users' credential routes, and payments may call the payment simulator. Anything else is refused.
 pub fn ensure_policy(settings: &Settings) -> anyhow::Result<PathBuf> {
     let path = dir(settings).join("policy.yaml");
     let ours = std::fs::read_to_string(&path).map_or(true, |text| text.starts_with(POLICY_MARKER));
@@ -308,6 +308,12 @@ pub fn ensure_policy(settings: &Settings) -> anyhow::Result<PathBuf> {
                 "    - from: [{}]\n      routes: [\"GET {}\"]\n",
                 others.join(", "),
                 bazaar_kit::auth::JWKS_PATH
+            ));
+            // The storefront's credential forms (limited per shopper at the gateway).
+            text.push_str(&format!(
+                "    - from: [\"spiffe://{domain}/role/{}\"]\n      routes: [{}]\n",
+                bazaar_web::SERVICE.name,
+                bazaar_web::CREDENTIAL_ROUTES.map(|r| format!("\"{r}\"")).join(", ")
             ));
         }
     }

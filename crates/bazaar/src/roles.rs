@@ -419,8 +419,13 @@ fn run_web(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFu
                     .to_string(),
             })
             .collect();
+        let jwks = settings.jwks_url();
         let web = bazaar_web::WebConfig {
             gateway_url: settings.gateway_url(),
+            users_url: jwks
+                .strip_suffix(bazaar_kit::auth::JWKS_PATH)
+                .unwrap_or(&jwks)
+                .to_string(),
             instances,
             consumers: services()
                 .filter(|(_, spec)| !spec.consumes.is_empty())

@@ -250,6 +250,14 @@ fn expected_mesh_edges() -> BTreeSet<(String, String, String)> {
             ));
         }
     }
+    // The storefront's credential forms call users directly.
+    for route in bazaar_web::CREDENTIAL_ROUTES {
+        edges.insert((
+            bazaar_web::SERVICE.name.to_string(),
+            users.name.to_string(),
+            route.to_string(),
+        ));
+    }
     edges
 }
 
@@ -345,12 +353,14 @@ fn the_linkerd_policies_allow_exactly_the_edges_of_the_role_table() {
             }
         }
     }
-    // The gateway may also read the keys through users' own route (it may call all of users).
+    // The gateway may also call users' more specific routes (it may call all of users).
     let mut expected = expected_mesh_edges();
-    expected.insert((
-        "gateway".to_string(),
-        "users".to_string(),
-        format!("GET {}", bazaar_kit::auth::JWKS_PATH),
-    ));
+    let specific = bazaar_web::CREDENTIAL_ROUTES.map(str::to_string);
+    for route in [format!("GET {}", bazaar_kit::auth::JWKS_PATH)]
+        .into_iter()
+        .chain(specific)
+    {
+        expected.insert(("gateway".to_string(), "users".to_string(), route));
+    }
     assert_eq!(edges, expected);
 }

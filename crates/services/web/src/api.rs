@@ -236,17 +236,48 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// gateway's 30 s read timeout.
 pub const WATCH_WAIT: Duration = Duration::from_secs(20);
 
-/// The public API at one gateway.
+/// The public API at one gateway, and the users role's credential routes.
+///
+/// Signing in, registering and confirming go to users directly (over the mesh when the role
+/// has a certificate) rather than through the gateway: the gateway already limited the
+/// shopper's form per client address, and a second pass would count every shopper against
+/// this role's one address. Users keeps its own per-account throttles.
 #[derive(Debug, Clone)]
 pub struct Api {
     base: String,
     calls: HttpClient,
     watch: HttpClient,
+    users_base: String,
+    users: HttpClient,
+}
+
+/// Users' routes the credential forms call directly: what the mesh policy lets web call.
+pub const CREDENTIAL_ROUTES: [&str; 3] = ["POST /users", "POST /auth/token", "POST /auth/verification"];
+
+/// Where a call goes.
+#[derive(Debug, Clone, Copy)]
+enum Hop {
+    /// The public API through the gateway.
+    Api,
+    /// The public API through the gateway, waiting long for an answer.
+    Watch,
+    /// Users' credential routes, directly.
+    Users,
+}
+
+/// The policy of calls to users' credential routes.
+pub fn users_policy() -> ClientPolicy {
+    ClientPolicy {
+        timeout: CALL_TIMEOUT,
+        max_in_flight: 64,
+        ..ClientPolicy::default()
+    }
 }
 
 impl Api {
-    /// The API behind the gateway at `base` (`http://127.0.0.1:8080`).
-    pub fn new(base: &str) -> Result<Api, ClientError> {
+    /// The API behind the gateway at `base` (`http://127.0.0.1:8080`), with users'
+    /// credential routes at `users_base` through `users` (see [`users_policy`]).
+    pub fn new(base: &str, users_base: &str, users: HttpClient) -> Result<Api, ClientError> {
         let calls = HttpClient::new(
             "gateway",
             ClientPolicy {
@@ -269,6 +300,8 @@ impl Api {
             base: base.trim_end_matches('/').to_string(),
             calls,
             watch,
+            users_base: users_base.trim_end_matches('/').to_string(),
+            users,
         })
     }
 
@@ -287,14 +320,20 @@ impl Api {
     /// Sends a call and returns the body of a success, or the error in the answer.
     async fn exchange(
         &self,
-        client: &HttpClient,
+        hop: Hop,
         method: Method,
         path: &str,
         token: Option<&str>,
         body: Option<&Value>,
         idempotency_key: Option<&str>,
     ) -> Result<bytes::Bytes, ApiError> {
-        let mut request = client.request(method, &self.url(path));
+        let (client, url) = match hop {
+            Hop::Api => (&self.calls, self.url(path)),
+            Hop::Watch => (&self.watch, self.url(path)),
+            // Users' own routes have no `/api/v1` in front.
+            Hop::Users => (&self.users, format!("{}{path}", self.users_base)),
+        };
+        let mut request = client.request(method, &url);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -328,35 +367,33 @@ impl Api {
     /// A call whose answer is a `T`.
     async fn call<T: DeserializeOwned>(
         &self,
-        client: &HttpClient,
+        hop: Hop,
         method: Method,
         path: &str,
         token: Option<&str>,
         body: Option<&Value>,
         idempotency_key: Option<&str>,
     ) -> Result<T, ApiError> {
-        let bytes = self
-            .exchange(client, method, path, token, body, idempotency_key)
-            .await?;
+        let bytes = self.exchange(hop, method, path, token, body, idempotency_key).await?;
         serde_json::from_slice(&bytes).map_err(|e| ApiError::Unexpected(format!("{path}: {e}")))
     }
 
     /// The catalogue.
     pub async fn products(&self) -> Result<Vec<Product>, ApiError> {
-        self.call(&self.calls, Method::GET, "/products?limit=200", None, None, None)
+        self.call(Hop::Api, Method::GET, "/products?limit=200", None, None, None)
             .await
     }
 
     /// One product with its live stock.
     pub async fn product(&self, id: Uuid) -> Result<Product, ApiError> {
-        self.call(&self.calls, Method::GET, &format!("/products/{id}"), None, None, None)
+        self.call(Hop::Api, Method::GET, &format!("/products/{id}"), None, None, None)
             .await
     }
 
     /// Registers an address; a code is mailed to it.
     pub async fn register(&self, name: &str, email: &str, password: &str, phone: Option<&str>) -> Result<(), ApiError> {
         let body = serde_json::json!({"name": name, "email": email, "password": password, "phone": phone});
-        self.call::<Value>(&self.calls, Method::POST, "/users", None, Some(&body), None)
+        self.call::<Value>(Hop::Users, Method::POST, "/users", None, Some(&body), None)
             .await
             .map(drop)
     }
@@ -364,48 +401,34 @@ impl Api {
     /// Opens the account with the mailed code and signs in.
     pub async fn confirm(&self, email: &str, password: &str, code: &str) -> Result<Token, ApiError> {
         let body = serde_json::json!({"email": email, "password": password, "code": code});
-        self.call(&self.calls, Method::POST, "/auth/verification", None, Some(&body), None)
+        self.call(Hop::Users, Method::POST, "/auth/verification", None, Some(&body), None)
             .await
     }
 
     /// Signs in.
     pub async fn sign_in(&self, email: &str, password: &str) -> Result<Token, ApiError> {
         let body = serde_json::json!({"email": email, "password": password});
-        self.call(&self.calls, Method::POST, "/auth/token", None, Some(&body), None)
+        self.call(Hop::Users, Method::POST, "/auth/token", None, Some(&body), None)
             .await
     }
 
     /// Places an order; the same key places it once however often it is sent.
     pub async fn place_order(&self, token: &str, key: &str, lines: &[Line]) -> Result<Order, ApiError> {
         let body = serde_json::json!({ "items": lines });
-        self.call(
-            &self.calls,
-            Method::POST,
-            "/orders",
-            Some(token),
-            Some(&body),
-            Some(key),
-        )
-        .await
+        self.call(Hop::Api, Method::POST, "/orders", Some(token), Some(&body), Some(key))
+            .await
     }
 
     /// The shopper's orders, newest first.
     pub async fn orders(&self, token: &str) -> Result<Vec<Order>, ApiError> {
-        self.call(&self.calls, Method::GET, "/orders?limit=100", Some(token), None, None)
+        self.call(Hop::Api, Method::GET, "/orders?limit=100", Some(token), None, None)
             .await
     }
 
     /// One of the shopper's orders with its saga.
     pub async fn order(&self, token: &str, id: Uuid) -> Result<Order, ApiError> {
-        self.call(
-            &self.calls,
-            Method::GET,
-            &format!("/orders/{id}"),
-            Some(token),
-            None,
-            None,
-        )
-        .await
+        self.call(Hop::Api, Method::GET, &format!("/orders/{id}"), Some(token), None, None)
+            .await
     }
 
     /// The order once its saga has moved past `seen` history entries (or after a while).
@@ -414,40 +437,31 @@ impl Api {
             "/orders/{id}?waitFor=change&seen={seen}&timeout={}",
             WATCH_WAIT.as_secs()
         );
-        self.call(&self.watch, Method::GET, &path, Some(token), None, None)
-            .await
+        self.call(Hop::Watch, Method::GET, &path, Some(token), None, None).await
     }
 
     /// The shopper's wallet.
     pub async fn wallet(&self, token: &str) -> Result<Account, ApiError> {
-        self.call(&self.calls, Method::GET, "/accounts/me", Some(token), None, None)
+        self.call(Hop::Api, Method::GET, "/accounts/me", Some(token), None, None)
             .await
     }
 
     /// Sagas in `status` (operators).
     pub async fn sagas(&self, token: &str, status: &str) -> Result<Vec<Saga>, ApiError> {
         let path = format!("/sagas?status={status}&limit=200");
-        self.call(&self.calls, Method::GET, &path, Some(token), None, None)
-            .await
+        self.call(Hop::Api, Method::GET, &path, Some(token), None, None).await
     }
 
     /// A saga and its history (operators).
     pub async fn saga(&self, token: &str, id: Uuid) -> Result<SagaView, ApiError> {
-        self.call(
-            &self.calls,
-            Method::GET,
-            &format!("/sagas/{id}"),
-            Some(token),
-            None,
-            None,
-        )
-        .await
+        self.call(Hop::Api, Method::GET, &format!("/sagas/{id}"), Some(token), None, None)
+            .await
     }
 
     /// Sends a stuck saga back to compensation (operators).
     pub async fn retry_saga(&self, token: &str, id: Uuid) -> Result<(), ApiError> {
         self.exchange(
-            &self.calls,
+            Hop::Api,
             Method::POST,
             &format!("/sagas/{id}/retry"),
             Some(token),
@@ -462,28 +476,27 @@ impl Api {
     pub async fn restock(&self, token: &str, id: Uuid, delta: i64, reason: &str) -> Result<Product, ApiError> {
         let body = serde_json::json!({"delta": delta, "reason": reason});
         let path = format!("/products/{id}/stock");
-        self.call(&self.calls, Method::POST, &path, Some(token), Some(&body), None)
+        self.call(Hop::Api, Method::POST, &path, Some(token), Some(&body), None)
             .await
     }
 
     /// Adds a product to the catalogue (operators).
     pub async fn add_product(&self, token: &str, product: &Value) -> Result<Product, ApiError> {
-        self.call(&self.calls, Method::POST, "/products", Some(token), Some(product), None)
+        self.call(Hop::Api, Method::POST, "/products", Some(token), Some(product), None)
             .await
     }
 
     /// The dead letters `role` set aside (operators).
     pub async fn dead_letters(&self, token: &str, role: &str) -> Result<Vec<DeadLetter>, ApiError> {
         let path = format!("/deadletters/{role}");
-        self.call(&self.calls, Method::GET, &path, Some(token), None, None)
-            .await
+        self.call(Hop::Api, Method::GET, &path, Some(token), None, None).await
     }
 
     /// Hands a dead letter back to `role`'s handler (operators); the answer's `outcome`.
     pub async fn replay(&self, token: &str, role: &str, topic: &str, seq: u64) -> Result<String, ApiError> {
         let path = format!("/deadletters/{role}/{topic}/{seq}/replay");
         let answer: Value = self
-            .call(&self.calls, Method::POST, &path, Some(token), None, None)
+            .call(Hop::Api, Method::POST, &path, Some(token), None, None)
             .await?;
         Ok(answer["outcome"].as_str().unwrap_or("handled").to_string())
     }
@@ -491,7 +504,7 @@ impl Api {
     /// What was sent to the shopper.
     pub async fn notifications(&self, token: &str) -> Result<Vec<Notification>, ApiError> {
         self.call(
-            &self.calls,
+            Hop::Api,
             Method::GET,
             "/notifications?limit=100",
             Some(token),

@@ -33,7 +33,7 @@ use bazaar_kit::{
     shutdown::Shutdown,
 };
 
-pub use api::{Api, ApiError};
+pub use api::{users_policy, Api, ApiError, CREDENTIAL_ROUTES};
 pub use monitor::{Instance, Monitor};
 pub use view::{money, Views};
 
@@ -94,6 +94,9 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
 pub struct WebConfig {
     /// The gateway whose public API the pages call (`http://127.0.0.1:8080`).
     pub gateway_url: String,
+    /// The users role, whose credential routes the sign-in, sign-up and confirmation forms
+    /// call directly (`https://users:8101` over the mesh).
+    pub users_url: String,
     /// Every role instance the console watches.
     pub instances: Vec<Instance>,
     /// The roles whose dead letters the console lists (those that consume).
@@ -124,7 +127,16 @@ pub async fn run(config: RoleConfig, web: WebConfig, shutdown: Shutdown) -> Resu
         )));
     }
     let views = Views::new().map_err(|e| ServiceError::Config(e.to_string()))?;
-    let api = Api::new(&web.gateway_url).map_err(|e| ServiceError::Config(e.to_string()))?;
+    let users = match &config.mesh {
+        Some(tls) => {
+            let client = bazaar_kit::mesh::http_client(tls, api::users_policy().timeout, &config.mesh_peers)
+                .map_err(|e| ServiceError::Config(e.to_string()))?;
+            bazaar_kit::client::HttpClient::with_client("users", api::users_policy(), client)
+        }
+        None => bazaar_kit::client::HttpClient::new("users", api::users_policy())
+            .map_err(|e| ServiceError::Config(e.to_string()))?,
+    };
+    let api = Api::new(&web.gateway_url, &web.users_url, users).map_err(|e| ServiceError::Config(e.to_string()))?;
     let monitor = Monitor::new(web.instances).map_err(|e| ServiceError::Config(e.to_string()))?;
     let rt = Runtime::start(&SERVICE, &config, shutdown).await?;
     let sampler = monitor.clone();

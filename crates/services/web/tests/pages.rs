@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use axum::http::{header, Method, StatusCode};
+use bazaar_kit::client::HttpClient;
 use bazaar_kit::testing::{Answer, TestRole};
-use bazaar_web::{Api, Monitor, Views, Web, SERVICE};
+use bazaar_web::{users_policy, Api, Monitor, Views, Web, SERVICE};
 
 /// Nothing listens here: every API call fails to connect.
 const STOPPED_GATEWAY: &str = "http://127.0.0.1:9";
@@ -16,7 +17,12 @@ async fn start() -> TestRole {
     TestRole::start(&SERVICE, |rt| {
         bazaar_web::router(Web {
             rt: rt.clone(),
-            api: Api::new(STOPPED_GATEWAY).expect("a client"),
+            api: Api::new(
+                STOPPED_GATEWAY,
+                STOPPED_GATEWAY,
+                HttpClient::new("users", users_policy()).expect("a client"),
+            )
+            .expect("a client"),
             views: Arc::new(Views::new().expect("templates")),
             monitor: Monitor::new(Vec::new()).expect("a monitor"),
             consumers: Arc::new(vec!["orders"]),
