@@ -69,7 +69,7 @@ struct Edge {
     p99_ms: Option<f64>,
 }
 
-/// Every edge seen in `last`, with its p99 since `first`.
+/// Every edge seen in `last`, with its p99 since `first` (since its roles started when none).
 fn mesh_edges(first: Option<&Sample>, last: &Sample) -> Vec<Edge> {
     let edges: std::collections::BTreeSet<&String> =
         last.mesh_requests.keys().chain(last.mesh_refusals.keys()).collect();
@@ -150,7 +150,8 @@ fn overview(web: &Web) -> Overview {
             healthy,
             charts: vec![orders, latency, outbox, lag],
             dead_letters: last.dead.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            mesh: mesh_edges(samples.front(), &last),
+            // With one sample there is no window yet: latency since the roles started.
+            mesh: mesh_edges(samples.front().filter(|_| samples.len() > 1), &last),
         }
     })
 }
@@ -160,6 +161,7 @@ pub async fn home(State(web): State<Web>, visitor: Visitor, uri: Uri) -> Respons
     if let Err(page) = operator(&web, &visitor, &uri) {
         return *page;
     }
+    web.monitor.look().await;
     web.views.page(
         StatusCode::OK,
         "console.html",
@@ -182,6 +184,7 @@ pub async fn live(State(web): State<Web>, visitor: Visitor) -> Response {
             () = tokio::time::sleep(SAMPLE_EVERY) => {}
             () = stop.wait() => return None,
         }
+        web.monitor.look().await;
         let html = web
             .views
             .render("console_live.html", context! { overview => overview(&web) })

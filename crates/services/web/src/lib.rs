@@ -142,7 +142,7 @@ pub async fn run(config: RoleConfig, web: WebConfig, shutdown: Shutdown) -> Resu
     let sampler = monitor.clone();
     rt.every(monitor::SAMPLE_EVERY, move || {
         let sampler = sampler.clone();
-        async move { sampler.sample().await }
+        async move { sampler.round().await }
     });
     let state = Web {
         rt: rt.clone(),

@@ -1,6 +1,7 @@
 //! What the console watches: every role instance's `/health` and `/metrics`, read from its
-//! plain admin listener as a probe or Prometheus would, every couple of seconds. The last
-//! few minutes of samples are kept in memory for the charts; nothing is stored.
+//! plain admin listener as a probe or Prometheus would, every couple of seconds while
+//! someone has looked at the console in the last five minutes. The last few minutes of
+//! samples are kept in memory for the charts; nothing is stored.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -87,6 +88,10 @@ pub struct Watch {
     pub samples: VecDeque<Sample>,
 }
 
+/// How long after the console was last looked at the monitor keeps reading instances; a
+/// system nobody watches is not scraped by its own console.
+const WATCHED_FOR: Duration = Duration::from_secs(300);
+
 /// Reads every instance, keeps the samples.
 #[derive(Debug, Clone)]
 pub struct Monitor {
@@ -94,6 +99,8 @@ pub struct Monitor {
     client: reqwest::Client,
     watch: Arc<RwLock<Watch>>,
     started: std::time::Instant,
+    /// Until when (ms since `started`) someone is watching.
+    watched_until: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Monitor {
@@ -108,7 +115,27 @@ impl Monitor {
                 .build()?,
             watch: Arc::new(RwLock::new(Watch::default())),
             started: std::time::Instant::now(),
+            watched_until: Arc::default(),
         })
+    }
+
+    /// Notes that someone is looking at the console: instances are read for the next
+    /// [`WATCHED_FOR`]. The first look after a quiet spell reads them at once.
+    pub async fn look(&self) {
+        let now = self.started.elapsed();
+        let until = (now + WATCHED_FOR).as_millis() as u64;
+        let was = self.watched_until.swap(until, std::sync::atomic::Ordering::Relaxed);
+        if was <= now.as_millis() as u64 {
+            self.sample().await;
+        }
+    }
+
+    /// Reads every instance once if someone is watching (the periodic round).
+    pub async fn round(&self) {
+        let until = self.watched_until.load(std::sync::atomic::Ordering::Relaxed);
+        if self.started.elapsed().as_millis() as u64 <= until {
+            self.sample().await;
+        }
     }
 
     /// What was last read.
