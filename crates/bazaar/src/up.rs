@@ -886,6 +886,7 @@ bazaar is up: gateway {gw}, gateway admin http://127.0.0.1:{admin}, data in {dat
 gateway config: {config} (edit it; the gateway reloads on change)
 
 Shop in a browser: {gw}/ (sign up, then find the emailed code in {data}/mail)
+Operate it: {gw}/console (sign in as {admin_email}, password in {data}/admin.password)
 
 Or with curl (copy and paste):
   curl -s {gw}/api/v1/products

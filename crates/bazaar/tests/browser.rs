@@ -1,7 +1,7 @@
-//! The storefront and the operator console in a real browser: Debian's Chromium, headless, driven by playwright-core
-//! (from npm, told to use `/usr/bin/chromium`; nothing downloads a browser) against a
-//! `bazaar up` on free ports. Each scenario in `browser/storefront.cjs` asserts what a person
-//! would see on the page. Screenshots at desktop and phone widths go to the target dir, or
+//! The storefront and the operator console in a real browser: Debian's Chromium, headless
+//! (installed from Debian here when `.ci/run` has not), driven by playwright-core (from npm,
+//! told to use `/usr/bin/chromium`; nothing downloads a browser) against a `bazaar up` on
+//! free ports. Each scenario in `browser/*.cjs` asserts what a person would see on the page. Screenshots at desktop and phone widths go to the target dir, or
 //! to `BAZAAR_SCREENSHOTS` (the README's come from `BAZAAR_SCREENSHOTS=docs/screenshots`).
 
 use std::{
@@ -28,6 +28,31 @@ fn driver() -> PathBuf {
     modules
 }
 
+/// Makes sure Debian's Chromium is installed, installing the package when it is not (as
+/// `.ci/run` does first).
+fn chromium() {
+    if Path::new(CHROMIUM).is_file() {
+        return;
+    }
+    let apt = |args: &[&str]| {
+        std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    // Both browser tests may get here at once: the second waits for dpkg's lock.
+    let install = ["-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "chromium"];
+    if !apt(&install) {
+        apt(&["update", "-q"]);
+        apt(&install);
+    }
+    assert!(
+        Path::new(CHROMIUM).is_file(),
+        "{CHROMIUM} is missing and `apt-get install chromium` could not install it: install Debian's chromium package"
+    );
+}
+
 /// Where screenshots go: `BAZAAR_SCREENSHOTS`, or the target dir.
 fn screenshots() -> PathBuf {
     let shots = std::env::var_os("BAZAAR_SCREENSHOTS")
@@ -40,10 +65,7 @@ fn screenshots() -> PathBuf {
 /// Runs the scenarios of `tests/browser/<script>` in headless Chromium against `up`, failing
 /// the test with their output (and the system's log) when one fails.
 async fn browse(up: &harness::System, dir: &Path, script: &str, env: &[(&str, String)]) {
-    assert!(
-        Path::new(CHROMIUM).is_file(),
-        "{CHROMIUM} is missing: install Debian's chromium package (`.ci/run` does)"
-    );
+    chromium();
     let modules = driver();
     let base = up.api("").trim_end_matches("/api/v1").to_string();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser").join(script);
