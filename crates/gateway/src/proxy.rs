@@ -140,6 +140,18 @@ async fn process(
     decorations: &mut Decorations,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = request.into_parts();
+    // As Kong does: only a trusted proxy says which scheme the client used (TLS ended in
+    // front of the gateway); anyone else's claim is replaced.
+    let scheme_from_proxy = shared.edge.trusted.trusts(connection.peer.ip())
+        && matches!(
+            parts.headers.get("x-forwarded-proto").map(HeaderValue::as_bytes),
+            Some(b"https" | b"http")
+        );
+    if !scheme_from_proxy {
+        parts
+            .headers
+            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
     let host = parts
         .headers
         .get(header::HOST)
@@ -397,7 +409,6 @@ async fn forward(
     };
     set_header(&mut headers, "x-forwarded-for", &forwarded_for);
     set_header(&mut headers, "x-real-ip", &client.to_string());
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     if let Some(host) = &host {
         let bare = host
             .rsplit_once(':')

@@ -1482,3 +1482,27 @@ async fn behind_a_trusted_proxy_each_client_it_forwards_for_has_its_own_bucket()
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn only_a_trusted_proxy_says_the_client_used_https() {
+    let up = Upstream::start("up").await;
+    let scheme = |gw: &Gateway| {
+        let url = gw.url("/up/x");
+        async move {
+            let answer = client()
+                .get(url)
+                .header("x-forwarded-proto", "https")
+                .send()
+                .await
+                .unwrap();
+            answer.json::<Value>().await.unwrap()["headers"]["x-forwarded-proto"].clone()
+        }
+    };
+    let open = Gateway::start(&two_a_minute(up.addr)).await;
+    assert_eq!(scheme(&open).await, "http", "a client's own claim is replaced");
+    open.shutdown().await;
+    let trusted = bazaar_gateway::TrustedProxies::parse("127.0.0.0/8").unwrap();
+    let behind = Gateway::start_trusting(&two_a_minute(up.addr), trusted).await;
+    assert_eq!(scheme(&behind).await, "https", "the proxy that ended TLS is believed");
+    behind.shutdown().await;
+}

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::{
     api::{ApiError, Product},
-    session::{set_cookie, Shopper, Visitor, CART_COOKIE, SESSION_COOKIE},
+    session::{Shopper, Visitor, CART_COOKIE, SESSION_COOKIE},
     view::{line_views, OrderView},
     Web,
 };
@@ -208,7 +208,10 @@ pub async fn cart_add(State(web): State<Web>, mut visitor: Visitor, Form(form): 
         );
         return cart_page(&web, &visitor, StatusCode::BAD_REQUEST, Some(error)).await;
     }
-    see_other_with("/cart", &[set_cookie(CART_COOKIE, &visitor.cart.encode(), CART_AGE)])
+    see_other_with(
+        "/cart",
+        &[visitor.cookie(CART_COOKIE, &visitor.cart.encode(), CART_AGE)],
+    )
 }
 
 /// The form that takes a product out of the cart.
@@ -220,7 +223,10 @@ pub struct RemoveFromCart {
 /// `POST /cart/remove`.
 pub async fn cart_remove(mut visitor: Visitor, Form(form): Form<RemoveFromCart>) -> Response {
     visitor.cart.remove(form.product_id);
-    see_other_with("/cart", &[set_cookie(CART_COOKIE, &visitor.cart.encode(), CART_AGE)])
+    see_other_with(
+        "/cart",
+        &[visitor.cookie(CART_COOKIE, &visitor.cart.encode(), CART_AGE)],
+    )
 }
 
 /// The checkout form.
@@ -242,7 +248,7 @@ pub async fn checkout(State(web): State<Web>, visitor: Visitor, Form(form): Form
     match web.api.place_order(&shopper.token, &key, &visitor.cart.lines()).await {
         Ok(order) => see_other_with(
             &format!("/account/orders/{}", order.id),
-            &[set_cookie(CART_COOKIE, "", 0)],
+            &[visitor.cookie(CART_COOKIE, "", 0)],
         ),
         Err(e) => {
             let words = match e.status() {
@@ -282,15 +288,15 @@ pub struct SignIn {
 }
 
 /// The cookie that carries a token for as long as it lives.
-fn session_cookie(token: &crate::api::Token) -> HeaderValue {
-    set_cookie(SESSION_COOKIE, &token.access_token, token.expires_in)
+fn session_cookie(visitor: &Visitor, token: &crate::api::Token) -> HeaderValue {
+    visitor.cookie(SESSION_COOKIE, &token.access_token, token.expires_in)
 }
 
 /// `POST /account/signin`.
 pub async fn sign_in(State(web): State<Web>, visitor: Visitor, Form(form): Form<SignIn>) -> Response {
     let next = local_path(form.next.as_deref()).to_string();
     match web.api.sign_in(form.email.trim(), &form.password).await {
-        Ok(token) => see_other_with(&next, &[session_cookie(&token)]),
+        Ok(token) => see_other_with(&next, &[session_cookie(&visitor, &token)]),
         Err(e) => {
             let error = match e.status() {
                 Some(StatusCode::UNAUTHORIZED | StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN) => {
@@ -369,7 +375,7 @@ pub async fn confirm(State(web): State<Web>, visitor: Visitor, Form(form): Form<
         .confirm(form.email.trim(), &form.password, form.code.trim())
         .await
     {
-        Ok(token) => see_other_with("/", &[session_cookie(&token)]),
+        Ok(token) => see_other_with("/", &[session_cookie(&visitor, &token)]),
         Err(e) => {
             let error = match e.status() {
                 Some(s) if s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS => {
@@ -388,8 +394,8 @@ pub async fn confirm(State(web): State<Web>, visitor: Visitor, Form(form): Form<
 }
 
 /// `POST /account/signout`.
-pub async fn sign_out() -> Response {
-    see_other_with("/", &[set_cookie(SESSION_COOKIE, "", 0)])
+pub async fn sign_out(visitor: Visitor) -> Response {
+    see_other_with("/", &[visitor.cookie(SESSION_COOKIE, "", 0)])
 }
 
 /// `GET /account`.

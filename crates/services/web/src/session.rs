@@ -39,6 +39,9 @@ pub struct Visitor {
     pub shopper: Option<Shopper>,
     /// The cart.
     pub cart: Cart,
+    /// Whether the visitor reached the shop over TLS (the gateway's `X-Forwarded-Proto`,
+    /// which it takes only from a proxy it trusts).
+    pub https: bool,
 }
 
 impl FromRequestParts<Web> for Visitor {
@@ -57,7 +60,11 @@ impl FromRequestParts<Web> for Visitor {
             None => None,
         };
         let cart = cookie(&parts.headers, CART_COOKIE).map(Cart::parse).unwrap_or_default();
-        Ok(Visitor { shopper, cart })
+        let https = parts
+            .headers
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes() == b"https");
+        Ok(Visitor { shopper, cart, https })
     }
 }
 
@@ -73,15 +80,18 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .map(|(_, v)| v)
 }
 
-/// A `Set-Cookie` value for `name`, readable by the server only, living `max_age` seconds
-/// (0 deletes it).
-pub fn set_cookie(name: &str, value: &str, max_age: u64) -> HeaderValue {
-    // Token and cart values are made of cookie-safe characters; a value that is not cannot
-    // be set, and an empty one is set instead.
-    HeaderValue::from_str(&format!(
-        "{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax"
-    ))
-    .unwrap_or_else(|_| HeaderValue::from_static("bazaar_invalid=; Max-Age=0"))
+impl Visitor {
+    /// A `Set-Cookie` value for `name`, readable by the server only, living `max_age`
+    /// seconds (0 deletes it), and sent back only over TLS when the visitor came over TLS.
+    pub fn cookie(&self, name: &str, value: &str, max_age: u64) -> HeaderValue {
+        let secure = if self.https { "; Secure" } else { "" };
+        // Token and cart values are made of cookie-safe characters; a value that is not
+        // cannot be set, and an empty one is set instead.
+        HeaderValue::from_str(&format!(
+            "{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
+        ))
+        .unwrap_or_else(|_| HeaderValue::from_static("bazaar_invalid=; Max-Age=0"))
+    }
 }
 
 /// Products and quantities a shopper means to buy.
@@ -171,6 +181,19 @@ mod tests {
             assert!(cart.add(Uuid::new_v4(), 1));
         }
         assert!(!cart.add(Uuid::new_v4(), 1));
+    }
+
+    #[test]
+    fn cookies_are_secure_when_the_visitor_came_over_tls() {
+        let visitor = |https| Visitor {
+            shopper: None,
+            cart: Cart::default(),
+            https,
+        };
+        let over_tls = visitor(true).cookie(SESSION_COOKIE, "t", 60);
+        assert!(over_tls.to_str().unwrap().ends_with("HttpOnly; SameSite=Lax; Secure"));
+        let plain = visitor(false).cookie(SESSION_COOKIE, "t", 60);
+        assert!(!plain.to_str().unwrap().contains("Secure"));
     }
 
     #[test]
