@@ -1,5 +1,6 @@
 //! The public API as the web role calls it: through the gateway, as a shopper's own client
-//! would, with the shopper's token. Nothing here reaches past what a script could do.
+//! would, with the shopper's token (the credential forms go to users directly; see [`Api`]).
+//! Nothing here reaches past what a script could do.
 
 use std::time::Duration;
 

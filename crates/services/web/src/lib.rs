@@ -1,12 +1,15 @@
-//! The web role: bazaar's storefront at the gateway's root, rendered on the server.
+//! The web role: bazaar's storefront and operator console at the gateway's root, rendered
+//! on the server.
 //!
 //! It is a backend-for-frontend: every page is built from the public API, called through
 //! the gateway with the shopper's own token (kept in an `HttpOnly` cookie), so the pages can
-//! do nothing a script could not. It owns no data of its own; its store holds only the
-//! kit's empty outbox and inbox. The live parts (an order's saga as it happens) are
-//! server-sent events fed by the orders API's long poll, so neither the browser nor this
-//! role polls. No asset comes from anywhere but this role: templates, styles and the one
-//! small script are compiled into the binary.
+//! do nothing a script could not; only the credential forms, limited per shopper at the
+//! gateway, go to users directly over the mesh. The console reads each instance's health
+//! and metrics as a probe would (see [`Monitor`]). It owns no data of its own; its store holds
+//! only the kit's empty outbox and inbox. The live parts (an order's saga as it happens,
+//! the console's charts) are server-sent events, fed by the orders API's long poll and the
+//! monitor's samples, so the browser never polls. No asset comes from anywhere but this
+//! role: templates, styles and the one small script are compiled into the binary.
 
 mod api;
 mod chart;

@@ -120,7 +120,7 @@ impl Monitor {
     }
 
     /// Notes that someone is looking at the console: instances are read for the next
-    /// [`WATCHED_FOR`]. The first look after a quiet spell reads them at once.
+    /// five minutes. The first look after a quiet spell reads them at once.
     pub async fn look(&self) {
         let now = self.started.elapsed();
         let until = (now + WATCHED_FOR).as_millis() as u64;
