@@ -47,6 +47,26 @@ fn operator<'v>(web: &Web, visitor: &'v Visitor, uri: &Uri) -> Result<&'v Shoppe
     }
 }
 
+/// The signed-in operator and the saga `id` names, or the page that says why not.
+fn operator_and_saga<'v>(
+    web: &Web,
+    visitor: &'v Visitor,
+    uri: &Uri,
+    id: &str,
+) -> Result<(&'v Shopper, Uuid), Box<Response>> {
+    let admin = operator(web, visitor, uri)?;
+    let id = id.parse::<Uuid>().map_err(|_| {
+        Box::new(problem_page(
+            web,
+            visitor,
+            StatusCode::NOT_FOUND,
+            "Saga",
+            "There is no saga with that id.",
+        ))
+    })?;
+    Ok((admin, id))
+}
+
 /// Everything the overview shows, rendered again for each live update.
 #[derive(Debug, Serialize)]
 struct Overview {
@@ -226,18 +246,9 @@ pub async fn sagas(State(web): State<Web>, visitor: Visitor, uri: Uri, Query(q):
 
 /// `GET /console/sagas/{id}`: one saga's history, with a retry when it is stuck.
 pub async fn saga(State(web): State<Web>, visitor: Visitor, uri: Uri, Path(id): Path<String>) -> Response {
-    let admin = match operator(&web, &visitor, &uri) {
-        Ok(admin) => admin,
+    let (admin, id) = match operator_and_saga(&web, &visitor, &uri, &id) {
+        Ok(found) => found,
         Err(page) => return *page,
-    };
-    let Ok(id) = id.parse::<Uuid>() else {
-        return problem_page(
-            &web,
-            &visitor,
-            StatusCode::NOT_FOUND,
-            "Saga",
-            "There is no saga with that id.",
-        );
     };
     match web.api.saga(&admin.token, id).await {
         Ok(view) => web.views.page(
@@ -251,18 +262,9 @@ pub async fn saga(State(web): State<Web>, visitor: Visitor, uri: Uri, Path(id): 
 
 /// `POST /console/sagas/{id}/retry`.
 pub async fn retry(State(web): State<Web>, visitor: Visitor, uri: Uri, Path(id): Path<String>) -> Response {
-    let admin = match operator(&web, &visitor, &uri) {
-        Ok(admin) => admin,
+    let (admin, id) = match operator_and_saga(&web, &visitor, &uri, &id) {
+        Ok(found) => found,
         Err(page) => return *page,
-    };
-    let Ok(id) = id.parse::<Uuid>() else {
-        return problem_page(
-            &web,
-            &visitor,
-            StatusCode::NOT_FOUND,
-            "Saga",
-            "There is no saga with that id.",
-        );
     };
     match web.api.retry_saga(&admin.token, id).await {
         Ok(()) => Redirect::to(&format!("/console/sagas/{id}")).into_response(),
