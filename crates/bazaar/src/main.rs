@@ -11,7 +11,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-use bazaar::roles::{self, Role, RoleKind, RoleParser, Settings};
+use bazaar::roles::{self, Role, RoleParser, Settings};
 
 /// An event-driven order system: gateway, users, inventory, orders, payments, notifications.
 #[derive(Debug, Parser)]
@@ -161,14 +161,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A service role is I/O bound and its SQLite work runs on sqlx's own threads: one
     // scheduler thread avoids cross-thread wake-ups (bazaar-bench saga: 90 -> 100 orders/s,
-    // 12% less CPU). The gateway keeps a thread per core. BAZAAR_WORKER_THREADS overrides.
+    // 12% less CPU). The gateway's proxied connections run on its own worker threads
+    // (BAZAAR_GATEWAY_WORKERS), so its main runtime only accepts and reloads.
+    // BAZAAR_WORKER_THREADS overrides.
     let threads = std::env::var("BAZAAR_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
     let mut builder = match (&cli.command, threads) {
-        (Command::Serve { role }, None) if !matches!(role.kind, RoleKind::Gateway) => {
-            tokio::runtime::Builder::new_current_thread()
-        }
+        (Command::Serve { .. }, None) => tokio::runtime::Builder::new_current_thread(),
         (_, Some(1)) => tokio::runtime::Builder::new_current_thread(),
         (_, Some(n)) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -214,6 +214,7 @@ fn main() -> ExitCode {
             Command::Contracts { command } => contracts(command),
         }
     });
+    bazaar_kit::telemetry::flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

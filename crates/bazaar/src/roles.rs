@@ -576,6 +576,11 @@ pub struct Settings {
     #[arg(long, global = true, env = "BAZAAR_SAGA_STEP_TIMEOUT_MS", default_value_t = 10_000,
         value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub saga_step_timeout_ms: u64,
+    /// Threads serving the gateway's proxied connections, each with its own event loop and
+    /// upstream pools (gateway; default: one per core, as nginx's `worker_processes auto`).
+    #[arg(long, global = true, env = "BAZAAR_GATEWAY_WORKERS",
+        value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub gateway_workers: Option<u16>,
     /// Sagas in progress past which new orders are shed with 503 (orders; 0: no limit).
     #[arg(long, global = true, env = "BAZAAR_ORDERS_MAX_IN_FLIGHT", default_value_t = 1000)]
     pub orders_max_in_flight: u32,
@@ -888,6 +893,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
     // (bazaar up, systemd, Kubernetes) restarts a whole one. Durable state makes that safe.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        bazaar_kit::telemetry::flush_logs();
         default_hook(info);
         std::process::exit(101);
     }));
@@ -965,6 +971,9 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
             trusted,
             documents: crate::contracts::gateway_documents(),
         },
+        workers: settings
+            .gateway_workers
+            .map_or_else(bazaar_gateway::default_workers, usize::from),
     };
     let mut stop = shutdown;
     let stopped = async move { stop.wait().await };
@@ -982,6 +991,7 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
             stopped,
             drain,
             opts.edge,
+            opts.workers,
         )
         .await
         .context("gateway");
@@ -1021,6 +1031,7 @@ mod tests {
             gateway_url: None,
             layout: None,
             saga_step_timeout_ms: 10_000,
+            gateway_workers: None,
             admin_listen_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             mesh_cert: None,
             mesh_key: None,

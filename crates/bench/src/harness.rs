@@ -92,6 +92,23 @@ pub fn free_base_port() -> anyhow::Result<u16> {
     bail!("no free range of loopback ports found")
 }
 
+/// The `bazaar` executable: `explicit`, or the one built beside this executable.
+pub fn bazaar_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None => std::env::current_exe()
+            .context("cannot find this executable")?
+            .with_file_name("bazaar"),
+    };
+    if !path.is_file() {
+        bail!(
+            "no bazaar executable at {}; build it with `cargo build --release -p bazaar` or pass --bazaar PATH",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The port offset of the role called `name`.
 pub fn port_offset(name: &str) -> anyhow::Result<u16> {
     RoleSpec::named(name)

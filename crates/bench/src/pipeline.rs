@@ -207,6 +207,7 @@ impl Tally {
             errors: 0,
             elapsed: started.elapsed(),
             latencies: self.latencies.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            ..Sample::default()
         }
         .finish();
         let mut note = String::new();

@@ -70,23 +70,6 @@ pub struct SagaBenchArgs {
     redis: String,
 }
 
-/// The `bazaar` executable: `--bazaar`, or the one built beside this one.
-fn bazaar_bin(args: &SagaBenchArgs) -> anyhow::Result<PathBuf> {
-    let path = match &args.bazaar {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("cannot find this executable")?
-            .with_file_name("bazaar"),
-    };
-    if !path.is_file() {
-        bail!(
-            "no bazaar executable at {}; build it with `cargo build --release -p bazaar` or pass --bazaar PATH",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 /// Prices of the products `bazaar load` creates, in the same order.
 const PRICES: [i64; 4] = [250, 399, 1000, 1250];
 
@@ -113,7 +96,7 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
         ),
         "orders/s",
     );
-    let bin = bazaar_bin(&args)?;
+    let bin = bazaar_bench::harness::bazaar_bin(args.bazaar.as_deref())?;
     let dir = tempfile::tempdir().context("cannot create a temp dir")?;
 
     eprintln!("bench saga: starting `bazaar up` on a temp data dir (embedded defaults)");
@@ -232,6 +215,7 @@ fn add_saga(report: &mut Report, name: &str, what: &str, result: anyhow::Result<
         errors: failed,
         elapsed: stats.elapsed,
         latencies: stats.settle.clone(),
+        ..Sample::default()
     }
     .finish();
     report.row(name, Some(sample), format!("{what}; outcomes {:?}", stats.outcomes));
@@ -530,6 +514,7 @@ async fn monolith(
         errors,
         elapsed,
         latencies,
+        ..Sample::default()
     }
     .finish();
     Ok((sample, outcomes))

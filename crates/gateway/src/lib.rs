@@ -30,6 +30,7 @@ mod router;
 mod server;
 mod state;
 mod tls;
+mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,7 +41,7 @@ pub use config::ConfigProblems;
 pub use defaults::{default_config, DefaultMesh, DefaultRoute, CLIENT_LIMITS, CREDENTIAL_LIMITS, GENERATED_MARKER};
 pub use edge::{Document, Edge};
 pub use real_ip::TrustedProxies;
-pub use server::{serve_draining, serve_with_listeners};
+pub use server::{default_workers, serve_draining, serve_with_listeners};
 
 /// What the gateway needs to run.
 pub struct GatewayOptions {
@@ -55,6 +56,8 @@ pub struct GatewayOptions {
     pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// Proxies to believe, and documents served beside the routes.
     pub edge: Edge,
+    /// Threads serving proxied connections (see [`default_workers`]).
+    pub workers: usize,
 }
 
 /// Why the gateway could not start.
@@ -68,6 +71,9 @@ pub enum GatewayError {
         /// One line per problem, e.g. `routes[2].paths[0]: must start with /`.
         problems: ConfigProblems,
     },
+    /// The worker threads could not be started.
+    #[error("cannot start the gateway's worker threads: {0}")]
+    Workers(std::io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -104,6 +110,7 @@ pub async fn serve(
         shutdown,
         std::time::Duration::ZERO,
         opts.edge,
+        opts.workers,
     )
     .await
 }

@@ -477,7 +477,7 @@ async fn forward(
                 guard.report(outcome);
             }
         };
-        match exchange(&runtime.client, upstream_request, sent, write_timeout, read_timeout).await {
+        match exchange(runtime.client(), upstream_request, sent, write_timeout, read_timeout).await {
             Ok(Ok(upstream_response)) => {
                 report(Outcome::Status(upstream_response.status().as_u16()));
                 let (mut head, incoming) = upstream_response.into_parts();

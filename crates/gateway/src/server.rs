@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,12 +11,13 @@ use std::time::{Duration, SystemTime};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::config::Config;
 use crate::state::{CountGuard, RenderMetrics, Shared};
+use crate::workers::Workers;
 use crate::{admin, proxy, GatewayError};
 
 /// How often the config file's modification time is checked.
@@ -56,15 +58,23 @@ pub async fn serve_with_listeners(
         shutdown,
         Duration::ZERO,
         crate::Edge::default(),
+        default_workers(),
     )
     .await
+}
+
+/// One worker per core, as nginx's `worker_processes auto`.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// [`serve_with_listeners`], keeping on serving for `drain` once `shutdown` completes with
 /// `Connection: close` on every response, so clients move their keep-alive connections (to a
 /// replacement on the same socket, say) before this gateway closes the idle ones. Requests
 /// from `edge`'s trusted proxies are attributed to the client their `X-Forwarded-For` names,
-/// and its documents are served where no route matches.
+/// and its documents are served where no route matches. Proxied connections are served by
+/// `workers` threads (at least one), each with its own runtime and upstream pools.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_draining(
     config_path: PathBuf,
     proxy_listener: TcpListener,
@@ -73,14 +83,16 @@ pub async fn serve_draining(
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
     edge: crate::Edge,
+    workers: usize,
 ) -> Result<(), GatewayError> {
     let config = Config::load_file(&config_path).map_err(|problems| GatewayError::Config {
         path: config_path.clone(),
         problems,
     })?;
+    let workers = Workers::start(workers).map_err(GatewayError::Workers)?;
     tracing::info!(config = %config_path.display(), summary = %config.summary(), "gateway config loaded");
     let render: RenderMetrics = render_metrics;
-    let shared = Shared::new(config, config_path, render, edge);
+    let shared = Shared::new(config, config_path, render, edge, workers.count());
     let draining = shared.clone();
     let (stop, stopped) = watch::channel(false);
     let tasks = [
@@ -89,12 +101,14 @@ pub async fn serve_draining(
             shared.clone(),
             stopped.clone(),
             Role::Proxy,
+            Some(workers),
         )),
         tokio::spawn(accept_loop(
             admin_listener,
             shared.clone(),
             stopped.clone(),
             Role::Admin,
+            None,
         )),
         tokio::spawn(watch_config(shared, stopped)),
     ];
@@ -118,7 +132,15 @@ pub async fn serve_draining(
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>, role: Role) {
+/// Accepts connections until `stop`; proxied ones are served by `workers` when there are
+/// any, the rest on this runtime.
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    role: Role,
+    workers: Option<Workers>,
+) {
     let graceful = GracefulShutdown::new();
     let cap = match role {
         Role::Proxy => MAX_PROXY_CONNECTIONS,
@@ -160,45 +182,77 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         };
         let Ok(local) = stream.local_addr() else { continue };
         let _ = stream.set_nodelay(true);
-        if role == Role::Proxy {
-            shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
-            shared.stats.connections_handled.fetch_add(1, Ordering::Relaxed);
-        }
-        let for_requests = shared.clone();
-        let service = service_fn(move |request| {
-            let shared = for_requests.clone();
-            async move {
-                let mut response = match role {
-                    Role::Proxy => proxy::handle(shared.clone(), request, proxy::Connection { peer, local }).await,
-                    Role::Admin => admin::handle(&shared, &request),
-                };
-                if shared.draining.load(Ordering::Relaxed) {
-                    response
-                        .headers_mut()
-                        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-                }
-                Ok::<_, Infallible>(response)
-            }
-        });
-        // A header deadline stops idle or slow-loris clients from holding connections forever.
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let _active = (role == Role::Proxy).then(|| CountGuard::new(&shared.stats.connections_active));
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, %peer, "connection ended with an error");
+        match (role, &workers) {
+            (Role::Proxy, Some(workers)) => {
+                shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                shared.stats.connections_handled.fetch_add(1, Ordering::Relaxed);
+                // The socket leaves this runtime's reactor and joins the worker's.
+                let stream = match stream.into_std() {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, %peer, "cannot hand a connection to a worker");
+                        continue;
+                    }
+                };
+                workers.run(Box::new(move || match TcpStream::from_std(stream) {
+                    Ok(stream) => {
+                        tokio::spawn(serve_connection(stream, peer, local, shared, role, slot, watcher));
+                    }
+                    Err(error) => tracing::warn!(%error, %peer, "a worker cannot take a connection"),
+                }));
             }
-        });
+            _ => {
+                tokio::spawn(serve_connection(stream, peer, local, shared, role, slot, watcher));
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown()).await.is_err() {
         tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+    if let Some(workers) = workers {
+        workers.stop().await;
+    }
+}
+
+/// Serves one accepted connection until it closes or the drain ends it.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    role: Role,
+    slot: OwnedSemaphorePermit,
+    watcher: Watcher,
+) {
+    let _slot = slot;
+    let _active = (role == Role::Proxy).then(|| CountGuard::new(&shared.stats.connections_active));
+    let for_requests = shared.clone();
+    let service = service_fn(move |request| {
+        let shared = for_requests.clone();
+        async move {
+            let mut response = match role {
+                Role::Proxy => proxy::handle(shared.clone(), request, proxy::Connection { peer, local }).await,
+                Role::Admin => admin::handle(&shared, &request),
+            };
+            if shared.draining.load(Ordering::Relaxed) {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    // A header deadline stops idle or slow-loris clients from holding connections forever.
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%error, %peer, "connection ended with an error");
     }
 }
 

@@ -31,8 +31,9 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(5);
 /// How a service is reached.
 #[derive(Debug)]
 pub(crate) struct ServiceRuntime {
-    /// A pooled client whose connector applies this service's connect timeout and TLS.
-    pub client: HttpClient,
+    /// Pooled clients whose connector applies this service's connect timeout and TLS, one
+    /// per worker so an upstream connection serves only the thread that opened it.
+    pub clients: Box<[HttpClient]>,
     /// `http` or `https`.
     pub scheme: &'static str,
     /// The upstream to balance over, when the service's host names one.
@@ -41,6 +42,13 @@ pub(crate) struct ServiceRuntime {
     pub address: String,
     /// The Host header sent upstream unless the route preserves the client's.
     pub host_header: HeaderValue,
+}
+
+impl ServiceRuntime {
+    /// The calling worker's pooled client.
+    pub fn client(&self) -> &HttpClient {
+        &self.clients[crate::workers::current() % self.clients.len()]
+    }
 }
 
 /// One loaded config, compiled for serving.
@@ -89,9 +97,11 @@ pub(crate) type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 pub(crate) struct Shared {
     snapshot: RwLock<Arc<Snapshot>>,
     pub limiter: Limiter,
-    /// One pooled client per distinct connect timeout and TLS setting, reused across reloads
-    /// so keep-alive connections to upstreams survive them.
+    /// One pooled client per worker and distinct connect timeout and TLS setting, reused
+    /// across reloads so keep-alive connections to upstreams survive them.
     clients: Mutex<HashMap<String, HttpClient>>,
+    /// How many workers serve proxied connections.
+    workers: usize,
     pub stats: Stats,
     pub started: Instant,
     pub config_path: PathBuf,
@@ -108,13 +118,20 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Loads the first config; fails if it is invalid.
-    pub fn new(config: Config, config_path: PathBuf, render_metrics: RenderMetrics, edge: crate::Edge) -> Arc<Shared> {
+    pub fn new(
+        config: Config,
+        config_path: PathBuf,
+        render_metrics: RenderMetrics,
+        edge: crate::Edge,
+        workers: usize,
+    ) -> Arc<Shared> {
         let clients = Mutex::new(HashMap::new());
-        let snapshot = Arc::new(build_snapshot(config, None, &clients));
+        let snapshot = Arc::new(build_snapshot(config, None, &clients, workers));
         Arc::new(Shared {
             snapshot: RwLock::new(snapshot),
             limiter: Limiter::default(),
             clients,
+            workers,
             stats: Stats::default(),
             started: Instant::now(),
             config_path,
@@ -134,7 +151,12 @@ impl Shared {
     /// Puts a new config in force; requests already running finish on the old one.
     pub fn install(&self, config: Config) {
         let previous = self.snapshot();
-        let next = Arc::new(build_snapshot(config, Some(&previous.balancers), &self.clients));
+        let next = Arc::new(build_snapshot(
+            config,
+            Some(&previous.balancers),
+            &self.clients,
+            self.workers,
+        ));
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
 }
@@ -144,11 +166,12 @@ fn build_snapshot(
     config: Config,
     previous: Option<&Balancers>,
     clients: &Mutex<HashMap<String, HttpClient>>,
+    workers: usize,
 ) -> Snapshot {
     let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
-    let mut client_for = |connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>| {
+    let mut client_for = |worker: usize, connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>| {
         let key = format!(
-            "{connect_timeout_ms}|{}",
+            "{worker}|{connect_timeout_ms}|{}",
             tls.as_ref().map_or("", |t| t.fingerprint.as_str())
         );
         clients
@@ -180,15 +203,17 @@ fn build_snapshot(
             };
             let tls = s.tls.as_ref().and_then(|tls| upstream_tls(&config, &s.host, tls));
             let scheme = if s.tls.is_some() { "https" } else { "http" };
-            let client = client_for(s.connect_timeout_ms, tls.clone());
+            let clients = (0..workers.max(1))
+                .map(|worker| client_for(worker, s.connect_timeout_ms, tls.clone()))
+                .collect();
             if upstream.is_some() {
                 // Probes reach an upstream's targets as its services do.
                 probe_clients
                     .entry(s.host.clone())
-                    .or_insert_with(|| (client_for(1000, tls), scheme));
+                    .or_insert_with(|| (client_for(0, 1000, tls), scheme));
             }
             ServiceRuntime {
-                client,
+                clients,
                 scheme,
                 upstream,
                 address,
@@ -196,7 +221,7 @@ fn build_snapshot(
             }
         })
         .collect();
-    balancers.start_probes(&client_for(1000, None), &probe_clients);
+    balancers.start_probes(&client_for(0, 1000, None), &probe_clients);
     Snapshot {
         router: Router::build(&config),
         plugins: PluginSet::build(&config),
@@ -209,7 +234,7 @@ fn build_snapshot(
                 .position(|s| Some(s.host.as_str()) == uri.host() && s.port == port && s.tls.is_some() == https)?;
             let service: &ServiceRuntime = &services[index];
             Some(JwksRoute {
-                client: service.client.clone(),
+                client: service.client().clone(),
                 scheme: service.scheme,
                 upstream: service.upstream.clone(),
                 address: service.address.clone(),

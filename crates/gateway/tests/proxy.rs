@@ -129,6 +129,7 @@ impl Gateway {
             },
             Duration::ZERO,
             edge,
+            2,
         ));
         Gateway {
             addr,
@@ -1333,6 +1334,7 @@ async fn serve_refuses_to_start_on_a_bad_config() {
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         render_metrics: Arc::new(String::new),
         edge: bazaar_gateway::Edge::default(),
+        workers: 1,
     };
     match bazaar_gateway::serve(opts, async {}).await {
         Err(bazaar_gateway::GatewayError::Config { problems, .. }) => {
