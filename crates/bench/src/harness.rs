@@ -345,6 +345,31 @@ impl System {
         out
     }
 
+    /// The peak resident size of each role's process so far, in MiB (`VmHWM` in /proc);
+    /// empty where /proc is missing.
+    pub fn peak_memory(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = self
+            .instances()
+            .into_iter()
+            .filter_map(|(role, k)| {
+                let name = instance_name(role, k);
+                let pid = self.pid(&name)?;
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let kib = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<f64>()
+                    .ok()?;
+                Some((name, kib / 1024.0))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// SIGTERM, then up to 15 s for `up` to stop its roles, then SIGKILL.
     pub async fn stop(&mut self) {
         let Some(mut child) = self.child.take() else { return };

@@ -1,8 +1,9 @@
 //! `bazaar-bench`: our building blocks measured beside a reference, in one run, as ratios.
 //!
-//! - `gateway`: requests per second and latency straight to a tiny upstream, through the
-//!   bazaar gateway (bare, then with jwt + rate-limiting + correlation-id), and through
-//!   HAProxy when it is installed.
+//! - `gateway`: requests per second and latency straight to an upstream, through the bazaar
+//!   gateway in its own process (bare, to an mTLS upstream, with jwt + rate-limiting +
+//!   correlation-id), and through HAProxy (bare and doing the same work) and nginx when they
+//!   are installed; load from wrk when it is.
 //! - `pipeline`: events per second through outbox, relay, broker and inbox against a bare
 //!   publish/ack loop on the same broker.
 //! - `saga`: orders per second through the distributed saga (`bazaar up` on its embedded
@@ -10,7 +11,7 @@
 //!   against a monolith that runs the same participants' code in one SQLite transaction.
 //!
 //! It ships apart from the `bazaar` binary, which holds only what an operator runs. Build
-//! both (`cargo build --release -p bazaar -p bazaar-bench`); the saga bench starts the
+//! both (`cargo build --release -p bazaar -p bazaar-bench`); the gateway and saga benches start the
 //! `bazaar` beside this executable, or the one `--bazaar PATH` names.
 //!
 //! Every run is bounded in count and time, uses loopback and temp dirs only, and cleans up.
@@ -41,7 +42,7 @@ struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// HTTP proxying: direct vs bazaar gateway (bare and with plugins) vs HAProxy.
+    /// HTTP proxying: direct vs bazaar gateway (bare, mesh, plugins) vs HAProxy and nginx.
     Gateway(gateway::GatewayBenchArgs),
     /// Messaging: raw broker publish/ack vs outbox + relay + consumer + inbox.
     Pipeline(pipeline::PipelineBenchArgs),

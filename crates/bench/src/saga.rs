@@ -77,6 +77,8 @@ const PRICES: [i64; 4] = [250, 399, 1000, 1250];
 struct SagaRun {
     stats: LoadStats,
     cpu: Vec<(String, f64)>,
+    /// Peak resident MiB per role once the orders settled.
+    memory: Vec<(String, f64)>,
     audit: anyhow::Result<(bool, String)>,
 }
 
@@ -237,6 +239,16 @@ fn add_saga(report: &mut Report, name: &str, what: &str, result: anyhow::Result<
             stats.elapsed.as_secs_f64(),
             per_role.join(", ")
         ));
+        let orders = stats.settle.len().max(1) as f64;
+        let roles: f64 = run.cpu.iter().filter(|(r, _)| r != "load driver").map(|(_, s)| s).sum();
+        report.note(format!(
+            "{name}: CPU per settled order across the roles (the load driver left out): {:.2} ms",
+            roles * 1000.0 / orders
+        ));
+    }
+    if !run.memory.is_empty() {
+        let per_role: Vec<String> = run.memory.iter().map(|(r, m)| format!("{r} {m:.1}")).collect();
+        report.note(format!("{name}: peak resident MiB per role: {}", per_role.join(", ")));
     }
     match run.audit {
         Ok((true, text)) => report.note(format!("{name}: audit passed:\n{}", indent(&text))),
@@ -300,12 +312,14 @@ async fn saga_with(
         Err(e) => Err(e),
     };
     let cpu = cpu_delta(&cpu_before, &system.cpu());
+    let memory = system.peak_memory();
     eprintln!("bench saga: running `bazaar audit --wait 30`");
     let audit = system.audit(Duration::from_secs(30)).await;
     system.stop().await;
     Ok(SagaRun {
         stats: measured?,
         cpu,
+        memory,
         audit,
     })
 }

@@ -84,7 +84,8 @@ fn generate(generator: Generator, arrival: &Arrival) -> String {
     static PROCESS_ID: OnceLock<String> = OnceLock::new();
     let count = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
     match generator {
-        Generator::Uuid => uuid::Uuid::new_v4().to_string(),
+        // From the thread's generator: `new_v4` would ask the kernel for every id.
+        Generator::Uuid => uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string(),
         Generator::UuidCounter => {
             format!(
                 "{}#{count}",
@@ -123,27 +124,29 @@ pub(crate) fn apply(conf: &CorrelationConfig, headers: &mut HeaderMap, arrival: 
 /// Continues the caller's trace when it sent a valid `traceparent`, else starts one; either way
 /// the gateway is a new span, so the parent id is fresh.
 pub(crate) fn traceparent(headers: &mut HeaderMap) {
-    let incoming = headers
+    let span_id = rand::random::<u64>().max(1);
+    let value = match headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent);
-    let (trace_id, flags) =
-        incoming.unwrap_or_else(|| (format!("{:032x}", rand::random::<u128>().max(1)), "01".into()));
-    let span_id = format!("{:016x}", rand::random::<u64>().max(1));
-    if let Ok(value) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-{flags}")) {
+        .and_then(parse_traceparent)
+    {
+        Some((trace_id, flags)) => format!("00-{trace_id}-{span_id:016x}-{flags}"),
+        None => format!("00-{:032x}-{span_id:016x}-01", rand::random::<u128>().max(1)),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert("traceparent", value);
     }
 }
 
 /// Trace id and flags of a version-00 `traceparent`, if well formed.
-fn parse_traceparent(value: &str) -> Option<(String, String)> {
+fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
     let mut parts = value.trim().split('-');
     let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex =
         |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     let zero = |s: &str| s.bytes().all(|b| b == b'0');
     (version == "00" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2) && !zero(trace) && !zero(parent))
-        .then(|| (trace.to_string(), flags.to_string()))
+        .then_some((trace, flags))
 }
 
 #[cfg(test)]

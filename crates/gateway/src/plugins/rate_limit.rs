@@ -37,6 +37,30 @@ impl Period {
         }
     }
 
+    /// `X-RateLimit-Limit-<period>`.
+    fn limit_header(self) -> http::HeaderName {
+        http::HeaderName::from_static(match self {
+            Period::Second => "x-ratelimit-limit-second",
+            Period::Minute => "x-ratelimit-limit-minute",
+            Period::Hour => "x-ratelimit-limit-hour",
+            Period::Day => "x-ratelimit-limit-day",
+            Period::Month => "x-ratelimit-limit-month",
+            Period::Year => "x-ratelimit-limit-year",
+        })
+    }
+
+    /// `X-RateLimit-Remaining-<period>`.
+    fn remaining_header(self) -> http::HeaderName {
+        http::HeaderName::from_static(match self {
+            Period::Second => "x-ratelimit-remaining-second",
+            Period::Minute => "x-ratelimit-remaining-minute",
+            Period::Hour => "x-ratelimit-remaining-hour",
+            Period::Day => "x-ratelimit-remaining-day",
+            Period::Month => "x-ratelimit-remaining-month",
+            Period::Year => "x-ratelimit-remaining-year",
+        })
+    }
+
     /// The window containing `now` (UTC seconds): `[start, end)`.
     pub fn window(self, now: u64) -> (u64, u64) {
         let fixed = |len: u64| (now - now % len, now - now % len + len);
@@ -394,9 +418,17 @@ impl Limiter {
             return (false, counts);
         }
         for ((key, count), (_, _, end)) in keys.iter().zip(counts.iter_mut()).zip(windows) {
-            let entry = local.counts.entry(key.clone()).or_insert((0, *end));
-            entry.0 += 1;
-            *count = entry.0;
+            // The key is copied only when its window opens.
+            match local.counts.get_mut(key) {
+                Some(entry) => {
+                    entry.0 += 1;
+                    *count = entry.0;
+                }
+                None => {
+                    local.counts.insert(key.clone(), (1, *end));
+                    *count = 1;
+                }
+            }
         }
         (true, counts)
     }
@@ -495,28 +527,31 @@ fn headers(
     for ((period, limit, end), count) in windows.iter().zip(counts) {
         let remaining = limit.saturating_sub(*count);
         let reset = end.saturating_sub(now).max(1);
-        insert_number(&mut out, &format!("x-ratelimit-limit-{}", period.name()), *limit);
-        insert_number(&mut out, &format!("x-ratelimit-remaining-{}", period.name()), remaining);
+        out.insert(period.limit_header(), HeaderValue::from(*limit));
+        out.insert(period.remaining_header(), HeaderValue::from(remaining));
         // The first window with the fewest requests left; when refused, that is a full one.
         if tightest.is_none_or(|(r, _, _)| remaining < r) {
             tightest = Some((remaining, *limit, reset));
         }
     }
     if let Some((remaining, limit, reset)) = tightest {
-        insert_number(&mut out, "ratelimit-limit", limit);
-        insert_number(&mut out, "ratelimit-remaining", remaining);
-        insert_number(&mut out, "ratelimit-reset", reset);
+        out.insert(
+            http::HeaderName::from_static("ratelimit-limit"),
+            HeaderValue::from(limit),
+        );
+        out.insert(
+            http::HeaderName::from_static("ratelimit-remaining"),
+            HeaderValue::from(remaining),
+        );
+        out.insert(
+            http::HeaderName::from_static("ratelimit-reset"),
+            HeaderValue::from(reset),
+        );
         if !allowed {
-            insert_number(&mut out, "retry-after", reset);
+            out.insert(http::header::RETRY_AFTER, HeaderValue::from(reset));
         }
     }
     out
-}
-
-fn insert_number(out: &mut HeaderMap, name: &str, value: u64) {
-    if let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) {
-        out.insert(name, HeaderValue::from(value));
-    }
 }
 
 #[cfg(test)]
