@@ -1,8 +1,8 @@
 //! `bazaar-bench pipeline`: what the messaging core (outbox, relay, consumer runner, inbox)
 //! costs over publishing and acking straight on the same broker.
 //!
-//! - raw: one task publishes N messages to the broker; one subscription of one group fetches
-//!   and acks each. No store is involved.
+//! - raw: one task publishes N messages to the broker, 256 at a time with their acks awaited
+//!   together; one subscription of one group fetches and acks each. No store is involved.
 //! - full: one task commits N store transactions, each holding one `Outbox::add`; the relay
 //!   (`Outbox::spawn_relay`) moves them to the broker; `consumer::spawn` (one task) handles
 //!   each in a sink store's transaction that records the inbox and inserts one row.
@@ -231,7 +231,10 @@ fn event(i: usize) -> Envelope {
     Envelope::new("bench.happened", format!("agg-{i}"), json!({"n": i}), metadata)
 }
 
-/// Bare broker: publish N, one group's one subscription acks each.
+/// Events the raw producer publishes per batch (the relay's batch).
+const RAW_BATCH: usize = 256;
+
+/// Bare broker: publish N in batches, one group's one subscription acks each.
 async fn raw(broker: SharedBroker, n: usize, timeout: Duration) -> anyhow::Result<(Sample, String)> {
     let topic = "bench.raw";
     let mut sub = broker
@@ -274,13 +277,27 @@ async fn raw(broker: SharedBroker, n: usize, timeout: Duration) -> anyhow::Resul
     let producer = {
         let (broker, clock) = (broker.clone(), clock.clone());
         tokio::spawn(async move {
-            for i in 0..n {
-                let body = event(i).to_vec();
-                clock.mark(i);
+            // As a client publishing a stream of events would: RAW_BATCH at a time, acks
+            // awaited together (pipelined on NATS, one transaction embedded).
+            for first in (0..n).step_by(RAW_BATCH) {
+                let last = (first + RAW_BATCH).min(n);
+                let ids: Vec<String> = (first..last).map(|i| format!("{run}-{i}")).collect();
+                let batch: Vec<broker::Outgoing<'_>> = (first..last)
+                    .zip(&ids)
+                    .map(|(i, msg_id)| broker::Outgoing {
+                        topic,
+                        msg_id,
+                        body: event(i).to_vec().into(),
+                    })
+                    .collect();
+                for i in first..last {
+                    clock.mark(i);
+                }
                 broker
-                    .publish(topic, &format!("{run}-{i}"), body.into())
+                    .publish_batch(&batch)
                     .await
-                    .with_context(|| format!("publish {i} failed"))?;
+                    .map_err(|f| f.error)
+                    .with_context(|| format!("publishing events {first}..{last} failed"))?;
             }
             anyhow::Ok(())
         })

@@ -10,12 +10,13 @@
 
 use std::{sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use sqlx::Row;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::{
-    broker::SharedBroker,
+    broker::{Outgoing, SharedBroker},
     envelope::Envelope,
     resilience::Backoff,
     shutdown::Shutdown,
@@ -207,22 +208,37 @@ impl OutboxRelay {
                 .bind(BATCH)
                 .fetch_all(self.outbox.store.pool())
                 .await?;
-        let mut sent = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut fields = Vec::with_capacity(rows.len());
         for row in &rows {
-            let id: i64 = row.try_get("id")?;
-            let event_id: String = row.try_get("event_id")?;
-            let topic: String = row.try_get("topic")?;
-            let body: String = row.try_get("body")?;
-            if let Err(e) = self.broker.publish(&topic, &event_id, body.into_bytes().into()).await {
-                // Stop at the first failure so later events of the same aggregate don't overtake it.
-                self.mark_sent(&sent).await?;
-                return Err(e.into());
-            }
-            sent.push(id);
+            ids.push(row.try_get::<i64, _>("id")?);
+            fields.push((
+                row.try_get::<String, _>("event_id")?,
+                row.try_get::<String, _>("topic")?,
+                row.try_get::<String, _>("body")?,
+            ));
         }
-        self.mark_sent(&sent).await?;
-        metrics::counter!("bazaar_outbox_published_total").increment(sent.len() as u64);
-        Ok(sent.len())
+        let batch: Vec<Outgoing<'_>> = fields
+            .iter()
+            .map(|(event_id, topic, body)| Outgoing {
+                topic,
+                msg_id: event_id,
+                body: Bytes::copy_from_slice(body.as_bytes()),
+            })
+            .collect();
+        // One round trip (NATS) or one transaction (embedded) for the whole batch. On a
+        // failure only the durable prefix is marked: the rest go again next round, in order,
+        // and their ids make the broker store any that did arrive only once.
+        let published = match self.broker.publish_batch(&batch).await {
+            Ok(()) => ids.len(),
+            Err(failure) => {
+                self.mark_sent(&ids[..failure.published]).await?;
+                return Err(failure.error.into());
+            }
+        };
+        self.mark_sent(&ids[..published]).await?;
+        metrics::counter!("bazaar_outbox_published_total").increment(published as u64);
+        Ok(published)
     }
 
     /// Marks exactly the published rows, in one statement. (Not an id range: on PostgreSQL a

@@ -27,7 +27,9 @@ use std::{
     time::Duration,
 };
 
-use bazaar_kit::broker::{self, dlq_topic, DeadLetter, Delivery, SharedBroker, SubscribeOptions, Subscription};
+use bazaar_kit::broker::{
+    self, dlq_topic, DeadLetter, Delivery, Outgoing, SharedBroker, SubscribeOptions, Subscription,
+};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
@@ -165,6 +167,7 @@ contract!(
     pending_reports_lag,
     bodies_arrive_unchanged,
     waiting_fetch_returns_on_publish,
+    a_batch_arrives_whole_in_order_and_deduplicated,
 );
 
 // ---- helpers ----
@@ -480,6 +483,52 @@ async fn publish_deduplicates(ctx: Ctx) {
     );
     ack_all(got).await;
     assert_eq!(b.read(&topic, 10).await.expect("read").len(), 2);
+}
+
+/// A batch across two topics arrives whole, in order per topic, and a message of it already
+/// published (a relay repeating a batch that failed half-way) is stored once.
+async fn a_batch_arrives_whole_in_order_and_deduplicated(ctx: Ctx) {
+    let b = &ctx.broker;
+    let (first, second) = (ctx.topic("batch-a"), ctx.topic("batch-b"));
+    let mut sub_a = b
+        .subscribe(&first, "g", options(LONG_ACK_WAIT))
+        .await
+        .expect("subscribe");
+    let mut sub_b = b
+        .subscribe(&second, "g", options(LONG_ACK_WAIT))
+        .await
+        .expect("subscribe");
+    b.publish(&first, "a-0", Bytes::from_static(b"already"))
+        .await
+        .expect("publish");
+    let ids: Vec<String> = (0..40)
+        .map(|i| format!("{}-{i}", if i % 2 == 0 { "a" } else { "b" }))
+        .collect();
+    let batch: Vec<Outgoing<'_>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Outgoing {
+            topic: if i % 2 == 0 { &first } else { &second },
+            msg_id: id,
+            body: Bytes::from(format!("{i}")),
+        })
+        .collect();
+    b.publish_batch(&batch).await.expect("publish the batch");
+    let got_a = take(&mut sub_a, 20, Duration::from_secs(3)).await;
+    let got_b = take(&mut sub_b, 20, Duration::from_secs(3)).await;
+    let bodies = |got: &[Delivery]| -> Vec<String> {
+        got.iter()
+            .map(|d| String::from_utf8_lossy(&d.message.body).into_owned())
+            .collect()
+    };
+    let want_a: Vec<String> = std::iter::once("already".to_string())
+        .chain((2..40).step_by(2).map(|i| i.to_string()))
+        .collect();
+    let want_b: Vec<String> = (1..40).step_by(2).map(|i| i.to_string()).collect();
+    assert_eq!(bodies(&got_a), want_a, "in order, the earlier a-0 kept");
+    assert_eq!(bodies(&got_b), want_b);
+    ack_all(got_a).await;
+    ack_all(got_b).await;
 }
 
 /// What was published survives the broker being closed and opened again; acked messages

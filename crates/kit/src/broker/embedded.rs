@@ -22,7 +22,7 @@ use futures_util::future::BoxFuture;
 use sqlx::Row;
 use tokio::sync::Notify;
 
-use super::{Acker, Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription};
+use super::{Acker, BatchFailure, Broker, BrokerError, Delivery, Message, Outgoing, SubscribeOptions, Subscription};
 use crate::store::{now_millis, Migration, Store};
 
 const MIGRATIONS: &[Migration] = &[
@@ -118,30 +118,33 @@ impl EmbeddedBroker {
         Ok(done.rows_affected())
     }
 
-    async fn publish_inner(&self, topic: &str, msg_id: &str, body: Bytes) -> Result<(), BrokerError> {
+    /// Appends `messages` in one transaction: one commit for the whole batch.
+    async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), BrokerError> {
         let now = now_millis();
         let mut tx = self.store.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO bus_messages (topic, msg_id, body, published_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (topic, msg_id) DO NOTHING RETURNING seq",
-        )
-        .bind(topic)
-        .bind(msg_id)
-        .bind(body.to_vec())
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = inserted {
-            let seq: i64 = row.try_get("seq")?;
-            sqlx::query(
-                "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
-                 SELECT grp, topic, $2, $3 FROM bus_groups WHERE topic = $1",
+        for m in messages {
+            let inserted = sqlx::query(
+                "INSERT INTO bus_messages (topic, msg_id, body, published_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (topic, msg_id) DO NOTHING RETURNING seq",
             )
-            .bind(topic)
-            .bind(seq)
+            .bind(m.topic)
+            .bind(m.msg_id)
+            .bind(m.body.to_vec())
             .bind(now)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
+            if let Some(row) = inserted {
+                let seq: i64 = row.try_get("seq")?;
+                sqlx::query(
+                    "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
+                     SELECT grp, topic, $2, $3 FROM bus_groups WHERE topic = $1",
+                )
+                .bind(m.topic)
+                .bind(seq)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         self.published.notify_waiters();
@@ -173,7 +176,16 @@ impl EmbeddedBroker {
 
 impl Broker for EmbeddedBroker {
     fn publish<'a>(&'a self, topic: &'a str, msg_id: &'a str, body: Bytes) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(self.publish_inner(topic, msg_id, body))
+        Box::pin(async move { self.publish_all(&[Outgoing { topic, msg_id, body }]).await })
+    }
+
+    fn publish_batch<'a>(&'a self, messages: &'a [Outgoing<'a>]) -> BoxFuture<'a, Result<(), BatchFailure>> {
+        // All or nothing: one transaction.
+        Box::pin(async move {
+            self.publish_all(messages)
+                .await
+                .map_err(|error| BatchFailure { published: 0, error })
+        })
     }
 
     fn subscribe<'a>(

@@ -127,11 +127,46 @@ pub trait Subscription: Send {
     fn fetch(&mut self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>>;
 }
 
+/// One message of [`Broker::publish_batch`].
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// Where it goes.
+    pub topic: &'a str,
+    /// Its de-duplication id.
+    pub msg_id: &'a str,
+    /// What it says.
+    pub body: Bytes,
+}
+
+/// How far a batch got: its first `published` messages are durable, and `error` says why the
+/// next one may not be. Later ones may be durable too; publishing them again stores nothing
+/// new (their ids de-duplicate).
+#[derive(Debug)]
+pub struct BatchFailure {
+    /// How many messages, from the first, are durable.
+    pub published: usize,
+    /// Why the one after them failed.
+    pub error: BrokerError,
+}
+
 /// A durable publish/subscribe log.
 pub trait Broker: Send + Sync + 'static {
     /// Publishes `body` under `msg_id`; durable when this returns. Repeating a `msg_id` on a
     /// topic (within the backend's de-duplication window) stores nothing new.
     fn publish<'a>(&'a self, topic: &'a str, msg_id: &'a str, body: Bytes) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// Publishes `messages` in order; all are durable when this returns `Ok`. Backends
+    /// override it to pay one round trip or one transaction for the whole batch instead of
+    /// one per message; this default publishes them one at a time.
+    fn publish_batch<'a>(&'a self, messages: &'a [Outgoing<'a>]) -> BoxFuture<'a, Result<(), BatchFailure>> {
+        Box::pin(async move {
+            for (published, m) in messages.iter().enumerate() {
+                self.publish(m.topic, m.msg_id, m.body.clone())
+                    .await
+                    .map_err(|error| BatchFailure { published, error })?;
+            }
+            Ok(())
+        })
+    }
     /// Joins `group` on `topic`, creating the group (from the topic's first message) if new.
     fn subscribe<'a>(
         &'a self,
@@ -246,6 +281,22 @@ impl Subscription for NamespacedSubscription {
 impl Broker for Namespaced {
     fn publish<'a>(&'a self, topic: &'a str, msg_id: &'a str, body: Bytes) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move { self.inner.publish(&self.topic(topic), msg_id, body).await })
+    }
+
+    fn publish_batch<'a>(&'a self, messages: &'a [Outgoing<'a>]) -> BoxFuture<'a, Result<(), BatchFailure>> {
+        Box::pin(async move {
+            let topics: Vec<String> = messages.iter().map(|m| self.topic(m.topic)).collect();
+            let renamed: Vec<Outgoing<'_>> = messages
+                .iter()
+                .zip(&topics)
+                .map(|(m, topic)| Outgoing {
+                    topic,
+                    msg_id: m.msg_id,
+                    body: m.body.clone(),
+                })
+                .collect();
+            self.inner.publish_batch(&renamed).await
+        })
     }
 
     fn subscribe<'a>(

@@ -49,7 +49,7 @@ use async_nats::jetstream::{
 use bytes::Bytes;
 use futures_util::{future::BoxFuture, StreamExt};
 
-use super::{Acker, Broker, BrokerError, Delivery, Message, SubscribeOptions, Subscription};
+use super::{Acker, BatchFailure, Broker, BrokerError, Delivery, Message, Outgoing, SubscribeOptions, Subscription};
 
 /// How long JetStream remembers a `Nats-Msg-Id` to drop a repeated publish.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
@@ -409,6 +409,41 @@ impl NatsBroker {
         }
     }
 
+    /// Sends every message before waiting for any acknowledgement (pipelined, as a
+    /// JetStream client publishing a batch does), then reads the acks in order: one round
+    /// trip for the batch instead of one per message.
+    async fn publish_batch_inner(&self, messages: &[Outgoing<'_>]) -> Result<(), BatchFailure> {
+        let mut acks = Vec::with_capacity(messages.len());
+        let mut stopped = None;
+        for (published, m) in messages.iter().enumerate() {
+            if let Err(error) = self.stream(m.topic).await {
+                stopped = Some(BatchFailure { published, error });
+                break;
+            }
+            let publish = Publish::build().payload(m.body.clone()).message_id(m.msg_id);
+            match self.js.send_publish(m.topic.to_string(), publish).await {
+                Ok(ack) => acks.push(ack),
+                Err(e) => {
+                    let error = unavailable(format!("publish to {}", m.topic), e);
+                    stopped = Some(BatchFailure { published, error });
+                    break;
+                }
+            }
+        }
+        for (published, ack) in acks.into_iter().enumerate() {
+            if let Err(e) = ack.await {
+                let topic = messages[published].topic;
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    // Deleted behind our back: made again on the next attempt.
+                    self.remember(topic, false);
+                }
+                let error = unavailable(format!("publish to {topic}"), e);
+                return Err(BatchFailure { published, error });
+            }
+        }
+        stopped.map_or(Ok(()), Err)
+    }
+
     async fn subscribe_inner(
         &self,
         topic: &str,
@@ -504,6 +539,10 @@ impl NatsBroker {
 impl Broker for NatsBroker {
     fn publish<'a>(&'a self, topic: &'a str, msg_id: &'a str, body: Bytes) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(self.publish_inner(topic, msg_id, body))
+    }
+
+    fn publish_batch<'a>(&'a self, messages: &'a [Outgoing<'a>]) -> BoxFuture<'a, Result<(), BatchFailure>> {
+        Box::pin(self.publish_batch_inner(messages))
     }
 
     fn subscribe<'a>(
