@@ -1,9 +1,10 @@
-//! Runs a handler over a subscription: one store transaction per event that also records the
-//! event in the inbox and commits the handler's outbox events, retries with backoff, and
-//! dead-letters what cannot be handled.
+//! Runs a handler over a subscription: each fetched batch in one store transaction (group
+//! commit), each event under a savepoint that also records it in the inbox and holds the
+//! handler's outbox events; retries with backoff, and dead-letters what cannot be handled.
 //!
 //! A delivery is acked only after its transaction commits, so a crash anywhere redelivers
-//! it, and the inbox makes the second run a no-op: effectively once in the data.
+//! it, and the inbox makes the second run a no-op: effectively once in the data. A failing
+//! event is rolled back to its savepoint alone; the rest of its batch commits.
 
 use std::{sync::Arc, time::Duration};
 
@@ -92,9 +93,10 @@ impl ConsumerConfig {
     }
 }
 
-/// Deliveries leased per fetch: every lease counts an attempt, so a small batch keeps a
-/// crash from spending many messages' attempts, and the batch well inside the ack wait.
-const FETCH: usize = 4;
+/// Deliveries leased per fetch and handled in one transaction: every lease counts an
+/// attempt, so a modest batch keeps a crash from spending many messages' attempts, and the
+/// batch well inside the ack wait.
+const FETCH: usize = 16;
 
 /// How often a runner reports its group's lag (`bazaar_consumer_lag`).
 const LAG_EVERY: Duration = Duration::from_secs(5);
@@ -102,7 +104,7 @@ const LAG_EVERY: Duration = Duration::from_secs(5);
 /// Backoff before the next attempt: 100 ms doubling, capped at 10 s.
 pub const RETRY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
-/// Starts `config.tasks` runners; they stop after finishing their current delivery once
+/// Starts `config.tasks` runners; they stop after finishing their current batch once
 /// `shutdown` fires.
 pub fn spawn(
     outbox: Outbox,
@@ -194,46 +196,59 @@ impl Runner {
                     continue;
                 }
             };
-            let mut deliveries = deliveries.into_iter();
-            while let Some(delivery) = deliveries.next() {
-                self.settle(delivery).await;
-                if shutdown.is_triggered() {
-                    // Hand back what was fetched but not started so another instance takes it now.
-                    for rest in deliveries.by_ref() {
-                        let _ = rest.nack(Duration::ZERO, "consumer shutting down").await;
-                    }
-                    return;
-                }
-            }
+            self.settle_batch(deliveries).await;
         }
     }
 
-    async fn settle(&self, delivery: Delivery) {
+    /// Handles a fetched batch in one store transaction (group commit): each event under a
+    /// savepoint, so a failing one is rolled back alone, then one commit, then the acks. A
+    /// crash before the commit redelivers the whole batch; the inbox makes that harmless.
+    async fn settle_batch(&self, deliveries: Vec<Delivery>) {
         let group = &self.config.group;
         let topic = &self.config.topic;
-        if delivery.attempt > 1 {
-            metrics::counter!("bazaar_consumer_redeliveries_total", "topic" => topic.clone(), "group" => group.clone())
-                .increment(1);
+        let mut work = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            if delivery.attempt > 1 {
+                metrics::counter!("bazaar_consumer_redeliveries_total", "topic" => topic.clone(), "group" => group.clone())
+                    .increment(1);
+            }
+            if delivery.attempt > self.config.max_attempts {
+                let reason = format!(
+                    "gave up after {} attempts: {}",
+                    delivery.attempt - 1,
+                    delivery
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "no ack within the ack wait".into())
+                );
+                self.park(delivery, reason).await;
+                continue;
+            }
+            match Envelope::from_slice(&delivery.message.body) {
+                Err(e) => self.park(delivery, e.to_string()).await,
+                Ok(event) => match self.config.contract.as_ref().map(|c| c.check(&event)) {
+                    Some(Err(reason)) => self.park(delivery, reason).await,
+                    _ => work.push((delivery, event)),
+                },
+            }
         }
-        if delivery.attempt > self.config.max_attempts {
-            let reason = format!(
-                "gave up after {} attempts: {}",
-                delivery.attempt - 1,
-                delivery
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "no ack within the ack wait".into())
-            );
-            self.park(delivery, reason).await;
+        if work.is_empty() {
             return;
         }
-        let outcome = match Envelope::from_slice(&delivery.message.body) {
-            Err(e) => Outcome::Dead(e.to_string()),
-            Ok(event) => match self.config.contract.as_ref().map(|c| c.check(&event)) {
-                Some(Err(reason)) => Outcome::Dead(reason),
-                _ => self.apply(&event).await,
-            },
-        };
+        let events: Vec<&Envelope> = work.iter().map(|(_, event)| event).collect();
+        let outcomes = apply_all(&self.outbox, group, self.handler.as_ref(), &events).await;
+        for ((delivery, event), outcome) in work.into_iter().zip(outcomes) {
+            if matches!(outcome, Outcome::Handled) {
+                self.handler.committed(&event);
+            }
+            self.finish(delivery, outcome).await;
+        }
+    }
+
+    /// Acks, retries or parks one delivery as its outcome says.
+    async fn finish(&self, delivery: Delivery, outcome: Outcome) {
+        let group = &self.config.group;
+        let topic = &self.config.topic;
         let settled = match outcome {
             Outcome::Handled | Outcome::Duplicate => {
                 metrics::counter!("bazaar_consumer_handled_total", "topic" => topic.clone(), "group" => group.clone())
@@ -261,10 +276,6 @@ impl Runner {
         }
     }
 
-    async fn apply(&self, event: &Envelope) -> Outcome {
-        apply(&self.outbox, &self.config.group, self.handler.as_ref(), event).await
-    }
-
     async fn park(&self, delivery: Delivery, reason: String) {
         tracing::error!(topic = %self.config.topic, group = %self.config.group, msg_id = %delivery.message.msg_id, %reason, "dead-lettering message");
         if let Err(e) = DeadLetter::park(self.broker.as_ref(), &self.config.group, delivery, reason).await {
@@ -277,21 +288,7 @@ impl Runner {
 /// in one transaction (a duplicate changes nothing), inside the event's trace and
 /// correlation id.
 async fn apply(outbox: &Outbox, group: &str, handler: &dyn Handler, event: &Envelope) -> Outcome {
-    let span = tracing::info_span!(
-        "handle",
-        event_type = %event.event_type,
-        event_id = %event.event_id,
-        correlation_id = %event.metadata.correlation_id,
-        traceparent = event.metadata.traceparent.as_deref().unwrap_or("")
-    );
-    let context = crate::http::RequestContext {
-        correlation_id: event.metadata.correlation_id.clone(),
-        traceparent: event.metadata.traceparent.clone(),
-    };
-    context
-        .scope(apply_in_span(outbox, group, handler, event))
-        .instrument(span)
-        .await
+    in_event_scope(event, apply_in_span(outbox, group, handler, event)).await
 }
 
 async fn apply_in_span(outbox: &Outbox, group: &str, handler: &dyn Handler, event: &Envelope) -> Outcome {
@@ -325,6 +322,102 @@ async fn apply_in_span(outbox: &Outbox, group: &str, handler: &dyn Handler, even
             Outcome::Dead(reason)
         }
     }
+}
+
+/// Handles `events` for `group` in one transaction, each under a savepoint: a duplicate or
+/// failing event leaves nothing behind, the others commit together. `Handled` means
+/// committed; when the commit fails every event that was to be handled is retried.
+async fn apply_all(outbox: &Outbox, group: &str, handler: &dyn Handler, events: &[&Envelope]) -> Vec<Outcome> {
+    if let [event] = events {
+        // One event needs no savepoint.
+        let outcome = apply(outbox, group, handler, event).await;
+        return vec![outcome];
+    }
+    let mut tx = match outbox.store().begin().await {
+        Ok(tx) => tx,
+        Err(e) => return events.iter().map(|_| Outcome::Retry(e.to_string())).collect(),
+    };
+    let mut outcomes = Vec::with_capacity(events.len());
+    for event in events {
+        let outcome = match savepoint(&mut tx, "SAVEPOINT bazaar_event").await {
+            Ok(()) => in_event_scope(event, apply_under_savepoint(&mut tx, group, handler, event)).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(e) => {
+                // The transaction itself broke: nothing of the batch commits.
+                let _ = tx.rollback().await;
+                return events.iter().map(|_| Outcome::Retry(e.to_string())).collect();
+            }
+        }
+    }
+    if let Err(e) = outbox.commit(tx).await {
+        return outcomes
+            .into_iter()
+            .map(|o| match o {
+                Outcome::Handled => Outcome::Retry(e.to_string()),
+                other => other,
+            })
+            .collect();
+    }
+    for (event, outcome) in events.iter().zip(&outcomes) {
+        if matches!(outcome, Outcome::Handled) {
+            event_span(event).in_scope(|| tracing::info!(%group, "handled"));
+        }
+    }
+    outcomes
+}
+
+/// One event of a batch, inside the savepoint its caller opened; the savepoint is released
+/// (kept) when the event was handled, rolled back otherwise. `Err` when the transaction
+/// cannot go on.
+async fn apply_under_savepoint(
+    tx: &mut Tx<'static>,
+    group: &str,
+    handler: &dyn Handler,
+    event: &Envelope,
+) -> Result<Outcome, StoreError> {
+    let outcome = match inbox::record(tx, group, &event.event_id.to_string()).await {
+        Ok(true) => match handler.handle(tx, event).await {
+            Ok(()) => Outcome::Handled,
+            Err(HandlerError::Transient(reason)) => Outcome::Retry(reason),
+            Err(HandlerError::Poison(reason)) => Outcome::Dead(reason),
+        },
+        Ok(false) => Outcome::Duplicate,
+        Err(e) => Outcome::Retry(e.to_string()),
+    };
+    if !matches!(outcome, Outcome::Handled) {
+        savepoint(tx, "ROLLBACK TO SAVEPOINT bazaar_event").await?;
+    }
+    savepoint(tx, "RELEASE SAVEPOINT bazaar_event").await?;
+    Ok(outcome)
+}
+
+async fn savepoint(tx: &mut Tx<'static>, statement: &str) -> Result<(), StoreError> {
+    sqlx::query(statement).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// The tracing span an event is handled in.
+fn event_span(event: &Envelope) -> tracing::Span {
+    tracing::info_span!(
+        "handle",
+        event_type = %event.event_type,
+        event_id = %event.event_id,
+        correlation_id = %event.metadata.correlation_id,
+        traceparent = event.metadata.traceparent.as_deref().unwrap_or("")
+    )
+}
+
+/// Runs `work` inside `event`'s span and correlation id, so its logs and outgoing calls
+/// carry them.
+async fn in_event_scope<T>(event: &Envelope, work: impl std::future::Future<Output = T>) -> T {
+    let context = crate::http::RequestContext {
+        correlation_id: event.metadata.correlation_id.clone(),
+        traceparent: event.metadata.traceparent.clone(),
+    };
+    context.scope(work).instrument(event_span(event)).await
 }
 
 /// A dead letter of one group, as an operator lists it.

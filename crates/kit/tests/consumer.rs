@@ -27,7 +27,8 @@ const SINK: &[Migration] = &[Migration::new(
     "CREATE TABLE handled (event_id TEXT NOT NULL, event_type TEXT NOT NULL)",
 )];
 
-/// Knows `test.ok`; `test.flaky` fails until `heal` is set; anything else is poison.
+/// Knows `test.ok`; `test.flaky` fails until `heal` is set; `test.half` writes its row and
+/// then turns out to be poison; anything else is poison.
 struct TestHandler {
     flaky_failures: AtomicU32,
     heal_after: u32,
@@ -38,6 +39,13 @@ impl Handler for TestHandler {
         Box::pin(async move {
             match event.event_type.as_str() {
                 "test.ok" => {}
+                "test.half" => {
+                    sqlx::query("INSERT INTO handled (event_id, event_type) VALUES ($1, 'test.half')")
+                        .bind(event.event_id.to_string())
+                        .execute(&mut **tx)
+                        .await?;
+                    return Err(HandlerError::Poison("half-way through, the event made no sense".into()));
+                }
                 "test.flaky" => {
                     if self.flaky_failures.fetch_add(1, Ordering::SeqCst) < self.heal_after {
                         return Err(HandlerError::Transient("the ledger is down".into()));
@@ -170,6 +178,45 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_block_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(f.broker.pending(&f.topic, "g").await.expect("pending"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_commits_its_good_events_once_and_leaves_nothing_of_a_failed_one() {
+    let f = fixture().await;
+    let first = publish(&f.broker, &f.topic, "test.ok").await;
+    let half = publish(&f.broker, &f.topic, "test.half").await;
+    // The same event again under another message id: only the inbox can tell.
+    let mut copy = Envelope::new("test.ok", "a1", serde_json::json!({}), Metadata::default());
+    copy.event_id = first.parse().expect("uuid");
+    f.broker
+        .publish(&f.topic, "copy-of-first", Bytes::from(copy.to_vec()))
+        .await
+        .expect("publish");
+    publish(&f.broker, &f.topic, "test.ok").await;
+    let (_stop, shut) = shutdown::channel();
+    let handler = Arc::new(TestHandler {
+        flaky_failures: AtomicU32::new(0),
+        heal_after: 0,
+    });
+    consumer::spawn(
+        Outbox::new(f.sink.clone()),
+        f.broker.clone(),
+        config(&f.topic, 5),
+        handler,
+        shut,
+    );
+    let dead = dead_letters(&f.broker, &f.topic, 1).await;
+    assert_eq!(dead[0].1.msg_id, half);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.broker.pending(&f.topic, "g").await.expect("pending") > 0 {
+        assert!(Instant::now() < deadline, "the batch was not settled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        handled(&f.sink).await,
+        ["test.ok", "test.ok"],
+        "each good event once, nothing of the failed one"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
