@@ -53,6 +53,20 @@ pub struct LoadShape {
     /// Give up following orders after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Send each customer's orders as from an address of its own (`X-Forwarded-For:
+    /// 10.77.0.N`), so a gateway that trusts this machine (`BAZAAR_TRUSTED_IPS`) counts the
+    /// customers as the separate clients they stand for, each within its per-client limit,
+    /// rather than as one client over it.
+    #[arg(long)]
+    pub customers_apart: bool,
+}
+
+impl LoadShape {
+    /// The address customer `n` (of the orders' round robin) claims, when they are apart.
+    fn forwarded_for(&self, n: usize) -> Option<String> {
+        self.customers_apart
+            .then(|| format!("10.77.{}.{}", (n / 250) % 250, n % 250 + 1))
+    }
 }
 
 impl LoadArgs {
@@ -332,14 +346,21 @@ pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
     let deadline = start + Duration::from_secs(args.shape.timeout);
     let total = args.shape.orders;
     let shared = (place.clone(), settle.clone(), outcomes.clone());
+    let shape = args.shape.clone();
+    let forwarded_for = move |customer: usize| shape.forwarded_for(customer);
     let order = move |n: usize, open_loop: bool| {
         let (client, api, tokens, products) = (client.clone(), api.clone(), tokens.clone(), products.clone());
         let (place, settle, outcomes) = shared.clone();
+        let client_address = forwarded_for(n % tokens.len());
         async move {
             let token = &tokens[n % tokens.len()];
+            let as_customer = |request: reqwest::RequestBuilder| match &client_address {
+                Some(address) => request.header("x-forwarded-for", address),
+                None => request,
+            };
             let body = json!({"items": [{"productId": products[n % products.len()], "quantity": 1 + n % 2}]});
             let t0 = Instant::now();
-            let request = client.post(format!("{api}/orders")).bearer_auth(token).json(&body);
+            let request = as_customer(client.post(format!("{api}/orders")).bearer_auth(token).json(&body));
             // Closed-loop workers wait out a 429 as a client would; open-loop counts it.
             let result = if open_loop {
                 match request.send().await {
@@ -379,7 +400,7 @@ pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
                 }
                 // The server answers as soon as the order has its outcome: no client polling.
                 let wait = format!("{api}/orders/{id}?waitFor=outcome&timeout=10");
-                match json_call(client.get(wait).bearer_auth(token)).await {
+                match json_call(as_customer(client.get(wait).bearer_auth(token))).await {
                     Ok((_, v)) => match v["status"].as_str() {
                         Some("pending") | None => continue,
                         Some(s) => break s.to_string(),

@@ -122,6 +122,7 @@ async fn a_burst_of_orders_above_capacity_is_shed_and_nothing_admitted_is_lost()
         concurrency: 1,
         users: 4,
         timeout: 120,
+        customers_apart: false,
     };
     let password = std::fs::read_to_string(shop.up.data().join("admin.password")).expect("admin.password");
     let args = LoadArgs::new(

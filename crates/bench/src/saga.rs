@@ -294,10 +294,13 @@ async fn saga_with(
         dir: dir.to_path_buf(),
         base: None,
         // Eight customers placing hundreds of orders a minute each is no person's load: the
-        // bench measures the saga, not the per-customer limit.
+        // bench measures the saga, not the per-customer limit. Each customer is its own
+        // client at the gateway (the load names it in X-Forwarded-For, which the gateway
+        // believes from this machine), not one client over the per-client limit.
         env: [
             ("BAZAAR_DECLINE_RATE".to_string(), "0".to_string()),
             ("BAZAAR_ORDERS_PER_CUSTOMER_PER_MINUTE".to_string(), "0".to_string()),
+            ("BAZAAR_TRUSTED_IPS".to_string(), "127.0.0.1".to_string()),
         ]
         .into_iter()
         .chain(env)
@@ -415,9 +418,13 @@ fn with_namespace(url: &str, namespace: &str) -> String {
 fn load_args(args: &SagaBenchArgs, system: &System) -> anyhow::Result<LoadArgs> {
     let password = std::fs::read_to_string(system.data().join("admin.password"))
         .context("cannot read the admin password `bazaar up` wrote")?;
+    let shape = LoadShape {
+        customers_apart: true,
+        ..args.shape.clone()
+    };
     Ok(LoadArgs::new(
         format!("http://127.0.0.1:{}", system.base()),
-        args.shape.clone(),
+        shape,
         Some(password.trim().to_string()),
     ))
 }

@@ -345,7 +345,20 @@ impl Verifier {
         let keys = self.current(asked).await?;
         match keys.verify(token) {
             // Perhaps a rotation: wait for a load that starts after this token arrived.
-            Err(AuthError::UnknownKey(kid)) => match self.reload(|started| started >= asked, RELOAD_INTERVAL).await {
+            // A load that began before the token arrived will do when it turned out to know the
+            // key (the first requests after a start race with the first load).
+            Err(AuthError::UnknownKey(kid)) => match self
+                .reload(
+                    |started| {
+                        started >= asked
+                            || self
+                                .loaded_keys()
+                                .is_some_and(|keys| !matches!(keys.verify(token), Err(AuthError::UnknownKey(_))))
+                    },
+                    RELOAD_INTERVAL,
+                )
+                .await
+            {
                 Some(fresh) => fresh.verify(token),
                 None => Err(AuthError::UnknownKey(kid)),
             },
@@ -380,24 +393,31 @@ impl Verifier {
                 }
                 Ok(keys)
             }
+            // Nothing loaded: whichever load succeeds first serves every caller waiting on it.
             None => self
-                .reload(|started| started >= asked, RELOAD_INTERVAL)
+                .reload(
+                    |started| started >= asked || self.loaded_keys().is_some(),
+                    RELOAD_INTERVAL,
+                )
                 .await
                 .ok_or_else(|| AuthError::KeysUnavailable(format!("no keys loaded yet from {}", self.source))),
         }
+    }
+
+    /// The keys loaded last, if any load succeeded.
+    fn loaded_keys(&self) -> Option<KeySet> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(k, _)| k.clone())
     }
 
     /// Loads the keys unless the last load started is `recent_enough` (then its keys are
     /// the answer), waiting until `gap` after the last load first: callers queue on one
     /// load, and loads happen at most once per `gap`. `None` when nothing could be loaded.
     async fn reload(&self, recent_enough: impl Fn(Instant) -> bool, gap: Duration) -> Option<KeySet> {
-        let loaded_keys = || {
-            self.loaded
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|(k, _)| k.clone())
-        };
+        let loaded_keys = || self.loaded_keys();
         // With no gap to keep, a caller does not queue behind a load under way; otherwise it
         // waits for at most one gap and one load before it gives up.
         let mut last = if gap.is_zero() {
@@ -597,5 +617,45 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn requests_arriving_during_the_first_load_share_it_instead_of_waiting_a_second() {
+        let key = SigningKey::generate().unwrap();
+        let published = vec![key.public().clone()];
+        let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = loads.clone();
+        let verifier = Verifier::new(
+            "test",
+            Arc::new(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let keys = published.clone();
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    KeySet::from_jwks(&Jwks { keys })
+                })
+            }),
+        );
+        let token = key.issue(Uuid::now_v7(), "a@x.io", &[], HOUR).unwrap();
+        let started = Instant::now();
+        let first = verifier.verify(&token);
+        let later = async {
+            // These ask while the first load is under way.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            futures_util::future::join_all((0..8).map(|_| verifier.verify(&token))).await
+        };
+        let (first, later) = tokio::join!(first, later);
+        first.unwrap();
+        assert!(later.iter().all(Result::is_ok));
+        assert_eq!(
+            loads.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one load served all"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "they waited {:?}, not for the next load a second later",
+            started.elapsed()
+        );
     }
 }
