@@ -653,7 +653,12 @@ async fn service_ports_speak_only_mutual_tls_and_health_stays_on_the_plain_admin
         mallory.get(sys.service_url("orders", "/orders")).send().await.is_err(),
         "orders served a certificate from another CA"
     );
-    let log = sys.log();
+    let log = sys
+        .up
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l.contains("serving the API over mutual TLS")
+        })
+        .await;
     assert!(log.contains("serving the API over mutual TLS"), "{log}");
 }
 
@@ -705,7 +710,11 @@ async fn a_role_calling_outside_the_mesh_policy_gets_403_naming_it_and_is_counte
         ],
     );
     assert!(from_gateway >= 1.0, "{metrics}");
-    assert!(sys.log().contains("refused by the policy"), "refusals are logged");
+    let log = sys
+        .up
+        .wait_for_log(Duration::from_secs(5), |l| l.contains("refused by the policy"))
+        .await;
+    assert!(log.contains("refused by the policy"), "refusals are logged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1096,8 +1105,20 @@ async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
     }
 
     // One grep over the supervisor's log finds the id in every role's lines.
-    let log = sys.up.log();
-    for role in ["gateway", "orders", "inventory", "payments", "notifications"] {
+    let roles = ["gateway", "orders", "inventory", "payments", "notifications"];
+    let carries = |log: &str| {
+        roles.iter().all(|role| {
+            let prefix = format!("{role:>15} |");
+            log.lines().any(|l| l.starts_with(&prefix) && l.contains(&correlation))
+        })
+    };
+    let mut log = sys.up.log();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !carries(&log) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log = sys.up.log();
+    }
+    for role in roles {
         let prefix = format!("{role:>15} |");
         assert!(
             log.lines().any(|l| l.starts_with(&prefix) && l.contains(&correlation)),

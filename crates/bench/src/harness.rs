@@ -285,6 +285,20 @@ impl System {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits up to `within` until the supervisor log holds a line for which `found` is true,
+    /// and returns the log. Roles write their logs every few tens of milliseconds and `up`
+    /// relays them, so a line appears shortly after what it reports.
+    pub async fn wait_for_log(&self, within: Duration, found: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let log = self.log();
+            if log.lines().any(&found) || std::time::Instant::now() >= deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs `bazaar audit --wait WAIT` on this system's stores; `(passed, output)`.
     pub async fn audit(&self, wait: Duration) -> anyhow::Result<(bool, String)> {
         let mut cmd = Command::new(&self.bin);
