@@ -496,39 +496,45 @@ fn hs256_token(ttl: Duration) -> anyhow::Result<String> {
     Ok(format!("{signing_input}.{signature}"))
 }
 
-/// nginx answering [`BODY`] itself: the upstream every variant reaches.
-fn nginx_upstream_conf(addr: SocketAddr) -> String {
+/// An nginx config with `workers` worker processes, no access log and endless keep-alive
+/// around `http` (the inside of its `http` block).
+fn nginx_conf(workers: &str, http: &str) -> String {
     format!(
-        r#"worker_processes 1;
+        r#"worker_processes {workers};
 daemon off;
 pid nginx.pid;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
     keepalive_requests 1000000;
-    server {{
+{http}}}
+"#
+    )
+}
+
+/// nginx answering [`BODY`] itself: the upstream every variant reaches.
+fn nginx_upstream_conf(addr: SocketAddr) -> String {
+    nginx_conf(
+        "1",
+        &format!(
+            r#"    server {{
         listen {addr};
         location / {{
             default_type application/json;
             return 200 '{BODY}';
         }}
     }}
-}}
 "#
+        ),
     )
 }
 
 /// nginx as a reverse proxy to `upstream`, keeping upstream connections alive.
 fn nginx_proxy_conf(addr: SocketAddr, upstream: SocketAddr) -> String {
-    format!(
-        r#"worker_processes auto;
-daemon off;
-pid nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    upstream bench {{
+    nginx_conf(
+        "auto",
+        &format!(
+            r#"    upstream bench {{
         server {upstream};
         keepalive 64;
     }}
@@ -540,8 +546,8 @@ http {{
             proxy_set_header Connection "";
         }}
     }}
-}}
 "#
+        ),
     )
 }
 
@@ -999,6 +1005,31 @@ Transfer/sec:     11.05MB
             parse_wrk("Requests/sec: 1\n").is_err(),
             "a report without counts is refused"
         );
+    }
+
+    #[test]
+    fn nginx_configs_are_accepted_by_nginx_when_it_is_installed() {
+        let Ok(out) = std::process::Command::new("nginx").arg("-v").output() else {
+            return; // nginx is optional for the bench; nothing to check against
+        };
+        assert!(out.status.success());
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for conf in [nginx_upstream_conf(addr), nginx_proxy_conf(addr, addr)] {
+            let path = dir.path().join("nginx.conf");
+            std::fs::write(&path, conf).unwrap();
+            let checked = std::process::Command::new("nginx")
+                .arg("-t")
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&path)
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .output()
+                .unwrap();
+            assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+        }
     }
 
     #[test]

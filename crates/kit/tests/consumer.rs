@@ -125,6 +125,24 @@ async fn dead_letters(broker: &SharedBroker, topic: &str, n: usize) -> Vec<(u64,
     }
 }
 
+/// Runs a consumer of `f`'s topic whose flaky events never fail, allowing five attempts;
+/// it stops when the returned trigger is dropped.
+fn run_healthy_consumer(f: &Fixture) -> shutdown::ShutdownTrigger {
+    let (stop, shut) = shutdown::channel();
+    let handler = Arc::new(TestHandler {
+        flaky_failures: AtomicU32::new(0),
+        heal_after: 0,
+    });
+    consumer::spawn(
+        Outbox::new(f.sink.clone()),
+        f.broker.clone(),
+        config(&f.topic, 5),
+        handler,
+        shut,
+    );
+    stop
+}
+
 fn config(topic: &str, max_attempts: u32) -> ConsumerConfig {
     let mut c = ConsumerConfig::new("g", topic);
     c.max_attempts = max_attempts;
@@ -141,18 +159,7 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_block_nothing() {
         .expect("publish");
     let unknown = publish(&f.broker, &f.topic, "test.mystery").await;
     publish(&f.broker, &f.topic, "test.ok").await;
-    let (_stop, shut) = shutdown::channel();
-    let handler = Arc::new(TestHandler {
-        flaky_failures: AtomicU32::new(0),
-        heal_after: 0,
-    });
-    consumer::spawn(
-        Outbox::new(f.sink.clone()),
-        f.broker.clone(),
-        config(&f.topic, 5),
-        handler,
-        shut,
-    );
+    let _stop = run_healthy_consumer(&f);
 
     let dead = dead_letters(&f.broker, &f.topic, 2).await;
     let reasons: Vec<&str> = dead.iter().map(|(_, d)| d.reason.as_str()).collect();
@@ -193,18 +200,7 @@ async fn a_batch_commits_its_good_events_once_and_leaves_nothing_of_a_failed_one
         .await
         .expect("publish");
     publish(&f.broker, &f.topic, "test.ok").await;
-    let (_stop, shut) = shutdown::channel();
-    let handler = Arc::new(TestHandler {
-        flaky_failures: AtomicU32::new(0),
-        heal_after: 0,
-    });
-    consumer::spawn(
-        Outbox::new(f.sink.clone()),
-        f.broker.clone(),
-        config(&f.topic, 5),
-        handler,
-        shut,
-    );
+    let _stop = run_healthy_consumer(&f);
     let dead = dead_letters(&f.broker, &f.topic, 1).await;
     assert_eq!(dead[0].1.msg_id, half);
     let deadline = Instant::now() + Duration::from_secs(10);
