@@ -422,7 +422,7 @@ impl Drop for System {
 
 /// User plus system CPU seconds of process `pid` (`self` for this one), NaN if unknown.
 /// Assumes the usual 100 clock ticks per second of Linux's /proc.
-fn cpu_seconds(pid: &str) -> f64 {
+pub fn cpu_seconds(pid: &str) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return f64::NAN;
     };

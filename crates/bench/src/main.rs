@@ -29,6 +29,10 @@ use clap::{Parser, Subcommand};
 
 pub(crate) use report::{Report, Sample};
 
+/// The allocator `bazaar` runs with, so the in-process pipeline measures the kit as deployed.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmarks gateway, messaging pipeline and saga against a reference, as ratios.
 #[derive(Debug, Parser)]
 #[command(name = "bazaar-bench", version, about)]

@@ -2,14 +2,22 @@
 //! costs over publishing and acking straight on the same broker.
 //!
 //! - raw: one task publishes N messages to the broker, 256 at a time with their acks awaited
-//!   together; one subscription of one group fetches and acks each. No store is involved.
+//!   together; one subscription of one group fetches 16 at a time and acks them together.
+//!   No store is involved.
 //! - full: one task commits N store transactions, each holding one `Outbox::add`; the relay
 //!   (`Outbox::spawn_relay`) moves them to the broker; `consumer::spawn` (one task) handles
 //!   each in a sink store's transaction that records the inbox and inserts one row.
+//! - sqlite one-row: the reference for the embedded pipeline, N write transactions of one row
+//!   each, one after another, on a SQLite file in WAL mode with `synchronous = NORMAL` and
+//!   `BEGIN IMMEDIATE`, as every store is: "plain" calls SQLite directly on one thread
+//!   (rusqlite, a prepared statement), "sqlx" goes through the driver every store uses. An
+//!   event of the full pipeline is at least four such writes (outbox, broker, inbox, ack),
+//!   batched where the design allows.
 //!
 //! Both measure from the first publish (or commit) to the last event handled, and each
 //! event's latency from its publish (or commit) to its handler. Runs on the embedded broker in
-//! a temp dir, and also on the broker `--broker` (or `BAZAAR_BENCH_NATS_URL`) names.
+//! a temp dir, and also on the broker `--broker` (or `BAZAAR_BENCH_NATS_URL`) names. Each row
+//! notes this process's CPU time per event (a NATS server's own CPU is not in it).
 
 use std::{
     future::Future,
@@ -21,6 +29,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+use bazaar_bench::harness::cpu_seconds;
 use bazaar_kit::{
     broker::{self, SharedBroker, SubscribeOptions},
     consumer::{self, ConsumerConfig, Handler, HandlerError},
@@ -72,6 +81,20 @@ pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report
     );
     let timeout = Duration::from_secs(args.timeout);
     let dir = tempfile::tempdir().context("cannot create a temp dir")?;
+    eprintln!("bench pipeline: sqlite one-row write transactions (the reference)");
+    let reference = "sqlite one-row plain";
+    let path = dir.path().join("plain.db");
+    let n = args.events;
+    let plain = tokio::task::spawn_blocking(move || sqlite_plain(&path, n));
+    match measured(async { plain.await.context("the reference panicked")? }).await {
+        Ok((sample, note)) => report.row(reference, Some(sample), note),
+        Err(e) => report.row(reference, None, format!("failed: {e:#}")),
+    }
+    match measured(sqlite_sqlx(dir.path(), args.events)).await {
+        Ok((sample, note)) => report.row("sqlite one-row sqlx", Some(sample), note),
+        Err(e) => report.row("sqlite one-row sqlx", None, format!("failed: {e:#}")),
+    }
+    report.compare("sqlite one-row sqlx", reference);
     let embedded = format!("sqlite://{}/bus.db", dir.path().display());
     let mut backends = vec![("embedded", embedded, None)];
     if let Some(url) = &args.broker {
@@ -89,10 +112,10 @@ pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report
                 .await
                 .with_context(|| format!("cannot connect to {shown}"))?;
             eprintln!("bench pipeline: {name} raw publish/ack");
-            let raw = raw(broker.clone(), args.events, timeout).await?;
+            let raw = measured(raw(broker.clone(), args.events, timeout)).await?;
             eprintln!("bench pipeline: {name} outbox -> relay -> broker -> consumer + inbox");
             let sub = dir.path().join(name);
-            let full = full(broker, &sub, args.events, timeout).await?;
+            let full = measured(full(broker, &sub, args.events, timeout)).await?;
             anyhow::Ok((raw, full))
         }
         .await;
@@ -102,6 +125,9 @@ pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report
                 report.row(&raw_name, Some(raw), raw_note);
                 report.row(&full_name, Some(full), full_note);
                 report.compare(&full_name, &raw_name);
+                if name == "embedded" {
+                    report.compare(&full_name, reference);
+                }
             }
             Err(e) => {
                 report.row(&raw_name, None, format!("failed: {e:#}"));
@@ -122,6 +148,84 @@ pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report
          store (inbox + row). Latency: publish/commit -> handler."
     ));
     Ok(report)
+}
+
+/// Runs a variant and appends this process's CPU time per event to its note.
+async fn measured<F>(variant: F) -> anyhow::Result<(Sample, String)>
+where
+    F: Future<Output = anyhow::Result<(Sample, String)>>,
+{
+    let before = cpu_seconds("self");
+    let (sample, mut note) = variant.await?;
+    let cpu = cpu_seconds("self") - before;
+    if cpu.is_finite() && sample.count > 0 {
+        note.push_str(&format!("; CPU {:.0} µs/event", cpu * 1e6 / sample.count as f64));
+    }
+    Ok((sample, note))
+}
+
+/// The reference: `n` write transactions of one row each, one after another, straight on
+/// SQLite (a prepared statement, this thread).
+fn sqlite_plain(path: &std::path::Path, n: usize) -> anyhow::Result<(Sample, String)> {
+    let db = rusqlite::Connection::open(path)?;
+    db.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+         CREATE TABLE bench_sink (event_id TEXT PRIMARY KEY, n BIGINT NOT NULL, at BIGINT NOT NULL);",
+    )?;
+    let mut insert = db.prepare("INSERT INTO bench_sink (event_id, n, at) VALUES (?1, ?2, ?3)")?;
+    let mut latencies = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let at = Instant::now();
+        db.execute_batch("BEGIN IMMEDIATE")?;
+        insert.execute(rusqlite::params![
+            format!("reference-{i}"),
+            i as i64,
+            bazaar_kit::store::now_millis()
+        ])?;
+        db.execute_batch("COMMIT")?;
+        latencies.push(at.elapsed());
+    }
+    Ok((
+        one_by_one(n, started, latencies),
+        "BEGIN IMMEDIATE; INSERT; COMMIT, directly".into(),
+    ))
+}
+
+/// The same through the store's driver (sqlx, a pooled connection).
+async fn sqlite_sqlx(dir: &std::path::Path, n: usize) -> anyhow::Result<(Sample, String)> {
+    let store = Store::open(&format!("sqlite://{}/sqlx.db", dir.display())).await?;
+    store.migrate(SINK_MIGRATIONS).await?;
+    let mut latencies = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let at = Instant::now();
+        let mut tx = store.begin().await?;
+        sqlx::query("INSERT INTO bench_sink (event_id, n, at) VALUES ($1, $2, $3)")
+            .bind(format!("reference-{i}"))
+            .bind(i as i64)
+            .bind(bazaar_kit::store::now_millis())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        latencies.push(at.elapsed());
+    }
+    store.close().await;
+    Ok((
+        one_by_one(n, started, latencies),
+        "the same as a Store transaction".into(),
+    ))
+}
+
+/// The sample of `n` operations run one after another since `started`.
+fn one_by_one(n: usize, started: Instant, latencies: Vec<Duration>) -> Sample {
+    Sample {
+        count: n,
+        elapsed: started.elapsed(),
+        latencies,
+        ..Sample::default()
+    }
+    .finish()
 }
 
 /// When each event left, as nanoseconds after `base`; shared by producer and consumer.
@@ -234,7 +338,7 @@ fn event(i: usize) -> Envelope {
 /// Events the raw producer publishes per batch (the relay's batch).
 const RAW_BATCH: usize = 256;
 
-/// Bare broker: publish N in batches, one group's one subscription acks each.
+/// Bare broker: publish N in batches, one group's one subscription fetches and acks them.
 async fn raw(broker: SharedBroker, n: usize, timeout: Duration) -> anyhow::Result<(Sample, String)> {
     let topic = "bench.raw";
     let mut sub = broker
@@ -256,17 +360,19 @@ async fn raw(broker: SharedBroker, n: usize, timeout: Duration) -> anyhow::Resul
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                for d in batch {
+                // Acked together, as the consumer runner does.
+                let acks = batch.into_iter().map(|d| {
                     let i = d
                         .message
                         .msg_id
                         .rsplit('-')
                         .next()
                         .and_then(|s| s.parse::<usize>().ok());
-                    if d.ack().await.is_ok() {
-                        if let Some(i) = i {
-                            tally.saw(i);
-                        }
+                    async move { (i, d.ack().await) }
+                });
+                for (i, acked) in futures_util::future::join_all(acks).await {
+                    if let (Some(i), Ok(())) = (i, acked) {
+                        tally.saw(i);
                     }
                 }
             }

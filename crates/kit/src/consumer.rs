@@ -202,7 +202,8 @@ impl Runner {
     }
 
     /// Handles a fetched batch in one store transaction (group commit): each event under a
-    /// savepoint, so a failing one is rolled back alone, then one commit, then the acks. A
+    /// savepoint, so a failing one is rolled back alone, then one commit, then the acks (all
+    /// at once). A
     /// crash before the commit redelivers the whole batch; the inbox makes that harmless.
     async fn settle_batch(&self, deliveries: Vec<Delivery>) {
         let group = &self.config.group;
@@ -238,12 +239,15 @@ impl Runner {
         }
         let events: Vec<&Envelope> = work.iter().map(|(_, event)| event).collect();
         let outcomes = apply_all(&self.outbox, group, self.handler.as_ref(), &events).await;
-        for ((delivery, event), outcome) in work.into_iter().zip(outcomes) {
+        // Settled together: the embedded broker writes acks that arrive at once in one
+        // statement, and NATS pipelines them.
+        let settling = work.into_iter().zip(outcomes).map(|((delivery, event), outcome)| {
             if matches!(outcome, Outcome::Handled) {
                 self.handler.committed(&event);
             }
-            self.finish(delivery, outcome).await;
-        }
+            self.finish(delivery, outcome)
+        });
+        futures_util::future::join_all(settling).await;
     }
 
     /// Acks, retries or parks one delivery as its outcome says.

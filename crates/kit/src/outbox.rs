@@ -20,7 +20,7 @@ use crate::{
     envelope::Envelope,
     resilience::Backoff,
     shutdown::Shutdown,
-    store::{now_millis, Migration, Store, StoreError, Tx},
+    store::{now_millis, params, Migration, Store, StoreError, Tx},
 };
 
 /// Tables the outbox, inbox and relay lease need; include them in every service's migrations.
@@ -247,11 +247,7 @@ impl OutboxRelay {
         if ids.is_empty() {
             return Ok(());
         }
-        let placeholders: Vec<String> = (2..ids.len() + 2).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "UPDATE outbox SET sent_at = $1 WHERE id IN ({})",
-            placeholders.join(", ")
-        );
+        let sql = format!("UPDATE outbox SET sent_at = $1 WHERE id IN ({})", params(ids.len(), 2));
         let mut query = sqlx::query(&sql).bind(now_millis());
         for id in ids {
             query = query.bind(*id);

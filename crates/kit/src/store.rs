@@ -75,6 +75,24 @@ pub fn is_busy(e: &sqlx::Error) -> bool {
     }
 }
 
+/// `count` numbered placeholders from `$first` on, for a statement built at run time:
+/// `$2, $3, $4`.
+pub fn params(count: usize, first: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `count` rows of `width` placeholders from `$first` on, for `VALUES` lists:
+/// `($1, $2), ($3, $4)`.
+pub fn rows_of_params(count: usize, width: usize, first: usize) -> String {
+    (0..count)
+        .map(|i| format!("({})", params(width, first + i * width)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Which SQL engine a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {

@@ -12,7 +12,7 @@
 use std::{
     sync::{
         atomic::{AtomicI64, Ordering},
-        Arc,
+        Arc, Mutex, PoisonError,
     },
     time::Duration,
 };
@@ -20,10 +20,10 @@ use std::{
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use sqlx::Row;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use super::{Acker, BatchFailure, Broker, BrokerError, Delivery, Message, Outgoing, SubscribeOptions, Subscription};
-use crate::store::{now_millis, Migration, Store};
+use crate::store::{now_millis, params, rows_of_params, Migration, Store};
 
 const MIGRATIONS: &[Migration] = &[
     Migration::new(
@@ -70,6 +70,10 @@ const POLL: Duration = Duration::from_millis(100);
 const POLL: Duration = Duration::from_millis(10);
 /// How often a publishing process prunes the log.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// Messages per insert statement: 4 parameters each stays far below SQLite's limit (32 766).
+const PUBLISH_CHUNK: usize = 256;
+/// Acks settled by one statement at most (2 parameters each).
+const ACK_CHUNK: usize = 256;
 
 /// The SQLite-file broker.
 #[derive(Clone)]
@@ -78,6 +82,8 @@ pub struct EmbeddedBroker {
     published: Arc<Notify>,
     /// When this process last pruned (ms since the epoch); publishing prunes now and then.
     last_prune: Arc<AtomicI64>,
+    /// Acks waiting to be written together.
+    acks: Arc<Acks>,
     /// Wakes other processes' subscribers after a publish.
     #[cfg(unix)]
     wake: Option<Arc<super::wake::Wake>>,
@@ -96,9 +102,14 @@ impl EmbeddedBroker {
             .and_then(|u| u.sqlite_path().map(std::path::PathBuf::from))
             .and_then(|path| super::wake::Wake::bind(&path, published.clone()));
         Ok(EmbeddedBroker {
-            store,
+            store: store.clone(),
             published,
             last_prune: Arc::new(AtomicI64::new(0)),
+            acks: Arc::new(Acks {
+                store: store.clone(),
+                queue: Mutex::new(Vec::new()),
+                writing: tokio::sync::Mutex::new(()),
+            }),
             #[cfg(unix)]
             wake,
         })
@@ -118,33 +129,42 @@ impl EmbeddedBroker {
         Ok(done.rows_affected())
     }
 
-    /// Appends `messages` in one transaction: one commit for the whole batch.
+    /// Appends `messages` in one transaction: one commit for the whole batch, two statements
+    /// per [`PUBLISH_CHUNK`] messages (the rows, then every group's delivery of them).
     async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), BrokerError> {
         let now = now_millis();
         let mut tx = self.store.begin().await?;
-        for m in messages {
-            let inserted = sqlx::query(
-                "INSERT INTO bus_messages (topic, msg_id, body, published_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (topic, msg_id) DO NOTHING RETURNING seq",
-            )
-            .bind(m.topic)
-            .bind(m.msg_id)
-            .bind(m.body.to_vec())
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = inserted {
-                let seq: i64 = row.try_get("seq")?;
-                sqlx::query(
-                    "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
-                     SELECT grp, topic, $2, $3 FROM bus_groups WHERE topic = $1",
-                )
-                .bind(m.topic)
-                .bind(seq)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in messages.chunks(PUBLISH_CHUNK) {
+            let values = rows_of_params(chunk.len(), 4, 1);
+            let sql = format!(
+                "INSERT INTO bus_messages (topic, msg_id, body, published_at) VALUES {values}
+                 ON CONFLICT (topic, msg_id) DO NOTHING RETURNING seq"
+            );
+            let mut insert = sqlx::query(&sql);
+            for m in chunk {
+                insert = insert.bind(m.topic).bind(m.msg_id).bind(m.body.to_vec()).bind(now);
             }
+            // Duplicates return no row: only new messages get deliveries.
+            let seqs = insert
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| row.try_get::<i64, _>("seq"))
+                .collect::<Result<Vec<_>, _>>()?;
+            if seqs.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
+                 SELECT g.grp, g.topic, m.seq, $1 FROM bus_messages m JOIN bus_groups g ON g.topic = m.topic
+                 WHERE m.seq IN ({})",
+                params(seqs.len(), 2)
+            );
+            let mut deliver = sqlx::query(&sql).bind(now);
+            for seq in seqs {
+                deliver = deliver.bind(seq);
+            }
+            deliver.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         self.published.notify_waiters();
@@ -304,7 +324,7 @@ impl EmbeddedSubscription {
             return Ok(Vec::new());
         }
         let mut tx = self.broker.store.begin().await?;
-        let rows = sqlx::query(
+        let leased = sqlx::query(
             "UPDATE bus_deliveries SET attempts = attempts + 1, visible_at = $4
              WHERE id IN (SELECT id FROM bus_deliveries WHERE grp = $1 AND topic = $2 AND visible_at <= $3
                           ORDER BY seq LIMIT $5)
@@ -317,15 +337,33 @@ impl EmbeddedSubscription {
         .bind(max as i64)
         .fetch_all(&mut *tx)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id: i64 = row.try_get("id")?;
-            let seq: i64 = row.try_get("seq")?;
-            let attempts: i64 = row.try_get("attempts")?;
-            let msg = sqlx::query("SELECT msg_id, body FROM bus_messages WHERE seq = $1")
-                .bind(seq)
-                .fetch_optional(&mut *tx)
-                .await?;
+        if leased.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let mut leases = Vec::with_capacity(leased.len());
+        for row in &leased {
+            let (id, seq, attempts): (i64, i64, i64) =
+                (row.try_get("id")?, row.try_get("seq")?, row.try_get("attempts")?);
+            leases.push((id, seq, attempts, row.try_get::<Option<String>, _>("last_error")?));
+        }
+        // Every leased message in one read, in log order.
+        leases.sort_unstable_by_key(|(_, seq, _, _)| *seq);
+        let sql = format!(
+            "SELECT seq, msg_id, body FROM bus_messages WHERE seq IN ({}) ORDER BY seq",
+            params(leases.len(), 1)
+        );
+        let mut read = sqlx::query(&sql);
+        for (_, seq, _, _) in &leases {
+            read = read.bind(*seq);
+        }
+        let mut messages = read.fetch_all(&mut *tx).await?.into_iter().peekable();
+        let mut out = Vec::with_capacity(leases.len());
+        for (id, seq, attempts, last_error) in leases {
+            let msg = match messages.peek().map(|m| m.try_get::<i64, _>("seq")).transpose()? {
+                Some(found) if found == seq => messages.next(),
+                _ => None,
+            };
             let Some(msg) = msg else {
                 // The message was deleted under a stale delivery row: drop the row.
                 sqlx::query("DELETE FROM bus_deliveries WHERE id = $1")
@@ -342,9 +380,10 @@ impl EmbeddedSubscription {
                     body: Bytes::from(msg.try_get::<Vec<u8>, _>("body")?),
                 },
                 attempts as u32,
-                row.try_get("last_error")?,
+                last_error,
                 Box::new(EmbeddedAcker {
                     store: self.broker.store.clone(),
+                    acks: self.broker.acks.clone(),
                     id,
                     attempts,
                 }),
@@ -379,8 +418,68 @@ impl Subscription for EmbeddedSubscription {
     }
 }
 
+/// Acks of one broker that are written together: while one statement runs, the acks that
+/// arrive queue up and the next statement settles all of them. A consumer acking a batch at
+/// once pays one write, not one per message.
+struct Acks {
+    store: Store,
+    /// Acks not yet written.
+    queue: Mutex<Vec<QueuedAck>>,
+    /// Held by the one task writing; the others wait their turn.
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// `(delivery id, attempts, who waits for the write)`.
+type QueuedAck = (i64, i64, oneshot::Sender<Result<(), String>>);
+
+impl Acks {
+    /// Settles delivery `id` of lease `attempts`, together with whatever else is queued.
+    async fn ack(&self, id: i64, attempts: i64) -> Result<(), BrokerError> {
+        let (done, settled) = oneshot::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((id, attempts, done));
+        {
+            let _writer = self.writing.lock().await;
+            // Let the other acks of the caller's batch join the queue before it is taken.
+            tokio::task::yield_now().await;
+            let mut queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
+            while !queued.is_empty() {
+                let chunk: Vec<_> = queued.drain(..queued.len().min(ACK_CHUNK)).collect();
+                let leases: Vec<(i64, i64)> = chunk.iter().map(|(id, attempts, _)| (*id, *attempts)).collect();
+                let result = self.delete(&leases).await.map_err(|e| e.to_string());
+                for (_, _, waiter) in chunk {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+        }
+        // Ours was written by this task or by an earlier writer.
+        match settled.await {
+            Ok(result) => result.map_err(BrokerError::Unavailable),
+            Err(_) => Err(BrokerError::Unavailable("the ack was dropped unwritten".into())),
+        }
+    }
+
+    /// One statement for `leases`; a lease that expired and was re-leased (other `attempts`)
+    /// is left alone.
+    async fn delete(&self, leases: &[(i64, i64)]) -> Result<(), sqlx::Error> {
+        let sql = format!(
+            "DELETE FROM bus_deliveries WHERE (id, attempts) IN (VALUES {})",
+            rows_of_params(leases.len(), 2, 1)
+        );
+        let mut query = sqlx::query(&sql);
+        for (id, attempts) in leases {
+            query = query.bind(*id).bind(*attempts);
+        }
+        query.execute(self.store.pool()).await?;
+        Ok(())
+    }
+}
+
 struct EmbeddedAcker {
     store: Store,
+    acks: Arc<Acks>,
     id: i64,
     /// The attempt this lease belongs to; a late ack of an expired lease that another
     /// consumer re-leased must not settle the newer delivery.
@@ -389,15 +488,7 @@ struct EmbeddedAcker {
 
 impl Acker for EmbeddedAcker {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
-        // One statement is atomic on its own; no explicit transaction (and its round trips).
-        Box::pin(async move {
-            sqlx::query("DELETE FROM bus_deliveries WHERE id = $1 AND attempts = $2")
-                .bind(self.id)
-                .bind(self.attempts)
-                .execute(self.store.pool())
-                .await?;
-            Ok(())
-        })
+        Box::pin(async move { self.acks.ack(self.id, self.attempts).await })
     }
 
     fn nack(self: Box<Self>, delay: Duration, error: String) -> BoxFuture<'static, Result<(), BrokerError>> {
@@ -471,6 +562,50 @@ mod tests {
             1,
             "dead letters stay"
         );
+    }
+
+    #[tokio::test]
+    async fn acks_sent_together_settle_every_delivery_but_not_a_newer_lease() {
+        let (_dir, broker) = broker().await;
+        let options = SubscribeOptions {
+            ack_wait: Duration::from_millis(1),
+        };
+        let mut sub = broker.subscribe("t", "g", options).await.expect("subscribe");
+        let batch: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+        let outgoing: Vec<Outgoing<'_>> = batch
+            .iter()
+            .map(|id| Outgoing {
+                topic: "t",
+                msg_id: id,
+                body: Bytes::from_static(b"x"),
+            })
+            .collect();
+        broker.publish_batch(&outgoing).await.expect("publish");
+        let mut first = sub.fetch(300, Duration::ZERO).await.expect("fetch");
+        assert_eq!(first.len(), 300);
+        // The last lease expires and is taken again: its old ack must not settle the new one.
+        let stale = first.pop().expect("one");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let again = sub.fetch(300, Duration::ZERO).await.expect("refetch");
+        let others: Vec<_> = again.iter().map(|d| d.message.msg_id.clone()).collect();
+        assert!(
+            others.contains(&"m299".to_string()),
+            "the expired lease is delivered again"
+        );
+        let acks = first.into_iter().chain([stale]).map(Delivery::ack);
+        for acked in futures_util::future::join_all(acks).await {
+            acked.expect("ack");
+        }
+        assert_eq!(
+            broker.pending("t", "g").await.expect("pending"),
+            others.len() as u64,
+            "only the re-leased deliveries are left (their first leases' acks are stale)"
+        );
+        let newer = again.into_iter().map(Delivery::ack);
+        for acked in futures_util::future::join_all(newer).await {
+            acked.expect("ack");
+        }
+        assert_eq!(broker.pending("t", "g").await.expect("pending"), 0);
     }
 
     #[tokio::test]
