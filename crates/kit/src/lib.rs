@@ -1,6 +1,7 @@
 //! Building blocks for event-driven services, knowing nothing of any shop.
 //!
-//! - [`store`]: a service's own database from a URL (SQLite or PostgreSQL) with migrations.
+//! - [`store`]: a service's own database from a URL (SQLite or PostgreSQL) with migrations;
+//!   [`sqlite`]: a SQLite file used inline, without a driver thread (the embedded broker's).
 //! - [`envelope`]: the event envelope on the wire.
 //! - [`outbox`] and [`inbox`]: publish in the same transaction as the change; handle each
 //!   event once.
@@ -37,6 +38,7 @@ pub mod saga;
 pub mod schema;
 pub mod service;
 pub mod shutdown;
+pub mod sqlite;
 pub mod store;
 pub mod telemetry;
 pub mod testing;

@@ -33,6 +33,9 @@ pub enum StoreError {
     /// The database answered with an error.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A SQLite file used inline ([`crate::sqlite`]) answered with an error.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A migration failed; the store is left at the previous version.
     #[error("migration {version} ({name}) failed: {source}")]
     Migration {
@@ -41,7 +44,7 @@ pub enum StoreError {
         /// Its name.
         name: &'static str,
         /// The cause.
-        source: sqlx::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A stored value could not be read back (a bug or a hand-edited row).
     #[error("corrupt stored data: {0}")]
@@ -55,6 +58,7 @@ impl StoreError {
     pub fn is_busy(&self) -> bool {
         match self {
             StoreError::Database(e) => is_busy(e),
+            StoreError::Sqlite(e) => crate::sqlite::is_busy(e),
             _ => false,
         }
     }
@@ -80,15 +84,6 @@ pub fn is_busy(e: &sqlx::Error) -> bool {
 pub fn params(count: usize, first: usize) -> String {
     (first..first + count)
         .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// `count` rows of `width` placeholders from `$first` on, for `VALUES` lists:
-/// `($1, $2), ($3, $4)`.
-pub fn rows_of_params(count: usize, width: usize, first: usize) -> String {
-    (0..count)
-        .map(|i| format!("({})", params(width, first + i * width)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -337,7 +332,7 @@ impl Store {
                 .map_err(|source| StoreError::Migration {
                     version: m.version,
                     name: m.name,
-                    source,
+                    source: source.into(),
                 })?;
             sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
                 .bind(m.version)

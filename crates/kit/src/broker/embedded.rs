@@ -8,6 +8,9 @@
 //! topic's first retained message. Publishers wake waiting subscribers at once: in the same
 //! process directly, in other processes through a Unix datagram (see `wake`); a slow poll of
 //! a cheap read remains as the fallback.
+//!
+//! The file is used through [`crate::sqlite::Sqlite`]: every operation is one transaction
+//! run inline with prepared statements, a batch (publish, lease, acks) in one.
 
 use std::{
     sync::{
@@ -19,11 +22,14 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use sqlx::Row;
+use rusqlite::{params, OptionalExtension};
 use tokio::sync::{oneshot, Notify};
 
 use super::{Acker, BatchFailure, Broker, BrokerError, Delivery, Message, Outgoing, SubscribeOptions, Subscription};
-use crate::store::{now_millis, params, rows_of_params, Migration, Store};
+use crate::{
+    sqlite::Sqlite,
+    store::{now_millis, Migration, StoreError, StoreUrl},
+};
 
 const MIGRATIONS: &[Migration] = &[
     Migration::new(
@@ -70,15 +76,11 @@ const POLL: Duration = Duration::from_millis(100);
 const POLL: Duration = Duration::from_millis(10);
 /// How often a publishing process prunes the log.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
-/// Messages per insert statement: 4 parameters each stays far below SQLite's limit (32 766).
-const PUBLISH_CHUNK: usize = 256;
-/// Acks settled by one statement at most (2 parameters each).
-const ACK_CHUNK: usize = 256;
 
 /// The SQLite-file broker.
 #[derive(Clone)]
 pub struct EmbeddedBroker {
-    store: Store,
+    db: Sqlite,
     published: Arc<Notify>,
     /// When this process last pruned (ms since the epoch); publishing prunes now and then.
     last_prune: Arc<AtomicI64>,
@@ -92,24 +94,26 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     /// Opens (creating when needed) the log at a `sqlite://PATH` URL.
     pub async fn open(url: &str) -> Result<EmbeddedBroker, BrokerError> {
-        let store = Store::open(url).await?;
-        store.migrate(MIGRATIONS).await?;
+        let parsed: StoreUrl = url.parse()?;
+        let path = std::path::PathBuf::from(
+            parsed
+                .sqlite_path()
+                .ok_or_else(|| BrokerError::UnsupportedUrl(url.to_string()))?,
+        );
+        let db = Sqlite::open(&path).await?;
+        db.migrate(MIGRATIONS).await?;
         let published = Arc::new(Notify::new());
         #[cfg(unix)]
-        let wake = url
-            .parse::<crate::store::StoreUrl>()
-            .ok()
-            .and_then(|u| u.sqlite_path().map(std::path::PathBuf::from))
-            .and_then(|path| super::wake::Wake::bind(&path, published.clone()));
+        let wake = super::wake::Wake::bind(&path, published.clone());
         Ok(EmbeddedBroker {
-            store: store.clone(),
-            published,
-            last_prune: Arc::new(AtomicI64::new(0)),
             acks: Arc::new(Acks {
-                store: store.clone(),
+                db: db.clone(),
                 queue: Mutex::new(Vec::new()),
                 writing: tokio::sync::Mutex::new(()),
             }),
+            db,
+            published,
+            last_prune: Arc::new(AtomicI64::new(0)),
             #[cfg(unix)]
             wake,
         })
@@ -119,54 +123,41 @@ impl EmbeddedBroker {
     /// until replayed). Returns how many went. Publishing calls it every [`PRUNE_EVERY`].
     pub async fn prune(&self) -> Result<u64, BrokerError> {
         let cutoff = now_millis() - RETENTION.as_millis() as i64;
-        let done = sqlx::query(
-            "DELETE FROM bus_messages WHERE published_at < $1 AND topic NOT LIKE '%.dlq'
-             AND NOT EXISTS (SELECT 1 FROM bus_deliveries d WHERE d.seq = bus_messages.seq)",
-        )
-        .bind(cutoff)
-        .execute(self.store.pool())
-        .await?;
-        Ok(done.rows_affected())
+        let pruned = self
+            .db
+            .write(|tx| {
+                tx.execute(
+                    "DELETE FROM bus_messages WHERE published_at < ?1 AND topic NOT LIKE '%.dlq'
+                     AND NOT EXISTS (SELECT 1 FROM bus_deliveries d WHERE d.seq = bus_messages.seq)",
+                    [cutoff],
+                )
+            })
+            .await?;
+        Ok(pruned as u64)
     }
 
-    /// Appends `messages` in one transaction: one commit for the whole batch, two statements
-    /// per [`PUBLISH_CHUNK`] messages (the rows, then every group's delivery of them).
+    /// Appends `messages` in one transaction: one commit for the whole batch.
     async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), BrokerError> {
         let now = now_millis();
-        let mut tx = self.store.begin().await?;
-        for chunk in messages.chunks(PUBLISH_CHUNK) {
-            let values = rows_of_params(chunk.len(), 4, 1);
-            let sql = format!(
-                "INSERT INTO bus_messages (topic, msg_id, body, published_at) VALUES {values}
-                 ON CONFLICT (topic, msg_id) DO NOTHING RETURNING seq"
-            );
-            let mut insert = sqlx::query(&sql);
-            for m in chunk {
-                insert = insert.bind(m.topic).bind(m.msg_id).bind(m.body.to_vec()).bind(now);
-            }
-            // Duplicates return no row: only new messages get deliveries.
-            let seqs = insert
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|row| row.try_get::<i64, _>("seq"))
-                .collect::<Result<Vec<_>, _>>()?;
-            if seqs.is_empty() {
-                continue;
-            }
-            let sql = format!(
-                "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
-                 SELECT g.grp, g.topic, m.seq, $1 FROM bus_messages m JOIN bus_groups g ON g.topic = m.topic
-                 WHERE m.seq IN ({})",
-                params(seqs.len(), 2)
-            );
-            let mut deliver = sqlx::query(&sql).bind(now);
-            for seq in seqs {
-                deliver = deliver.bind(seq);
-            }
-            deliver.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        self.db
+            .write(|tx| {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO bus_messages (topic, msg_id, body, published_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (topic, msg_id) DO NOTHING",
+                )?;
+                let mut deliver = tx.prepare_cached(
+                    "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
+                     SELECT grp, topic, ?2, ?3 FROM bus_groups WHERE topic = ?1",
+                )?;
+                for m in messages {
+                    // A duplicate inserts nothing and gets no deliveries.
+                    if insert.execute(params![m.topic, m.msg_id, &m.body[..], now])? == 1 {
+                        deliver.execute(params![m.topic, tx.last_insert_rowid(), now])?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
         self.published.notify_waiters();
         #[cfg(unix)]
         if let Some(wake) = &self.wake {
@@ -215,24 +206,22 @@ impl Broker for EmbeddedBroker {
         options: SubscribeOptions,
     ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BrokerError>> {
         Box::pin(async move {
-            let mut tx = self.store.begin().await?;
-            let joined = sqlx::query("INSERT INTO bus_groups (topic, grp) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                .bind(topic)
-                .bind(group)
-                .execute(&mut *tx)
+            self.db
+                .write(|tx| {
+                    let joined = tx.execute(
+                        "INSERT INTO bus_groups (topic, grp) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                        params![topic, group],
+                    )?;
+                    if joined == 1 {
+                        tx.execute(
+                            "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
+                             SELECT ?2, topic, seq, ?3 FROM bus_messages WHERE topic = ?1",
+                            params![topic, group, now_millis()],
+                        )?;
+                    }
+                    Ok(())
+                })
                 .await?;
-            if joined.rows_affected() == 1 {
-                sqlx::query(
-                    "INSERT INTO bus_deliveries (grp, topic, seq, visible_at)
-                     SELECT $2, topic, seq, $3 FROM bus_messages WHERE topic = $1",
-                )
-                .bind(topic)
-                .bind(group)
-                .bind(now_millis())
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
             Ok(Box::new(EmbeddedSubscription {
                 broker: self.clone(),
                 topic: topic.to_string(),
@@ -244,55 +233,66 @@ impl Broker for EmbeddedBroker {
 
     fn read<'a>(&'a self, topic: &'a str, limit: usize) -> BoxFuture<'a, Result<Vec<Message>, BrokerError>> {
         Box::pin(async move {
-            let rows = sqlx::query("SELECT seq, msg_id, body FROM bus_messages WHERE topic = $1 ORDER BY seq LIMIT $2")
-                .bind(topic)
-                .bind(limit as i64)
-                .fetch_all(self.store.pool())
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(Message {
-                        topic: topic.to_string(),
-                        seq: r.try_get::<i64, _>("seq")? as u64,
-                        msg_id: r.try_get("msg_id")?,
-                        body: Bytes::from(r.try_get::<Vec<u8>, _>("body")?),
-                    })
+            let rows = self
+                .db
+                .read(|c| {
+                    let mut read = c.prepare_cached(
+                        "SELECT seq, msg_id, body FROM bus_messages WHERE topic = ?1 ORDER BY seq LIMIT ?2",
+                    )?;
+                    let rows = read.query_map(params![topic, limit as i64], |r| {
+                        Ok(Message {
+                            topic: topic.to_string(),
+                            seq: r.get::<_, i64>(0)? as u64,
+                            msg_id: r.get(1)?,
+                            body: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                        })
+                    })?;
+                    rows.collect::<Result<Vec<_>, _>>()
                 })
-                .collect()
+                .await?;
+            Ok(rows)
         })
     }
 
     fn delete<'a>(&'a self, topic: &'a str, seq: u64) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
-            let mut tx = self.store.begin().await?;
-            sqlx::query("DELETE FROM bus_deliveries WHERE topic = $1 AND seq = $2")
-                .bind(topic)
-                .bind(seq as i64)
-                .execute(&mut *tx)
+            self.db
+                .write(|tx| {
+                    tx.execute(
+                        "DELETE FROM bus_deliveries WHERE topic = ?1 AND seq = ?2",
+                        params![topic, seq as i64],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM bus_messages WHERE topic = ?1 AND seq = ?2",
+                        params![topic, seq as i64],
+                    )
+                })
                 .await?;
-            sqlx::query("DELETE FROM bus_messages WHERE topic = $1 AND seq = $2")
-                .bind(topic)
-                .bind(seq as i64)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
             Ok(())
         })
     }
 
     fn pending<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, Result<u64, BrokerError>> {
         Box::pin(async move {
-            let row = sqlx::query("SELECT COUNT(*) AS n FROM bus_deliveries WHERE grp = $1 AND topic = $2")
-                .bind(group)
-                .bind(topic)
-                .fetch_one(self.store.pool())
+            let n: i64 = self
+                .db
+                .read(|c| {
+                    c.query_row(
+                        "SELECT COUNT(*) FROM bus_deliveries WHERE grp = ?1 AND topic = ?2",
+                        params![group, topic],
+                        |r| r.get(0),
+                    )
+                })
                 .await?;
-            Ok(row.try_get::<i64, _>("n")? as u64)
+            Ok(n as u64)
         })
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
-        Box::pin(async move { Ok(self.store.ping().await?) })
+        Box::pin(async move {
+            self.db.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await?;
+            Ok(())
+        })
     }
 
     fn kind(&self) -> &'static str {
@@ -307,90 +307,86 @@ struct EmbeddedSubscription {
     options: SubscribeOptions,
 }
 
+/// A delivery as leased: `(delivery id, attempts, last error, message)`.
+type Lease = (i64, i64, Option<String>, Message);
+
 impl EmbeddedSubscription {
-    /// Leases up to `max` visible deliveries; empty when none is ready.
+    /// Leases up to `max` visible deliveries, in log order; empty when none is ready.
     async fn lease(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
         let now = now_millis();
-        let pool = self.broker.store.pool();
+        let (group, topic) = (self.group.as_str(), self.topic.as_str());
         // A plain read first, so idle polling never takes the file's write lock.
-        let ready =
-            sqlx::query("SELECT 1 AS r FROM bus_deliveries WHERE grp = $1 AND topic = $2 AND visible_at <= $3 LIMIT 1")
-                .bind(&self.group)
-                .bind(&self.topic)
-                .bind(now)
-                .fetch_optional(pool)
-                .await?;
+        let ready = self
+            .broker
+            .db
+            .read(|c| {
+                c.prepare_cached(
+                    "SELECT 1 FROM bus_deliveries WHERE grp = ?1 AND topic = ?2 AND visible_at <= ?3 LIMIT 1",
+                )?
+                .query_row(params![group, topic, now], |_| Ok(()))
+                .optional()
+            })
+            .await?;
         if ready.is_none() {
             return Ok(Vec::new());
         }
-        let mut tx = self.broker.store.begin().await?;
-        let leased = sqlx::query(
-            "UPDATE bus_deliveries SET attempts = attempts + 1, visible_at = $4
-             WHERE id IN (SELECT id FROM bus_deliveries WHERE grp = $1 AND topic = $2 AND visible_at <= $3
-                          ORDER BY seq LIMIT $5)
-             RETURNING id, seq, attempts, last_error",
-        )
-        .bind(&self.group)
-        .bind(&self.topic)
-        .bind(now)
-        .bind(now + self.options.ack_wait.as_millis() as i64)
-        .bind(max as i64)
-        .fetch_all(&mut *tx)
-        .await?;
-        if leased.is_empty() {
-            tx.commit().await?;
-            return Ok(Vec::new());
-        }
-        let mut leases = Vec::with_capacity(leased.len());
-        for row in &leased {
-            let (id, seq, attempts): (i64, i64, i64) =
-                (row.try_get("id")?, row.try_get("seq")?, row.try_get("attempts")?);
-            leases.push((id, seq, attempts, row.try_get::<Option<String>, _>("last_error")?));
-        }
-        // Every leased message in one read, in log order.
-        leases.sort_unstable_by_key(|(_, seq, _, _)| *seq);
-        let sql = format!(
-            "SELECT seq, msg_id, body FROM bus_messages WHERE seq IN ({}) ORDER BY seq",
-            params(leases.len(), 1)
-        );
-        let mut read = sqlx::query(&sql);
-        for (_, seq, _, _) in &leases {
-            read = read.bind(*seq);
-        }
-        let mut messages = read.fetch_all(&mut *tx).await?.into_iter().peekable();
-        let mut out = Vec::with_capacity(leases.len());
-        for (id, seq, attempts, last_error) in leases {
-            let msg = match messages.peek().map(|m| m.try_get::<i64, _>("seq")).transpose()? {
-                Some(found) if found == seq => messages.next(),
-                _ => None,
-            };
-            let Some(msg) = msg else {
-                // The message was deleted under a stale delivery row: drop the row.
-                sqlx::query("DELETE FROM bus_deliveries WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                continue;
-            };
-            out.push(Delivery::new(
-                Message {
-                    topic: self.topic.clone(),
-                    seq: seq as u64,
-                    msg_id: msg.try_get("msg_id")?,
-                    body: Bytes::from(msg.try_get::<Vec<u8>, _>("body")?),
-                },
-                attempts as u32,
-                last_error,
-                Box::new(EmbeddedAcker {
-                    store: self.broker.store.clone(),
+        let until = now + self.options.ack_wait.as_millis() as i64;
+        let leased: Vec<Lease> = self
+            .broker
+            .db
+            .write(|tx| {
+                let mut take = tx.prepare_cached(
+                    "UPDATE bus_deliveries SET attempts = attempts + 1, visible_at = ?4
+                     WHERE id IN (SELECT id FROM bus_deliveries WHERE grp = ?1 AND topic = ?2 AND visible_at <= ?3
+                                  ORDER BY seq LIMIT ?5)
+                     RETURNING id, seq, attempts, last_error",
+                )?;
+                let mut taken = take
+                    .query_map(params![group, topic, now, until, max as i64], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get(3)?))
+                    })?
+                    .collect::<Result<Vec<(i64, i64, i64, Option<String>)>, _>>()?;
+                taken.sort_unstable_by_key(|(_, seq, _, _)| *seq);
+                let mut message = tx.prepare_cached("SELECT msg_id, body FROM bus_messages WHERE seq = ?1")?;
+                let mut orphan = tx.prepare_cached("DELETE FROM bus_deliveries WHERE id = ?1")?;
+                let mut out = Vec::with_capacity(taken.len());
+                for (id, seq, attempts, last_error) in taken {
+                    let found = message
+                        .query_row([seq], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+                        .optional()?;
+                    match found {
+                        Some((msg_id, body)) => out.push((
+                            id,
+                            attempts,
+                            last_error,
+                            Message {
+                                topic: topic.to_string(),
+                                seq: seq as u64,
+                                msg_id,
+                                body: Bytes::from(body),
+                            },
+                        )),
+                        // The message was deleted under a stale delivery row: drop the row.
+                        None => {
+                            orphan.execute([id])?;
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(leased
+            .into_iter()
+            .map(|(id, attempts, last_error, message)| {
+                let acker = EmbeddedAcker {
+                    db: self.broker.db.clone(),
                     acks: self.broker.acks.clone(),
                     id,
                     attempts,
-                }),
-            ));
-        }
-        tx.commit().await?;
-        Ok(out)
+                };
+                Delivery::new(message, attempts as u32, last_error, Box::new(acker))
+            })
+            .collect())
     }
 }
 
@@ -418,11 +414,11 @@ impl Subscription for EmbeddedSubscription {
     }
 }
 
-/// Acks of one broker that are written together: while one statement runs, the acks that
-/// arrive queue up and the next statement settles all of them. A consumer acking a batch at
+/// Acks of one broker that are written together: while one transaction runs, the acks that
+/// arrive queue up and the next transaction settles all of them. A consumer acking a batch at
 /// once pays one write, not one per message.
 struct Acks {
-    store: Store,
+    db: Sqlite,
     /// Acks not yet written.
     queue: Mutex<Vec<QueuedAck>>,
     /// Held by the one task writing; the others wait their turn.
@@ -444,12 +440,22 @@ impl Acks {
             let _writer = self.writing.lock().await;
             // Let the other acks of the caller's batch join the queue before it is taken.
             tokio::task::yield_now().await;
-            let mut queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
-            while !queued.is_empty() {
-                let chunk: Vec<_> = queued.drain(..queued.len().min(ACK_CHUNK)).collect();
-                let leases: Vec<(i64, i64)> = chunk.iter().map(|(id, attempts, _)| (*id, *attempts)).collect();
-                let result = self.delete(&leases).await.map_err(|e| e.to_string());
-                for (_, _, waiter) in chunk {
+            let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
+            if !queued.is_empty() {
+                // A lease that expired and was re-leased (other `attempts`) is left alone.
+                let result = self
+                    .db
+                    .write(|tx| {
+                        let mut delete =
+                            tx.prepare_cached("DELETE FROM bus_deliveries WHERE id = ?1 AND attempts = ?2")?;
+                        for (id, attempts, _) in &queued {
+                            delete.execute([id, attempts])?;
+                        }
+                        Ok(())
+                    })
+                    .await
+                    .map_err(|e| e.to_string());
+                for (_, _, waiter) in queued {
                     let _ = waiter.send(result.clone());
                 }
             }
@@ -460,25 +466,10 @@ impl Acks {
             Err(_) => Err(BrokerError::Unavailable("the ack was dropped unwritten".into())),
         }
     }
-
-    /// One statement for `leases`; a lease that expired and was re-leased (other `attempts`)
-    /// is left alone.
-    async fn delete(&self, leases: &[(i64, i64)]) -> Result<(), sqlx::Error> {
-        let sql = format!(
-            "DELETE FROM bus_deliveries WHERE (id, attempts) IN (VALUES {})",
-            rows_of_params(leases.len(), 2, 1)
-        );
-        let mut query = sqlx::query(&sql);
-        for (id, attempts) in leases {
-            query = query.bind(*id).bind(*attempts);
-        }
-        query.execute(self.store.pool()).await?;
-        Ok(())
-    }
 }
 
 struct EmbeddedAcker {
-    store: Store,
+    db: Sqlite,
     acks: Arc<Acks>,
     id: i64,
     /// The attempt this lease belongs to; a late ack of an expired lease that another
@@ -493,15 +484,23 @@ impl Acker for EmbeddedAcker {
 
     fn nack(self: Box<Self>, delay: Duration, error: String) -> BoxFuture<'static, Result<(), BrokerError>> {
         Box::pin(async move {
-            sqlx::query("UPDATE bus_deliveries SET visible_at = $1, last_error = $2 WHERE id = $3 AND attempts = $4")
-                .bind(now_millis() + delay.as_millis() as i64)
-                .bind(error)
-                .bind(self.id)
-                .bind(self.attempts)
-                .execute(self.store.pool())
+            let visible_at = now_millis() + delay.as_millis() as i64;
+            self.db
+                .read(|c| {
+                    c.prepare_cached(
+                        "UPDATE bus_deliveries SET visible_at = ?1, last_error = ?2 WHERE id = ?3 AND attempts = ?4",
+                    )?
+                    .execute(params![visible_at, error, self.id, self.attempts])
+                })
                 .await?;
             Ok(())
         })
+    }
+}
+
+impl From<rusqlite::Error> for BrokerError {
+    fn from(e: rusqlite::Error) -> Self {
+        BrokerError::Store(StoreError::from(e))
     }
 }
 
@@ -517,9 +516,10 @@ mod tests {
     }
 
     async fn age_everything(broker: &EmbeddedBroker) {
-        sqlx::query("UPDATE bus_messages SET published_at = $1")
-            .bind(now_millis() - RETENTION.as_millis() as i64 - 1)
-            .execute(broker.store.pool())
+        let old = now_millis() - RETENTION.as_millis() as i64 - 1;
+        broker
+            .db
+            .write(|tx| tx.execute("UPDATE bus_messages SET published_at = ?1", [old]))
             .await
             .expect("age");
     }
