@@ -1,6 +1,7 @@
 //! `bazaar audit`: checks DESIGN.md's invariants over every store and the broker, and
 //! `bazaar dlq`: lists and replays dead letters.
 
+use bazaar_kit::store;
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
@@ -14,7 +15,6 @@ use bazaar_kit::{
 };
 use clap::Args;
 use serde::Serialize;
-use sqlx::Row;
 
 use bazaar::roles::{self, Settings};
 use bazaar_inventory::ReservationStatus;
@@ -97,7 +97,7 @@ impl Sources {
 }
 
 async fn count(store: &Store, sql: &str) -> anyhow::Result<i64> {
-    Ok(sqlx::query(sql).fetch_one(store.pool()).await?.try_get::<i64, _>(0)?)
+    Ok(store::query(sql).fetch_one(store).await?.try_get::<i64, _>(0)?)
 }
 
 fn check(invariant: u8, ok: bool, detail: impl Into<String>) -> Check {
@@ -113,8 +113,8 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     let mut out = Vec::new();
 
     // 1. Every order settled.
-    let orders = sqlx::query("SELECT id, status, total_cents, customer_id FROM orders")
-        .fetch_all(s.orders.pool())
+    let orders = store::query("SELECT id, status, total_cents, customer_id FROM orders")
+        .fetch_all(&s.orders)
         .await?;
     let mut by_status: HashMap<String, i64> = HashMap::new();
     let mut final_orders = Vec::new();
@@ -148,8 +148,8 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
 
     // 2. Each outcome matches payments and stock.
     let payments: HashMap<String, (PaymentStatus, i64)> =
-        sqlx::query("SELECT order_id, status, amount_cents FROM payment")
-            .fetch_all(s.payments.pool())
+        store::query("SELECT order_id, status, amount_cents FROM payment")
+            .fetch_all(&s.payments)
             .await?
             .iter()
             .map(|r| {
@@ -157,8 +157,8 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
                 Ok((r.try_get("order_id")?, (status, r.try_get("amount_cents")?)))
             })
             .collect::<anyhow::Result<_>>()?;
-    let reservations: HashMap<String, ReservationStatus> = sqlx::query("SELECT order_id, status FROM reservation")
-        .fetch_all(s.inventory.pool())
+    let reservations: HashMap<String, ReservationStatus> = store::query("SELECT order_id, status FROM reservation")
+        .fetch_all(&s.inventory)
         .await?
         .iter()
         .map(|r| {
@@ -199,7 +199,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     ));
 
     // 3. Stock adds up, per product.
-    let products = sqlx::query(
+    let products = store::query(
         "SELECT p.id, p.on_hand, p.reserved,
                 (SELECT CAST(COALESCE(SUM(delta), 0) AS BIGINT) FROM stock_movement m WHERE m.product_id = p.id) AS moved,
                 (SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_line l JOIN reservation r ON r.order_id = l.order_id
@@ -208,7 +208,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
                   WHERE l.product_id = p.id AND r.status = 'reserved') AS held
          FROM product p",
     )
-    .fetch_all(s.inventory.pool())
+    .fetch_all(&s.inventory)
     .await?;
     let mut bad_stock = Vec::new();
     for r in &products {
@@ -281,18 +281,18 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
 
     // 5. One notification per outcome and channel (SMS for customers who gave a phone).
     let sent: HashMap<String, String> =
-        sqlx::query("SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%'")
-            .fetch_all(s.notifications.pool())
+        store::query("SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%'")
+            .fetch_all(&s.notifications)
             .await?
             .iter()
             .map(|r| Ok((r.try_get("dedupe_key")?, r.try_get("status")?)))
-            .collect::<Result<_, sqlx::Error>>()?;
-    let phones: std::collections::HashSet<String> = sqlx::query("SELECT user_id FROM contact WHERE phone IS NOT NULL")
-        .fetch_all(s.notifications.pool())
+            .collect::<Result<_, store::StoreError>>()?;
+    let phones: std::collections::HashSet<String> = store::query("SELECT user_id FROM contact WHERE phone IS NOT NULL")
+        .fetch_all(&s.notifications)
         .await?
         .iter()
         .map(|r| r.try_get("user_id"))
-        .collect::<Result<_, sqlx::Error>>()?;
+        .collect::<Result<_, store::StoreError>>()?;
     let mut missing = Vec::new();
     let mut texts = 0;
     for (id, status, _, customer) in final_orders.iter().filter(|(_, st, _, _)| st != "pending") {

@@ -7,6 +7,7 @@
 //! replicas of every service. What it provisioned is written to DATA/cluster.env (owner-only),
 //! so `bazaar --config DATA/cluster.env audit` checks the same stores.
 
+use bazaar_kit::store;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -266,30 +267,30 @@ pub async fn provision_postgres(
     for (_, spec) in roles::services() {
         let name = format!("{cluster}_{}", spec.name.replace('-', "_"));
         let password = secret_file(&dir.join(format!("{}.password", spec.name)))?;
-        let role_exists = sqlx::query("SELECT 1 AS one FROM pg_roles WHERE rolname = $1")
+        let role_exists = store::query("SELECT 1 AS one FROM pg_roles WHERE rolname = $1")
             .bind(&name)
-            .fetch_optional(server.pool())
+            .fetch_optional(&server)
             .await?
             .is_some();
         // Identifiers are our own `[a-z0-9_]` names and the password our own alphanumerics.
         let role_sql = if role_exists { "ALTER" } else { "CREATE" };
-        sqlx::query(&format!("{role_sql} ROLE \"{name}\" LOGIN PASSWORD '{password}'"))
-            .execute(server.pool())
+        store::query(&format!("{role_sql} ROLE \"{name}\" LOGIN PASSWORD '{password}'"))
+            .execute(&server)
             .await
             .with_context(|| format!("cannot create the PostgreSQL role {name}"))?;
-        let db_exists = sqlx::query("SELECT 1 AS one FROM pg_database WHERE datname = $1")
+        let db_exists = store::query("SELECT 1 AS one FROM pg_database WHERE datname = $1")
             .bind(&name)
-            .fetch_optional(server.pool())
+            .fetch_optional(&server)
             .await?
             .is_some();
         if !db_exists {
-            sqlx::query(&format!("CREATE DATABASE \"{name}\" OWNER \"{name}\""))
-                .execute(server.pool())
+            store::query(&format!("CREATE DATABASE \"{name}\" OWNER \"{name}\""))
+                .execute(&server)
                 .await
                 .with_context(|| format!("cannot create the database {name}"))?;
         }
-        sqlx::query(&format!("REVOKE ALL ON DATABASE \"{name}\" FROM PUBLIC"))
-            .execute(server.pool())
+        store::query(&format!("REVOKE ALL ON DATABASE \"{name}\" FROM PUBLIC"))
+            .execute(&server)
             .await?;
         stores.insert(spec.name, with_login(admin, &name, &password, &name)?);
     }

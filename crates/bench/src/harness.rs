@@ -3,6 +3,7 @@
 //! stopped (SIGTERM, then SIGKILL) when dropped. The ports and roles come from the role table,
 //! so a new role is started, probed and stopped here without a change.
 
+use bazaar_kit::store;
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
@@ -457,11 +458,11 @@ pub async fn drop_cluster_databases(admin: &str, name: &str) {
     };
     for (_, spec) in roles::services() {
         let db = format!("{name}_{}", spec.name.replace('-', "_"));
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-            .execute(server.pool())
+        let _ = store::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .execute(&server)
             .await;
-        let _ = sqlx::query(&format!("DROP ROLE IF EXISTS \"{db}\""))
-            .execute(server.pool())
+        let _ = store::query(&format!("DROP ROLE IF EXISTS \"{db}\""))
+            .execute(&server)
             .await;
     }
     server.close().await;

@@ -19,6 +19,7 @@
 //! a temp dir, and also on the broker `--broker` (or `BAZAAR_BENCH_NATS_URL`) names. Each row
 //! notes this process's CPU time per event (a NATS server's own CPU is not in it).
 
+use bazaar_kit::store;
 use std::{
     future::Future,
     sync::{
@@ -201,11 +202,11 @@ async fn sqlite_sqlx(dir: &std::path::Path, n: usize) -> anyhow::Result<(Sample,
     for i in 0..n {
         let at = Instant::now();
         let mut tx = store.begin().await?;
-        sqlx::query("INSERT INTO bench_sink (event_id, n, at) VALUES ($1, $2, $3)")
+        store::query("INSERT INTO bench_sink (event_id, n, at) VALUES ($1, $2, $3)")
             .bind(format!("reference-{i}"))
             .bind(i as i64)
             .bind(bazaar_kit::store::now_millis())
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         tx.commit().await?;
         latencies.push(at.elapsed());
@@ -421,16 +422,16 @@ struct SinkHandler {
 }
 
 impl Handler for SinkHandler {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             let i = event.payload["n"]
                 .as_u64()
                 .ok_or_else(|| HandlerError::Poison("payload without n".into()))? as usize;
-            sqlx::query("INSERT INTO bench_sink (event_id, n, at) VALUES ($1, $2, $3)")
+            store::query("INSERT INTO bench_sink (event_id, n, at) VALUES ($1, $2, $3)")
                 .bind(event.event_id.to_string())
                 .bind(i as i64)
                 .bind(bazaar_kit::store::now_millis())
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
             self.tally.saw(i);
             Ok(())
@@ -482,8 +483,8 @@ async fn full(
     let (mut sample, note) = tally.wait(started, timeout).await;
     // The handler runs just before its transaction commits: wait for the last commit too.
     let committed = wait_for(Duration::from_secs(5), || async {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM bench_sink")
-            .fetch_one(sink_store.pool())
+        store::query("SELECT COUNT(*) FROM bench_sink")
+            .fetch_scalar::<i64>(&sink_store)
             .await
             .is_ok_and(|c| c as usize >= sample.count)
     })

@@ -16,6 +16,7 @@
 //!   cannot drift from the services. Same customers, products, prices, order mix, count and
 //!   concurrency as the load driver.
 
+use bazaar_kit::store;
 use std::{
     path::{Path, PathBuf},
     sync::{
@@ -368,9 +369,7 @@ impl BenchDbs {
         let server = Store::open(&self.admin)
             .await
             .context("cannot connect to the --postgres server")?;
-        let created = sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(server.pool())
-            .await;
+        let created = store::query(&format!("CREATE DATABASE {name}")).execute(&server).await;
         server.close().await;
         created.with_context(|| format!("cannot create database {name}"))?;
         self.names.push(name.clone());
@@ -390,8 +389,8 @@ impl BenchDbs {
             }
         };
         for name in self.names.drain(..) {
-            let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(server.pool())
+            let dropped = store::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&server)
                 .await;
             if let Err(e) = dropped {
                 eprintln!("bench saga: cannot drop database {name}: {e}");
@@ -469,7 +468,7 @@ async fn monolith(
     let mut products = Vec::new();
     for (i, price) in PRICES.iter().enumerate() {
         let product = Uuid::now_v7();
-        sqlx::query(
+        store::query(
             "INSERT INTO product (id, sku, name, price_cents, currency, on_hand, reserved, created_at)
              VALUES ($1, $2, $3, $4, 'USD', 1000000, 0, $5)",
         )
@@ -478,7 +477,7 @@ async fn monolith(
         .bind(format!("Item {i}"))
         .bind(*price)
         .bind(now_millis())
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         products.push(product);
     }
@@ -550,7 +549,7 @@ fn command(event_type: &str, order: Uuid, payload: impl serde::Serialize) -> Env
 /// has no provider to wait for.
 async fn ask(
     participant: &impl Participant,
-    tx: &mut Tx<'static>,
+    tx: &mut Tx,
     command: &Envelope,
 ) -> anyhow::Result<Result<serde_json::Value, String>> {
     match participant.act(tx, command).await? {
@@ -569,7 +568,7 @@ async fn place_order(store: &Store, customer: Uuid, product: Uuid, quantity: i64
     }];
     let now = now_millis();
     let mut tx = store.begin().await?;
-    sqlx::query(
+    store::query(
         "INSERT INTO orders (id, customer_id, email, status, lines, version, created_at, updated_at)
          VALUES ($1, $2, 'bench@example.com', $3, $4, 1, $5, $5)",
     )
@@ -578,7 +577,7 @@ async fn place_order(store: &Store, customer: Uuid, product: Uuid, quantity: i64
     .bind(OrderStatus::Pending.as_str())
     .bind(serde_json::to_string(&lines)?)
     .bind(now)
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
     let payments = PaymentCommands::default();
     let by_order = OrderRef { order_id: order };
@@ -615,7 +614,7 @@ async fn place_order(store: &Store, customer: Uuid, product: Uuid, quantity: i64
             Some(format!("reserveInventory: {reason}")),
         ),
     };
-    sqlx::query(
+    store::query(
         "UPDATE orders SET status = $2, total_cents = $3, reason = $4, version = version + 1, updated_at = $5 WHERE id = $1",
     )
     .bind(order.to_string())
@@ -623,7 +622,7 @@ async fn place_order(store: &Store, customer: Uuid, product: Uuid, quantity: i64
     .bind(total)
     .bind(reason)
     .bind(now_millis())
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
     tx.commit().await?;
     Ok(status)

@@ -7,6 +7,7 @@
 //! it, and the inbox makes the second run a no-op: effectively once in the data. A failing
 //! event is rolled back to its savepoint alone; the rest of its batch commits.
 
+use crate::store;
 use std::{sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
@@ -39,12 +40,6 @@ impl From<StoreError> for HandlerError {
     }
 }
 
-impl From<sqlx::Error> for HandlerError {
-    fn from(e: sqlx::Error) -> Self {
-        HandlerError::Transient(e.to_string())
-    }
-}
-
 impl From<crate::envelope::EnvelopeError> for HandlerError {
     fn from(e: crate::envelope::EnvelopeError) -> Self {
         HandlerError::Poison(e.to_string())
@@ -55,7 +50,7 @@ impl From<crate::envelope::EnvelopeError> for HandlerError {
 /// commit with it.
 pub trait Handler: Send + Sync + 'static {
     /// Applies `event`; an error rolls the transaction back.
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>>;
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>>;
 
     /// Called after the transaction that handled `event` committed, e.g. to wake readers
     /// waiting for its effect. Must not fail or block.
@@ -385,7 +380,7 @@ async fn apply_all(outbox: &Outbox, group: &str, handler: &dyn Handler, events: 
 /// (kept) when the event was handled, rolled back otherwise. `Err` when the transaction
 /// cannot go on.
 async fn apply_under_savepoint(
-    tx: &mut Tx<'static>,
+    tx: &mut Tx,
     group: &str,
     handler: &dyn Handler,
     event: &Envelope,
@@ -406,8 +401,8 @@ async fn apply_under_savepoint(
     Ok(outcome)
 }
 
-async fn savepoint(tx: &mut Tx<'static>, statement: &str) -> Result<(), StoreError> {
-    sqlx::query(statement).execute(&mut **tx).await?;
+async fn savepoint(tx: &mut Tx, statement: &str) -> Result<(), StoreError> {
+    store::query(statement).execute(&mut *tx).await?;
     Ok(())
 }
 

@@ -153,12 +153,6 @@ impl From<crate::consumer::HandlerError> for Problem {
     }
 }
 
-impl From<sqlx::Error> for Problem {
-    fn from(e: sqlx::Error) -> Self {
-        Problem::from(crate::store::StoreError::from(e))
-    }
-}
-
 /// `?limit=&offset=` of a list endpoint (`Query<Page>`); every list bounds its page the same way.
 #[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -600,13 +594,14 @@ mod tests {
 
     #[test]
     fn a_busy_store_asks_the_client_to_retry_and_a_broken_one_does_not() {
-        let busy = Problem::from(sqlx::Error::PoolTimedOut).into_response();
+        let busy =
+            Problem::from(crate::store::StoreError::WriterBusy(std::time::Duration::from_secs(10))).into_response();
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             busy.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
             Some(&b"1"[..])
         );
-        let broken = Problem::from(sqlx::Error::RowNotFound).into_response();
+        let broken = Problem::from(crate::store::StoreError::NoRow("SELECT 1".into())).into_response();
         assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(broken.headers().get(header::RETRY_AFTER).is_none());
     }

@@ -8,10 +8,10 @@
 //! it the consumers' inboxes do (kept for [`RETENTION`]). With several instances on one
 //! PostgreSQL store, one relay holds a lease.
 
+use crate::store;
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use sqlx::Row;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -66,12 +66,12 @@ impl Outbox {
     }
 
     /// Records `event` for `topic` inside the caller's transaction (same as [`add`]).
-    pub async fn add(&self, tx: &mut Tx<'_>, topic: &str, event: &Envelope) -> Result<(), StoreError> {
+    pub async fn add(&self, tx: &mut Tx, topic: &str, event: &Envelope) -> Result<(), StoreError> {
         add(tx, topic, event).await
     }
 
     /// Commits `tx` and wakes the relay, so events leave at once rather than at the next poll.
-    pub async fn commit(&self, tx: Tx<'_>) -> Result<(), StoreError> {
+    pub async fn commit(&self, tx: Tx) -> Result<(), StoreError> {
         tx.commit().await?;
         self.wake.notify_one();
         Ok(())
@@ -79,8 +79,8 @@ impl Outbox {
 
     /// Unsent rows and the age in milliseconds of the oldest: the outbox lag.
     pub async fn lag(&self) -> Result<(u64, u64), StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE sent_at IS NULL")
-            .fetch_one(self.store.pool())
+        let row = store::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(&self.store)
             .await?;
         let n: i64 = row.try_get("n")?;
         let oldest: Option<i64> = row.try_get("oldest")?;
@@ -101,14 +101,14 @@ impl Outbox {
 
 /// Records `event` for `topic` inside the caller's transaction. Consumer handlers use this
 /// form; the runner commits through the outbox, which wakes the relay.
-pub async fn add(tx: &mut Tx<'_>, topic: &str, event: &Envelope) -> Result<(), StoreError> {
+pub async fn add(tx: &mut Tx, topic: &str, event: &Envelope) -> Result<(), StoreError> {
     let body = String::from_utf8(event.to_vec()).unwrap_or_default();
-    sqlx::query("INSERT INTO outbox (event_id, topic, body, created_at) VALUES ($1, $2, $3, $4)")
+    store::query("INSERT INTO outbox (event_id, topic, body, created_at) VALUES ($1, $2, $3, $4)")
         .bind(event.event_id.to_string())
         .bind(topic)
         .bind(body)
         .bind(now_millis())
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }
@@ -182,7 +182,7 @@ impl OutboxRelay {
         if now < self.renew_at.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(true);
         }
-        let got = sqlx::query(
+        let got = store::query(
             "INSERT INTO relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2)
              ON CONFLICT (name) DO UPDATE SET owner = $1, expires_at = $2
              WHERE relay_lease.owner = $1 OR relay_lease.expires_at < $3",
@@ -190,7 +190,7 @@ impl OutboxRelay {
         .bind(&self.owner)
         .bind(now + LEASE.as_millis() as i64)
         .bind(now)
-        .execute(self.outbox.store.pool())
+        .execute(&self.outbox.store)
         .await?;
         let held = got.rows_affected() == 1;
         let renew_at = if held { now + LEASE.as_millis() as i64 / 2 } else { 0 };
@@ -204,9 +204,9 @@ impl OutboxRelay {
             return Ok(0);
         }
         let rows =
-            sqlx::query("SELECT id, event_id, topic, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1")
+            store::query("SELECT id, event_id, topic, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1")
                 .bind(BATCH)
-                .fetch_all(self.outbox.store.pool())
+                .fetch_all(&self.outbox.store)
                 .await?;
         let mut ids = Vec::with_capacity(rows.len());
         let mut fields = Vec::with_capacity(rows.len());
@@ -248,23 +248,23 @@ impl OutboxRelay {
             return Ok(());
         }
         let sql = format!("UPDATE outbox SET sent_at = $1 WHERE id IN ({})", params(ids.len(), 2));
-        let mut query = sqlx::query(&sql).bind(now_millis());
+        let mut query = store::query(&sql).bind(now_millis());
         for id in ids {
             query = query.bind(*id);
         }
-        query.execute(self.outbox.store.pool()).await?;
+        query.execute(&self.outbox.store).await?;
         Ok(())
     }
 
     async fn prune(&self) -> Result<(), StoreError> {
         let cutoff = now_millis() - RETENTION.as_millis() as i64;
-        sqlx::query("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1")
+        store::query("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1")
             .bind(cutoff)
-            .execute(self.outbox.store.pool())
+            .execute(&self.outbox.store)
             .await?;
-        sqlx::query("DELETE FROM inbox WHERE handled_at < $1")
+        store::query("DELETE FROM inbox WHERE handled_at < $1")
             .bind(cutoff)
-            .execute(self.outbox.store.pool())
+            .execute(&self.outbox.store)
             .await?;
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! they are spawned on its task set, and [`Runtime::serve`] returns only after HTTP has
 //! drained and each of them has finished its unit of work or handed it back.
 
+use crate::store;
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::Router;
@@ -277,7 +278,7 @@ impl Runtime {
         self.every(Duration::from_secs(10), move || {
             let store = store.clone();
             async move {
-                match sqlx::query_scalar::<_, i64>(sql).fetch_one(store.pool()).await {
+                match store::query(sql).fetch_scalar::<i64>(&store).await {
                     Ok(v) => metrics::gauge!(name).set(v as f64),
                     Err(e) => tracing::debug!(gauge = name, error = %e, "gauge query failed"),
                 }

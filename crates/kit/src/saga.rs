@@ -20,12 +20,12 @@
 //! failure counts only for the latest send, once: a redelivered or late failure cannot move
 //! the retry.
 
+use crate::store;
 use std::{fmt::Debug, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::Row;
 
 use crate::{
     consumer::{Handler, HandlerError},
@@ -280,7 +280,7 @@ impl CommandHeader {
 
 /// Adds `source`'s reply with `verdict` to saga command `command` to the outbox, inside the
 /// caller's transaction (nothing for [`Verdict::Later`]).
-pub async fn answer(tx: &mut Tx<'_>, command: &Envelope, source: &str, verdict: Verdict) -> Result<(), HandlerError> {
+pub async fn answer(tx: &mut Tx, command: &Envelope, source: &str, verdict: Verdict) -> Result<(), HandlerError> {
     let header = CommandHeader::of(command)?;
     if let Some((topic, reply)) = header.reply(command, source, verdict) {
         outbox::add(tx, &topic, &reply).await?;
@@ -292,11 +292,7 @@ pub async fn answer(tx: &mut Tx<'_>, command: &Envelope, source: &str, verdict: 
 pub trait Participant: Send + Sync + 'static {
     /// Acts on `command` inside the consumer's transaction. Must be idempotent by business
     /// key: a redelivered command answers as the first did.
-    fn act<'a>(
-        &'a self,
-        tx: &'a mut Tx<'static>,
-        command: &'a Envelope,
-    ) -> BoxFuture<'a, Result<Verdict, HandlerError>>;
+    fn act<'a>(&'a self, tx: &'a mut Tx, command: &'a Envelope) -> BoxFuture<'a, Result<Verdict, HandlerError>>;
 }
 
 /// Runs a [`Participant`] as a consumer handler: reads the command, acts, and replies in the
@@ -315,7 +311,7 @@ pub struct Participates<P> {
 }
 
 impl<P: Participant> Handler for Participates<P> {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             // A command without a saga header is poison before anything is done.
             let header = CommandHeader::of(event)?;
@@ -355,7 +351,7 @@ pub trait SagaFlow: Send + Sync + 'static {
     /// Called in the same transaction when the saga reaches a final status.
     fn finished<'a>(
         &'a self,
-        tx: &'a mut Tx<'static>,
+        tx: &'a mut Tx,
         saga: &'a SagaState<Self::Context>,
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
 }
@@ -401,7 +397,7 @@ impl<F: SagaFlow> SagaEngine<F> {
     /// [`Outbox::commit`] so the first command leaves at once.
     pub async fn start(
         &self,
-        tx: &mut Tx<'static>,
+        tx: &mut Tx,
         id: &str,
         context: F::Context,
         correlation_id: &str,
@@ -413,7 +409,7 @@ impl<F: SagaFlow> SagaEngine<F> {
     /// command the saga sends.
     pub async fn start_traced(
         &self,
-        tx: &mut Tx<'static>,
+        tx: &mut Tx,
         id: &str,
         context: F::Context,
         correlation_id: &str,
@@ -433,7 +429,7 @@ impl<F: SagaFlow> SagaEngine<F> {
             deadline: None,
             error: None,
         };
-        sqlx::query(
+        store::query(
             "INSERT INTO saga (id, kind, status, step, context, correlation_id, traceparent, attempts, created_at, updated_at)
              VALUES ($1, $2, $3, 0, $4, $5, $6, 0, $7, $7)",
         )
@@ -444,7 +440,7 @@ impl<F: SagaFlow> SagaEngine<F> {
         .bind(correlation_id)
         .bind(traceparent)
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
         history(tx, id, "-", "started").await?;
         self.advance(tx, &mut state, None).await?;
@@ -453,7 +449,7 @@ impl<F: SagaFlow> SagaEngine<F> {
     }
 
     /// Applies a participant's reply; a duplicate or late one changes nothing.
-    pub async fn on_reply(&self, tx: &mut Tx<'static>, event: &Envelope) -> Result<(), HandlerError> {
+    pub async fn on_reply(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError> {
         let reply: SagaReply = event.payload_as()?;
         let Some(mut state) = self.lock(tx, &reply.saga_id).await? else {
             tracing::warn!(saga = %reply.saga_id, "reply for an unknown saga ignored");
@@ -543,12 +539,12 @@ impl<F: SagaFlow> SagaEngine<F> {
 
     /// Handles sagas whose deadline passed: resend, fail the step, or mark stuck.
     pub async fn tick(&self) -> Result<usize, HandlerError> {
-        let due = sqlx::query(
+        let due = store::query(
             "SELECT id FROM saga WHERE status IN ('running', 'compensating') AND deadline IS NOT NULL AND deadline <= $1
              ORDER BY deadline LIMIT 100",
         )
         .bind(now_millis())
-        .fetch_all(self.outbox.store().pool())
+        .fetch_all(self.outbox.store())
         .await?;
         let mut moved = 0;
         for row in due {
@@ -579,7 +575,7 @@ impl<F: SagaFlow> SagaEngine<F> {
         Ok(true)
     }
 
-    async fn on_deadline(&self, tx: &mut Tx<'static>, state: &mut SagaState<F::Context>) -> Result<(), HandlerError> {
+    async fn on_deadline(&self, tx: &mut Tx, state: &mut SagaState<F::Context>) -> Result<(), HandlerError> {
         let Some(step) = self.step_at(state.step).cloned() else {
             return Ok(());
         };
@@ -673,29 +669,29 @@ impl<F: SagaFlow> SagaEngine<F> {
 
     /// Up to `limit` sagas in `status`, most recently changed first (e.g. the stuck ones).
     pub async fn list(&self, status: SagaStatus, limit: i64) -> Result<Vec<SagaState<F::Context>>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = store::query(&format!(
             "SELECT {SAGA_COLUMNS} FROM saga WHERE status = $1 ORDER BY updated_at DESC LIMIT $2"
         ))
         .bind(status.as_str())
         .bind(limit)
-        .fetch_all(self.outbox.store().pool())
+        .fetch_all(self.outbox.store())
         .await?;
         rows.iter().map(from_row).collect()
     }
 
     async fn load_row(&self, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1"))
+        let row = store::query(&format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1"))
             .bind(id)
-            .fetch_optional(self.outbox.store().pool())
+            .fetch_optional(self.outbox.store())
             .await?;
         row.map(|r| from_row(&r)).transpose()
     }
 
     /// The history of saga `id`, oldest first.
     pub async fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
-        let rows = sqlx::query("SELECT at, step, entry FROM saga_history WHERE saga_id = $1 ORDER BY id")
+        let rows = store::query("SELECT at, step, entry FROM saga_history WHERE saga_id = $1 ORDER BY id")
             .bind(id)
-            .fetch_all(self.outbox.store().pool())
+            .fetch_all(self.outbox.store())
             .await?;
         rows.iter()
             .map(|r| {
@@ -721,9 +717,9 @@ impl<F: SagaFlow> SagaEngine<F> {
             SagaStatus::Compensated,
             SagaStatus::Stuck,
         ] {
-            let row = sqlx::query("SELECT COUNT(*) AS n FROM saga WHERE status = $1")
+            let row = store::query("SELECT COUNT(*) AS n FROM saga WHERE status = $1")
                 .bind(status.as_str())
-                .fetch_one(self.outbox.store().pool())
+                .fetch_one(self.outbox.store())
                 .await?;
             out.push((status.as_str(), row.try_get::<i64, _>("n")?));
         }
@@ -743,7 +739,7 @@ impl<F: SagaFlow> SagaEngine<F> {
     /// saga ends.
     async fn advance(
         &self,
-        tx: &mut Tx<'static>,
+        tx: &mut Tx,
         state: &mut SagaState<F::Context>,
         cause: Option<&Envelope>,
     ) -> Result<(), HandlerError> {
@@ -784,7 +780,7 @@ impl<F: SagaFlow> SagaEngine<F> {
     /// Sends the current step's command through the outbox and arms its deadline.
     async fn send(
         &self,
-        tx: &mut Tx<'static>,
+        tx: &mut Tx,
         state: &mut SagaState<F::Context>,
         step: &Step<F::Step>,
         compensation: bool,
@@ -837,17 +833,17 @@ impl<F: SagaFlow> SagaEngine<F> {
         Ok(())
     }
 
-    async fn lock(&self, tx: &mut Tx<'static>, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
+    async fn lock(&self, tx: &mut Tx, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
         let sql = match self.outbox.store().dialect() {
             Dialect::Postgres => format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1 FOR UPDATE"),
             Dialect::Sqlite => format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1"),
         };
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&mut **tx).await?;
+        let row = store::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
         row.map(|r| from_row(&r)).transpose()
     }
 
-    async fn save(&self, tx: &mut Tx<'static>, state: &SagaState<F::Context>) -> Result<(), HandlerError> {
-        sqlx::query(
+    async fn save(&self, tx: &mut Tx, state: &SagaState<F::Context>) -> Result<(), HandlerError> {
+        store::query(
             "UPDATE saga SET status = $1, step = $2, context = $3, attempts = $4, deadline = $5, error = $6, updated_at = $7,
              command_id = $9 WHERE id = $8",
         )
@@ -860,7 +856,7 @@ impl<F: SagaFlow> SagaEngine<F> {
         .bind(now_millis())
         .bind(&state.id)
         .bind(state.command_id.clone())
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
         Ok(())
     }
@@ -875,7 +871,7 @@ fn context_json(context: &impl Serialize) -> Result<String, HandlerError> {
     serde_json::to_string(context).map_err(|e| HandlerError::Poison(format!("saga context does not serialise: {e}")))
 }
 
-fn from_row<C: DeserializeOwned>(r: &sqlx::any::AnyRow) -> Result<SagaState<C>, StoreError> {
+fn from_row<C: DeserializeOwned>(r: &store::Row) -> Result<SagaState<C>, StoreError> {
     let context: String = r.try_get("context")?;
     Ok(SagaState {
         id: r.try_get("id")?,
@@ -892,13 +888,13 @@ fn from_row<C: DeserializeOwned>(r: &sqlx::any::AnyRow) -> Result<SagaState<C>, 
     })
 }
 
-async fn history(tx: &mut Tx<'static>, saga: &str, step: &str, entry: &str) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO saga_history (saga_id, at, step, entry) VALUES ($1, $2, $3, $4)")
+async fn history(tx: &mut Tx, saga: &str, step: &str, entry: &str) -> Result<(), StoreError> {
+    store::query("INSERT INTO saga_history (saga_id, at, step, entry) VALUES ($1, $2, $3, $4)")
         .bind(saga)
         .bind(now_millis())
         .bind(step)
         .bind(entry)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }

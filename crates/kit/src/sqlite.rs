@@ -18,7 +18,7 @@ use std::{
 use crate::store::{Migration, StoreError};
 
 /// How long a transaction keeps retrying while another process holds the write lock.
-const BUSY_FOR: Duration = Duration::from_secs(10);
+pub(crate) const BUSY_FOR: Duration = Duration::from_secs(10);
 /// The first nap after a busy answer; doubled each time up to [`BUSY_NAP_MAX`].
 const BUSY_NAP: Duration = Duration::from_micros(500);
 const BUSY_NAP_MAX: Duration = Duration::from_millis(16);
@@ -40,27 +40,10 @@ impl Sqlite {
     /// Opens (creating it and its directory when needed) the file at `path`, in WAL mode with
     /// `synchronous = NORMAL`, as every store is.
     pub async fn open(path: &Path) -> Result<Sqlite, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-                path: dir.display().to_string(),
-                source,
-            })?;
-        }
-        let conn = rusqlite::Connection::open(path)?;
-        // No busy timeout: a busy answer comes back at once and is waited out asynchronously.
-        conn.busy_timeout(Duration::ZERO)?;
-        // The broker's statements are few and repeated: keep them all prepared.
-        conn.set_prepared_statement_cache_capacity(64);
-        let sqlite = Sqlite {
-            conn: Arc::new(Mutex::new(conn)),
+        Ok(Sqlite {
+            conn: Arc::new(Mutex::new(connect(path)?)),
             path: path.to_path_buf(),
-        };
-        sqlite
-            .read(|c| {
-                c.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON")
-            })
-            .await?;
-        Ok(sqlite)
+        })
     }
 
     /// The file.
@@ -137,20 +120,39 @@ impl Sqlite {
         &self,
         mut work: impl FnMut(&mut rusqlite::Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
-        let deadline = tokio::time::Instant::now() + BUSY_FOR;
-        let mut nap = BUSY_NAP;
-        loop {
-            let result = {
-                let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-                work(&mut conn)
-            };
-            match result {
-                Err(e) if is_busy(&e) && tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(nap).await;
-                    nap = (nap * 2).min(BUSY_NAP_MAX);
-                }
-                other => return other,
+        retry_busy(|| work(&mut self.conn.lock().unwrap_or_else(PoisonError::into_inner))).await
+    }
+}
+
+/// A connection to the file at `path` (created, with its directory, when missing): WAL,
+/// `synchronous = NORMAL`, foreign keys on, statements cached, and no busy timeout (a busy
+/// answer comes back at once, for [`retry_busy`] to wait out).
+pub(crate) fn connect(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::ZERO)?;
+    conn.set_prepared_statement_cache_capacity(128);
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON")?;
+    Ok(conn)
+}
+
+/// Runs `work`, napping asynchronously and trying again while it answers busy, for up to
+/// [`BUSY_FOR`].
+pub(crate) async fn retry_busy<T>(mut work: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = tokio::time::Instant::now() + BUSY_FOR;
+    let mut nap = BUSY_NAP;
+    loop {
+        match work() {
+            Err(e) if is_busy(&e) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(nap).await;
+                nap = (nap * 2).min(BUSY_NAP_MAX);
             }
+            other => return other,
         }
     }
 }

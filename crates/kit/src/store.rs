@@ -1,20 +1,29 @@
 //! A service's own database, opened from a URL.
 //!
-//! `sqlite://PATH` (the default: one file per service, WAL, busy timeout, foreign keys on) or
-//! `postgres://…`. Both go through sqlx's `Any` driver so that repository code and migrations
-//! are written once. SQL in this workspace sticks to the common dialect: `$1` placeholders,
-//! `BIGINT` and `TEXT` columns, `INSERT … ON CONFLICT`, `RETURNING`. Where the two engines
-//! must differ (auto-increment keys, locking), a [`Migration`] carries both texts.
+//! `sqlite://PATH` (the default: one file per service, WAL, foreign keys on) or
+//! `postgres://…`, behind one API ([`query`], [`Row`], [`Tx`]) so that repository code and
+//! migrations are written once. SQL in this workspace sticks to the common dialect: `$1`
+//! placeholders, `BIGINT` and `TEXT` columns, `INSERT … ON CONFLICT`, `RETURNING`. Where the
+//! two engines must differ (auto-increment keys, locking), a [`Migration`] carries both texts.
+//!
+//! SQLite runs inline on the calling task (see [`crate::sqlite`] for why): one writer
+//! connection that transactions queue for in this process, plus reader connections for
+//! statements outside a transaction that only read. PostgreSQL goes through sqlx's pool.
 
-use std::{path::Path, str::FromStr, time::Duration};
+mod query;
 
-use sqlx::{
-    any::{AnyPoolOptions, AnyRow},
-    AnyPool, Executor, Row,
+use std::{
+    str::FromStr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
-/// A transaction on a [`Store`]; every write of a service happens inside one.
-pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+use futures_util::TryStreamExt;
+use sqlx::{postgres::PgPoolOptions, Column, Executor, PgPool, Row as _, TypeInfo, ValueRef};
+
+pub use query::{query, ColumnIndex, Decode, Done, Encode, Kind, Query, Row, Value};
+
+use crate::sqlite;
 
 /// Errors opening, migrating or querying a store.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +42,12 @@ pub enum StoreError {
     /// The database answered with an error.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// This process's transactions held the SQLite writer past the busy limit.
+    #[error("the database stayed busy with other transactions for {0:?}")]
+    WriterBusy(Duration),
+    /// A statement that must return a row returned none.
+    #[error("no row returned by `{0}`")]
+    NoRow(String),
     /// A SQLite file used inline ([`crate::sqlite`]) answered with an error.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -53,12 +68,14 @@ pub enum StoreError {
 
 impl StoreError {
     /// True when retrying soon may succeed: the database was busy (SQLite's write lock held
-    /// past the busy timeout, no pooled connection in time) or the engine chose this
-    /// transaction as a serialization or deadlock victim.
+    /// by another process past the busy limit, this process's writer or a pooled PostgreSQL
+    /// connection not free in time) or the engine chose this transaction as a serialization
+    /// or deadlock victim.
     pub fn is_busy(&self) -> bool {
         match self {
             StoreError::Database(e) => is_busy(e),
             StoreError::Sqlite(e) => crate::sqlite::is_busy(e),
+            StoreError::WriterBusy(_) => true,
             _ => false,
         }
     }
@@ -193,111 +210,306 @@ impl Migration {
 const SQLITE_ROWID: &str = "INTEGER PRIMARY KEY AUTOINCREMENT";
 const POSTGRES_SERIAL: &str = "BIGSERIAL PRIMARY KEY";
 
-/// A service's database: a pool plus the dialect it speaks.
+/// A service's database: SQLite connections or a PostgreSQL pool, and the dialect it speaks.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: AnyPool,
-    dialect: Dialect,
+    engine: Engine,
+}
+
+#[derive(Debug, Clone)]
+enum Engine {
+    Sqlite(Arc<SqliteFile>),
+    Postgres(PgPool),
+}
+
+/// One SQLite file: the writer every transaction queues for, and idle readers.
+#[derive(Debug)]
+struct SqliteFile {
+    path: String,
+    writer: Arc<tokio::sync::Mutex<rusqlite::Connection>>,
+    readers: Mutex<Vec<rusqlite::Connection>>,
+}
+
+/// Reader connections kept open per file.
+const READERS: usize = 4;
+
+impl SqliteFile {
+    /// An idle reader, or a new one; `:memory:` has only its writer, so it answers `None`.
+    fn reader(&self) -> Result<Option<rusqlite::Connection>, StoreError> {
+        if self.path == ":memory:" {
+            return Ok(None);
+        }
+        let idle = self.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        match idle {
+            Some(conn) => Ok(Some(conn)),
+            None => Ok(Some(sqlite::connect(std::path::Path::new(&self.path))?)),
+        }
+    }
+
+    /// The writer, after the transactions queued before; a bounded wait, so a statement
+    /// that needs the writer while its own task holds a transaction fails instead of
+    /// hanging.
+    async fn writer(&self) -> Result<tokio::sync::OwnedMutexGuard<rusqlite::Connection>, StoreError> {
+        tokio::time::timeout(sqlite::BUSY_FOR, self.writer.clone().lock_owned())
+            .await
+            .map_err(|_| StoreError::WriterBusy(sqlite::BUSY_FOR))
+    }
+
+    fn give_back(&self, conn: rusqlite::Connection) {
+        let mut idle = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < READERS {
+            idle.push(conn);
+        }
+    }
+}
+
+/// Where a statement runs: a store (a statement of its own) or a transaction.
+pub enum Target<'c> {
+    /// Outside any transaction.
+    Store(&'c Store),
+    /// Inside this transaction.
+    Tx(&'c mut Tx),
+}
+
+impl<'c> From<&'c Store> for Target<'c> {
+    fn from(store: &'c Store) -> Self {
+        Target::Store(store)
+    }
+}
+
+impl<'c> From<&'c mut Tx> for Target<'c> {
+    fn from(tx: &'c mut Tx) -> Self {
+        Target::Tx(tx)
+    }
+}
+
+impl Target<'_> {
+    async fn execute(self, q: Query<'_>) -> Result<Done, StoreError> {
+        match self {
+            Target::Store(store) => match &store.engine {
+                Engine::Sqlite(file) => {
+                    let mut conn = file.writer().await?;
+                    Ok(sqlite::retry_busy(|| sqlite_execute(&mut conn, &q)).await?)
+                }
+                Engine::Postgres(pool) => Ok(Done::new(pg_query(&q).execute(pool).await?.rows_affected())),
+            },
+            Target::Tx(tx) => match &mut tx.inner {
+                TxInner::Sqlite(conn) => Ok(sqlite_execute(conn, &q)?),
+                TxInner::Postgres(pg) => Ok(Done::new(pg_query(&q).execute(&mut **pg).await?.rows_affected())),
+                TxInner::Done => Err(StoreError::Corrupt("statement on a finished transaction".into())),
+            },
+        }
+    }
+
+    async fn fetch(self, q: Query<'_>) -> Result<Vec<Row>, StoreError> {
+        match self {
+            Target::Store(store) => match &store.engine {
+                Engine::Sqlite(file) if is_read(q.sql) => match file.reader()? {
+                    Some(mut conn) => {
+                        let rows = sqlite::retry_busy(|| sqlite_fetch(&mut conn, &q)).await;
+                        file.give_back(conn);
+                        Ok(rows?)
+                    }
+                    None => {
+                        let mut conn = file.writer().await?;
+                        Ok(sqlite::retry_busy(|| sqlite_fetch(&mut conn, &q)).await?)
+                    }
+                },
+                Engine::Sqlite(file) => {
+                    let mut conn = file.writer().await?;
+                    Ok(sqlite::retry_busy(|| sqlite_fetch(&mut conn, &q)).await?)
+                }
+                Engine::Postgres(pool) => pg_rows(pg_query(&q).fetch(pool)).await,
+            },
+            Target::Tx(tx) => match &mut tx.inner {
+                TxInner::Sqlite(conn) => Ok(sqlite_fetch(conn, &q)?),
+                TxInner::Postgres(pg) => pg_rows(pg_query(&q).fetch(&mut **pg)).await,
+                TxInner::Done => Err(StoreError::Corrupt("statement on a finished transaction".into())),
+            },
+        }
+    }
+}
+
+/// A statement that only reads, which a reader connection may run beside the writer.
+fn is_read(sql: &str) -> bool {
+    let head = sql.trim_start();
+    head.len() >= 6 && head[..6].eq_ignore_ascii_case("select")
+}
+
+/// Prepares (cached) `q` with its arguments bound by placeholder number: `$2` may come
+/// before `$1` or appear twice, so each placeholder is looked up by its name.
+fn sqlite_prepare<'c>(
+    conn: &'c rusqlite::Connection,
+    q: &Query<'_>,
+) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+    let mut stmt = conn.prepare_cached(q.sql)?;
+    for i in 1..=stmt.parameter_count() {
+        let n = stmt
+            .parameter_name(i)
+            .and_then(|name| name.trim_start_matches(['$', '?']).parse::<usize>().ok())
+            .unwrap_or(i);
+        let value = q
+            .args
+            .get(n - 1)
+            .ok_or(rusqlite::Error::InvalidParameterCount(n, q.args.len()))?;
+        match value {
+            Value::Null(_) => stmt.raw_bind_parameter(i, rusqlite::types::Null)?,
+            Value::Int(v) => stmt.raw_bind_parameter(i, v)?,
+            Value::Bool(v) => stmt.raw_bind_parameter(i, v)?,
+            Value::Real(v) => stmt.raw_bind_parameter(i, v)?,
+            Value::Text(v) => stmt.raw_bind_parameter(i, v)?,
+            Value::Blob(v) => stmt.raw_bind_parameter(i, v)?,
+        }
+    }
+    Ok(stmt)
+}
+
+fn sqlite_execute(conn: &mut rusqlite::Connection, q: &Query<'_>) -> rusqlite::Result<Done> {
+    let mut stmt = sqlite_prepare(conn, q)?;
+    // Stepped to the end, so a statement with RETURNING still does all its work.
+    let mut rows = stmt.raw_query();
+    while rows.next()?.is_some() {}
+    drop(rows);
+    Ok(Done::new(conn.changes()))
+}
+
+fn sqlite_fetch(conn: &mut rusqlite::Connection, q: &Query<'_>) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt = sqlite_prepare(conn, q)?;
+    let columns: Arc<[String]> = stmt.column_names().into_iter().map(String::from).collect();
+    let mut rows = stmt.raw_query();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let mut values = Vec::with_capacity(columns.len());
+        for i in 0..columns.len() {
+            values.push(match row.get_ref(i)? {
+                rusqlite::types::ValueRef::Null => Value::Null(Kind::Text),
+                rusqlite::types::ValueRef::Integer(v) => Value::Int(v),
+                rusqlite::types::ValueRef::Real(v) => Value::Real(v),
+                rusqlite::types::ValueRef::Text(v) => Value::Text(String::from_utf8_lossy(v).into_owned()),
+                rusqlite::types::ValueRef::Blob(v) => Value::Blob(v.to_vec()),
+            });
+        }
+        out.push(Row::new(columns.clone(), values));
+    }
+    Ok(out)
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+fn pg_query<'q>(q: &'q Query<'_>) -> PgQuery<'q> {
+    let mut out = sqlx::query(q.sql);
+    for value in &q.args {
+        out = match value {
+            Value::Null(Kind::Int) => out.bind(None::<i64>),
+            Value::Null(Kind::Bool) => out.bind(None::<bool>),
+            Value::Null(Kind::Real) => out.bind(None::<f64>),
+            Value::Null(Kind::Text) => out.bind(None::<String>),
+            Value::Null(Kind::Blob) => out.bind(None::<Vec<u8>>),
+            Value::Int(v) => out.bind(*v),
+            Value::Bool(v) => out.bind(*v),
+            Value::Real(v) => out.bind(*v),
+            Value::Text(v) => out.bind(v.as_str()),
+            Value::Blob(v) => out.bind(v.as_slice()),
+        };
+    }
+    out
+}
+
+async fn pg_rows<'e>(
+    mut rows: futures_util::stream::BoxStream<'e, Result<sqlx::postgres::PgRow, sqlx::Error>>,
+) -> Result<Vec<Row>, StoreError> {
+    let mut out = Vec::new();
+    let mut columns: Option<Arc<[String]>> = None;
+    while let Some(row) = rows.try_next().await? {
+        let names = columns
+            .get_or_insert_with(|| row.columns().iter().map(|c| c.name().to_string()).collect())
+            .clone();
+        let mut values = Vec::with_capacity(names.len());
+        for (i, column) in row.columns().iter().enumerate() {
+            let raw = row.try_get_raw(i)?;
+            let value = if raw.is_null() {
+                Value::Null(Kind::Text)
+            } else {
+                match column.type_info().name() {
+                    "INT8" => Value::Int(row.try_get::<i64, _>(i)?),
+                    "INT4" => Value::Int(i64::from(row.try_get::<i32, _>(i)?)),
+                    "INT2" => Value::Int(i64::from(row.try_get::<i16, _>(i)?)),
+                    "BOOL" => Value::Bool(row.try_get::<bool, _>(i)?),
+                    "FLOAT8" => Value::Real(row.try_get::<f64, _>(i)?),
+                    "FLOAT4" => Value::Real(f64::from(row.try_get::<f32, _>(i)?)),
+                    "BYTEA" => Value::Blob(row.try_get::<Vec<u8>, _>(i)?),
+                    "TEXT" | "VARCHAR" | "NAME" | "BPCHAR" => Value::Text(row.try_get::<String, _>(i)?),
+                    other => {
+                        return Err(StoreError::Corrupt(format!(
+                            "column {} has type {other}, which stores do not read (cast it to BIGINT or TEXT)",
+                            column.name()
+                        )))
+                    }
+                }
+            };
+            values.push(value);
+        }
+        out.push(Row::new(names, values));
+    }
+    Ok(out)
 }
 
 impl Store {
     /// Opens (creating when needed) the store named by `url`.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        sqlx::any::install_default_drivers();
         let parsed: StoreUrl = url.parse()?;
-        let mut connect_url = parsed.url.clone();
-        let max = match parsed.dialect {
+        let engine = match parsed.dialect {
             Dialect::Sqlite => {
-                let path = parsed.sqlite_path().unwrap_or_default();
-                if path != ":memory:" {
-                    if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-                            path: dir.display().to_string(),
-                            source,
-                        })?;
-                    }
-                }
-                if !connect_url.contains("mode=") {
-                    connect_url.push_str(if connect_url.contains('?') {
-                        "&mode=rwc"
-                    } else {
-                        "?mode=rwc"
-                    });
-                }
-                4
+                let path = parsed.sqlite_path().unwrap_or_default().to_string();
+                let writer = if path == ":memory:" {
+                    rusqlite::Connection::open_in_memory()?
+                } else {
+                    sqlite::connect(std::path::Path::new(&path))?
+                };
+                Engine::Sqlite(Arc::new(SqliteFile {
+                    path,
+                    writer: Arc::new(tokio::sync::Mutex::new(writer)),
+                    readers: Mutex::new(Vec::new()),
+                }))
             }
-            Dialect::Postgres => 8,
+            Dialect::Postgres => Engine::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect(&parsed.url)
+                    .await?,
+            ),
         };
-        let dialect = parsed.dialect;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max)
-            .acquire_timeout(Duration::from_secs(30))
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if dialect == Dialect::Sqlite {
-                        // WAL lets readers run beside the one writer; the busy timeout makes a
-                        // second writer (another process, or the relay) wait instead of failing.
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&connect_url)
-            .await?;
-        Ok(Store { pool, dialect })
+        Ok(Store { engine })
     }
 
     /// The engine behind this store.
     pub fn dialect(&self) -> Dialect {
-        self.dialect
-    }
-
-    /// The connection pool, for queries outside a transaction.
-    pub fn pool(&self) -> &AnyPool {
-        &self.pool
+        match self.engine {
+            Engine::Sqlite(_) => Dialect::Sqlite,
+            Engine::Postgres(_) => Dialect::Postgres,
+        }
     }
 
     /// Starts a write transaction. On SQLite it takes the write lock at once
-    /// (`BEGIN IMMEDIATE`), so two writers queue on the busy timeout instead of one failing
-    /// when it upgrades a read lock.
-    pub async fn begin(&self) -> Result<Tx<'static>, StoreError> {
-        use sqlx::Connection;
-        let mut discarded = 0;
-        loop {
-            let mut conn = self.pool.acquire().await?;
-            if conn.is_in_transaction() {
-                // Its last holder was cancelled mid-transaction (a client went away while a
-                // handler held it) and sqlx rolls back lazily, on the connection's next use: a
-                // ping runs after that rollback. One still inside a transaction after it is
-                // closed rather than reused, so no work lands in someone else's transaction.
-                let _ = conn.ping().await;
-                if conn.is_in_transaction() {
-                    let _ = conn.close().await;
-                    discarded += 1;
-                    if discarded > 8 {
-                        return Err(StoreError::Corrupt(
-                            "every pooled connection is stuck inside a transaction".into(),
-                        ));
-                    }
-                    continue;
-                }
+    /// (`BEGIN IMMEDIATE`) after the transactions of this process before it; another
+    /// process's lock is waited out asynchronously.
+    pub async fn begin(&self) -> Result<Tx, StoreError> {
+        let inner = match &self.engine {
+            Engine::Sqlite(file) => {
+                let mut conn = file.writer().await?;
+                let writer: &mut rusqlite::Connection = &mut conn;
+                sqlite::retry_busy(move || writer.execute_batch("BEGIN IMMEDIATE")).await?;
+                TxInner::Sqlite(conn)
             }
-            let statement = match self.dialect {
-                // Take the write lock up front: a deferred transaction that reads first can
-                // fail to upgrade when another writer got in between.
-                Dialect::Sqlite => Some("BEGIN IMMEDIATE".into()),
-                Dialect::Postgres => None,
-            };
-            return Ok(sqlx::Transaction::begin(conn, statement).await?);
-        }
+            Engine::Postgres(pool) => TxInner::Postgres(pool.begin().await?),
+        };
+        Ok(Tx { inner })
     }
 
     /// Checks that the database answers; used by health checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        query("SELECT 1").fetch_all(self).await?;
         Ok(())
     }
 
@@ -308,37 +520,32 @@ impl Store {
         let create = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)";
         for m in migrations {
             let mut tx = self.begin().await?;
-            if self.dialect == Dialect::Postgres {
-                sqlx::query("SELECT pg_advisory_xact_lock(7243001)")
-                    .execute(&mut *tx)
-                    .await?;
+            if self.dialect() == Dialect::Postgres {
+                query("SELECT pg_advisory_xact_lock(7243001)").execute(&mut tx).await?;
             }
-            tx.execute(create).await?;
-            let done: Option<AnyRow> = sqlx::query("SELECT version FROM schema_migrations WHERE version = $1")
+            tx.execute_batch(create).await?;
+            let done = query("SELECT version FROM schema_migrations WHERE version = $1")
                 .bind(m.version)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut tx)
                 .await?;
             if done.is_some() {
                 tx.rollback().await?;
                 continue;
             }
-            let sql = match self.dialect {
+            let sql = match self.dialect() {
                 Dialect::Postgres => m.sql.replace(SQLITE_ROWID, POSTGRES_SERIAL),
                 Dialect::Sqlite => m.sql.to_string(),
             };
-            sqlx::raw_sql(&sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(|source| StoreError::Migration {
-                    version: m.version,
-                    name: m.name,
-                    source: source.into(),
-                })?;
-            sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
+            tx.execute_batch(&sql).await.map_err(|source| StoreError::Migration {
+                version: m.version,
+                name: m.name,
+                source: source.into(),
+            })?;
+            query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
                 .bind(m.version)
                 .bind(m.name)
                 .bind(chrono::Utc::now().to_rfc3339())
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
             tx.commit().await?;
         }
@@ -347,15 +554,88 @@ impl Store {
 
     /// The highest applied migration version, 0 for a new store.
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get::<i64, _>("v")?)
+        query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
+            .fetch_scalar(self)
+            .await
     }
 
     /// Closes every connection; pending work finishes first.
     pub async fn close(&self) {
-        self.pool.close().await;
+        match &self.engine {
+            Engine::Sqlite(file) => file.readers.lock().unwrap_or_else(PoisonError::into_inner).clear(),
+            Engine::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// A transaction on a [`Store`]; every write of a service happens inside one. Dropped
+/// without [`Tx::commit`], it rolls back.
+pub struct Tx {
+    inner: TxInner,
+}
+
+enum TxInner {
+    /// The file's writer, held until the end.
+    Sqlite(tokio::sync::OwnedMutexGuard<rusqlite::Connection>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    /// Committed or rolled back.
+    Done,
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tx")
+    }
+}
+
+impl Tx {
+    /// Makes its changes durable and visible.
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        match std::mem::replace(&mut self.inner, TxInner::Done) {
+            TxInner::Sqlite(conn) => {
+                if let Err(e) = conn.execute_batch("COMMIT") {
+                    // A failed commit leaves the transaction open on SQLite: end it.
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(e.into());
+                }
+                Ok(())
+            }
+            TxInner::Postgres(tx) => Ok(tx.commit().await?),
+            TxInner::Done => Ok(()),
+        }
+    }
+
+    /// Discards its changes.
+    pub async fn rollback(mut self) -> Result<(), StoreError> {
+        match std::mem::replace(&mut self.inner, TxInner::Done) {
+            TxInner::Sqlite(conn) => Ok(conn.execute_batch("ROLLBACK")?),
+            TxInner::Postgres(tx) => Ok(tx.rollback().await?),
+            TxInner::Done => Ok(()),
+        }
+    }
+
+    /// Runs several `;`-separated statements without arguments (schema changes).
+    pub async fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
+            TxInner::Postgres(tx) => {
+                (&mut **tx).execute(sqlx::raw_sql(sql)).await?;
+                Ok(())
+            }
+            TxInner::Done => Err(StoreError::Corrupt("statement on a finished transaction".into())),
+        }
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        // sqlx rolls its own back when dropped; SQLite's is ended here, before the writer
+        // goes back to the next transaction.
+        if let TxInner::Sqlite(conn) = &self.inner {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+        }
     }
 }
 

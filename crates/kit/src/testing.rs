@@ -3,6 +3,7 @@
 //! (created per test, dropped by [`TestDb::drop_database`]); and [`TestRole`], a service role
 //! started in-process on such a store whose HTTP app is called without a socket.
 
+use crate::store;
 use axum::{
     body::Body,
     http::{header, HeaderMap, Method, Request, StatusCode},
@@ -11,8 +12,6 @@ use axum::{
 use serde_json::Value;
 use tower::ServiceExt;
 use uuid::Uuid;
-
-use sqlx::Row;
 
 use crate::{
     auth::{Jwks, KeySet, SigningKey, Verifier, ADMIN},
@@ -66,8 +65,8 @@ impl TestDb {
         };
         let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
         let server = Store::open(&admin).await.expect("connect to BAZAAR_TEST_POSTGRES_URL");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(server.pool())
+        store::query(&format!("CREATE DATABASE {name}"))
+            .execute(&server)
             .await
             .expect("create a test database");
         server.close().await;
@@ -86,8 +85,8 @@ impl TestDb {
     pub async fn drop_database(&self) {
         if let Backend::Postgres { admin, name } = &self.backend {
             if let Ok(server) = Store::open(admin).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(server.pool())
+                let _ = store::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&server)
                     .await;
                 server.close().await;
             }
@@ -266,13 +265,16 @@ impl TestRole {
 
     /// Every envelope the role added to its outbox for `topic`, oldest first.
     pub async fn outbox(&self, topic: &str) -> Vec<Envelope> {
-        sqlx::query("SELECT body FROM outbox WHERE topic = $1 ORDER BY id")
+        store::query("SELECT body FROM outbox WHERE topic = $1 ORDER BY id")
             .bind(topic)
-            .fetch_all(self.rt.store.pool())
+            .fetch_all(&self.rt.store)
             .await
             .expect("the outbox")
             .iter()
-            .map(|row| Envelope::from_slice(row.get::<String, _>("body").as_bytes()).expect("an envelope"))
+            .map(|row| {
+                Envelope::from_slice(row.try_get::<String, _>("body").expect("a column").as_bytes())
+                    .expect("an envelope")
+            })
             .collect()
     }
 

@@ -1,6 +1,7 @@
 //! The consumer runner: poison messages and exhausted retries go to the dead-letter topic with
 //! their reason and never block the messages behind them; a dead letter can be replayed.
 
+use bazaar_kit::store;
 use std::{
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -19,7 +20,6 @@ use bazaar_kit::{
 };
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use sqlx::Row;
 
 const SINK: &[Migration] = &[Migration::new(
     10,
@@ -35,14 +35,14 @@ struct TestHandler {
 }
 
 impl Handler for TestHandler {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             match event.event_type.as_str() {
                 "test.ok" => {}
                 "test.half" => {
-                    sqlx::query("INSERT INTO handled (event_id, event_type) VALUES ($1, 'test.half')")
+                    store::query("INSERT INTO handled (event_id, event_type) VALUES ($1, 'test.half')")
                         .bind(event.event_id.to_string())
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?;
                     return Err(HandlerError::Poison("half-way through, the event made no sense".into()));
                 }
@@ -53,10 +53,10 @@ impl Handler for TestHandler {
                 }
                 other => return Err(HandlerError::Poison(format!("unknown event type `{other}`"))),
             }
-            sqlx::query("INSERT INTO handled (event_id, event_type) VALUES ($1, $2)")
+            store::query("INSERT INTO handled (event_id, event_type) VALUES ($1, $2)")
                 .bind(event.event_id.to_string())
                 .bind(&event.event_type)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
             Ok(())
         })
@@ -98,12 +98,12 @@ async fn publish(broker: &SharedBroker, topic: &str, event_type: &str) -> String
 }
 
 async fn handled(sink: &Store) -> Vec<String> {
-    sqlx::query("SELECT event_type FROM handled ORDER BY event_type")
-        .fetch_all(sink.pool())
+    store::query("SELECT event_type FROM handled ORDER BY event_type")
+        .fetch_all(sink)
         .await
         .expect("handled")
         .iter()
-        .map(|r| r.get::<String, _>(0))
+        .map(|r| r.try_get::<String, _>(0).expect("a column"))
         .collect()
 }
 

@@ -5,6 +5,7 @@
 //!
 //! The test re-runs its own binary as the child (`crash_child`, ignored unless asked for).
 
+use bazaar_kit::store;
 use std::{
     process::{Command, Stdio},
     sync::Arc,
@@ -20,7 +21,6 @@ use bazaar_kit::{
     store::{Migration, Store, Tx},
 };
 use futures_util::future::BoxFuture;
-use sqlx::Row;
 
 /// Events the child commits in total, across all its lives.
 const EVENTS: i64 = 500;
@@ -45,12 +45,12 @@ fn all(extra: &[Migration]) -> Vec<Migration> {
 struct Effect(&'static str);
 
 impl Handler for Effect {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            sqlx::query("INSERT INTO effects (grp, event_id) VALUES ($1, $2)")
+            store::query("INSERT INTO effects (grp, event_id) VALUES ($1, $2)")
                 .bind(self.0)
                 .bind(event.event_id.to_string())
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
             Ok(())
         })
@@ -90,11 +90,12 @@ async fn crash_child() {
         );
     }
     loop {
-        let n: i64 = sqlx::query("SELECT COUNT(*) FROM produced")
-            .fetch_one(producer.pool())
+        let n: i64 = store::query("SELECT COUNT(*) FROM produced")
+            .fetch_one(&producer)
             .await
             .expect("count")
-            .get(0);
+            .try_get(0)
+            .expect("a column");
         if n >= EVENTS {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
@@ -105,10 +106,10 @@ async fn crash_child() {
             Metadata::default(),
         );
         let mut tx = producer.begin().await.expect("begin");
-        sqlx::query("INSERT INTO produced (event_id, n) VALUES ($1, $2)")
+        store::query("INSERT INTO produced (event_id, n) VALUES ($1, $2)")
             .bind(event.event_id.to_string())
             .bind(n)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await
             .expect("insert");
         out.add(&mut tx, &topic, &event).await.expect("outbox add");
@@ -132,10 +133,10 @@ fn spawn_child(dir: &std::path::Path, broker_url: &str, topic: &str) -> std::pro
 }
 
 async fn count(store: &Store, sql: &str) -> i64 {
-    sqlx::query(sql)
-        .fetch_one(store.pool())
+    store::query(sql)
+        .fetch_one(store)
         .await
-        .map(|r| r.get::<i64, _>(0))
+        .map(|r| r.try_get::<i64, _>(0).expect("a column"))
         .unwrap_or(-1)
 }
 
@@ -200,19 +201,19 @@ async fn run_crash_test(broker_url: String, topic: String, dir: &std::path::Path
     }
     // Nothing was handled that was never committed.
     let ghosts = {
-        let produced_ids: std::collections::HashSet<String> = sqlx::query("SELECT event_id FROM produced")
-            .fetch_all(producer.pool())
+        let produced_ids: std::collections::HashSet<String> = store::query("SELECT event_id FROM produced")
+            .fetch_all(&producer)
             .await
             .expect("ids")
             .iter()
-            .map(|r| r.get::<String, _>(0))
+            .map(|r| r.try_get::<String, _>(0).expect("a column"))
             .collect();
-        sqlx::query("SELECT event_id FROM effects")
-            .fetch_all(sink.pool())
+        store::query("SELECT event_id FROM effects")
+            .fetch_all(&sink)
             .await
             .expect("effects")
             .iter()
-            .filter(|r| !produced_ids.contains(&r.get::<String, _>(0)))
+            .filter(|r| !produced_ids.contains(&r.try_get::<String, _>(0).expect("a column")))
             .count()
     };
     assert_eq!(ghosts, 0, "effects of uncommitted events");

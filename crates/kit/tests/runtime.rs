@@ -4,6 +4,7 @@
 //! each caller, while health and metrics stay on a plain admin listener that serves nothing
 //! else.
 
+use bazaar_kit::store;
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -62,13 +63,13 @@ struct Slow {
 }
 
 impl Handler for Slow {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             self.started.store(true, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(600)).await;
-            sqlx::query("INSERT INTO handled (event_id) VALUES ($1)")
+            store::query("INSERT INTO handled (event_id) VALUES ($1)")
                 .bind(event.event_id.to_string())
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
             self.finished.store(true, Ordering::SeqCst);
             Ok(())
@@ -138,8 +139,8 @@ async fn a_stopping_role_finishes_the_delivery_in_hand_before_serve_returns() {
         handler.finished.load(Ordering::SeqCst),
         "serve returned while a delivery was still being handled"
     );
-    let handled: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM handled")
-        .fetch_one(rt.store.pool())
+    let handled: i64 = store::query("SELECT COUNT(*) FROM handled")
+        .fetch_scalar(&rt.store)
         .await
         .expect("count");
     assert_eq!(handled, 1, "the delivery in hand committed");
@@ -167,8 +168,8 @@ async fn a_payload_that_breaks_its_schema_is_dead_lettered_with_the_reason_and_t
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     let (handled, dead) = loop {
-        let handled: Vec<String> = sqlx::query_scalar("SELECT event_id FROM handled ORDER BY event_id")
-            .fetch_all(rt.store.pool())
+        let handled: Vec<String> = store::query("SELECT event_id FROM handled ORDER BY event_id")
+            .fetch_column(&rt.store)
             .await
             .expect("handled");
         let dead = rt.broker.read(&dlq_topic(TOPIC), 10).await.expect("dlq");

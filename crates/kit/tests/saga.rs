@@ -16,6 +16,7 @@
 //! BAZAAR_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/postgres cargo nextest run -p bazaar-kit --test saga
 //! ```
 
+use bazaar_kit::store;
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -37,7 +38,6 @@ use bazaar_kit::{
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use sqlx::Row;
 use tokio::time::Instant;
 
 /// How long each step waits for a reply before the timer resends it.
@@ -130,18 +130,18 @@ impl SagaFlow for TestFlow {
     /// Records each final status in order, so a test sees how often the hook ran and with what.
     fn finished<'a>(
         &'a self,
-        tx: &'a mut Tx<'static>,
+        tx: &'a mut Tx,
         saga: &'a SagaState<TestContext>,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            sqlx::query(
+            store::query(
                 "INSERT INTO saga_finished (n, saga_id, status, error)
                  SELECT COUNT(*) + 1, $1, $2, $3 FROM saga_finished",
             )
             .bind(&saga.id)
             .bind(saga.status.as_str())
             .bind(saga.error.clone())
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
             Ok(())
         })
@@ -178,11 +178,11 @@ impl Orchestrator {
         let store = Store::open(&db.url).await.expect("open the store");
         store.migrate(outbox::MIGRATIONS).await.expect("outbox migrations");
         store.migrate(saga::MIGRATIONS).await.expect("saga migrations");
-        sqlx::query(
+        store::query(
             "CREATE TABLE IF NOT EXISTS saga_finished (
                 n BIGINT NOT NULL, saga_id TEXT NOT NULL, status TEXT NOT NULL, error TEXT)",
         )
-        .execute(store.pool())
+        .execute(&store)
         .await
         .expect("create the finished table");
         let engine = SagaEngine::new(
@@ -263,18 +263,18 @@ impl Orchestrator {
     /// Makes saga `id`'s current wait end now. The engine adds a backoff of seconds to every
     /// resend and compensation retry; the test skips that wait rather than sleeping through it.
     async fn expire(&self, id: &str) {
-        sqlx::query("UPDATE saga SET deadline = 0 WHERE id = $1")
+        store::query("UPDATE saga SET deadline = 0 WHERE id = $1")
             .bind(id)
-            .execute(self.store.pool())
+            .execute(&self.store)
             .await
             .expect("expire the deadline");
     }
 
     /// The statuses the finished hook saw for saga `id`, in order.
     async fn finished(&self, id: &str) -> Vec<String> {
-        sqlx::query("SELECT status FROM saga_finished WHERE saga_id = $1 ORDER BY n")
+        store::query("SELECT status FROM saga_finished WHERE saga_id = $1 ORDER BY n")
             .bind(id)
-            .fetch_all(self.store.pool())
+            .fetch_all(&self.store)
             .await
             .expect("read the finished table")
             .iter()
@@ -298,8 +298,8 @@ impl Orchestrator {
 }
 
 async fn commands(store: &Store) -> Vec<Command> {
-    sqlx::query("SELECT id, topic, body FROM outbox ORDER BY id")
-        .fetch_all(store.pool())
+    store::query("SELECT id, topic, body FROM outbox ORDER BY id")
+        .fetch_all(store)
         .await
         .expect("read the outbox")
         .iter()
@@ -539,8 +539,8 @@ async fn one_broken_saga_does_not_stall_the_timer(db: &Db) {
     let o = Orchestrator::open(db).await;
     o.start("broken").await;
     o.start("healthy").await;
-    sqlx::query("UPDATE saga SET context = 'not json', deadline = 0 WHERE id = 'broken'")
-        .execute(o.store.pool())
+    store::query("UPDATE saga SET context = 'not json', deadline = 0 WHERE id = 'broken'")
+        .execute(&o.store)
         .await
         .expect("corrupt a saga");
     tokio::time::sleep(TIMEOUT + Duration::from_millis(50)).await;

@@ -10,6 +10,7 @@
 //! BAZAAR_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test cargo nextest run -p bazaar-kit --test store
 //! ```
 
+use bazaar_kit::store;
 use std::{
     collections::HashMap,
     future::Future,
@@ -29,7 +30,6 @@ use bazaar_kit::{
 };
 use bytes::Bytes;
 use futures_util::{future::BoxFuture, FutureExt};
-use sqlx::Row;
 use tokio::time::Instant;
 
 type Db = TestDb;
@@ -98,7 +98,7 @@ async fn migrated(db: &Db) -> Store {
 }
 
 async fn count(store: &Store, sql: &str) -> i64 {
-    let row = sqlx::query(sql).fetch_one(store.pool()).await.expect(sql);
+    let row = store::query(sql).fetch_one(store).await.expect(sql);
     row.try_get::<i64, _>(0).expect("a count")
 }
 
@@ -123,10 +123,10 @@ async fn migrations_apply_once(db: Arc<Db>) {
     assert_eq!(count(&store, "SELECT COUNT(*) FROM schema_migrations").await, 2);
 
     // The tables are there and usable.
-    sqlx::query("INSERT INTO widgets (id, name) VALUES ($1, $2)")
+    store::query("INSERT INTO widgets (id, name) VALUES ($1, $2)")
         .bind(1i64)
         .bind("first")
-        .execute(store.pool())
+        .execute(&store)
         .await
         .expect("insert a widget");
     assert_eq!(count(&store, "SELECT COUNT(*) FROM widgets").await, 1);
@@ -157,8 +157,8 @@ async fn concurrent_migrations_both_succeed(db: Arc<Db>) {
         assert_eq!(b.schema_version().await.expect("version"), 2);
         assert_eq!(count(&a, "SELECT COUNT(*) FROM schema_migrations").await, 2);
         for table in ["widgets", "outbox", "inbox", "relay_lease", "schema_migrations"] {
-            sqlx::raw_sql(&format!("DROP TABLE {table}"))
-                .execute(a.pool())
+            store::query(&format!("DROP TABLE {table}"))
+                .execute(&a)
                 .await
                 .expect("reset");
         }
@@ -174,10 +174,10 @@ async fn rolled_back_transaction_leaves_nothing(db: Arc<Db>) {
     let e = event(1);
 
     let mut tx = store.begin().await.expect("begin");
-    sqlx::query("INSERT INTO widgets (id, name) VALUES ($1, $2)")
+    store::query("INSERT INTO widgets (id, name) VALUES ($1, $2)")
         .bind(1i64)
         .bind("doomed")
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await
         .expect("insert");
     outbox.add(&mut tx, "widgets", &e).await.expect("outbox add");

@@ -37,12 +37,6 @@ pub enum BrokerError {
     Store(#[from] crate::store::StoreError),
 }
 
-impl From<sqlx::Error> for BrokerError {
-    fn from(e: sqlx::Error) -> Self {
-        BrokerError::Store(e.into())
-    }
-}
-
 /// A message as stored on a topic.
 #[derive(Debug, Clone)]
 pub struct Message {

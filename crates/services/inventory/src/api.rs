@@ -5,6 +5,7 @@ use axum::{
     http::StatusCode,
     Router,
 };
+use bazaar_kit::store;
 use bazaar_kit::{
     auth::AdminUser,
     http::{Json, Page, Problem},
@@ -13,7 +14,6 @@ use bazaar_kit::{
     store::now_millis,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use utoipa::ToSchema;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -59,7 +59,7 @@ struct Product {
     reserved: i64,
 }
 
-fn product(r: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
+fn product(r: &store::Row) -> Result<Product, store::StoreError> {
     let on_hand: i64 = r.try_get("on_hand")?;
     let reserved: i64 = r.try_get("reserved")?;
     Ok(Product {
@@ -78,9 +78,9 @@ const COLUMNS: &str = "id, sku, name, price_cents, currency, on_hand, reserved";
 
 /// The product `id`, or a 404 problem.
 async fn load(rt: &Runtime, id: &str) -> Result<Product, Problem> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))
+    let row = store::query(&format!("SELECT {COLUMNS} FROM product WHERE id = $1"))
         .bind(id)
-        .fetch_optional(rt.store.pool())
+        .fetch_optional(&rt.store)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no product {id}")))?;
     Ok(product(&row)?)
@@ -91,12 +91,12 @@ async fn load(rt: &Runtime, id: &str) -> Result<Product, Problem> {
     responses((status = 200, description = "A page of products", body = Vec<Product>)))]
 async fn list(State(rt): State<Runtime>, Query(page): Query<Page>) -> Result<Json<Vec<Product>>, Problem> {
     let (limit, offset) = (page.limit(100, 1000), page.offset());
-    let rows = sqlx::query(&format!(
+    let rows = store::query(&format!(
         "SELECT {COLUMNS} FROM product ORDER BY sku LIMIT $1 OFFSET $2"
     ))
     .bind(limit)
     .bind(offset)
-    .fetch_all(rt.store.pool())
+    .fetch_all(&rt.store)
     .await?;
     Ok(Json(rows.iter().map(product).collect::<Result<_, _>>()?))
 }
@@ -185,7 +185,7 @@ async fn create(
     let id = Uuid::now_v7().to_string();
     let now = now_millis();
     let mut tx = rt.store.begin().await?;
-    let inserted = sqlx::query(
+    let inserted = store::query(
         "INSERT INTO product (id, sku, name, price_cents, currency, on_hand, reserved, created_at)
          VALUES ($1, $2, $3, $4, $5, $6, 0, $7) ON CONFLICT (sku) DO NOTHING",
     )
@@ -196,7 +196,7 @@ async fn create(
     .bind(&new.currency)
     .bind(new.stock)
     .bind(now)
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
     if inserted.rows_affected() == 0 {
         return Err(Problem::conflict(format!(
@@ -223,8 +223,8 @@ const DEMO: &[(&str, &str, i64, i64)] = &[
 /// Adds the demo catalogue when the store has no products yet.
 pub async fn seed_demo(rt: &Runtime) -> Result<(), bazaar_kit::store::StoreError> {
     let mut tx = rt.store.begin().await?;
-    let any = sqlx::query("SELECT 1 AS one FROM product LIMIT 1")
-        .fetch_optional(&mut *tx)
+    let any = store::query("SELECT 1 AS one FROM product LIMIT 1")
+        .fetch_optional(&mut tx)
         .await?;
     if any.is_some() {
         return Ok(());
@@ -233,7 +233,7 @@ pub async fn seed_demo(rt: &Runtime) -> Result<(), bazaar_kit::store::StoreError
         let id = Uuid::now_v7().to_string();
         // Replicas starting together may both find the catalogue empty: the second one's
         // insert waits for the first and then adds nothing.
-        let added = sqlx::query(
+        let added = store::query(
             "INSERT INTO product (id, sku, name, price_cents, currency, on_hand, reserved, created_at)
              VALUES ($1, $2, $3, $4, 'USD', $5, 0, $6) ON CONFLICT (sku) DO NOTHING",
         )
@@ -243,28 +243,28 @@ pub async fn seed_demo(rt: &Runtime) -> Result<(), bazaar_kit::store::StoreError
         .bind(price)
         .bind(stock)
         .bind(now_millis())
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         if added.rows_affected() == 1 {
             movement(&mut tx, &id, *stock, "demo catalogue").await?;
         }
     }
-    Ok(tx.commit().await?)
+    tx.commit().await
 }
 
 async fn movement(
-    tx: &mut bazaar_kit::store::Tx<'static>,
+    tx: &mut bazaar_kit::store::Tx,
     product: &str,
     delta: i64,
     reason: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO stock_movement (id, product_id, delta, reason, at) VALUES ($1, $2, $3, $4, $5)")
+) -> Result<(), store::StoreError> {
+    store::query("INSERT INTO stock_movement (id, product_id, delta, reason, at) VALUES ($1, $2, $3, $4, $5)")
         .bind(Uuid::now_v7().to_string())
         .bind(product)
         .bind(delta)
         .bind(reason)
         .bind(now_millis())
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }
@@ -324,18 +324,18 @@ async fn restock(
         return Err(Problem::bad_request("reason must be at most 200 characters"));
     }
     let mut tx = rt.store.begin().await?;
-    let changed = sqlx::query(
+    let changed = store::query(
         "UPDATE product SET on_hand = on_hand + $1 WHERE id = $2 AND on_hand + $1 >= reserved AND on_hand + $1 <= $3",
     )
     .bind(body.delta)
     .bind(&id)
     .bind(MAX_STOCK)
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
     if changed.rows_affected() == 0 {
-        let on_hand = sqlx::query("SELECT on_hand FROM product WHERE id = $1")
+        let on_hand = store::query("SELECT on_hand FROM product WHERE id = $1")
             .bind(&id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut tx)
             .await?;
         return Err(match on_hand {
             None => Problem::not_found(format!("no product {id}")),

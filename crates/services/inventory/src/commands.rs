@@ -1,5 +1,6 @@
 //! The saga commands inventory answers.
 
+use bazaar_kit::store;
 use std::collections::BTreeMap;
 
 use bazaar_contracts::{types, LineRequest, OrderRef, PricedLine, ReserveStock, Reserved};
@@ -10,18 +11,13 @@ use bazaar_kit::{
     store::{now_millis, StoreError, Tx},
 };
 use futures_util::future::BoxFuture;
-use sqlx::Row;
 
 /// Answers `inventory.reserve`, `inventory.release` and `inventory.commit`.
 #[derive(Debug, Clone, Copy)]
 pub struct StockCommands;
 
 impl Participant for StockCommands {
-    fn act<'a>(
-        &'a self,
-        tx: &'a mut Tx<'static>,
-        command: &'a Envelope,
-    ) -> BoxFuture<'a, Result<Verdict, HandlerError>> {
+    fn act<'a>(&'a self, tx: &'a mut Tx, command: &'a Envelope) -> BoxFuture<'a, Result<Verdict, HandlerError>> {
         Box::pin(async move {
             match command.event_type.as_str() {
                 types::RESERVE_STOCK => reserve(tx, command.payload_as()?).await,
@@ -79,10 +75,10 @@ struct Reservation {
     reason: Option<String>,
 }
 
-async fn reservation(tx: &mut Tx<'static>, order: &str) -> Result<Option<Reservation>, HandlerError> {
-    let row = sqlx::query("SELECT status, priced, reason FROM reservation WHERE order_id = $1")
+async fn reservation(tx: &mut Tx, order: &str) -> Result<Option<Reservation>, HandlerError> {
+    let row = store::query("SELECT status, priced, reason FROM reservation WHERE order_id = $1")
         .bind(order)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *tx)
         .await?;
     Ok(match row {
         Some(r) => Some(Reservation {
@@ -95,7 +91,7 @@ async fn reservation(tx: &mut Tx<'static>, order: &str) -> Result<Option<Reserva
 }
 
 /// Reserves every line or none; repeats the first answer when asked again.
-async fn reserve(tx: &mut Tx<'static>, cmd: ReserveStock) -> Result<Verdict, HandlerError> {
+async fn reserve(tx: &mut Tx, cmd: ReserveStock) -> Result<Verdict, HandlerError> {
     let order = cmd.order_id.to_string();
     match reservation(tx, &order).await? {
         Some(Reservation {
@@ -118,19 +114,19 @@ async fn reserve(tx: &mut Tx<'static>, cmd: ReserveStock) -> Result<Verdict, Han
     if let Verdict::Refused(reason) = &verdict {
         // A refusal is final for this order: a resent command gets the same answer even if
         // stock came back meanwhile, so no late reservation outlives its cancelled order.
-        sqlx::query("INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, $4, $2, $3)")
+        store::query("INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, $4, $2, $3)")
             .bind(&order)
             .bind(reason)
             .bind(now_millis())
             .bind(ReservationStatus::Rejected.as_str())
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
     }
     Ok(verdict)
 }
 
 /// Reserves every line or none, when nothing was decided for the order yet.
-async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> Result<Verdict, HandlerError> {
+async fn try_reserve(tx: &mut Tx, order: &str, cmd: &ReserveStock) -> Result<Verdict, HandlerError> {
     let now = now_millis();
     let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
     for LineRequest { product_id, quantity } in &cmd.lines {
@@ -149,9 +145,9 @@ async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> R
     let mut priced = Vec::new();
     let mut currency: Option<String> = None;
     for (product, quantity) in &wanted {
-        let row = sqlx::query("SELECT price_cents, currency, on_hand, reserved FROM product WHERE id = $1")
+        let row = store::query("SELECT price_cents, currency, on_hand, reserved FROM product WHERE id = $1")
             .bind(product)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx)
             .await?;
         let Some(row) = row else {
             return Ok(Verdict::Refused(format!("unknown product {product}")));
@@ -190,24 +186,24 @@ async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> R
     };
     let data = serde_json::to_value(&reserved)
         .map_err(|e| HandlerError::Poison(format!("reservation of order {order} does not serialise: {e}")))?;
-    sqlx::query("INSERT INTO reservation (order_id, status, priced, updated_at) VALUES ($1, $4, $2, $3)")
+    store::query("INSERT INTO reservation (order_id, status, priced, updated_at) VALUES ($1, $4, $2, $3)")
         .bind(order)
         .bind(data.to_string())
         .bind(now)
         .bind(ReservationStatus::Reserved.as_str())
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     for (product, quantity) in &wanted {
-        sqlx::query("UPDATE product SET reserved = reserved + $1 WHERE id = $2")
+        store::query("UPDATE product SET reserved = reserved + $1 WHERE id = $2")
             .bind(quantity)
             .bind(product)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO reservation_line (order_id, product_id, quantity) VALUES ($1, $2, $3)")
+        store::query("INSERT INTO reservation_line (order_id, product_id, quantity) VALUES ($1, $2, $3)")
             .bind(order)
             .bind(product)
             .bind(quantity)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
     }
     metrics::counter!("bazaar_inventory_reservations_total").increment(1);
@@ -215,17 +211,17 @@ async fn try_reserve(tx: &mut Tx<'static>, order: &str, cmd: &ReserveStock) -> R
 }
 
 /// Releases a held reservation; leaves a tombstone when there is none yet.
-async fn release(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Verdict, HandlerError> {
+async fn release(tx: &mut Tx, cmd: OrderRef) -> Result<Verdict, HandlerError> {
     let order = cmd.order_id.to_string();
     match reservation(tx, &order).await?.map(|r| r.status) {
         None => {
-            sqlx::query(
+            store::query(
                 "INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, $3, 'released before reserved', $2)",
             )
             .bind(&order)
             .bind(now_millis())
             .bind(ReservationStatus::Released.as_str())
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
             Ok(Verdict::done_empty())
         }
@@ -241,7 +237,7 @@ async fn release(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Verdict, Handler
 }
 
 /// Turns a reservation into a sale: the units leave the shelf.
-async fn commit(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Verdict, HandlerError> {
+async fn commit(tx: &mut Tx, cmd: OrderRef) -> Result<Verdict, HandlerError> {
     let order = cmd.order_id.to_string();
     match reservation(tx, &order).await?.map(|r| r.status) {
         Some(ReservationStatus::Reserved) => {
@@ -263,27 +259,27 @@ async fn commit(tx: &mut Tx<'static>, cmd: OrderRef) -> Result<Verdict, HandlerE
     }
 }
 
-async fn move_lines(tx: &mut Tx<'static>, order: &str, sql: &str) -> Result<(), HandlerError> {
-    let lines = sqlx::query("SELECT product_id, quantity FROM reservation_line WHERE order_id = $1")
+async fn move_lines(tx: &mut Tx, order: &str, sql: &str) -> Result<(), HandlerError> {
+    let lines = store::query("SELECT product_id, quantity FROM reservation_line WHERE order_id = $1")
         .bind(order)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await?;
     for line in lines {
-        sqlx::query(sql)
+        store::query(sql)
             .bind(line.try_get::<i64, _>("quantity")?)
             .bind(line.try_get::<String, _>("product_id")?)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
     }
     Ok(())
 }
 
-async fn set_status(tx: &mut Tx<'static>, order: &str, status: ReservationStatus) -> Result<(), HandlerError> {
-    sqlx::query("UPDATE reservation SET status = $1, updated_at = $2 WHERE order_id = $3")
+async fn set_status(tx: &mut Tx, order: &str, status: ReservationStatus) -> Result<(), HandlerError> {
+    store::query("UPDATE reservation SET status = $1, updated_at = $2 WHERE order_id = $3")
         .bind(status.as_str())
         .bind(now_millis())
         .bind(order)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }

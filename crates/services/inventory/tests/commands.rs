@@ -47,12 +47,13 @@ async fn the_reply_goes_to_the_saga_that_asked() {
     let cmd = reserve(order, &[(mug, 1)]);
     inv.ok(&cmd).await;
 
-    let row = sqlx::query_as::<_, (String, String)>("SELECT topic, body FROM outbox")
-        .fetch_one(inv.rt.store.pool())
+    let row = bazaar_kit::store::query("SELECT topic, body FROM outbox")
+        .fetch_one(&inv.rt.store)
         .await
         .expect("one reply");
-    assert_eq!(row.0, topics::ORDER_SAGA_REPLIES);
-    let reply = bazaar_kit::envelope::Envelope::from_slice(row.1.as_bytes()).unwrap();
+    let (topic, body): (String, String) = (row.try_get("topic").unwrap(), row.try_get("body").unwrap());
+    assert_eq!(topic, topics::ORDER_SAGA_REPLIES);
+    let reply = bazaar_kit::envelope::Envelope::from_slice(body.as_bytes()).unwrap();
     assert_eq!(reply.event_type, types::ORDER_SAGA_REPLY);
     assert_eq!(reply.aggregate_id, order.to_string());
     assert_eq!(reply.metadata.source, "inventory");

@@ -4,6 +4,7 @@ use axum::{
     extract::{Query, State},
     Router,
 };
+use bazaar_kit::store;
 use bazaar_kit::{
     auth::AuthUser,
     http::{Json, Page, Problem},
@@ -11,7 +12,6 @@ use bazaar_kit::{
     runtime::Runtime,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::routes;
 
@@ -86,14 +86,14 @@ async fn list(
         }
         (false, _) => Some(user.email.clone()),
     };
-    let rows = sqlx::query(
+    let rows = store::query(
         "SELECT id, dedupe_key, channel, recipient, subject, status, attempts, last_error, correlation_id, created_at, sent_at
          FROM notification WHERE ($1 = '' OR recipient = $1) ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
     )
     .bind(recipient.unwrap_or_default())
     .bind(page.limit(100, 1000))
     .bind(page.offset())
-    .fetch_all(rt.store.pool())
+    .fetch_all(&rt.store)
     .await?;
     let time = |ms: i64| {
         chrono::DateTime::from_timestamp_millis(ms)
@@ -116,7 +116,7 @@ async fn list(
                 sent_at: r.try_get::<Option<i64>, _>("sent_at")?.map(time),
             })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .collect::<Result<Vec<_>, store::StoreError>>()
         .map(Json)
         .map_err(Problem::from)
 }

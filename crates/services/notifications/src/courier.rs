@@ -3,6 +3,7 @@
 //! breaker guards it; its calls carry the notification id as `Idempotency-Key`, so the
 //! stack may retry them within its budget without sending a text twice.
 
+use bazaar_kit::store;
 use std::{path::PathBuf, time::Duration};
 
 use bazaar_kit::{
@@ -14,7 +15,6 @@ use lettre::{
     message::{header::ContentType, Mailbox},
     AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
 };
-use sqlx::Row;
 
 use crate::{MailConfig, SmsConfig};
 
@@ -209,27 +209,27 @@ pub async fn send_round(store: &Store, courier: &Courier) {
     }
 }
 
-async fn send_pending(store: &Store, courier: &Courier) -> Result<(), sqlx::Error> {
-    let rows = sqlx::query(
+async fn send_pending(store: &Store, courier: &Courier) -> Result<(), store::StoreError> {
+    let rows = store::query(
         "SELECT id, channel, recipient, subject, body, attempts FROM notification
          WHERE status = 'pending' AND (claimed_until IS NULL OR claimed_until < $1) ORDER BY created_at LIMIT 50",
     )
     .bind(now_millis())
-    .fetch_all(store.pool())
+    .fetch_all(store)
     .await?;
     for row in rows {
         let id: String = row.try_get("id")?;
         // Claim the row, so another instance's sender does not send it too; a claim left by a
         // crashed sender expires and the row is sent again (idempotently, under the same id).
         let now = now_millis();
-        let claimed = sqlx::query(
+        let claimed = store::query(
             "UPDATE notification SET claimed_until = $1
              WHERE id = $2 AND status = 'pending' AND (claimed_until IS NULL OR claimed_until < $3)",
         )
         .bind(now + CLAIM.as_millis() as i64)
         .bind(&id)
         .bind(now)
-        .execute(store.pool())
+        .execute(store)
         .await?;
         if claimed.rows_affected() == 0 {
             continue;
@@ -246,20 +246,20 @@ async fn send_pending(store: &Store, courier: &Courier) -> Result<(), sqlx::Erro
         };
         match result {
             Ok(()) => {
-                sqlx::query(
+                store::query(
                     "UPDATE notification SET status = 'sent', sent_at = $1, attempts = attempts + 1 WHERE id = $2",
                 )
                 .bind(now_millis())
                 .bind(&id)
-                .execute(store.pool())
+                .execute(store)
                 .await?;
                 metrics::counter!("bazaar_notifications_sent_total").increment(1);
             }
             // That channel is resting or busy; the row stays pending for a later round.
             Err(CallError::Open(_) | CallError::Full(_)) => {
-                sqlx::query("UPDATE notification SET claimed_until = NULL WHERE id = $1")
+                store::query("UPDATE notification SET claimed_until = NULL WHERE id = $1")
                     .bind(&id)
-                    .execute(store.pool())
+                    .execute(store)
                     .await?;
             }
             Err(e) => {
@@ -269,14 +269,14 @@ async fn send_pending(store: &Store, courier: &Courier) -> Result<(), sqlx::Erro
                     "pending"
                 };
                 tracing::warn!(notification = %id, error = %e, "send failed");
-                sqlx::query(
+                store::query(
                     "UPDATE notification SET attempts = attempts + 1, last_error = $1, status = $2, claimed_until = NULL
                      WHERE id = $3",
                 )
                 .bind(e.to_string())
                 .bind(status)
                 .bind(&id)
-                .execute(store.pool())
+                .execute(store)
                 .await?;
                 metrics::counter!("bazaar_notifications_failed_total").increment(1);
             }

@@ -1,13 +1,13 @@
 //! Turns events into pending notifications, once per outcome.
 
 use bazaar_contracts::{types, OrderOutcome, RegistrationRepeated, UserRegistered, VerificationRequested};
+use bazaar_kit::store;
 use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::Envelope,
     store::{now_millis, Tx},
 };
 use futures_util::future::BoxFuture;
-use sqlx::Row;
 use uuid::Uuid;
 
 /// How a confirmation email's subject begins; the code follows (an operator's tool, such as
@@ -38,19 +38,19 @@ struct Note {
 }
 
 impl Handler for Outcomes {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             let (subject_key, email, phone, subject, body) = match event.event_type.as_str() {
                 types::USER_REGISTERED => {
                     let u: UserRegistered = event.payload_as()?;
                     // Remember how to reach the user for their later orders.
-                    sqlx::query(
+                    store::query(
                         "INSERT INTO contact (user_id, email, phone) VALUES ($1, $2, $3) ON CONFLICT (user_id) DO NOTHING",
                     )
                     .bind(u.user_id.to_string())
                     .bind(&u.email)
                     .bind(u.phone.clone())
-                    .execute(&mut **tx)
+                    .execute(&mut *tx)
                     .await?;
                     (
                         format!("{}:{}", event.event_type, u.user_id),
@@ -149,7 +149,7 @@ impl Handler for Outcomes {
                     } else {
                         ("pending", None)
                     };
-                sqlx::query(
+                store::query(
                     "INSERT INTO notification (id, dedupe_key, channel, recipient, subject, body, status, attempts, last_error, correlation_id, created_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10) ON CONFLICT (dedupe_key) DO NOTHING",
                 )
@@ -163,7 +163,7 @@ impl Handler for Outcomes {
                 .bind(why)
                 .bind(&event.metadata.correlation_id)
                 .bind(now)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
             }
             Ok(())
@@ -172,23 +172,23 @@ impl Handler for Outcomes {
 }
 
 /// Texts recorded for `number` in the day before `now`, sent or to be sent.
-async fn texts_today(tx: &mut Tx<'static>, number: &str, now: i64) -> Result<i64, HandlerError> {
-    let row = sqlx::query(
+async fn texts_today(tx: &mut Tx, number: &str, now: i64) -> Result<i64, HandlerError> {
+    let row = store::query(
         "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM notification WHERE recipient = $1 AND channel = 'sms' AND status <> 'suppressed' AND created_at > $2",
     )
     .bind(number)
     .bind(now - 24 * 3600 * 1000)
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *tx)
     .await?;
     Ok(row.try_get("n")?)
 }
 
 /// The customer's phone, from the contact their `user.registered` left. Until that event is
 /// handled the outcome waits (a retry), so an SMS is not skipped by a race between topics.
-async fn contact_phone(tx: &mut Tx<'static>, o: &OrderOutcome) -> Result<Option<String>, HandlerError> {
-    let row = sqlx::query("SELECT phone FROM contact WHERE user_id = $1")
+async fn contact_phone(tx: &mut Tx, o: &OrderOutcome) -> Result<Option<String>, HandlerError> {
+    let row = store::query("SELECT phone FROM contact WHERE user_id = $1")
         .bind(o.customer_id.to_string())
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *tx)
         .await?;
     match row {
         Some(r) => Ok(r.try_get("phone")?),

@@ -14,6 +14,7 @@
 mod support;
 
 use bazaar_contracts::{types, RegistrationRepeated, VerificationRequested};
+use bazaar_kit::store;
 use bazaar_kit::{
     consumer::HandlerError,
     envelope::{Envelope, Metadata},
@@ -364,9 +365,9 @@ async fn a_message_that_cannot_be_delivered_is_retried_then_given_up() {
         ("failed", 10),
         "given up after 10 tries"
     );
-    let error: Option<String> = sqlx::query_scalar("SELECT last_error FROM notification WHERE id = $1")
+    let error: Option<String> = store::query("SELECT last_error FROM notification WHERE id = $1")
         .bind(&note.id)
-        .fetch_one(n.rt.store.pool())
+        .fetch_scalar(&n.rt.store)
         .await
         .unwrap();
     assert!(error.is_some_and(|e| e.contains("not an address")));

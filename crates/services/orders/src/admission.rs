@@ -9,6 +9,7 @@
 //! customer may place `per_customer_per_minute` orders a minute (429 with `Retry-After`), so
 //! one account cannot take the capacity, or loop impossible orders to flood mailboxes.
 
+use bazaar_kit::store;
 use std::{
     sync::{
         atomic::{AtomicI64, Ordering},
@@ -76,10 +77,10 @@ impl Admission {
         rt.every(RECOUNT_EVERY, move || {
             let (store, in_flight) = (store.clone(), in_flight.clone());
             async move {
-                let counted = sqlx::query_scalar::<_, i64>(
+                let counted = store::query(
                     "SELECT CAST(COUNT(*) AS BIGINT) FROM saga WHERE status IN ('running', 'compensating')",
                 )
-                .fetch_one(store.pool())
+                .fetch_scalar::<i64>(&store)
                 .await;
                 match counted {
                     Ok(n) => {
@@ -111,13 +112,13 @@ impl Admission {
         let per_minute = self.limits.per_customer_per_minute;
         if per_minute > 0 {
             let since = now_millis() - 60_000;
-            let recent: Vec<i64> = sqlx::query_scalar(
+            let recent = store::query(
                 "SELECT created_at FROM orders WHERE customer_id = $1 AND created_at > $2 ORDER BY created_at LIMIT $3",
             )
             .bind(customer.to_string())
             .bind(since)
             .bind(i64::from(per_minute))
-            .fetch_all(rt.store.pool())
+            .fetch_column::<i64>(&rt.store)
             .await?;
             if recent.len() >= per_minute as usize {
                 // The oldest of them leaves the window first.

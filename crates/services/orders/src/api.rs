@@ -9,6 +9,7 @@ use axum::{
 };
 use bazaar_contracts::LineRequest;
 use bazaar_kit::saga::{HistoryEntry, SagaState, SagaStatus};
+use bazaar_kit::store;
 use bazaar_kit::{
     auth::{AdminUser, AuthUser},
     http::{Json, Page, Problem, RequestContext},
@@ -16,7 +17,6 @@ use bazaar_kit::{
     store::{now_millis, StoreError},
 };
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use std::time::{Duration, Instant};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::routes;
@@ -141,7 +141,7 @@ struct SagaView {
     history: Vec<HistoryEntry>,
 }
 
-fn order(r: &sqlx::any::AnyRow) -> Result<Order, StoreError> {
+fn order(r: &store::Row) -> Result<Order, StoreError> {
     let lines: String = r.try_get("lines")?;
     let time = |ms: i64| {
         chrono::DateTime::from_timestamp_millis(ms)
@@ -214,7 +214,7 @@ async fn place(
     let now = now_millis();
     let lines = serde_json::to_string(&items).unwrap_or_default();
     let mut tx = store.begin().await?;
-    let inserted = sqlx::query(
+    let inserted = store::query(
         "INSERT INTO orders (id, customer_id, email, status, lines, idempotency_key, version, created_at, updated_at)
          VALUES ($1, $2, $3, $7, $4, $5, 1, $6, $6) ON CONFLICT DO NOTHING",
     )
@@ -225,7 +225,7 @@ async fn place(
     .bind(key.clone())
     .bind(now)
     .bind(OrderStatus::Pending.as_str())
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
     if inserted.rows_affected() == 0 {
         // A concurrent request with the same key won the race.
@@ -249,9 +249,9 @@ async fn place(
         .map_err(Problem::from)?;
     orders.rt.outbox.commit(tx).await?;
     metrics::counter!("bazaar_orders_placed_total").increment(1);
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
+    let row = store::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
         .bind(id.to_string())
-        .fetch_one(store.pool())
+        .fetch_one(store)
         .await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -273,12 +273,12 @@ fn same_request(existing: Order, items: &[LineRequest]) -> Result<Response, Prob
 
 async fn find_by_key(orders: &Orders, customer: &Uuid, key: Option<&str>) -> Result<Option<Order>, Problem> {
     let Some(key) = key else { return Ok(None) };
-    let row = sqlx::query(&format!(
+    let row = store::query(&format!(
         "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 AND idempotency_key = $2"
     ))
     .bind(customer.to_string())
     .bind(key)
-    .fetch_optional(orders.rt.store.pool())
+    .fetch_optional(&orders.rt.store)
     .await?;
     Ok(row.as_ref().map(order).transpose()?)
 }
@@ -291,13 +291,13 @@ async fn list(
     AuthUser(user): AuthUser,
     Query(page): Query<Page>,
 ) -> Result<Json<Vec<Order>>, Problem> {
-    let rows = sqlx::query(&format!(
+    let rows = store::query(&format!(
         "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3"
     ))
     .bind(user.sub.to_string())
     .bind(page.limit(50, 500))
     .bind(page.offset())
-    .fetch_all(orders.rt.store.pool())
+    .fetch_all(&orders.rt.store)
     .await?;
     Ok(Json(rows.iter().map(order).collect::<Result<_, _>>()?))
 }
@@ -378,9 +378,9 @@ async fn show(
         if let Some(n) = notified.as_mut().as_pin_mut() {
             n.enable();
         }
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
+        let row = store::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
             .bind(&id)
-            .fetch_optional(orders.rt.store.pool())
+            .fetch_optional(&orders.rt.store)
             .await?
             .ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
         let found = order(&row)?;

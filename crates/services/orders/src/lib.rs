@@ -213,7 +213,7 @@ impl Orders {
 struct Replies(Arc<SagaEngine<OrderSaga>>, Arc<Waiters>);
 
 impl Handler for Replies {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             if event.event_type != types::ORDER_SAGA_REPLY {
                 return Err(HandlerError::Poison(format!(

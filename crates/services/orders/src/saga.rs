@@ -3,6 +3,7 @@
 //! customer asked for and what each participant reported, typed, so the payment step can
 //! only charge what the reservation priced.
 
+use bazaar_kit::store;
 use std::time::Duration;
 
 use bazaar_contracts::{
@@ -236,7 +237,7 @@ impl SagaFlow for OrderSaga {
 
     fn finished<'a>(
         &'a self,
-        tx: &'a mut Tx<'static>,
+        tx: &'a mut Tx,
         saga: &'a SagaState<OrderContext>,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
@@ -265,7 +266,7 @@ impl SagaFlow for OrderSaga {
                 _ => return Ok(()),
             };
             let currency = ctx.reserved.as_ref().map(|r| r.currency.clone());
-            let updated = sqlx::query(
+            let updated = store::query(
                 "UPDATE orders SET status = $1, total_cents = $2, currency = $3, reason = $4, version = version + 1, updated_at = $5
                  WHERE id = $6 AND status = $7",
             )
@@ -276,7 +277,7 @@ impl SagaFlow for OrderSaga {
             .bind(now_millis())
             .bind(ctx.order_id.to_string())
             .bind(OrderStatus::Pending.as_str())
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
             if updated.rows_affected() == 0 {
                 // Already settled (a saga retried by an operator after going stuck): announce once.

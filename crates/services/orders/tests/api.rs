@@ -7,6 +7,7 @@
 
 mod support;
 
+use bazaar_kit::store;
 use std::{sync::Arc, time::Duration};
 
 use axum::http::{header, Method, StatusCode};
@@ -647,9 +648,9 @@ async fn retrying_a_stuck_saga_sends_its_compensation_again() {
     .await;
     // The release kept failing until the engine gave up (what the timer does after
     // COMPENSATION_ATTEMPTS failures), leaving the order pending.
-    sqlx::query("UPDATE saga SET status = 'stuck', deadline = NULL WHERE id = $1")
+    store::query("UPDATE saga SET status = 'stuck', deadline = NULL WHERE id = $1")
         .bind(id.to_string())
-        .execute(shop.rt.store.pool())
+        .execute(&shop.rt.store)
         .await
         .expect("mark stuck");
     let stuck = shop.get("/sagas", &admin).await.expect(StatusCode::OK);

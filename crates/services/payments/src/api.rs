@@ -5,6 +5,7 @@ use axum::{
     http::StatusCode,
     Router,
 };
+use bazaar_kit::store;
 use bazaar_kit::{
     auth::{AdminUser, AuthUser},
     http::{Json, Problem},
@@ -12,7 +13,6 @@ use bazaar_kit::{
     runtime::Runtime,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use utoipa::ToSchema;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -73,9 +73,9 @@ const MAX_DEPOSIT: i64 = 100_000_000;
 
 async fn account_view(rt: &Runtime, customer: &Uuid) -> Result<Account, Problem> {
     let wallet = ledger::wallet(customer);
-    let exists = sqlx::query("SELECT currency FROM account WHERE id = $1")
+    let exists = store::query("SELECT currency FROM account WHERE id = $1")
         .bind(&wallet)
-        .fetch_optional(rt.store.pool())
+        .fetch_optional(&rt.store)
         .await?;
     let Some(row) = exists else {
         return Err(Problem::not_found(
@@ -83,7 +83,7 @@ async fn account_view(rt: &Runtime, customer: &Uuid) -> Result<Account, Problem>
         ));
     };
     let currency: String = row.try_get("currency")?;
-    let balance = ledger::balance(rt.store.pool(), &wallet).await?;
+    let balance = ledger::balance(&rt.store, &wallet).await?;
     Ok(Account {
         user_id: *customer,
         balance_cents: balance,
@@ -160,9 +160,9 @@ async fn show(
         .parse()
         .map_err(|_| Problem::bad_request(format!("`{order_id}` is not an order id (a UUID)")))?;
     let row =
-        sqlx::query("SELECT id, customer_id, amount_cents, currency, status, reason FROM payment WHERE order_id = $1")
+        store::query("SELECT id, customer_id, amount_cents, currency, status, reason FROM payment WHERE order_id = $1")
             .bind(order.to_string())
-            .fetch_optional(rt.store.pool())
+            .fetch_optional(&rt.store)
             .await?
             .filter(|r| r.try_get::<String, _>("customer_id").ok() == Some(user.sub.to_string()))
             .ok_or_else(|| Problem::not_found(format!("no payment for order {order}")))?;

@@ -1,6 +1,7 @@
 //! The events and saga commands payments handles.
 
 use bazaar_contracts::{types, OrderRef, Paid, ProcessPayment, UserRegistered};
+use bazaar_kit::store;
 use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::Envelope,
@@ -8,7 +9,6 @@ use bazaar_kit::{
     store::{now_millis, Tx},
 };
 use futures_util::future::BoxFuture;
-use sqlx::Row;
 use uuid::Uuid;
 
 use crate::{ledger, provider::PaymentProvider, PaymentStatus};
@@ -21,7 +21,7 @@ pub struct UserEvents {
 }
 
 impl Handler for UserEvents {
-    fn handle<'a>(&'a self, tx: &'a mut Tx<'static>, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             if event.event_type != types::USER_REGISTERED {
                 // Other user events are not ours to act on.
@@ -57,11 +57,7 @@ pub struct PaymentCommands {
 }
 
 impl Participant for PaymentCommands {
-    fn act<'a>(
-        &'a self,
-        tx: &'a mut Tx<'static>,
-        command: &'a Envelope,
-    ) -> BoxFuture<'a, Result<Verdict, HandlerError>> {
+    fn act<'a>(&'a self, tx: &'a mut Tx, command: &'a Envelope) -> BoxFuture<'a, Result<Verdict, HandlerError>> {
         Box::pin(async move {
             match command.event_type.as_str() {
                 types::PROCESS_PAYMENT => self.process(tx, command.payload_as()?, command).await,
@@ -72,10 +68,10 @@ impl Participant for PaymentCommands {
     }
 }
 
-async fn payment(tx: &mut Tx<'static>, order: &str) -> Result<Option<(Uuid, PaymentStatus)>, HandlerError> {
-    let row = sqlx::query("SELECT id, status FROM payment WHERE order_id = $1")
+async fn payment(tx: &mut Tx, order: &str) -> Result<Option<(Uuid, PaymentStatus)>, HandlerError> {
+    let row = store::query("SELECT id, status FROM payment WHERE order_id = $1")
         .bind(order)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *tx)
         .await?;
     Ok(match row {
         Some(r) => {
@@ -97,14 +93,14 @@ struct Outcome<'a> {
 }
 
 async fn record(
-    tx: &mut Tx<'static>,
+    tx: &mut Tx,
     cmd: &ProcessPayment,
     id: &str,
     amount: i64,
     outcome: Outcome<'_>,
 ) -> Result<(), HandlerError> {
     let now = now_millis();
-    sqlx::query(
+    store::query(
         "INSERT INTO payment (order_id, id, customer_id, amount_cents, currency, status, reason, provider_charge_id, created_at, updated_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
     )
@@ -117,7 +113,7 @@ async fn record(
     .bind(outcome.reason)
     .bind(outcome.provider_charge_id)
     .bind(now)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
@@ -126,12 +122,7 @@ impl PaymentCommands {
     /// Captures the order's amount from the customer's wallet, once. With a provider, the
     /// amount is put on hold and a `charging` intent recorded instead, and [`crate::settle`]
     /// calls the provider outside any transaction and answers ([`Verdict::Later`] here).
-    async fn process(
-        &self,
-        tx: &mut Tx<'static>,
-        cmd: ProcessPayment,
-        event: &Envelope,
-    ) -> Result<Verdict, HandlerError> {
+    async fn process(&self, tx: &mut Tx, cmd: ProcessPayment, event: &Envelope) -> Result<Verdict, HandlerError> {
         let order = cmd.order_id.to_string();
         match payment(tx, &order).await? {
             Some((id, PaymentStatus::Captured)) => return Ok(Verdict::done(&Paid { payment_id: id })),
@@ -139,9 +130,9 @@ impl PaymentCommands {
             Some((_, PaymentStatus::Charging)) => return Ok(Verdict::Later),
             // A refusal is final for the order: a resent command gets the first answer.
             Some((_, PaymentStatus::Failed)) => {
-                let reason: Option<String> = sqlx::query("SELECT reason FROM payment WHERE order_id = $1")
+                let reason: Option<String> = store::query("SELECT reason FROM payment WHERE order_id = $1")
                     .bind(&order)
-                    .fetch_one(&mut **tx)
+                    .fetch_one(&mut *tx)
                     .await?
                     .try_get("reason")?;
                 return Ok(Verdict::refused(
@@ -171,16 +162,16 @@ impl PaymentCommands {
         // Lock the wallet's row first, so two payments of one customer on PostgreSQL (READ
         // COMMITTED) cannot both spend the same balance. SQLite's write transaction already
         // serialises them.
-        sqlx::query("UPDATE account SET currency = currency WHERE id = $1")
+        store::query("UPDATE account SET currency = currency WHERE id = $1")
             .bind(&wallet)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
-        let held: String = sqlx::query("SELECT currency FROM account WHERE id = $1")
+        let held: String = store::query("SELECT currency FROM account WHERE id = $1")
             .bind(&wallet)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *tx)
             .await?
             .try_get("currency")?;
-        let balance = ledger::balance(&mut **tx, &wallet).await?;
+        let balance = ledger::balance(&mut *tx, &wallet).await?;
         let declined = if cmd.currency != held {
             // Never take one currency's minor units as another's.
             Some(format!("the wallet holds {held}; it cannot pay in {}", cmd.currency))
@@ -214,11 +205,11 @@ impl PaymentCommands {
                 provider_charge_id: None,
             };
             record(tx, &cmd, &id.to_string(), cmd.amount_cents, outcome).await?;
-            sqlx::query("UPDATE payment SET command = $1, next_try_at = $2 WHERE order_id = $3")
+            store::query("UPDATE payment SET command = $1, next_try_at = $2 WHERE order_id = $3")
                 .bind(String::from_utf8_lossy(&event.to_vec()).into_owned())
                 .bind(now_millis())
                 .bind(&order)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
             return Ok(Verdict::Later);
         }
@@ -237,11 +228,11 @@ impl PaymentCommands {
     /// Refunds a captured payment; leaves a `voided` tombstone when none was taken yet, so a
     /// late `payments.process` for the order is refused. Money the provider holds or took is
     /// given back by [`crate::settle`], which then answers ([`Verdict::Later`] here).
-    async fn refund(&self, tx: &mut Tx<'static>, cmd: OrderRef, event: &Envelope) -> Result<Verdict, HandlerError> {
+    async fn refund(&self, tx: &mut Tx, cmd: OrderRef, event: &Envelope) -> Result<Verdict, HandlerError> {
         let order = cmd.order_id.to_string();
         let now = now_millis();
         let hand_to_settler = |status: PaymentStatus| {
-            sqlx::query(
+            store::query(
                 "UPDATE payment SET status = $1, refund_command = $2, next_try_at = $3, updated_at = $3 WHERE order_id = $4",
             )
             .bind(status.as_str())
@@ -251,7 +242,7 @@ impl PaymentCommands {
         };
         match payment(tx, &order).await? {
             None => {
-                sqlx::query(
+                store::query(
                     "INSERT INTO payment (order_id, id, customer_id, amount_cents, currency, status, reason, created_at, updated_at)
                      VALUES ($1, $2, '', 0, 'USD', $4, 'refund arrived before payment', $3, $3)",
                 )
@@ -259,21 +250,21 @@ impl PaymentCommands {
                 .bind(Uuid::now_v7().to_string())
                 .bind(now)
                 .bind(PaymentStatus::Voided.as_str())
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
             }
             // The provider may or may not have taken it: the settler finds out and undoes it.
             Some((_, PaymentStatus::Charging)) => {
-                hand_to_settler(PaymentStatus::Voiding).execute(&mut **tx).await?;
+                hand_to_settler(PaymentStatus::Voiding).execute(&mut *tx).await?;
                 return Ok(Verdict::Later);
             }
             Some((_, PaymentStatus::Voiding | PaymentStatus::Refunding)) => return Ok(Verdict::Later),
             Some((_, PaymentStatus::Captured)) => {
-                let row = sqlx::query(
+                let row = store::query(
                     "SELECT customer_id, amount_cents, provider_charge_id FROM payment WHERE order_id = $1",
                 )
                 .bind(&order)
-                .fetch_one(&mut **tx)
+                .fetch_one(&mut *tx)
                 .await?;
                 if row.try_get::<Option<String>, _>("provider_charge_id")?.is_some() {
                     if self.provider.is_none() {
@@ -283,18 +274,18 @@ impl PaymentCommands {
                             "payment for order {order} was charged at the provider but none is configured"
                         )));
                     }
-                    hand_to_settler(PaymentStatus::Refunding).execute(&mut **tx).await?;
+                    hand_to_settler(PaymentStatus::Refunding).execute(&mut *tx).await?;
                     return Ok(Verdict::Later);
                 }
                 let customer: String = row.try_get("customer_id")?;
                 let amount: i64 = row.try_get("amount_cents")?;
                 let wallet = format!("customer:{customer}");
                 ledger::transfer(tx, ledger::REVENUE, &wallet, amount, "refund", &order).await?;
-                sqlx::query("UPDATE payment SET status = $3, updated_at = $1 WHERE order_id = $2")
+                store::query("UPDATE payment SET status = $3, updated_at = $1 WHERE order_id = $2")
                     .bind(now)
                     .bind(&order)
                     .bind(PaymentStatus::Refunded.as_str())
-                    .execute(&mut **tx)
+                    .execute(&mut *tx)
                     .await?;
                 metrics::counter!("bazaar_payments_total", "outcome" => "refunded").increment(1);
             }

@@ -1,7 +1,7 @@
 //! The double-entry ledger: every transaction's entries sum to zero.
 
+use bazaar_kit::store;
 use bazaar_kit::store::{now_millis, Tx};
-use sqlx::Row;
 use uuid::Uuid;
 
 /// The merchant's revenue account.
@@ -17,31 +17,29 @@ pub fn wallet(customer: &Uuid) -> String {
 }
 
 /// Creates `account` if it does not exist.
-pub async fn open(tx: &mut Tx<'static>, account: &str, currency: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("INSERT INTO account (id, currency, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-        .bind(account)
-        .bind(currency)
-        .bind(now_millis())
-        .execute(&mut **tx)
-        .await?;
+pub async fn open(tx: &mut Tx, account: &str, currency: &str) -> Result<bool, store::StoreError> {
+    let done =
+        store::query("INSERT INTO account (id, currency, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(account)
+            .bind(currency)
+            .bind(now_millis())
+            .execute(&mut *tx)
+            .await?;
     Ok(done.rows_affected() == 1)
 }
 
 /// True when `account` exists.
-pub async fn exists(tx: &mut Tx<'static>, account: &str) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query("SELECT 1 AS one FROM account WHERE id = $1")
+pub async fn exists(tx: &mut Tx, account: &str) -> Result<bool, store::StoreError> {
+    Ok(store::query("SELECT 1 AS one FROM account WHERE id = $1")
         .bind(account)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *tx)
         .await?
         .is_some())
 }
 
 /// The balance of `account` in minor units.
-pub async fn balance<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
-    db: E,
-    account: &str,
-) -> Result<i64, sqlx::Error> {
-    let row = sqlx::query(
+pub async fn balance<'c>(db: impl Into<store::Target<'c>>, account: &str) -> Result<i64, store::StoreError> {
+    let row = store::query(
         "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) AS b FROM ledger_entry WHERE account_id = $1",
     )
     .bind(account)
@@ -52,17 +50,17 @@ pub async fn balance<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
 
 /// Moves `amount` from `from` to `to` as one balanced transaction.
 pub async fn transfer(
-    tx: &mut Tx<'static>,
+    tx: &mut Tx,
     from: &str,
     to: &str,
     amount: i64,
     kind: &str,
     reference: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), store::StoreError> {
     let txn = Uuid::now_v7().to_string();
     let now = now_millis();
     for (account, signed) in [(from, -amount), (to, amount)] {
-        sqlx::query(
+        store::query(
             "INSERT INTO ledger_entry (id, txn_id, account_id, amount_cents, kind, reference, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(Uuid::now_v7().to_string())
@@ -72,7 +70,7 @@ pub async fn transfer(
         .bind(kind)
         .bind(reference)
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     }
     Ok(())

@@ -8,6 +8,7 @@
 //! to the outbox. A crash anywhere repeats the call, which the idempotency key makes harmless;
 //! a refund that overtakes a charge finds the intent and undoes whatever the provider did.
 
+use bazaar_kit::store;
 use std::time::Duration;
 
 use bazaar_contracts::Paid;
@@ -19,7 +20,6 @@ use bazaar_kit::{
     shutdown::Shutdown,
     store::{now_millis, Tx},
 };
-use sqlx::Row;
 
 use crate::{
     ledger,
@@ -60,7 +60,7 @@ struct Due {
 /// Settles every due row once; returns how many were settled.
 pub async fn settle_round(outbox: &Outbox, provider: &PaymentProvider) -> Result<usize, HandlerError> {
     let store = outbox.store();
-    let rows = sqlx::query(
+    let rows = store::query(
         "SELECT order_id, status, customer_id, amount_cents, currency, provider_charge_id FROM payment
          WHERE status IN ($2, $3, $4) AND next_try_at <= $1 ORDER BY next_try_at LIMIT 20",
     )
@@ -68,7 +68,7 @@ pub async fn settle_round(outbox: &Outbox, provider: &PaymentProvider) -> Result
     .bind(PaymentStatus::Charging.as_str())
     .bind(PaymentStatus::Voiding.as_str())
     .bind(PaymentStatus::Refunding.as_str())
-    .fetch_all(store.pool())
+    .fetch_all(store)
     .await?;
     let mut settled = 0;
     for row in rows {
@@ -82,14 +82,14 @@ pub async fn settle_round(outbox: &Outbox, provider: &PaymentProvider) -> Result
         };
         // Claim it, so another instance's settler leaves it alone.
         let now = now_millis();
-        let claimed = sqlx::query(
+        let claimed = store::query(
             "UPDATE payment SET next_try_at = $1 WHERE order_id = $2 AND status = $3 AND next_try_at <= $4",
         )
         .bind(now + CLAIM.as_millis() as i64)
         .bind(&due.order)
         .bind(due.status.as_str())
         .bind(now)
-        .execute(store.pool())
+        .execute(store)
         .await?;
         if claimed.rows_affected() == 0 {
             continue;
@@ -101,10 +101,10 @@ pub async fn settle_round(outbox: &Outbox, provider: &PaymentProvider) -> Result
         if done {
             settled += 1;
         } else {
-            sqlx::query("UPDATE payment SET next_try_at = $1 WHERE order_id = $2")
+            store::query("UPDATE payment SET next_try_at = $1 WHERE order_id = $2")
                 .bind(now_millis() + RETRY.as_millis() as i64)
                 .bind(&due.order)
-                .execute(store.pool())
+                .execute(store)
                 .await?;
         }
     }
@@ -136,9 +136,9 @@ async fn charge(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
         (PaymentStatus::Charging, true) => {
             capture(&mut tx, due, &answer.id).await?;
             set_status(&mut tx, &due.order, PaymentStatus::Captured).await?;
-            let id: String = sqlx::query("SELECT id FROM payment WHERE order_id = $1")
+            let id: String = store::query("SELECT id FROM payment WHERE order_id = $1")
                 .bind(&due.order)
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut tx)
                 .await?
                 .try_get("id")?;
             let payment_id = id
@@ -152,10 +152,10 @@ async fn charge(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
             let reason = format!("payment provider declined the charge: {why}");
             ledger::transfer(&mut tx, ledger::HOLDS, &wallet, due.amount, "release", &due.order).await?;
             set_status(&mut tx, &due.order, PaymentStatus::Failed).await?;
-            sqlx::query("UPDATE payment SET reason = $1 WHERE order_id = $2")
+            store::query("UPDATE payment SET reason = $1 WHERE order_id = $2")
                 .bind(&reason)
                 .bind(&due.order)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
             reply(&mut tx, &due.order, "command", Verdict::Refused(reason)).await?;
             metrics::counter!("bazaar_payments_total", "outcome" => "declined").increment(1);
@@ -164,10 +164,10 @@ async fn charge(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
             // Taken after all: capture it, then give it back like any captured payment.
             capture(&mut tx, due, &answer.id).await?;
             set_status(&mut tx, &due.order, PaymentStatus::Refunding).await?;
-            sqlx::query("UPDATE payment SET next_try_at = $1 WHERE order_id = $2")
+            store::query("UPDATE payment SET next_try_at = $1 WHERE order_id = $2")
                 .bind(now_millis())
                 .bind(&due.order)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
         }
         (PaymentStatus::Voiding, false) => {
@@ -183,13 +183,13 @@ async fn charge(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
 }
 
 /// Moves the held amount to revenue and records the provider's charge id.
-async fn capture(tx: &mut Tx<'static>, due: &Due, charge_id: &str) -> Result<(), HandlerError> {
+async fn capture(tx: &mut Tx, due: &Due, charge_id: &str) -> Result<(), HandlerError> {
     ledger::open(tx, ledger::REVENUE, &due.currency).await?;
     ledger::transfer(tx, ledger::HOLDS, ledger::REVENUE, due.amount, "payment", &due.order).await?;
-    sqlx::query("UPDATE payment SET provider_charge_id = $1 WHERE order_id = $2")
+    store::query("UPDATE payment SET provider_charge_id = $1 WHERE order_id = $2")
         .bind(charge_id)
         .bind(&due.order)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }
@@ -222,34 +222,34 @@ async fn refund(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
 
 /// Locks the payment row (a no-op update, so PostgreSQL holds it to the commit) and returns
 /// its status.
-async fn lock(tx: &mut Tx<'static>, order: &str) -> Result<PaymentStatus, HandlerError> {
-    sqlx::query("UPDATE payment SET updated_at = updated_at WHERE order_id = $1")
+async fn lock(tx: &mut Tx, order: &str) -> Result<PaymentStatus, HandlerError> {
+    store::query("UPDATE payment SET updated_at = updated_at WHERE order_id = $1")
         .bind(order)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
-    let status: String = sqlx::query("SELECT status FROM payment WHERE order_id = $1")
+    let status: String = store::query("SELECT status FROM payment WHERE order_id = $1")
         .bind(order)
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await?
         .try_get("status")?;
     Ok(PaymentStatus::parse(&status)?)
 }
 
-async fn set_status(tx: &mut Tx<'static>, order: &str, status: PaymentStatus) -> Result<(), HandlerError> {
-    sqlx::query("UPDATE payment SET status = $1, updated_at = $2 WHERE order_id = $3")
+async fn set_status(tx: &mut Tx, order: &str, status: PaymentStatus) -> Result<(), HandlerError> {
+    store::query("UPDATE payment SET status = $1, updated_at = $2 WHERE order_id = $3")
         .bind(status.as_str())
         .bind(now_millis())
         .bind(order)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }
 
 /// Adds the saga reply to the command stored in `column` to the outbox.
-async fn reply(tx: &mut Tx<'static>, order: &str, column: &str, verdict: Verdict) -> Result<(), HandlerError> {
-    let stored: Option<String> = sqlx::query(&format!("SELECT {column} FROM payment WHERE order_id = $1"))
+async fn reply(tx: &mut Tx, order: &str, column: &str, verdict: Verdict) -> Result<(), HandlerError> {
+    let stored: Option<String> = store::query(&format!("SELECT {column} FROM payment WHERE order_id = $1"))
         .bind(order)
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await?
         .try_get(0)?;
     let Some(stored) = stored else {

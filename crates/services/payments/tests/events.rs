@@ -11,6 +11,7 @@
 mod support;
 
 use bazaar_contracts::{topics, types};
+use bazaar_kit::store;
 use bazaar_kit::{
     consumer::HandlerError,
     envelope::{Envelope, Metadata},
@@ -103,9 +104,9 @@ async fn a_payment_charges_exactly_the_amount_into_revenue() {
     assert_eq!(p.wallet(ann.id).await, welcome() - 3_750);
     assert_eq!(p.revenue().await, 3_750);
     assert_eq!(p.payment(order).await, Some(("captured".into(), 3_750, None)));
-    let stored: String = sqlx::query_scalar("SELECT id FROM payment WHERE order_id = $1")
+    let stored: String = store::query("SELECT id FROM payment WHERE order_id = $1")
         .bind(order.to_string())
-        .fetch_one(p.rt.store.pool())
+        .fetch_scalar(&p.rt.store)
         .await
         .unwrap();
     assert_eq!(stored, payment.to_string(), "the reply names the stored payment");

@@ -3,6 +3,7 @@
 //! store, as the consumer drives it (commit on success, roll back on error), and the settler
 //! that calls the provider outside any transaction and answers the saga.
 
+use bazaar_kit::store;
 use std::time::Duration;
 
 use bazaar_contracts::{types, OrderRef, ProcessPayment};
@@ -24,7 +25,6 @@ use bazaar_payments::{
     PaymentCommands, PaymentProvider, MIGRATIONS,
 };
 use serde_json::{json, Value};
-use sqlx::Row;
 use uuid::Uuid;
 
 const REPLIES: &str = bazaar_contracts::topics::ORDER_SAGA_REPLIES;
@@ -108,24 +108,25 @@ impl World {
     }
 
     async fn last_outbox_id(&self) -> i64 {
-        sqlx::query("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM outbox")
-            .fetch_one(self.store.pool())
+        store::query("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM outbox")
+            .fetch_one(&self.store)
             .await
             .expect("max id")
-            .get(0)
+            .try_get(0)
+            .expect("a column")
     }
 
     /// Saga replies written after outbox row `after`, as `(ok, reason)`.
     async fn replies_after(&self, after: i64) -> Vec<(bool, Option<String>)> {
-        sqlx::query("SELECT body FROM outbox WHERE topic = $1 AND id > $2 ORDER BY id")
+        store::query("SELECT body FROM outbox WHERE topic = $1 AND id > $2 ORDER BY id")
             .bind(REPLIES)
             .bind(after)
-            .fetch_all(self.store.pool())
+            .fetch_all(&self.store)
             .await
             .expect("replies")
             .iter()
             .map(|row| {
-                let body: String = row.get("body");
+                let body: String = row.try_get("body").expect("a column");
                 let reply = Envelope::from_slice(body.as_bytes()).expect("reply envelope").payload;
                 (
                     reply["ok"].as_bool().expect("ok flag"),
@@ -168,11 +169,12 @@ impl World {
         loop {
             settle_round(&outbox, provider).await.expect("settle round");
             let open: i64 =
-                sqlx::query("SELECT COUNT(*) FROM payment WHERE status IN ('charging', 'voiding', 'refunding')")
-                    .fetch_one(self.store.pool())
+                store::query("SELECT COUNT(*) FROM payment WHERE status IN ('charging', 'voiding', 'refunding')")
+                    .fetch_one(&self.store)
                     .await
                     .expect("open")
-                    .get(0);
+                    .try_get(0)
+                    .expect("a column");
             if open == 0 || tokio::time::Instant::now() > deadline {
                 return self.replies_after(before).await;
             }
@@ -181,9 +183,9 @@ impl World {
     }
 
     async fn payment(&self, order: Uuid) -> (String, Option<String>) {
-        let row = sqlx::query("SELECT status, provider_charge_id FROM payment WHERE order_id = $1")
+        let row = store::query("SELECT status, provider_charge_id FROM payment WHERE order_id = $1")
             .bind(order.to_string())
-            .fetch_one(self.store.pool())
+            .fetch_one(&self.store)
             .await
             .expect("payment row");
         (
@@ -193,7 +195,7 @@ impl World {
     }
 
     async fn balance(&self, customer: Uuid) -> i64 {
-        ledger::balance(self.store.pool(), &ledger::wallet(&customer))
+        ledger::balance(&self.store, &ledger::wallet(&customer))
             .await
             .expect("balance")
     }
@@ -307,8 +309,8 @@ async fn an_outage_waits_and_the_charge_is_made_once_when_it_ends() {
     let provider = payments.provider.as_ref().expect("provider");
     let outbox = Outbox::new(w.store.clone());
     for _ in 0..3 {
-        sqlx::query("UPDATE payment SET next_try_at = 0")
-            .execute(w.store.pool())
+        store::query("UPDATE payment SET next_try_at = 0")
+            .execute(&w.store)
             .await
             .expect("due");
         assert_eq!(settle_round(&outbox, provider).await.expect("round"), 0);
@@ -316,8 +318,8 @@ async fn an_outage_waits_and_the_charge_is_made_once_when_it_ends() {
     assert_eq!(provider.breaker_state(), BreakerState::Open);
     assert!(provider.check().is_err(), "health reports the provider down while open");
     let seen = w.stats().await.requests;
-    sqlx::query("UPDATE payment SET next_try_at = 0")
-        .execute(w.store.pool())
+    store::query("UPDATE payment SET next_try_at = 0")
+        .execute(&w.store)
         .await
         .expect("due");
     assert_eq!(settle_round(&outbox, provider).await.expect("round"), 0);

@@ -1,5 +1,6 @@
 //! The users HTTP API: register, log in, who am I, and the token keys.
 
+use bazaar_kit::store;
 use std::{sync::Arc, time::Duration};
 
 use argon2::{
@@ -22,7 +23,7 @@ use bazaar_kit::{
     store::{now_millis, Tx},
 };
 use serde::{Deserialize, Serialize};
-use sqlx::{any::AnyRow, Row};
+
 use utoipa::ToSchema;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -305,16 +306,16 @@ async fn register(
     let hash = hashing.hash(body.password).await?;
     let now = now_millis();
     let mut tx = rt.store.begin().await?;
-    let existing = sqlx::query("SELECT id, verified_at, codes_sent, codes_since FROM users WHERE email = $1")
+    let existing = store::query("SELECT id, verified_at, codes_sent, codes_since FROM users WHERE email = $1")
         .bind(&email.0)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut tx)
         .await?;
     let meta = metadata(&ctx);
     match existing {
         None => {
             let id = Uuid::now_v7();
             let code = verification::new_code().map_err(|_| Problem::internal("no randomness for a code"))?;
-            let inserted = sqlx::query(
+            let inserted = store::query(
                 "INSERT INTO users (id, email, name, phone, roles, password_hash, created_at, code_hash, code_expires_at, code_failures, codes_sent, codes_since)
                  VALUES ($1, $2, $3, $4, '', $5, $6, $7, $8, 0, 1, $6) ON CONFLICT (email) DO NOTHING",
             )
@@ -326,7 +327,7 @@ async fn register(
             .bind(now)
             .bind(verification::code_hash(&code))
             .bind(now + verification::CODE_LIFETIME.as_millis() as i64)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
             // Zero rows: a registration of the same address committed a moment ago and sent a code.
             if inserted.rows_affected() == 1 {
@@ -345,19 +346,19 @@ async fn register(
                     // Over the limit no new code is sent, but the password is still the latest
                     // registrant's: whoever spends an address's messages cannot keep its owner,
                     // who holds the codes already sent, from opening it with their own.
-                    sqlx::query(
+                    store::query(
                         "UPDATE users SET name = $1, phone = $2, password_hash = $3 WHERE id = $4 AND verified_at IS NULL",
                     )
                     .bind(name)
                     .bind(phone)
                     .bind(&hash)
                     .bind(id.to_string())
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await?;
                 }
                 Some((since, sent)) if verified => {
                     // Conditional on the counts read: of two racing registrations one sends.
-                    let counted = sqlx::query(
+                    let counted = store::query(
                         "UPDATE users SET codes_sent = $1, codes_since = $2 WHERE id = $3 AND codes_sent = $4 AND codes_since = $5",
                     )
                     .bind(sent)
@@ -365,7 +366,7 @@ async fn register(
                     .bind(id.to_string())
                     .bind(old_sent)
                     .bind(old_since)
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await?;
                     if counted.rows_affected() == 0 {
                         rt.outbox.commit(tx).await?;
@@ -382,7 +383,7 @@ async fn register(
                     // Not confirmed yet: whoever registers it now chooses the password, and
                     // only the mailbox's owner receives the code that opens it.
                     let code = verification::new_code().map_err(|_| Problem::internal("no randomness for a code"))?;
-                    let replaced = sqlx::query(
+                    let replaced = store::query(
                         "UPDATE users SET name = $1, phone = $2, password_hash = $3, code_hash = $4, code_expires_at = $5,
                          code_failures = 0, codes_sent = $6, codes_since = $7
                          WHERE id = $8 AND verified_at IS NULL AND codes_sent = $9 AND codes_since = $10",
@@ -397,7 +398,7 @@ async fn register(
                     .bind(id.to_string())
                     .bind(old_sent)
                     .bind(old_since)
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await?;
                     // Zero rows: a registration (or a confirmation) of this address committed
                     // since it was read; answering alike, this one changes nothing.
@@ -456,7 +457,7 @@ fn metadata(ctx: &RequestContext) -> Metadata {
 /// Asks notifications to mail `code` to `email`, in the transaction that stored its hash.
 async fn send_code(
     rt: &Runtime,
-    tx: &mut Tx<'static>,
+    tx: &mut Tx,
     id: Uuid,
     email: &Email,
     name: &str,
@@ -479,8 +480,8 @@ async fn send_code(
 /// false when it was not waiting as `unchanged` says.
 async fn open_account(
     rt: &Runtime,
-    tx: &mut Tx<'static>,
-    row: &AnyRow,
+    tx: &mut Tx,
+    row: &store::Row,
     now: i64,
     meta: Metadata,
     unchanged: Option<(&str, &str)>,
@@ -490,7 +491,7 @@ async fn open_account(
     // still waiting with exactly those opens: of two racing confirmations one announces it,
     // and a registration that replaced the password meanwhile wins over a stale check.
     let (password_hash, code_hash) = unchanged.unwrap_or_default();
-    let updated = sqlx::query(
+    let updated = store::query(
         "UPDATE users SET verified_at = $1, code_hash = NULL, code_expires_at = NULL
          WHERE id = $2 AND verified_at IS NULL
            AND ($3 = 0 OR (password_hash = $4 AND code_hash = $5 AND code_failures < $6 AND code_expires_at > $1))",
@@ -501,7 +502,7 @@ async fn open_account(
     .bind(password_hash)
     .bind(code_hash)
     .bind(verification::GUESSES)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 0 {
         return Ok(false);
@@ -525,9 +526,9 @@ async fn open_account(
 /// Creates the operator account `email` with the admin role, confirmed, unless it exists.
 pub(crate) async fn ensure_admin(rt: &Runtime, email: &str, password: &str) -> Result<(), Problem> {
     let email = Email::parse(email)?;
-    let exists = sqlx::query("SELECT 1 AS one FROM users WHERE email = $1")
+    let exists = store::query("SELECT 1 AS one FROM users WHERE email = $1")
         .bind(&email.0)
-        .fetch_optional(rt.store.pool())
+        .fetch_optional(&rt.store)
         .await?;
     if exists.is_some() {
         return Ok(());
@@ -538,7 +539,7 @@ pub(crate) async fn ensure_admin(rt: &Runtime, email: &str, password: &str) -> R
     let hash = Hashing::new(HashingLimit::default()).hash(password.to_string()).await?;
     let now = now_millis();
     let mut tx = rt.store.begin().await?;
-    let inserted = sqlx::query(
+    let inserted = store::query(
         "INSERT INTO users (id, email, name, phone, roles, password_hash, created_at, code_failures, codes_sent, codes_since)
          VALUES ($1, $2, 'Administrator', NULL, $3, $4, $5, 0, 0, 0) ON CONFLICT (email) DO NOTHING",
     )
@@ -547,13 +548,13 @@ pub(crate) async fn ensure_admin(rt: &Runtime, email: &str, password: &str) -> R
     .bind(ADMIN)
     .bind(&hash)
     .bind(now)
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
     // Zero rows: another instance created it at the same moment.
     if inserted.rows_affected() == 1 {
-        let row = sqlx::query("SELECT id, email, name, phone FROM users WHERE email = $1")
+        let row = store::query("SELECT id, email, name, phone FROM users WHERE email = $1")
             .bind(&email.0)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut tx)
             .await?;
         let ctx = RequestContext {
             correlation_id: Uuid::now_v7().to_string(),
@@ -593,7 +594,11 @@ struct Confirmation {
 /// under the per-account throttle. An unknown or malformed address is checked against a
 /// stand-in hash and throttled alike, so neither the answer nor its timing says which
 /// addresses are registered.
-async fn check_credentials(users: &Users, email: &str, password: String) -> Result<(Option<AnyRow>, Attempt), Problem> {
+async fn check_credentials(
+    users: &Users,
+    email: &str,
+    password: String,
+) -> Result<(Option<store::Row>, Attempt), Problem> {
     let key = email.trim().to_lowercase();
     // No address is longer; refused before it takes a place in the throttle's memory.
     if key.len() > 254 {
@@ -614,12 +619,12 @@ async fn check_credentials(users: &Users, email: &str, password: String) -> Resu
         return Err(sign_in_refused());
     }
     let row = match Email::parse(email) {
-        Ok(email) => sqlx::query(
+        Ok(email) => store::query(
             "SELECT id, email, name, phone, roles, password_hash, verified_at, code_hash, code_expires_at, code_failures
              FROM users WHERE email = $1",
         )
         .bind(&email.0)
-        .fetch_optional(users.rt.store.pool())
+        .fetch_optional(&users.rt.store)
         .await?,
         Err(_) => None,
     };
@@ -691,9 +696,9 @@ async fn confirm(
             && row.try_get::<i64, _>("code_failures")? < verification::GUESSES;
         if !live || stored.as_deref() != Some(verification::code_hash(&body.code).as_str()) {
             // Count the guess against the code (a live one dies after five), not the password.
-            sqlx::query("UPDATE users SET code_failures = code_failures + 1 WHERE id = $1 AND verified_at IS NULL")
+            store::query("UPDATE users SET code_failures = code_failures + 1 WHERE id = $1 AND verified_at IS NULL")
                 .bind(&id)
-                .execute(users.rt.store.pool())
+                .execute(&users.rt.store)
                 .await?;
             attempt.matched(false);
             return Err(refused());
@@ -713,9 +718,9 @@ async fn confirm(
         if !opened {
             // Another confirmation opened it a moment ago (fine: the same password), or a
             // registration replaced the password and code since they were checked (refused).
-            let now_stored = sqlx::query("SELECT verified_at, password_hash FROM users WHERE id = $1")
+            let now_stored = store::query("SELECT verified_at, password_hash FROM users WHERE id = $1")
                 .bind(&id)
-                .fetch_optional(users.rt.store.pool())
+                .fetch_optional(&users.rt.store)
                 .await?;
             let same = match &now_stored {
                 Some(r) => {
@@ -735,7 +740,7 @@ async fn confirm(
 }
 
 /// An access token for the account `row`.
-async fn issue(keys: &KeyRing, row: &AnyRow) -> Result<Json<Token>, Problem> {
+async fn issue(keys: &KeyRing, row: &store::Row) -> Result<Json<Token>, Problem> {
     let id: String = row.try_get("id")?;
     let email: String = row.try_get("email")?;
     let roles = split_roles(&row.try_get::<String, _>("roles")?);
@@ -788,9 +793,9 @@ fn split_roles(stored: &str) -> Vec<String> {
     responses((status = 200, description = "The account", body = User),
         (status = 404, description = "The account no longer exists")))]
 async fn me(State(Users { rt, .. }): State<Users>, AuthUser(claims): AuthUser) -> Result<Json<User>, Problem> {
-    let row = sqlx::query("SELECT id, email, name, phone, roles FROM users WHERE id = $1")
+    let row = store::query("SELECT id, email, name, phone, roles FROM users WHERE id = $1")
         .bind(claims.sub.to_string())
-        .fetch_optional(rt.store.pool())
+        .fetch_optional(&rt.store)
         .await?
         .ok_or_else(|| Problem::not_found("your account no longer exists"))?;
     Ok(Json(User {

@@ -6,6 +6,7 @@
 //! token it signed has expired, so verifiers see old and new keys side by side during the
 //! overlap.
 
+use bazaar_kit::store;
 use std::{
     sync::{Arc, RwLock},
     time::{Duration, Instant},
@@ -17,7 +18,6 @@ use bazaar_kit::{
     http::Problem,
     store::{now_millis, Store},
 };
-use sqlx::Row;
 
 /// How long a token lives.
 pub const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -78,8 +78,8 @@ impl KeyRing {
     /// Rotates when the signing key is older than [`ROTATE_AFTER`], and drops keys whose
     /// tokens have all expired. Runs hourly.
     pub async fn maintain(&self) -> Result<(), Problem> {
-        let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(created_at) FROM signing_keys")
-            .fetch_one(self.store.pool())
+        let newest: Option<i64> = store::query("SELECT MAX(created_at) FROM signing_keys")
+            .fetch_scalar(&self.store)
             .await?;
         if newest.is_none_or(|at| now_millis() - at > ROTATE_AFTER.as_millis() as i64) {
             self.rotate().await?;
@@ -91,14 +91,16 @@ impl KeyRing {
 
     /// The public keys, as users publishes them.
     pub async fn jwks(&self) -> Result<Jwks, Problem> {
-        let rows = sqlx::query("SELECT public_jwk FROM signing_keys ORDER BY created_at DESC")
-            .fetch_all(self.store.pool())
+        let rows = store::query("SELECT public_jwk FROM signing_keys ORDER BY created_at DESC")
+            .fetch_all(&self.store)
             .await?;
         let keys = rows
             .iter()
-            .map(|row| serde_json::from_str::<PublicJwk>(&row.get::<String, _>("public_jwk")))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Problem::internal)?;
+            .map(|row| {
+                let jwk: String = row.try_get("public_jwk")?;
+                serde_json::from_str::<PublicJwk>(&jwk).map_err(Problem::internal)
+            })
+            .collect::<Result<Vec<_>, Problem>>()?;
         Ok(Jwks { keys })
     }
 
@@ -119,12 +121,12 @@ impl KeyRing {
     }
 
     async fn newest(&self) -> Result<Option<SigningKey>, Problem> {
-        let row = sqlx::query("SELECT private_key FROM signing_keys ORDER BY created_at DESC, kid LIMIT 1")
-            .fetch_optional(self.store.pool())
+        let row = store::query("SELECT private_key FROM signing_keys ORDER BY created_at DESC, kid LIMIT 1")
+            .fetch_optional(&self.store)
             .await?;
         row.map(|row| {
             let der = STANDARD
-                .decode(row.get::<String, _>("private_key"))
+                .decode(row.try_get::<String, _>("private_key")?)
                 .map_err(Problem::internal)?;
             SigningKey::from_pkcs8(&der).map_err(Problem::internal)
         })
@@ -134,12 +136,12 @@ impl KeyRing {
     async fn add(&self) -> Result<SigningKey, Problem> {
         let key = SigningKey::generate().map_err(Problem::internal)?;
         let public = serde_json::to_string(key.public()).map_err(Problem::internal)?;
-        sqlx::query("INSERT INTO signing_keys (kid, private_key, public_jwk, created_at) VALUES ($1, $2, $3, $4)")
+        store::query("INSERT INTO signing_keys (kid, private_key, public_jwk, created_at) VALUES ($1, $2, $3, $4)")
             .bind(key.kid())
             .bind(STANDARD.encode(key.pkcs8()))
             .bind(public)
             .bind(now_millis())
-            .execute(self.store.pool())
+            .execute(&self.store)
             .await?;
         Ok(key)
     }
@@ -148,11 +150,11 @@ impl KeyRing {
     /// lifetime ago: all their tokens have expired.
     async fn prune(&self) -> Result<(), Problem> {
         let horizon = now_millis() - (TOKEN_TTL + ACTIVE_KEY_MAX_AGE).as_millis() as i64;
-        let dropped = sqlx::query(
+        let dropped = store::query(
             "DELETE FROM signing_keys WHERE created_at < (SELECT MAX(created_at) FROM signing_keys WHERE created_at < $1)",
         )
         .bind(horizon)
-        .execute(self.store.pool())
+        .execute(&self.store)
         .await?
         .rows_affected();
         if dropped > 0 {

@@ -8,6 +8,7 @@
 
 use axum::http::{Method, StatusCode};
 use bazaar_contracts::{topics, types, LineRequest, OrderRef, ReserveStock};
+use bazaar_kit::store;
 use bazaar_kit::{
     consumer::HandlerError,
     envelope::{Envelope, Metadata},
@@ -18,7 +19,6 @@ use bazaar_kit::{
 
 pub use bazaar_kit::testing::Answer;
 use serde_json::{json, Value};
-use sqlx::Row;
 use uuid::Uuid;
 
 /// The correlation id every test command carries.
@@ -116,17 +116,18 @@ impl Inventory {
 
     /// Rows in the outbox (every reply inventory ever wrote).
     pub async fn outbox_rows(&self) -> i64 {
-        sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox")
-            .fetch_one(self.rt.store.pool())
+        store::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox")
+            .fetch_one(&self.rt.store)
             .await
             .expect("count")
-            .get("n")
+            .try_get("n")
+            .expect("a column")
     }
 
     /// Asserts what `bazaar audit` checks per product: the stock movements minus what was
     /// sold equal what is on hand, and `reserved` equals what held reservations hold.
     pub async fn assert_stock_adds_up(&self) {
-        let rows = sqlx::query(
+        let rows = store::query(
             "SELECT p.id, p.on_hand, p.reserved,
                 (SELECT CAST(COALESCE(SUM(delta), 0) AS BIGINT) FROM stock_movement m WHERE m.product_id = p.id) AS moved,
                 (SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_line l
@@ -137,17 +138,17 @@ impl Inventory {
                   WHERE l.product_id = p.id AND r.status = 'reserved') AS held
              FROM product p",
         )
-        .fetch_all(self.rt.store.pool())
+        .fetch_all(&self.rt.store)
         .await
         .expect("stock audit");
         for r in rows {
-            let id: String = r.get("id");
+            let id: String = r.try_get("id").expect("a column");
             let (on_hand, reserved, moved, sold, held): (i64, i64, i64, i64, i64) = (
-                r.get("on_hand"),
-                r.get("reserved"),
-                r.get("moved"),
-                r.get("sold"),
-                r.get("held"),
+                r.try_get("on_hand").expect("a column"),
+                r.try_get("reserved").expect("a column"),
+                r.try_get("moved").expect("a column"),
+                r.try_get("sold").expect("a column"),
+                r.try_get("held").expect("a column"),
             );
             assert_eq!(
                 moved - sold,

@@ -9,6 +9,7 @@
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
 
+use bazaar_kit::store;
 use std::path::{Path, PathBuf};
 
 use axum::http::{Method, StatusCode};
@@ -23,7 +24,6 @@ use bazaar_notifications::{courier, Courier, MailConfig, Outcomes, SmsConfig};
 
 pub use bazaar_kit::testing::Answer;
 use serde_json::Value;
-use sqlx::Row;
 use uuid::Uuid;
 
 /// The correlation id every test event carries.
@@ -192,24 +192,24 @@ impl Notifications {
 
     /// Every queued notification, oldest first.
     pub async fn notes(&self) -> Vec<Note> {
-        sqlx::query(
+        store::query(
             "SELECT id, dedupe_key, channel, recipient, subject, body, status, attempts, correlation_id
              FROM notification ORDER BY created_at, id",
         )
-        .fetch_all(self.rt.store.pool())
+        .fetch_all(&self.rt.store)
         .await
         .expect("notifications")
         .iter()
         .map(|r| Note {
-            id: r.get("id"),
-            about: r.get("dedupe_key"),
-            channel: r.get("channel"),
-            recipient: r.get("recipient"),
-            subject: r.get("subject"),
-            body: r.get("body"),
-            status: r.get("status"),
-            attempts: r.get("attempts"),
-            correlation_id: r.get("correlation_id"),
+            id: r.try_get("id").expect("a column"),
+            about: r.try_get("dedupe_key").expect("a column"),
+            channel: r.try_get("channel").expect("a column"),
+            recipient: r.try_get("recipient").expect("a column"),
+            subject: r.try_get("subject").expect("a column"),
+            body: r.try_get("body").expect("a column"),
+            status: r.try_get("status").expect("a column"),
+            attempts: r.try_get("attempts").expect("a column"),
+            correlation_id: r.try_get("correlation_id").expect("a column"),
         })
         .collect()
     }

@@ -14,6 +14,7 @@ use axum::{
     http::{Method, Request, StatusCode},
 };
 use bazaar_contracts::{topics, types, OrderOutcome, Paid, PricedLine, Reserved};
+use bazaar_kit::store;
 use bazaar_kit::{
     auth::ADMIN,
     consumer::HandlerError,
@@ -26,7 +27,6 @@ use bazaar_kit::{
 pub use bazaar_kit::testing::Answer;
 use bazaar_orders::Orders;
 use serde_json::{json, Value};
-use sqlx::Row;
 use uuid::Uuid;
 
 /// A running orders role.
@@ -176,21 +176,23 @@ impl Shop {
 
     /// The order's stored status.
     pub async fn status(&self, order: Uuid) -> String {
-        sqlx::query("SELECT status FROM orders WHERE id = $1")
+        store::query("SELECT status FROM orders WHERE id = $1")
             .bind(order.to_string())
-            .fetch_one(self.rt.store.pool())
+            .fetch_one(&self.rt.store)
             .await
             .expect("the order row")
-            .get("status")
+            .try_get("status")
+            .expect("a column")
     }
 
     /// How many rows `table` has.
     pub async fn count(&self, table: &str) -> i64 {
-        sqlx::query(&format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table}"))
-            .fetch_one(self.rt.store.pool())
+        store::query(&format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table}"))
+            .fetch_one(&self.rt.store)
             .await
             .expect("count")
-            .get("n")
+            .try_get("n")
+            .expect("a column")
     }
 
     /// Every envelope in the outbox on `topic` about `order`, oldest first.
@@ -202,18 +204,19 @@ impl Shop {
 
     /// Every saga command the engine sent for `order` (to inventory or payments), in order.
     pub async fn sent(&self, order: Uuid) -> Vec<Sent> {
-        let rows = sqlx::query("SELECT topic, body FROM outbox WHERE topic IN ($1, $2) ORDER BY id")
+        let rows = store::query("SELECT topic, body FROM outbox WHERE topic IN ($1, $2) ORDER BY id")
             .bind(topics::INVENTORY_COMMANDS)
             .bind(topics::PAYMENTS_COMMANDS)
-            .fetch_all(self.rt.store.pool())
+            .fetch_all(&self.rt.store)
             .await
             .expect("outbox");
         rows.iter()
             .map(|row| {
-                let envelope = Envelope::from_slice(row.get::<String, _>("body").as_bytes()).expect("an envelope");
+                let envelope = Envelope::from_slice(row.try_get::<String, _>("body").expect("a column").as_bytes())
+                    .expect("an envelope");
                 let header = CommandHeader::of(&envelope).expect("a saga command");
                 Sent {
-                    topic: row.get("topic"),
+                    topic: row.try_get("topic").expect("a column"),
                     envelope,
                     header,
                 }

@@ -13,6 +13,7 @@
 
 use axum::http::{Method, StatusCode};
 use bazaar_contracts::{topics, types, OrderRef, ProcessPayment, UserRegistered};
+use bazaar_kit::store;
 use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::{Envelope, Metadata},
@@ -24,7 +25,6 @@ use bazaar_payments::{ledger, PaymentCommands, PaymentsConfig, UserEvents};
 
 pub use bazaar_kit::testing::Answer;
 use serde_json::{json, Value};
-use sqlx::Row;
 use uuid::Uuid;
 
 /// The correlation id every test event carries.
@@ -202,16 +202,17 @@ impl Payments {
 
     /// How many rows `table` has.
     pub async fn count(&self, table: &str) -> i64 {
-        sqlx::query(&format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table}"))
-            .fetch_one(self.rt.store.pool())
+        store::query(&format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table}"))
+            .fetch_one(&self.rt.store)
             .await
             .expect("count")
-            .get("n")
+            .try_get("n")
+            .expect("a column")
     }
 
     /// The balance of ledger account `account`.
     pub async fn balance(&self, account: &str) -> i64 {
-        ledger::balance(self.rt.store.pool(), account).await.expect("balance")
+        ledger::balance(&self.rt.store, account).await.expect("balance")
     }
 
     /// The balance of `customer`'s wallet.
@@ -226,9 +227,9 @@ impl Payments {
 
     /// True when `customer` has a wallet.
     pub async fn has_wallet(&self, customer: Uuid) -> bool {
-        sqlx::query("SELECT 1 AS one FROM account WHERE id = $1")
+        store::query("SELECT 1 AS one FROM account WHERE id = $1")
             .bind(ledger::wallet(&customer))
-            .fetch_optional(self.rt.store.pool())
+            .fetch_optional(&self.rt.store)
             .await
             .expect("account")
             .is_some()
@@ -236,27 +237,34 @@ impl Payments {
 
     /// `(status, amount, reason)` of the payment row of `order`, if any.
     pub async fn payment(&self, order: Uuid) -> Option<(String, i64, Option<String>)> {
-        sqlx::query("SELECT status, amount_cents, reason FROM payment WHERE order_id = $1")
+        store::query("SELECT status, amount_cents, reason FROM payment WHERE order_id = $1")
             .bind(order.to_string())
-            .fetch_optional(self.rt.store.pool())
+            .fetch_optional(&self.rt.store)
             .await
             .expect("payment")
-            .map(|r| (r.get("status"), r.get("amount_cents"), r.get("reason")))
+            .map(|r| {
+                (
+                    r.try_get("status").expect("a column"),
+                    r.try_get("amount_cents").expect("a column"),
+                    r.try_get("reason").expect("a column"),
+                )
+            })
     }
 
     /// Asserts the double-entry rule: the whole ledger, and each of its transactions, sums
     /// to zero.
     pub async fn assert_ledger_balances(&self) {
-        let total: Option<i64> = sqlx::query("SELECT CAST(SUM(amount_cents) AS BIGINT) AS s FROM ledger_entry")
-            .fetch_one(self.rt.store.pool())
+        let total: Option<i64> = store::query("SELECT CAST(SUM(amount_cents) AS BIGINT) AS s FROM ledger_entry")
+            .fetch_one(&self.rt.store)
             .await
             .expect("ledger sum")
-            .get("s");
+            .try_get("s")
+            .expect("a column");
         assert_eq!(total.unwrap_or(0), 0, "the ledger sums to zero");
-        let unbalanced = sqlx::query(
+        let unbalanced = store::query(
             "SELECT txn_id FROM ledger_entry GROUP BY txn_id HAVING CAST(SUM(amount_cents) AS BIGINT) <> 0",
         )
-        .fetch_all(self.rt.store.pool())
+        .fetch_all(&self.rt.store)
         .await
         .expect("ledger transactions");
         assert!(unbalanced.is_empty(), "{} unbalanced transactions", unbalanced.len());

@@ -15,11 +15,11 @@ use axum::{
     http::{Method, Request, StatusCode},
 };
 use bazaar_contracts::{topics, types, UserRegistered, VerificationRequested};
+use bazaar_kit::store;
 use bazaar_kit::{envelope::Envelope, runtime::Runtime, testing::TestRole};
 
 pub use bazaar_kit::testing::Answer;
 use serde_json::{json, Value};
-use sqlx::Row;
 use uuid::Uuid;
 
 /// The password every registered test user has.
@@ -165,24 +165,25 @@ impl Users {
 
     /// How many users are stored.
     pub async fn user_count(&self) -> i64 {
-        sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM users")
-            .fetch_one(self.rt.store.pool())
+        store::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM users")
+            .fetch_one(&self.rt.store)
             .await
             .expect("count")
-            .get("n")
+            .try_get("n")
+            .expect("a count")
     }
 
     /// Every event users wrote to its outbox, with its topic, oldest first.
     pub async fn announced(&self) -> Vec<(String, Envelope)> {
-        sqlx::query("SELECT topic, body FROM outbox ORDER BY id")
-            .fetch_all(self.rt.store.pool())
+        store::query("SELECT topic, body FROM outbox ORDER BY id")
+            .fetch_all(&self.rt.store)
             .await
             .expect("outbox")
             .iter()
             .map(|row| {
-                let body: String = row.get("body");
+                let body: String = row.try_get("body").expect("a body");
                 (
-                    row.get("topic"),
+                    row.try_get("topic").expect("a topic"),
                     Envelope::from_slice(body.as_bytes()).expect("an envelope"),
                 )
             })
