@@ -1,9 +1,9 @@
 //! A SQLite file used straight from the calling task.
 //!
-//! sqlx hands every statement to a driver thread and waits for the answer: two thread
-//! wake-ups per statement, which cost 15 times what SQLite itself spends on a one-row write
-//! transaction (measured by `bazaar-bench pipeline`: 156 µs of CPU against 10 µs). Here a
-//! whole transaction runs inline, as one closure, on one connection per process: statements
+//! A driver that hands every statement to a thread of its own (sqlx's did) pays two thread
+//! wake-ups per statement, 15 times what SQLite itself spends on a one-row write transaction
+//! (measured with `bazaar-bench pipeline`: 148 µs of CPU against 10 µs). Here a whole
+//! transaction runs inline, as one closure, on one connection per process: statements
 //! take microseconds, so the task blocks its thread no longer than an in-memory operation
 //! would. The write lock another process holds is never waited for on the thread: the
 //! connection has no busy timeout, and a busy transaction is retried after an asynchronous
