@@ -41,7 +41,7 @@ impl Sqlite {
     /// `synchronous = NORMAL`, as every store is.
     pub async fn open(path: &Path) -> Result<Sqlite, StoreError> {
         Ok(Sqlite {
-            conn: Arc::new(Mutex::new(connect(path)?)),
+            conn: Arc::new(Mutex::new(connect(path).await?)),
             path: path.to_path_buf(),
         })
     }
@@ -126,18 +126,24 @@ impl Sqlite {
 
 /// A connection to the file at `path` (created, with its directory, when missing): WAL,
 /// `synchronous = NORMAL`, foreign keys on, statements cached, and no busy timeout (a busy
-/// answer comes back at once, for [`retry_busy`] to wait out).
-pub(crate) fn connect(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+/// answer comes back at once, for [`retry_busy`] to wait out; setting the pragmas can meet
+/// one too, while another process recovers the file after a crash).
+pub(crate) async fn connect(path: &Path) -> Result<rusqlite::Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.display().to_string(),
             source,
         })?;
     }
-    let conn = rusqlite::Connection::open(path)?;
+    let mut conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::ZERO)?;
     conn.set_prepared_statement_cache_capacity(128);
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON")?;
+    // Borrowed uniquely: a shared borrow of a connection held across the naps is not Send.
+    let setting_up = &mut conn;
+    retry_busy(move || {
+        setting_up.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON")
+    })
+    .await?;
     Ok(conn)
 }
 

@@ -235,14 +235,14 @@ const READERS: usize = 4;
 
 impl SqliteFile {
     /// An idle reader, or a new one; `:memory:` has only its writer, so it answers `None`.
-    fn reader(&self) -> Result<Option<rusqlite::Connection>, StoreError> {
+    async fn reader(&self) -> Result<Option<rusqlite::Connection>, StoreError> {
         if self.path == ":memory:" {
             return Ok(None);
         }
         let idle = self.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
         match idle {
             Some(conn) => Ok(Some(conn)),
-            None => Ok(Some(sqlite::connect(std::path::Path::new(&self.path))?)),
+            None => Ok(Some(sqlite::connect(std::path::Path::new(&self.path)).await?)),
         }
     }
 
@@ -304,7 +304,7 @@ impl Target<'_> {
     async fn fetch(self, q: Query<'_>) -> Result<Vec<Row>, StoreError> {
         match self {
             Target::Store(store) => match &store.engine {
-                Engine::Sqlite(file) if is_read(q.sql) => match file.reader()? {
+                Engine::Sqlite(file) if is_read(q.sql) => match file.reader().await? {
                     Some(mut conn) => {
                         let rows = sqlite::retry_busy(|| sqlite_fetch(&mut conn, &q)).await;
                         file.give_back(conn);
@@ -464,7 +464,7 @@ impl Store {
                 let writer = if path == ":memory:" {
                     rusqlite::Connection::open_in_memory()?
                 } else {
-                    sqlite::connect(std::path::Path::new(&path))?
+                    sqlite::connect(std::path::Path::new(&path)).await?
                 };
                 Engine::Sqlite(Arc::new(SqliteFile {
                     path,

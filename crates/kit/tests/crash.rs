@@ -176,11 +176,16 @@ async fn run_crash_test(broker_url: String, topic: String, dir: &std::path::Path
         if produced == EVENTS && unsent == 0 && handled == 2 * EVENTS && lag == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "did not settle: produced {produced}, unsent {unsent}, handled {handled}/{}, lag {lag}",
-            2 * EVENTS
-        );
+        if Instant::now() >= deadline {
+            let life = match child.try_wait() {
+                Ok(Some(status)) => format!("the last life exited early ({status})"),
+                _ => "the last life is still running".to_string(),
+            };
+            panic!(
+                "did not settle: produced {produced}, unsent {unsent}, handled {handled}/{}, lag {lag}; {life}",
+                2 * EVENTS
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     child.kill().expect("stop child");
