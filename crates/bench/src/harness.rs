@@ -363,6 +363,16 @@ impl System {
     /// The peak resident size of each role's process so far, in MiB (`VmHWM` in /proc);
     /// empty where /proc is missing.
     pub fn peak_memory(&self) -> Vec<(String, f64)> {
+        self.memory_field("VmHWM:")
+    }
+
+    /// The resident size of each role's process now, in MiB (`VmRSS` in /proc).
+    pub fn memory(&self) -> Vec<(String, f64)> {
+        self.memory_field("VmRSS:")
+    }
+
+    /// A `kB` field of each role's /proc status, in MiB.
+    fn memory_field(&self, field: &str) -> Vec<(String, f64)> {
         let mut out: Vec<(String, f64)> = self
             .instances()
             .into_iter()
@@ -372,7 +382,7 @@ impl System {
                 let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
                 let kib = status
                     .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))?
+                    .find_map(|l| l.strip_prefix(field))?
                     .trim()
                     .trim_end_matches("kB")
                     .trim()

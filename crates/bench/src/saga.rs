@@ -47,6 +47,8 @@ use uuid::Uuid;
 
 use super::{Report, Sample};
 
+mod soak;
+
 /// Flags of `bazaar-bench saga`.
 #[derive(Debug, Args)]
 pub struct SagaBenchArgs {
@@ -66,6 +68,10 @@ pub struct SagaBenchArgs {
     /// database per service on --postgres, Redis) with 1 and with 2 replicas of every role.
     #[arg(long)]
     cluster: bool,
+    /// After the measured runs, keep placing orders on embedded defaults for this many
+    /// seconds and report each role's memory and the stores' bookkeeping over time.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    soak: Option<u64>,
     /// Redis for the cluster variants' gateways.
     #[arg(long, env = "BAZAAR_BENCH_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis: String,
@@ -189,6 +195,14 @@ pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
     report.compare("saga cluster r1", "monolith");
     report.compare("saga cluster r2", "saga cluster r1");
 
+    if let Some(seconds) = args.soak {
+        eprintln!("bench saga: soak, {seconds} s of orders on embedded defaults");
+        match soak::run(&args, &bin, &dir.path().join("soak"), seconds).await {
+            Ok(text) => report.note(text),
+            Err(e) => report.note(format!("soak FAILED: {e:#}")),
+        }
+    }
+
     report.note(
         "saga latency is placed -> confirmed/cancelled as a client sees it (POST /orders, then \
          GET /orders/{id}?waitFor=outcome, which the server answers when the outcome commits). \
@@ -290,25 +304,7 @@ async fn saga_with(
     replicas: Option<String>,
     cluster: Option<String>,
 ) -> anyhow::Result<SagaRun> {
-    let options = Options {
-        bin: bin.to_path_buf(),
-        dir: dir.to_path_buf(),
-        base: None,
-        // Eight customers placing hundreds of orders a minute each is no person's load: the
-        // bench measures the saga, not the per-customer limit. Each customer is its own
-        // client at the gateway (the load names it in X-Forwarded-For, which the gateway
-        // believes from this machine), not one client over the per-client limit.
-        env: [
-            ("BAZAAR_DECLINE_RATE".to_string(), "0".to_string()),
-            ("BAZAAR_ORDERS_PER_CUSTOMER_PER_MINUTE".to_string(), "0".to_string()),
-            ("BAZAAR_TRUSTED_IPS".to_string(), "127.0.0.1".to_string()),
-        ]
-        .into_iter()
-        .chain(env)
-        .collect(),
-        replicas,
-        cluster,
-    };
+    let options = up_options(bin, dir, env, replicas, cluster);
     let mut system = System::start(options).await?;
     let cpu_before = system.cpu();
     let measured = match load_args(args, &system) {
@@ -326,6 +322,35 @@ async fn saga_with(
         memory,
         audit,
     })
+}
+
+/// How the bench starts `bazaar up` in `dir` with `env` on top of its own settings.
+fn up_options(
+    bin: &Path,
+    dir: &Path,
+    env: Vec<(String, String)>,
+    replicas: Option<String>,
+    cluster: Option<String>,
+) -> Options {
+    Options {
+        bin: bin.to_path_buf(),
+        dir: dir.to_path_buf(),
+        base: None,
+        // Eight customers placing hundreds of orders a minute each is no person's load: the
+        // bench measures the saga, not the per-customer limit. Each customer is its own
+        // client at the gateway (the load names it in X-Forwarded-For, which the gateway
+        // believes from this machine), not one client over the per-client limit.
+        env: [
+            ("BAZAAR_DECLINE_RATE".to_string(), "0".to_string()),
+            ("BAZAAR_ORDERS_PER_CUSTOMER_PER_MINUTE".to_string(), "0".to_string()),
+            ("BAZAAR_TRUSTED_IPS".to_string(), "127.0.0.1".to_string()),
+        ]
+        .into_iter()
+        .chain(env)
+        .collect(),
+        replicas,
+        cluster,
+    }
 }
 
 /// The saga on five fresh PostgreSQL databases and a NATS namespace of its own; the

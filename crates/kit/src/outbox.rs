@@ -2,7 +2,9 @@
 //! change that caused it, and a relay moves committed rows to the broker.
 //!
 //! The relay publishes in row order (so events of one aggregate leave in the order they were
-//! written), marks rows sent, and prunes sent rows after a retention period. A crash between
+//! written), marks rows sent, and deletes sent rows a minute later ([`SENT_KEPT`]): only
+//! unsent rows matter for delivery, and an outbox that kept every event would grow with the
+//! traffic. A crash between
 //! publish and mark republishes the row on restart; the broker drops the duplicate by
 //! `eventId` within its de-duplication window (24 h embedded, 2 min on JetStream), and past
 //! it the consumers' inboxes do (kept for [`RETENTION`]). With several instances on one
@@ -41,8 +43,18 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         CREATE TABLE relay_lease (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);",
 }];
 
-/// How long sent outbox rows and inbox records are kept.
+/// How long inbox records are kept: longer than any republish can come (a relay that
+/// published a row and crashed before marking it sends it again when it restarts).
 pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long a sent outbox row is kept, for an operator to look at recent traffic; delivery
+/// never reads it again.
+pub const SENT_KEPT: Duration = Duration::from_secs(60);
+
+/// How often the relay prunes sent rows and old inbox records.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// Rows one pruning statement deletes at most.
+const PRUNE_CHUNK: i64 = 2_000;
 
 /// A service's outbox: adds events inside transactions and wakes the relay on commit.
 #[derive(Debug, Clone)]
@@ -156,7 +168,7 @@ impl OutboxRelay {
                     metrics::gauge!("bazaar_outbox_oldest_unsent_ms").set(age as f64);
                 }
             }
-            if now_millis() - last_prune > 60_000 {
+            if now_millis() - last_prune > PRUNE_EVERY.as_millis() as i64 {
                 last_prune = now_millis();
                 if let Err(e) = self.prune().await {
                     tracing::warn!(error = %e, "outbox prune failed");
@@ -256,16 +268,104 @@ impl OutboxRelay {
         Ok(())
     }
 
+    /// Deletes sent rows past [`SENT_KEPT`] and inbox records past [`RETENTION`], a bounded
+    /// chunk per statement so the store's writer is never held for long.
     async fn prune(&self) -> Result<(), StoreError> {
-        let cutoff = now_millis() - RETENTION.as_millis() as i64;
-        store::query("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1")
-            .bind(cutoff)
-            .execute(&self.outbox.store)
-            .await?;
-        store::query("DELETE FROM inbox WHERE handled_at < $1")
-            .bind(cutoff)
-            .execute(&self.outbox.store)
-            .await?;
+        let sent = now_millis() - SENT_KEPT.as_millis() as i64;
+        let handled = now_millis() - RETENTION.as_millis() as i64;
+        for (sql, cutoff) in [
+            (
+                "DELETE FROM outbox WHERE id IN
+                 (SELECT id FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1 LIMIT $2)",
+                sent,
+            ),
+            (
+                "DELETE FROM inbox WHERE (grp, event_id) IN
+                 (SELECT grp, event_id FROM inbox WHERE handled_at < $1 LIMIT $2)",
+                handled,
+            ),
+        ] {
+            loop {
+                let done = store::query(sql)
+                    .bind(cutoff)
+                    .bind(PRUNE_CHUNK)
+                    .execute(&self.outbox.store)
+                    .await?;
+                if done.rows_affected() < PRUNE_CHUNK as u64 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn count(store: &Store, sql: &str) -> i64 {
+        store::query(sql).fetch_scalar(store).await.expect("count")
+    }
+
+    #[tokio::test]
+    async fn pruning_drops_sent_rows_after_a_minute_and_inbox_records_after_retention_but_never_an_unsent_row() {
+        let db = crate::testing::TestDb::sqlite("prune.db");
+        let store = db.open().await;
+        store.migrate(MIGRATIONS).await.expect("migrate");
+        let now = now_millis();
+        let old_sent = now - SENT_KEPT.as_millis() as i64 - 1_000;
+        let old_handled = now - RETENTION.as_millis() as i64 - 1_000;
+        let mut tx = store.begin().await.expect("begin");
+        // More old rows than one pruning statement takes, so pruning has to go round.
+        for i in 0..(PRUNE_CHUNK + 500) {
+            let (created, sent) = match i {
+                0 => (old_sent, None), // never sent: stays however old
+                1 => (now, Some(now)), // sent just now: kept for a while
+                _ => (old_sent, Some(old_sent)),
+            };
+            store::query(
+                "INSERT INTO outbox (event_id, topic, body, created_at, sent_at) VALUES ($1, 't', '{}', $2, $3)",
+            )
+            .bind(format!("e{i}"))
+            .bind(created)
+            .bind(sent)
+            .execute(&mut tx)
+            .await
+            .expect("outbox row");
+            store::query("INSERT INTO inbox (grp, event_id, handled_at) VALUES ('g', $1, $2)")
+                .bind(format!("e{i}"))
+                .bind(if i == 0 { now } else { old_handled })
+                .execute(&mut tx)
+                .await
+                .expect("inbox row");
+        }
+        tx.commit().await.expect("commit");
+        let bus = tempfile::tempdir().expect("temp dir");
+        let relay = OutboxRelay {
+            outbox: Outbox::new(store.clone()),
+            broker: crate::broker::connect(&format!("sqlite://{}/bus.db", bus.path().display()))
+                .await
+                .expect("broker"),
+            owner: "test".into(),
+            renew_at: std::sync::atomic::AtomicI64::new(0),
+        };
+        relay.prune().await.expect("prune");
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").await,
+            1,
+            "the unsent row stays"
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM outbox").await,
+            2,
+            "and the one sent just now"
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM inbox").await,
+            1,
+            "only the recent inbox record stays"
+        );
     }
 }
