@@ -307,7 +307,7 @@ async fn saga_with(
     let options = up_options(bin, dir, env, replicas, cluster);
     let mut system = System::start(options).await?;
     let cpu_before = system.cpu();
-    let measured = match load_args(args, &system) {
+    let measured = match load_args(&args.shape, &system) {
         Ok(load_args) => load::measure(&load_args).await,
         Err(e) => Err(e),
     };
@@ -439,12 +439,12 @@ fn with_namespace(url: &str, namespace: &str) -> String {
 
 /// `bazaar load`'s settings for this run: the bench's shape, this system's gateway, and the
 /// admin password `up` wrote.
-fn load_args(args: &SagaBenchArgs, system: &System) -> anyhow::Result<LoadArgs> {
+fn load_args(shape: &LoadShape, system: &System) -> anyhow::Result<LoadArgs> {
     let password = std::fs::read_to_string(system.data().join("admin.password"))
         .context("cannot read the admin password `bazaar up` wrote")?;
     let shape = LoadShape {
         customers_apart: true,
-        ..args.shape.clone()
+        ..shape.clone()
     };
     Ok(LoadArgs::new(
         format!("http://127.0.0.1:{}", system.base()),

@@ -1,6 +1,6 @@
 //! `bazaar-bench saga --soak SECONDS`: orders placed without pause on embedded defaults, with
 //! each role's resident memory and the size of every store's bookkeeping (outbox, inbox,
-//! broker log, saga history) read between rounds, so growth over time shows.
+//! broker log, saga history) read every tenth of the time, so growth over time shows.
 
 use std::{
     path::Path,
@@ -19,7 +19,6 @@ const BOOKKEEPING: [&str; 5] = ["outbox", "inbox", "bus_messages", "bus_deliveri
 /// One look at the running system.
 struct Snapshot {
     at: Duration,
-    orders: usize,
     /// The largest resident size of any role, and which.
     rss: (String, f64),
     /// Rows of each [`BOOKKEEPING`] table, summed over every store.
@@ -44,33 +43,46 @@ pub(super) async fn run(args: &SagaBenchArgs, bin: &Path, dir: &Path, seconds: u
 }
 
 async fn rounds(args: &SagaBenchArgs, system: &System, seconds: u64) -> anyhow::Result<String> {
+    // One load for the whole soak (one sign-in, one set of customers: rounds would each
+    // sign in again and meet the sign-in limits), with more orders than it can place in
+    // the time; it is stopped when the time is up and what it placed settles before the
+    // audit.
+    let mut shape = args.shape.clone();
+    shape.orders = usize::try_from(seconds.saturating_mul(5_000)).unwrap_or(usize::MAX);
+    let load = load_args(&shape, system)?;
+    let placing = tokio::spawn(async move { load::measure(&load).await });
     let started = Instant::now();
-    let mut orders = 0;
-    let mut snapshots = vec![look(system, started, orders)?];
-    while started.elapsed() < Duration::from_secs(seconds) {
-        let stats = load::measure(&load_args(args, system)?).await?;
-        orders += stats.settle.len();
-        snapshots.push(look(system, started, orders)?);
+    let every = Duration::from_secs((seconds / 10).clamp(1, 60));
+    let mut snapshots = vec![look(system, started)?];
+    while started.elapsed() < Duration::from_secs(seconds) && !placing.is_finished() {
+        tokio::time::sleep(every.min(Duration::from_secs(seconds).saturating_sub(started.elapsed()))).await;
+        snapshots.push(look(system, started)?);
+    }
+    placing.abort();
+    match placing.await {
+        Ok(Err(e)) => return Err(e.context("the soak's load failed")),
+        Ok(Ok(_)) => {}
+        Err(e) if e.is_cancelled() => {}
+        Err(e) => anyhow::bail!("the soak's load panicked: {e}"),
     }
     let mut text = format!(
-        "soak: {seconds} s of rounds of {} orders on embedded defaults; resident MiB of the largest role, bookkeeping rows summed over every store\n",
-        args.shape.orders
+        "soak: {seconds} s of orders from {} workers on embedded defaults; resident MiB of the largest role, bookkeeping rows summed over every store (saga rows are the orders placed)\n",
+        args.shape.concurrency
     );
     text.push_str(&format!(
-        "  {:>6} {:>7} {:>22} {:>8} {:>8} {:>12} {:>14} {:>7} {:>9}\n",
-        "s", "orders", "largest RSS MiB", "outbox", "inbox", "bus_messages", "bus_deliveries", "saga", "files MiB"
+        "  {:>6} {:>22} {:>8} {:>8} {:>12} {:>14} {:>7} {:>9}\n",
+        "s", "largest RSS MiB", "outbox", "inbox", "bus_messages", "bus_deliveries", "saga", "files MiB"
     ));
-    // At most about ten lines: the first, the last and evenly between.
-    let step = (snapshots.len() / 10).max(1);
+    // At most about a dozen lines: the first, the last and evenly between.
+    let step = (snapshots.len() / 12).max(1);
     let last = snapshots.len() - 1;
     for (i, s) in snapshots.iter().enumerate() {
         if i % step != 0 && i != last {
             continue;
         }
         text.push_str(&format!(
-            "  {:>6.0} {:>7} {:>22} {:>8} {:>8} {:>12} {:>14} {:>7} {:>9.1}\n",
+            "  {:>6.0} {:>22} {:>8} {:>8} {:>12} {:>14} {:>7} {:>9.1}\n",
             s.at.as_secs_f64(),
-            s.orders,
             format!("{} {:.1}", s.rss.0, s.rss.1),
             s.rows[0],
             s.rows[1],
@@ -88,7 +100,7 @@ async fn rounds(args: &SagaBenchArgs, system: &System, seconds: u64) -> anyhow::
     Ok(text)
 }
 
-fn look(system: &System, started: Instant, orders: usize) -> anyhow::Result<Snapshot> {
+fn look(system: &System, started: Instant) -> anyhow::Result<Snapshot> {
     let rss = system
         .memory()
         .into_iter()
@@ -126,7 +138,6 @@ fn look(system: &System, started: Instant, orders: usize) -> anyhow::Result<Snap
     }
     Ok(Snapshot {
         at: started.elapsed(),
-        orders,
         rss,
         rows,
         files: bytes as f64 / (1024.0 * 1024.0),
