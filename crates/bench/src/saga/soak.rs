@@ -29,9 +29,13 @@ struct Snapshot {
 
 /// Runs the soak for `seconds`; the report's lines.
 pub(super) async fn run(args: &SagaBenchArgs, bin: &Path, dir: &Path, seconds: u64) -> anyhow::Result<String> {
-    let mut system = System::start(up_options(bin, dir, Vec::new(), None, None)).await?;
+    // Credit enough that orders keep confirming all along instead of turning into cheap
+    // cancellations once the customers' welcome credit is spent.
+    let env = vec![("BAZAAR_WELCOME_CREDIT_CENTS".to_string(), "1000000000".to_string())];
+    let mut system = System::start(up_options(bin, dir, env, None, None)).await?;
     let result = rounds(args, &system, seconds).await;
-    let audit = system.audit(Duration::from_secs(30)).await;
+    // What was placed last still settles, and its emails go out, before the audit counts.
+    let audit = system.audit(Duration::from_secs(120)).await;
     system.stop().await;
     let mut text = result?;
     match audit {
@@ -49,6 +53,7 @@ async fn rounds(args: &SagaBenchArgs, system: &System, seconds: u64) -> anyhow::
     // audit.
     let mut shape = args.shape.clone();
     shape.orders = usize::try_from(seconds.saturating_mul(5_000)).unwrap_or(usize::MAX);
+    shape.timeout = seconds + 60;
     let load = load_args(&shape, system)?;
     let placing = tokio::spawn(async move { load::measure(&load).await });
     let started = Instant::now();
