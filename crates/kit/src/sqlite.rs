@@ -46,11 +46,6 @@ impl Sqlite {
         })
     }
 
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Runs `work` outside a transaction (reads, or a single statement that is atomic on its
     /// own); retried while the file is busy.
     pub async fn read<T>(

@@ -234,9 +234,10 @@ struct SqliteFile {
 const READERS: usize = 4;
 
 impl SqliteFile {
-    /// An idle reader, or a new one; `:memory:` has only its writer, so it answers `None`.
-    async fn reader(&self) -> Result<Option<rusqlite::Connection>, StoreError> {
-        if self.path == ":memory:" {
+    /// An idle reader (or a new one) for `sql` when it only reads; `None` when the writer
+    /// must run it: a statement that writes, or any on `:memory:`, which has only its writer.
+    async fn reader_for(&self, sql: &str) -> Result<Option<rusqlite::Connection>, StoreError> {
+        if !is_read(sql) || self.path == ":memory:" {
             return Ok(None);
         }
         let idle = self.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
@@ -304,7 +305,7 @@ impl Target<'_> {
     async fn fetch(self, q: Query<'_>) -> Result<Vec<Row>, StoreError> {
         match self {
             Target::Store(store) => match &store.engine {
-                Engine::Sqlite(file) if is_read(q.sql) => match file.reader().await? {
+                Engine::Sqlite(file) => match file.reader_for(q.sql).await? {
                     Some(mut conn) => {
                         let rows = sqlite::retry_busy(|| sqlite_fetch(&mut conn, &q)).await;
                         file.give_back(conn);
@@ -315,10 +316,6 @@ impl Target<'_> {
                         Ok(sqlite::retry_busy(|| sqlite_fetch(&mut conn, &q)).await?)
                     }
                 },
-                Engine::Sqlite(file) => {
-                    let mut conn = file.writer().await?;
-                    Ok(sqlite::retry_busy(|| sqlite_fetch(&mut conn, &q)).await?)
-                }
                 Engine::Postgres(pool) => pg_rows(pg_query(&q).fetch(pool)).await,
             },
             Target::Tx(tx) => match &mut tx.inner {

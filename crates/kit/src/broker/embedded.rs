@@ -28,7 +28,7 @@ use tokio::sync::{oneshot, Notify};
 use super::{Acker, BatchFailure, Broker, BrokerError, Delivery, Message, Outgoing, SubscribeOptions, Subscription};
 use crate::{
     sqlite::Sqlite,
-    store::{now_millis, Migration, StoreError, StoreUrl},
+    store::{now_millis, Migration, StoreUrl},
 };
 
 const MIGRATIONS: &[Migration] = &[
@@ -495,12 +495,6 @@ impl Acker for EmbeddedAcker {
                 .await?;
             Ok(())
         })
-    }
-}
-
-impl From<rusqlite::Error> for BrokerError {
-    fn from(e: rusqlite::Error) -> Self {
-        BrokerError::Store(StoreError::from(e))
     }
 }
 

@@ -37,6 +37,12 @@ pub enum BrokerError {
     Store(#[from] crate::store::StoreError),
 }
 
+impl From<rusqlite::Error> for BrokerError {
+    fn from(e: rusqlite::Error) -> Self {
+        BrokerError::Store(crate::store::StoreError::from(e))
+    }
+}
+
 /// A message as stored on a topic.
 #[derive(Debug, Clone)]
 pub struct Message {

@@ -288,8 +288,10 @@ impl<'q> Query<'q> {
 
     /// Its first row; [`StoreError::NoRow`] when it returns none.
     pub async fn fetch_one<'c>(self, on: impl Into<super::Target<'c>>) -> Result<Row, StoreError> {
-        let sql = self.sql.to_string();
-        self.fetch_optional(on).await?.ok_or(StoreError::NoRow(sql))
+        let sql = self.sql;
+        self.fetch_optional(on)
+            .await?
+            .ok_or_else(|| StoreError::NoRow(sql.to_string()))
     }
 
     /// The first column of every row as `T`.
