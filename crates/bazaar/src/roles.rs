@@ -955,6 +955,23 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
     }
 }
 
+/// The gateway's access line, written by the log buffer without tracing's per-field work.
+fn access_line(entry: &bazaar_gateway::AccessEntry<'_>) {
+    use bazaar_kit::telemetry::Field;
+    bazaar_kit::telemetry::info_line(
+        "bazaar_gateway::proxy",
+        "proxied",
+        &[
+            ("method", Field::Bare(entry.method)),
+            ("path", Field::Text(entry.path)),
+            ("status", Field::Number(u64::from(entry.status))),
+            ("service", Field::Text(entry.service)),
+            ("us", Field::Number(entry.us)),
+            ("correlation_id", Field::Text(entry.correlation_id)),
+        ],
+    );
+}
+
 async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
     // `up` wrote the config for its layout; a lone gateway only fills in a missing one.
     let trusted = settings.trusted_proxies()?;
@@ -970,6 +987,7 @@ async fn serve_gateway(settings: &Settings, listen: SocketAddr, shutdown: Shutdo
         edge: bazaar_gateway::Edge {
             trusted,
             documents: crate::contracts::gateway_documents(),
+            access_log: Some(access_line),
         },
         workers: settings
             .gateway_workers

@@ -15,6 +15,26 @@ pub struct Edge {
     pub trusted: TrustedProxies,
     /// Documents served at fixed paths where no route matches.
     pub documents: Vec<Document>,
+    /// Writes the access line of each request when INFO is enabled; without it the line is
+    /// a `tracing` event.
+    pub access_log: Option<fn(&AccessEntry<'_>)>,
+}
+
+/// What the access line of one request says.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessEntry<'a> {
+    /// The request's method.
+    pub method: &'a str,
+    /// The request's path.
+    pub path: &'a str,
+    /// The answer's status.
+    pub status: u16,
+    /// The service the route led to (empty when none).
+    pub service: &'a str,
+    /// Microseconds from the request's head to the answer's head.
+    pub us: u64,
+    /// The correlation id the plugin gave the request (empty when none).
+    pub correlation_id: &'a str,
 }
 
 /// A document the gateway serves itself for `GET` and `HEAD`.

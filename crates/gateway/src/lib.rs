@@ -22,6 +22,7 @@ mod defaults;
 mod edge;
 mod outgoing;
 mod plugins;
+mod pool;
 mod proxy;
 mod real_ip;
 mod response;
@@ -39,7 +40,7 @@ use std::sync::Arc;
 
 pub use config::ConfigProblems;
 pub use defaults::{default_config, DefaultMesh, DefaultRoute, CLIENT_LIMITS, CREDENTIAL_LIMITS, GENERATED_MARKER};
-pub use edge::{Document, Edge};
+pub use edge::{AccessEntry, Document, Edge};
 pub use real_ip::TrustedProxies;
 pub use server::{default_workers, serve_draining, serve_with_listeners};
 

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +22,7 @@ use crate::balancer::{Outcome, TargetGuard};
 use crate::outgoing::OutgoingBody;
 use crate::plugins::rate_limit::Identity;
 use crate::plugins::{correlation, cors, jwt, size_limit};
+use crate::pool::{ConnectError, Pool, Pooled};
 use crate::response::{self, BoxError, ProxyBody};
 use crate::router::{self, RouteMatch};
 use crate::state::{CountGuard, Shared, Snapshot};
@@ -40,24 +41,45 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+const X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
+const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
+const X_CONSUMER_CUSTOM_ID: HeaderName = HeaderName::from_static("x-consumer-custom-id");
+const X_CREDENTIAL_IDENTIFIER: HeaderName = HeaderName::from_static("x-credential-identifier");
+
 /// Identity headers only the gateway may set: a client sending them is ignored, so services
 /// can trust them.
-const CONSUMER_HEADERS: [&str; 5] = [
-    "x-consumer-id",
-    "x-consumer-username",
-    "x-consumer-custom-id",
-    "x-credential-identifier",
-    "x-anonymous-consumer",
+const CONSUMER_HEADERS: [HeaderName; 5] = [
+    X_CONSUMER_ID,
+    X_CONSUMER_USERNAME,
+    X_CONSUMER_CUSTOM_ID,
+    X_CREDENTIAL_IDENTIFIER,
+    HeaderName::from_static("x-anonymous-consumer"),
 ];
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_PATH: HeaderName = HeaderName::from_static("x-forwarded-path");
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 /// The two ends of the client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Connection {
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The peer's address as a header value, rendered once per connection.
+    peer_ip: HeaderValue,
 }
 
 impl Connection {
+    /// The connection from `peer` to `local`.
+    pub fn new(peer: SocketAddr, local: SocketAddr) -> Connection {
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        Connection { peer, local, peer_ip }
+    }
+
     /// The client's address: the peer, or whom a trusted proxy says it forwards for.
     fn client(&self, shared: &Shared, headers: &HeaderMap) -> std::net::IpAddr {
         shared.edge.trusted.client(self.peer.ip(), headers)
@@ -68,7 +90,8 @@ impl Connection {
 #[derive(Default)]
 struct Decorations {
     service: Option<Arc<str>>,
-    route: Option<Arc<str>>,
+    /// The matched route's index.
+    route: Option<usize>,
     correlation: Option<(HeaderName, HeaderValue)>,
     cors: Option<(Arc<cors::CorsConfig>, Option<HeaderValue>)>,
     rate_limit: HeaderMap,
@@ -104,15 +127,28 @@ pub(crate) async fn handle(
         .and_then(|(_, v)| v.to_str().ok())
         .unwrap_or("");
     let elapsed = started.elapsed();
-    tracing::info!(
-        %method,
-        path = uri.path(),
-        status = response.status().as_u16(),
-        service = decorations.service.as_deref().unwrap_or(""),
-        us = elapsed.as_micros() as u64,
-        correlation_id,
-        "proxied"
-    );
+    if tracing::enabled!(tracing::Level::INFO) {
+        let entry = crate::AccessEntry {
+            method: method.as_str(),
+            path: uri.path(),
+            status: response.status().as_u16(),
+            service: decorations.service.as_deref().unwrap_or(""),
+            us: elapsed.as_micros() as u64,
+            correlation_id,
+        };
+        match shared.edge.access_log {
+            Some(write) => write(&entry),
+            None => tracing::info!(
+                method = %entry.method,
+                path = entry.path,
+                status = entry.status,
+                service = entry.service,
+                us = entry.us,
+                correlation_id,
+                "proxied"
+            ),
+        }
+    }
     let headers = response.headers_mut();
     headers.append(header::VIA, HeaderValue::from_static(VIA));
     if let Some((name, value)) = decorations.correlation {
@@ -125,23 +161,78 @@ pub(crate) async fn handle(
         headers.insert(name, value.clone());
     }
 
-    let service = decorations.service.unwrap_or_else(|| Arc::from(""));
-    let status = status_label(response.status());
-    metrics::counter!("bazaar_gateway_requests_total", "service" => service.clone(), "route" => decorations.route.unwrap_or_else(|| Arc::from("")), "status" => status).increment(1);
-    metrics::histogram!("bazaar_gateway_request_duration_seconds", "service" => service).record(elapsed.as_secs_f64());
+    snapshot
+        .request_metrics
+        .for_route(decorations.route)
+        .record(response.status(), elapsed);
     response
 }
 
-/// The status as a metrics label, without an allocation for the common ones.
-fn status_label(status: StatusCode) -> metrics::SharedString {
-    const COMMON: [&str; 16] = [
-        "200", "201", "202", "204", "301", "302", "304", "400", "401", "403", "404", "409", "429", "500", "502", "503",
-    ];
-    match COMMON.iter().find(|s| s.as_bytes() == status.as_str().as_bytes()) {
-        Some(text) => metrics::SharedString::const_str(text),
-        None => metrics::SharedString::from(status.as_str().to_owned()),
+/// The request counters and duration histogram of each route, looked up once per status and
+/// kept, so a request does not build, hash and find its label set in the registry.
+#[derive(Debug)]
+pub(crate) struct RequestMetrics {
+    /// One per route, then one for requests no route matched.
+    routes: Box<[RouteMetrics]>,
+}
+
+#[derive(Debug)]
+struct RouteMetrics {
+    service: Arc<str>,
+    route: Arc<str>,
+    /// Counters for the statuses of [`COMMON_STATUSES`], in its order.
+    counts: [OnceLock<metrics::Counter>; COMMON_STATUSES.len()],
+    duration: OnceLock<metrics::Histogram>,
+}
+
+impl RequestMetrics {
+    /// Handles for `config`'s routes, made on first use.
+    pub fn new(config: &crate::config::Config) -> RequestMetrics {
+        let route = |service: Option<usize>, route: &str| RouteMetrics {
+            service: service.map_or_else(|| Arc::from(""), |i| config.services[i].name.clone()),
+            route: Arc::from(route),
+            counts: Default::default(),
+            duration: OnceLock::new(),
+        };
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| route(r.service, &r.name))
+            .chain(std::iter::once(route(None, "")))
+            .collect();
+        RequestMetrics { routes }
+    }
+
+    fn for_route(&self, route: Option<usize>) -> &RouteMetrics {
+        let unmatched = self.routes.len() - 1;
+        &self.routes[route.unwrap_or(unmatched).min(unmatched)]
     }
 }
+
+impl RouteMetrics {
+    fn record(&self, status: StatusCode, elapsed: Duration) {
+        let count = |status: metrics::SharedString| metrics::counter!("bazaar_gateway_requests_total", "service" => self.service.clone(), "route" => self.route.clone(), "status" => status);
+        match COMMON_STATUSES
+            .iter()
+            .position(|s| s.as_bytes() == status.as_str().as_bytes())
+        {
+            Some(i) => self.counts[i]
+                .get_or_init(|| count(metrics::SharedString::const_str(COMMON_STATUSES[i])))
+                .increment(1),
+            None => count(metrics::SharedString::from(status.as_str().to_owned())).increment(1),
+        }
+        self.duration
+            .get_or_init(
+                || metrics::histogram!("bazaar_gateway_request_duration_seconds", "service" => self.service.clone()),
+            )
+            .record(elapsed.as_secs_f64());
+    }
+}
+
+/// Statuses whose counters are kept (the rest are looked up each time).
+const COMMON_STATUSES: [&str; 16] = [
+    "200", "201", "202", "204", "301", "302", "304", "400", "401", "403", "404", "409", "429", "500", "502", "503",
+];
 
 async fn process(
     shared: &Shared,
@@ -155,13 +246,13 @@ async fn process(
     // front of the gateway); anyone else's claim is replaced.
     let scheme_from_proxy = shared.edge.trusted.trusts(connection.peer.ip())
         && matches!(
-            parts.headers.get("x-forwarded-proto").map(HeaderValue::as_bytes),
+            parts.headers.get(X_FORWARDED_PROTO).map(HeaderValue::as_bytes),
             Some(b"https" | b"http")
         );
     if !scheme_from_proxy {
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     let host = parts
         .headers
@@ -179,7 +270,7 @@ async fn process(
             .unwrap_or_else(|| response::message(StatusCode::NOT_FOUND, "no Route matched with those values"));
     };
     let route = &snapshot.config.routes[found.route];
-    decorations.route = Some(route.name.clone());
+    decorations.route = Some(found.route);
     let Some(service_index) = route.service else {
         return response::message(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values");
     };
@@ -187,9 +278,7 @@ async fn process(
     decorations.service = Some(service.name.clone());
     let mut plugins = snapshot.plugins.for_route(found.route);
 
-    for name in CONSUMER_HEADERS {
-        parts.headers.remove(name);
-    }
+    remove_all(&mut parts.headers, &CONSUMER_HEADERS);
     if let Some(conf) = &plugins.correlation {
         let id = correlation::apply(
             conf,
@@ -220,14 +309,14 @@ async fn process(
             match jwt::authenticate(conf, &parts, &snapshot.credentials).await {
                 Ok(found) => {
                     let consumer = &snapshot.config.consumers[found.consumer];
-                    set_header(&mut parts.headers, "x-consumer-id", &consumer.id);
+                    set_header(&mut parts.headers, X_CONSUMER_ID, &consumer.id);
                     if let Some(username) = &consumer.username {
-                        set_header(&mut parts.headers, "x-consumer-username", username);
+                        set_header(&mut parts.headers, X_CONSUMER_USERNAME, username);
                     }
                     if let Some(custom_id) = &consumer.custom_id {
-                        set_header(&mut parts.headers, "x-consumer-custom-id", custom_id);
+                        set_header(&mut parts.headers, X_CONSUMER_CUSTOM_ID, custom_id);
                     }
-                    set_header(&mut parts.headers, "x-credential-identifier", &found.credential_key);
+                    set_header(&mut parts.headers, X_CREDENTIAL_IDENTIFIER, &found.credential_key);
                     who = Some((found.consumer, found.credential_key));
                 }
                 Err(rejection) => return response::json(rejection.status, &rejection.body),
@@ -358,9 +447,19 @@ async fn read_body(mut body: Incoming, limit: Option<u64>) -> Result<Bytes, Body
     }
 }
 
-fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn set_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(name, value);
+    }
+}
+
+/// Removes every header of `names`; most messages carry none, which one pass over the
+/// names they do carry finds out.
+fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if headers.keys().any(|k| names.contains(k)) {
+        for name in names {
+            headers.remove(name);
+        }
     }
 }
 
@@ -371,9 +470,13 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        // Connection options that are not header names (or name one removed anyway).
+        .filter(|name| !name.eq_ignore_ascii_case("close") && !name.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+    remove_all(headers, &HOP_BY_HOP);
+    for name in listed {
         headers.remove(name);
     }
 }
@@ -407,42 +510,46 @@ async fn forward(
         Some(query) => format!("{upstream_path}?{query}"),
         None => upstream_path,
     };
+    // Origin form: the connection already names the target.
+    let Ok(uri) = Uri::from_maybe_shared(Bytes::from(path_and_query)) else {
+        return response::message(StatusCode::BAD_REQUEST, "Bad request");
+    };
 
     let mut headers = parts.headers;
     remove_hop_by_hop(&mut headers);
     // The body was read whole, so it goes out with a Content-Length, never chunked.
     headers.remove(header::TRANSFER_ENCODING);
     // As Kong does: the peer is appended to the chain, and X-Real-IP names the client.
-    let ip = connection.peer.ip().to_string();
-    let peer_value = HeaderValue::from_str(&ip).ok();
-    match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let ip = connection.peer_ip.to_str().unwrap_or("");
+    let peer_value = Some(connection.peer_ip.clone());
+    match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(earlier) => {
             let chain = format!("{earlier}, {ip}");
-            set_header(&mut headers, "x-forwarded-for", &chain);
+            set_header(&mut headers, X_FORWARDED_FOR, &chain);
         }
         None => {
             if let Some(value) = &peer_value {
-                headers.insert("x-forwarded-for", value.clone());
+                headers.insert(X_FORWARDED_FOR, value.clone());
             }
         }
     }
     match peer_value.filter(|_| client == connection.peer.ip()) {
         Some(value) => {
-            headers.insert("x-real-ip", value);
+            headers.insert(X_REAL_IP, value);
         }
-        None => set_header(&mut headers, "x-real-ip", &client.to_string()),
+        None => set_header(&mut headers, X_REAL_IP, &client.to_string()),
     }
     if let Some(host) = &host {
         let bare = host
             .rsplit_once(':')
             .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
             .map_or(host.as_str(), |(h, _)| h);
-        set_header(&mut headers, "x-forwarded-host", bare);
+        set_header(&mut headers, X_FORWARDED_HOST, bare);
     }
-    headers.insert("x-forwarded-port", HeaderValue::from(connection.local.port()));
-    set_header(&mut headers, "x-forwarded-path", path);
+    headers.insert(X_FORWARDED_PORT, HeaderValue::from(connection.local.port()));
+    set_header(&mut headers, X_FORWARDED_PATH, path);
     if let Some(len) = strip.filter(|len| *len > 0) {
-        set_header(&mut headers, "x-forwarded-prefix", path.get(..len).unwrap_or(""));
+        set_header(&mut headers, X_FORWARDED_PREFIX, path.get(..len).unwrap_or(""));
     }
     if !route.preserve_host || host.is_none() {
         headers.insert(header::HOST, runtime.host_header.clone());
@@ -454,7 +561,7 @@ async fn forward(
             .hash_header()
             .and_then(|name| headers.get(name))
             .and_then(|v| v.to_str().ok())
-            .unwrap_or(&ip)
+            .unwrap_or(ip)
             .to_string(),
         _ => String::new(),
     };
@@ -486,22 +593,26 @@ async fn forward(
             None => None,
         };
         let address = guard.as_ref().map_or(runtime.address.as_str(), TargetGuard::address);
-        let Ok(uri) = format!("{}://{address}{path_and_query}", runtime.scheme).parse::<Uri>() else {
-            return response::message(StatusCode::BAD_REQUEST, "Bad request");
-        };
-        let (outgoing, sent) = OutgoingBody::signalling(body.clone());
-        let mut upstream_request = Request::new(outgoing);
-        *upstream_request.method_mut() = parts.method.clone();
-        *upstream_request.uri_mut() = uri;
-        *upstream_request.headers_mut() = headers.clone();
-
         let report = |outcome| {
             if let Some(guard) = &guard {
                 guard.report(outcome);
             }
         };
-        match exchange(runtime.client(), upstream_request, sent, write_timeout, read_timeout).await {
-            Ok(Ok(upstream_response)) => {
+        let mut upstream_request = Request::new(());
+        *upstream_request.method_mut() = parts.method.clone();
+        *upstream_request.uri_mut() = uri.clone();
+        *upstream_request.headers_mut() = headers.clone();
+        match exchange(
+            runtime.pool(),
+            address,
+            upstream_request,
+            &body,
+            write_timeout,
+            read_timeout,
+        )
+        .await
+        {
+            Exchange::Answered(upstream_response, connection) => {
                 report(Outcome::Status(upstream_response.status().as_u16()));
                 let (mut head, incoming) = upstream_response.into_parts();
                 remove_hop_by_hop(&mut head.headers);
@@ -509,16 +620,18 @@ async fn forward(
                     head,
                     GuardedBody {
                         inner: incoming,
+                        connection: Some(connection),
                         _guard: guard,
                         idle: read_timeout,
-                        stall: Box::pin(tokio::time::sleep(read_timeout)),
+                        stall: None,
+                        armed: false,
                         service: service.name.clone(),
                     }
                     .boxed(),
                 );
             }
-            Ok(Err(error)) if error.is_connect() => {
-                let timed_out = is_timeout(&error);
+            Exchange::NoConnection(error) => {
+                let timed_out = is_timeout(&*error);
                 report(if timed_out {
                     Outcome::Timeout
                 } else {
@@ -530,7 +643,7 @@ async fn forward(
                     tried.push(guard.index);
                 }
             }
-            Ok(Err(error)) => {
+            Exchange::Failed(error) => {
                 report(Outcome::TcpFailure);
                 tracing::warn!(service = %service.name, target = address, %error, "upstream request failed");
                 failure = Failure::Other;
@@ -546,7 +659,7 @@ async fn forward(
                     tried.push(guard.index);
                 }
             }
-            Err(_) => {
+            Exchange::TimedOut => {
                 report(Outcome::Timeout);
                 tracing::warn!(service = %service.name, target = address, "upstream timed out");
                 failure = Failure::Timeout;
@@ -564,28 +677,91 @@ async fn forward(
     }
 }
 
-/// Sends `request` and waits for the answer's head: the body must go out within
-/// `write_timeout` (Kong's limit on sending), then the head arrive within `read_timeout`.
-/// `Err` when either passes.
+/// How one attempt at an upstream went.
+enum Exchange {
+    /// The answer's head arrived, on this connection.
+    Answered(Response<Incoming>, Pooled),
+    /// No connection could be opened: nothing was sent.
+    NoConnection(ConnectError),
+    /// The connection failed once the request may have gone out.
+    Failed(hyper::Error),
+    /// The body was not taken within `write_timeout` or no head came within `read_timeout`.
+    TimedOut,
+}
+
+/// Sends `request` with `body` to `address` on a pooled connection and waits for the
+/// answer's head: the body must go out within `write_timeout` (Kong's limit on sending), then
+/// the head arrive within `read_timeout`. A request refused by an idle connection before it
+/// left goes out once more on a new one.
 async fn exchange(
-    client: &crate::balancer::HttpClient,
-    request: Request<OutgoingBody>,
-    sent: tokio::sync::oneshot::Receiver<()>,
+    pool: &Arc<Pool>,
+    address: &str,
+    request: Request<()>,
+    body: &Bytes,
     write_timeout: Duration,
     read_timeout: Duration,
-) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed> {
-    let answer = client.request(request);
-    tokio::pin!(answer);
-    tokio::select! {
-        answered = &mut answer => return Ok(answered),
-        written = tokio::time::timeout(write_timeout, sent) => {
-            // A closed signal means the request was dropped: the answer says why.
-            if written.is_err() {
-                return tokio::time::timeout(Duration::ZERO, std::future::pending()).await;
+) -> Exchange {
+    let mut connection = match pool.connection(address).await {
+        Ok(connection) => connection,
+        Err(error) => return Exchange::NoConnection(error),
+    };
+    let (outgoing, mut sent) = OutgoingBody::signalling(body.clone());
+    let mut request = request.map(|()| outgoing);
+    loop {
+        let answer = connection.send(request);
+        tokio::pin!(answer);
+        // A body-less request is written with its head: only the wait for the answer is timed.
+        if !body.is_empty() {
+            tokio::select! {
+                answered = &mut answer => match answered {
+                    Ok(response) => return Exchange::Answered(response, connection),
+                    Err(refused) => match retry_unsent(pool, address, &connection, refused).await {
+                        Ok((fresh, again)) => {
+                            (connection, request) = (fresh, again);
+                            continue;
+                        }
+                        Err(outcome) => return outcome,
+                    },
+                },
+                written = tokio::time::timeout(write_timeout, &mut sent) => {
+                    // A closed signal (the request was dropped) waits for the answer, which
+                    // says why.
+                    if written.is_err() {
+                        return Exchange::TimedOut;
+                    }
+                }
             }
         }
+        return match tokio::time::timeout(read_timeout, answer).await {
+            Ok(Ok(response)) => Exchange::Answered(response, connection),
+            Ok(Err(refused)) => match retry_unsent(pool, address, &connection, refused).await {
+                Ok((fresh, again)) => {
+                    (connection, request) = (fresh, again);
+                    continue;
+                }
+                Err(outcome) => outcome,
+            },
+            Err(_) => Exchange::TimedOut,
+        };
     }
-    tokio::time::timeout(read_timeout, answer).await
+}
+
+/// After `connection` failed a request: a new connection and the request back when it never
+/// left a connection that had served before (the upstream closed it while idle), else the
+/// failure.
+async fn retry_unsent(
+    pool: &Arc<Pool>,
+    address: &str,
+    connection: &Pooled,
+    mut refused: hyper::client::conn::TrySendError<Request<OutgoingBody>>,
+) -> Result<(Pooled, Request<OutgoingBody>), Exchange> {
+    match refused.take_message() {
+        Some(request) if connection.reused() => match pool.open(address).await {
+            Ok(fresh) => Ok((fresh, request)),
+            Err(error) => Err(Exchange::NoConnection(error)),
+        },
+        _ => Err(Exchange::Failed(refused.into_error())),
+    }
 }
 
 /// Whether an error (or one of its causes) is a timeout.
@@ -607,10 +783,35 @@ fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
 /// cut when the upstream sends nothing for `idle` (Kong's `read_timeout` between two reads).
 struct GuardedBody {
     inner: Incoming,
+    /// The connection the body arrives on, back to its pool once the body has ended.
+    connection: Option<Pooled>,
     _guard: Option<TargetGuard>,
     idle: Duration,
-    stall: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Made the first time the upstream has nothing to read (most small answers never
+    /// wait), then re-armed each time it has nothing again.
+    stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `stall` counts from the latest wait rather than an earlier one.
+    armed: bool,
     service: Arc<str>,
+}
+
+impl GuardedBody {
+    /// Gives the connection back: the whole answer has been read.
+    fn release(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            connection.release();
+        }
+    }
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        // An answer left unread (a client gone midway) makes its connection unusable, unless
+        // there was nothing left to read (HEAD, 204, 304).
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
 }
 
 impl Body for GuardedBody {
@@ -623,19 +824,33 @@ impl Body for GuardedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + self.idle;
-                self.stall.as_mut().reset(next);
+                self.armed = false;
+                match frame {
+                    None => self.release(),
+                    Some(Ok(_)) if self.inner.is_end_stream() => self.release(),
+                    _ => {}
+                }
                 Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
             }
-            Poll::Pending => match self.stall.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    tracing::warn!(service = %self.service, "upstream stalled mid-body past read_timeout; cutting the response");
-                    metrics::counter!("bazaar_gateway_upstream_errors_total", "service" => self.service.clone())
-                        .increment(1);
-                    Poll::Ready(Some(Err(BoxError::from("upstream stalled past read_timeout"))))
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + self.idle;
+                let armed = std::mem::replace(&mut self.armed, true);
+                let stall = self
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !armed {
+                    stall.as_mut().reset(deadline);
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                match stall.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        tracing::warn!(service = %self.service, "upstream stalled mid-body past read_timeout; cutting the response");
+                        metrics::counter!("bazaar_gateway_upstream_errors_total", "service" => self.service.clone())
+                            .increment(1);
+                        Poll::Ready(Some(Err(BoxError::from("upstream stalled past read_timeout"))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

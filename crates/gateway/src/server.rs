@@ -230,11 +230,13 @@ async fn serve_connection(
     let _slot = slot;
     let _active = (role == Role::Proxy).then(|| CountGuard::new(&shared.stats.connections_active));
     let for_requests = shared.clone();
+    let ends = proxy::Connection::new(peer, local);
     let service = service_fn(move |request| {
         let shared = for_requests.clone();
+        let ends = ends.clone();
         async move {
             let mut response = match role {
-                Role::Proxy => proxy::handle(shared.clone(), request, proxy::Connection { peer, local }).await,
+                Role::Proxy => proxy::handle(shared.clone(), request, ends).await,
                 Role::Admin => admin::handle(&shared, &request),
             };
             if shared.draining.load(Ordering::Relaxed) {

@@ -20,6 +20,7 @@ use crate::config::{Config, ServiceTls};
 use crate::plugins::jwt::{Credentials, JwksRoute};
 use crate::plugins::rate_limit::Limiter;
 use crate::plugins::PluginSet;
+use crate::pool::Pool;
 use crate::router::Router;
 use crate::tls::{UpstreamConnector, UpstreamTls};
 
@@ -31,9 +32,11 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(5);
 /// How a service is reached.
 #[derive(Debug)]
 pub(crate) struct ServiceRuntime {
-    /// Pooled clients whose connector applies this service's connect timeout and TLS, one
-    /// per worker so an upstream connection serves only the thread that opened it.
-    pub clients: Box<[HttpClient]>,
+    /// Upstream connection pools applying this service's connect timeout and TLS, one per
+    /// worker so an upstream connection serves only the thread that opened it.
+    pub pools: Box<[Arc<Pool>]>,
+    /// A client with the same settings for the gateway's own requests (JWKS).
+    pub client: HttpClient,
     /// `http` or `https`.
     pub scheme: &'static str,
     /// The upstream to balance over, when the service's host names one.
@@ -45,9 +48,9 @@ pub(crate) struct ServiceRuntime {
 }
 
 impl ServiceRuntime {
-    /// The calling worker's pooled client.
-    pub fn client(&self) -> &HttpClient {
-        &self.clients[crate::workers::current() % self.clients.len()]
+    /// The calling worker's pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pools[crate::workers::current() % self.pools.len()]
     }
 }
 
@@ -60,6 +63,7 @@ pub(crate) struct Snapshot {
     pub credentials: Credentials,
     pub balancers: Balancers,
     pub services: Vec<ServiceRuntime>,
+    pub request_metrics: crate::proxy::RequestMetrics,
     pub loaded_at: SystemTime,
 }
 
@@ -97,9 +101,9 @@ pub(crate) type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 pub(crate) struct Shared {
     snapshot: RwLock<Arc<Snapshot>>,
     pub limiter: Limiter,
-    /// One pooled client per worker and distinct connect timeout and TLS setting, reused
-    /// across reloads so keep-alive connections to upstreams survive them.
-    clients: Mutex<HashMap<String, HttpClient>>,
+    /// Upstream connections, reused across reloads so keep-alive connections to upstreams
+    /// survive them.
+    connections: Connections,
     /// How many workers serve proxied connections.
     workers: usize,
     pub stats: Stats,
@@ -125,12 +129,12 @@ impl Shared {
         edge: crate::Edge,
         workers: usize,
     ) -> Arc<Shared> {
-        let clients = Mutex::new(HashMap::new());
-        let snapshot = Arc::new(build_snapshot(config, None, &clients, workers));
+        let connections = Connections::default();
+        let snapshot = Arc::new(build_snapshot(config, None, &connections, workers));
         Arc::new(Shared {
             snapshot: RwLock::new(snapshot),
             limiter: Limiter::default(),
-            clients,
+            connections,
             workers,
             stats: Stats::default(),
             started: Instant::now(),
@@ -154,36 +158,54 @@ impl Shared {
         let next = Arc::new(build_snapshot(
             config,
             Some(&previous.balancers),
-            &self.clients,
+            &self.connections,
             self.workers,
         ));
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
 }
 
+/// Clients and pools by connect timeout and TLS settings (and worker, for pools).
+#[derive(Default)]
+struct Connections {
+    clients: Mutex<HashMap<String, HttpClient>>,
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+}
+
+/// The key of clients and pools with these settings.
+fn settings_key(connect_timeout_ms: u64, tls: Option<&Arc<UpstreamTls>>) -> String {
+    format!("{connect_timeout_ms}|{}", tls.map_or("", |t| t.fingerprint.as_str()))
+}
+
+/// Opens TCP connections within `connect_timeout_ms`, adding `tls` for https.
+fn connector(connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>) -> UpstreamConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
+    connector.set_nodelay(true);
+    UpstreamConnector::new(connector, tls)
+}
+
 /// Compiles a config and starts its health probes.
-fn build_snapshot(
-    config: Config,
-    previous: Option<&Balancers>,
-    clients: &Mutex<HashMap<String, HttpClient>>,
-    workers: usize,
-) -> Snapshot {
-    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
-    let mut client_for = |worker: usize, connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>| {
-        let key = format!(
-            "{worker}|{connect_timeout_ms}|{}",
-            tls.as_ref().map_or("", |t| t.fingerprint.as_str())
-        );
+fn build_snapshot(config: Config, previous: Option<&Balancers>, connections: &Connections, workers: usize) -> Snapshot {
+    let mut clients = connections.clients.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pools = connections.pools.lock().unwrap_or_else(|e| e.into_inner());
+    let mut client_for = |connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>| {
         clients
-            .entry(key)
+            .entry(settings_key(connect_timeout_ms, tls.as_ref()))
             .or_insert_with(|| {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
-                connector.set_nodelay(true);
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(UPSTREAM_IDLE)
-                    .build(UpstreamConnector::new(connector, tls))
+                    .build(connector(connect_timeout_ms, tls))
             })
+            .clone()
+    };
+    let mut pool_for = |worker: usize, https: bool, connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>| {
+        // An https service whose TLS could not be set up keeps failing its connects rather
+        // than share a plain pool.
+        let key = format!("{worker}|{https}|{}", settings_key(connect_timeout_ms, tls.as_ref()));
+        pools
+            .entry(key)
+            .or_insert_with(|| Pool::new(connector(connect_timeout_ms, tls), https, UPSTREAM_IDLE))
             .clone()
     };
     let balancers = Balancers::build(&config, previous);
@@ -203,17 +225,19 @@ fn build_snapshot(
             };
             let tls = s.tls.as_ref().and_then(|tls| upstream_tls(&config, &s.host, tls));
             let scheme = if s.tls.is_some() { "https" } else { "http" };
-            let clients = (0..workers.max(1))
-                .map(|worker| client_for(worker, s.connect_timeout_ms, tls.clone()))
+            let pools = (0..workers.max(1))
+                .map(|worker| pool_for(worker, s.tls.is_some(), s.connect_timeout_ms, tls.clone()))
                 .collect();
+            let client = client_for(s.connect_timeout_ms, tls.clone());
             if upstream.is_some() {
                 // Probes reach an upstream's targets as its services do.
                 probe_clients
                     .entry(s.host.clone())
-                    .or_insert_with(|| (client_for(0, 1000, tls), scheme));
+                    .or_insert_with(|| (client_for(1000, tls), scheme));
             }
             ServiceRuntime {
-                clients,
+                pools,
+                client,
                 scheme,
                 upstream,
                 address,
@@ -221,7 +245,7 @@ fn build_snapshot(
             }
         })
         .collect();
-    balancers.start_probes(&client_for(0, 1000, None), &probe_clients);
+    balancers.start_probes(&client_for(1000, None), &probe_clients);
     Snapshot {
         router: Router::build(&config),
         plugins: PluginSet::build(&config),
@@ -234,7 +258,7 @@ fn build_snapshot(
                 .position(|s| Some(s.host.as_str()) == uri.host() && s.port == port && s.tls.is_some() == https)?;
             let service: &ServiceRuntime = &services[index];
             Some(JwksRoute {
-                client: service.client().clone(),
+                client: service.client.clone(),
                 scheme: service.scheme,
                 upstream: service.upstream.clone(),
                 address: service.address.clone(),
@@ -242,6 +266,7 @@ fn build_snapshot(
         }),
         balancers,
         services,
+        request_metrics: crate::proxy::RequestMetrics::new(&config),
         loaded_at: SystemTime::now(),
         config,
     }

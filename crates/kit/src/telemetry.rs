@@ -7,7 +7,7 @@
 //! request). Call [`flush_logs`] before the process exits.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// `BAZAAR_OTLP_ENDPOINT` set, spans are also exported over OTLP (see [`crate::otlp`]); call
 /// from inside a tokio runtime then. Safe to call twice.
 pub fn init_logging(service: &str, json: bool) {
+    JSON.store(json, Ordering::Relaxed);
     let filter = std::env::var("BAZAAR_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn,hyper=warn".into());
@@ -49,6 +50,97 @@ pub fn init_logging(service: &str, json: bool) {
         .with(fmt_layer)
         .with(otlp)
         .try_init();
+}
+
+/// Whether lines are JSON objects (see [`init_logging`]).
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// A field's value in an [`info_line`].
+#[derive(Debug, Clone, Copy)]
+pub enum Field<'a> {
+    /// Written bare, as tracing writes a `%value` (Display).
+    Bare(&'a str),
+    /// Written quoted and escaped, as tracing writes a `&str`.
+    Text(&'a str),
+    /// A number.
+    Number(u64),
+}
+
+/// Logs one INFO event for `target` in the shape tracing's formatter gives it (text or JSON,
+/// as [`init_logging`] chose), without tracing's per-field dispatch and date formatting: for
+/// a line written on every request (the gateway's access line took a twelfth of its CPU
+/// through tracing). The caller checks `tracing::enabled!(Level::INFO)` first.
+pub fn info_line(target: &str, message: &str, fields: &[(&str, Field<'_>)]) {
+    thread_local! {
+        static LINE: std::cell::RefCell<(u64, Vec<u8>, Vec<u8>)> = const {
+            std::cell::RefCell::new((u64::MAX, Vec::new(), Vec::new()))
+        };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    LINE.with_borrow_mut(|(second, stamp, line)| {
+        // The date and time to the second, formatted once a second per thread.
+        if *second != now.as_secs() {
+            *second = now.as_secs();
+            stamp.clear();
+            let time = chrono::DateTime::from_timestamp(now.as_secs() as i64, 0).unwrap_or_default();
+            let _ = write!(stamp, "{}", time.format("%Y-%m-%dT%H:%M:%S"));
+        }
+        line.clear();
+        format_line(
+            JSON.load(Ordering::Relaxed),
+            stamp,
+            now.subsec_micros(),
+            target,
+            message,
+            fields,
+            line,
+        );
+        let _ = deferred_stderr().write(line);
+    });
+}
+
+/// One log line: `stamp` (date and time to the second) with `micros`, INFO, `message` and
+/// `fields`, as tracing's compact text or flattened JSON formatter writes it.
+fn format_line(
+    json: bool,
+    stamp: &[u8],
+    micros: u32,
+    target: &str,
+    message: &str,
+    fields: &[(&str, Field<'_>)],
+    line: &mut Vec<u8>,
+) {
+    if json {
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        line.extend_from_slice(stamp);
+        let _ = write!(line, ".{micros:06}Z\",\"level\":\"INFO\",\"message\":");
+        let _ = serde_json::to_writer(&mut *line, message);
+        for (name, value) in fields {
+            line.push(b',');
+            let _ = serde_json::to_writer(&mut *line, name);
+            line.push(b':');
+            let _ = match value {
+                Field::Bare(text) | Field::Text(text) => serde_json::to_writer(&mut *line, text),
+                Field::Number(n) => serde_json::to_writer(&mut *line, n),
+            };
+        }
+        line.extend_from_slice(b",\"target\":");
+        let _ = serde_json::to_writer(&mut *line, target);
+        line.extend_from_slice(b"}\n");
+    } else {
+        line.extend_from_slice(stamp);
+        let _ = write!(line, ".{micros:06}Z  INFO {message}");
+        for (name, value) in fields {
+            let _ = match value {
+                Field::Bare(text) => write!(line, " {name}={text}"),
+                Field::Text(text) => write!(line, " {name}={text:?}"),
+                Field::Number(n) => write!(line, " {name}={n}"),
+            };
+        }
+        line.push(b'\n');
+    }
 }
 
 /// How often the flusher thread writes what was logged.
@@ -149,4 +241,39 @@ pub fn metrics() -> Option<&'static PrometheusHandle> {
 /// The current metrics in Prometheus text format (empty when no recorder could be installed).
 pub fn render_metrics() -> String {
     metrics().map(|h| h.render()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIELDS: [(&str, Field<'static>); 3] = [
+        ("method", Field::Bare("GET")),
+        ("path", Field::Text("/a \"b\"")),
+        ("status", Field::Number(200)),
+    ];
+
+    #[test]
+    fn a_fast_line_reads_like_tracings_text_line() {
+        let mut line = Vec::new();
+        format_line(false, b"2026-12-05T19:43:16", 7, "t", "proxied", &FIELDS, &mut line);
+        assert_eq!(
+            String::from_utf8(line).unwrap(),
+            "2026-12-05T19:43:16.000007Z  INFO proxied method=GET path=\"/a \\\"b\\\"\" status=200\n"
+        );
+    }
+
+    #[test]
+    fn a_fast_json_line_is_one_json_object() {
+        let mut line = Vec::new();
+        format_line(true, b"2026-12-05T19:43:16", 7, "t", "proxied", &FIELDS, &mut line);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["timestamp"], "2026-12-05T19:43:16.000007Z");
+        assert_eq!(value["level"], "INFO");
+        assert_eq!(value["message"], "proxied");
+        assert_eq!(value["path"], "/a \"b\"");
+        assert_eq!(value["status"], 200);
+        assert_eq!(value["target"], "t");
+    }
 }

@@ -124,17 +124,34 @@ pub(crate) fn apply(conf: &CorrelationConfig, headers: &mut HeaderMap, arrival: 
 /// Continues the caller's trace when it sent a valid `traceparent`, else starts one; either way
 /// the gateway is a new span, so the parent id is fresh.
 pub(crate) fn traceparent(headers: &mut HeaderMap) {
-    let span_id = rand::random::<u64>().max(1);
-    let value = match headers
-        .get("traceparent")
+    // `00-` trace id (32 hex) `-` span id (16 hex) `-` flags (2 hex), written by hand: this
+    // runs on every request.
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    match headers
+        .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent)
     {
-        Some((trace_id, flags)) => format!("00-{trace_id}-{span_id:016x}-{flags}"),
-        None => format!("00-{:032x}-{span_id:016x}-01", rand::random::<u128>().max(1)),
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert("traceparent", value);
+        Some((trace_id, flags)) => {
+            value[3..35].copy_from_slice(trace_id.as_bytes());
+            value[53..55].copy_from_slice(flags.as_bytes());
+        }
+        None => hex(rand::random::<u128>().max(1), &mut value[3..35]),
+    }
+    hex(u128::from(rand::random::<u64>().max(1)), &mut value[36..52]);
+    if let Ok(value) = HeaderValue::from_bytes(&value) {
+        headers.insert(TRACEPARENT, value);
+    }
+}
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Writes the low `out.len()` nibbles of `n` into `out` as lowercase hex, most significant first.
+fn hex(mut n: u128, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in out.iter_mut().rev() {
+        *byte = DIGITS[(n & 0xf) as usize];
+        n >>= 4;
     }
 }
 
