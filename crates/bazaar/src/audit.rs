@@ -271,11 +271,12 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         "SELECT COUNT(*) FROM (SELECT account_id FROM ledger_entry WHERE account_id LIKE 'customer:%' GROUP BY account_id HAVING SUM(amount_cents) < 0) AS n",
     )
     .await?;
+    let drifted = count(&s.payments, bazaar_payments::ledger::DRIFTED_ACCOUNTS).await?;
     out.push(check(
         4,
-        total == 0 && wallets + revenue == deposits && revenue == captured && negative == 0 && held == 0,
+        total == 0 && wallets + revenue == deposits && revenue == captured && negative == 0 && held == 0 && drifted == 0,
         format!(
-            "deposits {deposits} = wallets {wallets} + revenue {revenue}; revenue = captured {captured}; ledger sum {total}; negative wallets {negative}; on hold {held}"
+            "deposits {deposits} = wallets {wallets} + revenue {revenue}; revenue = captured {captured}; ledger sum {total}; negative wallets {negative}; on hold {held}; balances off their entries {drifted}"
         ),
     ));
 

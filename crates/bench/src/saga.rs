@@ -463,12 +463,13 @@ fn indent(text: &str) -> String {
 
 /// The monolith's one store: the services' own tables (so both sides do the same work on the
 /// same schema), renumbered into one migration sequence.
-fn monolith_schema() -> [Migration; 3] {
+fn monolith_schema() -> [Migration; 4] {
     let renumber = |m: Migration, version| Migration { version, ..m };
     [
         renumber(bazaar_inventory::MIGRATIONS[0], 10),
         renumber(bazaar_payments::MIGRATIONS[0], 11),
-        renumber(bazaar_orders::MIGRATIONS[1], 12),
+        renumber(bazaar_payments::MIGRATIONS[1], 12),
+        renumber(bazaar_orders::MIGRATIONS[1], 13),
     ]
 }
 

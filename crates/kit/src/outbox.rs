@@ -6,7 +6,7 @@
 //! unsent rows matter for delivery, and an outbox that kept every event would grow with the
 //! traffic. A crash between
 //! publish and mark republishes the row on restart; the broker drops the duplicate by
-//! `eventId` within its de-duplication window (24 h embedded, 2 min on JetStream), and past
+//! `eventId` within its de-duplication window (2 min, embedded and on JetStream), and past
 //! it the consumers' inboxes do (kept for [`RETENTION`]). With several instances on one
 //! PostgreSQL store, one relay holds a lease.
 

@@ -99,7 +99,7 @@ async fn rounds(args: &SagaBenchArgs, system: &System, seconds: u64) -> anyhow::
     }
     text.push_str(
         "retention: sent outbox rows 1 min (delivery never reads them again), inbox records 7 days \
-         (longer than any republish), acked broker messages 24 h (the de-duplication window), \
+         (longer than any republish), acked broker messages 2 min (the de-duplication window), \
          finished sagas kept as order history.",
     );
     Ok(text)

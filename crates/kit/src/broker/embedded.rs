@@ -65,9 +65,12 @@ const MIGRATIONS: &[Migration] = &[
     ),
 ];
 
-/// How long published messages are kept once every group has acked them; also the
-/// de-duplication window.
-const RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How long published messages are kept once every group has acked them: the window in
+/// which publishing a message id again is dropped, as NATS's `duplicate_window` (the same
+/// [`super::nats::DEDUP_WINDOW`]). A relay that publishes a row again later (it crashed
+/// before marking the row sent and stayed down) is caught by the consumers' inbox, which
+/// keeps what it handled for days; the log itself stays as large as two minutes of traffic.
+const RETENTION: Duration = super::nats::DEDUP_WINDOW;
 /// How often a waiting fetch looks for messages without being woken (a lost wake-up, a
 /// redelivery falling due, or a platform without Unix sockets).
 #[cfg(unix)]
@@ -75,7 +78,9 @@ const POLL: Duration = Duration::from_millis(100);
 #[cfg(not(unix))]
 const POLL: Duration = Duration::from_millis(10);
 /// How often a publishing process prunes the log.
-const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// Most messages one pruning transaction deletes, so publishers wait for no long one.
+const PRUNE_CHUNK: i64 = 2_000;
 
 /// The SQLite-file broker.
 #[derive(Clone)]
@@ -123,17 +128,26 @@ impl EmbeddedBroker {
     /// until replayed). Returns how many went. Publishing calls it every [`PRUNE_EVERY`].
     pub async fn prune(&self) -> Result<u64, BrokerError> {
         let cutoff = now_millis() - RETENTION.as_millis() as i64;
-        let pruned = self
-            .db
-            .write(|tx| {
-                tx.execute(
-                    "DELETE FROM bus_messages WHERE published_at < ?1 AND topic NOT LIKE '%.dlq'
-                     AND NOT EXISTS (SELECT 1 FROM bus_deliveries d WHERE d.seq = bus_messages.seq)",
-                    [cutoff],
-                )
-            })
-            .await?;
-        Ok(pruned as u64)
+        let mut pruned = 0;
+        loop {
+            let deleted = self
+                .db
+                .write(|tx| {
+                    tx.execute(
+                        "DELETE FROM bus_messages WHERE seq IN (SELECT seq FROM bus_messages
+                         WHERE published_at < ?1 AND topic NOT LIKE '%.dlq'
+                         AND NOT EXISTS (SELECT 1 FROM bus_deliveries d WHERE d.seq = bus_messages.seq)
+                         LIMIT ?2)",
+                        [cutoff, PRUNE_CHUNK],
+                    )
+                })
+                .await?;
+            pruned += deleted as u64;
+            if (deleted as i64) < PRUNE_CHUNK {
+                return Ok(pruned);
+            }
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Appends `messages` in one transaction: one commit for the whole batch.
@@ -600,6 +614,25 @@ mod tests {
             acked.expect("ack");
         }
         assert_eq!(broker.pending("t", "g").await.expect("pending"), 0);
+    }
+
+    #[tokio::test]
+    async fn prune_goes_on_past_one_chunk() {
+        let (_dir, broker) = broker().await;
+        let count = PRUNE_CHUNK as usize + 500;
+        let ids: Vec<String> = (0..count).map(|i| format!("m{i}")).collect();
+        let outgoing: Vec<Outgoing<'_>> = ids
+            .iter()
+            .map(|id| Outgoing {
+                topic: "t",
+                msg_id: id,
+                body: Bytes::from_static(b"x"),
+            })
+            .collect();
+        broker.publish_batch(&outgoing).await.expect("publish");
+        age_everything(&broker).await;
+        assert_eq!(broker.prune().await.expect("prune"), count as u64);
+        assert!(broker.read("t", 10).await.expect("read").is_empty());
     }
 
     #[tokio::test]

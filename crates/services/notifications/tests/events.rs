@@ -337,6 +337,22 @@ async fn the_sender_delivers_each_message_once() {
 }
 
 #[tokio::test]
+async fn a_backlog_larger_than_a_batch_goes_out_in_one_round() {
+    let n = start().await;
+    let ann = n.customer("ann@example.com", None).await;
+    for _ in 0..450 {
+        n.handle(&confirmed(Uuid::now_v7(), &ann, 1_000, "EUR"))
+            .await
+            .expect("handled");
+    }
+    n.send_round().await;
+    let notes = n.notes().await;
+    assert_eq!(notes.len(), 451, "welcome and 450 confirmations");
+    assert!(notes.iter().all(|s| s.status == "sent" && s.attempts == 1));
+    assert_eq!(n.mail_files().len(), 451);
+}
+
+#[tokio::test]
 async fn a_message_that_cannot_be_delivered_is_retried_then_given_up() {
     let n = start().await;
     n.customer("ann@example.com", None).await;

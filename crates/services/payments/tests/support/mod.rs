@@ -268,6 +268,11 @@ impl Payments {
         .await
         .expect("ledger transactions");
         assert!(unbalanced.is_empty(), "{} unbalanced transactions", unbalanced.len());
+        let drifted: i64 = store::query(bazaar_payments::ledger::DRIFTED_ACCOUNTS)
+            .fetch_scalar(&self.rt.store)
+            .await
+            .expect("kept balances");
+        assert_eq!(drifted, 0, "every kept balance is the sum of its account's entries");
     }
 
     /// `GET /accounts/me` as `customer`, asserting a 200; returns the balance.
