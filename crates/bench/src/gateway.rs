@@ -329,7 +329,19 @@ impl Server {
         })
     }
 
+    /// Asks the server to stop (SIGTERM: nginx's master then stops its workers, which a
+    /// SIGKILL of the master leaves running) and kills it if it has not within 5 s.
     async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let asked = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            if asked && tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await.is_ok() {
+                return;
+            }
+        }
         let _ = self.child.kill().await;
     }
 }
