@@ -338,7 +338,11 @@ impl Server {
                 .status()
                 .await
                 .is_ok_and(|s| s.success());
-            if asked && tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await.is_ok() {
+            if asked
+                && tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+                    .await
+                    .is_ok()
+            {
                 return;
             }
         }
