@@ -27,6 +27,9 @@ const IDLE_PER_TARGET: usize = 256;
 /// and go with reloads and DNS).
 const TARGETS_KEPT: usize = 1024;
 
+/// How long a returned connection may take to be ready for its next request.
+const SETTLE_FOR: Duration = Duration::from_millis(100);
+
 /// Why no connection could be had.
 pub(crate) type ConnectError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -75,8 +78,11 @@ impl Pool {
     pub async fn connection(self: &Arc<Pool>, address: &str) -> Result<Pooled, ConnectError> {
         while let Some((target, mut sender)) = self.take_idle(address) {
             // A returned connection may not have settled its last exchange yet; it does so
-            // on this thread in a moment. One the upstream closed says so here.
-            if sender.is_ready() || sender.ready().await.is_ok() {
+            // on this thread in a moment. One the upstream closed says so here, and one that
+            // does not settle at once is left behind.
+            let settled =
+                sender.is_ready() || matches!(tokio::time::timeout(SETTLE_FOR, sender.ready()).await, Ok(Ok(())));
+            if settled {
                 return Ok(Pooled {
                     sender,
                     target,

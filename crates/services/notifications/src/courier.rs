@@ -217,7 +217,7 @@ pub async fn send_round(store: &Store, courier: &Courier) {
     let started = std::time::Instant::now();
     loop {
         match send_batch(store, courier).await {
-            Ok(taken) if taken == BATCH && started.elapsed() < ROUND_FOR => {}
+            Ok(Batch { taken, deferred: 0 }) if taken == BATCH && started.elapsed() < ROUND_FOR => {}
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "notification round failed");
@@ -225,6 +225,15 @@ pub async fn send_round(store: &Store, courier: &Courier) {
             }
         }
     }
+}
+
+/// How a batch went.
+struct Batch {
+    /// Notifications that were pending when it started (at most [`BATCH`]).
+    taken: usize,
+    /// Those left for a later round because their channel is resting or busy: a round
+    /// does not take batch after batch while a breaker is open.
+    deferred: usize,
 }
 
 /// A pending notification this sender has claimed.
@@ -238,9 +247,8 @@ struct Claimed {
 }
 
 /// Claims up to [`BATCH`] pending notifications in one transaction, sends them
-/// [`CONCURRENT_SENDS`] at a time, and records every outcome in one transaction. Returns how
-/// many were pending.
-async fn send_batch(store: &Store, courier: &Courier) -> Result<usize, store::StoreError> {
+/// [`CONCURRENT_SENDS`] at a time, and records every outcome in one transaction.
+async fn send_batch(store: &Store, courier: &Courier) -> Result<Batch, store::StoreError> {
     let rows = store::query(
         "SELECT id, channel, recipient, subject, body, attempts FROM notification
          WHERE status = 'pending' AND (claimed_until IS NULL OR claimed_until < $1) ORDER BY created_at LIMIT $2",
@@ -250,8 +258,9 @@ async fn send_batch(store: &Store, courier: &Courier) -> Result<usize, store::St
     .fetch_all(store)
     .await?;
     let taken = rows.len();
+    let mut deferred = 0;
     if taken == 0 {
-        return Ok(0);
+        return Ok(Batch { taken, deferred });
     }
     // Claim the rows, so another instance's sender does not send them too; a claim left by a
     // crashed sender expires and the row is sent again (idempotently, under the same id).
@@ -310,6 +319,7 @@ async fn send_batch(store: &Store, courier: &Courier) -> Result<usize, store::St
             }
             // That channel is resting or busy; the row stays pending for a later round.
             Err(CallError::Open(_) | CallError::Full(_)) => {
+                deferred += 1;
                 store::query("UPDATE notification SET claimed_until = NULL WHERE id = $1")
                     .bind(&n.id)
                     .execute(&mut tx)
@@ -336,5 +346,5 @@ async fn send_batch(store: &Store, courier: &Courier) -> Result<usize, store::St
         }
     }
     tx.commit().await?;
-    Ok(taken)
+    Ok(Batch { taken, deferred })
 }
