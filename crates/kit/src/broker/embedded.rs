@@ -523,6 +523,20 @@ mod tests {
         (dir, broker)
     }
 
+    /// Publishes `count` messages `m0`, `m1`, … on topic `t` in one batch.
+    async fn publish_numbered(broker: &EmbeddedBroker, count: usize) {
+        let ids: Vec<String> = (0..count).map(|i| format!("m{i}")).collect();
+        let outgoing: Vec<Outgoing<'_>> = ids
+            .iter()
+            .map(|id| Outgoing {
+                topic: "t",
+                msg_id: id,
+                body: Bytes::from_static(b"x"),
+            })
+            .collect();
+        broker.publish_batch(&outgoing).await.expect("publish");
+    }
+
     async fn age_everything(broker: &EmbeddedBroker) {
         let old = now_millis() - RETENTION.as_millis() as i64 - 1;
         broker
@@ -579,16 +593,7 @@ mod tests {
             ack_wait: Duration::from_millis(1),
         };
         let mut sub = broker.subscribe("t", "g", options).await.expect("subscribe");
-        let batch: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
-        let outgoing: Vec<Outgoing<'_>> = batch
-            .iter()
-            .map(|id| Outgoing {
-                topic: "t",
-                msg_id: id,
-                body: Bytes::from_static(b"x"),
-            })
-            .collect();
-        broker.publish_batch(&outgoing).await.expect("publish");
+        publish_numbered(&broker, 300).await;
         let mut first = sub.fetch(300, Duration::ZERO).await.expect("fetch");
         assert_eq!(first.len(), 300);
         // The last lease expires and is taken again: its old ack must not settle the new one.
@@ -620,16 +625,7 @@ mod tests {
     async fn prune_goes_on_past_one_chunk() {
         let (_dir, broker) = broker().await;
         let count = PRUNE_CHUNK as usize + 500;
-        let ids: Vec<String> = (0..count).map(|i| format!("m{i}")).collect();
-        let outgoing: Vec<Outgoing<'_>> = ids
-            .iter()
-            .map(|id| Outgoing {
-                topic: "t",
-                msg_id: id,
-                body: Bytes::from_static(b"x"),
-            })
-            .collect();
-        broker.publish_batch(&outgoing).await.expect("publish");
+        publish_numbered(&broker, count).await;
         age_everything(&broker).await;
         assert_eq!(broker.prune().await.expect("prune"), count as u64);
         assert!(broker.read("t", 10).await.expect("read").is_empty());
