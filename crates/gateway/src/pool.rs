@@ -62,12 +62,12 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool opening connections with `connector` (`https` when `tls`), reusing one idle for
-    /// at most `idle_for`.
-    pub fn new(connector: UpstreamConnector, tls: bool, idle_for: Duration) -> Arc<Pool> {
+    /// A pool opening connections with `connector` for `scheme` (`http` or `https`), reusing
+    /// one idle for at most `idle_for`.
+    pub fn new(connector: UpstreamConnector, scheme: &'static str, idle_for: Duration) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
-            scheme: if tls { "https" } else { "http" },
+            scheme,
             idle_for,
             idle: Mutex::new(HashMap::new()),
         })
@@ -244,7 +244,7 @@ mod tests {
     fn pool() -> Arc<Pool> {
         Pool::new(
             UpstreamConnector::new(HttpConnector::new(), None),
-            false,
+            "http",
             Duration::from_secs(5),
         )
     }

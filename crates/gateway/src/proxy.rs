@@ -521,23 +521,19 @@ async fn forward(
     headers.remove(header::TRANSFER_ENCODING);
     // As Kong does: the peer is appended to the chain, and X-Real-IP names the client.
     let ip = connection.peer_ip.to_str().unwrap_or("");
-    let peer_value = Some(connection.peer_ip.clone());
     match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(earlier) => {
             let chain = format!("{earlier}, {ip}");
             set_header(&mut headers, X_FORWARDED_FOR, &chain);
         }
         None => {
-            if let Some(value) = &peer_value {
-                headers.insert(X_FORWARDED_FOR, value.clone());
-            }
+            headers.insert(X_FORWARDED_FOR, connection.peer_ip.clone());
         }
     }
-    match peer_value.filter(|_| client == connection.peer.ip()) {
-        Some(value) => {
-            headers.insert(X_REAL_IP, value);
-        }
-        None => set_header(&mut headers, X_REAL_IP, &client.to_string()),
+    if client == connection.peer.ip() {
+        headers.insert(X_REAL_IP, connection.peer_ip.clone());
+    } else {
+        set_header(&mut headers, X_REAL_IP, &client.to_string());
     }
     if let Some(host) = &host {
         let bare = host
@@ -711,18 +707,10 @@ async fn exchange(
         let answer = connection.send(request);
         tokio::pin!(answer);
         // A body-less request is written with its head: only the wait for the answer is timed.
+        let mut answered = None;
         if !body.is_empty() {
             tokio::select! {
-                answered = &mut answer => match answered {
-                    Ok(response) => return Exchange::Answered(response, connection),
-                    Err(refused) => match retry_unsent(pool, address, &connection, refused).await {
-                        Ok((fresh, again)) => {
-                            (connection, request) = (fresh, again);
-                            continue;
-                        }
-                        Err(outcome) => return outcome,
-                    },
-                },
+                early = &mut answer => answered = Some(early),
                 written = tokio::time::timeout(write_timeout, &mut sent) => {
                     // A closed signal (the request was dropped) waits for the answer, which
                     // says why.
@@ -732,17 +720,20 @@ async fn exchange(
                 }
             }
         }
-        return match tokio::time::timeout(read_timeout, answer).await {
-            Ok(Ok(response)) => Exchange::Answered(response, connection),
-            Ok(Err(refused)) => match retry_unsent(pool, address, &connection, refused).await {
-                Ok((fresh, again)) => {
-                    (connection, request) = (fresh, again);
-                    continue;
-                }
-                Err(outcome) => outcome,
+        let answered = match answered {
+            Some(answered) => answered,
+            None => match tokio::time::timeout(read_timeout, answer).await {
+                Ok(answered) => answered,
+                Err(_) => return Exchange::TimedOut,
             },
-            Err(_) => Exchange::TimedOut,
         };
+        match answered {
+            Ok(response) => return Exchange::Answered(response, connection),
+            Err(refused) => match retry_unsent(pool, address, &connection, refused).await {
+                Ok((fresh, again)) => (connection, request) = (fresh, again),
+                Err(outcome) => return outcome,
+            },
+        }
     }
 }
 

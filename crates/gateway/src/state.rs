@@ -199,13 +199,13 @@ fn build_snapshot(config: Config, previous: Option<&Balancers>, connections: &Co
             })
             .clone()
     };
-    let mut pool_for = |worker: usize, https: bool, connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>| {
+    let mut pool_for = |worker: usize, scheme: &'static str, connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>| {
         // An https service whose TLS could not be set up keeps failing its connects rather
         // than share a plain pool.
-        let key = format!("{worker}|{https}|{}", settings_key(connect_timeout_ms, tls.as_ref()));
+        let key = format!("{worker}|{scheme}|{}", settings_key(connect_timeout_ms, tls.as_ref()));
         pools
             .entry(key)
-            .or_insert_with(|| Pool::new(connector(connect_timeout_ms, tls), https, UPSTREAM_IDLE))
+            .or_insert_with(|| Pool::new(connector(connect_timeout_ms, tls), scheme, UPSTREAM_IDLE))
             .clone()
     };
     let balancers = Balancers::build(&config, previous);
@@ -226,7 +226,7 @@ fn build_snapshot(config: Config, previous: Option<&Balancers>, connections: &Co
             let tls = s.tls.as_ref().and_then(|tls| upstream_tls(&config, &s.host, tls));
             let scheme = if s.tls.is_some() { "https" } else { "http" };
             let pools = (0..workers.max(1))
-                .map(|worker| pool_for(worker, s.tls.is_some(), s.connect_timeout_ms, tls.clone()))
+                .map(|worker| pool_for(worker, scheme, s.connect_timeout_ms, tls.clone()))
                 .collect();
             let client = client_for(s.connect_timeout_ms, tls.clone());
             if upstream.is_some() {

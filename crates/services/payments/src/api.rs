@@ -73,7 +73,7 @@ const MAX_DEPOSIT: i64 = 100_000_000;
 
 async fn account_view(rt: &Runtime, customer: &Uuid) -> Result<Account, Problem> {
     let wallet = ledger::wallet(customer);
-    let exists = store::query("SELECT currency FROM account WHERE id = $1")
+    let exists = store::query("SELECT currency, balance_cents FROM account WHERE id = $1")
         .bind(&wallet)
         .fetch_optional(&rt.store)
         .await?;
@@ -83,7 +83,7 @@ async fn account_view(rt: &Runtime, customer: &Uuid) -> Result<Account, Problem>
         ));
     };
     let currency: String = row.try_get("currency")?;
-    let balance = ledger::balance(&rt.store, &wallet).await?;
+    let balance: i64 = row.try_get("balance_cents")?;
     Ok(Account {
         user_id: *customer,
         balance_cents: balance,

@@ -151,27 +151,14 @@ impl PaymentCommands {
             return Ok(Verdict::refused("amount must be positive"));
         }
         let wallet = ledger::wallet(&cmd.customer_id);
-        if !ledger::exists(tx, &wallet).await? {
+        let Some((held, balance)) = ledger::lock(tx, &wallet).await? else {
             // The user.registered event may still be on its way: retry before giving up.
             return Err(HandlerError::Transient(format!(
                 "no wallet yet for customer {}",
                 cmd.customer_id
             )));
-        }
+        };
         let id = Uuid::now_v7();
-        // Lock the wallet's row first, so two payments of one customer on PostgreSQL (READ
-        // COMMITTED) cannot both spend the same balance. SQLite's write transaction already
-        // serialises them.
-        store::query("UPDATE account SET currency = currency WHERE id = $1")
-            .bind(&wallet)
-            .execute(&mut *tx)
-            .await?;
-        let held: String = store::query("SELECT currency FROM account WHERE id = $1")
-            .bind(&wallet)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("currency")?;
-        let balance = ledger::balance(&mut *tx, &wallet).await?;
         let declined = if cmd.currency != held {
             // Never take one currency's minor units as another's.
             Some(format!("the wallet holds {held}; it cannot pay in {}", cmd.currency))

@@ -49,6 +49,19 @@ pub async fn balance<'c>(db: impl Into<store::Target<'c>>, account: &str) -> Res
     }
 }
 
+/// Locks `account`'s row until the transaction ends and reads its currency and balance;
+/// `None` when it is not open. Two payments of one customer on PostgreSQL (READ COMMITTED)
+/// cannot then both spend the same balance; SQLite's write transaction already serialises
+/// them.
+pub async fn lock(tx: &mut Tx, account: &str) -> Result<Option<(String, i64)>, store::StoreError> {
+    let row = store::query("UPDATE account SET currency = currency WHERE id = $1 RETURNING currency, balance_cents")
+        .bind(account)
+        .fetch_optional(&mut *tx)
+        .await?;
+    row.map(|r| Ok((r.try_get("currency")?, r.try_get("balance_cents")?)))
+        .transpose()
+}
+
 /// Moves `amount` from `from` to `to` as one balanced transaction, and both balances with it.
 pub async fn transfer(
     tx: &mut Tx,
