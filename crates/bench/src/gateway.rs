@@ -53,6 +53,10 @@ pub struct GatewayBenchArgs {
     /// Use this process's own load generator even when wrk is installed.
     #[arg(long)]
     builtin_load: bool,
+    /// Rounds over every variant, interleaved; each row is its variant's median round, so
+    /// a stretch of noise on a shared machine moves one round rather than one variant.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 /// The upstream's answer: 100 bytes, like a small JSON document.
@@ -61,6 +65,8 @@ const BODY: &str =
 
 /// Longest a variant may run, whatever `--seconds` says, so the bench always stops.
 const MAX_SECONDS: u64 = 300;
+/// Most rounds over the variants.
+const MAX_ROUNDS: usize = 9;
 
 /// The shared secret of the plugin variants' HS256 tokens (both sides verify it).
 const JWT_SECRET: &str = "bench-secret-0123456789abcdef0123456789abcdef";
@@ -73,6 +79,9 @@ pub async fn run(args: GatewayBenchArgs, cores: usize) -> anyhow::Result<Report>
     if args.seconds == 0 || args.seconds > MAX_SECONDS || args.connections == 0 || args.connections > 4096 {
         bail!("--seconds must be 1..={MAX_SECONDS} and --connections 1..=4096");
     }
+    if !(1..=MAX_ROUNDS).contains(&args.rounds) {
+        bail!("--rounds must be 1..={MAX_ROUNDS}");
+    }
     let bin = bazaar_bench::harness::bazaar_bin(args.bazaar.as_deref())?;
     let measure = Duration::from_secs(args.seconds);
     let warmup = (measure / 10).clamp(Duration::from_secs(1), Duration::from_secs(2));
@@ -81,11 +90,12 @@ pub async fn run(args: GatewayBenchArgs, cores: usize) -> anyhow::Result<Report>
     let (stop, stopped) = watch::channel(false);
     let mut report = Report::new(
         format!(
-            "bench gateway: GET /bench, {} keep-alive connections from {}, {}s per variant (+{}s warm-up), {}-byte upstream body",
+            "bench gateway: GET /bench, {} keep-alive connections from {}, {}s per variant (+{}s warm-up) in each of {} rounds, {}-byte upstream body",
             args.connections,
             load.name(),
             args.seconds,
             warmup.as_secs(),
+            args.rounds,
             BODY.len()
         ),
         "req/s",
@@ -105,48 +115,45 @@ pub async fn run(args: GatewayBenchArgs, cores: usize) -> anyhow::Result<Report>
         }
     };
 
-    eprintln!("bench gateway: direct to the upstream at {upstream}");
-    report.row(
+    // Every server starts first and idles while the others are measured; then each round
+    // measures every variant once, in the same order.
+    let mut variants = vec![Variant::new(
         "direct",
-        Some(load.drive(upstream, &[]).await?),
-        "load generator -> upstream",
-    );
-
+        upstream,
+        None,
+        &[],
+        "load generator -> upstream".into(),
+    )];
     let bare = Server::gateway(&bin, dir.path(), "bare", &bare_config(upstream)).await?;
-    eprintln!(
-        "bench gateway: through the bazaar gateway at {} (no plugins)",
-        bare.addr
-    );
-    let sample = bare.measure(&load, &[]).await?;
-    report.row("gateway", Some(sample), "bazaar gateway, no plugins");
-
+    variants.push(Variant::new(
+        "gateway",
+        bare.addr,
+        Some(bare),
+        &[],
+        "bazaar gateway, no plugins".into(),
+    ));
     let mesh_upstream = start_mesh_upstream(dir.path(), stopped.clone()).await?;
     let mesh = Server::gateway(&bin, dir.path(), "mesh", &mesh_upstream.config).await?;
-    eprintln!("bench gateway: through the bazaar gateway to an mTLS upstream (the mesh's hop)");
-    let sample = mesh.measure(&load, &[]).await?;
-    report.row(
+    variants.push(Variant::new(
         "gateway+mesh",
-        Some(sample),
-        "no plugins, upstream (in this process) over mutual TLS 1.3, pooled connections",
-    );
-
+        mesh.addr,
+        Some(mesh),
+        &[],
+        "no plugins, upstream (in this process) over mutual TLS 1.3, pooled connections".into(),
+    ));
     let token = hs256_token(Duration::from_secs(3600))?;
     let auth = [("Authorization".to_string(), format!("Bearer {token}"))];
-    let plugins = Server::gateway(&bin, dir.path(), "plugins", &plugins_config(upstream)).await;
-    match plugins {
-        Ok(server) => {
-            server.wait_answering(&auth).await?;
-            eprintln!("bench gateway: through the bazaar gateway with jwt, rate-limiting, correlation-id");
-            let sample = server.measure(&load, &auth).await?;
-            report.row(
-                "gateway+plugins",
-                Some(sample),
-                "jwt (HS256, exp) + rate-limiting (local, per second) + correlation-id (uuid)",
-            );
-        }
-        Err(e) => return Err(e.context("the gateway with plugins did not start")),
-    }
-
+    let plugins = Server::gateway(&bin, dir.path(), "plugins", &plugins_config(upstream))
+        .await
+        .context("the gateway with plugins did not start")?;
+    variants.push(Variant::new(
+        "gateway+plugins",
+        plugins.addr,
+        Some(plugins),
+        &auth,
+        "jwt (HS256, exp) + rate-limiting (local, per second) + correlation-id (uuid)".into(),
+    ));
+    let mut missing = Vec::new();
     for (name, cfg, headers, note) in [
         ("haproxy", haproxy_config(upstream, false), &[][..], "no rules"),
         (
@@ -158,33 +165,45 @@ pub async fn run(args: GatewayBenchArgs, cores: usize) -> anyhow::Result<Report>
     ] {
         match Server::haproxy(dir.path(), name, &cfg).await {
             Ok(server) => {
-                eprintln!("bench gateway: through {name} at {}", server.addr);
-                let version = server.version.clone();
-                let sample = server.measure(&load, headers).await?;
-                report.row(name, Some(sample), format!("{version}, {note}"));
+                let note = format!("{}, {note}", server.version);
+                variants.push(Variant::new(name, server.addr, Some(server), headers, note));
             }
-            Err(why) => {
-                report.row(name, None, "not measured (see the note below)");
-                report.note(format!("{name} not measured: {why:#}"));
+            Err(why) => missing.push((name, why)),
+        }
+    }
+    match Server::nginx(dir.path(), "proxy", &|addr| nginx_proxy_conf(addr, upstream)).await {
+        Ok(server) => {
+            let note = format!("{} as a reverse proxy, upstream keepalive 64", server.version);
+            variants.push(Variant::new("nginx", server.addr, Some(server), &[], note));
+        }
+        Err(why) => missing.push(("nginx", why)),
+    }
+
+    let mut failed = None;
+    'rounds: for round in 1..=args.rounds {
+        for variant in &mut variants {
+            eprintln!(
+                "bench gateway: round {round}/{}: {} at {}",
+                args.rounds, variant.name, variant.addr
+            );
+            if let Err(e) = variant.measure(&load).await {
+                failed = Some(e.context(format!("variant {}", variant.name)));
+                break 'rounds;
             }
         }
     }
-
-    match Server::nginx(dir.path(), "proxy", &|addr| nginx_proxy_conf(addr, upstream)).await {
-        Ok(server) => {
-            eprintln!("bench gateway: through nginx at {}", server.addr);
-            let version = server.version.clone();
-            let sample = server.measure(&load, &[]).await?;
-            report.row(
-                "nginx",
-                Some(sample),
-                format!("{version} as a reverse proxy, upstream keepalive 64"),
-            );
+    for variant in variants {
+        let (name, note, sample) = variant.finish().await;
+        if failed.is_none() {
+            report.row(name, sample, note);
         }
-        Err(why) => {
-            report.row("nginx", None, "not measured (see the note below)");
-            report.note(format!("nginx not measured: {why:#}"));
-        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    for (name, why) in missing {
+        report.row(name, None, "not measured (see the note below)");
+        report.note(format!("{name} not measured: {why:#}"));
     }
     if let Some(server) = upstream_server {
         server.stop().await;
@@ -212,6 +231,61 @@ struct Server {
     version: String,
     child: Child,
     log: PathBuf,
+}
+
+/// One thing measured: the load generator's target, the server behind it (none for the
+/// upstream itself), and a sample per round.
+struct Variant {
+    name: &'static str,
+    addr: SocketAddr,
+    server: Option<Server>,
+    headers: Vec<(String, String)>,
+    note: String,
+    samples: Vec<Sample>,
+}
+
+impl Variant {
+    fn new(
+        name: &'static str,
+        addr: SocketAddr,
+        server: Option<Server>,
+        headers: &[(String, String)],
+        note: String,
+    ) -> Variant {
+        Variant {
+            name,
+            addr,
+            server,
+            headers: headers.to_vec(),
+            note,
+            samples: Vec::new(),
+        }
+    }
+
+    /// Drives one round of load at the variant.
+    async fn measure(&mut self, load: &Loader) -> anyhow::Result<()> {
+        let sample = match &self.server {
+            Some(server) => server.measure(load, &self.headers).await?,
+            None => load.drive(self.addr, &self.headers).await?,
+        };
+        self.samples.push(sample);
+        Ok(())
+    }
+
+    /// Stops the server; returns the name, the note and the median round by rate.
+    async fn finish(mut self) -> (&'static str, String, Option<Sample>) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+        let rounds = self.samples.len();
+        self.samples.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+        let note = match rounds {
+            0 | 1 => self.note,
+            n => format!("{}; median of {n} rounds", self.note),
+        };
+        let median = (rounds > 0).then(|| self.samples.swap_remove(rounds / 2));
+        (self.name, note, median)
+    }
 }
 
 impl Server {
@@ -306,17 +380,15 @@ impl Server {
         wait_answering(self.addr, "/bench", &raw_headers(headers)).await
     }
 
-    /// Measures this server under `load`, then stops it so it takes no CPU from the next.
-    async fn measure(self, load: &Loader, headers: &[(String, String)]) -> anyhow::Result<Sample> {
+    /// Measures this server under `load`; its log's end explains a failure.
+    async fn measure(&self, load: &Loader, headers: &[(String, String)]) -> anyhow::Result<Sample> {
         let waited = self.wait_answering(headers).await;
         let sample = match waited {
             Ok(()) => load.drive(self.addr, headers).await,
             Err(e) => Err(e),
         };
-        let log = self.log.clone();
-        self.stop().await;
         sample.with_context(|| {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             let tail: String = text
                 .chars()
                 .rev()

@@ -84,6 +84,16 @@ impl Connection {
     fn client(&self, shared: &Shared, headers: &HeaderMap) -> std::net::IpAddr {
         shared.edge.trusted.client(self.peer.ip(), headers)
     }
+
+    /// [`Connection::client`] as text, borrowed from the peer's rendering when the client is
+    /// the peer (formatting an address per request showed in the profile).
+    fn client_text(&self, shared: &Shared, headers: &HeaderMap) -> std::borrow::Cow<'_, str> {
+        let client = self.client(shared, headers);
+        match self.peer_ip.to_str() {
+            Ok(peer) if client == self.peer.ip() => std::borrow::Cow::Borrowed(peer),
+            _ => std::borrow::Cow::Owned(client.to_string()),
+        }
+    }
 }
 
 /// What plugins add to the response, whoever produced it (upstream or a refusal).
@@ -94,7 +104,7 @@ struct Decorations {
     route: Option<usize>,
     correlation: Option<(HeaderName, HeaderValue)>,
     cors: Option<(Arc<cors::CorsConfig>, Option<HeaderValue>)>,
-    rate_limit: HeaderMap,
+    rate_limit: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Serves one proxied request.
@@ -157,8 +167,8 @@ pub(crate) async fn handle(
     if let Some((conf, origin)) = &decorations.cors {
         conf.decorate(origin.as_ref(), headers);
     }
-    for (name, value) in &decorations.rate_limit {
-        headers.insert(name, value.clone());
+    for (name, value) in decorations.rate_limit {
+        headers.insert(name, value);
     }
 
     snapshot
@@ -338,7 +348,7 @@ async fn process(
     }
 
     if let Some((conf, namespace)) = &plugins.rate_limit {
-        let ip = connection.client(shared, &parts.headers).to_string();
+        let ip = connection.client_text(shared, &parts.headers);
         let identity = Identity {
             consumer: who.as_ref().map(|(c, _)| snapshot.config.consumers[*c].id.as_str()),
             credential: who.as_ref().map(|(_, key)| key.as_str()),
@@ -453,13 +463,11 @@ fn set_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
-/// Removes every header of `names`; most messages carry none, which one pass over the
-/// names they do carry finds out.
+/// Removes every header of `names`; a message carries few of them (an upstream's
+/// `Connection: keep-alive`, say), so only the ones found are looked up to be removed.
 fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
-    if headers.keys().any(|k| names.contains(k)) {
-        for name in names {
-            headers.remove(name);
-        }
+    while let Some(found) = headers.keys().find(|k| names.contains(k)).cloned() {
+        headers.remove(found);
     }
 }
 

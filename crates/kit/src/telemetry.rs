@@ -135,6 +135,17 @@ fn format_line(
         for (name, value) in fields {
             let _ = match value {
                 Field::Bare(text) => write!(line, " {name}={text}"),
+                // Debug's quoting, without its per-character escape search when nothing needs one.
+                Field::Text(text)
+                    if text
+                        .bytes()
+                        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') =>
+                {
+                    for part in [" ", name, "=\"", text, "\""] {
+                        line.extend_from_slice(part.as_bytes());
+                    }
+                    Ok(())
+                }
                 Field::Text(text) => write!(line, " {name}={text:?}"),
                 Field::Number(n) => write!(line, " {name}={n}"),
             };
@@ -247,10 +258,11 @@ pub fn render_metrics() -> String {
 mod tests {
     use super::*;
 
-    const FIELDS: [(&str, Field<'static>); 3] = [
+    const FIELDS: [(&str, Field<'static>); 4] = [
         ("method", Field::Bare("GET")),
         ("path", Field::Text("/a \"b\"")),
         ("status", Field::Number(200)),
+        ("service", Field::Text("orders")),
     ];
 
     #[test]
@@ -259,7 +271,7 @@ mod tests {
         format_line(false, b"2026-12-05T19:43:16", 7, "t", "proxied", &FIELDS, &mut line);
         assert_eq!(
             String::from_utf8(line).unwrap(),
-            "2026-12-05T19:43:16.000007Z  INFO proxied method=GET path=\"/a \\\"b\\\"\" status=200\n"
+            "2026-12-05T19:43:16.000007Z  INFO proxied method=GET path=\"/a \\\"b\\\"\" status=200 service=\"orders\"\n"
         );
     }
 
@@ -274,6 +286,7 @@ mod tests {
         assert_eq!(value["message"], "proxied");
         assert_eq!(value["path"], "/a \"b\"");
         assert_eq!(value["status"], 200);
+        assert_eq!(value["service"], "orders");
         assert_eq!(value["target"], "t");
     }
 }

@@ -80,12 +80,18 @@ pub(crate) struct Arrival {
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn generate(generator: Generator, arrival: &Arrival) -> String {
+/// A new id; ASCII by construction, so its header value cannot fail in practice.
+fn generate(generator: Generator, arrival: &Arrival) -> HeaderValue {
+    let id = |text: &str| HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("0"));
     static PROCESS_ID: OnceLock<String> = OnceLock::new();
     let count = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
-    match generator {
-        // From the thread's generator: `new_v4` would ask the kernel for every id.
-        Generator::Uuid => uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string(),
+    id(&match generator {
+        // From the thread's generator (`new_v4` would ask the kernel for every id), written
+        // into a buffer on the stack.
+        Generator::Uuid => {
+            let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+            return id(uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()));
+        }
         Generator::UuidCounter => {
             format!(
                 "{}#{count}",
@@ -99,7 +105,7 @@ fn generate(generator: Generator, arrival: &Arrival) -> String {
                 .unwrap_or(0);
             format!("{}-{}-{count}-{millis}", arrival.server, arrival.client)
         }
-    }
+    })
 }
 
 /// The longest correlation id a client may send; a longer one (or one with spaces or control
@@ -115,8 +121,7 @@ pub(crate) fn apply(conf: &CorrelationConfig, headers: &mut HeaderMap, arrival: 
     if let Some(existing) = headers.get(&conf.header).filter(acceptable) {
         return existing.clone();
     }
-    // A generated id is ASCII by construction, so this conversion cannot fail in practice.
-    let value = HeaderValue::from_str(&generate(conf.generator, arrival)).unwrap_or(HeaderValue::from_static("0"));
+    let value = generate(conf.generator, arrival);
     headers.insert(conf.header.clone(), value.clone());
     value
 }

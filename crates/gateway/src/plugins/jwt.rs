@@ -12,8 +12,9 @@
 //! that load) and when it is five minutes old (a retirement). This is how the gateway trusts the users service's tokens
 //! while holding nothing that could sign one.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::alphabet;
@@ -21,8 +22,9 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use http::request::Parts;
-use http::StatusCode;
+use http::{HeaderName, StatusCode};
 use ring::{hmac, signature};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::config::Config;
@@ -42,9 +44,9 @@ pub(crate) struct JwtConfig {
     #[serde(default = "default_key_claim")]
     pub key_claim_name: String,
     #[serde(default = "default_claims")]
-    pub claims_to_verify: Vec<String>,
-    #[serde(default = "default_header_names")]
-    pub header_names: Vec<String>,
+    pub claims_to_verify: Vec<TimeClaim>,
+    #[serde(default = "default_header_names", deserialize_with = "header_names")]
+    pub header_names: Vec<HeaderName>,
     #[serde(default = "default_uri_params")]
     pub uri_param_names: Vec<String>,
     #[serde(default)]
@@ -61,17 +63,172 @@ pub(crate) struct JwtConfig {
 fn default_key_claim() -> String {
     "iss".into()
 }
-fn default_claims() -> Vec<String> {
-    vec!["exp".into(), "nbf".into()]
+fn default_claims() -> Vec<TimeClaim> {
+    vec![TimeClaim::Exp, TimeClaim::Nbf]
 }
-fn default_header_names() -> Vec<String> {
-    vec!["authorization".into()]
+fn default_header_names() -> Vec<HeaderName> {
+    vec![http::header::AUTHORIZATION]
+}
+/// Header names parsed once, not on every lookup.
+fn header_names<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<HeaderName>, D::Error> {
+    Vec::<String>::deserialize(deserializer)?
+        .iter()
+        .map(|name| {
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| serde::de::Error::custom(format!("{name:?} is not a header name")))
+        })
+        .collect()
 }
 fn default_uri_params() -> Vec<String> {
     vec!["jwt".into()]
 }
 fn yes() -> bool {
     true
+}
+
+/// A registered time claim `claims_to_verify` may name (Kong allows these two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TimeClaim {
+    /// Expiry: refused at or after it.
+    Exp,
+    /// Not before: refused until it.
+    Nbf,
+}
+
+impl TimeClaim {
+    fn name(self) -> &'static str {
+        match self {
+            TimeClaim::Exp => "exp",
+            TimeClaim::Nbf => "nbf",
+        }
+    }
+}
+
+/// A member's value, as far as verification cares; strings are borrowed from the decoded
+/// segment unless they hold escapes.
+#[derive(Clone)]
+enum Member<'de> {
+    Text(Cow<'de, str>),
+    Number(f64),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Member<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Any;
+        impl<'de> Visitor<'de> for Any {
+            type Value = Member<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Member<'de>, E> {
+                Ok(Member::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Member<'de>, E> {
+                Ok(Member::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Member<'de>, E> {
+                Ok(Member::Number(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Member<'de>, E> {
+                Ok(Member::Number(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Member<'de>, E> {
+                Ok(Member::Number(v as f64))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Member<'de>, E> {
+                Ok(Member::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Member<'de>, E> {
+                Ok(Member::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Member<'de>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Member::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Member<'de>, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Member::Other)
+            }
+        }
+        deserializer.deserialize_any(Any)
+    }
+}
+
+/// The members of a token's header or claims that verification reads. The whole segment is
+/// parsed, so bad JSON is still refused, but nothing else is kept: building a map of every
+/// member was 7 % of a proxied request's CPU.
+#[derive(Default)]
+struct Members<'de> {
+    alg: Option<Member<'de>>,
+    kid: Option<Member<'de>>,
+    /// The member named by `key_claim_name`.
+    key: Option<Member<'de>>,
+    exp: Option<Member<'de>>,
+    nbf: Option<Member<'de>>,
+}
+
+impl<'de> Members<'de> {
+    /// Parses one decoded segment, which must be a JSON object; a repeated member counts
+    /// once, the last one, as with any JSON object.
+    fn parse(json: &'de [u8], key_claim: &str) -> Option<Members<'de>> {
+        let mut deserializer = serde_json::Deserializer::from_slice(json);
+        let members = Pick { key_claim }.deserialize(&mut deserializer).ok()?;
+        deserializer.end().ok()?;
+        Some(members)
+    }
+}
+
+/// Reads a segment into [`Members`], keeping the member named `key_claim`.
+struct Pick<'c> {
+    key_claim: &'c str,
+}
+
+impl<'de> DeserializeSeed<'de> for Pick<'_> {
+    type Value = Members<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Members<'de>, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Pick<'_> {
+    type Value = Members<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+        let mut members = Members::default();
+        while let Some(name) = map.next_key::<Member<'de>>()? {
+            let Member::Text(name) = name else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            let name: &str = &name;
+            let is_key = name == self.key_claim;
+            let slot = match name {
+                "alg" => Some(&mut members.alg),
+                "kid" => Some(&mut members.kid),
+                "exp" => Some(&mut members.exp),
+                "nbf" => Some(&mut members.nbf),
+                _ => None,
+            };
+            match (slot, is_key) {
+                (None, false) => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                (None, true) => members.key = Some(map.next_value()?),
+                (Some(slot), is_key) => {
+                    let value: Member<'de> = map.next_value()?;
+                    if is_key {
+                        members.key = Some(value.clone());
+                    }
+                    *slot = Some(value);
+                }
+            }
+        }
+        Ok(members)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,10 +292,46 @@ struct Credential {
     jwks: Option<Arc<JwksKeys>>,
 }
 
-/// Every JWT credential of a config, by key.
+/// Every JWT credential of a config, by key, and the tokens they have verified.
 #[derive(Default)]
 pub(crate) struct Credentials {
     by_key: HashMap<String, Arc<Credential>>,
+    verified: Mutex<HashMap<Box<str>, Vouched>>,
+}
+
+/// Most tokens [`Credentials`] remembers as verified; when full it forgets them all, so a
+/// flood of valid tokens costs at most this many entries.
+const VERIFIED_KEPT: usize = 4096;
+/// Longer tokens are verified every time rather than kept.
+const VERIFIED_TOKEN_MAX: usize = 2048;
+
+/// A token whose signature a credential's own key verified, with what the per-request
+/// checks still need: a client that sends the same token again (every request of a
+/// session) costs a lookup instead of base64, JSON and a signature check, as Envoy's
+/// `jwt_authn` cache does. Tokens verified by a JWKS key are not kept: the key may retire.
+struct Vouched {
+    /// The `key_claim_name` and `secret_is_base64` it was verified under.
+    key_claim: Box<str>,
+    secret_is_base64: bool,
+    credential: Arc<Credential>,
+    exp: Option<TimeValue>,
+    nbf: Option<TimeValue>,
+}
+
+/// A time claim's value: seconds, or something that is not a number.
+#[derive(Clone, Copy)]
+enum TimeValue {
+    Seconds(f64),
+    NotNumber,
+}
+
+impl TimeValue {
+    fn of(member: Option<&Member<'_>>) -> Option<TimeValue> {
+        member.map(|m| match m {
+            &Member::Number(seconds) => TimeValue::Seconds(seconds),
+            _ => TimeValue::NotNumber,
+        })
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -147,7 +340,58 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+impl Credential {
+    fn authenticated(&self) -> Authenticated {
+        Authenticated {
+            consumer: self.consumer,
+            credential_key: self.key.clone(),
+            jwks: self.jwks.clone(),
+        }
+    }
+}
+
 impl Credentials {
+    /// The credential that verified `token` before under `conf`'s key claim and secret
+    /// encoding, with the token's time claims.
+    fn vouched_for(
+        &self,
+        conf: &JwtConfig,
+        token: &str,
+    ) -> Option<(Arc<Credential>, Option<TimeValue>, Option<TimeValue>)> {
+        let verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        let found = verified.get(token)?;
+        (*found.key_claim == *conf.key_claim_name && found.secret_is_base64 == conf.secret_is_base64)
+            .then(|| (found.credential.clone(), found.exp, found.nbf))
+    }
+
+    /// Remembers that `credential` verified `token`'s signature under `conf`.
+    fn vouch(
+        &self,
+        conf: &JwtConfig,
+        token: &str,
+        credential: &Arc<Credential>,
+        exp: Option<TimeValue>,
+        nbf: Option<TimeValue>,
+    ) {
+        if token.len() > VERIFIED_TOKEN_MAX {
+            return;
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if verified.len() >= VERIFIED_KEPT {
+            verified.clear();
+        }
+        verified.insert(
+            token.into(),
+            Vouched {
+                key_claim: conf.key_claim_name.as_str().into(),
+                secret_is_base64: conf.secret_is_base64,
+                credential: credential.clone(),
+                exp,
+                nbf,
+            },
+        );
+    }
+
     /// Prepares verification keys for every `jwt_secrets` entry, each JWKS fetched directly.
     #[cfg(test)]
     pub fn build(config: &Config) -> Credentials {
@@ -195,7 +439,10 @@ impl Credentials {
             };
             by_key.insert(secret.key.clone(), Arc::new(credential));
         }
-        Credentials { by_key }
+        Credentials {
+            by_key,
+            verified: Mutex::default(),
+        }
     }
 }
 
@@ -253,7 +500,7 @@ pub(crate) async fn authenticate(
     let asked = Instant::now();
     let mut reloaded = false;
     loop {
-        match verify(conf, &token, credentials, now) {
+        match verify(conf, token, credentials, now) {
             Ok(found) => match &found.jwks {
                 Some(jwks) if !reloaded && jwks.is_stale() => {
                     // One request a second tries; the others go on with the keys there are.
@@ -457,13 +704,14 @@ fn parse_jwks(body: &[u8]) -> Result<KeysByKid, String> {
     Ok(found)
 }
 
-/// Collects the token from query, cookies and headers; Kong refuses two different ones.
-fn find_token(conf: &JwtConfig, request: &Parts) -> Result<String, Rejection> {
-    let mut tokens: Vec<String> = Vec::new();
-    let mut add = |token: &str| {
-        if !token.is_empty() && !tokens.iter().any(|t| t == token) {
-            tokens.push(token.to_string());
-        }
+/// Finds the token in query, cookies and headers; Kong refuses two different ones.
+fn find_token<'r>(conf: &JwtConfig, request: &'r Parts) -> Result<&'r str, Rejection> {
+    let mut found: Option<&'r str> = None;
+    let mut several = false;
+    let mut add = |token: &'r str| match found {
+        _ if token.is_empty() => {}
+        None => found = Some(token),
+        Some(first) => several |= first != token,
     };
     if let Some(query) = request.uri.query() {
         for pair in query.split('&') {
@@ -486,7 +734,7 @@ fn find_token(conf: &JwtConfig, request: &Parts) -> Result<String, Rejection> {
         }
     }
     for name in &conf.header_names {
-        let Some(value) = request.headers.get(name.as_str()).and_then(|v| v.to_str().ok()) else {
+        let Some(value) = request.headers.get(name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
         let value = value.trim_start();
@@ -496,40 +744,48 @@ fn find_token(conf: &JwtConfig, request: &Parts) -> Result<String, Rejection> {
             }
         }
     }
-    match tokens.len() {
-        0 => Err(unauthorized("Unauthorized")),
-        1 => Ok(tokens.remove(0)),
-        _ => Err(unauthorized("Multiple tokens provided")),
+    match (found, several) {
+        (None, _) => Err(unauthorized("Unauthorized")),
+        (Some(token), false) => Ok(token),
+        (Some(_), true) => Err(unauthorized("Multiple tokens provided")),
     }
 }
 
 /// Verifies a compact JWS at time `now` (seconds since the epoch).
 fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) -> Result<Authenticated, Failure> {
+    if let Some((credential, exp, nbf)) = credentials.vouched_for(conf, token) {
+        check_times(conf, exp, nbf, now)?;
+        return Ok(credential.authenticated());
+    }
     let mut parts = token.split('.');
     let (Some(header64), Some(claims64), Some(signature64), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(unauthorized("Bad token; invalid JWT").into());
     };
-    let decode_json = |segment: &str| -> Result<serde_json::Map<String, serde_json::Value>, Failure> {
-        let raw = B64URL
+    let decode = |segment: &str| {
+        B64URL
             .decode(segment)
-            .map_err(|_| unauthorized("Bad token; invalid JSON"))?;
-        serde_json::from_slice(&raw).map_err(|_| unauthorized("Bad token; invalid JSON").into())
+            .map_err(|_| unauthorized("Bad token; invalid JSON"))
     };
-    let header = decode_json(header64)?;
-    let claims = decode_json(claims64)?;
+    let (header_json, claims_json) = (decode(header64)?, decode(claims64)?);
+    let key_claim = &conf.key_claim_name;
+    let invalid_json = || Failure::from(unauthorized("Bad token; invalid JSON"));
+    let header = Members::parse(&header_json, key_claim).ok_or_else(invalid_json)?;
+    let claims = Members::parse(&claims_json, key_claim).ok_or_else(invalid_json)?;
     let signature = B64URL
         .decode(signature64)
         .map_err(|_| unauthorized("Bad token; invalid signature encoding"))?;
-    let Some(token_alg) = header.get("alg").and_then(|a| a.as_str()).and_then(Algorithm::parse) else {
+    let Some(token_alg) = (match &header.alg {
+        Some(Member::Text(alg)) => Algorithm::parse(alg),
+        _ => None,
+    }) else {
         return Err(unauthorized("Bad token; invalid alg").into());
     };
 
-    let key_claim = &conf.key_claim_name;
-    let key = match claims.get(key_claim).or_else(|| header.get(key_claim)) {
+    let key = match claims.key.as_ref().or(header.key.as_ref()) {
         None => return Err(unauthorized(&format!("No mandatory '{key_claim}' in claims")).into()),
-        Some(serde_json::Value::String(s)) if !s.is_empty() => s.as_str(),
+        Some(Member::Text(s)) if !s.is_empty() => &**s,
         Some(_) => return Err(unauthorized(&format!("Invalid '{key_claim}' in claims")).into()),
     };
     let Some(credential) = credentials.by_key.get(key) else {
@@ -547,7 +803,7 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
                 .verify(signing_input.as_bytes(), &signature)
                 .is_ok(),
             (None, Some(jwks)) => {
-                let Some(kid) = header.get("kid").and_then(|k| k.as_str()) else {
+                let Some(Member::Text(kid)) = &header.kid else {
                     return Err(unauthorized("No mandatory 'kid' in header").into());
                 };
                 match jwks.verify(kid, signing_input.as_bytes(), &signature) {
@@ -579,19 +835,33 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
         return Err(unauthorized("Invalid signature").into());
     }
 
+    let (exp, nbf) = (TimeValue::of(claims.exp.as_ref()), TimeValue::of(claims.nbf.as_ref()));
+    if credential.jwks.is_none() {
+        credentials.vouch(conf, token, credential, exp, nbf);
+    }
+    check_times(conf, exp, nbf, now)?;
+    Ok(credential.authenticated())
+}
+
+/// The checks of `claims_to_verify` and `maximum_expiration` at time `now`.
+fn check_times(conf: &JwtConfig, exp: Option<TimeValue>, nbf: Option<TimeValue>, now: f64) -> Result<(), Failure> {
     let mut errors = BTreeMap::new();
-    for name in &conf.claims_to_verify {
-        let Some(value) = claims.get(name) else { continue };
-        let Some(seconds) = value.as_f64() else {
-            errors.insert(name.clone(), "must be a number");
+    for &claim in &conf.claims_to_verify {
+        let value = match claim {
+            TimeClaim::Exp => exp,
+            TimeClaim::Nbf => nbf,
+        };
+        let Some(value) = value else { continue };
+        let TimeValue::Seconds(seconds) = value else {
+            errors.insert(claim.name(), "must be a number");
             continue;
         };
-        match name.as_str() {
-            "exp" if seconds <= now => {
-                errors.insert(name.clone(), "token expired");
+        match claim {
+            TimeClaim::Exp if seconds <= now => {
+                errors.insert(claim.name(), "token expired");
             }
-            "nbf" if seconds > now => {
-                errors.insert(name.clone(), "token not valid yet");
+            TimeClaim::Nbf if seconds > now => {
+                errors.insert(claim.name(), "token not valid yet");
             }
             _ => {}
         }
@@ -604,7 +874,10 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
         .into());
     }
     if conf.maximum_expiration > 0 {
-        let exp = claims.get("exp").and_then(|e| e.as_f64());
+        let exp = match exp {
+            Some(TimeValue::Seconds(exp)) => Some(exp),
+            _ => None,
+        };
         if exp.is_none_or(|exp| exp - now > conf.maximum_expiration as f64) {
             return Err(Rejection {
                 status: StatusCode::UNAUTHORIZED,
@@ -613,11 +886,7 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
             .into());
         }
     }
-    Ok(Authenticated {
-        consumer: credential.consumer,
-        credential_key: credential.key.clone(),
-        jwks: credential.jwks.clone(),
-    })
+    Ok(())
 }
 
 /// Turns an RSA public key PEM (`PUBLIC KEY` or `RSA PUBLIC KEY`) into the PKCS#1 DER ring uses.
@@ -787,6 +1056,79 @@ consumers:
             serde_json::json!({"iss": "alice-512"}),
         );
         assert!(check(&conf(), &hs512, &creds, NOW).is_ok());
+    }
+
+    #[test]
+    fn reads_the_members_it_needs_from_any_json_object_and_refuses_the_rest() {
+        let text = |m: &Option<Member>| match m {
+            Some(Member::Text(s)) => Some(s.to_string()),
+            _ => None,
+        };
+        // Escapes, nesting, repeats (the last counts) and a key claim that is also `kid`.
+        let json =
+            br#"{"alg":"HS\u00325\u0036","x":{"exp":1,"y":[1,{"z":null}]},"kid":"k1","exp":5,"exp":7.5,"nbf":"soon"}"#;
+        let m = Members::parse(json, "kid").unwrap();
+        assert_eq!(text(&m.alg).as_deref(), Some("HS256"));
+        assert_eq!((text(&m.kid), text(&m.key)), (Some("k1".into()), Some("k1".into())));
+        assert!(matches!(m.exp, Some(Member::Number(n)) if n == 7.5));
+        assert_eq!(text(&m.nbf).as_deref(), Some("soon"));
+        for bad in [&b"[1]"[..], b"\"a\"", b"{\"alg\":", b"{} x", b"{\"a\":tru}"] {
+            assert!(Members::parse(bad, "iss").is_none(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_time_claim_that_is_not_a_number_is_refused() {
+        let creds = Credentials::build(&config());
+        let token = mint(
+            jsonwebtoken::Algorithm::HS256,
+            "alice-secret",
+            serde_json::json!({"iss": "alice-key", "exp": "tomorrow"}),
+        );
+        assert_eq!(
+            check(&conf(), &token, &creds, NOW).unwrap_err().body,
+            serde_json::json!({"exp": "must be a number"})
+        );
+    }
+
+    #[test]
+    fn config_problems_are_named() {
+        let refused = serde_yaml::from_str::<JwtConfig>("{claims_to_verify: [exp, iat]}").unwrap_err();
+        assert!(refused.to_string().contains("unknown variant `iat`"), "{refused}");
+        let refused = serde_yaml::from_str::<JwtConfig>("{header_names: [x-token, 'bad name']}").unwrap_err();
+        assert!(
+            refused.to_string().contains("\"bad name\" is not a header name"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_remembered_token_is_still_checked_for_expiry_and_only_under_the_same_settings() {
+        let creds = Credentials::build(&config());
+        let good = mint(
+            jsonwebtoken::Algorithm::HS256,
+            "alice-secret",
+            serde_json::json!({"iss": "alice-key", "exp": NOW + 60.0}),
+        );
+        assert!(check(&conf(), &good, &creds, NOW).is_ok());
+        assert!(check(&conf(), &good, &creds, NOW + 30.0).is_ok(), "remembered");
+        assert_eq!(
+            check(&conf(), &good, &creds, NOW + 61.0).unwrap_err().body,
+            serde_json::json!({"exp": "token expired"})
+        );
+        // The same token under a base64 secret is verified afresh, and fails.
+        let base64: JwtConfig = serde_yaml::from_str("{secret_is_base64: true}").unwrap();
+        assert_eq!(
+            check(&base64, &good, &creds, NOW).unwrap_err().body,
+            serde_json::json!({"message": "Invalid signature"})
+        );
+        // A token with another signature is not the remembered one.
+        let (unsigned, _) = good.rsplit_once('.').unwrap();
+        let forged = format!("{unsigned}.AAAA");
+        assert_eq!(
+            check(&conf(), &forged, &creds, NOW).unwrap_err().body,
+            serde_json::json!({"message": "Invalid signature"})
+        );
     }
 
     #[test]
