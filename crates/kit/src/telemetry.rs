@@ -233,18 +233,37 @@ pub fn flush_logs() {
     }
 }
 
+/// How often the recorder folds the histogram samples recorded since into its buckets.
+const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
+///
+/// The recorder keeps every histogram sample until its upkeep folds them into the buckets;
+/// without a scrape that was never, and a role's memory grew by every request's and every
+/// event's durations (orders by 1 MiB every 30 s under the saga soak). A thread that lives
+/// as long as the process runs the upkeep, as the log flusher flushes.
 pub fn metrics() -> Option<&'static PrometheusHandle> {
     PROMETHEUS
         .get_or_init(|| {
             let latency = [
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ];
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets(&latency)
                 .ok()?
                 .install_recorder()
-                .ok()
+                .ok()?;
+            let upkeep = handle.clone();
+            let started = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(METRICS_UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = started {
+                tracing::warn!(error = %e, "cannot start the metrics upkeep; histograms are folded only when scraped");
+            }
+            Some(handle)
         })
         .as_ref()
 }
