@@ -85,27 +85,25 @@ fn generate(generator: Generator, arrival: &Arrival) -> HeaderValue {
     let id = |text: &str| HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("0"));
     static PROCESS_ID: OnceLock<String> = OnceLock::new();
     let count = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
-    id(&match generator {
+    match generator {
         // From the thread's generator (`new_v4` would ask the kernel for every id), written
         // into a buffer on the stack.
         Generator::Uuid => {
             let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
-            return id(uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()));
+            id(uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()))
         }
-        Generator::UuidCounter => {
-            format!(
-                "{}#{count}",
-                PROCESS_ID.get_or_init(|| uuid::Uuid::new_v4().to_string())
-            )
-        }
+        Generator::UuidCounter => id(&format!(
+            "{}#{count}",
+            PROCESS_ID.get_or_init(|| uuid::Uuid::new_v4().to_string())
+        )),
         Generator::Tracker => {
             let millis = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis())
                 .unwrap_or(0);
-            format!("{}-{}-{count}-{millis}", arrival.server, arrival.client)
+            id(&format!("{}-{}-{count}-{millis}", arrival.server, arrival.client))
         }
-    })
+    }
 }
 
 /// The longest correlation id a client may send; a longer one (or one with spaces or control

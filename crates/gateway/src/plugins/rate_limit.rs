@@ -7,10 +7,12 @@
 //! unreachable and `fault_tolerant` is set, requests pass and the failure is logged.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::Datelike;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
@@ -385,25 +387,20 @@ impl Limiter {
         identifier: &str,
         now: u64,
     ) -> Result<Decision, LimiterError> {
-        let windows: Vec<(Period, u64, u64)> = conf
-            .limits
-            .iter()
-            .map(|&(p, limit)| (p, limit, p.window(now).1))
-            .collect();
-        let keys: Vec<String> = conf
-            .limits
-            .iter()
-            .map(|&(p, _)| {
-                // `ratelimit:<namespace>:<identifier>:<period>:<window start>`, appended in
-                // one allocation (`format!` here showed in the request path's profile).
-                let mut key = String::with_capacity(40 + namespace.len() + identifier.len());
-                for part in ["ratelimit:", namespace, ":", identifier, ":", p.name(), ":"] {
-                    key.push_str(part);
-                }
-                key.push_str(&p.window(now).0.to_string());
-                key
-            })
-            .collect();
+        let mut windows: Vec<(Period, u64, u64)> = Vec::with_capacity(conf.limits.len());
+        let mut keys: Vec<String> = Vec::with_capacity(conf.limits.len());
+        for &(period, limit) in &conf.limits {
+            let (start, end) = period.window(now);
+            windows.push((period, limit, end));
+            // `ratelimit:<namespace>:<identifier>:<period>:<window start>`, appended in one
+            // allocation (`format!` here showed in the request path's profile).
+            let mut key = String::with_capacity(40 + namespace.len() + identifier.len());
+            for part in ["ratelimit:", namespace, ":", identifier, ":", period.name(), ":"] {
+                key.push_str(part);
+            }
+            let _ = write!(key, "{start}");
+            keys.push(key);
+        }
         let (allowed, counts) = match &conf.policy {
             Policy::Local => self.count_locally(&keys, &windows, now),
             Policy::Redis { url, timeout } => self.count_in_redis(url, *timeout, &keys, &windows, now).await?,
