@@ -192,7 +192,17 @@ impl Runner {
                     continue;
                 }
             };
+            let fetched = tokio::time::Instant::now();
+            let partial = !deliveries.is_empty() && deliveries.len() < FETCH;
             self.settle_batch(deliveries).await;
+            // As the relay does: while messages trickle in, the next ones gather for a moment
+            // and share one transaction instead of each paying for its own.
+            if partial {
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = tokio::time::sleep_until(fetched + crate::outbox::COALESCE) => {}
+                }
+            }
         }
     }
 

@@ -136,6 +136,10 @@ struct OutboxRelay {
 
 /// Rows published per round.
 const BATCH: i64 = 256;
+/// The least time between the starts of two rounds while commits keep coming (a round that
+/// finds the outbox empty or a full batch waits for nothing): at most this much latency added
+/// to an event, for batches instead of a broker transaction per commit.
+pub const COALESCE: Duration = Duration::from_millis(1);
 /// Fallback poll when no in-process commit wakes the relay.
 const POLL: Duration = Duration::from_millis(200);
 /// Wait after a failed round (broker down): 100 ms doubling, capped at 5 s.
@@ -149,17 +153,6 @@ impl OutboxRelay {
         let mut last_lag = 0i64;
         let mut failures = 0u32;
         loop {
-            match self.round().await {
-                Ok(moved) if moved > 0 => {
-                    failures = 0;
-                    continue;
-                }
-                Ok(_) => failures = 0,
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(error = %e, "outbox relay round failed; will retry");
-                }
-            }
             // Once a second is enough for a gauge, and keeps a query off every event's path.
             if now_millis() - last_lag >= 1_000 {
                 last_lag = now_millis();
@@ -172,6 +165,28 @@ impl OutboxRelay {
                 last_prune = now_millis();
                 if let Err(e) = self.prune().await {
                     tracing::warn!(error = %e, "outbox prune failed");
+                }
+            }
+            let began = tokio::time::Instant::now();
+            match self.round().await {
+                // A backlog: the next batch is ready now.
+                Ok(moved) if moved == BATCH as usize => {
+                    failures = 0;
+                    continue;
+                }
+                // A stream of commits: the next ones gather until `COALESCE` after this round
+                // began and leave together, rather than each paying a broker transaction.
+                Ok(moved) if moved > 0 => {
+                    failures = 0;
+                    tokio::select! {
+                        _ = shutdown.wait() => return,
+                        _ = tokio::time::sleep_until(began + COALESCE) => continue,
+                    }
+                }
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, "outbox relay round failed; will retry");
                 }
             }
             let nap = if failures > 0 {
