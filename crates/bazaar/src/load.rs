@@ -284,6 +284,21 @@ pub async fn open_account(
 
 /// Sets up customers and products, places `args.shape.orders` orders and follows each to its end.
 pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
+    prepare(args).await?.place(args).await
+}
+
+/// Customers with open wallets and products in stock, ready for orders: what a run sets up
+/// before the measured part begins.
+pub struct Prepared {
+    client: Client,
+    api: String,
+    tokens: Vec<String>,
+    products: Vec<String>,
+}
+
+/// Registers and confirms `args.shape.users` customers, adds four products and waits until
+/// every customer's wallet is open.
+pub async fn prepare(args: &LoadArgs) -> anyhow::Result<Prepared> {
     if args.shape.orders == 0 || args.shape.concurrency == 0 || args.shape.users == 0 {
         bail!("--orders, --concurrency and --users must be at least 1");
     }
@@ -328,129 +343,149 @@ pub async fn measure(args: &LoadArgs) -> anyhow::Result<LoadStats> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    match args.rate {
-        Some(rate) => println!(
-            "placing {} orders at {rate}/s (open loop) for {} customers via {}",
-            args.shape.orders, args.shape.users, args.url
-        ),
-        None => println!(
-            "placing {} orders from {} workers for {} customers via {}",
-            args.shape.orders, args.shape.concurrency, args.shape.users, args.url
-        ),
-    }
-    let next = Arc::new(AtomicUsize::new(0));
-    let place = Arc::new(Mutex::new(Vec::new()));
-    let settle = Arc::new(Mutex::new(Vec::new()));
-    let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(args.shape.timeout);
-    let total = args.shape.orders;
-    let shared = (place.clone(), settle.clone(), outcomes.clone());
-    let shape = args.shape.clone();
-    let forwarded_for = move |customer: usize| shape.forwarded_for(customer);
-    let order = move |n: usize, open_loop: bool| {
-        let (client, api, tokens, products) = (client.clone(), api.clone(), tokens.clone(), products.clone());
-        let (place, settle, outcomes) = shared.clone();
-        let client_address = forwarded_for(n % tokens.len());
-        async move {
-            let token = &tokens[n % tokens.len()];
-            let as_customer = |request: reqwest::RequestBuilder| match &client_address {
-                Some(address) => request.header("x-forwarded-for", address),
-                None => request,
-            };
-            let body = json!({"items": [{"productId": products[n % products.len()], "quantity": 1 + n % 2}]});
-            let t0 = Instant::now();
-            let request = as_customer(client.post(format!("{api}/orders")).bearer_auth(token).json(&body));
-            // Closed-loop workers wait out a 429 as a client would; open-loop counts it.
-            let result = if open_loop {
-                match request.send().await {
-                    Ok(resp) => {
-                        let status = resp.status();
-                        Ok((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
-                    }
-                    Err(e) => Err(anyhow::Error::from(e)),
-                }
-            } else {
-                json_call(request).await
-            };
-            place.lock().await.push(t0.elapsed());
-            let id = match result {
-                Ok((st, v)) if st == StatusCode::ACCEPTED => v["id"].as_str().map(str::to_string),
-                Ok((st, _)) if st == StatusCode::SERVICE_UNAVAILABLE || st == StatusCode::TOO_MANY_REQUESTS => {
-                    *outcomes
-                        .lock()
-                        .await
-                        .entry(format!("shed {}", st.as_u16()))
-                        .or_default() += 1;
-                    None
-                }
-                Ok((st, _)) => {
-                    *outcomes.lock().await.entry(format!("http {st}")).or_default() += 1;
-                    None
-                }
-                Err(e) => {
-                    *outcomes.lock().await.entry(format!("error: {e}")).or_default() += 1;
-                    None
-                }
-            };
-            let Some(id) = id else { return };
-            let status = loop {
-                if Instant::now() > deadline {
-                    break "timed out".to_string();
-                }
-                // The server answers as soon as the order has its outcome: no client polling.
-                let wait = format!("{api}/orders/{id}?waitFor=outcome&timeout=10");
-                match json_call(as_customer(client.get(wait).bearer_auth(token))).await {
-                    Ok((_, v)) => match v["status"].as_str() {
-                        Some("pending") | None => continue,
-                        Some(s) => break s.to_string(),
-                    },
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            };
-            settle.lock().await.push(t0.elapsed());
-            *outcomes.lock().await.entry(status).or_default() += 1;
-        }
-    };
-    let mut workers = Vec::new();
-    if let Some(rate) = args.rate {
-        // Open loop: one order every 1/rate seconds, each followed by a task of its own.
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        for n in 0..total {
-            tick.tick().await;
-            if Instant::now() > deadline {
-                break;
-            }
-            workers.push(tokio::spawn(order(n, true)));
-        }
-    } else {
-        for _ in 0..args.shape.concurrency {
-            let (next, order) = (next.clone(), order.clone());
-            workers.push(tokio::spawn(async move {
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= total || Instant::now() > deadline {
-                        return;
-                    }
-                    order(n, false).await;
-                }
-            }));
-        }
-    }
-    for w in workers {
-        let _ = w.await;
-    }
-    let elapsed = start.elapsed();
-    let mut place = place.lock().await.clone();
-    let mut settle = settle.lock().await.clone();
-    place.sort();
-    settle.sort();
-    let outcomes = outcomes.lock().await.clone();
-    Ok(LoadStats {
-        elapsed,
-        place,
-        settle,
-        outcomes,
+    Ok(Prepared {
+        client,
+        api,
+        tokens,
+        products,
     })
+}
+
+impl Prepared {
+    /// Places `args.shape.orders` orders and follows each to its end: the measured part.
+    pub async fn place(self, args: &LoadArgs) -> anyhow::Result<LoadStats> {
+        let Prepared {
+            client,
+            api,
+            tokens,
+            products,
+        } = self;
+        // Shared by every order rather than copied into each.
+        let (tokens, products) = (Arc::new(tokens), Arc::new(products));
+        match args.rate {
+            Some(rate) => println!(
+                "placing {} orders at {rate}/s (open loop) for {} customers via {}",
+                args.shape.orders, args.shape.users, args.url
+            ),
+            None => println!(
+                "placing {} orders from {} workers for {} customers via {}",
+                args.shape.orders, args.shape.concurrency, args.shape.users, args.url
+            ),
+        }
+        let next = Arc::new(AtomicUsize::new(0));
+        let place = Arc::new(Mutex::new(Vec::new()));
+        let settle = Arc::new(Mutex::new(Vec::new()));
+        let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(args.shape.timeout);
+        let total = args.shape.orders;
+        let shared = (place.clone(), settle.clone(), outcomes.clone());
+        let shape = args.shape.clone();
+        let forwarded_for = move |customer: usize| shape.forwarded_for(customer);
+        let order = move |n: usize, open_loop: bool| {
+            let (client, api, tokens, products) = (client.clone(), api.clone(), tokens.clone(), products.clone());
+            let (place, settle, outcomes) = shared.clone();
+            let client_address = forwarded_for(n % tokens.len());
+            async move {
+                let token = &tokens[n % tokens.len()];
+                let as_customer = |request: reqwest::RequestBuilder| match &client_address {
+                    Some(address) => request.header("x-forwarded-for", address),
+                    None => request,
+                };
+                let body = json!({"items": [{"productId": products[n % products.len()], "quantity": 1 + n % 2}]});
+                let t0 = Instant::now();
+                let request = as_customer(client.post(format!("{api}/orders")).bearer_auth(token).json(&body));
+                // Closed-loop workers wait out a 429 as a client would; open-loop counts it.
+                let result = if open_loop {
+                    match request.send().await {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            Ok((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
+                        }
+                        Err(e) => Err(anyhow::Error::from(e)),
+                    }
+                } else {
+                    json_call(request).await
+                };
+                place.lock().await.push(t0.elapsed());
+                let id = match result {
+                    Ok((st, v)) if st == StatusCode::ACCEPTED => v["id"].as_str().map(str::to_string),
+                    Ok((st, _)) if st == StatusCode::SERVICE_UNAVAILABLE || st == StatusCode::TOO_MANY_REQUESTS => {
+                        *outcomes
+                            .lock()
+                            .await
+                            .entry(format!("shed {}", st.as_u16()))
+                            .or_default() += 1;
+                        None
+                    }
+                    Ok((st, _)) => {
+                        *outcomes.lock().await.entry(format!("http {st}")).or_default() += 1;
+                        None
+                    }
+                    Err(e) => {
+                        *outcomes.lock().await.entry(format!("error: {e}")).or_default() += 1;
+                        None
+                    }
+                };
+                let Some(id) = id else { return };
+                let status = loop {
+                    if Instant::now() > deadline {
+                        break "timed out".to_string();
+                    }
+                    // The server answers as soon as the order has its outcome: no client polling.
+                    let wait = format!("{api}/orders/{id}?waitFor=outcome&timeout=10");
+                    match json_call(as_customer(client.get(wait).bearer_auth(token))).await {
+                        Ok((_, v)) => match v["status"].as_str() {
+                            Some("pending") | None => continue,
+                            Some(s) => break s.to_string(),
+                        },
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                };
+                settle.lock().await.push(t0.elapsed());
+                *outcomes.lock().await.entry(status).or_default() += 1;
+            }
+        };
+        let mut workers = Vec::new();
+        if let Some(rate) = args.rate {
+            // Open loop: one order every 1/rate seconds, each followed by a task of its own.
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for n in 0..total {
+                tick.tick().await;
+                if Instant::now() > deadline {
+                    break;
+                }
+                workers.push(tokio::spawn(order(n, true)));
+            }
+        } else {
+            for _ in 0..args.shape.concurrency {
+                let (next, order) = (next.clone(), order.clone());
+                workers.push(tokio::spawn(async move {
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= total || Instant::now() > deadline {
+                            return;
+                        }
+                        order(n, false).await;
+                    }
+                }));
+            }
+        }
+        for w in workers {
+            let _ = w.await;
+        }
+        let elapsed = start.elapsed();
+        let mut place = place.lock().await.clone();
+        let mut settle = settle.lock().await.clone();
+        place.sort();
+        settle.sort();
+        let outcomes = outcomes.lock().await.clone();
+        Ok(LoadStats {
+            elapsed,
+            place,
+            settle,
+            outcomes,
+        })
+    }
 }

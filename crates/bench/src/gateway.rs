@@ -277,14 +277,11 @@ impl Variant {
         if let Some(server) = self.server.take() {
             server.stop().await;
         }
-        let rounds = self.samples.len();
-        self.samples.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
-        let note = match rounds {
-            0 | 1 => self.note,
-            n => format!("{}; median of {n} rounds", self.note),
-        };
-        let median = (rounds > 0).then(|| self.samples.swap_remove(rounds / 2));
-        (self.name, note, median)
+        let rounds = self.samples.into_iter().map(|s| (s, ())).collect();
+        match super::report::median(rounds, |()| self.note.clone()) {
+            Some((sample, note)) => (self.name, note, Some(sample)),
+            None => (self.name, self.note, None),
+        }
     }
 }
 

@@ -56,6 +56,10 @@ pub struct PipelineBenchArgs {
     /// (a fresh namespace is used and its streams are deleted afterwards).
     #[arg(long, env = "BAZAAR_BENCH_NATS_URL")]
     broker: Option<String>,
+    /// Rounds over every variant, interleaved; each row is its variant's median round, so
+    /// a stretch of noise on a shared machine moves one round rather than one variant.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    rounds: u64,
     /// Give up on a variant after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -75,72 +79,111 @@ pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report
     bazaar_kit::telemetry::metrics();
     let mut report = Report::new(
         format!(
-            "bench pipeline: {} events per variant, one producer task, one consumer task",
-            args.events
+            "bench pipeline: {} events per variant in each of {} rounds, one producer task, one consumer task",
+            args.events, args.rounds
         ),
         "events/s",
     );
     let timeout = Duration::from_secs(args.timeout);
     let dir = tempfile::tempdir().context("cannot create a temp dir")?;
-    eprintln!("bench pipeline: sqlite one-row write transactions (the reference)");
     let reference = "sqlite one-row plain";
-    let path = dir.path().join("plain.db");
-    let n = args.events;
-    let plain = tokio::task::spawn_blocking(move || sqlite_plain(&path, n));
-    match measured(async { plain.await.context("the reference panicked")? }).await {
-        Ok((sample, note)) => report.row(reference, Some(sample), note),
-        Err(e) => report.row(reference, None, format!("failed: {e:#}")),
-    }
-    match measured(sqlite_store(dir.path(), args.events)).await {
-        Ok((sample, note)) => report.row("sqlite one-row Store", Some(sample), note),
-        Err(e) => report.row("sqlite one-row Store", None, format!("failed: {e:#}")),
-    }
-    report.compare("sqlite one-row Store", reference);
-    let embedded = format!("sqlite://{}/bus.db", dir.path().display());
-    let mut backends = vec![("embedded", embedded, None)];
-    if let Some(url) = &args.broker {
-        // A fresh namespace keeps the bench's topics apart from anything else on the server.
-        let ns = format!("bench_{}", uuid::Uuid::now_v7().simple());
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let name = if url.starts_with("nats://") { "nats" } else { "broker" };
-        backends.push((name, format!("{url}{sep}namespace={ns}"), Some((url.clone(), ns))));
-    }
-    for (name, url, cleanup) in backends {
-        let shown = cleanup.as_ref().map_or(url.as_str(), |(u, _)| u.as_str()).to_string();
-        eprintln!("bench pipeline: {name} broker at {shown}");
-        let result = async {
-            let broker = broker::connect(&url)
-                .await
-                .with_context(|| format!("cannot connect to {shown}"))?;
-            eprintln!("bench pipeline: {name} raw publish/ack");
-            let raw = measured(raw(broker.clone(), args.events, timeout)).await?;
-            eprintln!("bench pipeline: {name} outbox -> relay -> broker -> consumer + inbox");
-            let sub = dir.path().join(name);
-            let full = measured(full(broker, &sub, args.events, timeout)).await?;
-            anyhow::Ok((raw, full))
-        }
-        .await;
-        let (raw_name, full_name) = (format!("{name} raw"), format!("{name} full"));
+    // Each variant's result per round, in the order the rows are shown.
+    let mut rounds: Vec<(String, Vec<(Sample, String)>)> = Vec::new();
+    let mut failures: Vec<(String, String)> = Vec::new();
+    let mut record = |name: &str, result: anyhow::Result<(Sample, String)>| {
+        let at = match rounds.iter().position(|(n, _)| n == name) {
+            Some(at) => at,
+            None => {
+                rounds.push((name.to_string(), Vec::new()));
+                rounds.len() - 1
+            }
+        };
         match result {
-            Ok(((raw, raw_note), (full, full_note))) => {
-                report.row(&raw_name, Some(raw), raw_note);
-                report.row(&full_name, Some(full), full_note);
-                report.compare(&full_name, &raw_name);
-                if name == "embedded" {
-                    report.compare(&full_name, reference);
+            Ok(measured) => rounds[at].1.push(measured),
+            Err(e) => failures.push((name.to_string(), format!("{e:#}"))),
+        }
+    };
+    let mut backends = vec![("embedded", None)];
+    if let Some(url) = &args.broker {
+        let name = if url.starts_with("nats://") { "nats" } else { "broker" };
+        backends.push((name, Some(url.clone())));
+    }
+    for round in 1..=args.rounds {
+        let dir = dir.path().join(format!("round{round}"));
+        std::fs::create_dir_all(&dir).context("cannot create the round's dir")?;
+        eprintln!(
+            "bench pipeline: round {round}/{}: sqlite one-row write transactions (the reference)",
+            args.rounds
+        );
+        let (path, n) = (dir.join("plain.db"), args.events);
+        let plain = tokio::task::spawn_blocking(move || sqlite_plain(&path, n));
+        record(
+            reference,
+            measured(async { plain.await.context("the reference panicked")? }).await,
+        );
+        record("sqlite one-row Store", measured(sqlite_store(&dir, args.events)).await);
+        for (name, remote) in &backends {
+            // A fresh namespace keeps each round's topics apart from anything else on the server.
+            let (url, shown, cleanup) = match remote {
+                None => {
+                    let url = format!("sqlite://{}/bus.db", dir.display());
+                    (url.clone(), url, None)
+                }
+                Some(url) => {
+                    let ns = format!("bench_{}", uuid::Uuid::now_v7().simple());
+                    let sep = if url.contains('?') { '&' } else { '?' };
+                    (
+                        format!("{url}{sep}namespace={ns}"),
+                        url.clone(),
+                        Some((url.clone(), ns)),
+                    )
+                }
+            };
+            eprintln!(
+                "bench pipeline: round {round}/{}: {name} broker at {shown}",
+                args.rounds
+            );
+            let (raw_name, full_name) = (format!("{name} raw"), format!("{name} full"));
+            match broker::connect(&url)
+                .await
+                .with_context(|| format!("cannot connect to {shown}"))
+            {
+                Ok(broker) => {
+                    eprintln!("bench pipeline: {name} raw publish/ack");
+                    record(&raw_name, measured(raw(broker.clone(), args.events, timeout)).await);
+                    eprintln!("bench pipeline: {name} outbox -> relay -> broker -> consumer + inbox");
+                    let sub = dir.join(name);
+                    record(&full_name, measured(full(broker, &sub, args.events, timeout)).await);
+                }
+                Err(e) => {
+                    record(&raw_name, Err(e));
+                    record(&full_name, Err(anyhow::anyhow!("not run: no broker")));
                 }
             }
-            Err(e) => {
-                report.row(&raw_name, None, format!("failed: {e:#}"));
-                report.row(&full_name, None, "");
+            if let Some((url, ns)) = cleanup.filter(|(u, _)| u.starts_with("nats://")) {
+                if let Err(e) = delete_streams(&url, &ns).await {
+                    report.note(format!(
+                        "could not delete the bench's NATS streams in namespace {ns}: {e:#}"
+                    ));
+                }
             }
         }
-        if let Some((url, ns)) = cleanup.filter(|(u, _)| u.starts_with("nats://")) {
-            if let Err(e) = delete_streams(&url, &ns).await {
-                report.note(format!(
-                    "could not delete the bench's NATS streams in namespace {ns}: {e:#}"
-                ));
-            }
+    }
+    for (name, samples) in rounds {
+        match super::report::median(samples, |note| note) {
+            Some((sample, note)) => report.row(&name, Some(sample), note),
+            None => report.row(&name, None, "not measured (see the note below)"),
+        }
+    }
+    for (name, why) in failures {
+        report.note(format!("{name} failed in a round: {why}"));
+    }
+    report.compare("sqlite one-row Store", reference);
+    for (name, _) in &backends {
+        let (raw_name, full_name) = (format!("{name} raw"), format!("{name} full"));
+        report.compare(&full_name, &raw_name);
+        if *name == "embedded" {
+            report.compare(&full_name, reference);
         }
     }
     report.note(format!(

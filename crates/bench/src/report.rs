@@ -48,6 +48,19 @@ impl Sample {
     }
 }
 
+/// The median by rate of `rounds`, each a sample and the note it came with; `None` when
+/// there is none. The note says how many rounds it was taken from.
+pub(crate) fn median<T>(mut rounds: Vec<(Sample, T)>, note: impl FnOnce(T) -> String) -> Option<(Sample, String)> {
+    let n = rounds.len();
+    rounds.sort_by(|a, b| a.0.rate().total_cmp(&b.0.rate()));
+    let (sample, extra) = (n > 0).then(|| rounds.swap_remove(n / 2))?;
+    let note = note(extra);
+    Some(match n {
+        1 => (sample, note),
+        n => (sample, format!("{note}; median of {n} rounds")),
+    })
+}
+
 /// One line of the table; `sample` is `None` when the variant could not run (`note` says why).
 #[derive(Debug)]
 pub(crate) struct Row {

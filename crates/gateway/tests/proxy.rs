@@ -532,6 +532,15 @@ consumers:
     *jwks.document.lock().unwrap() = json!({"keys": [jwk1, jwk2]});
     assert_eq!(get(eddsa(&kid2, &key2, claims.clone())).await.unwrap().status(), 200);
     assert_eq!(get(eddsa(&kid1, &key1, claims.clone())).await.unwrap().status(), 200);
+
+    // Retirement: k1 leaves the JWKS. Its token, verified (and remembered) above, is refused
+    // once the gateway has loaded the set without it (a token naming a new key loads it).
+    *jwks.document.lock().unwrap() = json!({"keys": [jwk2]});
+    let (kid3, key3, _) = ed25519_key("k3");
+    assert_eq!(get(eddsa(&kid3, &key3, claims.clone())).await.unwrap().status(), 401);
+    let retired = get(eddsa(&kid1, &key1, claims.clone())).await.unwrap();
+    assert_eq!(retired.status(), 401, "a retired key's remembered token passed");
+    assert_eq!(get(eddsa(&kid2, &key2, claims.clone())).await.unwrap().status(), 200);
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -43,6 +43,13 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long keys that can no longer be reloaded are still trusted: a token's lifetime, after
 /// which any of them may have been retired.
 pub const KEYS_TRUST_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Seconds past `exp` a token is still accepted, for clocks a little apart.
+const LEEWAY_SECS: u64 = 60;
+
+/// Most verified tokens a [`Verifier`] remembers; when full it forgets them all and starts
+/// over, so the memory stays bounded whatever comes in.
+const VERIFIED_MAX: usize = 4096;
 
 /// What a token says about its holder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,6 +264,11 @@ impl KeySet {
     /// The claims of a valid token: EdDSA only (so neither an HMAC secret nor `alg: none`
     /// is ever a key), signed by a key of this set, from [`ISSUER`], not expired.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        self.verify_named(token).map(|(claims, _)| claims)
+    }
+
+    /// [`KeySet::verify`], also naming the key that signed the token.
+    fn verify_named(&self, token: &str) -> Result<(Claims, String), AuthError> {
         let header = decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         if header.alg != Algorithm::EdDSA {
             return Err(AuthError::Invalid(format!(
@@ -267,14 +279,20 @@ impl KeySet {
         let kid = header
             .kid
             .ok_or_else(|| AuthError::Invalid("the token names no signing key (kid)".into()))?;
-        let key = self.keys.get(&kid).ok_or(AuthError::UnknownKey(kid))?;
+        let Some(key) = self.keys.get(&kid) else {
+            return Err(AuthError::UnknownKey(kid));
+        };
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[ISSUER]);
+        validation.leeway = LEEWAY_SECS;
         decode::<Claims>(token, key, &validation)
-            .map(|d| d.claims)
+            .map(|d| (d.claims, kid))
             .map_err(|e| AuthError::Invalid(e.to_string()))
     }
 }
+
+/// Verified tokens, each with its claims and the `kid` of the key that signed it.
+type Verified = HashMap<Box<str>, (Claims, String)>;
 
 /// Loads a key set: from users' JWKS over HTTP, from users' own store, or fixed in tests.
 pub type KeyLoader = Arc<dyn Fn() -> BoxFuture<'static, Result<KeySet, AuthError>> + Send + Sync>;
@@ -285,6 +303,11 @@ pub type KeyLoader = Arc<dyn Fn() -> BoxFuture<'static, Result<KeySet, AuthError
 #[derive(Clone)]
 pub struct Verifier {
     loaded: Arc<RwLock<Option<(KeySet, Instant)>>>,
+    /// Tokens whose signature checked out, with their claims and signing key: a client
+    /// sends the same token with every request, and checking an Ed25519 signature costs
+    /// more than the rest of a small request. A remembered token still has to be unexpired
+    /// and signed by a key of the current set.
+    verified: Arc<Mutex<Verified>>,
     /// When the last load started; held while loading, so concurrent callers share it.
     attempt: Arc<tokio::sync::Mutex<Option<Instant>>>,
     loader: KeyLoader,
@@ -302,6 +325,7 @@ impl Verifier {
     pub fn new(source: impl Into<Arc<str>>, loader: KeyLoader) -> Verifier {
         Verifier {
             loaded: Arc::default(),
+            verified: Arc::default(),
             attempt: Arc::default(),
             loader,
             source: source.into(),
@@ -343,7 +367,31 @@ impl Verifier {
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let asked = Instant::now();
         let keys = self.current(asked).await?;
-        match keys.verify(token) {
+        if let Some(claims) = self.remembered(token, &keys) {
+            return Ok(claims);
+        }
+        let (claims, kid) = self.verify_with(token, &keys, asked).await?;
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_MAX {
+            verified.clear();
+        }
+        verified.insert(token.into(), (claims.clone(), kid));
+        Ok(claims)
+    }
+
+    /// The claims of `token` when it was verified before, is not expired, and the key that
+    /// signed it is still in `keys` (a retired key's tokens go with it).
+    fn remembered(&self, token: &str, keys: &KeySet) -> Option<Claims> {
+        let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let (claims, kid) = verified.get(token)?;
+        let now = jsonwebtoken::get_current_timestamp();
+        (claims.exp.saturating_add(LEEWAY_SECS) > now && keys.keys.contains_key(kid)).then(|| claims.clone())
+    }
+
+    /// Checks `token`'s signature with `keys`, or with keys reloaded for it when it names
+    /// one they do not have.
+    async fn verify_with(&self, token: &str, keys: &KeySet, asked: Instant) -> Result<(Claims, String), AuthError> {
+        match keys.verify_named(token) {
             // Perhaps a rotation: wait for a load that starts after this token arrived.
             // A load that began before the token arrived will do when it turned out to know the
             // key (the first requests after a start race with the first load).
@@ -359,7 +407,7 @@ impl Verifier {
                 )
                 .await
             {
-                Some(fresh) => fresh.verify(token),
+                Some(fresh) => fresh.verify_named(token),
                 None => Err(AuthError::UnknownKey(kid)),
             },
             other => other,
@@ -574,6 +622,58 @@ mod tests {
         header.kid = Some(key.kid().to_string());
         let stale = encode(&header, &old, &EncodingKey::from_ed_der(key.pkcs8())).unwrap();
         assert!(matches!(keys.verify(&stale), Err(AuthError::Invalid(_))));
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_refused_once_expired_or_once_its_key_is_retired() {
+        let first = SigningKey::generate().unwrap();
+        let second = SigningKey::generate().unwrap();
+        let published = Arc::new(RwLock::new(vec![first.public().clone()]));
+        let source = published.clone();
+        let verifier = Verifier::new(
+            "test",
+            Arc::new(move || {
+                let keys = source.read().unwrap().clone();
+                Box::pin(async move { KeySet::from_jwks(&Jwks { keys }) })
+            }),
+        );
+        let token = first.issue(Uuid::now_v7(), "a@example.com", &[], HOUR).unwrap();
+        verifier.verify(&token).await.expect("a valid token");
+        verifier.verify(&token).await.expect("the same token again");
+        assert_eq!(
+            verifier.verified.lock().unwrap().len(),
+            1,
+            "checked once, then remembered"
+        );
+        // A token remembered from long ago, now past its expiry.
+        let old = Claims {
+            sub: Uuid::now_v7(),
+            email: "old@example.com".into(),
+            iss: ISSUER.into(),
+            iat: 0,
+            exp: 1,
+            roles: Vec::new(),
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(first.kid().to_string());
+        let stale = encode(&header, &old, &EncodingKey::from_ed_der(first.pkcs8())).unwrap();
+        verifier
+            .verified
+            .lock()
+            .unwrap()
+            .insert(stale.as_str().into(), (old, first.kid().to_string()));
+        assert!(
+            matches!(verifier.verify(&stale).await, Err(AuthError::Invalid(_))),
+            "an expired token passed because it was remembered"
+        );
+        // Users rotates to a new key and retires the old one.
+        *published.write().unwrap() = vec![second.public().clone()];
+        let newer = second.issue(Uuid::now_v7(), "b@example.com", &[], HOUR).unwrap();
+        verifier.verify(&newer).await.expect("the new key loads");
+        assert!(
+            matches!(verifier.verify(&token).await, Err(AuthError::UnknownKey(_))),
+            "a retired key's token passed because it was remembered"
+        );
     }
 
     #[tokio::test]

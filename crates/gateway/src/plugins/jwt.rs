@@ -308,12 +308,15 @@ const VERIFIED_TOKEN_MAX: usize = 2048;
 /// A token whose signature a credential's own key verified, with what the per-request
 /// checks still need: a client that sends the same token again (every request of a
 /// session) costs a lookup instead of base64, JSON and a signature check, as Envoy's
-/// `jwt_authn` cache does. Tokens verified by a JWKS key are not kept: the key may retire.
+/// `jwt_authn` cache does. A token verified by a JWKS key counts only while that key is in
+/// the set last loaded: a retired key's tokens go with it.
 struct Vouched {
     /// The `key_claim_name` and `secret_is_base64` it was verified under.
     key_claim: Box<str>,
     secret_is_base64: bool,
     credential: Arc<Credential>,
+    /// The JWKS key that verified it, when a JWKS did.
+    kid: Option<Box<str>>,
     exp: Option<TimeValue>,
     nbf: Option<TimeValue>,
 }
@@ -360,16 +363,22 @@ impl Credentials {
     ) -> Option<(Arc<Credential>, Option<TimeValue>, Option<TimeValue>)> {
         let verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
         let found = verified.get(token)?;
-        (*found.key_claim == *conf.key_claim_name && found.secret_is_base64 == conf.secret_is_base64)
+        let key_kept = match (&found.credential.jwks, &found.kid) {
+            (None, _) => true,
+            (Some(jwks), Some(kid)) => jwks.knows(kid),
+            (Some(_), None) => false,
+        };
+        (key_kept && *found.key_claim == *conf.key_claim_name && found.secret_is_base64 == conf.secret_is_base64)
             .then(|| (found.credential.clone(), found.exp, found.nbf))
     }
 
-    /// Remembers that `credential` verified `token`'s signature under `conf`.
+    /// Remembers that `credential` (its JWKS key `kid`, if from a JWKS) verified `token`'s
+    /// signature under `conf`.
     fn vouch(
         &self,
         conf: &JwtConfig,
         token: &str,
-        credential: &Arc<Credential>,
+        (credential, kid): (&Arc<Credential>, Option<&str>),
         exp: Option<TimeValue>,
         nbf: Option<TimeValue>,
     ) {
@@ -386,6 +395,7 @@ impl Credentials {
                 key_claim: conf.key_claim_name.as_str().into(),
                 secret_is_base64: conf.secret_is_base64,
                 credential: credential.clone(),
+                kid: kid.map(Into::into),
                 exp,
                 nbf,
             },
@@ -594,6 +604,11 @@ impl JwksKeys {
             .is_some_and(|at| at.elapsed() > JwksKeys::MAX_AGE)
     }
 
+    /// Whether key `kid` is in the set last loaded.
+    fn knows(&self, kid: &str) -> bool {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).0.contains_key(kid)
+    }
+
     /// Whether `signature` over `message` is valid for key `kid`; `None` for an unknown kid.
     fn verify(&self, kid: &str, message: &[u8], sig: &[u8]) -> Option<bool> {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
@@ -797,6 +812,7 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
 
     // The signature covers the two first segments exactly as sent.
     let signing_input = &token[..header64.len() + 1 + claims64.len()];
+    let mut jwks_kid = None;
     let valid = if token_alg == Algorithm::EdDsa {
         match (&credential.ed_key, &credential.jwks) {
             (Some(key), _) => signature::UnparsedPublicKey::new(&signature::ED25519, key)
@@ -806,6 +822,7 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
                 let Some(Member::Text(kid)) = &header.kid else {
                     return Err(unauthorized("No mandatory 'kid' in header").into());
                 };
+                jwks_kid = Some(&**kid);
                 match jwks.verify(kid, signing_input.as_bytes(), &signature) {
                     Some(valid) => valid,
                     None => return Err(Failure::NeedKeys(jwks.clone())),
@@ -836,9 +853,7 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
     }
 
     let (exp, nbf) = (TimeValue::of(claims.exp.as_ref()), TimeValue::of(claims.nbf.as_ref()));
-    if credential.jwks.is_none() {
-        credentials.vouch(conf, token, credential, exp, nbf);
-    }
+    credentials.vouch(conf, token, (credential, jwks_kid), exp, nbf);
     check_times(conf, exp, nbf, now)?;
     Ok(credential.authenticated())
 }

@@ -66,6 +66,26 @@ const MIGRATIONS: &[Migration] = &[
     // Leases walk `(grp, topic, seq)`; an index on `visible_at` only cost every publish,
     // lease and ack one more B-tree page to write.
     Migration::new(3, "bus_drop_ready_index", "DROP INDEX IF EXISTS bus_deliveries_ready;"),
+    // Deliveries keyed by `(grp, topic, seq)` in one B-tree: the rowid table, its unique index
+    // and the `seq` index were three pages to write for each publish, lease and ack. Pruning
+    // finds a message's deliveries through its topic's groups instead of a `seq` index.
+    Migration::new(
+        4,
+        "bus_deliveries_keyed",
+        "CREATE TABLE bus_deliveries_keyed (
+            grp TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            visible_at BIGINT NOT NULL,
+            last_error TEXT,
+            PRIMARY KEY (grp, topic, seq)
+        ) WITHOUT ROWID;
+        INSERT INTO bus_deliveries_keyed (grp, topic, seq, attempts, visible_at, last_error)
+            SELECT grp, topic, seq, attempts, visible_at, last_error FROM bus_deliveries;
+        DROP TABLE bus_deliveries;
+        ALTER TABLE bus_deliveries_keyed RENAME TO bus_deliveries;",
+    ),
 ];
 
 /// How long published messages are kept once every group has acked them: the window in
@@ -84,6 +104,14 @@ const POLL: Duration = Duration::from_millis(10);
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// Most messages one pruning transaction deletes, so publishers wait for no long one.
 const PRUNE_CHUNK: i64 = 2_000;
+
+/// Deletes up to `?2` messages published before `?1` that no group still has to handle
+/// (looked up by primary key, once per group of the message's topic); dead letters stay.
+const PRUNE: &str = "DELETE FROM bus_messages WHERE seq IN (SELECT m.seq FROM bus_messages m
+     WHERE m.published_at < ?1 AND m.topic NOT LIKE '%.dlq'
+     AND NOT EXISTS (SELECT 1 FROM bus_groups g JOIN bus_deliveries d
+                     ON d.grp = g.grp AND d.topic = g.topic AND d.seq = m.seq WHERE g.topic = m.topic)
+     LIMIT ?2)";
 
 /// The SQLite-file broker.
 #[derive(Clone)]
@@ -133,18 +161,7 @@ impl EmbeddedBroker {
         let cutoff = now_millis() - RETENTION.as_millis() as i64;
         let mut pruned = 0;
         loop {
-            let deleted = self
-                .db
-                .write(|tx| {
-                    tx.execute(
-                        "DELETE FROM bus_messages WHERE seq IN (SELECT seq FROM bus_messages
-                         WHERE published_at < ?1 AND topic NOT LIKE '%.dlq'
-                         AND NOT EXISTS (SELECT 1 FROM bus_deliveries d WHERE d.seq = bus_messages.seq)
-                         LIMIT ?2)",
-                        [cutoff, PRUNE_CHUNK],
-                    )
-                })
-                .await?;
+            let deleted = self.db.write(|tx| tx.execute(PRUNE, [cutoff, PRUNE_CHUNK])).await?;
             pruned += deleted as u64;
             if (deleted as i64) < PRUNE_CHUNK {
                 return Ok(pruned);
@@ -241,8 +258,8 @@ impl Broker for EmbeddedBroker {
                 .await?;
             Ok(Box::new(EmbeddedSubscription {
                 broker: self.clone(),
-                topic: topic.to_string(),
-                group: group.to_string(),
+                topic: topic.into(),
+                group: group.into(),
                 options,
             }) as Box<dyn Subscription>)
         })
@@ -276,7 +293,8 @@ impl Broker for EmbeddedBroker {
             self.db
                 .write(|tx| {
                     tx.execute(
-                        "DELETE FROM bus_deliveries WHERE topic = ?1 AND seq = ?2",
+                        "DELETE FROM bus_deliveries WHERE grp IN (SELECT grp FROM bus_groups WHERE topic = ?1)
+                         AND topic = ?1 AND seq = ?2",
                         params![topic, seq as i64],
                     )?;
                     tx.execute(
@@ -319,28 +337,28 @@ impl Broker for EmbeddedBroker {
 
 struct EmbeddedSubscription {
     broker: EmbeddedBroker,
-    topic: String,
-    group: String,
+    topic: Arc<str>,
+    group: Arc<str>,
     options: SubscribeOptions,
 }
 
 /// Leases up to `?5` deliveries of group `?1` on topic `?2` visible at `?3`, in log order,
-/// hiding them until `?4`. It walks the `(grp, topic, seq)` index and stops after `?5`;
+/// hiding them until `?4`. It walks the `(grp, topic, seq)` key and stops after `?5`;
 /// `+visible_at` keeps the planner off any index on `visible_at`, through which (as it once
 /// did) every visible delivery of the backlog would be read and sorted on each lease.
 const LEASE: &str = "UPDATE bus_deliveries SET attempts = attempts + 1, visible_at = ?4
-     WHERE id IN (SELECT id FROM bus_deliveries WHERE grp = ?1 AND topic = ?2 AND +visible_at <= ?3
-                  ORDER BY seq LIMIT ?5)
-     RETURNING id, seq, attempts, last_error";
+     WHERE grp = ?1 AND topic = ?2 AND seq IN (SELECT seq FROM bus_deliveries
+         WHERE grp = ?1 AND topic = ?2 AND +visible_at <= ?3 ORDER BY seq LIMIT ?5)
+     RETURNING seq, attempts, last_error";
 
-/// A delivery as leased: `(delivery id, attempts, last error, message)`.
-type Lease = (i64, i64, Option<String>, Message);
+/// A delivery as leased: `(attempts, last error, message)`.
+type Lease = (i64, Option<String>, Message);
 
 impl EmbeddedSubscription {
     /// Leases up to `max` visible deliveries, in log order; empty when none is ready.
     async fn lease(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
         let now = now_millis();
-        let (group, topic) = (self.group.as_str(), self.topic.as_str());
+        let (group, topic) = (&*self.group, &*self.topic);
         // A plain read first, so idle polling never takes the file's write lock. It passes
         // over the deliveries in flight or waiting out a retry delay, a short list.
         let ready = self
@@ -365,20 +383,20 @@ impl EmbeddedSubscription {
                 let mut take = tx.prepare_cached(LEASE)?;
                 let mut taken = take
                     .query_map(params![group, topic, now, until, max as i64], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get(3)?))
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get(2)?))
                     })?
-                    .collect::<Result<Vec<(i64, i64, i64, Option<String>)>, _>>()?;
-                taken.sort_unstable_by_key(|(_, seq, _, _)| *seq);
+                    .collect::<Result<Vec<(i64, i64, Option<String>)>, _>>()?;
+                taken.sort_unstable_by_key(|(seq, _, _)| *seq);
                 let mut message = tx.prepare_cached("SELECT msg_id, body FROM bus_messages WHERE seq = ?1")?;
-                let mut orphan = tx.prepare_cached("DELETE FROM bus_deliveries WHERE id = ?1")?;
+                let mut orphan =
+                    tx.prepare_cached("DELETE FROM bus_deliveries WHERE grp = ?1 AND topic = ?2 AND seq = ?3")?;
                 let mut out = Vec::with_capacity(taken.len());
-                for (id, seq, attempts, last_error) in taken {
+                for (seq, attempts, last_error) in taken {
                     let found = message
                         .query_row([seq], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
                         .optional()?;
                     match found {
                         Some((msg_id, body)) => out.push((
-                            id,
                             attempts,
                             last_error,
                             Message {
@@ -390,7 +408,7 @@ impl EmbeddedSubscription {
                         )),
                         // The message was deleted under a stale delivery row: drop the row.
                         None => {
-                            orphan.execute([id])?;
+                            orphan.execute(params![group, topic, seq])?;
                         }
                     }
                 }
@@ -399,12 +417,16 @@ impl EmbeddedSubscription {
             .await?;
         Ok(leased
             .into_iter()
-            .map(|(id, attempts, last_error, message)| {
+            .map(|(attempts, last_error, message)| {
                 let acker = EmbeddedAcker {
                     db: self.broker.db.clone(),
                     acks: self.broker.acks.clone(),
-                    id,
-                    attempts,
+                    key: DeliveryKey {
+                        group: self.group.clone(),
+                        topic: self.topic.clone(),
+                        seq: message.seq as i64,
+                        attempts,
+                    },
                 };
                 Delivery::new(message, attempts as u32, last_error, Box::new(acker))
             })
@@ -447,17 +469,27 @@ struct Acks {
     writing: tokio::sync::Mutex<()>,
 }
 
-/// `(delivery id, attempts, who waits for the write)`.
-type QueuedAck = (i64, i64, oneshot::Sender<Result<(), String>>);
+/// One lease of one delivery: the delivery's key and the attempt the lease counted.
+struct DeliveryKey {
+    group: Arc<str>,
+    topic: Arc<str>,
+    seq: i64,
+    /// A late ack of an expired lease that another consumer re-leased (a higher count) must
+    /// not settle the newer delivery.
+    attempts: i64,
+}
+
+/// A lease to settle and who waits for the write.
+type QueuedAck = (DeliveryKey, oneshot::Sender<Result<(), String>>);
 
 impl Acks {
-    /// Settles delivery `id` of lease `attempts`, together with whatever else is queued.
-    async fn ack(&self, id: i64, attempts: i64) -> Result<(), BrokerError> {
+    /// Settles the lease `key`, together with whatever else is queued.
+    async fn ack(&self, key: DeliveryKey) -> Result<(), BrokerError> {
         let (done, settled) = oneshot::channel();
         self.queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push((id, attempts, done));
+            .push((key, done));
         {
             let _writer = self.writing.lock().await;
             // Let the other acks of the caller's batch join the queue before it is taken.
@@ -468,16 +500,17 @@ impl Acks {
                 let result = self
                     .db
                     .write(|tx| {
-                        let mut delete =
-                            tx.prepare_cached("DELETE FROM bus_deliveries WHERE id = ?1 AND attempts = ?2")?;
-                        for (id, attempts, _) in &queued {
-                            delete.execute([id, attempts])?;
+                        let mut delete = tx.prepare_cached(
+                            "DELETE FROM bus_deliveries WHERE grp = ?1 AND topic = ?2 AND seq = ?3 AND attempts = ?4",
+                        )?;
+                        for (key, _) in &queued {
+                            delete.execute(params![&*key.group, &*key.topic, key.seq, key.attempts])?;
                         }
                         Ok(())
                     })
                     .await
                     .map_err(|e| e.to_string());
-                for (_, _, waiter) in queued {
+                for (_, waiter) in queued {
                     let _ = waiter.send(result.clone());
                 }
             }
@@ -493,26 +526,32 @@ impl Acks {
 struct EmbeddedAcker {
     db: Sqlite,
     acks: Arc<Acks>,
-    id: i64,
-    /// The attempt this lease belongs to; a late ack of an expired lease that another
-    /// consumer re-leased must not settle the newer delivery.
-    attempts: i64,
+    key: DeliveryKey,
 }
 
 impl Acker for EmbeddedAcker {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
-        Box::pin(async move { self.acks.ack(self.id, self.attempts).await })
+        Box::pin(async move { self.acks.ack(self.key).await })
     }
 
     fn nack(self: Box<Self>, delay: Duration, error: String) -> BoxFuture<'static, Result<(), BrokerError>> {
         Box::pin(async move {
             let visible_at = now_millis() + delay.as_millis() as i64;
+            let key = &self.key;
             self.db
                 .read(|c| {
                     c.prepare_cached(
-                        "UPDATE bus_deliveries SET visible_at = ?1, last_error = ?2 WHERE id = ?3 AND attempts = ?4",
+                        "UPDATE bus_deliveries SET visible_at = ?1, last_error = ?2
+                         WHERE grp = ?3 AND topic = ?4 AND seq = ?5 AND attempts = ?6",
                     )?
-                    .execute(params![visible_at, error, self.id, self.attempts])
+                    .execute(params![
+                        visible_at,
+                        error,
+                        &*key.group,
+                        &*key.topic,
+                        key.seq,
+                        key.attempts
+                    ])
                 })
                 .await?;
             Ok(())
@@ -645,6 +684,61 @@ mod tests {
             plan.iter().all(|step| !step.contains("TEMP B-TREE")),
             "the lease sorts: {plan:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn pruning_looks_deliveries_up_by_key_instead_of_scanning_them() {
+        let (_dir, broker) = broker().await;
+        let plan: Vec<String> = broker
+            .db
+            .read(|c| {
+                let mut explain = c.prepare(&format!("EXPLAIN QUERY PLAN {PRUNE}"))?;
+                let rows = explain.query_map(params![0, 1], |r| r.get::<_, String>(3))?;
+                rows.collect()
+            })
+            .await
+            .expect("explain");
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("SEARCH d USING PRIMARY KEY (grp=? AND topic=? AND seq=?)")),
+            "pruning does not use the deliveries' key: {plan:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn deliveries_waiting_before_an_upgrade_are_still_delivered_after_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bus.db");
+        let old = Sqlite::open(&path).await.expect("open");
+        old.migrate(&MIGRATIONS[..3]).await.expect("the old schema");
+        old.write(|tx| {
+            tx.execute("INSERT INTO bus_groups (topic, grp) VALUES ('t', 'g')", [])?;
+            tx.execute(
+                "INSERT INTO bus_messages (topic, msg_id, body, published_at) VALUES ('t', 'waiting', x'78', 0)",
+                [],
+            )?;
+            tx.execute(
+                "INSERT INTO bus_deliveries (grp, topic, seq, attempts, visible_at, last_error)
+                 VALUES ('g', 't', 1, 2, 0, 'boom')",
+                [],
+            )
+        })
+        .await
+        .expect("a delivery on the old schema");
+        drop(old);
+        let broker = EmbeddedBroker::open(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("upgrade");
+        let mut sub = broker
+            .subscribe("t", "g", SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        let got = sub.fetch(10, Duration::ZERO).await.expect("fetch");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].message.msg_id, "waiting");
+        assert_eq!(got[0].attempt, 3, "its earlier attempts still count");
+        got.into_iter().next().expect("one").ack().await.expect("ack");
+        assert_eq!(broker.pending("t", "g").await.expect("pending"), 0);
     }
 
     #[tokio::test]
