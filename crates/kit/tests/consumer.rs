@@ -302,3 +302,108 @@ async fn an_operator_replays_a_dead_letter_through_its_own_handler_once() {
     );
     stop.trigger();
 }
+
+/// Notes which aggregates are being handled at once, and in what order each one's events
+/// (numbered `n` in their payload) began.
+#[derive(Default)]
+struct Overlaps {
+    in_flight: std::sync::Mutex<Vec<String>>,
+    most_at_once: AtomicU32,
+    same_aggregate_at_once: std::sync::atomic::AtomicBool,
+    began: std::sync::Mutex<Vec<(String, i64)>>,
+}
+
+impl Handler for Overlaps {
+    fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let aggregate = event.aggregate_id.clone();
+            {
+                let mut in_flight = self.in_flight.lock().expect("lock");
+                if in_flight.contains(&aggregate) {
+                    self.same_aggregate_at_once.store(true, Ordering::SeqCst);
+                }
+                in_flight.push(aggregate.clone());
+                self.most_at_once.fetch_max(in_flight.len() as u32, Ordering::SeqCst);
+            }
+            let n = event.payload["n"].as_i64().unwrap_or(-1);
+            self.began.lock().expect("lock").push((aggregate.clone(), n));
+            // Long enough that events handled one after another could not overlap.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            store::query("INSERT INTO handled (event_id, event_type) VALUES ($1, $2)")
+                .bind(event.event_id.to_string())
+                .bind(&event.event_type)
+                .execute(&mut *tx)
+                .await?;
+            let mut in_flight = self.in_flight.lock().expect("lock");
+            if let Some(at) = in_flight.iter().position(|a| *a == aggregate) {
+                in_flight.remove(at);
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_batch_handles_aggregates_side_by_side_and_each_ones_events_in_order() {
+    let Some(db) = bazaar_kit::testing::TestDb::postgres("consumer_lanes").await else {
+        return;
+    };
+    let sink = db.open().await;
+    let all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(SINK).copied().collect();
+    sink.migrate(&all).await.expect("migrate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker::connect(&format!("sqlite://{}/bus.db", dir.path().display()))
+        .await
+        .expect("broker");
+    let topic = "consumer.lanes";
+    // Subscribed first, so the group sees every event; all of them fit in one fetch.
+    drop(
+        broker
+            .subscribe(topic, "g", broker::SubscribeOptions::default())
+            .await
+            .expect("subscribe"),
+    );
+    for n in 0..3 {
+        for aggregate in ["a", "b", "c", "d"] {
+            let e = Envelope::new("test.ok", aggregate, serde_json::json!({ "n": n }), Metadata::default());
+            broker
+                .publish(topic, &e.event_id.to_string(), Bytes::from(e.to_vec()))
+                .await
+                .expect("publish");
+        }
+    }
+    let overlaps = Arc::new(Overlaps::default());
+    let (stop, shut) = shutdown::channel();
+    let tasks = consumer::spawn(
+        Outbox::new(sink.clone()),
+        broker.clone(),
+        config(topic, 5),
+        overlaps.clone(),
+        shut,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.pending(topic, "g").await.expect("pending") > 0 {
+        assert!(Instant::now() < deadline, "the events were not all handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stop);
+    for task in tasks {
+        task.await.expect("the runner stops");
+    }
+    assert_eq!(handled(&sink).await.len(), 12, "every event once");
+    assert!(
+        !overlaps.same_aggregate_at_once.load(Ordering::SeqCst),
+        "two events of one aggregate were handled at once"
+    );
+    assert!(
+        overlaps.most_at_once.load(Ordering::SeqCst) > 1,
+        "the batch's aggregates were handled one after another"
+    );
+    let began = overlaps.began.lock().expect("lock").clone();
+    for aggregate in ["a", "b", "c", "d"] {
+        let order: Vec<i64> = began.iter().filter(|(a, _)| a == aggregate).map(|(_, n)| *n).collect();
+        assert_eq!(order, [0, 1, 2], "aggregate {aggregate}'s events out of order");
+    }
+    sink.close().await;
+    db.drop_database().await;
+}
