@@ -35,6 +35,9 @@ pub struct LoadArgs {
     /// Default: the DATA/admin.password file `bazaar up` wrote.
     #[arg(long, env = "BAZAAR_ADMIN_PASSWORD", hide_env_values = true)]
     admin_password: Option<String>,
+    /// The data directory `bazaar up` wrote the admin password in (the global `--data`).
+    #[arg(skip = std::path::PathBuf::from("data"))]
+    data: std::path::PathBuf,
 }
 
 /// How much load, from how many workers and customers: shared with `bazaar-bench saga`, so
@@ -77,7 +80,13 @@ impl LoadArgs {
             shape,
             rate: None,
             admin_password,
+            data: std::path::PathBuf::from("data"),
         }
+    }
+
+    /// The same load, reading the admin password from `data` when none is given.
+    pub fn in_data_dir(self, data: std::path::PathBuf) -> LoadArgs {
+        LoadArgs { data, ..self }
     }
 }
 
@@ -204,8 +213,7 @@ async fn admin_token(client: &Client, api: &str, args: &LoadArgs) -> anyhow::Res
     let password = match &args.admin_password {
         Some(p) => p.clone(),
         None => {
-            let data = std::env::var("BAZAAR_DATA").unwrap_or_else(|_| "data".into());
-            let path = std::path::Path::new(&data).join("admin.password");
+            let path = args.data.join("admin.password");
             std::fs::read_to_string(&path)
                 .with_context(|| format!("no --admin-password and cannot read {}", path.display()))?
                 .trim()

@@ -164,9 +164,9 @@ fn main() -> ExitCode {
         }
     }
     let cli = Cli::parse();
-    // A service role is I/O bound and its SQLite work runs on sqlx's own threads: one
-    // scheduler thread avoids cross-thread wake-ups (bazaar-bench saga: 90 -> 100 orders/s,
-    // 12% less CPU). The gateway's proxied connections run on its own worker threads
+    // A service role is I/O bound and runs its SQLite transactions inline: one scheduler
+    // thread avoids cross-thread wake-ups (bazaar-bench saga: 90 -> 100 orders/s, 12% less
+    // CPU, measured when SQLite still ran on sqlx's threads). The gateway's proxied connections run on its own worker threads
     // (BAZAAR_GATEWAY_WORKERS), so its main runtime only accepts and reloads.
     // BAZAAR_WORKER_THREADS overrides.
     let threads = std::env::var("BAZAAR_WORKER_THREADS")
@@ -195,7 +195,7 @@ fn main() -> ExitCode {
             Command::Rollout { roles } => up::request_rollout(&cli.settings, &roles).await,
             Command::Serve { role } => roles::serve(&cli.settings, role).await,
             Command::Audit(args) => audit::run(&cli.settings, args).await,
-            Command::Load(args) => bazaar::load::run(args).await,
+            Command::Load(args) => bazaar::load::run(args.in_data_dir(cli.settings.data.clone())).await,
             Command::Gateway {
                 command: GatewayCommand::Check { file },
             } => match bazaar_gateway::check_config_file(&file) {
