@@ -668,18 +668,23 @@ mod tests {
         assert_eq!(broker.pending("t", "g").await.expect("pending"), 0);
     }
 
-    #[tokio::test]
-    async fn a_lease_walks_the_log_in_order_instead_of_sorting_the_backlog() {
-        let (_dir, broker) = broker().await;
-        let plan: Vec<String> = broker
+    /// The steps of SQLite's plan for `sql` run with `args`.
+    async fn plan(broker: &EmbeddedBroker, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Vec<String> {
+        broker
             .db
             .read(|c| {
-                let mut explain = c.prepare(&format!("EXPLAIN QUERY PLAN {LEASE}"))?;
-                let rows = explain.query_map(params!["g", "t", 0, 0, 16], |r| r.get::<_, String>(3))?;
+                let mut explain = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let rows = explain.query_map(args, |r| r.get::<_, String>(3))?;
                 rows.collect()
             })
             .await
-            .expect("explain");
+            .expect("explain")
+    }
+
+    #[tokio::test]
+    async fn a_lease_walks_the_log_in_order_instead_of_sorting_the_backlog() {
+        let (_dir, broker) = broker().await;
+        let plan = plan(&broker, LEASE, params!["g", "t", 0, 0, 16]).await;
         assert!(
             plan.iter().all(|step| !step.contains("TEMP B-TREE")),
             "the lease sorts: {plan:?}"
@@ -689,15 +694,7 @@ mod tests {
     #[tokio::test]
     async fn pruning_looks_deliveries_up_by_key_instead_of_scanning_them() {
         let (_dir, broker) = broker().await;
-        let plan: Vec<String> = broker
-            .db
-            .read(|c| {
-                let mut explain = c.prepare(&format!("EXPLAIN QUERY PLAN {PRUNE}"))?;
-                let rows = explain.query_map(params![0, 1], |r| r.get::<_, String>(3))?;
-                rows.collect()
-            })
-            .await
-            .expect("explain");
+        let plan = plan(&broker, PRUNE, params![0, 1]).await;
         assert!(
             plan.iter()
                 .any(|step| step.contains("SEARCH d USING PRIMARY KEY (grp=? AND topic=? AND seq=?)")),
