@@ -166,8 +166,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A service role is I/O bound and runs its SQLite transactions inline: one scheduler
     // thread avoids cross-thread wake-ups (bazaar-bench saga: 90 -> 100 orders/s, 12% less
-    // CPU, measured when SQLite still ran on sqlx's threads). The gateway's proxied connections run on its own worker threads
-    // (BAZAAR_GATEWAY_WORKERS), so its main runtime only accepts and reloads.
+    // CPU, measured when SQLite still ran on sqlx's threads). The gateway's proxied
+    // connections run on its own worker threads (BAZAAR_GATEWAY_WORKERS), so its main
+    // runtime only accepts and reloads.
     // BAZAAR_WORKER_THREADS overrides.
     let threads = std::env::var("BAZAAR_WORKER_THREADS")
         .ok()

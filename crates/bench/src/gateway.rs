@@ -277,8 +277,8 @@ impl Variant {
         if let Some(server) = self.server.take() {
             server.stop().await;
         }
-        let rounds = self.samples.into_iter().map(|s| (s, ())).collect();
-        match super::report::median(rounds, |()| self.note.clone()) {
+        let rounds = self.samples.into_iter().map(|s| (s, self.note.clone())).collect();
+        match super::report::median(rounds) {
             Some((sample, note)) => (self.name, note, Some(sample)),
             None => (self.name, self.note, None),
         }

@@ -124,7 +124,7 @@ pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report
         record("sqlite one-row Store", measured(sqlite_store(&dir, args.events)).await);
         for (name, remote) in &backends {
             // A fresh namespace keeps each round's topics apart from anything else on the server.
-            let (url, shown, cleanup) = match remote {
+            let (url, shown, namespace) = match remote {
                 None => {
                     let url = format!("sqlite://{}/bus.db", dir.display());
                     (url.clone(), url, None)
@@ -132,11 +132,7 @@ pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report
                 Some(url) => {
                     let ns = format!("bench_{}", uuid::Uuid::now_v7().simple());
                     let sep = if url.contains('?') { '&' } else { '?' };
-                    (
-                        format!("{url}{sep}namespace={ns}"),
-                        url.clone(),
-                        Some((url.clone(), ns)),
-                    )
+                    (format!("{url}{sep}namespace={ns}"), url.clone(), Some(ns))
                 }
             };
             eprintln!(
@@ -160,8 +156,8 @@ pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report
                     record(&full_name, Err(anyhow::anyhow!("not run: no broker")));
                 }
             }
-            if let Some((url, ns)) = cleanup.filter(|(u, _)| u.starts_with("nats://")) {
-                if let Err(e) = delete_streams(&url, &ns).await {
+            if let (Some(ns), true) = (namespace, shown.starts_with("nats://")) {
+                if let Err(e) = delete_streams(&shown, &ns).await {
                     report.note(format!(
                         "could not delete the bench's NATS streams in namespace {ns}: {e:#}"
                     ));
@@ -170,7 +166,7 @@ pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report
         }
     }
     for (name, samples) in rounds {
-        match super::report::median(samples, |note| note) {
+        match super::report::median(samples) {
             Some((sample, note)) => report.row(&name, Some(sample), note),
             None => report.row(&name, None, "not measured (see the note below)"),
         }

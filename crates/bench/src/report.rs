@@ -48,13 +48,12 @@ impl Sample {
     }
 }
 
-/// The median by rate of `rounds`, each a sample and the note it came with; `None` when
-/// there is none. The note says how many rounds it was taken from.
-pub(crate) fn median<T>(mut rounds: Vec<(Sample, T)>, note: impl FnOnce(T) -> String) -> Option<(Sample, String)> {
+/// The median by rate of `rounds`, each a sample and its note; `None` when there is none.
+/// The note says how many rounds it was taken from.
+pub(crate) fn median(mut rounds: Vec<(Sample, String)>) -> Option<(Sample, String)> {
     let n = rounds.len();
     rounds.sort_by(|a, b| a.0.rate().total_cmp(&b.0.rate()));
-    let (sample, extra) = (n > 0).then(|| rounds.swap_remove(n / 2))?;
-    let note = note(extra);
+    let (sample, note) = (n > 0).then(|| rounds.swap_remove(n / 2))?;
     Some(match n {
         1 => (sample, note),
         n => (sample, format!("{note}; median of {n} rounds")),

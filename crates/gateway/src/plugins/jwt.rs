@@ -378,7 +378,8 @@ impl Credentials {
         &self,
         conf: &JwtConfig,
         token: &str,
-        (credential, kid): (&Arc<Credential>, Option<&str>),
+        credential: &Arc<Credential>,
+        kid: Option<&str>,
         exp: Option<TimeValue>,
         nbf: Option<TimeValue>,
     ) {
@@ -853,7 +854,7 @@ fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) ->
     }
 
     let (exp, nbf) = (TimeValue::of(claims.exp.as_ref()), TimeValue::of(claims.nbf.as_ref()));
-    credentials.vouch(conf, token, (credential, jwks_kid), exp, nbf);
+    credentials.vouch(conf, token, credential, jwks_kid, exp, nbf);
     check_times(conf, exp, nbf, now)?;
     Ok(credential.authenticated())
 }
