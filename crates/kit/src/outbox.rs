@@ -26,9 +26,10 @@ use crate::{
 };
 
 /// Tables the outbox, inbox and relay lease need; include them in every service's migrations.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "outbox_inbox",
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "outbox_inbox",
     sql: "CREATE TABLE outbox (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             event_id TEXT NOT NULL UNIQUE,
@@ -41,7 +42,17 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         CREATE TABLE inbox (grp TEXT NOT NULL, event_id TEXT NOT NULL, handled_at BIGINT NOT NULL, PRIMARY KEY (grp, event_id));
         CREATE INDEX inbox_age ON inbox (handled_at);
         CREATE TABLE relay_lease (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);",
-}];
+    },
+    // On PostgreSQL a row marked sent leaves its old index entry behind until a vacuum, and
+    // the relay's bitmap scan of `outbox_unsent` visited every one of them (a minute of
+    // traffic, 1-2 ms a round). An index of the unsent rows alone, in id order, is read by a
+    // plain index scan that marks the dead entries it passes, so the next round skips them.
+    Migration {
+        version: 3,
+        name: "outbox_pending",
+        sql: "CREATE INDEX outbox_pending ON outbox (id) WHERE sent_at IS NULL;",
+    },
+];
 
 /// How long inbox records are kept: longer than any republish can come (a relay that
 /// published a row and crashed before marking it sends it again when it restarts).
@@ -136,6 +147,8 @@ struct OutboxRelay {
 
 /// Rows published per round.
 const BATCH: i64 = 256;
+/// The next rows to publish, oldest first.
+const NEXT_BATCH: &str = "SELECT id, event_id, topic, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1";
 /// The least time between the starts of two rounds while commits keep coming (a round that
 /// finds the outbox empty or a full batch waits for nothing): at most this much latency added
 /// to an event, for batches instead of a broker transaction per commit.
@@ -230,11 +243,10 @@ impl OutboxRelay {
         if !self.lease().await? {
             return Ok(0);
         }
-        let rows =
-            store::query("SELECT id, event_id, topic, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1")
-                .bind(BATCH)
-                .fetch_all(&self.outbox.store)
-                .await?;
+        let rows = store::query(NEXT_BATCH)
+            .bind(BATCH)
+            .fetch_all(&self.outbox.store)
+            .await?;
         let mut ids = Vec::with_capacity(rows.len());
         let mut fields = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -382,5 +394,39 @@ mod tests {
             1,
             "only the recent inbox record stays"
         );
+    }
+
+    /// On PostgreSQL, once most rows are sent (each leaving a dead entry in `outbox_unsent`),
+    /// the relay still reads its next batch from the index of unsent rows.
+    #[tokio::test]
+    async fn the_relay_reads_its_next_batch_from_the_index_of_unsent_rows() {
+        let Some(db) = crate::testing::TestDb::postgres("bazaar_outbox").await else {
+            return;
+        };
+        let store = db.open().await;
+        let plan = async {
+            store.migrate(MIGRATIONS).await?;
+            store::query(
+                "INSERT INTO outbox (event_id, topic, body, created_at)
+                 SELECT 'e' || n, 't', '{}', 0 FROM generate_series(1, 5000) AS n",
+            )
+            .execute(&store)
+            .await?;
+            store::query("UPDATE outbox SET sent_at = 1 WHERE id % 100 <> 0")
+                .execute(&store)
+                .await?;
+            store::query("ANALYZE outbox").execute(&store).await?;
+            let rows = store::query(&format!("EXPLAIN {}", NEXT_BATCH.replace("$1", "256")))
+                .fetch_all(&store)
+                .await?;
+            rows.iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<Vec<_>, _>>()
+        }
+        .await;
+        store.close().await;
+        db.drop_database().await;
+        let plan = plan.expect("explain the relay's query").join("\n");
+        assert!(plan.contains("outbox_pending"), "{plan}");
     }
 }

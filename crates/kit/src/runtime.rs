@@ -147,7 +147,9 @@ impl Runtime {
         let contract = crate::asyncapi::Contract::new(spec.messages)
             .map_err(|e| ServiceError::Config(format!("message contract: {e}")))?;
         let store = Store::open(&config.store_url).await?;
-        let all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(spec.migrations).cloned().collect();
+        // The kit's and the service's migrations interleave by version (1, 2 saga, 3, 10…).
+        let mut all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(spec.migrations).cloned().collect();
+        all.sort_by_key(|m| m.version);
         store.migrate(&all).await?;
         let broker = broker::connect(&config.broker_url).await?;
         let outbox = Outbox::new(store.clone());

@@ -388,19 +388,30 @@ async fn show(
             // Not yours: answer as if it did not exist.
             return Err(Problem::not_found(format!("no order {id}")));
         }
-        let history = orders.engine.history(&id).await?;
-        let waiting = found.status == OrderStatus::Pending
-            && match awaited {
-                None => false,
-                Some(Awaited::Outcome) => true,
-                Some(Awaited::Change { seen }) => history.len() <= seen,
-            };
+        // Waiting for the outcome needs only the order's status; the history is read once,
+        // for the answer, rather than at every step the order takes meanwhile.
+        let history = match awaited {
+            Some(Awaited::Outcome) if found.status == OrderStatus::Pending => None,
+            _ => Some(orders.engine.history(&id).await?),
+        };
+        let waiting = match (awaited, &history) {
+            // Left unread above only while the order is pending.
+            (Some(Awaited::Outcome), None) => true,
+            (Some(Awaited::Change { seen }), Some(history)) => {
+                found.status == OrderStatus::Pending && history.len() <= seen
+            }
+            _ => false,
+        };
         match (until, notified.as_mut().as_pin_mut()) {
             (Some(t), Some(n)) if waiting && Instant::now() < t => {
                 let _ = tokio::time::timeout(FALLBACK_READ.min(t.saturating_duration_since(Instant::now())), n).await;
             }
             _ => break (found, history),
         }
+    };
+    let history = match history {
+        Some(history) => history,
+        None => orders.engine.history(&id).await?,
     };
     let saga = orders.engine.load(&id).await?;
     Ok(Json(OrderView {
