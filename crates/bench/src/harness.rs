@@ -449,6 +449,35 @@ pub fn cpu_seconds(pid: &str) -> f64 {
     }
 }
 
+/// Servers a variant may lean on outside the roles, by the command name /proc gives them.
+const SERVERS: &[&str] = &["postgres", "nats-server"];
+
+/// User plus system CPU seconds of every live process named each of [`SERVERS`] on this
+/// machine (PostgreSQL's backends are processes of their own). A process that ends between
+/// two snapshots takes its share with it, so a delta of these is a lower bound.
+pub fn servers_cpu() -> Vec<(String, f64)> {
+    let mut totals: Vec<(String, f64)> = SERVERS.iter().map(|s| (s.to_string(), 0.0)).collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+            continue;
+        };
+        if let Some((_, total)) = totals.iter_mut().find(|(name, _)| name == comm.trim()) {
+            let seconds = cpu_seconds(&pid);
+            if seconds.is_finite() {
+                *total += seconds;
+            }
+        }
+    }
+    totals
+}
+
 /// CPU seconds spent between two snapshots, per process present in both.
 pub fn cpu_delta(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
     after
