@@ -452,30 +452,44 @@ pub fn cpu_seconds(pid: &str) -> f64 {
 /// Servers a variant may lean on outside the roles, by the command name /proc gives them.
 const SERVERS: &[&str] = &["postgres", "nats-server"];
 
-/// User plus system CPU seconds of every live process named each of [`SERVERS`] on this
-/// machine (PostgreSQL's backends are processes of their own). A process that ends between
-/// two snapshots takes its share with it, so a delta of these is a lower bound.
-pub fn servers_cpu() -> Vec<(String, f64)> {
-    let mut totals: Vec<(String, f64)> = SERVERS.iter().map(|s| (s.to_string(), 0.0)).collect();
+/// CPU seconds so far of each live process named one of [`SERVERS`] on this machine
+/// (PostgreSQL's backends are processes of their own): `(pid, name, seconds)`.
+pub type ServerSnapshot = Vec<(u32, &'static str, f64)>;
+
+/// A [`ServerSnapshot`] of now; empty where /proc is missing.
+pub fn servers_cpu() -> ServerSnapshot {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    for entry in entries.flatten() {
-        let pid = entry.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
-            continue;
-        };
-        if let Some((_, total)) = totals.iter_mut().find(|(name, _)| name == comm.trim()) {
-            let seconds = cpu_seconds(&pid);
-            if seconds.is_finite() {
-                *total += seconds;
-            }
-        }
-    }
-    totals
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            let name = SERVERS.iter().find(|s| **s == comm.trim())?;
+            let seconds = cpu_seconds(&pid.to_string());
+            seconds.is_finite().then_some((pid, *name, seconds))
+        })
+        .collect()
+}
+
+/// CPU seconds each server spent between two snapshots: a process started in between
+/// counts from zero; one that ended takes its share along (so this is a lower bound).
+pub fn servers_delta(before: &ServerSnapshot, after: &ServerSnapshot) -> Vec<(String, f64)> {
+    SERVERS
+        .iter()
+        .map(|server| {
+            let spent: f64 = after
+                .iter()
+                .filter(|(_, name, _)| name == server)
+                .map(|(pid, _, now)| {
+                    let earlier = before.iter().find(|(p, n, _)| p == pid && n == server);
+                    (now - earlier.map_or(0.0, |(_, _, s)| *s)).max(0.0)
+                })
+                .sum();
+            (server.to_string(), spent)
+        })
+        .collect()
 }
 
 /// CPU seconds spent between two snapshots, per process present in both.
@@ -539,4 +553,20 @@ pub fn npm_install(prefix: &Path, package: &str, marker: &Path) -> anyhow::Resul
         bail!("{} is missing after npm install {package}", marker.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_servers_cpu_counts_each_process_from_the_first_snapshot_or_from_zero() {
+        let before = vec![(10, "postgres", 5.0), (11, "postgres", 2.0), (20, "nats-server", 1.0)];
+        // 10 ran on, 11 ended (its lifetime must not be subtracted), 12 started meanwhile.
+        let after = vec![(10, "postgres", 6.5), (12, "postgres", 0.25), (20, "nats-server", 1.5)];
+        assert_eq!(
+            servers_delta(&before, &after),
+            vec![("postgres".to_string(), 1.75), ("nats-server".to_string(), 0.5)]
+        );
+    }
 }

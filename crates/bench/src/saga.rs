@@ -31,7 +31,7 @@ use bazaar::{
     load::{self, LoadArgs, LoadShape, LoadStats},
     roles::{self, store_url_var},
 };
-use bazaar_bench::harness::{cpu_delta, drop_cluster_databases, servers_cpu, Options, System};
+use bazaar_bench::harness::{cpu_delta, drop_cluster_databases, servers_cpu, servers_delta, Options, System};
 use bazaar_contracts::{types, LineRequest, OrderRef, ProcessPayment, ReserveStock, Reserved};
 use bazaar_inventory::StockCommands;
 use bazaar_kit::{
@@ -334,7 +334,7 @@ async fn saga_with(
     }
     .await;
     let cpu = cpu_delta(&cpu_before, &system.cpu());
-    let servers = cpu_delta(&servers_before, &servers_cpu());
+    let servers = servers_delta(&servers_before, &servers_cpu());
     let memory = system.peak_memory();
     eprintln!("bench saga: running `bazaar audit --wait 30`");
     let audit = system.audit(Duration::from_secs(30)).await;

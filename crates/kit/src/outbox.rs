@@ -30,7 +30,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "outbox_inbox",
-    sql: "CREATE TABLE outbox (
+        sql: "CREATE TABLE outbox (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             event_id TEXT NOT NULL UNIQUE,
             topic TEXT NOT NULL,
@@ -46,11 +46,14 @@ pub const MIGRATIONS: &[Migration] = &[
     // On PostgreSQL a row marked sent leaves its old index entry behind until a vacuum, and
     // the relay's bitmap scan of `outbox_unsent` visited every one of them (a minute of
     // traffic, 1-2 ms a round). An index of the unsent rows alone, in id order, is read by a
-    // plain index scan that marks the dead entries it passes, so the next round skips them.
+    // plain index scan that marks the dead entries it passes, so the next round skips them;
+    // pruning reads the sent rows by their own index, so a row costs no more index writes.
     Migration {
         version: 3,
         name: "outbox_pending",
-        sql: "CREATE INDEX outbox_pending ON outbox (id) WHERE sent_at IS NULL;",
+        sql: "DROP INDEX outbox_unsent;
+        CREATE INDEX outbox_pending ON outbox (id) WHERE sent_at IS NULL;
+        CREATE INDEX outbox_sent ON outbox (sent_at) WHERE sent_at IS NOT NULL;",
     },
 ];
 
@@ -396,8 +399,8 @@ mod tests {
         );
     }
 
-    /// On PostgreSQL, once most rows are sent (each leaving a dead entry in `outbox_unsent`),
-    /// the relay still reads its next batch from the index of unsent rows.
+    /// On PostgreSQL, with most rows sent, the relay's query is planned on the index of
+    /// unsent rows (the one whose dead entries a plain index scan marks as it passes).
     #[tokio::test]
     async fn the_relay_reads_its_next_batch_from_the_index_of_unsent_rows() {
         let Some(db) = crate::testing::TestDb::postgres("bazaar_outbox").await else {

@@ -150,6 +150,14 @@ impl Runtime {
         // The kit's and the service's migrations interleave by version (1, 2 saga, 3, 10…).
         let mut all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(spec.migrations).cloned().collect();
         all.sort_by_key(|m| m.version);
+        // A store records versions, not names: a second migration with a taken version would
+        // never run.
+        if let Some(pair) = all.windows(2).find(|pair| pair[0].version == pair[1].version) {
+            return Err(ServiceError::Config(format!(
+                "{} lists migrations {} and {} both as version {}",
+                spec.name, pair[0].name, pair[1].name, pair[0].version
+            )));
+        }
         store.migrate(&all).await?;
         let broker = broker::connect(&config.broker_url).await?;
         let outbox = Outbox::new(store.clone());

@@ -10,7 +10,8 @@ use crate::store::Migration;
 pub struct ServiceSpec {
     /// The role's name: event source, consumer group, log prefix, store file name.
     pub name: &'static str,
-    /// The service's own tables, applied after the kit's outbox and inbox tables.
+    /// The service's own tables, applied in version order with the kit's (outbox and inbox
+    /// 1 and 3, the saga's 2): a service numbers its own from 10.
     pub migrations: &'static [Migration],
     /// Topics it publishes to (through its outbox): the broker lets it publish to these
     /// and no others.

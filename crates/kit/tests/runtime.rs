@@ -92,7 +92,16 @@ async fn start(dir: &std::path::Path) -> (shutdown::ShutdownTrigger, Runtime) {
 }
 
 async fn start_with(dir: &std::path::Path, mesh: Option<Arc<Tls>>) -> (shutdown::ShutdownTrigger, Runtime) {
-    let config = RoleConfig {
+    let (stop, shut) = shutdown::channel();
+    let rt = Runtime::start(&SPEC, &role_config(dir, mesh), shut)
+        .await
+        .expect("start");
+    (stop, rt)
+}
+
+/// A role's settings on a store and embedded broker in `dir`.
+fn role_config(dir: &std::path::Path, mesh: Option<Arc<Tls>>) -> RoleConfig {
+    RoleConfig {
         listen: ([127, 0, 0, 1], 0).into(),
         store_url: format!("sqlite://{}/role.db", dir.display()),
         broker_url: format!("sqlite://{}/bus.db", dir.display()),
@@ -104,10 +113,28 @@ async fn start_with(dir: &std::path::Path, mesh: Option<Arc<Tls>>) -> (shutdown:
         admin_listen_fd: None,
         mesh_policy: None,
         mesh_peers: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_service_migration_that_takes_a_kit_version_is_refused_before_any_runs() {
+    static CLASHING: ServiceSpec = ServiceSpec {
+        name: "runtime-test",
+        migrations: &[Migration::new(3, "widgets", "CREATE TABLE widgets (n BIGINT)")],
+        ..SPEC
     };
-    let (stop, shut) = shutdown::channel();
-    let rt = Runtime::start(&SPEC, &config, shut).await.expect("start");
-    (stop, rt)
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_stop, shut) = shutdown::channel();
+    match Runtime::start(&CLASHING, &role_config(dir.path(), None), shut).await {
+        Err(ServiceError::Config(message)) => {
+            assert!(
+                message.contains("widgets") && message.contains("version 3"),
+                "{message}"
+            )
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a role started with two migrations of version 3"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
