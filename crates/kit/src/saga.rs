@@ -33,7 +33,7 @@ use crate::{
     outbox::{self, Outbox},
     resilience::Backoff,
     shutdown::Shutdown,
-    store::{now_millis, Dialect, Migration, StoreError, Tx},
+    store::{now_millis, Migration, StoreError, Tx},
 };
 
 /// The saga tables; include them in the orchestrator's migrations (version 2).
@@ -834,10 +834,7 @@ impl<F: SagaFlow> SagaEngine<F> {
     }
 
     async fn lock(&self, tx: &mut Tx, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
-        let sql = match self.outbox.store().dialect() {
-            Dialect::Postgres => format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1 FOR UPDATE"),
-            Dialect::Sqlite => format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1"),
-        };
+        let sql = format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1 FOR UPDATE");
         let row = store::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
         row.map(|r| from_row(&r)).transpose()
     }

@@ -6,6 +6,13 @@
 //! placeholders, `BIGINT` and `TEXT` columns, `INSERT … ON CONFLICT`, `RETURNING`. Where the
 //! two engines must differ (auto-increment keys, locking), a [`Migration`] carries both texts.
 //!
+//! A decision made on the database is race-free on both engines when the rows that decide
+//! are locked: end the `SELECT` that reads them with `FOR UPDATE`. PostgreSQL (READ
+//! COMMITTED) then makes a second transaction wait and read the first's result; SQLite's
+//! write transaction already holds the whole file (`BEGIN IMMEDIATE`), so the store drops the
+//! clause there. A row that may not exist yet cannot be locked: claim it with
+//! `INSERT … ON CONFLICT DO NOTHING` and read it again when the insert affected no row.
+//!
 //! SQLite runs inline on the calling task (see [`crate::sqlite`] for why): one writer
 //! connection that transactions queue for in this process, plus reader connections for
 //! statements outside a transaction that only read. PostgreSQL goes through sqlx's pool.
@@ -333,13 +340,24 @@ fn is_read(sql: &str) -> bool {
     head.len() >= 6 && head[..6].eq_ignore_ascii_case("select")
 }
 
+/// `sql` as SQLite takes it: without a trailing `FOR UPDATE`, which its write transaction
+/// makes redundant (see the module's doc).
+fn sqlite_text(sql: &str) -> &str {
+    const CLAUSE: &str = "FOR UPDATE";
+    let trimmed = sql.trim_end();
+    match trimmed.len().checked_sub(CLAUSE.len()) {
+        Some(at) if trimmed.is_char_boundary(at) && trimmed[at..].eq_ignore_ascii_case(CLAUSE) => &trimmed[..at],
+        _ => sql,
+    }
+}
+
 /// Prepares (cached) `q` with its arguments bound by placeholder number: `$2` may come
 /// before `$1` or appear twice, so each placeholder is looked up by its name.
 fn sqlite_prepare<'c>(
     conn: &'c rusqlite::Connection,
     q: &Query<'_>,
 ) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
-    let mut stmt = conn.prepare_cached(q.sql)?;
+    let mut stmt = conn.prepare_cached(sqlite_text(q.sql))?;
     for i in 1..=stmt.parameter_count() {
         let n = stmt
             .parameter_name(i)
@@ -655,5 +673,36 @@ mod tests {
         assert_eq!(p.to_string(), "postgres://u:****@127.0.0.1/orders");
         assert!("mysql://x".parse::<StoreUrl>().is_err());
         assert!("sqlite://".parse::<StoreUrl>().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_locking_read_runs_on_sqlite_inside_and_outside_a_transaction() {
+        assert_eq!(
+            sqlite_text("SELECT a FROM t WHERE id = $1 for update \n"),
+            "SELECT a FROM t WHERE id = $1"
+        );
+        assert_eq!(sqlite_text("SELECT 'FOR UPDATE'"), "SELECT 'FOR UPDATE'");
+        let store = Store::open("sqlite://:memory:").await.unwrap();
+        query("CREATE TABLE t (id BIGINT PRIMARY KEY, n BIGINT NOT NULL)")
+            .execute(&store)
+            .await
+            .unwrap();
+        query("INSERT INTO t (id, n) VALUES (1, 7)")
+            .execute(&store)
+            .await
+            .unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let n: i64 = query("SELECT n FROM t WHERE id = $1 FOR UPDATE")
+            .bind(1i64)
+            .fetch_scalar(&mut tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 7);
+        tx.commit().await.unwrap();
+        let n: i64 = query("SELECT n FROM t WHERE id = 1 FOR UPDATE")
+            .fetch_scalar(&store)
+            .await
+            .unwrap();
+        assert_eq!(n, 7);
     }
 }

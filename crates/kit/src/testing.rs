@@ -76,6 +76,19 @@ impl TestDb {
         })
     }
 
+    /// A SQLite database, and a PostgreSQL one when `BAZAAR_TEST_POSTGRES_URL` is set: the
+    /// engines a rule about concurrent writers must hold on.
+    pub async fn both(prefix: &str) -> Vec<TestDb> {
+        let mut dbs = vec![TestDb::sqlite(&format!("{prefix}.db"))];
+        dbs.extend(TestDb::postgres(prefix).await);
+        dbs
+    }
+
+    /// True for a PostgreSQL database.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres { .. })
+    }
+
     /// Opens a store on this database, as an instance of a service would.
     pub async fn open(&self) -> Store {
         Store::open(&self.url).await.expect("open the store")
@@ -105,7 +118,7 @@ pub struct TestRole {
     /// Signs the tokens [`TestRole::token`] hands out; the role trusts its public key.
     signer: SigningKey,
     stop: ShutdownTrigger,
-    _store: TestDb,
+    db: TestDb,
     _bus: tempfile::TempDir,
 }
 
@@ -150,9 +163,14 @@ impl Answer {
 }
 
 impl TestRole {
-    /// Starts the service `spec` names; `api` builds its router from the runtime.
+    /// Starts the service `spec` names on a SQLite store; `api` builds its router from the
+    /// runtime.
     pub async fn start(spec: &'static ServiceSpec, api: impl FnOnce(&Runtime) -> Router) -> TestRole {
-        let store = TestDb::sqlite(&format!("{}.db", spec.name));
+        TestRole::start_on(spec, api, TestDb::sqlite(&format!("{}.db", spec.name))).await
+    }
+
+    /// Starts the service `spec` names on `store` (SQLite or PostgreSQL).
+    pub async fn start_on(spec: &'static ServiceSpec, api: impl FnOnce(&Runtime) -> Router, store: TestDb) -> TestRole {
         let bus = tempfile::tempdir().expect("temp dir");
         let signer = SigningKey::generate().expect("a signing key");
         let trusted = KeySet::from_jwks(&Jwks {
@@ -182,9 +200,15 @@ impl TestRole {
             app,
             signer,
             stop,
-            _store: store,
+            db: store,
             _bus: bus,
         }
+    }
+
+    /// Closes the role's store and drops its database when it is a PostgreSQL one.
+    pub async fn drop_database(&self) {
+        self.rt.store.close().await;
+        self.db.drop_database().await;
     }
 
     /// A token for user `id` with `email` and `roles`, signed by a key the role trusts.

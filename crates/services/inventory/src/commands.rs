@@ -75,8 +75,10 @@ struct Reservation {
     reason: Option<String>,
 }
 
+/// The order's reservation, locked until the transaction ends: every command decides on it,
+/// so a second copy of a command (or a crossing one) waits and then sees what the first did.
 async fn reservation(tx: &mut Tx, order: &str) -> Result<Option<Reservation>, HandlerError> {
-    let row = store::query("SELECT status, priced, reason FROM reservation WHERE order_id = $1")
+    let row = store::query("SELECT status, priced, reason FROM reservation WHERE order_id = $1 FOR UPDATE")
         .bind(order)
         .fetch_optional(&mut *tx)
         .await?;
@@ -90,78 +92,162 @@ async fn reservation(tx: &mut Tx, order: &str) -> Result<Option<Reservation>, Ha
     })
 }
 
+impl Reservation {
+    /// The answer a reserve gets once this was decided: the first answer, again.
+    fn answer(self, order: &str) -> Result<Verdict, HandlerError> {
+        match self {
+            Reservation {
+                status: ReservationStatus::Reserved | ReservationStatus::Committed,
+                priced: Some(priced),
+                ..
+            } => Ok(Verdict::Done(serde_json::from_str(&priced).map_err(|e| {
+                HandlerError::Poison(format!("reservation of order {order} is unreadable: {e}"))
+            })?)),
+            Reservation { status, reason, .. } => {
+                Ok(Verdict::Refused(reason.unwrap_or_else(|| {
+                    format!("the reservation was already {}", status.as_str())
+                })))
+            }
+        }
+    }
+}
+
 /// Reserves every line or none; repeats the first answer when asked again.
+///
+/// The order's row is claimed before any product is locked, as release and commit lock it
+/// before the products they move: every command takes the order's row, then products in id
+/// order, so copies and crossing commands queue instead of deadlocking.
 async fn reserve(tx: &mut Tx, cmd: ReserveStock) -> Result<Verdict, HandlerError> {
     let order = cmd.order_id.to_string();
-    match reservation(tx, &order).await? {
-        Some(Reservation {
-            status: ReservationStatus::Reserved | ReservationStatus::Committed,
-            priced: Some(priced),
-            ..
-        }) => {
-            let priced = serde_json::from_str(&priced)
-                .map_err(|e| HandlerError::Poison(format!("reservation of order {order} is unreadable: {e}")))?;
-            return Ok(Verdict::Done(priced));
-        }
-        Some(Reservation { status, reason, .. }) => {
-            return Ok(Verdict::Refused(reason.unwrap_or_else(|| {
-                format!("the reservation was already {}", status.as_str())
-            })));
-        }
-        None => {}
+    // Never committed as such: the decision below overwrites it in this transaction.
+    if !claim(tx, &order, ReservationStatus::Rejected, None, Some("being priced")).await? {
+        return decided(tx, &order).await?.answer(&order);
     }
-    let verdict = try_reserve(tx, &order, &cmd).await?;
-    if let Verdict::Refused(reason) = &verdict {
+    match price(tx, &order, &cmd).await? {
+        Ok(reserved) => {
+            let data = serde_json::to_value(&reserved)
+                .map_err(|e| HandlerError::Poison(format!("reservation of order {order} does not serialise: {e}")))?;
+            decide(tx, &order, ReservationStatus::Reserved, Some(&data.to_string()), None).await?;
+            hold(tx, &order, &reserved.priced_lines).await?;
+            metrics::counter!("bazaar_inventory_reservations_total").increment(1);
+            Ok(Verdict::Done(data))
+        }
         // A refusal is final for this order: a resent command gets the same answer even if
         // stock came back meanwhile, so no late reservation outlives its cancelled order.
-        store::query("INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, $4, $2, $3)")
-            .bind(&order)
-            .bind(reason)
-            .bind(now_millis())
-            .bind(ReservationStatus::Rejected.as_str())
+        Err(reason) => {
+            decide(tx, &order, ReservationStatus::Rejected, None, Some(&reason)).await?;
+            Ok(Verdict::Refused(reason))
+        }
+    }
+}
+
+/// Inserts the order's reservation row unless it exists; false when it did (then nothing
+/// was written). On PostgreSQL the insert waits for a transaction that inserted it and has
+/// not ended, so the caller then reads the row that transaction left.
+async fn claim(
+    tx: &mut Tx,
+    order: &str,
+    status: ReservationStatus,
+    priced: Option<&str>,
+    reason: Option<&str>,
+) -> Result<bool, HandlerError> {
+    let done = store::query(
+        "INSERT INTO reservation (order_id, status, priced, reason, updated_at) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order)
+    .bind(status.as_str())
+    .bind(priced)
+    .bind(reason)
+    .bind(now_millis())
+    .execute(&mut *tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records the decision on the order's row this transaction claimed.
+async fn decide(
+    tx: &mut Tx,
+    order: &str,
+    status: ReservationStatus,
+    priced: Option<&str>,
+    reason: Option<&str>,
+) -> Result<(), HandlerError> {
+    store::query("UPDATE reservation SET status = $1, priced = $2, reason = $3, updated_at = $4 WHERE order_id = $5")
+        .bind(status.as_str())
+        .bind(priced)
+        .bind(reason)
+        .bind(now_millis())
+        .bind(order)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// The reservation a claim found in place.
+async fn decided(tx: &mut Tx, order: &str) -> Result<Reservation, HandlerError> {
+    reservation(tx, order)
+        .await?
+        .ok_or_else(|| HandlerError::Transient(format!("the reservation of order {order} vanished after a lost claim")))
+}
+
+/// Holds each priced line's units and records the line.
+async fn hold(tx: &mut Tx, order: &str, lines: &[PricedLine]) -> Result<(), HandlerError> {
+    for line in lines {
+        let product = line.product_id.to_string();
+        store::query("UPDATE product SET reserved = reserved + $1 WHERE id = $2")
+            .bind(line.quantity)
+            .bind(&product)
+            .execute(&mut *tx)
+            .await?;
+        store::query("INSERT INTO reservation_line (order_id, product_id, quantity) VALUES ($1, $2, $3)")
+            .bind(order)
+            .bind(&product)
+            .bind(line.quantity)
             .execute(&mut *tx)
             .await?;
     }
-    Ok(verdict)
+    Ok(())
 }
 
-/// Reserves every line or none, when nothing was decided for the order yet.
-async fn try_reserve(tx: &mut Tx, order: &str, cmd: &ReserveStock) -> Result<Verdict, HandlerError> {
-    let now = now_millis();
+/// Prices every line against stock locked until the transaction ends (products in id order,
+/// so two orders never each hold the row the other waits for): `Done` with the [`Reserved`]
+/// answer when every line fits, the reason for refusing otherwise. Changes nothing.
+async fn price(tx: &mut Tx, order: &str, cmd: &ReserveStock) -> Result<Result<Reserved, String>, HandlerError> {
     let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
     for LineRequest { product_id, quantity } in &cmd.lines {
         if *quantity <= 0 {
-            return Ok(Verdict::Refused(format!("quantity of {product_id} must be at least 1")));
+            return Ok(Err(format!("quantity of {product_id} must be at least 1")));
         }
         let sum = wanted.entry(product_id.to_string()).or_default();
         *sum = match sum.checked_add(*quantity) {
             Some(n) if n <= MAX_UNITS => n,
-            _ => return Ok(Verdict::Refused(format!("quantity of {product_id} is too large"))),
+            _ => return Ok(Err(format!("quantity of {product_id} is too large"))),
         };
     }
     if wanted.is_empty() {
-        return Ok(Verdict::refused("an order needs at least one line"));
+        return Ok(Err(String::from("an order needs at least one line")));
     }
     let mut priced = Vec::new();
     let mut currency: Option<String> = None;
     for (product, quantity) in &wanted {
-        let row = store::query("SELECT price_cents, currency, on_hand, reserved FROM product WHERE id = $1")
+        let row = store::query("SELECT price_cents, currency, on_hand, reserved FROM product WHERE id = $1 FOR UPDATE")
             .bind(product)
             .fetch_optional(&mut *tx)
             .await?;
         let Some(row) = row else {
-            return Ok(Verdict::Refused(format!("unknown product {product}")));
+            return Ok(Err(format!("unknown product {product}")));
         };
         let price: i64 = row.try_get("price_cents")?;
         let cur: String = row.try_get("currency")?;
         let available = row.try_get::<i64, _>("on_hand")? - row.try_get::<i64, _>("reserved")?;
         if available < *quantity {
-            return Ok(Verdict::Refused(format!(
+            return Ok(Err(format!(
                 "insufficient stock for {product}: {available} available, {quantity} wanted"
             )));
         }
         if currency.get_or_insert_with(|| cur.clone()) != &cur {
-            return Ok(Verdict::refused("all lines of an order must share one currency"));
+            return Ok(Err(String::from("all lines of an order must share one currency")));
         }
         priced.push(PricedLine {
             product_id: product
@@ -177,62 +263,38 @@ async fn try_reserve(tx: &mut Tx, order: &str, cmd: &ReserveStock) -> Result<Ver
             .and_then(|line| sum.checked_add(line))
     });
     let Some(total) = total else {
-        return Ok(Verdict::refused("the order's total is too large"));
+        return Ok(Err(String::from("the order's total is too large")));
     };
-    let reserved = Reserved {
+    Ok(Ok(Reserved {
         total_cents: total,
         priced_lines: priced,
         currency: currency.ok_or_else(|| HandlerError::Poison(format!("order {order} priced no line")))?,
-    };
-    let data = serde_json::to_value(&reserved)
-        .map_err(|e| HandlerError::Poison(format!("reservation of order {order} does not serialise: {e}")))?;
-    store::query("INSERT INTO reservation (order_id, status, priced, updated_at) VALUES ($1, $4, $2, $3)")
-        .bind(order)
-        .bind(data.to_string())
-        .bind(now)
-        .bind(ReservationStatus::Reserved.as_str())
-        .execute(&mut *tx)
-        .await?;
-    for (product, quantity) in &wanted {
-        store::query("UPDATE product SET reserved = reserved + $1 WHERE id = $2")
-            .bind(quantity)
-            .bind(product)
-            .execute(&mut *tx)
-            .await?;
-        store::query("INSERT INTO reservation_line (order_id, product_id, quantity) VALUES ($1, $2, $3)")
-            .bind(order)
-            .bind(product)
-            .bind(quantity)
-            .execute(&mut *tx)
-            .await?;
-    }
-    metrics::counter!("bazaar_inventory_reservations_total").increment(1);
-    Ok(Verdict::Done(data))
+    }))
 }
 
 /// Releases a held reservation; leaves a tombstone when there is none yet.
 async fn release(tx: &mut Tx, cmd: OrderRef) -> Result<Verdict, HandlerError> {
     let order = cmd.order_id.to_string();
-    match reservation(tx, &order).await?.map(|r| r.status) {
+    let status = match reservation(tx, &order).await? {
+        Some(r) => r.status,
         None => {
-            store::query(
-                "INSERT INTO reservation (order_id, status, reason, updated_at) VALUES ($1, $3, 'released before reserved', $2)",
-            )
-            .bind(&order)
-            .bind(now_millis())
-            .bind(ReservationStatus::Released.as_str())
-            .execute(&mut *tx)
-            .await?;
-            Ok(Verdict::done_empty())
+            let tombstone = "released before reserved";
+            if claim(tx, &order, ReservationStatus::Released, None, Some(tombstone)).await? {
+                return Ok(Verdict::done_empty());
+            }
+            // A reserve decided meanwhile: release what it did.
+            decided(tx, &order).await?.status
         }
-        Some(ReservationStatus::Reserved) => {
+    };
+    match status {
+        ReservationStatus::Reserved => {
             move_lines(tx, &order, "UPDATE product SET reserved = reserved - $1 WHERE id = $2").await?;
             set_status(tx, &order, ReservationStatus::Released).await?;
             Ok(Verdict::done_empty())
         }
         // Nothing is held for a released or refused reservation.
-        Some(ReservationStatus::Released | ReservationStatus::Rejected) => Ok(Verdict::done_empty()),
-        Some(ReservationStatus::Committed) => Ok(Verdict::refused("cannot release a committed reservation")),
+        ReservationStatus::Released | ReservationStatus::Rejected => Ok(Verdict::done_empty()),
+        ReservationStatus::Committed => Ok(Verdict::refused("cannot release a committed reservation")),
     }
 }
 
@@ -260,10 +322,11 @@ async fn commit(tx: &mut Tx, cmd: OrderRef) -> Result<Verdict, HandlerError> {
 }
 
 async fn move_lines(tx: &mut Tx, order: &str, sql: &str) -> Result<(), HandlerError> {
-    let lines = store::query("SELECT product_id, quantity FROM reservation_line WHERE order_id = $1")
-        .bind(order)
-        .fetch_all(&mut *tx)
-        .await?;
+    let lines =
+        store::query("SELECT product_id, quantity FROM reservation_line WHERE order_id = $1 ORDER BY product_id")
+            .bind(order)
+            .fetch_all(&mut *tx)
+            .await?;
     for line in lines {
         store::query(sql)
             .bind(line.try_get::<i64, _>("quantity")?)

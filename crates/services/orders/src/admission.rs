@@ -18,7 +18,11 @@ use std::{
     time::Duration,
 };
 
-use bazaar_kit::{http::Problem, runtime::Runtime, store::now_millis};
+use bazaar_kit::{
+    http::Problem,
+    runtime::Runtime,
+    store::{now_millis, Tx},
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
@@ -93,47 +97,62 @@ impl Admission {
         });
     }
 
-    /// A turn to place an order for `customer`, or the problem that turns it away.
-    pub async fn admit(&self, rt: &Runtime, customer: &Uuid) -> Result<OwnedSemaphorePermit, Problem> {
+    /// A turn to place an order, or the problem that sheds it.
+    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, Problem> {
         let limit = self.limits.max_in_flight;
         if limit > 0 && self.in_flight.load(Ordering::Relaxed) >= limit {
             return Err(shed(format!(
                 "the shop is at capacity ({limit} orders in progress); nothing was placed, retry in a moment"
             )));
         }
-        let turn = match tokio::time::timeout(QUEUE_WAIT, self.turns.clone().acquire_owned()).await {
-            Ok(Ok(turn)) => turn,
-            _ => {
-                return Err(shed(
-                    "too many orders at once; nothing was placed, retry in a moment".into(),
-                ))
-            }
-        };
-        let per_minute = self.limits.per_customer_per_minute;
-        if per_minute > 0 {
-            let since = now_millis() - 60_000;
-            let recent = store::query(
-                "SELECT created_at FROM orders WHERE customer_id = $1 AND created_at > $2 ORDER BY created_at LIMIT $3",
-            )
-            .bind(customer.to_string())
-            .bind(since)
-            .bind(i64::from(per_minute))
-            .fetch_column::<i64>(&rt.store)
-            .await?;
-            if recent.len() >= per_minute as usize {
-                // The oldest of them leaves the window first.
-                let wait = Duration::from_millis((recent[0] - since).max(1) as u64);
-                metrics::counter!("bazaar_orders_throttled_total").increment(1);
-                return Err(Problem::too_many(
-                    format!(
-                        "you placed {per_minute} orders in the last minute, the most one customer may; try again in {} s",
-                        wait.as_secs().max(1)
-                    ),
-                    wait,
-                ));
-            }
+        match tokio::time::timeout(QUEUE_WAIT, self.turns.clone().acquire_owned()).await {
+            Ok(Ok(turn)) => Ok(turn),
+            _ => Err(shed(
+                "too many orders at once; nothing was placed, retry in a moment".into(),
+            )),
         }
-        Ok(turn)
+    }
+
+    /// Checks, inside the transaction that places the order, that `customer` is within their
+    /// orders a minute. The customer's quota row is locked first (an upsert locks the row it
+    /// meets), so two placements of one customer, on any replicas, count one after the other
+    /// and the second sees the first's order.
+    pub async fn within_quota(&self, tx: &mut Tx, customer: &Uuid) -> Result<(), Problem> {
+        let per_minute = self.limits.per_customer_per_minute;
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let now = now_millis();
+        store::query(
+            "INSERT INTO customer_quota (customer_id, checked_at) VALUES ($1, $2)
+             ON CONFLICT (customer_id) DO UPDATE SET checked_at = excluded.checked_at",
+        )
+        .bind(customer.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let since = now - 60_000;
+        let recent = store::query(
+            "SELECT created_at FROM orders WHERE customer_id = $1 AND created_at > $2 ORDER BY created_at LIMIT $3",
+        )
+        .bind(customer.to_string())
+        .bind(since)
+        .bind(i64::from(per_minute))
+        .fetch_column::<i64>(&mut *tx)
+        .await?;
+        if recent.len() < per_minute as usize {
+            return Ok(());
+        }
+        // The oldest of them leaves the window first.
+        let wait = Duration::from_millis((recent[0] - since).max(1) as u64);
+        metrics::counter!("bazaar_orders_throttled_total").increment(1);
+        Err(Problem::too_many(
+            format!(
+                "you placed {per_minute} orders in the last minute, the most one customer may; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+            wait,
+        ))
     }
 }
 

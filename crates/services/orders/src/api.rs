@@ -209,11 +209,12 @@ async fn place(
         return same_request(existing, &items);
     }
     // A retry of a placed order (above) is answered even when new ones are turned away.
-    let _turn = orders.admission.admit(&orders.rt, &user.sub).await?;
+    let _turn = orders.admission.admit().await?;
     let id = Uuid::now_v7();
     let now = now_millis();
     let lines = serde_json::to_string(&items).unwrap_or_default();
     let mut tx = store.begin().await?;
+    orders.admission.within_quota(&mut tx, &user.sub).await?;
     let inserted = store::query(
         "INSERT INTO orders (id, customer_id, email, status, lines, idempotency_key, version, created_at, updated_at)
          VALUES ($1, $2, $3, $7, $4, $5, 1, $6, $6) ON CONFLICT DO NOTHING",

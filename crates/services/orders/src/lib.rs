@@ -55,6 +55,16 @@ pub const MIGRATIONS: &[Migration] = &[
         CREATE UNIQUE INDEX orders_idempotency ON orders (customer_id, idempotency_key);
         CREATE INDEX orders_customer ON orders (customer_id, created_at);",
     },
+    // One row per customer that placing an order locks, so that two placements of one
+    // customer count their recent orders one after the other.
+    Migration {
+        version: 11,
+        name: "orders_customer_quota",
+        sql: "CREATE TABLE customer_quota (
+            customer_id TEXT PRIMARY KEY,
+            checked_at BIGINT NOT NULL
+        );",
+    },
 ];
 
 /// The orders service: it hears the saga's replies; its orders and sagas need a token.

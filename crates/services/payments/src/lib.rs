@@ -92,6 +92,18 @@ pub const MIGRATIONS: &[Migration] = &[
         UPDATE account SET balance_cents =
             (SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE ledger_entry.account_id = account.id);",
     },
+    // What the tables enforce whatever a handler does: an order's money is held, released,
+    // taken and given back at most once each, and a payment is never refunded beyond what
+    // was captured.
+    Migration {
+        version: 12,
+        name: "payments_once",
+        sql: "ALTER TABLE payment ADD COLUMN refunded_cents BIGINT NOT NULL DEFAULT 0
+            CHECK (refunded_cents >= 0 AND refunded_cents <= amount_cents);
+        UPDATE payment SET refunded_cents = amount_cents WHERE status = 'refunded';
+        CREATE UNIQUE INDEX ledger_once_per_order ON ledger_entry (kind, reference, account_id)
+            WHERE kind IN ('hold', 'release', 'payment', 'refund');",
+    },
 ];
 
 /// The payments service: it opens wallets for new users and answers payment commands.

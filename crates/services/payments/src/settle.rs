@@ -211,8 +211,8 @@ async fn refund(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
     let mut tx = outbox.store().begin().await?;
     if lock(&mut tx, &due.order).await? == PaymentStatus::Refunding {
         let wallet = format!("customer:{}", due.customer);
+        crate::commands::mark_refunded(&mut tx, &due.order).await?;
         ledger::transfer(&mut tx, ledger::REVENUE, &wallet, due.amount, "refund", &due.order).await?;
-        set_status(&mut tx, &due.order, PaymentStatus::Refunded).await?;
         reply(&mut tx, &due.order, "refund_command", Verdict::done_empty()).await?;
         metrics::counter!("bazaar_payments_total", "outcome" => "refunded").increment(1);
     }
@@ -220,14 +220,9 @@ async fn refund(outbox: &Outbox, provider: &PaymentProvider, due: &Due) -> Resul
     Ok(true)
 }
 
-/// Locks the payment row (a no-op update, so PostgreSQL holds it to the commit) and returns
-/// its status.
+/// Locks the payment row until the commit and returns its status.
 async fn lock(tx: &mut Tx, order: &str) -> Result<PaymentStatus, HandlerError> {
-    store::query("UPDATE payment SET updated_at = updated_at WHERE order_id = $1")
-        .bind(order)
-        .execute(&mut *tx)
-        .await?;
-    let status: String = store::query("SELECT status FROM payment WHERE order_id = $1")
+    let status: String = store::query("SELECT status FROM payment WHERE order_id = $1 FOR UPDATE")
         .bind(order)
         .fetch_one(&mut *tx)
         .await?

@@ -14,7 +14,7 @@ use bazaar_kit::{
     envelope::{Envelope, Metadata},
     runtime::Runtime,
     saga::{CommandHeader, SagaReply},
-    testing::TestRole,
+    testing::{TestDb, TestRole},
 };
 
 pub use bazaar_kit::testing::Answer;
@@ -32,14 +32,43 @@ pub struct Inventory {
 
 /// Starts inventory on a fresh store and broker.
 pub async fn start() -> Inventory {
-    let role = TestRole::start(&bazaar_inventory::SERVICE, |rt| bazaar_inventory::router(rt.clone())).await;
+    start_on(TestDb::sqlite("inventory.db")).await
+}
+
+/// Starts inventory on `db` (SQLite or PostgreSQL) and a fresh broker.
+pub async fn start_on(db: TestDb) -> Inventory {
+    let role = TestRole::start_on(
+        &bazaar_inventory::SERVICE,
+        |rt| bazaar_inventory::router(rt.clone()),
+        db,
+    )
+    .await;
     Inventory {
         rt: role.rt.clone(),
         role,
     }
 }
 
+/// Inventory on SQLite, and on PostgreSQL when the tests have a server.
+pub async fn on_both_engines() -> Vec<Inventory> {
+    let mut roles = Vec::new();
+    for db in TestDb::both("inventory").await {
+        roles.push(start_on(db).await);
+    }
+    roles
+}
+
 impl Inventory {
+    /// Drops the role's database (a PostgreSQL one outlives the test otherwise).
+    pub async fn finish(self) {
+        self.role.drop_database().await;
+    }
+
+    /// The engine the role's store runs on, for assertion messages.
+    pub fn engine(&self) -> String {
+        format!("{:?}", self.rt.store.dialect())
+    }
+
     /// A token for an operator.
     pub fn admin(&self) -> String {
         self.role.admin_token()

@@ -21,7 +21,7 @@ use bazaar_kit::{
     envelope::Envelope,
     runtime::Runtime,
     saga::{CommandHeader, Verdict},
-    testing::TestRole,
+    testing::{TestDb, TestRole},
 };
 
 pub use bazaar_kit::testing::Answer;
@@ -51,13 +51,22 @@ pub async fn start() -> Shop {
 /// Starts orders admitting orders under `limits` (the count of sagas in flight is kept
 /// fresh, as the role does).
 pub async fn start_limited(limits: bazaar_orders::AdmissionLimits) -> Shop {
+    start_limited_on(limits, TestDb::sqlite("orders.db")).await
+}
+
+/// As [`start_limited`], on `db` (SQLite or PostgreSQL).
+pub async fn start_limited_on(limits: bazaar_orders::AdmissionLimits, db: TestDb) -> Shop {
     let mut orders = None;
-    let role = TestRole::start(&bazaar_orders::SERVICE, |rt| {
-        let built = Orders::limited(rt.clone(), limits);
-        built.admission.watch(rt);
-        orders = Some(built.clone());
-        bazaar_orders::router(built)
-    })
+    let role = TestRole::start_on(
+        &bazaar_orders::SERVICE,
+        |rt| {
+            let built = Orders::limited(rt.clone(), limits);
+            built.admission.watch(rt);
+            orders = Some(built.clone());
+            bazaar_orders::router(built)
+        },
+        db,
+    )
     .await;
     Shop {
         rt: role.rt.clone(),
@@ -108,6 +117,16 @@ impl Sent {
 }
 
 impl Shop {
+    /// Drops the role's database (a PostgreSQL one outlives the test otherwise).
+    pub async fn finish(self) {
+        self.role.drop_database().await;
+    }
+
+    /// The engine the role's store runs on, for assertion messages.
+    pub fn engine(&self) -> String {
+        format!("{:?}", self.rt.store.dialect())
+    }
+
     /// A token for a plain customer.
     pub fn customer(&self) -> User {
         let (id, token) = self.role.customer();

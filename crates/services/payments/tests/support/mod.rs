@@ -19,7 +19,7 @@ use bazaar_kit::{
     envelope::{Envelope, Metadata},
     runtime::Runtime,
     saga::{CommandHeader, SagaReply},
-    testing::TestRole,
+    testing::{TestDb, TestRole},
 };
 use bazaar_payments::{ledger, PaymentCommands, PaymentsConfig, UserEvents};
 
@@ -50,11 +50,25 @@ pub struct Customer {
 
 /// Starts payments on a fresh store and broker.
 pub async fn start() -> Payments {
-    let role = TestRole::start(&bazaar_payments::SERVICE, |rt| bazaar_payments::router(rt.clone())).await;
+    start_on(TestDb::sqlite("payments.db")).await
+}
+
+/// Starts payments on `db` (SQLite or PostgreSQL) and a fresh broker.
+pub async fn start_on(db: TestDb) -> Payments {
+    let role = TestRole::start_on(&bazaar_payments::SERVICE, |rt| bazaar_payments::router(rt.clone()), db).await;
     Payments {
         rt: role.rt.clone(),
         role,
     }
+}
+
+/// Payments on SQLite, and on PostgreSQL when the tests have a server.
+pub async fn on_both_engines() -> Vec<Payments> {
+    let mut roles = Vec::new();
+    for db in TestDb::both("payments").await {
+        roles.push(start_on(db).await);
+    }
+    roles
 }
 
 /// `user.registered` for `user`, as users announces it.
@@ -137,6 +151,16 @@ impl Payments {
     /// Sends `method uri` with `token` and a JSON `body` through the served router.
     pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> Answer {
         self.role.call(method, uri, token, body).await
+    }
+
+    /// Drops the role's database (a PostgreSQL one outlives the test otherwise).
+    pub async fn finish(self) {
+        self.role.drop_database().await;
+    }
+
+    /// The engine the role's store runs on, for assertion messages.
+    pub fn engine(&self) -> String {
+        format!("{:?}", self.rt.store.dialect())
     }
 
     /// Runs `handler` on `event` as the consumer runner does (without the inbox, so a

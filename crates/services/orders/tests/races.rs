@@ -1,0 +1,34 @@
+//! Placements that arrive at once: one customer's requests spread over two replicas (or
+//! handled side by side by one) must still stop at the customer's limit. On PostgreSQL (READ
+//! COMMITTED) they really run at once; on SQLite the write lock queues them.
+
+mod support;
+
+use axum::http::StatusCode;
+use bazaar_kit::testing::TestDb;
+use futures_util::future::join_all;
+use support::items;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn orders_placed_at_once_by_one_customer_stop_at_their_limit() {
+    let limits = bazaar_orders::AdmissionLimits {
+        per_customer_per_minute: 3,
+        max_in_flight: 0,
+    };
+    for db in TestDb::both("orders").await {
+        let shop = support::start_limited_on(limits, db).await;
+        let ann = shop.customer();
+        let body = items(&[(Uuid::now_v7(), 1)]);
+
+        let answers = join_all((0..8).map(|_| shop.post_order(&ann, &body, None))).await;
+
+        let placed = answers.iter().filter(|a| a.status == StatusCode::ACCEPTED).count();
+        for answer in answers.iter().filter(|a| a.status != StatusCode::ACCEPTED) {
+            answer.problem(StatusCode::TOO_MANY_REQUESTS);
+        }
+        assert_eq!(placed, 3, "{}: placed past the limit", shop.engine());
+        assert_eq!(shop.count("orders").await, 3, "{}", shop.engine());
+        shop.finish().await;
+    }
+}
