@@ -400,10 +400,7 @@ fn run_notifications(
 
 fn run_web(settings: Settings, config: RoleConfig, stop: Shutdown) -> LocalBoxFuture<'static, anyhow::Result<()>> {
     Box::pin(async move {
-        let replicas = match &settings.layout {
-            Some(text) => Replicas::parse(text).map_err(|e| anyhow::anyhow!("BAZAAR_REPLICAS: {e}"))?,
-            None => Replicas::default(),
-        };
+        let replicas = settings.replicas()?;
         // Every instance's plain health and metrics listener, for the console.
         let instances = up_roles()
             .flat_map(|role| {
@@ -487,6 +484,10 @@ pub const PAYMENT_SIM: &str = "payment-sim";
 /// The credit each new wallet gets in `bazaar up`'s demo, unless set.
 pub const DEMO_WELCOME_CREDIT_CENTS: i64 = 100_000;
 
+/// PostgreSQL connections the instances of one service share by default: five services
+/// take 40 of a default server's 100, whatever their replicas.
+pub const SERVICE_CONNECTIONS: u32 = 8;
+
 /// The operator account `bazaar up` creates (its password is in DATA/admin.password).
 pub const ADMIN_EMAIL: &str = "admin@bazaar.local";
 
@@ -513,6 +514,11 @@ pub struct Settings {
     /// The role's store URL (serve only). Default: BAZAAR_<ROLE>_STORE_URL or sqlite://DATA/<role>.db.
     #[arg(long, global = true, env = "BAZAAR_STORE_URL")]
     pub store: Option<String>,
+    /// Most connections each instance of a service opens to its PostgreSQL store (1-64).
+    /// Default: the replicas of a service share 8 (at least 2 each), so `up --cluster`, a
+    /// rollout's extra instance and `bazaar audit` stay well inside PostgreSQL's default 100.
+    #[arg(long, global = true, env = "BAZAAR_STORE_POOL", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub store_pool: Option<u32>,
     /// This process's mesh certificate (PEM): with it a service's API speaks only mutual TLS.
     /// `bazaar up` issues one per instance; without one a service serves plain HTTP and says
     /// so loudly. Needs BAZAAR_MESH_KEY and BAZAAR_MESH_BUNDLE too.
@@ -656,6 +662,23 @@ impl Settings {
             RoleKind::Simulator { .. } => self.instance_port(role, k),
         };
         format!("http://127.0.0.1:{port}/health")
+    }
+
+    /// Connections each instance of `role` opens to a PostgreSQL store: `--store-pool`, or
+    /// its share of [`SERVICE_CONNECTIONS`] among the role's replicas.
+    pub fn store_pool(&self, role: Role) -> anyhow::Result<u32> {
+        if let Some(size) = self.store_pool {
+            return Ok(size);
+        }
+        Ok((SERVICE_CONNECTIONS / u32::from(self.replicas()?.of(role).max(1))).max(2))
+    }
+
+    /// How many instances of each role run, as `bazaar up` told this process.
+    pub fn replicas(&self) -> anyhow::Result<Replicas> {
+        match &self.layout {
+            Some(text) => Replicas::parse(text).map_err(|e| anyhow::anyhow!("BAZAAR_REPLICAS: {e}")),
+            None => Ok(Replicas::default()),
+        }
     }
 
     /// The store URL of service `name`, from `BAZAAR_<NAME>_STORE_URL` or the data directory.
@@ -935,6 +958,7 @@ pub async fn serve(settings: &Settings, role: Role) -> anyhow::Result<()> {
             let config = RoleConfig {
                 listen,
                 store_url: settings.store.clone().unwrap_or_else(|| settings.store_url(spec.name)),
+                store_pool: settings.store_pool(role)?,
                 broker_url: settings.broker_url(),
                 tokens,
                 drain_delay: std::time::Duration::from_millis(settings.drain_delay_ms),
@@ -1038,6 +1062,20 @@ pub fn mail_dir(data: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_replicas_of_a_service_share_its_postgresql_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let orders: Role = ROLES.iter().find(|r| r.name == "orders").unwrap();
+        let mut s = settings(dir.path());
+        assert_eq!(s.store_pool(orders).unwrap(), SERVICE_CONNECTIONS);
+        s.layout = Some("2".into());
+        assert_eq!(s.store_pool(orders).unwrap(), SERVICE_CONNECTIONS / 2);
+        s.layout = Some("orders=9".into());
+        assert_eq!(s.store_pool(orders).unwrap(), 2, "never fewer than two");
+        s.store_pool = Some(5);
+        assert_eq!(s.store_pool(orders).unwrap(), 5, "the flag wins");
+    }
+
     fn settings(data: &Path) -> Settings {
         Settings {
             data: data.to_path_buf(),
@@ -1045,6 +1083,7 @@ mod tests {
             base_port: 8080,
             listen: None,
             store: None,
+            store_pool: None,
             jwks_url: None,
             gateway_url: None,
             layout: None,

@@ -606,6 +606,7 @@ async fn ask(
         Verdict::Done(data) => Ok(Ok(data)),
         Verdict::Refused(reason) => Ok(Err(reason)),
         Verdict::Later => bail!("{} was deferred, but the monolith has no provider", command.event_type),
+        Verdict::GaveUp(reason) => bail!("{} was given up: {reason}", command.event_type),
     }
 }
 

@@ -55,6 +55,18 @@ pub trait Handler: Send + Sync + 'static {
     /// Called after the transaction that handled `event` committed, e.g. to wake readers
     /// waiting for its effect. Must not fail or block.
     fn committed(&self, _event: &Envelope) {}
+
+    /// Called, in a transaction of its own, when `event` is dead-lettered for `reason`: to
+    /// tell whoever waits on it (a saga participant answers its orchestrator) that it will
+    /// never be handled. Nothing by default.
+    fn dead<'a>(
+        &'a self,
+        _tx: &'a mut Tx,
+        _event: &'a Envelope,
+        _reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Where and how a consumer group reads.
@@ -288,9 +300,24 @@ impl Runner {
 
     async fn park(&self, delivery: Delivery, reason: String) {
         tracing::error!(topic = %self.config.topic, group = %self.config.group, msg_id = %delivery.message.msg_id, %reason, "dead-lettering message");
+        if let Ok(event) = Envelope::from_slice(&delivery.message.body) {
+            // Told before parking: a crash between the two parks it again and tells again,
+            // which a saga takes as the duplicate it is.
+            if let Err(e) = self.tell_dead(&event, &reason).await {
+                tracing::warn!(topic = %self.config.topic, error = %e, "could not tell that a message was dead-lettered");
+            }
+        }
         if let Err(e) = DeadLetter::park(self.broker.as_ref(), &self.config.group, delivery, reason).await {
             tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
         }
+    }
+
+    /// Runs the handler's [`Handler::dead`] for `event` in a transaction of its own.
+    async fn tell_dead(&self, event: &Envelope, reason: &str) -> Result<(), HandlerError> {
+        let mut tx = self.outbox.store().begin().await?;
+        self.handler.dead(&mut tx, event, reason).await?;
+        self.outbox.commit(tx).await?;
+        Ok(())
     }
 }
 

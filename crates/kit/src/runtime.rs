@@ -21,7 +21,7 @@ use crate::{
     policy::PolicyGuard,
     service::ServiceSpec,
     shutdown::Shutdown,
-    store::{Migration, Store, StoreError},
+    store::{Migration, PoolOptions, Store, StoreError},
 };
 
 /// Outbox lag beyond which a role reports itself degraded.
@@ -42,6 +42,8 @@ pub struct RoleConfig {
     pub listen: SocketAddr,
     /// The role's own store: `sqlite://data/orders.db` or `postgres://…`.
     pub store_url: String,
+    /// Most connections this instance opens to a PostgreSQL store.
+    pub store_pool: u32,
     /// The broker: `sqlite://data/bus.db` or `nats://127.0.0.1:4222`.
     pub broker_url: String,
     /// How the role checks bearer tokens: users' JWKS ([`Verifier::jwks`]) when deployed,
@@ -146,7 +148,7 @@ impl Runtime {
         };
         let contract = crate::asyncapi::Contract::new(spec.messages)
             .map_err(|e| ServiceError::Config(format!("message contract: {e}")))?;
-        let store = Store::open(&config.store_url).await?;
+        let store = Store::open_with(&config.store_url, PoolOptions::new(spec.name, config.store_pool)).await?;
         // The kit's and the service's migrations interleave by version (1, 2 saga, 3, 10…).
         let mut all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(spec.migrations).cloned().collect();
         all.sort_by_key(|m| m.version);

@@ -194,6 +194,10 @@ pub enum Verdict {
     /// The answer comes later, from the participant itself through [`answer`] (payments
     /// waiting for its outside provider).
     Later,
+    /// The participant gave up on the command (it failed every attempt and was
+    /// dead-lettered), and why: it will never be done, so the saga stops as stuck with the
+    /// reason rather than resending it forever.
+    GaveUp(String),
 }
 
 impl Verdict {
@@ -232,6 +236,10 @@ pub struct SagaReply {
     #[serde(default)]
     #[schema(value_type = Value)]
     pub data: Value,
+    /// True when the participant gave up on the command (dead-lettered it): the saga stops
+    /// as stuck with `reason`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dead: bool,
 }
 
 /// The routing fields the engine adds to every command payload.
@@ -260,9 +268,10 @@ impl CommandHeader {
     /// The reply envelope to `command` and the topic it goes to; `None` for
     /// [`Verdict::Later`].
     pub fn reply(&self, command: &Envelope, source: &str, verdict: Verdict) -> Option<(String, Envelope)> {
-        let (ok, reason, data) = match verdict {
-            Verdict::Done(data) => (true, None, data),
-            Verdict::Refused(reason) => (false, Some(reason), Value::Null),
+        let (ok, reason, data, dead) = match verdict {
+            Verdict::Done(data) => (true, None, data, false),
+            Verdict::Refused(reason) => (false, Some(reason), Value::Null, false),
+            Verdict::GaveUp(reason) => (false, Some(reason), Value::Null, true),
             Verdict::Later => return None,
         };
         let reply = SagaReply {
@@ -272,6 +281,7 @@ impl CommandHeader {
             ok,
             reason,
             data,
+            dead,
         };
         let env = Envelope::new(&self.reply_type, &self.saga_id, reply, command.caused_metadata(source));
         Some((self.reply_to.clone(), env))
@@ -310,25 +320,50 @@ pub struct Participates<P> {
     pub participant: P,
 }
 
+impl<P> Participates<P> {
+    /// Refuses a command without a saga header, from anyone but the orchestrator, or asking
+    /// for its reply elsewhere.
+    fn check(&self, event: &Envelope) -> Result<(), HandlerError> {
+        let header = CommandHeader::of(event)?;
+        if event.metadata.source != self.commands_from {
+            return Err(HandlerError::Poison(format!(
+                "`{}` claims to come from {:?}; only {} sends commands here",
+                event.event_type, event.metadata.source, self.commands_from
+            )));
+        }
+        if header.reply_to != self.replies_on {
+            return Err(HandlerError::Poison(format!(
+                "`{}` asks for its reply on {:?}; {} replies only on {}",
+                event.event_type, header.reply_to, self.source, self.replies_on
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl<P: Participant> Handler for Participates<P> {
     fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            // A command without a saga header is poison before anything is done.
-            let header = CommandHeader::of(event)?;
-            if event.metadata.source != self.commands_from {
-                return Err(HandlerError::Poison(format!(
-                    "`{}` claims to come from {:?}; only {} sends commands here",
-                    event.event_type, event.metadata.source, self.commands_from
-                )));
-            }
-            if header.reply_to != self.replies_on {
-                return Err(HandlerError::Poison(format!(
-                    "`{}` asks for its reply on {:?}; {} replies only on {}",
-                    event.event_type, header.reply_to, self.source, self.replies_on
-                )));
-            }
+            self.check(event)?;
             let verdict = self.participant.act(tx, event).await?;
             answer(tx, event, self.source, verdict).await
+        })
+    }
+
+    /// Tells the orchestrator that the command will never be done, unless the command would
+    /// have been refused unread (a forged one must not stop a saga).
+    fn dead<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        event: &'a Envelope,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            if self.check(event).is_err() {
+                return Ok(());
+            }
+            let why = format!("{} gave up on `{}`: {reason}", self.source, event.event_type);
+            answer(tx, event, self.source, Verdict::GaveUp(why)).await
         })
     }
 }
@@ -480,6 +515,11 @@ impl<F: SagaFlow> SagaEngine<F> {
         let step = step.step;
         metrics::counter!("bazaar_saga_replies_total", "saga" => self.flow.kind(), "ok" => reply.ok.to_string())
             .increment(1);
+        if reply.dead {
+            let reason = reply.reason.unwrap_or_else(|| "the participant gave up".into());
+            self.stick(tx, &mut state, &reply.step, &reason).await?;
+            return self.save(tx, &state).await;
+        }
         match (state.status, reply.ok) {
             (SagaStatus::Running, true) => {
                 self.flow.record(step, &mut state.context, reply.data).map_err(|e| {
@@ -610,13 +650,30 @@ impl<F: SagaFlow> SagaEngine<F> {
             state.attempts = 0;
             self.advance(tx, state, None).await?;
         } else {
-            history(tx, &state.id, name, "compensation kept failing; stuck").await?;
-            state.status = SagaStatus::Stuck;
-            state.deadline = None;
-            metrics::counter!("bazaar_saga_stuck_total", "saga" => self.flow.kind()).increment(1);
-            self.flow.finished(tx, state).await?;
+            self.stick(tx, state, name, "compensation kept failing").await?;
         }
         Ok(())
+    }
+
+    /// Stops `state` as stuck at `step` for `reason`, until an operator retries it.
+    async fn stick(
+        &self,
+        tx: &mut Tx,
+        state: &mut SagaState<F::Context>,
+        step: &str,
+        reason: &str,
+    ) -> Result<(), HandlerError> {
+        history(tx, &state.id, step, &format!("{reason}; stuck")).await?;
+        // Why it was compensating, if it was, and why it stopped.
+        let stopped = format!("{step}: {reason}");
+        state.error = Some(match state.error.take() {
+            Some(cause) => format!("{cause}; then {stopped}"),
+            None => stopped,
+        });
+        state.status = SagaStatus::Stuck;
+        state.deadline = None;
+        metrics::counter!("bazaar_saga_stuck_total", "saga" => self.flow.kind()).increment(1);
+        self.flow.finished(tx, state).await
     }
 
     /// Puts a stuck saga back to compensating with fresh attempts (an operator's action).

@@ -71,6 +71,17 @@ pub enum StoreError {
     /// A stored value could not be read back (a bug or a hand-edited row).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// Every connection of the pool stayed busy past the wait: the role needs a larger pool
+    /// (`--store-pool`) or the server is slow.
+    #[error("{owner}: all {size} connections to PostgreSQL stayed busy for {waited:?} (raise --store-pool, or see what holds them)")]
+    PoolExhausted {
+        /// Whose pool (the role).
+        owner: String,
+        /// Its size.
+        size: u32,
+        /// How long the statement waited for a connection.
+        waited: Duration,
+    },
 }
 
 impl StoreError {
@@ -82,7 +93,7 @@ impl StoreError {
         match self {
             StoreError::Database(e) => is_busy(e),
             StoreError::Sqlite(e) => crate::sqlite::is_busy(e),
-            StoreError::WriterBusy(_) => true,
+            StoreError::WriterBusy(_) | StoreError::PoolExhausted { .. } => true,
             _ => false,
         }
     }
@@ -206,6 +217,39 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
+/// How a store connects to PostgreSQL (SQLite ignores it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// Whose store this is (a role's name), named by errors.
+    pub owner: String,
+    /// Most connections the pool opens: every instance of every role counts against the
+    /// server's `max_connections` (100 by default).
+    pub size: u32,
+    /// How long a statement waits for a free connection before it fails.
+    pub wait: Duration,
+}
+
+impl PoolOptions {
+    /// Connections for a store whose owner does not say: enough for a tool (the audit), few
+    /// enough to leave the server's connections to the roles.
+    pub const DEFAULT_SIZE: u32 = 4;
+
+    /// `size` connections for `owner`, waiting up to 10 s for one.
+    pub fn new(owner: impl Into<String>, size: u32) -> PoolOptions {
+        PoolOptions {
+            owner: owner.into(),
+            size,
+            wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for PoolOptions {
+    fn default() -> PoolOptions {
+        PoolOptions::new("bazaar", PoolOptions::DEFAULT_SIZE)
+    }
+}
+
 impl Migration {
     /// A migration whose SQL runs unchanged on both engines.
     pub const fn new(version: i64, name: &'static str, sql: &'static str) -> Self {
@@ -226,7 +270,14 @@ pub struct Store {
 #[derive(Debug, Clone)]
 enum Engine {
     Sqlite(Arc<SqliteFile>),
-    Postgres(PgPool),
+    Postgres(Arc<PgStore>),
+}
+
+/// A PostgreSQL pool and whose it is, for errors that name them.
+#[derive(Debug)]
+struct PgStore {
+    pool: PgPool,
+    options: PoolOptions,
 }
 
 /// One SQLite file: the writer every transaction queues for, and idle readers.
@@ -299,7 +350,13 @@ impl Target<'_> {
                     let mut conn = file.writer().await?;
                     Ok(sqlite::retry_busy(|| sqlite_execute(&mut conn, &q)).await?)
                 }
-                Engine::Postgres(pool) => Ok(Done::new(pg_query(&q).execute(pool).await?.rows_affected())),
+                Engine::Postgres(pg) => Ok(Done::new(
+                    pg_query(&q)
+                        .execute(&pg.pool)
+                        .await
+                        .map_err(|e| pg.error(e))?
+                        .rows_affected(),
+                )),
             },
             Target::Tx(tx) => match &mut tx.inner {
                 TxInner::Sqlite(conn) => Ok(sqlite_execute(conn, &q)?),
@@ -323,7 +380,9 @@ impl Target<'_> {
                         Ok(sqlite::retry_busy(|| sqlite_fetch(&mut conn, &q)).await?)
                     }
                 },
-                Engine::Postgres(pool) => pg_rows(pg_query(&q).fetch(pool)).await,
+                Engine::Postgres(pg) => pg_rows(pg_query(&q).fetch(&pg.pool))
+                    .await
+                    .map_err(|e| pg.store_error(e)),
             },
             Target::Tx(tx) => match &mut tx.inner {
                 TxInner::Sqlite(conn) => Ok(sqlite_fetch(conn, &q)?),
@@ -470,8 +529,14 @@ async fn pg_rows<'e>(
 }
 
 impl Store {
-    /// Opens (creating when needed) the store named by `url`.
+    /// Opens (creating when needed) the store named by `url`, with the default pool.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Store::open_with(url, PoolOptions::default()).await
+    }
+
+    /// Opens (creating when needed) the store named by `url`; `pool` says how it connects
+    /// to PostgreSQL.
+    pub async fn open_with(url: &str, pool: PoolOptions) -> Result<Store, StoreError> {
         let parsed: StoreUrl = url.parse()?;
         let engine = match parsed.dialect {
             Dialect::Sqlite => {
@@ -487,13 +552,18 @@ impl Store {
                     readers: Mutex::new(Vec::new()),
                 }))
             }
-            Dialect::Postgres => Engine::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(8)
-                    .acquire_timeout(Duration::from_secs(30))
+            Dialect::Postgres => {
+                let connected = PgPoolOptions::new()
+                    .max_connections(pool.size.max(1))
+                    .acquire_timeout(pool.wait)
                     .connect(&parsed.url)
-                    .await?,
-            ),
+                    .await;
+                let pool_of = |e| PgStore::exhausted(&pool, e);
+                Engine::Postgres(Arc::new(PgStore {
+                    pool: connected.map_err(pool_of)?,
+                    options: pool,
+                }))
+            }
         };
         Ok(Store { engine })
     }
@@ -517,7 +587,7 @@ impl Store {
                 sqlite::retry_busy(move || writer.execute_batch("BEGIN IMMEDIATE")).await?;
                 TxInner::Sqlite(conn)
             }
-            Engine::Postgres(pool) => TxInner::Postgres(pool.begin().await?),
+            Engine::Postgres(pg) => TxInner::Postgres(pg.pool.begin().await.map_err(|e| pg.error(e))?),
         };
         Ok(Tx { inner })
     }
@@ -578,7 +648,7 @@ impl Store {
     pub async fn close(&self) {
         match &self.engine {
             Engine::Sqlite(file) => file.readers.lock().unwrap_or_else(PoisonError::into_inner).clear(),
-            Engine::Postgres(pool) => pool.close().await,
+            Engine::Postgres(pg) => pg.pool.close().await,
         }
     }
 }
@@ -650,6 +720,32 @@ impl Drop for Tx {
             if !conn.is_autocommit() {
                 let _ = conn.execute_batch("ROLLBACK");
             }
+        }
+    }
+}
+
+impl PgStore {
+    /// `e` as a store error that names the pool when no connection came free.
+    fn error(&self, e: sqlx::Error) -> StoreError {
+        PgStore::exhausted(&self.options, e)
+    }
+
+    /// As [`PgStore::error`], for an error already wrapped.
+    fn store_error(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Database(e) => self.error(e),
+            other => other,
+        }
+    }
+
+    fn exhausted(options: &PoolOptions, e: sqlx::Error) -> StoreError {
+        match e {
+            sqlx::Error::PoolTimedOut => StoreError::PoolExhausted {
+                owner: options.owner.clone(),
+                size: options.size,
+                waited: options.wait,
+            },
+            other => StoreError::Database(other),
         }
     }
 }

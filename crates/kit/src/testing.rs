@@ -180,6 +180,7 @@ impl TestRole {
         let config = RoleConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             store_url: store.url.clone(),
+            store_pool: 4,
             broker_url: format!("sqlite://{}", bus.path().join("bus.db").display()),
             tokens: Verifier::fixed(trusted),
             drain_delay: std::time::Duration::ZERO,

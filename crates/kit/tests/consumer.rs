@@ -407,3 +407,92 @@ async fn on_postgres_a_batch_handles_aggregates_side_by_side_and_each_ones_event
     sink.close().await;
     db.drop_database().await;
 }
+
+/// A participant whose every attempt fails as a refused write would.
+struct Refusing;
+
+impl bazaar_kit::saga::Participant for Refusing {
+    fn act<'a>(
+        &'a self,
+        _tx: &'a mut Tx,
+        _command: &'a Envelope,
+    ) -> BoxFuture<'a, Result<bazaar_kit::saga::Verdict, HandlerError>> {
+        Box::pin(async {
+            Err(HandlerError::Transient(
+                "violates check constraint \"product_check\"".into(),
+            ))
+        })
+    }
+}
+
+/// A saga command for step `step` of saga `saga`, claiming to come from `source`.
+fn saga_command(saga: &str, step: &str, source: &str) -> Envelope {
+    let header = bazaar_kit::saga::CommandHeader {
+        saga_id: saga.into(),
+        step: step.into(),
+        compensation: false,
+        reply_to: "replies".into(),
+        reply_type: "saga.reply".into(),
+    };
+    let metadata = Metadata {
+        source: source.into(),
+        ..Metadata::default()
+    };
+    Envelope::new(
+        "stock.commit",
+        saga,
+        serde_json::to_value(header).expect("a header"),
+        metadata,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_fails_every_attempt_tells_its_saga_that_it_was_given_up() {
+    let f = fixture().await;
+    let given_up = saga_command("s1", "commitStock", "orders");
+    let forged = saga_command("s2", "commitStock", "mallory");
+    for command in [&given_up, &forged] {
+        f.broker
+            .publish(&f.topic, &command.event_id.to_string(), Bytes::from(command.to_vec()))
+            .await
+            .expect("publish");
+    }
+    let (stop, shut) = shutdown::channel();
+    let participant = bazaar_kit::saga::Participates {
+        source: "inventory",
+        commands_from: "orders",
+        replies_on: "replies",
+        participant: Refusing,
+    };
+    consumer::spawn(
+        Outbox::new(f.sink.clone()),
+        f.broker.clone(),
+        config(&f.topic, 2),
+        Arc::new(participant),
+        shut,
+    );
+
+    dead_letters(&f.broker, &f.topic, 2).await;
+    let replies: Vec<Envelope> = store::query("SELECT body FROM outbox WHERE topic = 'replies'")
+        .fetch_all(&f.sink)
+        .await
+        .expect("the outbox")
+        .iter()
+        .map(|r| Envelope::from_slice(r.try_get::<String, _>(0).expect("a body").as_bytes()).expect("an envelope"))
+        .collect();
+    assert_eq!(
+        replies.len(),
+        1,
+        "one reply, and none to the forged command: {replies:?}"
+    );
+    let reply: bazaar_kit::saga::SagaReply = replies[0].payload_as().expect("a saga reply");
+    assert_eq!((reply.saga_id.as_str(), reply.step.as_str()), ("s1", "commitStock"));
+    assert!(!reply.ok && reply.dead, "{reply:?}");
+    let reason = reply.reason.expect("a reason");
+    assert!(
+        reason.contains("product_check") && reason.contains("gave up after 2 attempts"),
+        "{reason}"
+    );
+    assert_eq!(replies[0].metadata.causation_id, Some(given_up.event_id.to_string()));
+    stop.trigger();
+}

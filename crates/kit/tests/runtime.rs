@@ -104,6 +104,7 @@ fn role_config(dir: &std::path::Path, mesh: Option<Arc<Tls>>) -> RoleConfig {
     RoleConfig {
         listen: ([127, 0, 0, 1], 0).into(),
         store_url: format!("sqlite://{}/role.db", dir.display()),
+        store_pool: 4,
         broker_url: format!("sqlite://{}/bus.db", dir.display()),
         tokens: bazaar_kit::auth::Verifier::fixed(Default::default()),
         drain_delay: std::time::Duration::ZERO,

@@ -672,6 +672,45 @@ async fn failing_compensation_is_retried_then_stuck(db: &Db) {
     );
 }
 
+/// A participant that gave up on a command (dead-lettered it after every attempt failed)
+/// stops the saga as stuck with its reason, whether it was going forward or compensating;
+/// nothing is resent until an operator retries it.
+async fn a_command_given_up_stops_the_saga_as_stuck_with_the_reason(db: &Db) {
+    let o = Orchestrator::open(db).await;
+    for (id, compensating) in [("s10", false), ("s11", true)] {
+        o.start(id).await;
+        let a = o.last_command(id).await;
+        o.answer(&a, Ok(json!({}))).await;
+        let b = o.last_command(id).await;
+        let given_up = if compensating {
+            o.answer(&b, Err("declined".into())).await;
+            o.last_command(id).await
+        } else {
+            b
+        };
+        let reason = "inventory gave up: violates check constraint";
+        let (_, reply) = given_up
+            .header
+            .reply(&given_up.envelope, "participant", Verdict::GaveUp(reason.into()))
+            .expect("an answer now");
+        o.deliver(&reply).await;
+
+        let saga = o.state(id).await;
+        assert_eq!(saga.status, SagaStatus::Stuck, "{id}");
+        assert_eq!(saga.deadline, None, "{id}");
+        let error = saga.error.expect("a stuck saga says why");
+        assert!(
+            error.contains(reason) && error.contains(&given_up.header.step),
+            "{id}: {error}"
+        );
+        assert_eq!(o.finished(id).await, ["stuck"], "{id}");
+        let sent = o.sent(id).await;
+        o.expire(id).await;
+        assert_eq!(o.tick().await, 0, "{id}: a stuck saga resends nothing");
+        assert_eq!(o.sent(id).await, sent, "{id}");
+    }
+}
+
 /// Killing the orchestrator at any point loses nothing: an uncommitted reply is as if never
 /// received, and a new process resends what was awaited when the deadline passes.
 async fn killed_orchestrator_resumes_from_its_store(db: &Db) {
@@ -902,6 +941,7 @@ saga_cases!(
     duplicate_and_late_replies_change_nothing,
     silent_step_is_resent_then_compensated,
     failing_compensation_is_retried_then_stuck,
+    a_command_given_up_stops_the_saga_as_stuck_with_the_reason,
     killed_orchestrator_resumes_from_its_store,
     one_broken_saga_does_not_stall_the_timer,
     many_concurrent_sagas_settle,

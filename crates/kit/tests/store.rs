@@ -369,3 +369,36 @@ impl Broker for CountingBroker {
         "counting"
     }
 }
+
+/// A role whose every PostgreSQL connection is held is told so, by name, within its wait,
+/// instead of hanging or failing with a bare "pool timed out".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_with_no_free_connection_says_whose_it_is_and_how_large() {
+    run(TestDb::postgres("bazaar_test").await, |db| async move {
+        let mut pool = store::PoolOptions::new("orders", 1);
+        pool.wait = Duration::from_millis(200);
+        let store = Store::open_with(&db.url, pool).await.expect("open");
+        let held = store.begin().await.expect("the one connection");
+        let started = Instant::now();
+        let error = store::query("SELECT 1")
+            .fetch_all(&store)
+            .await
+            .expect_err("no connection is free");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited {:?}",
+            started.elapsed()
+        );
+        let text = error.to_string();
+        assert!(
+            text.contains("orders") && text.contains("all 1 connections") && text.contains("--store-pool"),
+            "{text}"
+        );
+        assert!(error.is_busy(), "worth retrying: {text}");
+        let error = store.begin().await.expect_err("no connection for a transaction either");
+        assert!(error.to_string().contains("orders"), "{error}");
+        drop(held);
+        store.close().await;
+    })
+    .await;
+}
