@@ -336,9 +336,15 @@ impl System {
 
     /// SIGKILLs role `name`'s process; false when it was not running (being restarted).
     pub fn kill9(&self, name: &str) -> bool {
+        self.signal(name, "KILL")
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`…) to role `name`'s process; false when it was
+    /// not running.
+    pub fn signal(&self, name: &str, signal: &str) -> bool {
         self.pid(name).is_some_and(|pid| {
             std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
+                .args([&format!("-{signal}"), &pid.to_string()])
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success())

@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bazaar_drain::{Drain, DrainWatcher, Requests};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
@@ -141,7 +141,7 @@ async fn accept_loop(
     role: Role,
     workers: Option<Workers>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     let cap = match role {
         Role::Proxy => MAX_PROXY_CONNECTIONS,
         Role::Admin => MAX_ADMIN_CONNECTIONS,
@@ -182,7 +182,7 @@ async fn accept_loop(
         };
         let Ok(local) = stream.local_addr() else { continue };
         let _ = stream.set_nodelay(true);
-        let watcher = graceful.watcher();
+        let watcher = drain.watcher();
         let shared = shared.clone();
         match (role, &workers) {
             (Role::Proxy, Some(workers)) => {
@@ -209,7 +209,7 @@ async fn accept_loop(
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN_DEADLINE, drain.shutdown()).await.is_err() {
         tracing::warn!("drain deadline passed; closing remaining connections");
     }
     if let Some(workers) = workers {
@@ -225,13 +225,16 @@ async fn serve_connection(
     shared: Arc<Shared>,
     role: Role,
     slot: OwnedSemaphorePermit,
-    watcher: Watcher,
+    watcher: DrainWatcher,
 ) {
     let _slot = slot;
     let _active = (role == Role::Proxy).then(|| CountGuard::new(&shared.stats.connections_active));
     let for_requests = shared.clone();
     let ends = proxy::Connection::new(peer, local);
+    let requests = Requests::default();
+    let begun = requests.clone();
     let service = service_fn(move |request| {
+        begun.begin();
         let shared = for_requests.clone();
         let ends = ends.clone();
         async move {
@@ -253,7 +256,7 @@ async fn serve_connection(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service);
-    if let Err(error) = watcher.watch(connection).await {
+    if let Err(error) = watcher.watch(connection, requests).await {
         tracing::debug!(%error, %peer, "connection ended with an error");
     }
 }

@@ -511,26 +511,31 @@ pub async fn serve_plain(
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use tower::ServiceExt;
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let drain = bazaar_drain::Drain::new();
     let builder = connection_builder();
     let cap = ConnectionCap::new(MAX_CONNECTIONS, name);
     tokio::pin!(stop);
     while let Some((slot, stream, peer)) = cap.accept(&listener, &mut stop).await {
         let router = router.clone();
+        let requests = bazaar_drain::Requests::default();
+        let begun = requests.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            begun.begin();
             router.clone().oneshot(request.map(axum::body::Body::new))
         });
-        let connection = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
-        let watched = graceful.watch(connection.into_owned());
+        let connection = builder
+            .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+            .into_owned();
+        let watcher = drain.watcher();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = watched.await {
+            if let Err(e) = watcher.watch(connection, requests).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(CLOSE_LIMIT, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(CLOSE_LIMIT, drain.shutdown()).await.is_err() {
         tracing::warn!(
             listener = name,
             "connections still open after {CLOSE_LIMIT:?}; leaving them to the exit"

@@ -9,7 +9,8 @@
 //! - [`consumer`]: runs a handler over a subscription: inbox, retries, dead letters.
 //! - [`saga`]: the durable orchestrated saga engine.
 //! - [`http`], [`health`], [`auth`], [`telemetry`]: what every role's HTTP side shares;
-//!   [`otlp`] exports traces when a collector is configured.
+//!   `bazaar_drain` stops a listener without leaving a request unanswered; [`otlp`]
+//!   exports traces when a collector is configured.
 //! - [`resilience`]: circuit breaker and jittered backoff for calls that can cascade.
 //! - [`client`]: the one outbound HTTP client stack (timeout, retry budget, breaker, bulkhead).
 //! - [`service`]: what a service is (name, tables, topics, routes), for the role table.

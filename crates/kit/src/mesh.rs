@@ -708,7 +708,7 @@ pub async fn serve_mtls(
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use tower::ServiceExt;
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let drain = bazaar_drain::Drain::new();
     let connections = tokio_util::task::TaskTracker::new();
     // A client that never finishes its request head is cut, as one that never finishes the
     // handshake is; past the cap, new connections wait in the backlog.
@@ -717,7 +717,7 @@ pub async fn serve_mtls(
     tokio::pin!(stop);
     while let Some((slot, stream, peer)) = cap.accept(&listener, &mut stop).await {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-        let (router, builder, watcher) = (router.clone(), builder.clone(), graceful.watcher());
+        let (router, builder, watcher) = (router.clone(), builder.clone(), drain.watcher());
         connections.spawn(async move {
             let _slot = slot;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -738,18 +738,21 @@ pub async fn serve_mtls(
                 return;
             };
             let caller = PeerIdentity(identity);
+            let requests = bazaar_drain::Requests::default();
+            let begun = requests.clone();
             let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                begun.begin();
                 request.extensions_mut().insert(caller.clone());
                 router.clone().oneshot(request.map(axum::body::Body::new))
             });
             let connection = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
+            if let Err(e) = watcher.watch(connection.into_owned(), requests).await {
                 tracing::debug!(%peer, error = %e, "mesh: connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(CLOSE_LIMIT, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(CLOSE_LIMIT, drain.shutdown()).await.is_err() {
         tracing::warn!("mesh: connections still open after {CLOSE_LIMIT:?}; leaving them to the exit");
     }
     connections.close();

@@ -405,7 +405,9 @@ fn sqlite_text(sql: &str) -> &str {
     const CLAUSE: &str = "FOR UPDATE";
     let trimmed = sql.trim_end();
     match trimmed.len().checked_sub(CLAUSE.len()) {
-        Some(at) if trimmed.is_char_boundary(at) && trimmed[at..].eq_ignore_ascii_case(CLAUSE) => &trimmed[..at],
+        Some(at) if trimmed.is_char_boundary(at) && trimmed[at..].eq_ignore_ascii_case(CLAUSE) => {
+            trimmed[..at].trim_end()
+        }
         _ => sql,
     }
 }

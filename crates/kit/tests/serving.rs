@@ -76,3 +76,37 @@ async fn a_client_that_never_sends_its_head_is_cut_at_the_header_timeout() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+/// A service being stopped (replaced by a rollout) answers a request on every connection it
+/// accepted, even one whose request arrives just after the stop began: a client that opens a
+/// connection per request (curl, urllib) must not see it closed without a response.
+#[tokio::test]
+async fn a_request_on_a_connection_accepted_before_the_stop_is_answered() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = bazaar_kit::http::finish(Router::new().route("/ok", axum::routing::get(|| async { "ok" })));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(bazaar_kit::http::serve_plain(listener, router, "test", async {
+        let _ = stopped.await;
+    }));
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Accepted, then the stop begins before the request is sent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = stop.send(());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    socket
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .expect("the connection is still open");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer))
+        .await
+        .expect("the connection ends after its answer")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+        "answered {answer:?}"
+    );
+    server.await.unwrap().unwrap();
+}

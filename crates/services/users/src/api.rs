@@ -494,7 +494,7 @@ async fn open_account(
     let updated = store::query(
         "UPDATE users SET verified_at = $1, code_hash = NULL, code_expires_at = NULL
          WHERE id = $2 AND verified_at IS NULL
-           AND ($3 = 0 OR (password_hash = $4 AND code_hash = $5 AND code_failures < $6 AND code_expires_at > $1))",
+           AND ($3 = 0 OR (password_hash = $4 AND code_hash = $5 AND code_failures <= $6 AND code_expires_at > $1))",
     )
     .bind(now)
     .bind(&id)
@@ -690,16 +690,19 @@ async fn confirm(
         let id: String = row.try_get("id")?;
         let now = now_millis();
         let stored: Option<String> = row.try_get("code_hash")?;
-        let live = row
-            .try_get::<Option<i64>, _>("code_expires_at")?
-            .is_some_and(|t| t > now)
-            && row.try_get::<i64, _>("code_failures")? < verification::GUESSES;
-        if !live || stored.as_deref() != Some(verification::code_hash(&body.code).as_str()) {
-            // Count the guess against the code (a live one dies after five), not the password.
-            store::query("UPDATE users SET code_failures = code_failures + 1 WHERE id = $1 AND verified_at IS NULL")
-                .bind(&id)
-                .execute(&users.rt.store)
-                .await?;
+        // Every guess spends one of the code's five before it is compared, conditional on one
+        // being left and the code alive: guesses sent at once (to any replica) each spend
+        // their own, so no more than five are ever compared against one code.
+        let spent = store::query(
+            "UPDATE users SET code_failures = code_failures + 1
+             WHERE id = $1 AND verified_at IS NULL AND code_failures < $2 AND code_expires_at > $3",
+        )
+        .bind(&id)
+        .bind(verification::GUESSES)
+        .bind(now)
+        .execute(&users.rt.store)
+        .await?;
+        if spent.rows_affected() == 0 || stored.as_deref() != Some(verification::code_hash(&body.code).as_str()) {
             attempt.matched(false);
             return Err(refused());
         }

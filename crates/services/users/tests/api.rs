@@ -255,6 +255,34 @@ async fn a_code_dies_after_five_wrong_guesses() {
 }
 
 #[tokio::test]
+async fn guesses_sent_at_once_never_compare_more_than_five_against_a_code() {
+    let users = start().await;
+    users
+        .post_user(registration("ann@example.com", "Ann", PASSWORD, None))
+        .await
+        .expect(StatusCode::ACCEPTED);
+    let code = users.code_for("ann@example.com").await.unwrap();
+    let wrong = format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
+    for _ in 0..4 {
+        users
+            .confirm("ann@example.com", PASSWORD, &wrong)
+            .await
+            .problem(StatusCode::UNAUTHORIZED);
+    }
+    // The fifth and a sixth at once: both read four guesses spent, only one may be compared.
+    futures_util::future::join(
+        users.confirm("ann@example.com", PASSWORD, &wrong),
+        users.confirm("ann@example.com", PASSWORD, &wrong),
+    )
+    .await;
+    let spent: i64 = bazaar_kit::store::query("SELECT code_failures FROM users WHERE email = 'ann@example.com'")
+        .fetch_scalar(&users.rt.store)
+        .await
+        .expect("the account");
+    assert_eq!(spent, 5, "guesses compared against the code");
+}
+
+#[tokio::test]
 async fn an_address_is_sent_at_most_three_codes_an_hour() {
     let users = start().await;
     for _ in 0..5 {
