@@ -72,7 +72,9 @@ impl Sources {
                     );
                 }
             }
-            let store = Store::open(&url)
+            // Two connections a store: the audit reads one query at a time.
+            let pool = bazaar_kit::store::PoolOptions::new(format!("audit of {}", spec.name), 2);
+            let store = Store::open_with(&url, pool)
                 .await
                 .with_context(|| format!("{} store", spec.name))?;
             all.push((spec, store));

@@ -1070,7 +1070,7 @@ mod tests {
         assert_eq!(s.store_pool(orders).unwrap(), SERVICE_CONNECTIONS);
         s.layout = Some("2".into());
         assert_eq!(s.store_pool(orders).unwrap(), SERVICE_CONNECTIONS / 2);
-        s.layout = Some("orders=9".into());
+        s.layout = Some("orders=8".into());
         assert_eq!(s.store_pool(orders).unwrap(), 2, "never fewer than two");
         s.store_pool = Some(5);
         assert_eq!(s.store_pool(orders).unwrap(), 5, "the flag wins");

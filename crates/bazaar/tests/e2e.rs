@@ -1538,8 +1538,44 @@ async fn roll_under_strict_load(sys: &System, shop: &Shop) -> (std::process::Out
     .await
 }
 
-/// Runs `during` while a strict client (no retries) browses and places orders as Ann;
-/// returns what `during` gave, the failed requests, and the orders placed.
+/// Workers of [`under_strict_load`]; those from [`FRESH_WORKERS`] on open a new connection for
+/// every request, as curl or Python's urllib do.
+const LOAD_WORKERS: usize = 5;
+/// See [`LOAD_WORKERS`].
+const FRESH_WORKERS: usize = 3;
+
+/// Clients of [`under_strict_load`] that wait between connecting and sending.
+const DAWDLERS: usize = 3;
+
+/// `GET path` from the gateway on a new connection, sent 50 ms after connecting; an error
+/// unless answered 200.
+async fn dawdling_get(port: u16, path: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n\r\n");
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+        .await
+        .map_err(|_| "no answer in 10 s".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    let head = String::from_utf8_lossy(&answer[..answer.len().min(40)]).to_string();
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("answered {head:?} ({} bytes)", answer.len()))
+    }
+}
+
+/// Runs `during` while strict clients (no retries) browse and place orders as Ann, some on
+/// kept-alive connections and some on a new connection per request; returns what `during`
+/// gave, the failed requests, and the orders placed.
 async fn under_strict_load<T>(
     sys: &System,
     shop: &Shop,
@@ -1548,8 +1584,14 @@ async fn under_strict_load<T>(
     let rolling = std::sync::atomic::AtomicBool::new(true);
     let failures = std::sync::Mutex::new(Vec::new());
     let placed = std::sync::Mutex::new(Vec::new());
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
     let load = |worker: usize| {
         let (rolling, failures, placed) = (&rolling, &failures, &placed);
+        let client = if worker >= FRESH_WORKERS { &fresh } else { &sys.client };
         async move {
             let mut n = 0;
             while rolling.load(std::sync::atomic::Ordering::SeqCst) {
@@ -1557,9 +1599,9 @@ async fn under_strict_load<T>(
                 // Orders are bounded (the rollout may take a while on a loaded machine);
                 // browsing goes on to the end.
                 let result = if worker == 0 || n > 150 {
-                    sys.client.get(sys.api("/products")).send().await
+                    client.get(sys.api("/products")).send().await
                 } else {
-                    sys.client
+                    client
                         .post(sys.api("/orders"))
                         .bearer_auth(&shop.ann)
                         .header("idempotency-key", format!("roll-{}-{worker}-{n}", uuid::Uuid::now_v7()))
@@ -1581,9 +1623,24 @@ async fn under_strict_load<T>(
                         let body = r.text().await.unwrap_or_default();
                         failures.lock().expect("lock").push(format!("{status} {body}"));
                     }
-                    Err(e) => failures.lock().expect("lock").push(e.to_string()),
+                    Err(e) => failures.lock().expect("lock").push(format!("worker {worker}: {e:?}")),
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // All of them, and the dawdlers, stay under the gateway's 200 a second per
+                // client.
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        }
+    };
+    // Clients slow to send once connected (Python's http.client builds its request after
+    // connecting): a stop that lands between their connect and their request must still
+    // answer it.
+    let dawdle = |_: usize| {
+        let (rolling, failures) = (&rolling, &failures);
+        async move {
+            while rolling.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Err(e) = dawdling_get(sys.base(), "/api/v1/products").await {
+                    failures.lock().expect("lock").push(format!("dawdler: {e}"));
+                }
             }
         }
     };
@@ -1593,7 +1650,11 @@ async fn under_strict_load<T>(
         rolling.store(false, std::sync::atomic::Ordering::SeqCst);
         out
     };
-    let (_, out) = tokio::join!(futures_util::future::join_all((0..3).map(load)), roll);
+    let clients = futures_util::future::join(
+        futures_util::future::join_all((0..LOAD_WORKERS).map(load)),
+        futures_util::future::join_all((0..DAWDLERS).map(dawdle)),
+    );
+    let (_, out) = tokio::join!(clients, roll);
     (
         out,
         failures.into_inner().expect("lock"),

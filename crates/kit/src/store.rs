@@ -82,6 +82,14 @@ pub enum StoreError {
         /// How long the statement waited for a connection.
         waited: Duration,
     },
+    /// No connection to PostgreSQL could be opened in time when the store was opened.
+    #[error("{owner}: could not open a connection to PostgreSQL in {waited:?} (is the server up, with connections to spare? its max_connections is shared by every role and tool)")]
+    Unreachable {
+        /// Whose store (the role).
+        owner: String,
+        /// How long it tried.
+        waited: Duration,
+    },
 }
 
 impl StoreError {
@@ -93,7 +101,7 @@ impl StoreError {
         match self {
             StoreError::Database(e) => is_busy(e),
             StoreError::Sqlite(e) => crate::sqlite::is_busy(e),
-            StoreError::WriterBusy(_) | StoreError::PoolExhausted { .. } => true,
+            StoreError::WriterBusy(_) | StoreError::PoolExhausted { .. } | StoreError::Unreachable { .. } => true,
             _ => false,
         }
     }
@@ -560,9 +568,15 @@ impl Store {
                     .acquire_timeout(pool.wait)
                     .connect(&parsed.url)
                     .await;
-                let pool_of = |e| PgStore::exhausted(&pool, e);
+                let unreachable = |e| match e {
+                    sqlx::Error::PoolTimedOut => StoreError::Unreachable {
+                        owner: pool.owner.clone(),
+                        waited: pool.wait,
+                    },
+                    other => StoreError::Database(other),
+                };
                 Engine::Postgres(Arc::new(PgStore {
-                    pool: connected.map_err(pool_of)?,
+                    pool: connected.map_err(unreachable)?,
                     options: pool,
                 }))
             }
@@ -729,7 +743,14 @@ impl Drop for Tx {
 impl PgStore {
     /// `e` as a store error that names the pool when no connection came free.
     fn error(&self, e: sqlx::Error) -> StoreError {
-        PgStore::exhausted(&self.options, e)
+        match e {
+            sqlx::Error::PoolTimedOut => StoreError::PoolExhausted {
+                owner: self.options.owner.clone(),
+                size: self.options.size,
+                waited: self.options.wait,
+            },
+            other => StoreError::Database(other),
+        }
     }
 
     /// As [`PgStore::error`], for an error already wrapped.
@@ -737,17 +758,6 @@ impl PgStore {
         match e {
             StoreError::Database(e) => self.error(e),
             other => other,
-        }
-    }
-
-    fn exhausted(options: &PoolOptions, e: sqlx::Error) -> StoreError {
-        match e {
-            sqlx::Error::PoolTimedOut => StoreError::PoolExhausted {
-                owner: options.owner.clone(),
-                size: options.size,
-                waited: options.wait,
-            },
-            other => StoreError::Database(other),
         }
     }
 }
