@@ -312,9 +312,13 @@ impl Runner {
         }
     }
 
-    /// Runs the handler's [`Handler::dead`] for `event` in a transaction of its own.
+    /// Runs the handler's [`Handler::dead`] for `event` in a transaction of its own, unless
+    /// the event was handled after all (a copy whose ack was lost ran out of attempts).
     async fn tell_dead(&self, event: &Envelope, reason: &str) -> Result<(), HandlerError> {
         let mut tx = self.outbox.store().begin().await?;
+        if inbox::seen(&mut tx, &self.config.group, &event.event_id.to_string()).await? {
+            return Ok(());
+        }
         self.handler.dead(&mut tx, event, reason).await?;
         self.outbox.commit(tx).await?;
         Ok(())

@@ -16,3 +16,15 @@ pub async fn record(tx: &mut Tx, group: &str, event_id: &str) -> Result<bool, St
         .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// True when `group` already handled `event_id` (committed), without recording anything.
+pub async fn seen(tx: &mut Tx, group: &str, event_id: &str) -> Result<bool, StoreError> {
+    Ok(
+        store::query("SELECT 1 AS one FROM inbox WHERE grp = $1 AND event_id = $2")
+            .bind(group)
+            .bind(event_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some(),
+    )
+}

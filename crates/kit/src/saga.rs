@@ -18,7 +18,9 @@
 //! order id), and a compensation arriving before its execute must leave a tombstone that
 //! makes the late execute fail. A failed compensation leaves the saga where it was, so its
 //! failure counts only for the latest send, once: a redelivered or late failure cannot move
-//! the retry.
+//! the retry. A participant that gave up on the latest send (dead-lettered it after every
+//! attempt failed, [`Verdict::GaveUp`]) turns a step that can be undone around, and stops
+//! the pivot or a compensation as `stuck` with its reason, rather than resending forever.
 
 use crate::store;
 use std::{fmt::Debug, sync::Arc, time::Duration};
@@ -306,7 +308,7 @@ pub trait Participant: Send + Sync + 'static {
 }
 
 /// Runs a [`Participant`] as a consumer handler: reads the command, acts, and replies in the
-/// same transaction. A command from anyone but the orchestrator, or one asking for its reply
+/// same transaction; when the command is dead-lettered, replies that it gave up. A command from anyone but the orchestrator, or one asking for its reply
 /// on another topic, is dead-lettered before anything is done: whoever could publish to the
 /// participant's topic must not steer it (nor make it publish where it may not).
 pub struct Participates<P> {
@@ -512,13 +514,12 @@ impl<F: SagaFlow> SagaEngine<F> {
                 step.participant
             )));
         }
+        let pivot = step.compensate.is_none();
         let step = step.step;
         metrics::counter!("bazaar_saga_replies_total", "saga" => self.flow.kind(), "ok" => reply.ok.to_string())
             .increment(1);
         if reply.dead {
-            let reason = reply.reason.unwrap_or_else(|| "the participant gave up".into());
-            self.stick(tx, &mut state, &reply.step, &reason).await?;
-            return self.save(tx, &state).await;
+            return self.given_up(tx, &mut state, event, reply, pivot).await;
         }
         match (state.status, reply.ok) {
             (SagaStatus::Running, true) => {
@@ -653,6 +654,42 @@ impl<F: SagaFlow> SagaEngine<F> {
             self.stick(tx, state, name, "compensation kept failing").await?;
         }
         Ok(())
+    }
+
+    /// Applies a participant's word that it gave up on the command it answers. Only the
+    /// latest send counts: an earlier copy's failure says nothing of a later one, and a
+    /// forged command (its own event id) cannot stop a saga. A forward step that can be undone
+    /// is compensated, itself included (an earlier copy may have acted); the pivot, or a
+    /// compensation, stops the saga as stuck with the reason, for an operator.
+    async fn given_up(
+        &self,
+        tx: &mut Tx,
+        state: &mut SagaState<F::Context>,
+        event: &Envelope,
+        reply: SagaReply,
+        pivot: bool,
+    ) -> Result<(), HandlerError> {
+        if event.metadata.causation_id.is_none() || event.metadata.causation_id != state.command_id {
+            history(
+                tx,
+                &state.id,
+                &reply.step,
+                "ignored a given-up reply to an earlier or unknown send",
+            )
+            .await?;
+            return Ok(());
+        }
+        let reason = reply.reason.unwrap_or_else(|| "the participant gave up".into());
+        if state.status == SagaStatus::Running && !pivot {
+            history(tx, &state.id, &reply.step, &format!("{reason}; compensating")).await?;
+            state.error = Some(format!("{}: {reason}", reply.step));
+            state.status = SagaStatus::Compensating;
+            state.attempts = 0;
+            self.advance(tx, state, Some(event)).await?;
+        } else {
+            self.stick(tx, state, &reply.step, &reason).await?;
+        }
+        self.save(tx, state).await
     }
 
     /// Stops `state` as stuck at `step` for `reason`, until an operator retries it.

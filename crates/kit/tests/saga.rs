@@ -672,35 +672,41 @@ async fn failing_compensation_is_retried_then_stuck(db: &Db) {
     );
 }
 
-/// A participant that gave up on a command (dead-lettered it after every attempt failed)
-/// stops the saga as stuck with its reason, whether it was going forward or compensating;
-/// nothing is resent until an operator retries it.
-async fn a_command_given_up_stops_the_saga_as_stuck_with_the_reason(db: &Db) {
+/// `participant` gave up on `command` (dead-lettered it after every attempt failed).
+fn given_up(command: &Command, reason: &str) -> Envelope {
+    command
+        .header
+        .reply(&command.envelope, "participant", Verdict::GaveUp(reason.into()))
+        .expect("an answer now")
+        .1
+}
+
+/// A participant that gave up on the pivot (C, nothing to undo) or on a compensation stops
+/// the saga as stuck with its reason; nothing is resent until an operator retries it.
+async fn a_pivot_or_compensation_given_up_stops_the_saga_as_stuck_with_the_reason(db: &Db) {
     let o = Orchestrator::open(db).await;
-    for (id, compensating) in [("s10", false), ("s11", true)] {
+    let reason = "participant gave up: violates check constraint";
+    for (id, pivot) in [("s10", true), ("s11", false)] {
         o.start(id).await;
         let a = o.last_command(id).await;
         o.answer(&a, Ok(json!({}))).await;
         let b = o.last_command(id).await;
-        let given_up = if compensating {
-            o.answer(&b, Err("declined".into())).await;
+        let dead = if pivot {
+            o.answer(&b, Ok(json!({}))).await;
             o.last_command(id).await
         } else {
-            b
+            o.answer(&b, Err("declined".into())).await;
+            o.last_command(id).await
         };
-        let reason = "inventory gave up: violates check constraint";
-        let (_, reply) = given_up
-            .header
-            .reply(&given_up.envelope, "participant", Verdict::GaveUp(reason.into()))
-            .expect("an answer now");
-        o.deliver(&reply).await;
+        assert_eq!(dead.event_type(), if pivot { "c.do" } else { "a.undo" }, "{id}");
+        o.deliver(&given_up(&dead, reason)).await;
 
         let saga = o.state(id).await;
         assert_eq!(saga.status, SagaStatus::Stuck, "{id}");
         assert_eq!(saga.deadline, None, "{id}");
         let error = saga.error.expect("a stuck saga says why");
         assert!(
-            error.contains(reason) && error.contains(&given_up.header.step),
+            error.contains(reason) && error.contains(&dead.header.step),
             "{id}: {error}"
         );
         assert_eq!(o.finished(id).await, ["stuck"], "{id}");
@@ -709,6 +715,41 @@ async fn a_command_given_up_stops_the_saga_as_stuck_with_the_reason(db: &Db) {
         assert_eq!(o.tick().await, 0, "{id}: a stuck saga resends nothing");
         assert_eq!(o.sent(id).await, sent, "{id}");
     }
+}
+
+/// A forward step its participant gave up on is undone, itself included (an earlier copy may
+/// have acted), and the saga compensates on its own; a given-up reply to an earlier send (or
+/// to a command the engine never sent) changes nothing.
+async fn a_forward_step_given_up_is_compensated_and_only_the_latest_send_counts(db: &Db) {
+    let o = Orchestrator::open(db).await;
+    o.start("s12").await;
+    let a = o.last_command("s12").await;
+    o.answer(&a, Ok(json!({}))).await;
+    let first = o.last_command("s12").await;
+    o.expire("s12").await;
+    assert_eq!(o.tick().await, 1, "B resent");
+    let second = o.last_command("s12").await;
+    assert_ne!(first.envelope.event_id, second.envelope.event_id);
+    let before = snapshot(&o.state("s12").await);
+    o.deliver(&given_up(&first, "gave up on the first copy")).await;
+    assert_eq!(
+        snapshot(&o.state("s12").await),
+        before,
+        "an earlier send's failure changes nothing"
+    );
+
+    o.deliver(&given_up(&second, "gave up: pool exhausted")).await;
+    let saga = o.state("s12").await;
+    assert_eq!(saga.status, SagaStatus::Compensating);
+    assert!(
+        saga.error.as_deref().is_some_and(|e| e.contains("pool exhausted")),
+        "{saga:?}"
+    );
+    assert_eq!(
+        o.last_command("s12").await.event_type(),
+        "b.undo",
+        "B itself is undone first"
+    );
 }
 
 /// Killing the orchestrator at any point loses nothing: an uncommitted reply is as if never
@@ -941,7 +982,8 @@ saga_cases!(
     duplicate_and_late_replies_change_nothing,
     silent_step_is_resent_then_compensated,
     failing_compensation_is_retried_then_stuck,
-    a_command_given_up_stops_the_saga_as_stuck_with_the_reason,
+    a_pivot_or_compensation_given_up_stops_the_saga_as_stuck_with_the_reason,
+    a_forward_step_given_up_is_compensated_and_only_the_latest_send_counts,
     killed_orchestrator_resumes_from_its_store,
     one_broken_saga_does_not_stall_the_timer,
     many_concurrent_sagas_settle,

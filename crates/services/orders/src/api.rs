@@ -214,7 +214,14 @@ async fn place(
     let now = now_millis();
     let lines = serde_json::to_string(&items).unwrap_or_default();
     let mut tx = store.begin().await?;
-    orders.admission.within_quota(&mut tx, &user.sub).await?;
+    if let Err(over) = orders.admission.within_quota(&mut tx, &user.sub).await {
+        // A retry of an order placed while this one waited for the quota is answered too.
+        drop(tx);
+        return match find_by_key(&orders, &user.sub, key.as_deref()).await? {
+            Some(existing) => same_request(existing, &items),
+            None => Err(over),
+        };
+    }
     let inserted = store::query(
         "INSERT INTO orders (id, customer_id, email, status, lines, idempotency_key, version, created_at, updated_at)
          VALUES ($1, $2, $3, $7, $4, $5, 1, $6, $6) ON CONFLICT DO NOTHING",

@@ -32,3 +32,37 @@ async fn orders_placed_at_once_by_one_customer_stop_at_their_limit() {
         shop.finish().await;
     }
 }
+
+#[tokio::test]
+async fn a_retry_at_once_with_the_same_key_gets_the_order_even_at_the_limit() {
+    let limits = bazaar_orders::AdmissionLimits {
+        per_customer_per_minute: 1,
+        max_in_flight: 0,
+    };
+    for db in TestDb::both("orders").await {
+        let shop = support::start_limited_on(limits, db).await;
+        let ann = shop.customer();
+        let body = items(&[(Uuid::now_v7(), 1)]);
+
+        let answers = join_all((0..4).map(|_| shop.post_order(&ann, &body, Some("the-one")))).await;
+
+        let mut ids = Vec::new();
+        for answer in &answers {
+            assert!(
+                answer.status == StatusCode::ACCEPTED || answer.status == StatusCode::OK,
+                "{}: {} {:?}",
+                shop.engine(),
+                answer.status,
+                answer.body
+            );
+            ids.push(answer.body["id"].clone());
+        }
+        assert!(
+            ids.iter().all(|id| id == &ids[0]),
+            "{}: one order: {ids:?}",
+            shop.engine()
+        );
+        assert_eq!(shop.count("orders").await, 1, "{}", shop.engine());
+        shop.finish().await;
+    }
+}
