@@ -1926,7 +1926,11 @@ async fn the_cluster_loses_and_doubles_nothing_while_participants_pause_under_re
             let mut paused = 0;
             for _ in 0..PAUSES {
                 let role = ["inventory", "payments"][next(2) as usize];
-                let target = format!("{role}-{}", next(2));
+                // Instance 0 is named for its role, instance 1 `<role>-1`.
+                let target = match next(2) {
+                    0 => role.to_string(),
+                    _ => format!("{role}-1"),
+                };
                 if sys.up.signal(&target, "STOP") {
                     paused += 1;
                     tokio::time::sleep(Duration::from_millis(200 + next(600))).await;
@@ -1938,6 +1942,10 @@ async fn the_cluster_loses_and_doubles_nothing_while_participants_pause_under_re
             paused
         };
         let (_, paused) = tokio::join!(futures_util::future::join_all((0..customers.len()).map(client)), pauses);
+        assert!(
+            paused > PAUSES / 2,
+            "seed {seed}: only {paused} of {PAUSES} pauses landed"
+        );
 
         let placed = placed.into_inner().expect("lock");
         let mut confirmed = 0;
