@@ -1408,13 +1408,22 @@ async fn two_replicas_of_every_service_share_the_requests_and_the_events() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_service() {
+/// The PostgreSQL (admin) and Redis URLs a cluster test provisions on, or `None` (after
+/// saying that `what` is skipped) when the tests have no PostgreSQL server.
+fn cluster_servers(what: &str) -> Option<(String, String)> {
     let Ok(admin) = std::env::var(bazaar_kit::testing::POSTGRES_URL_VAR) else {
-        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_REDIS_URL to run the cluster form)");
-        return;
+        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_REDIS_URL to run the {what})");
+        return None;
     };
     let redis = std::env::var("BAZAAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    Some((admin, redis))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_service() {
+    let Some((admin, redis)) = cluster_servers("cluster form") else {
+        return;
+    };
     let name = format!("e2e{}", uuid::Uuid::now_v7().simple());
     let result = {
         let sys = System::start_options(
@@ -1736,11 +1745,9 @@ async fn rolling_every_role_under_load_fails_no_request_and_loses_no_order() {
 /// order settles, the audit holds, and no client request failed during the rollout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_rollout() {
-    let Ok(admin) = std::env::var(bazaar_kit::testing::POSTGRES_URL_VAR) else {
-        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_REDIS_URL to run the cluster drill)");
+    let Some((admin, redis)) = cluster_servers("cluster drill") else {
         return;
     };
-    let redis = std::env::var("BAZAAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let name = format!("drill{}", uuid::Uuid::now_v7().simple());
     let outcome = async {
         let mut sys = System::start_options(
@@ -1868,11 +1875,9 @@ const PAUSES: usize = 40;
 /// like. Every order settles and the audit finds nothing lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_loses_and_doubles_nothing_while_participants_pause_under_resends() {
-    let Ok(admin) = std::env::var(bazaar_kit::testing::POSTGRES_URL_VAR) else {
-        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_REDIS_URL to run the pause drill)");
+    let Some((admin, redis)) = cluster_servers("pause drill") else {
         return;
     };
-    let redis = std::env::var("BAZAAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let name = format!("pause{}", uuid::Uuid::now_v7().simple());
     let seed = rand_seed();
     let outcome = async {

@@ -120,14 +120,26 @@ impl Reservation {
 async fn reserve(tx: &mut Tx, cmd: ReserveStock) -> Result<Verdict, HandlerError> {
     let order = cmd.order_id.to_string();
     // Never committed as such: the decision below overwrites it in this transaction.
-    if !claim(tx, &order, ReservationStatus::Rejected, None, Some("being priced")).await? {
+    if !claim(
+        tx,
+        &order,
+        Decision::not_held(ReservationStatus::Rejected, "being priced"),
+    )
+    .await?
+    {
         return decided(tx, &order).await?.answer(&order);
     }
     match price(tx, &order, &cmd).await? {
         Ok(reserved) => {
             let data = serde_json::to_value(&reserved)
                 .map_err(|e| HandlerError::Poison(format!("reservation of order {order} does not serialise: {e}")))?;
-            decide(tx, &order, ReservationStatus::Reserved, Some(&data.to_string()), None).await?;
+            let priced = data.to_string();
+            let held = Decision {
+                status: ReservationStatus::Reserved,
+                priced: Some(&priced),
+                reason: None,
+            };
+            decide(tx, &order, held).await?;
             hold(tx, &order, &reserved.priced_lines).await?;
             metrics::counter!("bazaar_inventory_reservations_total").increment(1);
             Ok(Verdict::Done(data))
@@ -135,8 +147,27 @@ async fn reserve(tx: &mut Tx, cmd: ReserveStock) -> Result<Verdict, HandlerError
         // A refusal is final for this order: a resent command gets the same answer even if
         // stock came back meanwhile, so no late reservation outlives its cancelled order.
         Err(reason) => {
-            decide(tx, &order, ReservationStatus::Rejected, None, Some(&reason)).await?;
+            decide(tx, &order, Decision::not_held(ReservationStatus::Rejected, &reason)).await?;
             Ok(Verdict::Refused(reason))
+        }
+    }
+}
+
+/// What is decided for an order's reservation: its status, the priced answer when held,
+/// the reason when refused.
+struct Decision<'a> {
+    status: ReservationStatus,
+    priced: Option<&'a str>,
+    reason: Option<&'a str>,
+}
+
+impl<'a> Decision<'a> {
+    /// Refused (or a tombstone) for `reason`.
+    fn not_held(status: ReservationStatus, reason: &'a str) -> Decision<'a> {
+        Decision {
+            status,
+            priced: None,
+            reason: Some(reason),
         }
     }
 }
@@ -144,21 +175,15 @@ async fn reserve(tx: &mut Tx, cmd: ReserveStock) -> Result<Verdict, HandlerError
 /// Inserts the order's reservation row unless it exists; false when it did (then nothing
 /// was written). On PostgreSQL the insert waits for a transaction that inserted it and has
 /// not ended, so the caller then reads the row that transaction left.
-async fn claim(
-    tx: &mut Tx,
-    order: &str,
-    status: ReservationStatus,
-    priced: Option<&str>,
-    reason: Option<&str>,
-) -> Result<bool, HandlerError> {
+async fn claim(tx: &mut Tx, order: &str, decision: Decision<'_>) -> Result<bool, HandlerError> {
     let done = store::query(
         "INSERT INTO reservation (order_id, status, priced, reason, updated_at) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(order)
-    .bind(status.as_str())
-    .bind(priced)
-    .bind(reason)
+    .bind(decision.status.as_str())
+    .bind(decision.priced)
+    .bind(decision.reason)
     .bind(now_millis())
     .execute(&mut *tx)
     .await?;
@@ -166,17 +191,11 @@ async fn claim(
 }
 
 /// Records the decision on the order's row this transaction claimed.
-async fn decide(
-    tx: &mut Tx,
-    order: &str,
-    status: ReservationStatus,
-    priced: Option<&str>,
-    reason: Option<&str>,
-) -> Result<(), HandlerError> {
+async fn decide(tx: &mut Tx, order: &str, decision: Decision<'_>) -> Result<(), HandlerError> {
     store::query("UPDATE reservation SET status = $1, priced = $2, reason = $3, updated_at = $4 WHERE order_id = $5")
-        .bind(status.as_str())
-        .bind(priced)
-        .bind(reason)
+        .bind(decision.status.as_str())
+        .bind(decision.priced)
+        .bind(decision.reason)
         .bind(now_millis())
         .bind(order)
         .execute(&mut *tx)
@@ -279,7 +298,7 @@ async fn release(tx: &mut Tx, cmd: OrderRef) -> Result<Verdict, HandlerError> {
         Some(r) => r.status,
         None => {
             let tombstone = "released before reserved";
-            if claim(tx, &order, ReservationStatus::Released, None, Some(tombstone)).await? {
+            if claim(tx, &order, Decision::not_held(ReservationStatus::Released, tombstone)).await? {
                 return Ok(Verdict::done_empty());
             }
             // A reserve decided meanwhile: release what it did.
