@@ -633,13 +633,20 @@ async fn failing_compensation_is_retried_then_stuck(db: &Db) {
     let sent = o.sent("s6").await;
     assert_eq!(count(&sent, "a.undo"), COMPENSATION_ATTEMPTS as usize);
     assert_eq!(waits.len(), COMPENSATION_ATTEMPTS as usize);
+    // A wait is measured from before the failure is handed over, so the time the engine
+    // takes to handle it (up to a few hundred ms on a loaded machine, seen: 100 ms) adds to
+    // that one wait, never takes from it.
+    const HANDLING: i64 = 500;
     assert!(waits[0] >= 500, "the first retry waits: {waits:?}");
     assert!(
-        waits.windows(2).all(|w| w[1] + 50 >= w[0]),
+        waits.windows(2).all(|w| w[1] + HANDLING >= w[0]),
         "waits never shrink: {waits:?}"
     );
     assert!(waits[waits.len() - 1] > 4 * waits[0], "waits grow: {waits:?}");
-    assert!(waits[waits.len() - 1] <= 30_050, "waits are capped: {waits:?}");
+    assert!(
+        waits[waits.len() - 1] <= 30_000 + HANDLING,
+        "waits are capped: {waits:?}"
+    );
 
     let saga = o.state("s6").await;
     assert_eq!(saga.deadline, None);
