@@ -425,6 +425,16 @@ impl bazaar_kit::saga::Participant for Refusing {
     }
 }
 
+/// Inventory answering commands from orders with [`Refusing`].
+fn refusing_inventory() -> bazaar_kit::saga::Participates<Refusing> {
+    bazaar_kit::saga::Participates {
+        source: "inventory",
+        commands_from: "orders",
+        replies_on: "replies",
+        participant: Refusing,
+    }
+}
+
 /// A saga command for step `step` of saga `saga`, claiming to come from `source`.
 fn saga_command(saga: &str, step: &str, source: &str) -> Envelope {
     let header = bazaar_kit::saga::CommandHeader {
@@ -446,40 +456,42 @@ fn saga_command(saga: &str, step: &str, source: &str) -> Envelope {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_that_fails_every_attempt_tells_its_saga_that_it_was_given_up() {
-    let f = fixture().await;
-    let given_up = saga_command("s1", "commitStock", "orders");
-    let forged = saga_command("s2", "commitStock", "mallory");
-    for command in [&given_up, &forged] {
+/// Publishes `commands` to refusing inventory allowing `max_attempts` each, waits until all
+/// are dead-lettered, and returns the replies it wrote.
+async fn dead_lettered_replies(f: &Fixture, commands: &[&Envelope], max_attempts: u32) -> Vec<Envelope> {
+    for command in commands {
         f.broker
             .publish(&f.topic, &command.event_id.to_string(), Bytes::from(command.to_vec()))
             .await
             .expect("publish");
     }
     let (stop, shut) = shutdown::channel();
-    let participant = bazaar_kit::saga::Participates {
-        source: "inventory",
-        commands_from: "orders",
-        replies_on: "replies",
-        participant: Refusing,
-    };
     consumer::spawn(
         Outbox::new(f.sink.clone()),
         f.broker.clone(),
-        config(&f.topic, 2),
-        Arc::new(participant),
+        config(&f.topic, max_attempts),
+        Arc::new(refusing_inventory()),
         shut,
     );
-
-    dead_letters(&f.broker, &f.topic, 2).await;
-    let replies: Vec<Envelope> = store::query("SELECT body FROM outbox WHERE topic = 'replies'")
+    dead_letters(&f.broker, &f.topic, commands.len()).await;
+    stop.trigger();
+    store::query("SELECT body FROM outbox WHERE topic = 'replies'")
         .fetch_all(&f.sink)
         .await
         .expect("the outbox")
         .iter()
         .map(|r| Envelope::from_slice(r.try_get::<String, _>(0).expect("a body").as_bytes()).expect("an envelope"))
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_fails_every_attempt_tells_its_saga_that_it_was_given_up() {
+    let f = fixture().await;
+    let given_up = saga_command("s1", "commitStock", "orders");
+    let forged = saga_command("s2", "commitStock", "mallory");
+
+    let replies = dead_lettered_replies(&f, &[&given_up, &forged], 2).await;
+
     assert_eq!(
         replies.len(),
         1,
@@ -494,5 +506,23 @@ async fn a_command_that_fails_every_attempt_tells_its_saga_that_it_was_given_up(
         "{reason}"
     );
     assert_eq!(replies[0].metadata.causation_id, Some(given_up.event_id.to_string()));
-    stop.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_handled_after_all_is_not_reported_as_given_up_when_its_copy_runs_out_of_attempts() {
+    let f = fixture().await;
+    let handled = saga_command("s1", "commitStock", "orders");
+    let never = saga_command("s2", "commitStock", "orders");
+    // The first was handled (its ack lost): the inbox holds it.
+    store::query("INSERT INTO inbox (grp, event_id, handled_at) VALUES ('g', $1, 0)")
+        .bind(handled.event_id.to_string())
+        .execute(&f.sink)
+        .await
+        .expect("inbox");
+
+    // No attempt left for any delivery: each is parked as it arrives.
+    let replies = dead_lettered_replies(&f, &[&handled, &never], 0).await;
+
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0].aggregate_id, "s2", "only the command never handled");
 }
