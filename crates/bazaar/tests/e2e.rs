@@ -1408,35 +1408,53 @@ async fn two_replicas_of_every_service_share_the_requests_and_the_events() {
     }
 }
 
-/// The PostgreSQL (admin) and Redis URLs a cluster test provisions on, or `None` (after
-/// saying that `what` is skipped) when the tests have no PostgreSQL server.
-fn cluster_servers(what: &str) -> Option<(String, String)> {
-    let Ok(admin) = std::env::var(bazaar_kit::testing::POSTGRES_URL_VAR) else {
-        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_REDIS_URL to run the {what})");
-        return None;
-    };
-    let redis = std::env::var("BAZAAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    Some((admin, redis))
+/// A cluster a test provisions with `bazaar up --cluster` on the tests' PostgreSQL and
+/// Redis, its databases and roles prefixed with a name of its own.
+struct Cluster {
+    admin: String,
+    redis: String,
+    name: String,
+}
+
+impl Cluster {
+    /// A cluster named `<prefix><uuid>`, or `None` (after saying that `what` is skipped)
+    /// when the tests have no PostgreSQL server.
+    fn on_test_servers(prefix: &str, what: &str) -> Option<Cluster> {
+        let Ok(admin) = std::env::var(bazaar_kit::testing::POSTGRES_URL_VAR) else {
+            eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_REDIS_URL to run the {what})");
+            return None;
+        };
+        Some(Cluster {
+            admin,
+            redis: std::env::var("BAZAAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            name: format!("{prefix}{}", uuid::Uuid::now_v7().simple()),
+        })
+    }
+
+    /// Starts it with `extra` settings.
+    async fn start(&self, extra: &[(&str, &str)]) -> System {
+        let servers = [
+            ("BAZAAR_CLUSTER_POSTGRES_URL", self.admin.as_str()),
+            ("BAZAAR_CLUSTER_REDIS_URL", self.redis.as_str()),
+        ];
+        let env: Vec<(&str, &str)> = servers.iter().chain(extra).copied().collect();
+        System::start_options(None, None, Some(&self.name), &env).await
+    }
+
+    /// Drops its databases and roles.
+    async fn drop_databases(&self) {
+        harness::drop_cluster_databases(&self.admin, &self.name).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_service() {
-    let Some((admin, redis)) = cluster_servers("cluster form") else {
+    let Some(cluster) = Cluster::on_test_servers("e2e", "cluster form") else {
         return;
     };
-    let name = format!("e2e{}", uuid::Uuid::now_v7().simple());
+    let name = &cluster.name;
     let result = {
-        let sys = System::start_options(
-            None,
-            None,
-            Some(&name),
-            &[
-                ("BAZAAR_CLUSTER_POSTGRES_URL", &admin),
-                ("BAZAAR_CLUSTER_REDIS_URL", &redis),
-                CREDIT,
-            ],
-        )
-        .await;
+        let sys = cluster.start(&[CREDIT]).await;
         let env = std::fs::read_to_string(sys.data_dir().join("cluster.env")).expect("cluster.env");
         let shop = shop(&sys).await;
         confirmed_order(&sys, &shop).await;
@@ -1446,7 +1464,7 @@ async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_se
         orders_cannot_open_the_inventory_database(&env).await;
         (env, report, sys.up.log())
     };
-    harness::drop_cluster_databases(&admin, &name).await;
+    cluster.drop_databases().await;
     let (env, report, log) = result;
     assert!(
         env.contains("?replicas=3"),
@@ -1745,22 +1763,11 @@ async fn rolling_every_role_under_load_fails_no_request_and_loses_no_order() {
 /// order settles, the audit holds, and no client request failed during the rollout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_rollout() {
-    let Some((admin, redis)) = cluster_servers("cluster drill") else {
+    let Some(cluster) = Cluster::on_test_servers("drill", "cluster drill") else {
         return;
     };
-    let name = format!("drill{}", uuid::Uuid::now_v7().simple());
     let outcome = async {
-        let mut sys = System::start_options(
-            None,
-            None,
-            Some(&name),
-            &[
-                ("BAZAAR_CLUSTER_POSTGRES_URL", &admin),
-                ("BAZAAR_CLUSTER_REDIS_URL", &redis),
-                ("BAZAAR_WELCOME_CREDIT_CENTS", "1000000"),
-            ],
-        )
-        .await;
+        let mut sys = cluster.start(&[("BAZAAR_WELCOME_CREDIT_CENTS", "1000000")]).await;
         let admin_token = sys.admin().await;
         let ann = sys.customer("ann@example.com").await;
         let tea = sys.product(&admin_token, "TEA", 300, 100_000).await;
@@ -1859,7 +1866,7 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
         )
     }
     .await;
-    harness::drop_cluster_databases(&admin, &name).await;
+    cluster.drop_databases().await;
     let (leader, orders, report) = outcome;
     eprintln!("drill: lost JetStream leader {leader}; {orders}\n{report}");
 }
@@ -1875,24 +1882,17 @@ const PAUSES: usize = 40;
 /// like. Every order settles and the audit finds nothing lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_loses_and_doubles_nothing_while_participants_pause_under_resends() {
-    let Some((admin, redis)) = cluster_servers("pause drill") else {
+    let Some(cluster) = Cluster::on_test_servers("pause", "pause drill") else {
         return;
     };
-    let name = format!("pause{}", uuid::Uuid::now_v7().simple());
     let seed = rand_seed();
     let outcome = async {
-        let sys = System::start_options(
-            None,
-            None,
-            Some(&name),
-            &[
-                ("BAZAAR_CLUSTER_POSTGRES_URL", &admin),
-                ("BAZAAR_CLUSTER_REDIS_URL", &redis),
+        let sys = cluster
+            .start(&[
                 ("BAZAAR_WELCOME_CREDIT_CENTS", "1000000"),
                 ("BAZAAR_SAGA_STEP_TIMEOUT_MS", "200"),
-            ],
-        )
-        .await;
+            ])
+            .await;
         let admin_token = sys.admin().await;
         // Few units of few products, so that concurrent orders meet on the same rows.
         let mut products = Vec::new();
@@ -1970,7 +1970,7 @@ async fn the_cluster_loses_and_doubles_nothing_while_participants_pause_under_re
         )
     }
     .await;
-    harness::drop_cluster_databases(&admin, &name).await;
+    cluster.drop_databases().await;
     let (summary, report) = outcome;
     eprintln!("pause drill (seed {seed}): {summary}\n{report}");
 }

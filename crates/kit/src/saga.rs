@@ -197,8 +197,9 @@ pub enum Verdict {
     /// waiting for its outside provider).
     Later,
     /// The participant gave up on the command (it failed every attempt and was
-    /// dead-lettered), and why: it will never be done, so the saga stops as stuck with the
-    /// reason rather than resending it forever.
+    /// dead-lettered), and why: it will never be done, so the saga undoes the step or, for
+    /// the pivot or a compensation, stops as stuck with the reason, rather than resending it
+    /// forever.
     GaveUp(String),
 }
 
@@ -238,8 +239,8 @@ pub struct SagaReply {
     #[serde(default)]
     #[schema(value_type = Value)]
     pub data: Value,
-    /// True when the participant gave up on the command (dead-lettered it): the saga stops
-    /// as stuck with `reason`.
+    /// True when the participant gave up on the command (dead-lettered it) for `reason`
+    /// ([`Verdict::GaveUp`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dead: bool,
 }
@@ -308,9 +309,10 @@ pub trait Participant: Send + Sync + 'static {
 }
 
 /// Runs a [`Participant`] as a consumer handler: reads the command, acts, and replies in the
-/// same transaction; when the command is dead-lettered, replies that it gave up. A command from anyone but the orchestrator, or one asking for its reply
-/// on another topic, is dead-lettered before anything is done: whoever could publish to the
-/// participant's topic must not steer it (nor make it publish where it may not).
+/// same transaction; when the command is dead-lettered, replies that it gave up. A command
+/// from anyone but the orchestrator, or one asking for its reply on another topic, is
+/// dead-lettered before anything is done: whoever could publish to the participant's topic
+/// must not steer it (nor make it publish where it may not).
 pub struct Participates<P> {
     /// The replying service (the reply's `source`).
     pub source: &'static str,
@@ -644,12 +646,8 @@ impl<F: SagaFlow> SagaEngine<F> {
             metrics::counter!("bazaar_saga_retries_total", "saga" => self.flow.kind(), "step" => name).increment(1);
             self.send(tx, state, &step, compensating, None).await?;
         } else if !compensating {
-            // The participant may still act on a late command, so this step is compensated too.
-            history(tx, &state.id, name, "no reply after every attempt; compensating").await?;
-            state.error = Some(format!("{name}: no reply after {} attempts", state.attempts));
-            state.status = SagaStatus::Compensating;
-            state.attempts = 0;
-            self.advance(tx, state, None).await?;
+            let reason = format!("no reply after {} attempts", state.attempts);
+            self.undo_from_here(tx, state, name, &reason, None).await?;
         } else {
             self.stick(tx, state, name, "compensation kept failing").await?;
         }
@@ -681,15 +679,29 @@ impl<F: SagaFlow> SagaEngine<F> {
         }
         let reason = reply.reason.unwrap_or_else(|| "the participant gave up".into());
         if state.status == SagaStatus::Running && !pivot {
-            history(tx, &state.id, &reply.step, &format!("{reason}; compensating")).await?;
-            state.error = Some(format!("{}: {reason}", reply.step));
-            state.status = SagaStatus::Compensating;
-            state.attempts = 0;
-            self.advance(tx, state, Some(event)).await?;
+            self.undo_from_here(tx, state, &reply.step, &reason, Some(event))
+                .await?;
         } else {
             self.stick(tx, state, &reply.step, &reason).await?;
         }
         self.save(tx, state).await
+    }
+
+    /// Turns `state` around at `step` for `reason`, this step included: its participant may
+    /// still act on a command it never answered (a late copy, an earlier one).
+    async fn undo_from_here(
+        &self,
+        tx: &mut Tx,
+        state: &mut SagaState<F::Context>,
+        step: &str,
+        reason: &str,
+        cause: Option<&Envelope>,
+    ) -> Result<(), HandlerError> {
+        history(tx, &state.id, step, &format!("{reason}; compensating")).await?;
+        state.error = Some(format!("{step}: {reason}"));
+        state.status = SagaStatus::Compensating;
+        state.attempts = 0;
+        self.advance(tx, state, cause).await
     }
 
     /// Stops `state` as stuck at `step` for `reason`, until an operator retries it.
