@@ -863,6 +863,16 @@ pub fn private_data_dir(data: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("cannot make {} private", data.display()))?;
         tracing::warn!(dir = %data.display(), was = format!("{:o}", mode & 0o777), "the data directory was readable by others; it is 0700 now");
     }
+    // Everything bazaar keeps goes here: find out now, not when a role first writes.
+    let probe = data.join(format!(".write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the data directory {} is not writable ({e}); make it writable, or pick another with --data",
+                data.display()
+            )
+        })?;
     let old_secret = data.join("jwt.secret");
     if old_secret.exists() {
         std::fs::remove_file(&old_secret).with_context(|| format!("cannot remove {}", old_secret.display()))?;

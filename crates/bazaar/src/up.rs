@@ -212,6 +212,7 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         check_replicas(&backends, &replicas)?;
     }
     roles::private_data_dir(&settings.data)?;
+    check_stored_data(settings, &backends).await?;
     settings.admin_password()?;
     let instances: Vec<(Role, u16)> = roles::up_roles()
         .flat_map(|r| (0..replicas.of(r)).map(move |k| (r, k)))
@@ -874,6 +875,42 @@ pub async fn wait_ready(settings: &Settings, instances: &[(Role, u16)], timeout:
         }
     }
     Ok(())
+}
+
+/// Refuses a data directory another version of bazaar wrote, before anything starts: each
+/// service's SQLite store and the embedded broker's log that exists must record only
+/// migrations this bazaar has.
+async fn check_stored_data(settings: &Settings, backends: &Backends) -> anyhow::Result<()> {
+    let another_version = |path: &std::path::Path, e: &dyn std::fmt::Display| {
+        let data = settings.data.display();
+        anyhow::anyhow!(
+            "{}: {e}; move the data directory aside to start afresh (mv {data} {data}.old), or run the bazaar that wrote it",
+            path.display()
+        )
+    };
+    for (_, spec) in roles::services() {
+        let url = &backends.stores[spec.name];
+        let Some(path) = existing_sqlite_file(url) else {
+            continue;
+        };
+        let store = bazaar_kit::store::Store::open(url).await?;
+        let checked = store.check_migrations(&bazaar_kit::runtime::migrations(spec)?).await;
+        store.close().await;
+        checked.map_err(|e| another_version(&path, &e))?;
+    }
+    if let Some(path) = existing_sqlite_file(&backends.broker) {
+        bazaar_kit::broker::embedded::check_log(&path)
+            .await
+            .map_err(|e| another_version(&path, &e))?;
+    }
+    Ok(())
+}
+
+/// The file a `sqlite://` URL names, when it exists.
+fn existing_sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let parsed: bazaar_kit::store::StoreUrl = url.parse().ok()?;
+    let path = std::path::PathBuf::from(parsed.sqlite_path()?);
+    path.exists().then_some(path)
 }
 
 fn tour(settings: &Settings, config: &std::path::Path, broker: &str) -> String {

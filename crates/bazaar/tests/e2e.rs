@@ -11,7 +11,7 @@ use std::{
 
 use bazaar::roles;
 use bazaar_bench::harness::{self, Options};
-use bazaar_kit::testing::TestDb;
+use bazaar_kit::testing::{servers, Server, TestDb};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bazaar");
@@ -986,8 +986,7 @@ async fn postgres_and_nats(prefix: &str, nats: &str) -> Option<(Vec<(String, Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_system_runs_on_postgres_and_nats() {
-    let Ok(nats) = std::env::var("BAZAAR_TEST_NATS_URL") else {
-        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_NATS_URL to run on PostgreSQL and NATS)");
+    let Some([_, nats]) = servers::urls([Server::Postgres, Server::Nats], "the system on PostgreSQL and NATS") else {
         return;
     };
     let Some((mut env, dbs)) = postgres_and_nats("e2e", &nats).await else {
@@ -1329,6 +1328,85 @@ fn replicas_of_a_service_on_its_sqlite_store_are_refused_with_the_reason() {
     assert!(!dir.path().join("data").join("run").exists(), "nothing was started");
 }
 
+/// `bazaar up` on `data` with free ports and embedded defaults, expected to refuse before
+/// starting anything: its one line of error.
+fn up_refusal(data: &std::path::Path) -> String {
+    let out = Command::new(BIN)
+        .args(["up", "--quiet"])
+        .env("BAZAAR_DATA", data)
+        .env(
+            "BAZAAR_BASE_PORT",
+            harness::free_base_port().expect("ports").to_string(),
+        )
+        .env_remove("BAZAAR_BROKER_URL")
+        .output()
+        .expect("run up");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "up started anyway: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(!data.join("run").exists(), "nothing was started: {stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn data_another_version_wrote_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let orders = format!("sqlite://{}", data.join("orders.db").display());
+    let store = bazaar_kit::store::Store::open(&orders).await.expect("open");
+    let future = bazaar_kit::store::Migration::new(999, "from_the_future", "CREATE TABLE later (id INTEGER)");
+    store.migrate(&[future]).await.expect("a newer version's migration");
+    store.close().await;
+
+    let refusal = up_refusal(&data);
+    assert!(
+        refusal.contains("orders.db") && refusal.contains("migration 999 (from_the_future)") && refusal.contains("mv "),
+        "{refusal}"
+    );
+}
+
+/// A directory made read-only for a test, writable again when dropped (even when the test
+/// fails): permission bits for a user, the immutable attribute for root, whom bits do not stop.
+struct ReadOnly(std::path::PathBuf);
+
+impl ReadOnly {
+    fn make(dir: &std::path::Path) -> ReadOnly {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500)).expect("chmod");
+        let guard = ReadOnly(dir.to_path_buf());
+        // SAFETY: geteuid only reads this process's effective user id.
+        if unsafe { libc::geteuid() } == 0 {
+            let made = Command::new("chattr").arg("+i").arg(dir).status().expect("run chattr");
+            assert!(made.success(), "chattr +i {}", dir.display());
+        }
+        guard
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o700));
+    }
+}
+
+#[test]
+fn an_unwritable_data_directory_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let refusal = {
+        let _read_only = ReadOnly::make(&data);
+        up_refusal(&data)
+    };
+    assert!(
+        refusal.contains("is not writable") && refusal.contains("--data"),
+        "{refusal}"
+    );
+}
+
 /// The sum of `metric`'s samples whose labels contain every one of `labels`.
 fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
     text.lines()
@@ -1339,8 +1417,7 @@ fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_of_every_service_share_the_requests_and_the_events() {
-    let Ok(nats) = std::env::var("BAZAAR_TEST_NATS_URL") else {
-        eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_NATS_URL to run replicas)");
+    let Some([_, nats]) = servers::urls([Server::Postgres, Server::Nats], "replicas") else {
         return;
     };
     let Some((mut env, dbs)) = postgres_and_nats("replicas", &nats).await else {
@@ -1420,13 +1497,10 @@ impl Cluster {
     /// A cluster named `<prefix><uuid>`, or `None` (after saying that `what` is skipped)
     /// when the tests have no PostgreSQL server.
     fn on_test_servers(prefix: &str, what: &str) -> Option<Cluster> {
-        let Ok(admin) = std::env::var(bazaar_kit::testing::POSTGRES_URL_VAR) else {
-            eprintln!("SKIPPED (set BAZAAR_TEST_POSTGRES_URL and BAZAAR_TEST_REDIS_URL to run the {what})");
-            return None;
-        };
+        let [admin, redis] = servers::urls([Server::Postgres, Server::Redis], what)?;
         Some(Cluster {
             admin,
-            redis: std::env::var("BAZAAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            redis,
             name: format!("{prefix}{}", uuid::Uuid::now_v7().simple()),
         })
     }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bazaar_kit::testing::{servers, Server};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
@@ -714,8 +715,7 @@ plugins:
 
 #[tokio::test]
 async fn redis_rate_limits_are_shared_between_gateways() {
-    let Ok(redis_url) = std::env::var("BAZAAR_TEST_REDIS_URL") else {
-        println!("SKIPPED: BAZAAR_TEST_REDIS_URL not set");
+    let Some(redis_url) = servers::url(Server::Redis, "shared rate limits") else {
         return;
     };
     let without_scheme = redis_url.trim_start_matches("redis://").trim_end_matches('/');

@@ -125,6 +125,22 @@ pub struct Runtime {
     pub consumers: crate::deadletters::Consumers,
 }
 
+/// Every migration of `spec`'s store: the kit's and the service's, interleaved by version
+/// (1, 2 saga, 3, 10…).
+pub fn migrations(spec: &ServiceSpec) -> Result<Vec<Migration>, ServiceError> {
+    let mut all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(spec.migrations).cloned().collect();
+    all.sort_by_key(|m| m.version);
+    // A store records versions, not names: a second migration with a taken version would
+    // never run.
+    if let Some(pair) = all.windows(2).find(|pair| pair[0].version == pair[1].version) {
+        return Err(ServiceError::Config(format!(
+            "{} lists migrations {} and {} both as version {}",
+            spec.name, pair[0].name, pair[1].name, pair[0].version
+        )));
+    }
+    Ok(all)
+}
+
 impl Runtime {
     /// Opens and migrates the store (outbox and inbox tables first, then the spec's),
     /// connects the broker and starts the outbox relay.
@@ -149,18 +165,7 @@ impl Runtime {
         let contract = crate::asyncapi::Contract::new(spec.messages)
             .map_err(|e| ServiceError::Config(format!("message contract: {e}")))?;
         let store = Store::open_with(&config.store_url, PoolOptions::new(spec.name, config.store_pool)).await?;
-        // The kit's and the service's migrations interleave by version (1, 2 saga, 3, 10…).
-        let mut all: Vec<Migration> = outbox::MIGRATIONS.iter().chain(spec.migrations).cloned().collect();
-        all.sort_by_key(|m| m.version);
-        // A store records versions, not names: a second migration with a taken version would
-        // never run.
-        if let Some(pair) = all.windows(2).find(|pair| pair[0].version == pair[1].version) {
-            return Err(ServiceError::Config(format!(
-                "{} lists migrations {} and {} both as version {}",
-                spec.name, pair[0].name, pair[1].name, pair[0].version
-            )));
-        }
-        store.migrate(&all).await?;
+        store.migrate(&migrations(spec)?).await?;
         let broker = broker::connect(&config.broker_url).await?;
         let outbox = Outbox::new(store.clone());
         let rt = Runtime {

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use crate::store::{Migration, StoreError};
+use crate::store::{unknown_migration, Migration, StoreError, SCHEMA_MIGRATIONS};
 
 /// How long a transaction keeps retrying while another process holds the write lock.
 pub(crate) const BUSY_FOR: Duration = Duration::from_secs(10);
@@ -66,13 +66,12 @@ impl Sqlite {
     }
 
     /// Applies every migration newer than the file's version, each in its own transaction,
-    /// recording them in the same `schema_migrations` table a [`crate::store::Store`] keeps.
+    /// recording them in the same `schema_migrations` table a [`crate::store::Store`] keeps;
+    /// a file that records one `migrations` does not hold is refused, as a store's is.
     pub async fn migrate(&self, migrations: &[Migration]) -> Result<(), StoreError> {
+        self.check_migrations(migrations).await?;
         for m in migrations {
             self.write_raw(|tx| {
-                tx.execute_batch(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)",
-                )?;
                 let done: bool = tx.query_row(
                     "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = ?1)",
                     [m.version],
@@ -95,6 +94,23 @@ impl Sqlite {
             })?;
         }
         Ok(())
+    }
+
+    /// Refuses a file that records a migration `known` does not hold (another version's
+    /// data), naming the first such.
+    pub async fn check_migrations(&self, known: &[Migration]) -> Result<(), StoreError> {
+        let applied = self
+            .write_raw(|tx| {
+                tx.execute_batch(SCHEMA_MIGRATIONS)?;
+                let mut select = tx.prepare("SELECT version, name FROM schema_migrations ORDER BY version")?;
+                let rows = select.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<rusqlite::Result<Vec<(i64, String)>>>()
+            })
+            .await?;
+        match unknown_migration(&applied, known) {
+            Some((version, name)) => Err(StoreError::UnknownMigration { version, name }),
+            None => Ok(()),
+        }
     }
 
     async fn write_raw<T>(

@@ -82,6 +82,15 @@ pub enum StoreError {
         /// How long the statement waited for a connection.
         waited: Duration,
     },
+    /// The store records a migration this program does not have (as that version with that
+    /// name): another version of it wrote the data, and running on it would corrupt it.
+    #[error("it records migration {version} ({name}), which this version does not have: another version wrote it")]
+    UnknownMigration {
+        /// The recorded version.
+        version: i64,
+        /// Its recorded name.
+        name: String,
+    },
     /// No connection to PostgreSQL could be opened in time when the store was opened.
     #[error("{owner}: could not open a connection to PostgreSQL in {waited:?} (is the server up, with connections to spare? its max_connections is shared by every role and tool)")]
     Unreachable {
@@ -210,6 +219,18 @@ impl std::fmt::Display for StoreUrl {
             _ => f.write_str(&self.url),
         }
     }
+}
+
+/// The table a store records its applied migrations in (a [`crate::sqlite::Sqlite`] file too).
+pub(crate) const SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)";
+
+/// The first of `applied` (version, name) that `known` does not hold as the same version
+/// with the same name.
+pub(crate) fn unknown_migration(applied: &[(i64, String)], known: &[Migration]) -> Option<(i64, String)> {
+    applied
+        .iter()
+        .find(|(version, name)| !known.iter().any(|m| m.version == *version && m.name == name))
+        .cloned()
 }
 
 /// One versioned schema change. Write `sql` for SQLite: on PostgreSQL the store turns
@@ -614,17 +635,14 @@ impl Store {
         Ok(())
     }
 
-    /// Applies every migration newer than the store's version, each in its own transaction.
+    /// Applies every migration newer than the store's version, each in its own transaction,
+    /// after checking that the store records none this program does not have.
     /// Safe to run from two instances at once: PostgreSQL serialises them on an advisory
     /// lock, SQLite on its write lock, and each instance re-reads the version under the lock.
     pub async fn migrate(&self, migrations: &[Migration]) -> Result<(), StoreError> {
-        let create = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)";
+        self.check_migrations(migrations).await?;
         for m in migrations {
-            let mut tx = self.begin().await?;
-            if self.dialect() == Dialect::Postgres {
-                query("SELECT pg_advisory_xact_lock(7243001)").execute(&mut tx).await?;
-            }
-            tx.execute_batch(create).await?;
+            let mut tx = self.migration_tx().await?;
             let done = query("SELECT version FROM schema_migrations WHERE version = $1")
                 .bind(m.version)
                 .fetch_optional(&mut tx)
@@ -651,6 +669,35 @@ impl Store {
             tx.commit().await?;
         }
         Ok(())
+    }
+
+    /// Refuses a store that records a migration `known` does not hold (another version's
+    /// data), naming the first such.
+    pub async fn check_migrations(&self, known: &[Migration]) -> Result<(), StoreError> {
+        let mut tx = self.migration_tx().await?;
+        let rows = query("SELECT version, name FROM schema_migrations ORDER BY version")
+            .fetch_all(&mut tx)
+            .await?;
+        tx.commit().await?;
+        let applied = rows
+            .iter()
+            .map(|r| Ok((r.try_get("version")?, r.try_get("name")?)))
+            .collect::<Result<Vec<(i64, String)>, StoreError>>()?;
+        match unknown_migration(&applied, known) {
+            Some((version, name)) => Err(StoreError::UnknownMigration { version, name }),
+            None => Ok(()),
+        }
+    }
+
+    /// A transaction that holds the migration lock, on a store whose `schema_migrations`
+    /// table exists.
+    async fn migration_tx(&self) -> Result<Tx, StoreError> {
+        let mut tx = self.begin().await?;
+        if self.dialect() == Dialect::Postgres {
+            query("SELECT pg_advisory_xact_lock(7243001)").execute(&mut tx).await?;
+        }
+        tx.execute_batch(SCHEMA_MIGRATIONS).await?;
+        Ok(tx)
     }
 
     /// The highest applied migration version, 0 for a new store.

@@ -24,8 +24,8 @@ use crate::{
     store::Store,
 };
 
-/// The environment variable naming the PostgreSQL server tests may use.
-pub const POSTGRES_URL_VAR: &str = "BAZAAR_TEST_POSTGRES_URL";
+pub mod servers;
+pub use servers::Server;
 
 /// Where a test database lives.
 #[derive(Debug)]
@@ -56,13 +56,7 @@ impl TestDb {
     /// A new database `<prefix>_<uuid>` on the `BAZAAR_TEST_POSTGRES_URL` server, or `None`
     /// (after saying the test is skipped) when the variable is unset.
     pub async fn postgres(prefix: &str) -> Option<TestDb> {
-        let admin = match std::env::var(POSTGRES_URL_VAR) {
-            Ok(url) if !url.is_empty() => url,
-            _ => {
-                eprintln!("SKIPPED (set {POSTGRES_URL_VAR} to run against PostgreSQL)");
-                return None;
-            }
-        };
+        let admin = servers::url(Server::Postgres, "the PostgreSQL part")?;
         let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
         let server = Store::open(&admin).await.expect("connect to BAZAAR_TEST_POSTGRES_URL");
         store::query(&format!("CREATE DATABASE {name}"))

@@ -30,6 +30,7 @@ use std::{
 use bazaar_kit::broker::{
     self, dlq_topic, DeadLetter, Delivery, Outgoing, SharedBroker, SubscribeOptions, Subscription,
 };
+use bazaar_kit::testing::{servers, Server};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
@@ -55,13 +56,8 @@ impl Backend {
     }
 
     fn nats() -> Option<Backend> {
-        match std::env::var("BAZAAR_TEST_NATS_URL") {
-            Ok(url) if !url.is_empty() => Some(Backend::Nats { url }),
-            _ => {
-                eprintln!("SKIPPED (set BAZAAR_TEST_NATS_URL to run against NATS)");
-                None
-            }
-        }
+        let url = servers::url(Server::Nats, "the NATS part")?;
+        Some(Backend::Nats { url })
     }
 
     fn url(&self) -> &str {

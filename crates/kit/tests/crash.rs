@@ -6,6 +6,7 @@
 //! The test re-runs its own binary as the child (`crash_child`, ignored unless asked for).
 
 use bazaar_kit::store;
+use bazaar_kit::testing::{servers, Server};
 use std::{
     process::{Command, Stdio},
     sync::Arc,
@@ -233,8 +234,7 @@ async fn sigkill_anywhere_loses_and_doubles_nothing_embedded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_anywhere_loses_and_doubles_nothing_nats() {
-    let Ok(url) = std::env::var("BAZAAR_TEST_NATS_URL") else {
-        eprintln!("SKIPPED (set BAZAAR_TEST_NATS_URL to run against NATS)");
+    let Some(url) = servers::url(Server::Nats, "the crash test on NATS") else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");

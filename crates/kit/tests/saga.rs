@@ -176,8 +176,9 @@ impl Orchestrator {
     /// Opens (and migrates) the store at `db`, as a starting orchestrator process would.
     async fn open(db: &Db) -> Orchestrator {
         let store = Store::open(&db.url).await.expect("open the store");
-        store.migrate(outbox::MIGRATIONS).await.expect("outbox migrations");
-        store.migrate(saga::MIGRATIONS).await.expect("saga migrations");
+        let mut all: Vec<_> = outbox::MIGRATIONS.iter().chain(saga::MIGRATIONS).copied().collect();
+        all.sort_by_key(|m| m.version);
+        store.migrate(&all).await.expect("migrations");
         store::query(
             "CREATE TABLE IF NOT EXISTS saga_finished (
                 n BIGINT NOT NULL, saga_id TEXT NOT NULL, status TEXT NOT NULL, error TEXT)",

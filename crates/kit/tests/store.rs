@@ -25,7 +25,7 @@ use bazaar_kit::{
     inbox,
     outbox::{self, Outbox},
     shutdown,
-    store::{Migration, Store},
+    store::{Migration, Store, StoreError},
     testing::TestDb,
 };
 use bytes::Bytes;
@@ -71,6 +71,7 @@ macro_rules! store_cases {
 }
 
 store_cases!(
+    a_store_another_version_wrote_is_refused,
     migrations_apply_once,
     concurrent_migrations_both_succeed,
     rolled_back_transaction_leaves_nothing,
@@ -143,6 +144,47 @@ async fn migrations_apply_once(db: Arc<Db>) {
     store.migrate(&next).await.expect("migrate to 11");
     assert_eq!(store.schema_version().await.expect("version"), 11);
     assert_eq!(count(&store, "SELECT COUNT(*) FROM widgets").await, 1, "data kept");
+}
+
+/// A store another version wrote (a migration this one does not have, or one it has under
+/// another name) is refused, naming the migration, and left as it was.
+async fn a_store_another_version_wrote_is_refused(db: Arc<Db>) {
+    let store = db.open().await;
+    let mut newer = migrations();
+    newer.push(Migration::new(
+        11,
+        "widget_colour",
+        "ALTER TABLE widgets ADD COLUMN colour TEXT",
+    ));
+    store.migrate(&newer).await.expect("the newer version migrates");
+    let refused = store
+        .migrate(&migrations())
+        .await
+        .expect_err("an older version must refuse it");
+    assert!(
+        matches!(&refused, StoreError::UnknownMigration { version: 11, name } if name == "widget_colour"),
+        "{refused}"
+    );
+
+    let mut renamed = migrations();
+    renamed.push(Migration::new(
+        11,
+        "widget_size",
+        "ALTER TABLE widgets ADD COLUMN size TEXT",
+    ));
+    let refused = store
+        .migrate(&renamed)
+        .await
+        .expect_err("a different migration 11 must refuse it");
+    assert!(
+        refused.to_string().contains("migration 11 (widget_colour)"),
+        "{refused}"
+    );
+    assert_eq!(store.schema_version().await.expect("version"), 11, "left as it was");
+    store
+        .check_migrations(&newer)
+        .await
+        .expect("the version that wrote it accepts it");
 }
 
 /// Two instances starting together on one database both come up on the same schema.

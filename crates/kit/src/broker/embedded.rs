@@ -127,6 +127,16 @@ pub struct EmbeddedBroker {
     wake: Option<Arc<super::wake::Wake>>,
 }
 
+/// Refuses the log at `path` when another version of bazaar wrote it (it records a migration
+/// this one does not have); a missing file passes.
+pub async fn check_log(path: &std::path::Path) -> Result<(), BrokerError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    Sqlite::open(path).await?.check_migrations(MIGRATIONS).await?;
+    Ok(())
+}
+
 impl EmbeddedBroker {
     /// Opens (creating when needed) the log at a `sqlite://PATH` URL.
     pub async fn open(url: &str) -> Result<EmbeddedBroker, BrokerError> {
