@@ -850,7 +850,8 @@ pub fn store_url_var(name: &str) -> String {
 }
 
 /// Creates the data directory readable by its owner only, tightening one an older bazaar
-/// left open, and removes the shared token secret older versions wrote there.
+/// left open, checks that it can be written, and removes the shared token secret older
+/// versions wrote there.
 pub fn private_data_dir(data: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;

@@ -16,6 +16,10 @@ use tokio::{
 };
 
 use bazaar::roles::{self, instance_name, stop_signal, Replicas, Role, RoleKind, Settings, ADMIN_PORT_OFFSET};
+use bazaar_kit::{
+    broker::BrokerError,
+    store::{Store, StoreError},
+};
 
 use crate::cluster;
 
@@ -212,11 +216,14 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         check_replicas(&backends, &replicas)?;
     }
     roles::private_data_dir(&settings.data)?;
-    check_stored_data(settings, &backends).await?;
-    settings.admin_password()?;
     let instances: Vec<(Role, u16)> = roles::up_roles()
         .flat_map(|r| (0..replicas.of(r)).map(move |k| (r, k)))
         .collect();
+    // The cluster's stores are new databases; its data directory's SQLite files are unused.
+    if !args.cluster {
+        check_stored_data(settings, &backends, &instances).await?;
+    }
+    settings.admin_password()?;
     // `up` holds every role's listening socket and passes it to the role's process, so a
     // restarted or replacing process accepts from the same queue: connections made while a
     // process is being replaced wait instead of being refused.
@@ -542,16 +549,10 @@ fn role_job(
     // Each service sees its own store's URL (and login) only.
     for (service, url) in &backends.stores {
         if *service == role.name {
-            let keeps_nothing = role.service().is_some_and(|spec| spec.keeps_nothing());
-            let url = match url.strip_prefix("sqlite://") {
-                // Each instance of a role that keeps nothing has a SQLite file of its own.
-                Some(_) if keeps_nothing && k > 0 => {
-                    let file = settings.data.join(format!("{}.db", roles::instance_name(role, k)));
-                    format!("sqlite://{}", file.display())
-                }
-                _ => url.clone(),
-            };
-            cmd.env(roles::store_url_var(service), url);
+            cmd.env(
+                roles::store_url_var(service),
+                instance_store_url(settings, role, k, url),
+            );
         } else {
             cmd.env_remove(roles::store_url_var(service));
         }
@@ -877,31 +878,47 @@ pub async fn wait_ready(settings: &Settings, instances: &[(Role, u16)], timeout:
     Ok(())
 }
 
+/// The store URL of instance `k` of `role` whose service's store is `url`: each instance of
+/// a role that keeps nothing has a SQLite file of its own.
+fn instance_store_url(settings: &Settings, role: Role, k: u16, url: &str) -> String {
+    let keeps_nothing = role.service().is_some_and(|spec| spec.keeps_nothing());
+    if keeps_nothing && k > 0 && url.starts_with("sqlite://") {
+        let file = settings.data.join(format!("{}.db", roles::instance_name(role, k)));
+        return format!("sqlite://{}", file.display());
+    }
+    url.to_string()
+}
+
 /// Refuses a data directory another version of bazaar wrote, before anything starts: each
-/// service's SQLite store and the embedded broker's log that exists must record only
-/// migrations this bazaar has.
-async fn check_stored_data(settings: &Settings, backends: &Backends) -> anyhow::Result<()> {
-    let another_version = |path: &std::path::Path, e: &dyn std::fmt::Display| {
-        let data = settings.data.display();
-        anyhow::anyhow!(
-            "{}: {e}; move the data directory aside to start afresh (mv {data} {data}.old), or run the bazaar that wrote it",
-            path.display()
-        )
+/// SQLite store of a service instance and the embedded broker's log that exists must record
+/// only migrations this bazaar has.
+async fn check_stored_data(settings: &Settings, backends: &Backends, instances: &[(Role, u16)]) -> anyhow::Result<()> {
+    let refuse = |path: &std::path::Path, e: StoreError| match e {
+        StoreError::UnknownMigration { .. } => {
+            let data = settings.data.display();
+            anyhow::anyhow!(
+                "{}: {e}; move the data directory aside to start afresh (mv {data} {data}.old), or run the bazaar that wrote it",
+                path.display()
+            )
+        }
+        e => anyhow::anyhow!("{}: {e}", path.display()),
     };
-    for (_, spec) in roles::services() {
-        let url = &backends.stores[spec.name];
-        let Some(path) = existing_sqlite_file(url) else {
+    for &(role, k) in instances {
+        let Some(spec) = role.service() else { continue };
+        let url = instance_store_url(settings, role, k, &backends.stores[spec.name]);
+        let Some(path) = existing_sqlite_file(&url) else {
             continue;
         };
-        let store = bazaar_kit::store::Store::open(url).await?;
+        let store = Store::open(&url).await.map_err(|e| refuse(&path, e))?;
         let checked = store.check_migrations(&bazaar_kit::runtime::migrations(spec)?).await;
         store.close().await;
-        checked.map_err(|e| another_version(&path, &e))?;
+        checked.map_err(|e| refuse(&path, e))?;
     }
     if let Some(path) = existing_sqlite_file(&backends.broker) {
-        bazaar_kit::broker::embedded::check_log(&path)
-            .await
-            .map_err(|e| another_version(&path, &e))?;
+        match bazaar_kit::broker::embedded::check_log(&path).await {
+            Err(BrokerError::Store(e)) => return Err(refuse(&path, e)),
+            other => other.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        }
     }
     Ok(())
 }
@@ -929,7 +946,7 @@ Or with curl (copy and paste):
   curl -s {gw}/api/v1/products
   curl -s -XPOST {gw}/api/v1/users -H 'content-type: application/json' \
        -d '{{"email":"ann@example.com","name":"Ann","password":"correct horse"}}'
-  sleep 1; CODE=$(grep -ho 'confirmation code: [0-9]*' {data}/mail/*.eml | tail -1 | cut -d' ' -f3)
+  for i in $(seq 50); do CODE=$(grep -hos 'confirmation code: [0-9]*' {data}/mail/*.eml | tail -1 | cut -d' ' -f3); [ -n "$CODE" ] && break; sleep 0.2; done
   TOKEN=$(curl -s -XPOST {gw}/api/v1/auth/verification -H 'content-type: application/json' \
        -d "{{\"email\":\"ann@example.com\",\"password\":\"correct horse\",\"code\":\"$CODE\"}}" \
        | sed 's/.*"accessToken":"\([^"]*\)".*/\1/')

@@ -16,7 +16,8 @@
 //! - [`service`]: what a service is (name, tables, topics, routes), for the role table.
 //! - [`runtime`]: what every service role starts with, and the owner of its tasks.
 //! - [`shutdown`]: the stop signal every background task listens to.
-//! - [`testing`]: throwaway SQLite and PostgreSQL databases for tests.
+//! - [`testing`]: throwaway SQLite and PostgreSQL databases for tests, and the servers
+//!   (PostgreSQL, NATS, Redis) tests find through variables, skipping work without them.
 
 pub mod asyncapi;
 pub mod auth;

@@ -69,44 +69,40 @@ impl Sqlite {
     /// recording them in the same `schema_migrations` table a [`crate::store::Store`] keeps;
     /// a file that records one `migrations` does not hold is refused, as a store's is.
     pub async fn migrate(&self, migrations: &[Migration]) -> Result<(), StoreError> {
-        self.check_migrations(migrations).await?;
         for m in migrations {
-            self.write_raw(|tx| {
-                let done: bool = tx.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = ?1)",
-                    [m.version],
-                    |r| r.get(0),
-                )?;
-                if !done {
-                    tx.execute_batch(m.sql)?;
-                    tx.execute(
-                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
-                        rusqlite::params![m.version, m.name, chrono::Utc::now().to_rfc3339()],
-                    )?;
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|source| StoreError::Migration {
-                version: m.version,
-                name: m.name,
-                source: source.into(),
-            })?;
+            let unknown = self
+                .write_raw(|tx| {
+                    // Read under the write lock: a newer version migrating meanwhile is seen.
+                    let applied = applied_migrations(tx)?;
+                    if let Some(unknown) = unknown_migration(&applied, migrations) {
+                        return Ok(Some(unknown));
+                    }
+                    if !applied.iter().any(|(version, _)| *version == m.version) {
+                        tx.execute_batch(m.sql)?;
+                        tx.execute(
+                            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+                            rusqlite::params![m.version, m.name, chrono::Utc::now().to_rfc3339()],
+                        )?;
+                    }
+                    Ok(None)
+                })
+                .await
+                .map_err(|source| StoreError::Migration {
+                    version: m.version,
+                    name: m.name,
+                    source: source.into(),
+                })?;
+            if let Some((version, name)) = unknown {
+                return Err(StoreError::UnknownMigration { version, name });
+            }
         }
         Ok(())
     }
 
     /// Refuses a file that records a migration `known` does not hold (another version's
-    /// data), naming the first such.
+    /// data), naming the first such. It writes: a new file gets its `schema_migrations`.
     pub async fn check_migrations(&self, known: &[Migration]) -> Result<(), StoreError> {
-        let applied = self
-            .write_raw(|tx| {
-                tx.execute_batch(SCHEMA_MIGRATIONS)?;
-                let mut select = tx.prepare("SELECT version, name FROM schema_migrations ORDER BY version")?;
-                let rows = select.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect::<rusqlite::Result<Vec<(i64, String)>>>()
-            })
-            .await?;
+        let applied = self.write_raw(applied_migrations).await?;
         match unknown_migration(&applied, known) {
             Some((version, name)) => Err(StoreError::UnknownMigration { version, name }),
             None => Ok(()),
@@ -180,6 +176,14 @@ pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
         e.sqlite_error_code(),
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
     )
+}
+
+/// Every migration (version, name) a file records, its `schema_migrations` made when new.
+fn applied_migrations(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<(i64, String)>> {
+    tx.execute_batch(SCHEMA_MIGRATIONS)?;
+    let mut select = tx.prepare("SELECT version, name FROM schema_migrations ORDER BY version")?;
+    let rows = select.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
 }
 
 #[cfg(test)]

@@ -84,7 +84,9 @@ pub enum StoreError {
     },
     /// The store records a migration this program does not have (as that version with that
     /// name): another version of it wrote the data, and running on it would corrupt it.
-    #[error("it records migration {version} ({name}), which this version does not have: another version wrote it")]
+    #[error(
+        "the store records migration {version} ({name}), which this version does not have: another version wrote it"
+    )]
     UnknownMigration {
         /// The recorded version.
         version: i64,
@@ -240,7 +242,8 @@ pub(crate) fn unknown_migration(applied: &[(i64, String)], known: &[Migration]) 
 pub struct Migration {
     /// Strictly increasing version number.
     pub version: i64,
-    /// A short name, recorded with the version.
+    /// A short name, recorded with the version. Never rename or remove a released
+    /// migration: a store that records it would be refused as another version's.
     pub name: &'static str,
     /// SQL for both engines (statements separated by `;`).
     pub sql: &'static str,
@@ -635,19 +638,15 @@ impl Store {
         Ok(())
     }
 
-    /// Applies every migration newer than the store's version, each in its own transaction,
-    /// after checking that the store records none this program does not have.
-    /// Safe to run from two instances at once: PostgreSQL serialises them on an advisory
-    /// lock, SQLite on its write lock, and each instance re-reads the version under the lock.
+    /// Applies every migration newer than the store's version, each in its own transaction;
+    /// a store that records one `migrations` does not hold is refused.
+    /// Safe to run from two instances at once, even of different versions: PostgreSQL
+    /// serialises them on an advisory lock, SQLite on its write lock, and each instance
+    /// re-reads what is applied under the lock.
     pub async fn migrate(&self, migrations: &[Migration]) -> Result<(), StoreError> {
-        self.check_migrations(migrations).await?;
         for m in migrations {
-            let mut tx = self.migration_tx().await?;
-            let done = query("SELECT version FROM schema_migrations WHERE version = $1")
-                .bind(m.version)
-                .fetch_optional(&mut tx)
-                .await?;
-            if done.is_some() {
+            let (mut tx, applied) = self.migration_tx(migrations).await?;
+            if applied.contains(&m.version) {
                 tx.rollback().await?;
                 continue;
             }
@@ -672,32 +671,32 @@ impl Store {
     }
 
     /// Refuses a store that records a migration `known` does not hold (another version's
-    /// data), naming the first such.
+    /// data), naming the first such. It writes: a new store gets its `schema_migrations`.
     pub async fn check_migrations(&self, known: &[Migration]) -> Result<(), StoreError> {
-        let mut tx = self.migration_tx().await?;
-        let rows = query("SELECT version, name FROM schema_migrations ORDER BY version")
-            .fetch_all(&mut tx)
-            .await?;
-        tx.commit().await?;
-        let applied = rows
-            .iter()
-            .map(|r| Ok((r.try_get("version")?, r.try_get("name")?)))
-            .collect::<Result<Vec<(i64, String)>, StoreError>>()?;
-        match unknown_migration(&applied, known) {
-            Some((version, name)) => Err(StoreError::UnknownMigration { version, name }),
-            None => Ok(()),
-        }
+        let (tx, _) = self.migration_tx(known).await?;
+        tx.commit().await
     }
 
     /// A transaction that holds the migration lock, on a store whose `schema_migrations`
-    /// table exists.
-    async fn migration_tx(&self) -> Result<Tx, StoreError> {
+    /// table exists, and the versions it records; refused when one is not in `known`.
+    async fn migration_tx(&self, known: &[Migration]) -> Result<(Tx, Vec<i64>), StoreError> {
         let mut tx = self.begin().await?;
         if self.dialect() == Dialect::Postgres {
             query("SELECT pg_advisory_xact_lock(7243001)").execute(&mut tx).await?;
         }
         tx.execute_batch(SCHEMA_MIGRATIONS).await?;
-        Ok(tx)
+        let rows = query("SELECT version, name FROM schema_migrations ORDER BY version")
+            .fetch_all(&mut tx)
+            .await?;
+        let applied = rows
+            .iter()
+            .map(|r| Ok((r.try_get("version")?, r.try_get("name")?)))
+            .collect::<Result<Vec<(i64, String)>, StoreError>>()?;
+        if let Some((version, name)) = unknown_migration(&applied, known) {
+            tx.rollback().await?;
+            return Err(StoreError::UnknownMigration { version, name });
+        }
+        Ok((tx, applied.into_iter().map(|(version, _)| version).collect()))
     }
 
     /// The highest applied migration version, 0 for a new store.

@@ -4,7 +4,7 @@
 //! one line, so a run on a machine without servers ends by saying what it did not test and
 //! how to test it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 /// A server some tests need.
@@ -84,18 +84,26 @@ fn note_skip(missing: &[Server]) {
     let test = std::thread::current().name().unwrap_or("unnamed").to_string();
     let file = format!("{binary}--{test}").replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_");
     let names: Vec<&str> = missing.iter().map(|s| s.name()).collect();
-    let _ = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join(file), names.join(" ")));
+    let note = format!("{}\n", names.join(" "));
+    let _ = std::fs::create_dir_all(&dir).and_then(|()| {
+        use std::io::Write;
+        // Appended: a test that skips two parts leaves both.
+        let mut notes = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(file))?;
+        notes.write_all(note.as_bytes())
+    });
 }
 
 /// The one line that sums up a run's notes (each the names of the servers a test lacked).
 pub fn summary(notes: &[String]) -> String {
     let mut per_server: BTreeMap<Server, usize> = BTreeMap::new();
-    for server in notes
-        .iter()
-        .flat_map(|n| n.split_whitespace())
-        .filter_map(Server::from_name)
-    {
-        *per_server.entry(server).or_default() += 1;
+    for note in notes {
+        let lacked: BTreeSet<Server> = note.split_whitespace().filter_map(Server::from_name).collect();
+        for server in lacked {
+            *per_server.entry(server).or_default() += 1;
+        }
     }
     if per_server.is_empty() {
         return "no test skipped work for want of a server: PostgreSQL, NATS and Redis were all set".into();
