@@ -219,7 +219,8 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     let instances: Vec<(Role, u16)> = roles::up_roles()
         .flat_map(|r| (0..replicas.of(r)).map(move |k| (r, k)))
         .collect();
-    // The cluster's stores are new databases; its data directory's SQLite files are unused.
+    // The cluster form keeps its stores in PostgreSQL, where each role's own migration refuses
+    // another version's schema; the data directory's SQLite files are unused then.
     if !args.cluster {
         check_stored_data(settings, &backends, &instances).await?;
     }
@@ -903,9 +904,14 @@ async fn check_stored_data(settings: &Settings, backends: &Backends, instances: 
         }
         e => anyhow::anyhow!("{}: {e}", path.display()),
     };
+    let mut checked_urls = std::collections::BTreeSet::new();
     for &(role, k) in instances {
         let Some(spec) = role.service() else { continue };
         let url = instance_store_url(settings, role, k, &backends.stores[spec.name]);
+        // Replicas of a role that keeps data share its store: one look is enough.
+        if !checked_urls.insert(url.clone()) {
+            continue;
+        }
         let Some(path) = existing_sqlite_file(&url) else {
             continue;
         };

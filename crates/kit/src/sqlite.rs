@@ -69,6 +69,9 @@ impl Sqlite {
     /// recording them in the same `schema_migrations` table a [`crate::store::Store`] keeps;
     /// a file that records one `migrations` does not hold is refused, as a store's is.
     pub async fn migrate(&self, migrations: &[Migration]) -> Result<(), StoreError> {
+        if migrations.is_empty() {
+            return self.check_migrations(migrations).await;
+        }
         for m in migrations {
             let unknown = self
                 .write_raw(|tx| {

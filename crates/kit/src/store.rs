@@ -644,6 +644,9 @@ impl Store {
     /// serialises them on an advisory lock, SQLite on its write lock, and each instance
     /// re-reads what is applied under the lock.
     pub async fn migrate(&self, migrations: &[Migration]) -> Result<(), StoreError> {
+        if migrations.is_empty() {
+            return self.check_migrations(migrations).await;
+        }
         for m in migrations {
             let (mut tx, applied) = self.migration_tx(migrations).await?;
             if applied.contains(&m.version) {
@@ -693,7 +696,8 @@ impl Store {
             .map(|r| Ok((r.try_get("version")?, r.try_get("name")?)))
             .collect::<Result<Vec<(i64, String)>, StoreError>>()?;
         if let Some((version, name)) = unknown_migration(&applied, known) {
-            tx.rollback().await?;
+            // Dropping the transaction rolls it back; a failed rollback must not hide why.
+            drop(tx);
             return Err(StoreError::UnknownMigration { version, name });
         }
         Ok((tx, applied.into_iter().map(|(version, _)| version).collect()))
