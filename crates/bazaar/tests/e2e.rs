@@ -1308,39 +1308,29 @@ async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
 #[test]
 fn replicas_of_a_service_on_its_sqlite_store_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(BIN)
-        .args(["up", "--quiet", "--replicas", "orders=2"])
-        .env("BAZAAR_DATA", dir.path().join("data"))
-        .env(
-            "BAZAAR_BASE_PORT",
-            harness::free_base_port().expect("ports").to_string(),
-        )
-        .env_remove("BAZAAR_ORDERS_STORE_URL")
-        .env_remove("BAZAAR_BROKER_URL")
-        .output()
-        .expect("run up");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "up started anyway: {stderr}");
+    let refusal = up_refusal(&dir.path().join("data"), &["--replicas", "orders=2"]);
     assert!(
-        stderr.contains("orders cannot run 2 replicas on its SQLite store") && stderr.lines().count() == 1,
-        "{stderr}"
+        refusal.contains("orders cannot run 2 replicas on its SQLite store"),
+        "{refusal}"
     );
-    assert!(!dir.path().join("data").join("run").exists(), "nothing was started");
 }
 
-/// `bazaar up` on `data` with free ports and embedded defaults, expected to refuse before
-/// starting anything: its one line of error.
-fn up_refusal(data: &std::path::Path) -> String {
-    let out = Command::new(BIN)
-        .args(["up", "--quiet"])
+/// `bazaar up ARGS` on `data` with free ports and embedded defaults, expected to refuse
+/// before starting anything: its one line of error.
+fn up_refusal(data: &std::path::Path, args: &[&str]) -> String {
+    let mut up = Command::new(BIN);
+    up.args(["up", "--quiet"])
+        .args(args)
         .env("BAZAAR_DATA", data)
         .env(
             "BAZAAR_BASE_PORT",
             harness::free_base_port().expect("ports").to_string(),
         )
-        .env_remove("BAZAAR_BROKER_URL")
-        .output()
-        .expect("run up");
+        .env_remove("BAZAAR_BROKER_URL");
+    for (_, spec) in roles::services() {
+        up.env_remove(roles::store_url_var(spec.name));
+    }
+    let out = up.output().expect("run up");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "up started anyway: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
@@ -1359,7 +1349,7 @@ async fn data_another_version_wrote_is_refused_before_anything_starts() {
     store.migrate(&[future]).await.expect("a newer version's migration");
     store.close().await;
 
-    let refusal = up_refusal(&data);
+    let refusal = up_refusal(&data, &[]);
     assert!(
         refusal.contains("orders.db") && refusal.contains("migration 999 (from_the_future)") && refusal.contains("mv "),
         "{refusal}"
@@ -1405,7 +1395,7 @@ fn an_unwritable_data_directory_is_refused_before_anything_starts() {
             eprintln!("SKIPPED: root cannot make a directory read-only here (chattr +i failed)");
             return;
         };
-        up_refusal(&data)
+        up_refusal(&data, &[])
     };
     assert!(
         refusal.contains("is not writable") && refusal.contains("--data"),

@@ -81,6 +81,13 @@ store_cases!(
 
 // ---- helpers ----
 
+/// [`migrations`] and a later release's `extra`.
+fn migrations_and(extra: Migration) -> Vec<Migration> {
+    let mut all = migrations();
+    all.push(extra);
+    all
+}
+
 /// The kit's tables plus one service table, as a service's migration list looks.
 fn migrations() -> Vec<Migration> {
     let mut all = outbox::MIGRATIONS.to_vec();
@@ -135,8 +142,7 @@ async fn migrations_apply_once(db: Arc<Db>) {
     assert_eq!(count(&store, "SELECT COUNT(*) FROM outbox").await, 0);
 
     // A later release adds a migration: only that one runs.
-    let mut next = migrations();
-    next.push(Migration::new(
+    let next = migrations_and(Migration::new(
         11,
         "widget_colour",
         "ALTER TABLE widgets ADD COLUMN colour TEXT",
@@ -150,8 +156,7 @@ async fn migrations_apply_once(db: Arc<Db>) {
 /// another name) is refused, naming the migration, and left as it was.
 async fn a_store_another_version_wrote_is_refused(db: Arc<Db>) {
     let store = db.open().await;
-    let mut newer = migrations();
-    newer.push(Migration::new(
+    let newer = migrations_and(Migration::new(
         11,
         "widget_colour",
         "ALTER TABLE widgets ADD COLUMN colour TEXT",
@@ -166,8 +171,7 @@ async fn a_store_another_version_wrote_is_refused(db: Arc<Db>) {
         "{refused}"
     );
 
-    let mut renamed = migrations();
-    renamed.push(Migration::new(
+    let renamed = migrations_and(Migration::new(
         11,
         "widget_size",
         "ALTER TABLE widgets ADD COLUMN size TEXT",

@@ -1,10 +1,9 @@
 //! The servers some tests need (PostgreSQL, NATS, Redis), found through environment
 //! variables. A test that finds one unset skips the work that needs it, says so, and leaves
-//! a note for the run; the run's last test (see `.config/nextest.toml`) counts the notes into
-//! one line, so a run on a machine without servers ends by saying what it did not test and
+//! a note for the run; the run's last test (this module's; see `.config/nextest.toml`) counts the notes
+//! into one line, so a run on a machine without servers ends by saying what it did not test and
 //! how to test it.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 /// A server some tests need.
@@ -19,8 +18,6 @@ pub enum Server {
 }
 
 impl Server {
-    const ALL: [Server; 3] = [Server::Postgres, Server::Nats, Server::Redis];
-
     /// The environment variable that points tests at it.
     pub fn var(self) -> &'static str {
         match self {
@@ -36,10 +33,6 @@ impl Server {
             Server::Nats => "NATS",
             Server::Redis => "Redis",
         }
-    }
-
-    fn from_name(name: &str) -> Option<Server> {
-        Server::ALL.into_iter().find(|s| s.name() == name)
     }
 }
 
@@ -96,34 +89,42 @@ fn note_skip(missing: &[Server]) {
     });
 }
 
-/// The one line that sums up a run's notes (each the names of the servers a test lacked).
-pub fn summary(notes: &[String]) -> String {
-    let mut per_server: BTreeMap<Server, usize> = BTreeMap::new();
-    for note in notes {
-        let lacked: BTreeSet<Server> = note.split_whitespace().filter_map(Server::from_name).collect();
-        for server in lacked {
-            *per_server.entry(server).or_default() += 1;
-        }
-    }
-    if per_server.is_empty() {
-        return "no test skipped work for want of a server: PostgreSQL, NATS and Redis were all set".into();
-    }
-    let counts: Vec<String> = per_server
-        .iter()
-        .map(|(s, n)| format!("{n} needed {} ({})", s.name(), s.var()))
-        .collect();
-    let tests = notes.len();
-    let plural = if tests == 1 { "test" } else { "tests" };
-    format!(
-        "{tests} {plural} skipped work for want of a server: {}; set those variables to servers of yours, or run .ci/run, which starts them and runs every test",
-        counts.join(", ")
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
+
+    /// The server a note names.
+    fn from_name(name: &str) -> Option<Server> {
+        [Server::Postgres, Server::Nats, Server::Redis]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
+
+    /// The one line that sums up a run's notes (each the names of the servers a test lacked).
+    fn summary(notes: &[String]) -> String {
+        let mut per_server: BTreeMap<Server, usize> = BTreeMap::new();
+        for note in notes {
+            let lacked: BTreeSet<Server> = note.split_whitespace().filter_map(from_name).collect();
+            for server in lacked {
+                *per_server.entry(server).or_default() += 1;
+            }
+        }
+        if per_server.is_empty() {
+            return "no test skipped work for want of a server: PostgreSQL, NATS and Redis were all set".into();
+        }
+        let counts: Vec<String> = per_server
+            .iter()
+            .map(|(s, n)| format!("{n} needed {} ({})", s.name(), s.var()))
+            .collect();
+        let tests = notes.len();
+        let plural = if tests == 1 { "test" } else { "tests" };
+        format!(
+            "{tests} {plural} skipped work for want of a server: {}; set those variables to servers of yours, or run .ci/run, which starts them and runs every test",
+            counts.join(", ")
+        )
+    }
 
     /// This run's notes, read and removed.
     fn take_notes(dir: &Path) -> Vec<String> {
