@@ -274,11 +274,14 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     )
     .await?;
     let drifted = count(&s.payments, bazaar_payments::ledger::DRIFTED_ACCOUNTS).await?;
+    // Doubled transfers an older release wrote, set aside when the store was upgraded: not
+    // in the sums above, shown so an operator knows they were there.
+    let doubled = count(&s.payments, "SELECT COUNT(DISTINCT txn_id) FROM ledger_entry_doubled").await?;
     out.push(check(
         4,
         total == 0 && wallets + revenue == deposits && revenue == captured && negative == 0 && held == 0 && drifted == 0,
         format!(
-            "deposits {deposits} = wallets {wallets} + revenue {revenue}; revenue = captured {captured}; ledger sum {total}; negative wallets {negative}; on hold {held}; balances off their entries {drifted}"
+            "deposits {deposits} = wallets {wallets} + revenue {revenue}; revenue = captured {captured}; ledger sum {total}; negative wallets {negative}; on hold {held}; balances off their entries {drifted}; doubled transfers set aside by the upgrade {doubled}"
         ),
     ));
 

@@ -448,3 +448,58 @@ async fn a_pool_with_no_free_connection_says_whose_it_is_and_how_large() {
     })
     .await;
 }
+
+/// A replica cut off from the database in the middle of a transaction (a partition, a frozen
+/// host) does not hold the rows it locked for ever: the server ends its session once it has
+/// sat idle in the transaction past the pool's limit, and the other replicas go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_its_client_went_silent_in_lets_go_of_its_locks() {
+    run(TestDb::postgres("bazaar_test").await, |db| async move {
+        migrated(&db).await.close().await;
+        let mut pool = store::PoolOptions::new("inventory", 2);
+        pool.idle_in_transaction = Duration::from_millis(500);
+        let (cut_off, other) = (
+            Store::open_with(&db.url, pool.clone()).await.expect("open"),
+            Store::open_with(&db.url, pool).await.expect("open"),
+        );
+        store::query("INSERT INTO widgets (id, name) VALUES (1, 'a')")
+            .execute(&other)
+            .await
+            .expect("insert");
+        let mut silent = cut_off.begin().await.expect("begin");
+        store::query("UPDATE widgets SET name = 'held' WHERE id = 1")
+            .execute(&mut silent)
+            .await
+            .expect("lock the row");
+        // The client says nothing more; another replica needs the same row.
+        let started = Instant::now();
+        let mut tx = other.begin().await.expect("begin");
+        let waited = tokio::time::timeout(
+            Duration::from_secs(10),
+            store::query("UPDATE widgets SET name = 'taken' WHERE id = 1").execute(&mut tx),
+        )
+        .await;
+        assert!(
+            waited.is_ok(),
+            "still waiting for the silent transaction's lock after {:?}",
+            started.elapsed()
+        );
+        waited.expect("in time").expect("update");
+        tx.commit().await.expect("commit");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited {:?}",
+            started.elapsed()
+        );
+        let late = silent.commit().await;
+        assert!(late.is_err(), "the silent transaction's session was ended");
+        let row = store::query("SELECT name FROM widgets WHERE id = 1")
+            .fetch_one(&other)
+            .await
+            .expect("read");
+        assert_eq!(row.try_get::<String, _>(0).expect("name"), "taken");
+        cut_off.close().await;
+        other.close().await;
+    })
+    .await;
+}
