@@ -38,6 +38,10 @@ pub struct LoadArgs {
     /// The data directory `bazaar up` wrote the admin password in (the global `--data`).
     #[arg(skip = std::path::PathBuf::from("data"))]
     data: std::path::PathBuf,
+    /// Open a new connection for every request, as curl or Python's urllib do, instead of
+    /// keeping connections alive: what a rollout must also serve without a failure.
+    #[arg(long)]
+    connection_per_request: bool,
 }
 
 /// How much load, from how many workers and customers: shared with `bazaar-bench saga`, so
@@ -81,6 +85,7 @@ impl LoadArgs {
             rate: None,
             admin_password,
             data: std::path::PathBuf::from("data"),
+            connection_per_request: false,
         }
     }
 
@@ -116,7 +121,10 @@ pub struct LoadStats {
     pub place: Vec<Duration>,
     /// Placed to confirmed or cancelled, sorted.
     pub settle: Vec<Duration>,
-    /// Final order statuses, shed placements (`shed 503`, `shed 429`) and failures, counted.
+    /// Requests sent to place and follow orders (a 429 waited out and sent again counts once).
+    pub requests: usize,
+    /// Final order statuses, shed placements (`shed 503`, `shed 429`) and failed requests
+    /// (placing or following an order), counted.
     pub outcomes: std::collections::BTreeMap<String, usize>,
 }
 
@@ -177,12 +185,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let stats = measure(&args).await?;
     let (admitted, shed, failed) = (stats.admitted(), stats.shed(), stats.failed());
     let LoadStats {
+        requests,
         elapsed,
         place,
         settle,
         outcomes,
     } = stats;
-    println!("admitted {admitted}, shed {shed} (503/429, nothing placed), failed {failed}");
+    println!("admitted {admitted}, shed {shed} (503/429, nothing placed), failed {failed} of {requests} requests");
     println!(
         "{} orders in {:.2}s: {:.1} orders/s settled",
         settle.len(),
@@ -310,9 +319,14 @@ pub async fn prepare(args: &LoadArgs) -> anyhow::Result<Prepared> {
     if args.shape.orders == 0 || args.shape.concurrency == 0 || args.shape.users == 0 {
         bail!("--orders, --concurrency and --users must be at least 1");
     }
+    let idle = if args.connection_per_request {
+        0
+    } else {
+        args.shape.concurrency
+    };
     let client = Client::builder()
         .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(args.shape.concurrency)
+        .pool_max_idle_per_host(idle)
         .build()?;
     let api = format!("{}/api/v1", args.url.trim_end_matches('/'));
     let run_id = uuid::Uuid::now_v7().simple().to_string();
@@ -381,18 +395,19 @@ impl Prepared {
             ),
         }
         let next = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
         let place = Arc::new(Mutex::new(Vec::new()));
         let settle = Arc::new(Mutex::new(Vec::new()));
         let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
         let start = Instant::now();
         let deadline = start + Duration::from_secs(args.shape.timeout);
         let total = args.shape.orders;
-        let shared = (place.clone(), settle.clone(), outcomes.clone());
+        let shared = (place.clone(), settle.clone(), outcomes.clone(), requests.clone());
         let shape = args.shape.clone();
         let forwarded_for = move |customer: usize| shape.forwarded_for(customer);
         let order = move |n: usize, open_loop: bool| {
             let (client, api, tokens, products) = (client.clone(), api.clone(), tokens.clone(), products.clone());
-            let (place, settle, outcomes) = shared.clone();
+            let (place, settle, outcomes, requests) = shared.clone();
             let client_address = forwarded_for(n % tokens.len());
             async move {
                 let token = &tokens[n % tokens.len()];
@@ -402,6 +417,7 @@ impl Prepared {
                 };
                 let body = json!({"items": [{"productId": products[n % products.len()], "quantity": 1 + n % 2}]});
                 let t0 = Instant::now();
+                requests.fetch_add(1, Ordering::Relaxed);
                 let request = as_customer(client.post(format!("{api}/orders")).bearer_auth(token).json(&body));
                 // Closed-loop workers wait out a 429 as a client would; open-loop counts it.
                 let result = if open_loop {
@@ -442,12 +458,22 @@ impl Prepared {
                     }
                     // The server answers as soon as the order has its outcome: no client polling.
                     let wait = format!("{api}/orders/{id}?waitFor=outcome&timeout=10");
+                    requests.fetch_add(1, Ordering::Relaxed);
                     match json_call(as_customer(client.get(wait).bearer_auth(token))).await {
                         Ok((_, v)) => match v["status"].as_str() {
                             Some("pending") | None => continue,
                             Some(s) => break s.to_string(),
                         },
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        // A failed read is a failed request the customer saw; the order is
+                        // still followed to its end.
+                        Err(e) => {
+                            *outcomes
+                                .lock()
+                                .await
+                                .entry(format!("error following: {e}"))
+                                .or_default() += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                     }
                 };
                 settle.lock().await.push(t0.elapsed());
@@ -490,6 +516,7 @@ impl Prepared {
         settle.sort();
         let outcomes = outcomes.lock().await.clone();
         Ok(LoadStats {
+            requests: requests.load(Ordering::Relaxed),
             elapsed,
             place,
             settle,
