@@ -1,4 +1,4 @@
-//! `bazaar audit`: checks DESIGN.md's invariants over every store and the broker, and
+//! `bazaar audit`: checks the invariants of the design map (docs/architecture.md) over every store and the broker, and
 //! `bazaar dlq`: lists and replays dead letters.
 
 use bazaar_kit::store;
@@ -38,7 +38,7 @@ pub struct AuditArgs {
 /// One checked statement.
 #[derive(Debug, Serialize)]
 pub struct Check {
-    /// Which invariant of DESIGN.md (1..=6).
+    /// Which invariant of the design map (1..=6).
     pub invariant: u8,
     /// Whether it holds.
     pub ok: bool,

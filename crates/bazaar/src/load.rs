@@ -136,7 +136,17 @@ impl LoadStats {
 
     /// Placements that failed or orders that did not settle: what must never happen.
     pub fn failed(&self) -> usize {
-        self.count(|k| k.starts_with("http") || k.starts_with("error") || k == "timed out")
+        self.failed_requests() + self.unsettled()
+    }
+
+    /// Requests, placing or following an order, that failed (shed placements aside).
+    pub fn failed_requests(&self) -> usize {
+        self.count(|k| k.starts_with("http") || k.starts_with("error"))
+    }
+
+    /// Orders admitted that had no outcome by the load's timeout.
+    pub fn unsettled(&self) -> usize {
+        self.count(|k| k == "timed out")
     }
 
     /// Orders admitted (202) that reached an outcome.
@@ -162,7 +172,8 @@ pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
 async fn json_call(req: reqwest::RequestBuilder) -> anyhow::Result<(StatusCode, Value)> {
     for _ in 0..100 {
         let attempt = req.try_clone().context("request body cannot be retried")?;
-        let resp = attempt.send().await?;
+        // Without the URL, one kind of failure counts under one key whatever the order.
+        let resp = attempt.send().await.map_err(reqwest::Error::without_url)?;
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = resp
@@ -183,7 +194,8 @@ async fn json_call(req: reqwest::RequestBuilder) -> anyhow::Result<(StatusCode, 
 /// `bazaar load`.
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let stats = measure(&args).await?;
-    let (admitted, shed, failed) = (stats.admitted(), stats.shed(), stats.failed());
+    let (admitted, shed) = (stats.admitted(), stats.shed());
+    let (failed, unsettled) = (stats.failed_requests(), stats.unsettled());
     let LoadStats {
         requests,
         elapsed,
@@ -191,7 +203,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         settle,
         outcomes,
     } = stats;
-    println!("admitted {admitted}, shed {shed} (503/429, nothing placed), failed {failed} of {requests} requests");
+    println!(
+        "admitted {admitted}, shed {shed} (503/429, nothing placed); failed requests {failed} of {requests}; unsettled orders {unsettled}"
+    );
     println!(
         "{} orders in {:.2}s: {:.1} orders/s settled",
         settle.len(),
@@ -211,8 +225,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         percentile(&settle, 0.99)
     );
     println!("outcomes: {outcomes:?}");
-    if failed > 0 {
-        bail!("some orders failed or did not settle: {outcomes:?}");
+    if failed + unsettled > 0 {
+        bail!("{failed} requests failed and {unsettled} orders did not settle: {outcomes:?}");
     }
     Ok(())
 }
@@ -426,7 +440,7 @@ impl Prepared {
                             let status = resp.status();
                             Ok((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
                         }
-                        Err(e) => Err(anyhow::Error::from(e)),
+                        Err(e) => Err(anyhow::Error::from(e.without_url())),
                     }
                 } else {
                     json_call(request).await
@@ -459,22 +473,18 @@ impl Prepared {
                     // The server answers as soon as the order has its outcome: no client polling.
                     let wait = format!("{api}/orders/{id}?waitFor=outcome&timeout=10");
                     requests.fetch_add(1, Ordering::Relaxed);
-                    match json_call(as_customer(client.get(wait).bearer_auth(token))).await {
-                        Ok((_, v)) => match v["status"].as_str() {
+                    // A failed read is a failed request the customer saw; the order is still
+                    // followed to its end.
+                    let failure = match json_call(as_customer(client.get(wait).bearer_auth(token))).await {
+                        Ok((st, v)) if st.is_success() => match v["status"].as_str() {
                             Some("pending") | None => continue,
                             Some(s) => break s.to_string(),
                         },
-                        // A failed read is a failed request the customer saw; the order is
-                        // still followed to its end.
-                        Err(e) => {
-                            *outcomes
-                                .lock()
-                                .await
-                                .entry(format!("error following: {e}"))
-                                .or_default() += 1;
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
+                        Ok((st, _)) => format!("http {} following", st.as_u16()),
+                        Err(e) => format!("error following: {e}"),
+                    };
+                    *outcomes.lock().await.entry(failure).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 };
                 settle.lock().await.push(t0.elapsed());
                 *outcomes.lock().await.entry(status).or_default() += 1;

@@ -18,7 +18,7 @@ use bazaar::roles::{self, Role, RoleParser, Settings};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// An event-driven order system: gateway, users, inventory, orders, payments, notifications.
+/// An event-driven order system: gateway, users, inventory, orders, payments, notifications, web.
 #[derive(Debug, Parser)]
 #[command(name = "bazaar", version, about)]
 struct Cli {
@@ -224,7 +224,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bazaar: {e:#}");
+            eprintln!("bazaar: {}", bazaar::error_line(&e));
             ExitCode::FAILURE
         }
     }

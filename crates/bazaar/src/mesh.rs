@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context};
 use bazaar::roles::Settings;
-use bazaar_kit::mesh::{fingerprint, Authority, Identity, MeshFiles, Workload, DEFAULT_TRUST_DOMAIN};
+use bazaar_kit::mesh::{fingerprint, Authority, Identity, MeshFiles, Workload};
 use clap::Subcommand;
 
 /// How long a mesh CA lives.
@@ -21,8 +21,9 @@ const MAX_TOOL_HOURS: u64 = 24 * 30;
 pub enum MeshCommand {
     /// Creates the mesh CA under DATA/mesh unless there is one.
     Init {
-        /// The trust domain of the identities it issues.
-        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        /// The trust domain of the identities it issues (`bazaar up` and its roles use the
+        /// default; another is for certificates of your own).
+        #[arg(long, default_value = bazaar::roles::TRUST_DOMAIN)]
         trust_domain: String,
     },
     /// Shows the CA, the CAs peers trust, and the certificates issued under DATA/mesh.

@@ -28,7 +28,7 @@ pub struct RoleSpec {
     pub name: &'static str,
     /// One line for `bazaar serve --help`.
     pub about: &'static str,
-    /// Its port's offset from the base port (DESIGN.md: 8080, 8101..8105).
+    /// Its port's offset from the base port (docs/architecture.md, "Roles").
     pub port_offset: u16,
     /// What it is.
     pub kind: RoleKind,
@@ -484,8 +484,8 @@ pub const PAYMENT_SIM: &str = "payment-sim";
 /// The credit each new wallet gets in `bazaar up`'s demo, unless set.
 pub const DEMO_WELCOME_CREDIT_CENTS: i64 = 100_000;
 
-/// PostgreSQL connections the instances of one service share by default: five services
-/// take 40 of a default server's 100, whatever their replicas.
+/// PostgreSQL connections the instances of one service share by default: six services take
+/// 48 of a default server's 100, whatever their replicas.
 pub const SERVICE_CONNECTIONS: u32 = 8;
 
 /// The operator account `bazaar up` creates (its password is in DATA/admin.password).
@@ -501,7 +501,7 @@ pub struct Settings {
     #[arg(long, global = true, env = "BAZAAR_BROKER_URL")]
     pub broker: Option<String>,
     /// Gateway port; every other role's port is an offset from it (the gateway admin +20,
-    /// the services +21..+25, the payment simulator +26).
+    /// the services +21..+25 and web +27, the payment simulator +26).
     #[arg(long, global = true, env = "BAZAAR_BASE_PORT", default_value_t = 8080)]
     pub base_port: u16,
     /// Where admin listeners bind (the gateway's /config, /status and /metrics; services'

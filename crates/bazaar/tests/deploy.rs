@@ -51,7 +51,7 @@ fn deployed() -> Vec<roles::Role> {
     roles::up_roles().collect()
 }
 
-/// The port each role listens on under the default base port (as DESIGN.md lists them).
+/// The port each role listens on under the default base port (as docs/architecture.md lists them).
 fn port(role: roles::Role) -> u64 {
     8080 + u64::from(role.port_offset)
 }
@@ -363,4 +363,80 @@ fn the_linkerd_policies_allow_exactly_the_edges_of_the_role_table() {
         expected.insert(("gateway".to_string(), "users".to_string(), route));
     }
     assert_eq!(edges, expected);
+}
+
+/// The rows of the first table in the section of `docs/architecture.md` whose heading starts
+/// with `heading`, each as its cells with backticks removed.
+fn design_map_rows(heading: &str) -> Vec<Vec<String>> {
+    let map = std::fs::read_to_string(deploy_dir().join("../docs/architecture.md")).expect("docs/architecture.md");
+    let section = map
+        .split("\n## ")
+        .find(|s| s.starts_with(heading))
+        .unwrap_or_else(|| panic!("docs/architecture.md has no section \"{heading}\""));
+    section
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|cell| cell.trim().replace('`', ""))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_design_map_lists_every_role_at_its_port() {
+    let listed: BTreeSet<(String, u64)> = design_map_rows("Roles")
+        .into_iter()
+        .map(|row| (row[0].clone(), row[2].parse().expect("a port")))
+        .collect();
+    let table: BTreeSet<(String, u64)> = roles::ROLES
+        .iter()
+        .map(|role| (role.name.to_string(), port(role)))
+        .collect();
+    assert_eq!(listed, table, "docs/architecture.md's roles against the role table");
+}
+
+#[test]
+fn the_design_map_lists_the_topics_each_service_publishes_and_consumes() {
+    let listed: BTreeSet<(String, String, String)> = design_map_rows("Edges")
+        .into_iter()
+        .filter(|row| row[1] == "broker")
+        .flat_map(|row| {
+            let topics: Vec<String> = row[3].split(',').map(|t| t.trim().to_string()).collect();
+            topics.into_iter().map(move |t| (row[0].clone(), row[2].clone(), t))
+        })
+        .collect();
+    let mut code = BTreeSet::new();
+    for (role, spec) in roles::services() {
+        for (how, topics) in [("publish", spec.publishes), ("consume", spec.consumes)] {
+            code.extend(
+                topics
+                    .iter()
+                    .map(|t| (role.name.to_string(), how.to_string(), t.to_string())),
+            );
+        }
+    }
+    assert_eq!(
+        listed, code,
+        "docs/architecture.md's broker edges against the services' specs"
+    );
+}
+
+#[test]
+fn every_documentation_page_is_linked_from_the_front_page() {
+    let docs = deploy_dir().join("../docs");
+    let front = std::fs::read_to_string(docs.join("../README.md")).expect("README.md");
+    for page in std::fs::read_dir(&docs).expect("docs/") {
+        let name = page.expect("a page").file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            assert!(
+                front.contains(&format!("(docs/{name})")),
+                "README.md links no docs/{name}"
+            );
+        }
+    }
 }

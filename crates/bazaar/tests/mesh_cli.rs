@@ -80,3 +80,18 @@ fn an_operator_creates_the_ca_issues_a_tool_certificate_and_rotates_the_ca() {
     std::fs::copy(data.join("mesh/bundle.pem"), tools.join("bundle.pem")).unwrap();
     Tls::load(MeshFiles::in_dir(&tools, "curl")).expect("still trusted during the overlap");
 }
+
+#[test]
+fn a_ca_made_by_mesh_init_alone_is_one_up_can_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (ok, _, err) = mesh(&data, &["init"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = mesh(&data, &["issue", "ops"]);
+    assert!(ok, "{err}");
+    let identity = format!("spiffe://{}/tool/ops", bazaar::roles::TRUST_DOMAIN);
+    assert!(
+        out.contains(&identity),
+        "issued in up's trust domain ({identity}): {out}"
+    );
+}

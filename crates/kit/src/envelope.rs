@@ -1,4 +1,4 @@
-//! The event envelope every message on the broker travels in (DESIGN.md, "Messaging").
+//! The event envelope every message on the broker travels in (docs/architecture.md, "Messaging").
 //!
 //! Fields this version does not know are kept in `extra` maps and written back when the
 //! event is relayed, so an older service never strips what a newer one added.

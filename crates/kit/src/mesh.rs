@@ -31,9 +31,6 @@ use rustls::{
 };
 use serde::{Deserialize, Serialize};
 
-/// The trust domain `bazaar up` uses unless told otherwise.
-pub const DEFAULT_TRUST_DOMAIN: &str = "bazaar.local";
-
 /// Why mesh material could not be made, read or used.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {

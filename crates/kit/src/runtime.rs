@@ -75,11 +75,11 @@ pub struct RoleConfig {
 /// Why a role could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// The store failed to open or migrate (the cause follows as the error's source).
-    #[error("store")]
+    /// The store failed to open or migrate.
+    #[error("store: {0}")]
     Store(#[from] StoreError),
-    /// The broker could not be reached (the cause follows as the error's source).
-    #[error("broker")]
+    /// The broker could not be reached.
+    #[error("broker: {0}")]
     Broker(#[from] BrokerError),
     /// The listener could not bind or serve.
     #[error("cannot listen on {addr}: {source}")]

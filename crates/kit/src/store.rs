@@ -260,8 +260,8 @@ pub struct PoolOptions {
     /// How long a statement waits for a free connection before it fails.
     pub wait: Duration,
     /// How long a session may sit idle inside a transaction before PostgreSQL ends it and
-    /// lets go of its locks: a client cut off mid-transaction (a partition, a frozen host)
-    /// would otherwise hold the rows it locked until it came back.
+    /// lets go of its locks (zero: no limit): a client cut off mid-transaction (a partition,
+    /// a frozen host) would otherwise hold the rows it locked until it came back.
     pub idle_in_transaction: Duration,
 }
 
@@ -568,12 +568,14 @@ async fn pg_rows<'e>(
 }
 
 /// How each PostgreSQL session of `pool` connects: a session idle inside a transaction
-/// past the pool's limit is ended (its locks freed), and the server probes a silent client
-/// after 10 s, so a client that vanished gives its connection back within about 25 s
-/// instead of the kernel's two hours.
+/// past the pool's limit is ended (its locks freed; zero: no limit), and the server probes
+/// an idle client after 10 s, so one that vanished gives its connection back within about
+/// 25 s instead of the kernel's two hours (probes wait while the server has unacknowledged
+/// data for it). These travel as the startup packet's `options`, which a pooler in between
+/// must pass on or ignore (PgBouncer: `ignore_startup_parameters = options`).
 fn session_options(url: &str, pool: &PoolOptions) -> Result<sqlx::postgres::PgConnectOptions, StoreError> {
     let options: sqlx::postgres::PgConnectOptions = url.parse()?;
-    let idle_ms = pool.idle_in_transaction.as_millis().max(1).to_string();
+    let idle_ms = pool.idle_in_transaction.as_millis().to_string();
     Ok(options.options([
         ("idle_in_transaction_session_timeout", idle_ms.as_str()),
         ("tcp_keepalives_idle", "10"),

@@ -1,4 +1,4 @@
-//! The broker contract (DESIGN.md, "Messaging"), run against every backend.
+//! The broker contract (docs/architecture.md, "Messaging"), run against every backend.
 //!
 //! Each case is a plain async function over a [`Ctx`] (a broker, a way to reopen it, unique
 //! topic names) and the `contract!` macro turns it into two tests: `embedded::<case>` on a

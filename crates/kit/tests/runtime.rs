@@ -352,26 +352,3 @@ async fn with_a_mesh_certificate_the_api_speaks_only_mutual_tls_and_health_stays
     stop.trigger();
     serving.await.expect("join").expect("serve");
 }
-
-/// A role that cannot start says why once: its error and the causes under it, joined as the
-/// binary prints them, name the cause one time.
-#[test]
-fn a_role_that_cannot_start_says_why_once() {
-    let unreachable = store::StoreError::Unreachable {
-        owner: "orders".into(),
-        waited: Duration::from_secs(10),
-    };
-    for error in [
-        ServiceError::from(unreachable),
-        ServiceError::from(bazaar_kit::broker::BrokerError::Unavailable("no servers".into())),
-    ] {
-        let mut printed = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            printed = format!("{printed}: {cause}");
-            source = cause.source();
-        }
-        let detail = std::error::Error::source(&error).expect("a cause").to_string();
-        assert_eq!(printed.matches(&detail).count(), 1, "{printed}");
-    }
-}

@@ -1,33 +1,39 @@
 //! A host of its own for one process: a network namespace joined to this one by a veth pair,
-//! with the loopback servers it needs (PostgreSQL, the NATS nodes) forwarded to the pair's
-//! near address, and a link that can be cut (every packet dropped, no reset: what a
-//! partition looks like to both ends) and mended. Needs root and iproute2's `ip`.
+//! with the servers it needs (PostgreSQL, the NATS nodes) forwarded to ports at the pair's
+//! near address, and a link that can be cut and mended. Cut, every packet on the link is
+//! dropped and nothing is reset: the process inside sees a partition; the servers see the
+//! forwarder's connections go silent, as they would see a client that froze. Needs root and
+//! iproute2's `ip`.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
+    os::unix::process::CommandExt,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+/// Names of this module's namespaces: `bzcut-<pid of the test process>-<index>`.
+const PREFIX: &str = "bzcut-";
+
 /// A namespace, its link and its forwarders; everything is removed on drop.
 pub struct Host {
     name: String,
     link: String,
-    /// This side's address on the link: where the forwarded servers answer the host.
-    pub near: Ipv4Addr,
+    /// Each forwarded server as `host:port`, and where it answers from inside.
+    forwarded: Vec<(String, SocketAddr)>,
     forwards: Vec<tokio::task::JoinHandle<()>>,
     process: Option<Child>,
 }
 
 /// Runs `ip ARGS`; the error says which command failed and what it printed.
-fn ip(args: &[&str]) -> Result<(), String> {
+fn ip(args: &[&str]) -> Result<String, String> {
     let out = Command::new("ip")
         .args(args)
         .output()
         .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
             "ip {}: {}",
@@ -37,21 +43,48 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Why no namespace can be made here (not root, no `ip`), or `Ok` when one can.
+pub fn available() -> Result<(), String> {
+    // SAFETY: geteuid only reads this process's effective user id.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root".into());
+    }
+    ip(&["netns", "list"]).map(|_| ())
+}
+
+/// Removes the namespaces (and with them their links) of test processes that are gone: a
+/// run killed before its hosts were dropped.
+fn remove_leftovers() {
+    let Ok(list) = ip(&["netns", "list"]) else { return };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let pid = name.strip_prefix(PREFIX).and_then(|rest| rest.split('-').next());
+        if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
 impl Host {
-    /// Host number `index` (0–63, one subnet each), with `ports` on this side's loopback
-    /// forwarded to the same ports at [`Host::near`]. `Err` says why no namespace could be
-    /// made here (not root, no `ip`).
-    pub async fn new(index: u8, ports: &[u16]) -> Result<Host, String> {
-        let tag = format!("{}{index}", std::process::id() % 100_000);
+    /// Host number `index` (0–63) of this test process, with each of `servers` (`host:port`)
+    /// forwarded to a port of its own at the link's near address.
+    pub async fn new(index: u8, servers: &[String]) -> Result<Host, String> {
+        remove_leftovers();
+        let pid = std::process::id();
+        // A subnet per test process and host, so that runs side by side do not meet.
+        let (a, b) = (100 + (pid % 100) as u8, index * 4);
+        let near_ip = Ipv4Addr::new(10, a, 0, b + 1);
         let mut host = Host {
-            name: format!("bzcut{tag}"),
-            link: format!("bzh{tag}"),
-            near: Ipv4Addr::new(10, 213, index, 1),
+            name: format!("{PREFIX}{pid}-{index}"),
+            link: format!("bzh{pid}x{index}"),
+            forwarded: Vec::new(),
             forwards: Vec::new(),
             process: None,
         };
-        let (far, peer) = (format!("10.213.{index}.2/30"), format!("bzf{tag}"));
-        let near = format!("{}/30", host.near);
+        let (near, far, peer) = (
+            format!("{near_ip}/30"),
+            format!("10.{a}.0.{}/30", b + 2),
+            format!("bzf{pid}x{index}"),
+        );
         ip(&["netns", "add", &host.name])?;
         ip(&["link", "add", &host.link, "type", "veth", "peer", "name", &peer])?;
         ip(&["link", "set", &peer, "netns", &host.name])?;
@@ -66,30 +99,49 @@ impl Host {
             inside.extend(args);
             ip(&inside)?;
         }
-        for &port in ports {
-            let listener = tokio::net::TcpListener::bind((host.near, port))
+        for server in servers {
+            let listener = tokio::net::TcpListener::bind((near_ip, 0))
                 .await
-                .map_err(|e| format!("forward {}:{port}: {e}", host.near))?;
-            host.forwards.push(tokio::spawn(forward(listener, port)));
+                .map_err(|e| format!("forward {server}: {e}"))?;
+            let at = listener.local_addr().map_err(|e| e.to_string())?;
+            host.forwarded.push((server.clone(), at));
+            host.forwards.push(tokio::spawn(forward(listener, server.clone())));
         }
         Ok(host)
     }
 
-    /// Starts `program ARGS` inside, with exactly `env`, its output appended to `log`.
+    /// `url` with every forwarded server's `host:port` replaced by where it answers inside.
+    pub fn rewrite(&self, url: &str) -> String {
+        self.forwarded.iter().fold(url.to_string(), |url, (server, at)| {
+            url.replace(server.as_str(), &at.to_string())
+        })
+    }
+
+    /// Starts `program ARGS` inside, with exactly `env`, its output written to `log`. It is
+    /// killed if this process dies first.
     pub fn spawn(&mut self, program: &str, args: &[&str], env: &[(String, String)], log: &Path) {
         let out = std::fs::File::create(log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.name, program])
             .args(args)
             .env_clear()
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start the process inside");
-        self.process = Some(child);
+            .stderr(err);
+        // SAFETY: between fork and exec the closure only calls prctl, which is
+        // async-signal-safe; `ip netns exec` execs the program, which keeps the setting.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self.process = Some(command.spawn().expect("start the process inside"));
     }
 
     /// Drops every packet on the link, both ways, until [`Host::mend`].
@@ -137,13 +189,15 @@ impl Drop for Host {
     }
 }
 
-/// Carries every connection accepted on `listener` to `port` on this side's loopback; the
+/// Carries every connection accepted on `listener` to `server` (`host:port`); the
 /// connections end with this task.
-async fn forward(listener: tokio::net::TcpListener, port: u16) {
+async fn forward(listener: tokio::net::TcpListener, server: String) {
     let mut connections = tokio::task::JoinSet::new();
     while let Ok((mut inbound, _)) = listener.accept().await {
+        let server = server.clone();
         connections.spawn(async move {
-            if let Ok(mut outbound) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(server.as_str()).await {
+                let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
                 let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
             }
         });

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::OrderStatus;
 
-/// The steps of the order saga (DESIGN.md).
+/// The steps of the order saga (docs/architecture.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrderStep {
     /// Inventory reserves every line or none, and prices them; undone by a release.
@@ -129,7 +129,7 @@ fn check_reservation(ordered: &[LineRequest], reserved: &Reserved) -> Result<(),
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl OrderSaga {
-    /// The three steps of DESIGN.md, each waiting [`STEP_TIMEOUT`] for a reply.
+    /// The three steps of the design map (docs/architecture.md), each waiting [`STEP_TIMEOUT`] for a reply.
     pub fn new() -> OrderSaga {
         OrderSaga::paced(STEP_TIMEOUT)
     }

@@ -95,26 +95,41 @@ pub const MIGRATIONS: &[Migration] = &[
     // What the tables enforce whatever a handler does: an order's money is held, released,
     // taken and given back at most once each, and a payment is never refunded beyond what
     // was captured. Releases before this one could write such a transfer twice (copies of a
-    // command at once on PostgreSQL): every later copy, both its entries, moves to
-    // `ledger_entry_doubled` for an operator to see, and balances are summed again, so such
-    // a store upgrades. Copies are ordered by time, then transaction id, alike for both legs.
+    // command at once on PostgreSQL): every later copy, both its entries (copies ordered by
+    // time, then transaction id, alike for both legs), moves to `ledger_entry_doubled` for an
+    // operator to see, and the balances give back what the copies moved, so such a store
+    // upgrades. (The release that introduced version 12 had no such step: see 13.)
     Migration {
         version: 12,
         name: "payments_once",
         sql: "CREATE TABLE ledger_entry_doubled AS SELECT * FROM ledger_entry WHERE txn_id IN (
-            SELECT e.txn_id FROM ledger_entry e
-            WHERE e.kind IN ('hold', 'release', 'payment', 'refund') AND EXISTS (
-                SELECT 1 FROM ledger_entry f
-                WHERE f.kind = e.kind AND f.reference = e.reference AND f.account_id = e.account_id
-                    AND (f.at < e.at OR (f.at = e.at AND f.txn_id < e.txn_id))));
+            SELECT txn_id FROM (
+                SELECT txn_id, ROW_NUMBER() OVER (
+                    PARTITION BY kind, reference, account_id ORDER BY at, txn_id) AS copy
+                FROM ledger_entry WHERE kind IN ('hold', 'release', 'payment', 'refund')) AS copies
+            WHERE copy > 1);
         DELETE FROM ledger_entry WHERE txn_id IN (SELECT txn_id FROM ledger_entry_doubled);
-        UPDATE account SET balance_cents =
-            (SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry WHERE ledger_entry.account_id = account.id);
+        UPDATE account SET balance_cents = balance_cents -
+            (SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entry_doubled d WHERE d.account_id = account.id);
         ALTER TABLE payment ADD COLUMN refunded_cents BIGINT NOT NULL DEFAULT 0
             CHECK (refunded_cents >= 0 AND refunded_cents <= amount_cents);
         UPDATE payment SET refunded_cents = amount_cents WHERE status = 'refunded';
         CREATE UNIQUE INDEX ledger_once_per_order ON ledger_entry (kind, reference, account_id)
             WHERE kind IN ('hold', 'release', 'payment', 'refund');",
+    },
+    // Stores that ran version 12 as first released have no set-aside table; the audit reads it.
+    Migration {
+        version: 13,
+        name: "payments_doubled_table",
+        sql: "CREATE TABLE IF NOT EXISTS ledger_entry_doubled (
+            id TEXT,
+            txn_id TEXT,
+            account_id TEXT,
+            amount_cents BIGINT,
+            kind TEXT,
+            reference TEXT,
+            at BIGINT
+        );",
     },
 ];
 

@@ -74,9 +74,9 @@ pub struct Refund {
     pub status: String,
 }
 
-/// The client policy for the provider. Calls run inside the consumer's store transaction,
-/// so they are kept short: 2 s per attempt and at most two retries; past that the command
-/// is redelivered later with the consumer's own backoff.
+/// The client policy for the provider: 2 s per attempt and at most two retries; past that
+/// the settler asks again later. Calls run outside any store transaction (a session idle in
+/// one for 5 s is ended), between the settler's claim and its settling transaction.
 pub fn default_policy() -> ClientPolicy {
     ClientPolicy {
         timeout: Duration::from_secs(2),

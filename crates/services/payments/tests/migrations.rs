@@ -138,3 +138,31 @@ async fn a_store_with_doubled_ledger_entries_upgrades_and_sets_the_doubles_aside
         db.drop_database().await;
     }
 }
+
+#[tokio::test]
+async fn a_store_that_ran_the_first_migration_12_upgrades_to_an_empty_set_aside_table() {
+    for db in TestDb::both("payments_upgrade12").await {
+        let all = runtime::migrations(&bazaar_payments::SERVICE).expect("migrations");
+        // Version 12 as the release that introduced it wrote it: no set-aside table.
+        let mut before: Vec<_> = all.iter().filter(|m| m.version < 12).cloned().collect();
+        before.push(store::Migration::new(
+            12,
+            "payments_once",
+            "ALTER TABLE payment ADD COLUMN refunded_cents BIGINT NOT NULL DEFAULT 0
+                CHECK (refunded_cents >= 0 AND refunded_cents <= amount_cents);
+            CREATE UNIQUE INDEX ledger_once_per_order ON ledger_entry (kind, reference, account_id)
+                WHERE kind IN ('hold', 'release', 'payment', 'refund');",
+        ));
+        let store = db.open().await;
+        store.migrate(&before).await.expect("the earlier release's tables");
+        store.migrate(&all).await.expect("upgrade");
+        assert_eq!(
+            number(&store, "SELECT COUNT(DISTINCT txn_id) FROM ledger_entry_doubled").await,
+            0,
+            "{}",
+            db.url
+        );
+        store.close().await;
+        db.drop_database().await;
+    }
+}
