@@ -3,6 +3,7 @@
 
 pub mod contracts;
 pub mod load;
+pub mod metrics;
 pub mod roles;
 
 /// `error` and its causes on one line, as `bazaar: …` prints it: a cause whose text an outer

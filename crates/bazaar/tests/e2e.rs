@@ -1052,6 +1052,27 @@ fn parse_prometheus(text: &str) -> Result<usize, String> {
     Ok(samples)
 }
 
+/// What `promtool check metrics` (Prometheus's own linter) says of `text`: empty when it
+/// finds nothing; `None` where promtool is not installed (`.ci/run` installs Debian's
+/// `prometheus` package).
+fn promtool_problems(text: &str) -> Option<String> {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(text.as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
     let sys = System::start(&[]).await;
@@ -1141,6 +1162,11 @@ async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
             .expect("text");
         let samples = parse_prometheus(&text).unwrap_or_else(|e| panic!("{url}: {e}"));
         assert!(samples > 0, "{url} has no samples");
+        // Prometheus's own linter: help text for every metric, base units, names.
+        match promtool_problems(&text) {
+            Some(problems) => assert!(problems.trim().is_empty(), "{url}: promtool check metrics:\n{problems}"),
+            None => eprintln!("SKIPPED promtool check metrics of {url}: no promtool (Debian package prometheus)"),
+        }
     }
     let orders = sys.metrics("orders").await;
     for name in [

@@ -121,3 +121,43 @@ pub async fn serve(
 pub fn check_config_file(path: &Path) -> Result<String, ConfigProblems> {
     config::Config::load_file(path).map(|config| config.summary())
 }
+
+/// The metrics the gateway records, each with the help text `/metrics` gives it.
+pub const METRICS: &[(&str, &str)] = &[
+    (
+        "bazaar_gateway_requests_total",
+        "Requests the gateway answered, by service, route and status.",
+    ),
+    (
+        "bazaar_gateway_request_duration_seconds",
+        "Time to answer a request through the gateway, in seconds, by service.",
+    ),
+    (
+        "bazaar_gateway_rate_limited_total",
+        "Requests refused with 429 by the rate-limiting plugin, by service.",
+    ),
+    (
+        "bazaar_gateway_upstream_errors_total",
+        "Requests no upstream answered (refused, reset or timed out), by service.",
+    ),
+    (
+        "bazaar_gateway_retries_refused_total",
+        "Retries not made because the service's retry budget was spent, by service.",
+    ),
+    (
+        "bazaar_gateway_slow_clients_total",
+        "Connections closed because the client sent too slowly, by phase.",
+    ),
+    (
+        "bazaar_gateway_connection_cap_reached_total",
+        "Times the gateway held a new connection because its cap of open connections was reached.",
+    ),
+];
+
+/// Gives each of [`METRICS`] its help text in this process's `/metrics`.
+pub fn describe_metrics() {
+    for &(name, help) in METRICS {
+        // The exporter keeps one help text per name, whatever the metric's kind.
+        metrics::describe_gauge!(name, help);
+    }
+}

@@ -85,6 +85,7 @@ pub async fn serve_draining(
     edge: crate::Edge,
     workers: usize,
 ) -> Result<(), GatewayError> {
+    crate::describe_metrics();
     let config = Config::load_file(&config_path).map_err(|problems| GatewayError::Config {
         path: config_path.clone(),
         problems,

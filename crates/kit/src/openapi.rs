@@ -268,6 +268,7 @@ mod tests {
             routes: ROUTES,
             openapi,
             messages: &[],
+            metrics: &[],
         }
     }
 

@@ -174,7 +174,7 @@ impl OutboxRelay {
                 last_lag = now_millis();
                 if let Ok((count, age)) = self.outbox.lag().await {
                     metrics::gauge!("bazaar_outbox_unsent").set(count as f64);
-                    metrics::gauge!("bazaar_outbox_oldest_unsent_ms").set(age as f64);
+                    metrics::gauge!("bazaar_outbox_oldest_unsent_seconds").set(age as f64 / 1000.0);
                 }
             }
             if now_millis() - last_prune > PRUNE_EVERY.as_millis() as i64 {

@@ -164,6 +164,8 @@ impl Runtime {
         };
         let contract = crate::asyncapi::Contract::new(spec.messages)
             .map_err(|e| ServiceError::Config(format!("message contract: {e}")))?;
+        crate::telemetry::describe(crate::telemetry::METRICS);
+        crate::telemetry::describe(spec.metrics);
         let store = Store::open_with(&config.store_url, PoolOptions::new(spec.name, config.store_pool)).await?;
         store.migrate(&migrations(spec)?).await?;
         let broker = broker::connect(&config.broker_url).await?;

@@ -26,6 +26,8 @@ pub struct ServiceSpec {
     /// Every message type of the system with its schema: what the role's consumers hold
     /// incoming payloads to (see [`crate::asyncapi`]).
     pub messages: &'static [crate::asyncapi::MessageSpec],
+    /// The metrics it records beside the kit's, each with its help text.
+    pub metrics: &'static [crate::telemetry::MetricDoc],
 }
 
 /// One resource a service serves to clients, as the gateway exposes it (under `/api/v1`,

@@ -233,6 +233,143 @@ pub fn flush_logs() {
     }
 }
 
+/// A metric a crate records, and the help text `/metrics` gives it (`# HELP`).
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDoc {
+    /// Its name.
+    pub name: &'static str,
+    /// What it counts or measures, in which unit, by which labels.
+    pub help: &'static str,
+}
+
+/// Gives each metric of `docs` its help text in this process's `/metrics`.
+pub fn describe(docs: &[MetricDoc]) {
+    for doc in docs {
+        // The exporter keeps one help text per name, whatever the metric's kind.
+        metrics::describe_gauge!(doc.name, doc.help);
+    }
+}
+
+/// The metrics the kit records in every role that uses it.
+pub const METRICS: &[MetricDoc] = &[
+    MetricDoc {
+        name: "bazaar_http_requests_total",
+        help: "HTTP requests served, by route, method and status.",
+    },
+    MetricDoc {
+        name: "bazaar_http_request_duration_seconds",
+        help: "Time to answer an HTTP request, in seconds, by route and method.",
+    },
+    MetricDoc {
+        name: "bazaar_http_panics_total",
+        help: "Request handlers that panicked (each answered 500).",
+    },
+    MetricDoc {
+        name: "bazaar_http_slow_bodies_total",
+        help: "Requests refused with 408 because their body arrived too slowly.",
+    },
+    MetricDoc {
+        name: "bazaar_connection_cap_reached_total",
+        help: "Times a listener held a new connection because its cap of open connections was reached, by listener.",
+    },
+    MetricDoc {
+        name: "bazaar_outbox_unsent",
+        help: "Events in the outbox not yet published to the broker.",
+    },
+    MetricDoc {
+        name: "bazaar_outbox_oldest_unsent_seconds",
+        help: "Age of the oldest event in the outbox not yet published, in seconds (0 when none).",
+    },
+    MetricDoc {
+        name: "bazaar_outbox_published_total",
+        help: "Events the outbox relay published to the broker.",
+    },
+    MetricDoc {
+        name: "bazaar_consumer_handled_total",
+        help: "Deliveries a consumer handled and acknowledged, by topic and group.",
+    },
+    MetricDoc {
+        name: "bazaar_consumer_redeliveries_total",
+        help: "Deliveries that arrived again after a failed or unacknowledged attempt, by topic and group.",
+    },
+    MetricDoc {
+        name: "bazaar_consumer_lag",
+        help: "Messages a consumer group has yet to acknowledge on its topic, by topic and group.",
+    },
+    MetricDoc {
+        name: "bazaar_dead_letters_total",
+        help: "Messages moved to a dead-letter topic after their last attempt, by topic and group.",
+    },
+    MetricDoc {
+        name: "bazaar_saga_transitions_total",
+        help: "Sagas that reached a status, by saga and status.",
+    },
+    MetricDoc {
+        name: "bazaar_saga_replies_total",
+        help: "Participant replies a saga took, by saga and whether the step succeeded.",
+    },
+    MetricDoc {
+        name: "bazaar_saga_retries_total",
+        help: "Saga commands resent for want of a reply in time, by saga and step.",
+    },
+    MetricDoc {
+        name: "bazaar_saga_stuck_total",
+        help: "Sagas that stopped as stuck and wait for an operator, by saga.",
+    },
+    MetricDoc {
+        name: "bazaar_sagas",
+        help: "Sagas in each status, by saga and status.",
+    },
+    MetricDoc {
+        name: "bazaar_breaker_state",
+        help: "A circuit breaker's state, by breaker: 0 closed, 1 half-open, 2 open.",
+    },
+    MetricDoc {
+        name: "bazaar_breaker_transitions_total",
+        help: "Times a circuit breaker changed state, by breaker.",
+    },
+    MetricDoc {
+        name: "bazaar_breaker_rejected_total",
+        help: "Calls a circuit breaker refused without trying, by breaker.",
+    },
+    MetricDoc {
+        name: "bazaar_client_retries_total",
+        help: "Outbound calls retried, by client.",
+    },
+    MetricDoc {
+        name: "bazaar_client_retry_budget_exhausted_total",
+        help: "Outbound retries given up because the retry budget was spent, by client.",
+    },
+    MetricDoc {
+        name: "bazaar_client_rejected_total",
+        help: "Outbound calls refused before they were sent, by client and reason.",
+    },
+    MetricDoc {
+        name: "bazaar_mesh_requests_total",
+        help: "Requests over the mesh, by caller, callee, route and outcome.",
+    },
+    MetricDoc {
+        name: "bazaar_mesh_request_seconds",
+        help: "Time to answer a request over the mesh, in seconds, by caller, callee and route.",
+    },
+    MetricDoc {
+        name: "bazaar_mesh_refusals_total",
+        help: "Mesh requests refused by the policy, by caller and callee.",
+    },
+    MetricDoc {
+        name: "bazaar_mesh_handshake_failures_total",
+        help: "Mutual TLS handshakes that failed (no, expired or untrusted certificate).",
+    },
+    MetricDoc {
+        name: "bazaar_otlp_dropped_spans_total",
+        help: "Trace spans dropped because the OTLP export queue was full.",
+    },
+    MetricDoc {
+        name: "bazaar_otlp_failed_exports_total",
+        help: "OTLP export batches the collector did not accept.",
+    },
+];
+
 /// How often the recorder folds the histogram samples recorded since into its buckets.
 const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 

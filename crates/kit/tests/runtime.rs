@@ -47,6 +47,7 @@ static SPEC: ServiceSpec = ServiceSpec {
         summary: "A count, at least one.",
         payload: schema_of::<Counted>,
     }],
+    metrics: &[],
 };
 
 /// The payload of `test.counted`.

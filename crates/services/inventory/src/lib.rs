@@ -11,6 +11,7 @@ mod commands;
 use std::sync::Arc;
 
 use bazaar_contracts::{roles, topics};
+use bazaar_kit::telemetry::MetricDoc;
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
     saga::Participates,
@@ -69,6 +70,22 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         );",
 }];
 
+/// The metrics inventory records beside the kit's.
+pub const METRICS: &[MetricDoc] = &[
+    MetricDoc {
+        name: "bazaar_inventory_reservations_total",
+        help: "Orders whose every line inventory reserved.",
+    },
+    MetricDoc {
+        name: "bazaar_inventory_units_on_hand",
+        help: "Units on hand over all products.",
+    },
+    MetricDoc {
+        name: "bazaar_inventory_units_reserved",
+        help: "Units reserved for orders not yet committed or released, over all products.",
+    },
+];
+
 /// The inventory service: it answers stock commands; anyone may browse the catalogue.
 pub const SERVICE: ServiceSpec = ServiceSpec {
     name: roles::INVENTORY,
@@ -86,6 +103,7 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     ],
     openapi: api::openapi,
     messages: bazaar_contracts::MESSAGES,
+    metrics: METRICS,
 };
 
 /// Runs the inventory role until `shutdown`; `demo` adds a small catalogue to an empty store.

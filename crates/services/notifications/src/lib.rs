@@ -15,6 +15,7 @@ mod events;
 use std::{path::PathBuf, sync::Arc};
 
 use bazaar_contracts::{roles, topics};
+use bazaar_kit::telemetry::MetricDoc;
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
     service::{PublicRoute, ServiceSpec},
@@ -54,6 +55,22 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         );",
 }];
 
+/// The metrics notifications records beside the kit's.
+pub const METRICS: &[MetricDoc] = &[
+    MetricDoc {
+        name: "bazaar_notifications_sent_total",
+        help: "Notifications delivered (mail or text).",
+    },
+    MetricDoc {
+        name: "bazaar_notifications_failed_total",
+        help: "Notification deliveries that failed and will be tried again.",
+    },
+    MetricDoc {
+        name: "bazaar_notifications_suppressed_total",
+        help: "Notifications not sent on purpose (texts past a number's daily limit), by channel.",
+    },
+];
+
 /// The notifications service: it hears outcomes and new users; what was sent needs a token.
 pub const SERVICE: ServiceSpec = ServiceSpec {
     name: roles::NOTIFICATIONS,
@@ -66,6 +83,7 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     ],
     openapi: api::openapi,
     messages: bazaar_contracts::MESSAGES,
+    metrics: METRICS,
 };
 
 /// Where mail goes.

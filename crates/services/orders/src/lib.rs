@@ -15,6 +15,7 @@ use std::{
 };
 
 use bazaar_contracts::{roles, topics, types};
+use bazaar_kit::telemetry::MetricDoc;
 use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::Envelope,
@@ -67,6 +68,34 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The metrics orders records beside the kit's.
+pub const METRICS: &[MetricDoc] = &[
+    MetricDoc {
+        name: "bazaar_orders_placed_total",
+        help: "Orders admitted (answered 202).",
+    },
+    MetricDoc {
+        name: "bazaar_orders_finished_total",
+        help: "Orders that reached an outcome, by status (confirmed or cancelled).",
+    },
+    MetricDoc {
+        name: "bazaar_order_saga_seconds",
+        help: "Time from placing an order to its outcome, in seconds, by status.",
+    },
+    MetricDoc {
+        name: "bazaar_orders_sagas_in_flight",
+        help: "Order sagas running or compensating, as admission counts them.",
+    },
+    MetricDoc {
+        name: "bazaar_orders_throttled_total",
+        help: "Orders refused with 429 because the customer is over their per-minute quota.",
+    },
+    MetricDoc {
+        name: "bazaar_orders_shed_total",
+        help: "Orders refused with 503 because too many sagas are in flight (nothing placed).",
+    },
+];
+
 /// The orders service: it hears the saga's replies; its orders and sagas need a token.
 pub const SERVICE: ServiceSpec = ServiceSpec {
     name: roles::ORDERS,
@@ -84,6 +113,7 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     ],
     openapi: api::openapi,
     messages: bazaar_contracts::MESSAGES,
+    metrics: METRICS,
 };
 
 /// Where an order is; stored by name in `orders.status`.

@@ -22,6 +22,7 @@ pub mod simulator;
 use std::sync::Arc;
 
 use bazaar_contracts::{roles, topics};
+use bazaar_kit::telemetry::MetricDoc;
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
     saga::Participates,
@@ -133,6 +134,26 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The metrics payments records beside the kit's.
+pub const METRICS: &[MetricDoc] = &[
+    MetricDoc {
+        name: "bazaar_payments_total",
+        help: "Payments settled, by outcome (captured, declined, refunded).",
+    },
+    MetricDoc {
+        name: "bazaar_payments_provider_errors_total",
+        help: "Calls to the payment provider that got no usable answer (asked again later).",
+    },
+    MetricDoc {
+        name: "bazaar_payments_wallets_cents",
+        help: "Money in customers' wallets, in cents.",
+    },
+    MetricDoc {
+        name: "bazaar_payments_revenue_cents",
+        help: "Money in the merchant's revenue account, in cents.",
+    },
+];
+
 /// The payments service: it opens wallets for new users and answers payment commands.
 pub const SERVICE: ServiceSpec = ServiceSpec {
     name: roles::PAYMENTS,
@@ -146,6 +167,7 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     ],
     openapi: api::openapi,
     messages: bazaar_contracts::MESSAGES,
+    metrics: METRICS,
 };
 
 /// Where a payment is; stored by name in `payment.status`.

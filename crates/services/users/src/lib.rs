@@ -15,6 +15,7 @@ pub mod verification;
 use std::time::Duration;
 
 use bazaar_contracts::{roles, topics};
+use bazaar_kit::telemetry::MetricDoc;
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
     service::{Access, Mount, PublicRoute, ServiceSpec},
@@ -63,6 +64,26 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The metrics users records beside the kit's.
+pub const METRICS: &[MetricDoc] = &[
+    MetricDoc {
+        name: "bazaar_users_registrations_total",
+        help: "Registrations answered (whatever became of them: the answer never says).",
+    },
+    MetricDoc {
+        name: "bazaar_users_registered_total",
+        help: "Addresses confirmed: accounts that can sign in.",
+    },
+    MetricDoc {
+        name: "bazaar_users_login_throttled_total",
+        help: "Sign-ins refused with 429 while an account is locked after failures.",
+    },
+    MetricDoc {
+        name: "bazaar_users_hashing_shed_total",
+        help: "Requests refused with 503 because every password-hashing slot was busy.",
+    },
+];
+
 /// The users service: it consumes nothing; anyone may register and log in.
 pub const SERVICE: ServiceSpec = ServiceSpec {
     name: roles::USERS,
@@ -89,6 +110,7 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     ],
     openapi: api::openapi,
     messages: bazaar_contracts::MESSAGES,
+    metrics: METRICS,
 };
 
 /// An operator account to create at start when it does not exist yet.

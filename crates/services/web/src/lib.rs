@@ -30,6 +30,7 @@ use axum::{
     Router,
 };
 use bazaar_contracts::roles;
+use bazaar_kit::telemetry::MetricDoc;
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
     service::{Access, Mount, PublicRoute, ServiceSpec},
@@ -81,6 +82,9 @@ const ROUTES: &[PublicRoute] = &[
     page("web-assets", "assets"),
 ];
 
+/// The metrics web records beside the kit's.
+pub const METRICS: &[MetricDoc] = &[];
+
 /// The web role as the tools that start, route to and audit it see it.
 pub const SERVICE: ServiceSpec = ServiceSpec {
     name: roles::WEB,
@@ -90,6 +94,7 @@ pub const SERVICE: ServiceSpec = ServiceSpec {
     routes: ROUTES,
     openapi: bazaar_kit::openapi::no_operations,
     messages: bazaar_contracts::MESSAGES,
+    metrics: METRICS,
 };
 
 /// The web role's settings beyond the common ones.
