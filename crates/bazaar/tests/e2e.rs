@@ -323,19 +323,25 @@ impl System {
     }
 
     async fn settled(&self, token: &str, order: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        self.settled_within(token, order, Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|v| panic!("order {order} never settled: {v}\n{}", self.log()))
+    }
+
+    /// The order once confirmed or cancelled, or its last answer when still pending after
+    /// `within`.
+    async fn settled_within(&self, token: &str, order: &str, within: Duration) -> Result<Value, Value> {
+        let deadline = Instant::now() + within;
         loop {
             let (st, v) = self
                 .call(reqwest::Method::GET, &format!("/orders/{order}"), Some(token), None)
                 .await;
             if st == 200 && v["status"] != "pending" {
-                return v;
+                return Ok(v);
             }
-            assert!(
-                Instant::now() < deadline,
-                "order {order} never settled: {v}\n{}",
-                self.log()
-            );
+            if Instant::now() >= deadline {
+                return Err(v);
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -2020,6 +2026,17 @@ async fn settled_and_audited(
     (format!("{confirmed} of {} orders confirmed", placed.len()), report)
 }
 
+/// A drill's system: `cluster` started with wallets deep enough for the whole drill and
+/// saga steps that wait `step_timeout_ms` for a reply.
+async fn drill_system(cluster: &Cluster, step_timeout_ms: &str) -> System {
+    cluster
+        .start(&[
+            ("BAZAAR_WELCOME_CREDIT_CENTS", "1000000"),
+            ("BAZAAR_SAGA_STEP_TIMEOUT_MS", step_timeout_ms),
+        ])
+        .await
+}
+
 /// A drill's shop: two products of `units` each, and a customer per name.
 async fn drill_shop(sys: &System, units: i64, names: &[&str]) -> (Vec<String>, Vec<String>) {
     let admin_token = sys.admin().await;
@@ -2050,12 +2067,7 @@ async fn the_cluster_loses_and_doubles_nothing_while_participants_pause_under_re
     };
     let seed = rand_seed();
     let outcome = async {
-        let sys = cluster
-            .start(&[
-                ("BAZAAR_WELCOME_CREDIT_CENTS", "1000000"),
-                ("BAZAAR_SAGA_STEP_TIMEOUT_MS", "200"),
-            ])
-            .await;
+        let sys = drill_system(&cluster, "200").await;
         // Few units of few products, so that concurrent orders meet on the same rows.
         let (products, customers) = drill_shop(&sys, 400, &["ann", "bob", "cem", "dee"]).await;
         let stop = std::sync::atomic::AtomicBool::new(false);
@@ -2172,18 +2184,10 @@ async fn cut_off_in_turn(sys: &System, role: &str, host: &mut netns::Host, probe
     let cut_at = Instant::now();
     let (customer, product) = probe;
     let order = sys.order(customer, product, 1).await;
-    let settled = loop {
-        let (st, v) = sys
-            .call(reqwest::Method::GET, &format!("/orders/{order}"), Some(customer), None)
-            .await;
-        if st == 200 && v["status"] != "pending" {
-            break Ok(cut_at.elapsed());
-        }
-        if cut_at.elapsed() >= CUT {
-            break Err(v);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let settled = sys
+        .settled_within(customer, &order, CUT.saturating_sub(cut_at.elapsed()))
+        .await
+        .map(|_| cut_at.elapsed());
     tokio::time::sleep(CUT.saturating_sub(cut_at.elapsed())).await;
     host.mend();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -2217,14 +2221,9 @@ async fn the_cluster_loses_and_doubles_nothing_while_a_replica_is_cut_off_from_p
         return;
     }
     let outcome = async {
-        let sys = cluster
-            .start(&[
-                ("BAZAAR_WELCOME_CREDIT_CENTS", "1000000"),
-                // Long enough that a step outlasts the stall behind a cut-off replica's locks (5 s)
-                // rather than giving up and compensating.
-                ("BAZAAR_SAGA_STEP_TIMEOUT_MS", "3000"),
-            ])
-            .await;
+        // Steps long enough to outlast the stall behind a cut-off replica's locks (5 s)
+        // rather than give up and compensate.
+        let sys = drill_system(&cluster, "3000").await;
         let (products, customers) = drill_shop(&sys, 5_000, &["ann", "bob", "cem"]).await;
         let probe = sys.customer("pat@example.com").await;
         let stop = std::sync::atomic::AtomicBool::new(false);

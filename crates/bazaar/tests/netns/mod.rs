@@ -183,7 +183,8 @@ impl Drop for Host {
         for forward in &self.forwards {
             forward.abort();
         }
-        // The peer end goes with the namespace, and the near end with its peer.
+        // The peer end goes with the namespace, and the near end with its peer; a pair
+        // whose peer never moved into the namespace (a failed start) goes by its near end.
         let _ = ip(&["netns", "del", &self.name]);
         let _ = ip(&["link", "del", &self.link]);
     }
