@@ -1687,6 +1687,15 @@ const FRESH_WORKERS: usize = 3;
 /// Clients of [`under_strict_load`] that wait between connecting and sending.
 const DAWDLERS: usize = 3;
 
+/// The pause after each request of `clients` looping test clients: all of them, from one
+/// address, stay at half the gateway's per-client minute limit however long a drill takes,
+/// so that the limiter's 429 never passes for a fault of the drill.
+fn pace(clients: usize) -> Duration {
+    let (_, per_minute) = bazaar_gateway::CLIENT_LIMITS;
+    let per_second = f64::from(per_minute) / 60.0 / 2.0;
+    Duration::from_secs_f64(clients as f64 / per_second)
+}
+
 /// `GET path` from the gateway on a new connection, sent 50 ms after connecting; an error
 /// unless answered 200.
 async fn dawdling_get(port: u16, path: &str) -> Result<(), String> {
@@ -1765,9 +1774,7 @@ async fn under_strict_load<T>(
                     }
                     Err(e) => failures.lock().expect("lock").push(format!("worker {worker}: {e:?}")),
                 }
-                // All of them, and the dawdlers, stay under the gateway's 200 a second per
-                // client.
-                tokio::time::sleep(Duration::from_millis(40)).await;
+                tokio::time::sleep(pace(LOAD_WORKERS + DAWDLERS)).await;
             }
         }
     };
@@ -1781,6 +1788,7 @@ async fn under_strict_load<T>(
                 if let Err(e) = dawdling_get(sys.base(), "/api/v1/products").await {
                     failures.lock().expect("lock").push(format!("dawdler: {e}"));
                 }
+                tokio::time::sleep(pace(LOAD_WORKERS + DAWDLERS)).await;
             }
         }
     };
@@ -1892,6 +1900,7 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
         };
 
         // Closed-loop orders (a careful client: keyed retries) while the faults land.
+        const CLIENTS: usize = 3;
         let stop = std::sync::atomic::AtomicBool::new(false);
         let placed = std::sync::Mutex::new(Vec::new());
         let client = |_: usize| {
@@ -1900,6 +1909,7 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let id = sys.order(ann, tea, 1).await;
                     placed.lock().expect("lock").push(id);
+                    tokio::time::sleep(pace(CLIENTS)).await;
                 }
             }
         };
@@ -1942,7 +1952,7 @@ async fn the_cluster_survives_a_lost_jetstream_leader_killed_replicas_and_a_roll
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
             leader
         };
-        let (_, leader) = tokio::join!(futures_util::future::join_all((0..3).map(client)), faults);
+        let (_, leader) = tokio::join!(futures_util::future::join_all((0..CLIENTS).map(client)), faults);
         if let Err(e) = sys.up.wait_healthy().await {
             panic!("{e:#}\n{}", sys.log());
         }
@@ -2000,6 +2010,7 @@ async fn closed_loop(
                     .order(&customers[worker], &products[(worker + n) % products.len()], 1)
                     .await;
                 placed.lock().expect("lock").push((worker, id));
+                tokio::time::sleep(pace(customers.len())).await;
             }
         }
     };
