@@ -19,7 +19,7 @@ use bazaar::roles::{self, Replicas, Settings, NATS_CLIENT_OFFSETS, NATS_ROUTE_OF
 use bazaar_kit::store::Store;
 use tokio::process::Command;
 
-use crate::up::Job;
+use crate::job::Job;
 
 /// The JetStream cluster `up --cluster` runs.
 pub struct Nats {
@@ -119,7 +119,7 @@ impl Nats {
             serde_json::json!({ "users": users })
         );
         let auth = self.auth_file();
-        roles::write_private(&auth, &text).with_context(|| format!("cannot write {}", auth.display()))?;
+        bazaar_trust::files::write_private(&auth, &text).with_context(|| format!("cannot write {}", auth.display()))?;
         Ok(NatsLogins {
             operator: self.url_as(Some((OPERATOR, &operator))),
             services,
@@ -306,7 +306,7 @@ fn secret_file(path: &Path) -> anyhow::Result<String> {
         }
     }
     let secret = uuid::Uuid::new_v4().simple().to_string();
-    roles::write_private(path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    bazaar_trust::files::write_private(path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(secret)
 }
 
@@ -331,7 +331,7 @@ pub fn write_env(
         text.push_str(&format!("{}={url}\n", roles::store_url_var(service)));
     }
     let path = settings.data.join("cluster.env");
-    roles::write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    bazaar_trust::files::write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
 

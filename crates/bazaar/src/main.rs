@@ -4,6 +4,7 @@
 mod audit;
 mod cluster;
 mod config_file;
+mod job;
 mod mesh;
 mod up;
 

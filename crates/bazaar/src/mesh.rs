@@ -76,7 +76,7 @@ pub fn run(settings: &Settings, command: MeshCommand) -> anyhow::Result<()> {
             let files = MeshFiles::in_dir(&out, &name);
             ca.issue(&identity, Duration::from_secs(hours * 3600))?.write(&files)?;
             let bundle = std::fs::read_to_string(dir.join("bundle.pem")).context("cannot read the trust bundle")?;
-            bazaar::roles::write_private(&files.bundle, &bundle)
+            bazaar_trust::files::write_private(&files.bundle, &bundle)
                 .with_context(|| format!("cannot write {}", files.bundle.display()))?;
             println!(
                 "issued {identity} for {hours} h: {} {} (trust {})",
@@ -91,7 +91,8 @@ pub fn run(settings: &Settings, command: MeshCommand) -> anyhow::Result<()> {
             let next = Authority::create(old.trust_domain(), CA_LIFETIME)?;
             next.save(&dir)?;
             let bundle = [next.cert_pem(), old.cert_pem()].concat();
-            bazaar::roles::write_private(&dir.join("bundle.pem"), &bundle).context("cannot write the trust bundle")?;
+            bazaar_trust::files::write_private(&dir.join("bundle.pem"), &bundle)
+                .context("cannot write the trust bundle")?;
             println!(
                 "mesh CA rotated: {} now issues; {} stays trusted until the next rotation",
                 next.fingerprint(),
@@ -117,7 +118,8 @@ pub fn ensure_ca(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<(A
     }
     let ca = Authority::create(trust_domain, CA_LIFETIME)?;
     ca.save(dir)?;
-    bazaar::roles::write_private(&dir.join("bundle.pem"), ca.cert_pem()).context("cannot write the trust bundle")?;
+    bazaar_trust::files::write_private(&dir.join("bundle.pem"), ca.cert_pem())
+        .context("cannot write the trust bundle")?;
     Ok((ca, true))
 }
 
@@ -324,6 +326,6 @@ pub fn ensure_policy(settings: &Settings) -> anyhow::Result<PathBuf> {
         bazaar::roles::PAYMENT_SIM,
         bazaar_payments::SERVICE.name
     ));
-    bazaar::roles::write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    bazaar_trust::files::write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }

@@ -783,7 +783,8 @@ impl Settings {
         let secret: String = (0..48)
             .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand_index(36)]))
             .collect();
-        write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+        bazaar_trust::files::write_private(&path, &secret)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(secret)
     }
 
@@ -815,7 +816,8 @@ impl Settings {
                 None => self.jwks_url(),
             };
             let text = bazaar_gateway::default_config(&self.public_routes(replicas), redis, &jwks_uri, mesh);
-            write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+            bazaar_trust::files::write_private(&path, &text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(path)
     }
@@ -880,16 +882,6 @@ pub fn private_data_dir(data: &Path) -> anyhow::Result<()> {
         tracing::warn!(file = %old_secret.display(), "removed the shared token secret of an older bazaar: only the users service signs tokens now");
     }
     Ok(())
-}
-
-/// Writes a file only its owner may read.
-pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?.write_all(contents.as_bytes())
 }
 
 fn rand_index(n: usize) -> usize {

@@ -22,6 +22,7 @@ use bazaar_kit::{
 };
 
 use crate::cluster;
+use crate::job::Job;
 
 /// Flags of `bazaar up`.
 #[derive(Debug, Args)]
@@ -106,18 +107,6 @@ fn restart_delay(recent: usize) -> Duration {
         None => Duration::from_millis(200 * (recent as u64 + 1)),
         Some(over) => Duration::from_secs(1u64 << over.min(5)).min(LONGEST_RESTART_DELAY),
     }
-}
-
-/// A process `up` runs and restarts: a name for its log lines and a command line.
-pub struct Job {
-    /// `orders-1`, `nats-2`, ...
-    pub name: String,
-    /// The command, ready to spawn (stdout and stderr are piped by `up`).
-    pub command: Command,
-    /// Listening sockets `up` holds for it, passed as descriptors 3, 4, ...
-    pub fds: Vec<RawFd>,
-    /// Where `up` records the process id (roles record their own).
-    pub pid_file: Option<std::path::PathBuf>,
 }
 
 /// One running job.

@@ -2,11 +2,11 @@
 //!
 //! A service depends on this crate, never on another service's crate, so the contract
 //! between them is visible in one place. Every payload is camelCase JSON inside a
-//! `bazaar_kit::envelope::Envelope`; money is integer minor units with a currency. Who
+//! `bazaar_core::envelope::Envelope`; money is integer minor units with a currency. Who
 //! consumes which topic is in each service's `SERVICE` spec; its consumer group is its name.
 
-use bazaar_kit::asyncapi::{schema_of, MessageKind, MessageSpec};
-use bazaar_kit::saga::SagaReply;
+use bazaar_core::message::{schema_of, MessageKind, MessageSpec};
+use bazaar_core::saga::SagaReply;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;

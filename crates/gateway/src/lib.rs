@@ -25,6 +25,7 @@ mod plugins;
 mod pool;
 mod proxy;
 mod real_ip;
+mod request_metrics;
 mod response;
 mod retry_budget;
 mod router;

@@ -63,7 +63,7 @@ pub(crate) struct Snapshot {
     pub credentials: Credentials,
     pub balancers: Balancers,
     pub services: Vec<ServiceRuntime>,
-    pub request_metrics: crate::proxy::RequestMetrics,
+    pub request_metrics: crate::request_metrics::RequestMetrics,
     pub loaded_at: SystemTime,
 }
 
@@ -266,7 +266,7 @@ fn build_snapshot(config: Config, previous: Option<&Balancers>, connections: &Co
         }),
         balancers,
         services,
-        request_metrics: crate::proxy::RequestMetrics::new(&config),
+        request_metrics: crate::request_metrics::RequestMetrics::new(&config),
         loaded_at: SystemTime::now(),
         config,
     }

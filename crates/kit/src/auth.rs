@@ -23,22 +23,8 @@ use uuid::Uuid;
 
 use crate::http::Problem;
 
-/// The `iss` of every token the users service issues (the gateway's jwt credential key).
-pub const ISSUER: &str = "bazaar-users";
-
-/// Where users publishes its public keys, on its own port and through the gateway.
-pub const JWKS_PATH: &str = "/.well-known/jwks.json";
-
-/// How long a verifier trusts the key set it loaded before it reloads (retired keys go).
-pub const KEYS_MAX_AGE: Duration = Duration::from_secs(300);
-
-/// The shortest time between two loads of the keys, so a flood of tokens naming made-up
-/// keys costs the users role one request a second, not one each (such a token waits for
-/// the next load before it is refused, as a token signed by a just-rotated key must).
-pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The longest a load of the keys may take.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+pub use bazaar_trust::token::{ISSUER, JWKS_PATH, KEYS_MAX_AGE, RELOAD_INTERVAL};
+use bazaar_trust::token::{LOAD_TIMEOUT, MAX_JWKS_BYTES};
 
 /// How long keys that can no longer be reloaded are still trusted: a token's lifetime, after
 /// which any of them may have been retired.
@@ -237,17 +223,20 @@ impl KeySet {
     pub fn from_jwks(jwks: &Jwks) -> Result<KeySet, AuthError> {
         let mut keys = HashMap::new();
         for jwk in jwks.keys.iter().filter(|k| k.kty == "OKP" && k.crv == "Ed25519") {
-            let raw = URL_SAFE_NO_PAD
-                .decode(&jwk.x)
-                .map_err(|e| AuthError::BadKey(format!("key {:?}: x is not base64url: {e}", jwk.kid)))?;
-            if raw.len() != 32 {
-                return Err(AuthError::BadKey(format!(
-                    "key {:?}: not a 32-byte Ed25519 key",
-                    jwk.kid
-                )));
-            }
+            let raw =
+                bazaar_trust::token::ed25519_key(&jwk.kid, &jwk.x).map_err(|e| AuthError::BadKey(e.to_string()))?;
             keys.insert(jwk.kid.clone(), DecodingKey::from_ed_der(&raw));
         }
+        Ok(KeySet { keys })
+    }
+
+    /// The Ed25519 keys of JWKS document `body`, read as every verifier reads it
+    /// ([`bazaar_trust::token::ed25519_keys`]).
+    fn from_document(body: &[u8]) -> Result<KeySet, bazaar_trust::token::JwksError> {
+        let keys = bazaar_trust::token::ed25519_keys(body)?
+            .into_iter()
+            .map(|(kid, raw)| (kid, DecodingKey::from_ed_der(&raw)))
+            .collect();
         Ok(KeySet { keys })
     }
 
@@ -506,16 +495,19 @@ impl Verifier {
 /// Reads a JWKS document from `url`.
 async fn fetch_jwks(client: &reqwest::Client, url: &str) -> Result<KeySet, AuthError> {
     let unavailable = |e: &dyn std::fmt::Display| AuthError::KeysUnavailable(format!("{url}: {e}"));
-    let response = client.get(url).send().await.map_err(|e| unavailable(&e))?;
+    let mut response = client.get(url).send().await.map_err(|e| unavailable(&e))?;
     if !response.status().is_success() {
         return Err(unavailable(&format!("answered {}", response.status())));
     }
-    if response.content_length().is_some_and(|n| n > 64 * 1024) {
-        return Err(unavailable(&"the document is larger than 64 KiB"));
+    // Read in chunks, stopping past the limit: a peer must not make us hold more.
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| unavailable(&e))? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_JWKS_BYTES {
+            break;
+        }
     }
-    let body = response.bytes().await.map_err(|e| unavailable(&e))?;
-    let jwks: Jwks = serde_json::from_slice(&body).map_err(|e| unavailable(&e))?;
-    KeySet::from_jwks(&jwks)
+    KeySet::from_document(&body).map_err(|e| unavailable(&e))
 }
 
 /// The authenticated caller; handlers taking it answer 401 without a valid token (503 when

@@ -40,6 +40,12 @@ impl From<StoreError> for HandlerError {
     }
 }
 
+impl From<bazaar_core::saga::NotASagaCommand> for HandlerError {
+    fn from(e: bazaar_core::saga::NotASagaCommand) -> Self {
+        HandlerError::Poison(e.to_string())
+    }
+}
+
 impl From<crate::envelope::EnvelopeError> for HandlerError {
     fn from(e: crate::envelope::EnvelopeError) -> Self {
         HandlerError::Poison(e.to_string())

@@ -1,4 +1,6 @@
-//! Building blocks for event-driven services, knowing nothing of any shop.
+//! Building blocks for event-driven services, knowing nothing of any shop. The light
+//! shared part ([`envelope`], [`schema`], [`shutdown`], [`resilience`], the message
+//! contract and the saga's wire types) lives in `bazaar_core` and is re-exported here.
 //!
 //! - [`store`]: a service's own database from a URL (SQLite or PostgreSQL) with migrations;
 //!   [`sqlite`]: a SQLite file used inline, without a driver thread (the embedded broker's).
@@ -19,13 +21,14 @@
 //! - [`testing`]: throwaway SQLite and PostgreSQL databases for tests, and the servers
 //!   (PostgreSQL, NATS, Redis) tests find through variables, skipping work without them.
 
+pub use bazaar_core::{envelope, resilience, schema, shutdown};
+
 pub mod asyncapi;
 pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod consumer;
 pub mod deadletters;
-pub mod envelope;
 pub mod health;
 pub mod http;
 pub mod inbox;
@@ -34,12 +37,9 @@ pub mod openapi;
 pub mod otlp;
 pub mod outbox;
 pub mod policy;
-pub mod resilience;
 pub mod runtime;
 pub mod saga;
-pub mod schema;
 pub mod service;
-pub mod shutdown;
 pub mod sqlite;
 pub mod store;
 pub mod telemetry;

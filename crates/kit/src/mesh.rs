@@ -425,23 +425,12 @@ fn read(path: &Path) -> Result<String, MeshError> {
     })
 }
 
-/// Writes `contents` to `path` readable by its owner only, through a temporary file renamed
-/// into place.
+/// Writes `contents` to `path` readable by its owner only ([`bazaar_trust::files`]).
 fn write_private(path: &Path, contents: &str) -> Result<(), MeshError> {
-    use std::io::Write;
-    let io = |source| MeshError::Io {
+    bazaar_trust::files::write_private(path, contents).map_err(|source| MeshError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(contents.as_bytes()).and_then(|()| f.sync_all()))
-        .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 /// Where a workload's TLS material is.
@@ -801,38 +790,38 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<Identity> {
 fn uri_sans(der: &[u8]) -> Vec<String> {
     const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
     let mut uris = Vec::new();
-    let Some((0x30, cert, _)) = der_element(der) else {
+    let Some((0x30, cert, _)) = bazaar_trust::der::element(der) else {
         return uris;
     };
-    let Some((0x30, mut tbs, _)) = der_element(cert) else {
+    let Some((0x30, mut tbs, _)) = bazaar_trust::der::element(cert) else {
         return uris;
     };
-    while let Some((tag, content, rest)) = der_element(tbs) {
+    while let Some((tag, content, rest)) = bazaar_trust::der::element(tbs) {
         tbs = rest;
         if tag != 0xa3 {
             continue;
         }
-        let Some((0x30, mut extensions, _)) = der_element(content) else {
+        let Some((0x30, mut extensions, _)) = bazaar_trust::der::element(content) else {
             break;
         };
-        while let Some((0x30, extension, rest)) = der_element(extensions) {
+        while let Some((0x30, extension, rest)) = bazaar_trust::der::element(extensions) {
             extensions = rest;
-            let Some((0x06, oid, mut fields)) = der_element(extension) else {
+            let Some((0x06, oid, mut fields)) = bazaar_trust::der::element(extension) else {
                 continue;
             };
             if oid != SAN_OID {
                 continue;
             }
             // An optional `critical` BOOLEAN, then the OCTET STRING holding GeneralNames.
-            while let Some((tag, value, rest)) = der_element(fields) {
+            while let Some((tag, value, rest)) = bazaar_trust::der::element(fields) {
                 fields = rest;
                 if tag != 0x04 {
                     continue;
                 }
-                let Some((0x30, mut names, _)) = der_element(value) else {
+                let Some((0x30, mut names, _)) = bazaar_trust::der::element(value) else {
                     break;
                 };
-                while let Some((tag, name, rest)) = der_element(names) {
+                while let Some((tag, name, rest)) = bazaar_trust::der::element(names) {
                     names = rest;
                     if tag == 0x86 {
                         uris.push(String::from_utf8_lossy(name).into_owned());
@@ -842,26 +831,6 @@ fn uri_sans(der: &[u8]) -> Vec<String> {
         }
     }
     uris
-}
-
-/// One DER element: (tag, contents, what follows).
-fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let count = (first & 0x7f) as usize;
-        if count == 0 || count > 4 || rest.len() < count {
-            return None;
-        }
-        let len = rest[..count].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, &rest[count..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
 }
 
 #[cfg(test)]

@@ -91,24 +91,10 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
-fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    if text.len() != N * 2 {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 /// The trace id and parent span id of a W3C `traceparent` (`00-<trace>-<span>-<flags>`).
 pub fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8])> {
-    let mut parts = value.trim().split('-');
-    let (_version, trace, span) = (parts.next()?, parts.next()?, parts.next()?);
-    let trace = unhex::<16>(trace).filter(|t| t.iter().any(|b| *b != 0))?;
-    let span = unhex::<8>(span).filter(|s| s.iter().any(|b| *b != 0))?;
-    Some((trace, span))
+    let parsed = bazaar_trust::traceparent::Traceparent::parse(value)?;
+    Some((parsed.trace_bytes(), parsed.parent_bytes()))
 }
 
 /// Collects a span's fields as string attributes.

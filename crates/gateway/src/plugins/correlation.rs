@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+use bazaar_trust::traceparent::Traceparent;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
@@ -133,11 +134,11 @@ pub(crate) fn traceparent(headers: &mut HeaderMap) {
     match headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent)
+        .and_then(Traceparent::parse)
     {
-        Some((trace_id, flags)) => {
-            value[3..35].copy_from_slice(trace_id.as_bytes());
-            value[53..55].copy_from_slice(flags.as_bytes());
+        Some(caller) => {
+            value[3..35].copy_from_slice(caller.trace_id.as_bytes());
+            value[53..55].copy_from_slice(caller.flags.as_bytes());
         }
         None => hex(rand::random::<u128>().max(1), &mut value[3..35]),
     }
@@ -156,17 +157,6 @@ fn hex(mut n: u128, out: &mut [u8]) {
         *byte = DIGITS[(n & 0xf) as usize];
         n >>= 4;
     }
-}
-
-/// Trace id and flags of a version-00 `traceparent`, if well formed.
-fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
-    let mut parts = value.trim().split('-');
-    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex =
-        |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    let zero = |s: &str| s.bytes().all(|b| b == b'0');
-    (version == "00" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2) && !zero(trace) && !zero(parent))
-        .then_some((trace, flags))
 }
 
 #[cfg(test)]
@@ -242,7 +232,7 @@ mod tests {
         assert_ne!(out, incoming);
         let mut fresh = HeaderMap::new();
         traceparent(&mut fresh);
-        assert!(parse_traceparent(fresh["traceparent"].to_str().unwrap()).is_some());
+        assert!(Traceparent::parse(fresh["traceparent"].to_str().unwrap()).is_some());
     }
 
     #[test]

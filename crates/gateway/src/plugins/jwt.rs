@@ -27,6 +27,8 @@ use ring::{hmac, signature};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use bazaar_trust::{der, token};
+
 use crate::config::Config;
 
 /// base64url that accepts tokens with or without padding.
@@ -515,7 +517,7 @@ pub(crate) async fn authenticate(
             Ok(found) => match &found.jwks {
                 Some(jwks) if !reloaded && jwks.is_stale() => {
                     // One request a second tries; the others go on with the keys there are.
-                    jwks.reload(|started| started.elapsed() < JwksKeys::RELOAD_INTERVAL, Duration::ZERO)
+                    jwks.reload(|started| started.elapsed() < token::RELOAD_INTERVAL, Duration::ZERO)
                         .await;
                     reloaded = true;
                 }
@@ -524,7 +526,7 @@ pub(crate) async fn authenticate(
             Err(Failure::Rejected(rejection)) => return Err(rejection),
             // Perhaps a rotation: wait for a load that starts after this token arrived.
             Err(Failure::NeedKeys(jwks)) if !reloaded => {
-                jwks.reload(|started| started >= asked, JwksKeys::RELOAD_INTERVAL).await;
+                jwks.reload(|started| started >= asked, token::RELOAD_INTERVAL).await;
                 reloaded = true;
             }
             Err(Failure::NeedKeys(jwks)) if jwks.is_loaded() => {
@@ -556,7 +558,7 @@ pub(crate) struct JwksRoute {
 }
 
 /// Raw Ed25519 public keys by `kid`.
-type KeysByKid = HashMap<String, Vec<u8>>;
+type KeysByKid = token::Ed25519Keys;
 
 /// Ed25519 keys by `kid` from a JWKS document.
 pub(crate) struct JwksKeys {
@@ -575,15 +577,6 @@ impl std::fmt::Debug for JwksKeys {
 }
 
 impl JwksKeys {
-    /// The shortest time between loads (a token naming an unknown key waits for the next).
-    const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
-    /// The longest a load may take.
-    const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
-    /// How long loaded keys are trusted before a load (retired keys go).
-    const MAX_AGE: Duration = Duration::from_secs(300);
-    /// The largest JWKS document read.
-    const MAX_BYTES: usize = 64 * 1024;
-
     fn new(uri: http::Uri, route: Option<JwksRoute>) -> JwksKeys {
         JwksKeys {
             uri,
@@ -602,7 +595,7 @@ impl JwksKeys {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .1
-            .is_some_and(|at| at.elapsed() > JwksKeys::MAX_AGE)
+            .is_some_and(|at| at.elapsed() > token::KEYS_MAX_AGE)
     }
 
     /// Whether key `kid` is in the set last loaded.
@@ -632,7 +625,7 @@ impl JwksKeys {
                 Err(_) => return,
             }
         } else {
-            let Ok(last) = tokio::time::timeout(gap + JwksKeys::LOAD_TIMEOUT, self.attempt.lock()).await else {
+            let Ok(last) = tokio::time::timeout(gap + token::LOAD_TIMEOUT, self.attempt.lock()).await else {
                 return;
             };
             last
@@ -644,7 +637,7 @@ impl JwksKeys {
             tokio::time::sleep(gap.saturating_sub(at.elapsed())).await;
         }
         *last = Some(Instant::now());
-        match tokio::time::timeout(JwksKeys::LOAD_TIMEOUT, self.fetch()).await {
+        match tokio::time::timeout(token::LOAD_TIMEOUT, self.fetch()).await {
             Ok(Ok(keys)) => {
                 tracing::debug!(uri = %self.uri, keys = keys.len(), "jwt: JWKS loaded");
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = (keys, Some(Instant::now()));
@@ -690,34 +683,13 @@ impl JwksKeys {
         if !response.status().is_success() {
             return Err(format!("answered {}", response.status()));
         }
-        let body = http_body_util::Limited::new(response.into_body(), JwksKeys::MAX_BYTES)
+        let body = http_body_util::Limited::new(response.into_body(), token::MAX_JWKS_BYTES)
             .collect()
             .await
             .map_err(|e| format!("cannot read the document: {e}"))?
             .to_bytes();
-        parse_jwks(&body)
+        token::ed25519_keys(&body).map_err(|e| e.to_string())
     }
-}
-
-/// The Ed25519 keys of a JWKS document by `kid`; keys of other types are skipped.
-fn parse_jwks(body: &[u8]) -> Result<KeysByKid, String> {
-    let document: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let keys = document["keys"].as_array().ok_or("no \"keys\" array")?;
-    let mut found = HashMap::new();
-    for key in keys {
-        if key["kty"] != "OKP" || key["crv"] != "Ed25519" {
-            continue;
-        }
-        let (Some(kid), Some(x)) = (key["kid"].as_str(), key["x"].as_str()) else {
-            return Err("an Ed25519 key without kid or x".into());
-        };
-        let raw = B64URL.decode(x).map_err(|e| format!("key {kid:?}: {e}"))?;
-        if raw.len() != 32 {
-            return Err(format!("key {kid:?} is not a 32-byte Ed25519 key"));
-        }
-        found.insert(kid.to_string(), raw);
-    }
-    Ok(found)
 }
 
 /// Finds the token in query, cookies and headers; Kong refuses two different ones.
@@ -936,36 +908,16 @@ fn pem_der(pem: &str) -> Result<Vec<u8>, String> {
 /// The key bits of a DER SubjectPublicKeyInfo.
 fn subject_public_key(der: &[u8]) -> Result<Vec<u8>, String> {
     // SubjectPublicKeyInfo ::= SEQUENCE { algorithm SEQUENCE, subjectPublicKey BIT STRING }.
-    let (tag, spki, _) = der_element(der).ok_or("malformed DER")?;
+    let (tag, spki, _) = der::element(der).ok_or("malformed DER")?;
     if tag != 0x30 {
         return Err("expected a SubjectPublicKeyInfo sequence".into());
     }
-    let (_, _, rest) = der_element(spki).ok_or("malformed DER")?;
-    let (tag, bits, _) = der_element(rest).ok_or("malformed DER")?;
+    let (_, _, rest) = der::element(spki).ok_or("malformed DER")?;
+    let (tag, bits, _) = der::element(rest).ok_or("malformed DER")?;
     match (tag, bits.split_first()) {
         (0x03, Some((0, key))) => Ok(key.to_vec()),
         _ => Err("expected a public key".into()),
     }
-}
-
-/// Reads one DER element: (tag, contents, what follows).
-fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let count = (first & 0x7f) as usize;
-        if count == 0 || count > 4 || rest.len() < count {
-            return None;
-        }
-        let len = rest[..count].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, &rest[count..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
 }
 
 #[cfg(test)]

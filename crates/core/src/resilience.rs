@@ -8,7 +8,7 @@
 //! again on the first failed or slow one.
 //!
 //! [`CircuitBreaker::call`] guards one future; the outbound HTTP stack in
-//! [`crate::client`] uses [`CircuitBreaker::try_acquire`] and a [`BreakerPermit`] instead.
+//! `bazaar_kit::client` uses [`CircuitBreaker::try_acquire`] and a [`BreakerPermit`] instead.
 
 use std::{
     collections::VecDeque,

@@ -1,0 +1,329 @@
+//! The layers a newcomer reads the code by, held by tests: which crate may depend on which
+//! (read from `cargo metadata`), and no cycle of modules importing each other inside a crate
+//! (read from the sources). `docs/architecture.md` draws the same arrows.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// Every workspace crate and the bazaar crates its code (not its tests) may depend on. A
+/// crate depends only on crates listed above it; the lowest know no other bazaar crate.
+const LAYERS: &[(&str, &[&str])] = &[
+    ("bazaar-core", &[]),
+    ("bazaar-trust", &[]),
+    ("bazaar-drain", &[]),
+    ("bazaar-contracts", &["bazaar-core"]),
+    ("bazaar-kit", &["bazaar-core", "bazaar-trust", "bazaar-drain"]),
+    ("bazaar-gateway", &["bazaar-trust", "bazaar-drain"]),
+    ("bazaar-users", SERVICE),
+    ("bazaar-inventory", SERVICE),
+    ("bazaar-orders", SERVICE),
+    ("bazaar-payments", SERVICE),
+    ("bazaar-notifications", SERVICE),
+    ("bazaar-web", SERVICE),
+    ("bazaar", BINARY),
+    ("bazaar-bench", BINARY),
+];
+
+/// What a service may use: the kit and the contracts, never another service.
+const SERVICE: &[&str] = &[
+    "bazaar-kit",
+    "bazaar-contracts",
+    "bazaar-core",
+    "bazaar-trust",
+    "bazaar-drain",
+];
+
+/// What the binary (and the bench) may use: everything below them.
+const BINARY: &[&str] = &[
+    "bazaar-kit",
+    "bazaar-contracts",
+    "bazaar-core",
+    "bazaar-trust",
+    "bazaar-drain",
+    "bazaar-gateway",
+    "bazaar-users",
+    "bazaar-inventory",
+    "bazaar-orders",
+    "bazaar-payments",
+    "bazaar-notifications",
+    "bazaar-web",
+    "bazaar",
+];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `cargo metadata` of the workspace's own crates.
+fn metadata() -> Value {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .current_dir(workspace())
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("cargo metadata's JSON")
+}
+
+#[test]
+fn every_crate_depends_only_on_the_layers_below_it() {
+    let meta = metadata();
+    let allowed: BTreeMap<&str, &[&str]> = LAYERS.iter().copied().collect();
+    let mut found = BTreeSet::new();
+    let mut wrong = Vec::new();
+    for package in meta["packages"].as_array().expect("packages") {
+        let name = package["name"].as_str().expect("a name");
+        found.insert(name.to_string());
+        let Some(may) = allowed.get(name) else {
+            wrong.push(format!("{name} is not in LAYERS: give it its place"));
+            continue;
+        };
+        for dep in package["dependencies"].as_array().expect("dependencies") {
+            let (dep_name, kind) = (dep["name"].as_str().unwrap_or_default(), &dep["kind"]);
+            let normal = kind.is_null() || kind == "build";
+            if normal && dep_name.starts_with("bazaar") && !may.contains(&dep_name) {
+                wrong.push(format!("{name} depends on {dep_name}"));
+            }
+        }
+    }
+    let listed: BTreeSet<String> = allowed.keys().map(|k| k.to_string()).collect();
+    assert_eq!(found, listed, "LAYERS lists exactly the workspace's crates");
+    assert!(wrong.is_empty(), "arrows against the layers: {wrong:#?}");
+}
+
+/// Crates whose modules still import each other in a cycle (the kit's split is under way,
+/// see `docs/architecture.md`); each entry is one cycle, as module names. The test fails
+/// when a cycle appears and when one of these is broken, so the list shrinks to nothing.
+const KNOWN_CYCLES: &[(&str, &[&str])] = &[
+    ("bazaar", &["contracts", "roles"]),
+    (
+        "bazaar-kit",
+        &[
+            "asyncapi",
+            "auth",
+            "consumer",
+            "deadletters",
+            "http",
+            "mesh",
+            "openapi",
+            "policy",
+            "runtime",
+            "service",
+        ],
+    ),
+    ("bazaar-kit", &["sqlite", "store"]),
+    ("bazaar-gateway", &["config", "plugins"]),
+];
+
+#[test]
+fn no_crate_has_modules_that_import_each_other_in_a_cycle() {
+    let meta = metadata();
+    let mut cycles = BTreeSet::new();
+    for package in meta["packages"].as_array().expect("packages") {
+        let name = package["name"].as_str().expect("a name");
+        let manifest = PathBuf::from(package["manifest_path"].as_str().expect("a manifest"));
+        let src = manifest.parent().expect("a crate directory").join("src");
+        for cycle in module_cycles(&src) {
+            cycles.insert(format!("{name}: {{{}}}", cycle.join(", ")));
+        }
+    }
+    let known: BTreeSet<String> = KNOWN_CYCLES
+        .iter()
+        .map(|(name, cycle)| format!("{name}: {{{}}}", cycle.join(", ")))
+        .collect();
+    let new: Vec<_> = cycles.difference(&known).collect();
+    let broken: Vec<_> = known.difference(&cycles).collect();
+    assert!(new.is_empty(), "modules that import each other in a cycle: {new:#?}");
+    assert!(
+        broken.is_empty(),
+        "no longer cycles, take them off KNOWN_CYCLES: {broken:#?}"
+    );
+}
+
+/// The cycles among the top-level modules under `src` (a directory module is one), each as
+/// its sorted module names. A module's edges are the `crate::<module>` paths in its code,
+/// outside comments and its `#[cfg(test)]` tail.
+fn module_cycles(src: &Path) -> Vec<Vec<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (module, file) in top_level_files(src) {
+        let code = std::fs::read_to_string(&file).expect("a source file");
+        let code = code.split("#[cfg(test)]").next().unwrap_or_default();
+        let code: String = code
+            .lines()
+            .map(str::trim_start)
+            .filter(|l| !l.starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let edges = graph.entry(module.clone()).or_default();
+        edges.extend(crate_paths(&code).filter(|m| *m != module));
+    }
+    let modules: BTreeSet<String> = graph.keys().cloned().collect();
+    for edges in graph.values_mut() {
+        edges.retain(|m| modules.contains(m));
+    }
+    strongly_connected(&graph).into_iter().filter(|c| c.len() > 1).collect()
+}
+
+/// Each `.rs` file under `src` with the top-level module it belongs to (`lib`/`main` for
+/// the crate root's own file).
+fn top_level_files(src: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let mut stack = vec![src.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("a source directory").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let relative = path.strip_prefix(src).expect("under src");
+                let first = relative.components().next().expect("a component");
+                let module = Path::new(first.as_os_str()).file_stem().expect("a name");
+                out.push((module.to_string_lossy().into_owned(), path));
+            }
+        }
+    }
+    out
+}
+
+/// The module names `code` reaches by `crate::name` or inside `use crate::{a, b::{c}}`.
+fn crate_paths(code: &str) -> impl Iterator<Item = String> + '_ {
+    let mut names = Vec::new();
+    for (at, _) in code.match_indices("crate::") {
+        let rest = &code[at + "crate::".len()..];
+        let Some(group) = rest.strip_prefix('{') else {
+            names.extend(ident(rest));
+            continue;
+        };
+        // The group's items at its own depth, up to its closing brace.
+        let (mut depth, mut item_start) = (0usize, true);
+        for (i, c) in group.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => break,
+                '}' => depth -= 1,
+                ',' if depth == 0 => item_start = true,
+                c if c.is_whitespace() => {}
+                _ if item_start => {
+                    names.extend(ident(&group[i..]));
+                    item_start = false;
+                }
+                _ => {}
+            }
+        }
+    }
+    names.into_iter()
+}
+
+/// The identifier `text` starts with.
+fn ident(text: &str) -> Option<String> {
+    let end = text
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(text.len());
+    (end > 0).then(|| text[..end].to_string())
+}
+
+/// Tarjan's strongly connected components of `graph`, each sorted.
+fn strongly_connected(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
+    struct Walk<'g> {
+        graph: &'g BTreeMap<String, BTreeSet<String>>,
+        index: BTreeMap<&'g str, (usize, usize)>,
+        stack: Vec<&'g str>,
+        on_stack: BTreeSet<&'g str>,
+        out: Vec<Vec<String>>,
+    }
+    fn visit<'g>(w: &mut Walk<'g>, v: &'g str) {
+        let n = w.index.len();
+        w.index.insert(v, (n, n));
+        w.stack.push(v);
+        w.on_stack.insert(v);
+        for next in &w.graph[v] {
+            let next = next.as_str();
+            if !w.index.contains_key(next) {
+                visit(w, next);
+                let low = w.index[next].1.min(w.index[v].1);
+                w.index.get_mut(v).expect("visited").1 = low;
+            } else if w.on_stack.contains(next) {
+                let low = w.index[next].0.min(w.index[v].1);
+                w.index.get_mut(v).expect("visited").1 = low;
+            }
+        }
+        if w.index[v].0 == w.index[v].1 {
+            let mut component = Vec::new();
+            while let Some(top) = w.stack.pop() {
+                w.on_stack.remove(top);
+                component.push(top.to_string());
+                if top == v {
+                    break;
+                }
+            }
+            component.sort();
+            w.out.push(component);
+        }
+    }
+    let mut walk = Walk {
+        graph,
+        index: BTreeMap::new(),
+        stack: Vec::new(),
+        on_stack: BTreeSet::new(),
+        out: Vec::new(),
+    };
+    for v in graph.keys() {
+        if !walk.index.contains_key(v.as_str()) {
+            visit(&mut walk, v);
+        }
+    }
+    walk.out
+}
+
+#[test]
+fn the_cycle_finder_finds_a_cycle_and_nothing_else() {
+    let graph: BTreeMap<String, BTreeSet<String>> = [("a", &["b"][..]), ("b", &["c"]), ("c", &["a"]), ("d", &["a"])]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+        .collect();
+    let cycles: Vec<_> = strongly_connected(&graph).into_iter().filter(|c| c.len() > 1).collect();
+    assert_eq!(cycles, [["a", "b", "c"]]);
+    let code = "use crate::{\n    store::Tx,\n    http, outbox::{self, Outbox},\n};\nlet x = crate::saga::x;";
+    let paths: Vec<String> = crate_paths(code).collect();
+    assert_eq!(paths, ["store", "http", "outbox", "saga"]);
+}
+
+#[test]
+fn the_contracts_build_without_a_database_broker_tls_or_http_server() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "bazaar-contracts",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
+        .current_dir(workspace())
+        .output()
+        .expect("run cargo tree");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let heavy: BTreeSet<&str> = tree
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| {
+            [
+                "sqlx",
+                "rusqlite",
+                "libsqlite3-sys",
+                "async-nats",
+                "rustls",
+                "axum",
+                "hyper",
+                "reqwest",
+            ]
+            .contains(name)
+        })
+        .collect();
+    assert!(heavy.is_empty(), "bazaar-contracts pulls in {heavy:?}");
+}
