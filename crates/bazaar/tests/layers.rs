@@ -114,7 +114,7 @@ const KNOWN_CYCLES: &[(&str, &[&str])] = &[
         ],
     ),
     ("bazaar-kit", &["sqlite", "store"]),
-    ("bazaar-gateway", &["config", "plugins"]),
+    ("bazaar-gateway", &["balancer", "config", "plugins"]),
 ];
 
 #[test]
@@ -142,28 +142,83 @@ fn no_crate_has_modules_that_import_each_other_in_a_cycle() {
     );
 }
 
-/// The cycles among the top-level modules under `src` (a directory module is one), each as
-/// its sorted module names. A module's edges are the `crate::<module>` paths in its code,
-/// outside comments and its `#[cfg(test)]` tail.
+/// The cycles among the modules of each target under `src` (the library from `lib.rs`, the
+/// binary from `main.rs`), each as its sorted module names; a directory module is one. A
+/// module's edges are the `crate::<module>` paths its code names, outside comments and
+/// `#[cfg(test)] mod` blocks. The crate root is the crate's table of contents (it declares
+/// and re-exports the modules) and is not counted.
 fn module_cycles(src: &Path) -> Vec<Vec<String>> {
-    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (module, file) in top_level_files(src) {
-        let code = std::fs::read_to_string(&file).expect("a source file");
-        let code = code.split("#[cfg(test)]").next().unwrap_or_default();
-        let code: String = code
-            .lines()
-            .map(str::trim_start)
-            .filter(|l| !l.starts_with("//"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let edges = graph.entry(module.clone()).or_default();
-        edges.extend(crate_paths(&code).filter(|m| *m != module));
+    let files = top_level_files(src);
+    let mut cycles = Vec::new();
+    for root in ["lib.rs", "main.rs"] {
+        let root_file = src.join(root);
+        if !root_file.is_file() {
+            continue;
+        }
+        let declared = declared_modules(&code_of(&root_file));
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (module, file) in files.iter().filter(|(m, _)| declared.contains(m)) {
+            let code = code_of(file);
+            let named = crate_paths(&code).filter(|name| declared.contains(name) && name != module);
+            graph.entry(module.clone()).or_default().extend(named);
+        }
+        cycles.extend(strongly_connected(&graph).into_iter().filter(|c| c.len() > 1));
     }
-    let modules: BTreeSet<String> = graph.keys().cloned().collect();
-    for edges in graph.values_mut() {
-        edges.retain(|m| modules.contains(m));
+    cycles
+}
+
+/// The code of `file` without comments and without its `#[cfg(test)] mod … { … }` blocks.
+fn code_of(file: &Path) -> String {
+    let text = std::fs::read_to_string(file).expect("a source file");
+    let mut code = String::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("#[cfg(test)]") {
+        code.push_str(&rest[..at]);
+        let after = &rest[at + "#[cfg(test)]".len()..];
+        rest = match after.trim_start().strip_prefix("mod ") {
+            Some(module) => skip_block(module),
+            None => after,
+        };
     }
-    strongly_connected(&graph).into_iter().filter(|c| c.len() > 1).collect()
+    code.push_str(rest);
+    code.lines()
+        .map(str::trim_start)
+        .filter(|line| !line.starts_with("//"))
+        .map(|line| line.split(" //").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// What follows the brace-delimited block `text` opens (after its name).
+fn skip_block(text: &str) -> &str {
+    let Some(open) = text.find('{') else {
+        return text;
+    };
+    let mut depth = 0usize;
+    for (i, c) in text[open..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 1 => return &text[open + i + 1..],
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    ""
+}
+
+/// The modules a crate root declares (`mod x;`, `pub mod x;`, `pub(crate) mod x;`).
+fn declared_modules(root: &str) -> BTreeSet<String> {
+    root.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let line = line
+                .strip_prefix("pub(crate) ")
+                .or_else(|| line.strip_prefix("pub "))
+                .unwrap_or(line);
+            let name = ident(line.strip_prefix("mod ")?)?;
+            line.ends_with(';').then_some(name)
+        })
+        .collect()
 }
 
 /// Each `.rs` file under `src` with the top-level module it belongs to (`lib`/`main` for
@@ -288,6 +343,12 @@ fn the_cycle_finder_finds_a_cycle_and_nothing_else() {
     let code = "use crate::{\n    store::Tx,\n    http, outbox::{self, Outbox},\n};\nlet x = crate::saga::x;";
     let paths: Vec<String> = crate_paths(code).collect();
     assert_eq!(paths, ["store", "http", "outbox", "saga"]);
+    let root = "//! doc\npub mod a;\nmod b;\npub(crate) mod c;\nmod d {}\npub use a::X;";
+    assert_eq!(declared_modules(root), ["a", "b", "c"].map(String::from).into());
+    assert_eq!(
+        skip_block(" tests {\n fn t() { let v = {1}; }\n}\nfn after() {}"),
+        "\nfn after() {}"
+    );
 }
 
 #[test]

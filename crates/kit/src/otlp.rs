@@ -91,7 +91,8 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
-/// The trace id and parent span id of a W3C `traceparent` (`00-<trace>-<span>-<flags>`).
+/// The trace id and parent span id of a W3C `traceparent`, read as
+/// [`bazaar_trust::traceparent::Traceparent`] reads it.
 pub fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8])> {
     let parsed = bazaar_trust::traceparent::Traceparent::parse(value)?;
     Some((parsed.trace_bytes(), parsed.parent_bytes()))

@@ -6,8 +6,15 @@ use std::path::Path;
 
 /// Writes `contents` to `path`, readable and writable by its owner only: into a fresh
 /// owner-only temporary file beside it, synced, renamed over `path`, and the directory
-/// synced, so the change survives a crash whole or not at all.
+/// synced, so the change survives a crash whole or not at all. A symbolic link is followed,
+/// so the file it points at is the one replaced.
 pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    let resolved = match std::fs::canonicalize(path) {
+        Ok(target) => target,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
+        Err(e) => return Err(e),
+    };
+    let path = resolved.as_path();
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -37,5 +44,16 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_link_is_followed_and_the_file_it_points_at_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, link) = (dir.path().join("target"), dir.path().join("link"));
+        std::fs::write(&target, "old").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_private(&link, "new").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
     }
 }

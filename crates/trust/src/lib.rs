@@ -5,7 +5,7 @@
 //! - [`token`]: where the users role publishes its token keys, how long a verifier trusts
 //!   them, and how a JWKS document's Ed25519 keys are read.
 //! - [`der`]: reading DER elements (public keys, certificate extensions).
-//! - [`traceparent`]: the W3C trace context header, parsed strictly.
+//! - [`traceparent`]: the W3C trace context header, parsed as the recommendation asks.
 //! - [`files`]: writing a file only its owner may read, atomically.
 
 pub mod der;

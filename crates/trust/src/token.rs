@@ -6,8 +6,16 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::alphabet::URL_SAFE;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
 use base64::Engine;
+
+/// Base64url with or without padding: RFC 7515 says without, and some publishers pad.
+const BASE64URL: GeneralPurpose = GeneralPurpose::new(
+    &URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// The `iss` of every token the users service issues (the gateway's jwt credential key).
 pub const ISSUER: &str = "bazaar-users";
@@ -54,7 +62,7 @@ pub fn ed25519_key(kid: &str, x: &str) -> Result<[u8; 32], JwksError> {
         kid: kid.to_string(),
         reason,
     };
-    let raw = URL_SAFE_NO_PAD
+    let raw = BASE64URL
         .decode(x)
         .map_err(|e| bad(format!("x is not base64url: {e}")))?;
     raw.try_into().map_err(|_| bad("not a 32-byte Ed25519 key".into()))
@@ -77,10 +85,9 @@ pub fn ed25519_keys(body: &[u8]) -> Result<Ed25519Keys, JwksError> {
         .ok_or_else(|| JwksError::Document("no \"keys\" array".into()))?;
     let mut found = HashMap::new();
     for key in keys.iter().filter(|k| k["kty"] == "OKP" && k["crv"] == "Ed25519") {
-        let kid = key["kid"].as_str().ok_or_else(|| JwksError::Key {
-            kid: String::new(),
-            reason: "an Ed25519 key without kid".into(),
-        })?;
+        let kid = key["kid"]
+            .as_str()
+            .ok_or_else(|| JwksError::Document("an Ed25519 key without kid".into()))?;
         let x = key["x"].as_str().ok_or_else(|| JwksError::Key {
             kid: kid.to_string(),
             reason: "no x".into(),
@@ -109,7 +116,6 @@ mod tests {
     #[test]
     fn a_broken_ed25519_key_spoils_the_document() {
         for key in [
-            r#"{"kty":"OKP","crv":"Ed25519","x":"AAAA"}"#,
             r#"{"kty":"OKP","crv":"Ed25519","kid":"a"}"#,
             r#"{"kty":"OKP","crv":"Ed25519","kid":"a","x":"AAAA"}"#,
             r#"{"kty":"OKP","crv":"Ed25519","kid":"a","x":"!!"}"#,
@@ -123,8 +129,15 @@ mod tests {
     }
 
     #[test]
+    fn a_padded_key_reads_as_the_unpadded_one() {
+        assert_eq!(ed25519_key("a", &format!("{KEY}=")), ed25519_key("a", KEY));
+        assert!(ed25519_key("a", KEY).is_ok());
+    }
+
+    #[test]
     fn what_is_not_a_jwks_says_so() {
-        for body in ["", "[]", r#"{"keys":{}}"#] {
+        let keyless = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"AAAA"}]}"#;
+        for body in ["", "[]", r#"{"keys":{}}"#, keyless] {
             assert!(
                 matches!(ed25519_keys(body.as_bytes()), Err(JwksError::Document(_))),
                 "{body}"

@@ -236,6 +236,20 @@ mod tests {
     }
 
     #[test]
+    fn a_later_version_is_continued_as_version_00_and_a_malformed_00_is_not() {
+        let continued = |incoming: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("traceparent", HeaderValue::from_static(incoming));
+            traceparent(&mut headers);
+            headers["traceparent"].to_str().unwrap().to_string()
+        };
+        let later = continued("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more");
+        assert!(later.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{later}");
+        let extra = continued("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more");
+        assert!(!extra.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{extra}");
+    }
+
+    #[test]
     fn bad_generator_is_refused() {
         assert!(serde_yaml::from_str::<CorrelationConfig>("{generator: nope}").is_err());
     }
