@@ -13,8 +13,12 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("bazaar-core", &[]),
     ("bazaar-trust", &[]),
     ("bazaar-drain", &[]),
+    ("bazaar-store", &[]),
     ("bazaar-contracts", &["bazaar-core"]),
-    ("bazaar-kit", &["bazaar-core", "bazaar-trust", "bazaar-drain"]),
+    (
+        "bazaar-kit",
+        &["bazaar-core", "bazaar-trust", "bazaar-drain", "bazaar-store"],
+    ),
     ("bazaar-gateway", &["bazaar-trust", "bazaar-drain"]),
     ("bazaar-users", SERVICE),
     ("bazaar-inventory", SERVICE),
@@ -42,6 +46,7 @@ const BINARY: &[&str] = &[
     "bazaar-core",
     "bazaar-trust",
     "bazaar-drain",
+    "bazaar-store",
     "bazaar-gateway",
     "bazaar-users",
     "bazaar-inventory",
@@ -113,7 +118,6 @@ const KNOWN_CYCLES: &[(&str, &[&str])] = &[
             "service",
         ],
     ),
-    ("bazaar-kit", &["sqlite", "store"]),
     ("bazaar-gateway", &["balancer", "config", "plugins"]),
 ];
 

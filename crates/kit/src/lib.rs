@@ -1,6 +1,7 @@
 //! Building blocks for event-driven services, knowing nothing of any shop. The light
 //! shared part ([`envelope`], [`schema`], [`shutdown`], [`resilience`], the message
-//! contract and the saga's wire types) lives in `bazaar_core` and is re-exported here.
+//! contract and the saga's wire types) lives in `bazaar_core`, and the [`store`] (with
+//! [`sqlite`]) in `bazaar_store`; both are re-exported here.
 //!
 //! - [`store`]: a service's own database from a URL (SQLite or PostgreSQL) with migrations;
 //!   [`sqlite`]: a SQLite file used inline, without a driver thread (the embedded broker's).
@@ -22,6 +23,8 @@
 //!   (PostgreSQL, NATS, Redis) tests find through variables, skipping work without them.
 
 pub use bazaar_core::{envelope, resilience, schema, shutdown};
+pub use bazaar_store as store;
+pub use bazaar_store::sqlite;
 
 pub mod asyncapi;
 pub mod auth;
@@ -40,7 +43,5 @@ pub mod policy;
 pub mod runtime;
 pub mod saga;
 pub mod service;
-pub mod sqlite;
-pub mod store;
 pub mod telemetry;
 pub mod testing;

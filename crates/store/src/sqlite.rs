@@ -15,7 +15,8 @@ use std::{
     time::Duration,
 };
 
-use crate::store::{unknown_migration, Migration, StoreError, SCHEMA_MIGRATIONS};
+use crate::error::{sqlite_is_busy, StoreError};
+use crate::migration::{unknown_migration, Migration, SCHEMA_MIGRATIONS};
 
 /// How long a transaction keeps retrying while another process holds the write lock.
 pub(crate) const BUSY_FOR: Duration = Duration::from_secs(10);
@@ -164,21 +165,13 @@ pub(crate) async fn retry_busy<T>(mut work: impl FnMut() -> rusqlite::Result<T>)
     let mut nap = BUSY_NAP;
     loop {
         match work() {
-            Err(e) if is_busy(&e) && tokio::time::Instant::now() < deadline => {
+            Err(e) if sqlite_is_busy(&e) && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(nap).await;
                 nap = (nap * 2).min(BUSY_NAP_MAX);
             }
             other => return other,
         }
     }
-}
-
-/// SQLITE_BUSY or SQLITE_LOCKED: another connection holds what this one needs.
-pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
 }
 
 /// Every migration (version, name) a file records, its `schema_migrations` made when new.

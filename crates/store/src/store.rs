@@ -1,26 +1,7 @@
-//! A service's own database, opened from a URL.
-//!
-//! `sqlite://PATH` (the default: one file per service, WAL, foreign keys on) or
-//! `postgres://…`, behind one API ([`query`], [`Row`], [`Tx`]) so that repository code and
-//! migrations are written once. SQL in this workspace sticks to the common dialect: `$1`
-//! placeholders, `BIGINT` and `TEXT` columns, `INSERT … ON CONFLICT`, `RETURNING`. Where the
-//! two engines must differ (auto-increment keys, locking), a [`Migration`] carries both texts.
-//!
-//! A decision made on the database is race-free on both engines when the rows that decide
-//! are locked: end the `SELECT` that reads them with `FOR UPDATE`. PostgreSQL (READ
-//! COMMITTED) then makes a second transaction wait and read the first's result; SQLite's
-//! write transaction already holds the whole file (`BEGIN IMMEDIATE`), so the store drops the
-//! clause there. A row that may not exist yet cannot be locked: claim it with
-//! `INSERT … ON CONFLICT DO NOTHING` and read it again when the insert affected no row.
-//!
-//! SQLite runs inline on the calling task (see [`crate::sqlite`] for why): one writer
-//! connection that transactions queue for in this process, plus reader connections for
-//! statements outside a transaction that only read. PostgreSQL goes through sqlx's pool.
-
-mod query;
+//! The store itself: a SQLite file (one writer, a few readers) or a PostgreSQL pool behind
+//! one handle, its transactions, and its migrations run in order under a lock.
 
 use std::{
-    str::FromStr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -28,226 +9,11 @@ use std::{
 use futures_util::TryStreamExt;
 use sqlx::{postgres::PgPoolOptions, Column, Executor, PgPool, Row as _, TypeInfo, ValueRef};
 
-pub use query::{query, ColumnIndex, Decode, Done, Encode, Kind, Query, Row, Value};
-
+use crate::error::StoreError;
+use crate::migration::{unknown_migration, Migration, SCHEMA_MIGRATIONS};
+use crate::query::{query, Done, Kind, Query, Row, Value};
 use crate::sqlite;
-
-/// Errors opening, migrating or querying a store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The URL names neither `sqlite://` nor `postgres://`.
-    #[error("unsupported store URL `{0}`: expected sqlite://PATH or postgres://USER@HOST/DB")]
-    UnsupportedUrl(String),
-    /// The directory for a SQLite file could not be created.
-    #[error("cannot create the directory for `{path}`: {source}")]
-    CreateDir {
-        /// The directory.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The database answered with an error.
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    /// This process's transactions held the SQLite writer past the busy limit.
-    #[error("the database stayed busy with other transactions for {0:?}")]
-    WriterBusy(Duration),
-    /// A statement that must return a row returned none.
-    #[error("no row returned by `{0}`")]
-    NoRow(String),
-    /// A SQLite file used inline ([`crate::sqlite`]) answered with an error.
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// A migration failed; the store is left at the previous version.
-    #[error("migration {version} ({name}) failed: {source}")]
-    Migration {
-        /// The version that failed.
-        version: i64,
-        /// Its name.
-        name: &'static str,
-        /// The cause.
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// A stored value could not be read back (a bug or a hand-edited row).
-    #[error("corrupt stored data: {0}")]
-    Corrupt(String),
-    /// Every connection of the pool stayed busy past the wait: the role needs a larger pool
-    /// (`--store-pool`) or the server is slow.
-    #[error("{owner}: all {size} connections to PostgreSQL stayed busy for {waited:?} (raise --store-pool, or see what holds them)")]
-    PoolExhausted {
-        /// Whose pool (the role).
-        owner: String,
-        /// Its size.
-        size: u32,
-        /// How long the statement waited for a connection.
-        waited: Duration,
-    },
-    /// The store records a migration this program does not have (as that version with that
-    /// name): another version of it wrote the data, and running on it would corrupt it.
-    #[error(
-        "the store records migration {version} ({name}), which this version does not have: another version wrote it"
-    )]
-    UnknownMigration {
-        /// The recorded version.
-        version: i64,
-        /// Its recorded name.
-        name: String,
-    },
-    /// No connection to PostgreSQL could be opened in time when the store was opened.
-    #[error("{owner}: could not open a connection to PostgreSQL in {waited:?} (is the server up, with connections to spare? its max_connections is shared by every role and tool)")]
-    Unreachable {
-        /// Whose store (the role).
-        owner: String,
-        /// How long it tried.
-        waited: Duration,
-    },
-}
-
-impl StoreError {
-    /// True when retrying soon may succeed: the database was busy (SQLite's write lock held
-    /// by another process past the busy limit, this process's writer or a pooled PostgreSQL
-    /// connection not free in time) or the engine chose this transaction as a serialization
-    /// or deadlock victim.
-    pub fn is_busy(&self) -> bool {
-        match self {
-            StoreError::Database(e) => is_busy(e),
-            StoreError::Sqlite(e) => crate::sqlite::is_busy(e),
-            StoreError::WriterBusy(_) | StoreError::PoolExhausted { .. } | StoreError::Unreachable { .. } => true,
-            _ => false,
-        }
-    }
-}
-
-/// See [`StoreError::is_busy`].
-pub fn is_busy(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::PoolTimedOut => true,
-        sqlx::Error::Database(db) => {
-            // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes; PostgreSQL's
-            // serialization_failure and deadlock_detected.
-            let code = db.code().unwrap_or_default();
-            matches!(code.as_ref(), "5" | "6" | "261" | "262" | "517" | "40001" | "40P01")
-                || db.message().contains("database is locked")
-        }
-        _ => false,
-    }
-}
-
-/// `count` numbered placeholders from `$first` on, for a statement built at run time:
-/// `$2, $3, $4`.
-pub fn params(count: usize, first: usize) -> String {
-    (first..first + count)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Which SQL engine a store runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    /// An embedded SQLite file.
-    Sqlite,
-    /// A PostgreSQL server.
-    Postgres,
-}
-
-/// A parsed store URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreUrl {
-    dialect: Dialect,
-    url: String,
-}
-
-impl StoreUrl {
-    /// The engine this URL names.
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
-    }
-
-    /// The URL as given.
-    pub fn as_str(&self) -> &str {
-        &self.url
-    }
-
-    /// The file path of a SQLite URL.
-    pub fn sqlite_path(&self) -> Option<&str> {
-        match self.dialect {
-            Dialect::Sqlite => Some(
-                self.url
-                    .trim_start_matches("sqlite://")
-                    .trim_start_matches("sqlite:")
-                    .split('?')
-                    .next()
-                    .unwrap_or_default(),
-            ),
-            Dialect::Postgres => None,
-        }
-    }
-}
-
-impl FromStr for StoreUrl {
-    type Err = StoreError;
-
-    fn from_str(url: &str) -> Result<Self, Self::Err> {
-        let dialect = if url.starts_with("sqlite:") {
-            Dialect::Sqlite
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Dialect::Postgres
-        } else {
-            return Err(StoreError::UnsupportedUrl(url.to_string()));
-        };
-        let store = StoreUrl {
-            dialect,
-            url: url.to_string(),
-        };
-        if store.sqlite_path().is_some_and(str::is_empty) {
-            return Err(StoreError::UnsupportedUrl(url.to_string()));
-        }
-        Ok(store)
-    }
-}
-
-impl std::fmt::Display for StoreUrl {
-    /// Shows the URL with any password masked, fit for logs.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.url.find("://"), self.url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let userinfo = &self.url[scheme + 3..at];
-                match userinfo.split_once(':') {
-                    Some((user, _)) => write!(f, "{}{}:****{}", &self.url[..scheme + 3], user, &self.url[at..]),
-                    None => f.write_str(&self.url),
-                }
-            }
-            _ => f.write_str(&self.url),
-        }
-    }
-}
-
-/// The table a store records its applied migrations in (a [`crate::sqlite::Sqlite`] file too).
-pub(crate) const SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)";
-
-/// The first of `applied` (version, name) that `known` does not hold as the same version
-/// with the same name.
-pub(crate) fn unknown_migration(applied: &[(i64, String)], known: &[Migration]) -> Option<(i64, String)> {
-    applied
-        .iter()
-        .find(|(version, name)| !known.iter().any(|m| m.version == *version && m.name == name))
-        .cloned()
-}
-
-/// One versioned schema change. Write `sql` for SQLite: on PostgreSQL the store turns
-/// `INTEGER PRIMARY KEY AUTOINCREMENT` into `BIGSERIAL PRIMARY KEY`, the one difference our
-/// schemas meet.
-#[derive(Debug, Clone, Copy)]
-pub struct Migration {
-    /// Strictly increasing version number.
-    pub version: i64,
-    /// A short name, recorded with the version. Never rename or remove a released
-    /// migration: a store that records it would be refused as another version's.
-    pub name: &'static str,
-    /// SQL for both engines (statements separated by `;`).
-    pub sql: &'static str,
-}
+use crate::url::{Dialect, StoreUrl};
 
 /// How a store connects to PostgreSQL (SQLite ignores it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,17 +52,6 @@ impl Default for PoolOptions {
         PoolOptions::new("bazaar", PoolOptions::DEFAULT_SIZE)
     }
 }
-
-impl Migration {
-    /// A migration whose SQL runs unchanged on both engines.
-    pub const fn new(version: i64, name: &'static str, sql: &'static str) -> Self {
-        Migration { version, name, sql }
-    }
-}
-
-/// SQLite's auto-numbered key, and what PostgreSQL calls it.
-const SQLITE_ROWID: &str = "INTEGER PRIMARY KEY AUTOINCREMENT";
-const POSTGRES_SERIAL: &str = "BIGSERIAL PRIMARY KEY";
 
 /// A service's database: SQLite connections or a PostgreSQL pool, and the dialect it speaks.
 #[derive(Debug, Clone)]
@@ -380,7 +135,7 @@ impl<'c> From<&'c mut Tx> for Target<'c> {
 }
 
 impl Target<'_> {
-    async fn execute(self, q: Query<'_>) -> Result<Done, StoreError> {
+    pub(crate) async fn execute(self, q: Query<'_>) -> Result<Done, StoreError> {
         match self {
             Target::Store(store) => match &store.engine {
                 Engine::Sqlite(file) => {
@@ -403,7 +158,7 @@ impl Target<'_> {
         }
     }
 
-    async fn fetch(self, q: Query<'_>) -> Result<Vec<Row>, StoreError> {
+    pub(crate) async fn fetch(self, q: Query<'_>) -> Result<Vec<Row>, StoreError> {
         match self {
             Target::Store(store) => match &store.engine {
                 Engine::Sqlite(file) => match file.reader_for(q.sql).await? {
@@ -675,15 +430,13 @@ impl Store {
                 tx.rollback().await?;
                 continue;
             }
-            let sql = match self.dialect() {
-                Dialect::Postgres => m.sql.replace(SQLITE_ROWID, POSTGRES_SERIAL),
-                Dialect::Sqlite => m.sql.to_string(),
-            };
-            tx.execute_batch(&sql).await.map_err(|source| StoreError::Migration {
-                version: m.version,
-                name: m.name,
-                source: source.into(),
-            })?;
+            tx.execute_batch(&m.sql_for(self.dialect()))
+                .await
+                .map_err(|source| StoreError::Migration {
+                    version: m.version,
+                    name: m.name,
+                    source: source.into(),
+                })?;
             query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
                 .bind(m.version)
                 .bind(m.name)
@@ -842,18 +595,6 @@ pub fn now_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_parse_to_their_dialect() {
-        let s: StoreUrl = "sqlite://data/orders.db".parse().unwrap();
-        assert_eq!(s.dialect(), Dialect::Sqlite);
-        assert_eq!(s.sqlite_path(), Some("data/orders.db"));
-        let p: StoreUrl = "postgres://u:secret@127.0.0.1/orders".parse().unwrap();
-        assert_eq!(p.dialect(), Dialect::Postgres);
-        assert_eq!(p.to_string(), "postgres://u:****@127.0.0.1/orders");
-        assert!("mysql://x".parse::<StoreUrl>().is_err());
-        assert!("sqlite://".parse::<StoreUrl>().is_err());
-    }
 
     #[tokio::test]
     async fn a_locking_read_runs_on_sqlite_inside_and_outside_a_transaction() {

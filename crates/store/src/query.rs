@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::StoreError;
+use crate::error::StoreError;
 
 /// A statement's argument or a column's value.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,4 +303,13 @@ impl<'q> Query<'q> {
     pub async fn fetch_scalar<'c, T: Decode>(self, on: impl Into<super::Target<'c>>) -> Result<T, StoreError> {
         self.fetch_one(on).await?.try_get(0)
     }
+}
+
+/// `count` numbered placeholders from `$first` on, for a statement built at run time:
+/// `$2, $3, $4`.
+pub fn params(count: usize, first: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
