@@ -3,6 +3,7 @@
 //! guards for calls that can cascade. No database, broker, TLS or HTTP server in here, so
 //! that `bazaar-contracts` (and anyone reading the messages) builds on this alone.
 //!
+//! - [`context`]: the correlation id and trace context of the request or event being served.
 //! - [`envelope`]: the event envelope on the wire.
 //! - [`message`]: each message type a topic carries, with its payload schema; [`schema`]
 //!   checks payloads against it.
@@ -10,6 +11,7 @@
 //! - [`shutdown`]: the stop signal every background task listens to.
 //! - [`resilience`]: circuit breaker and jittered backoff.
 
+pub mod context;
 pub mod envelope;
 pub mod message;
 pub mod resilience;

@@ -493,7 +493,7 @@ impl HttpClient {
     /// Sends a built request through the stack. Inside a request or event being served, the
     /// call carries its `X-Correlation-ID` and `traceparent` unless the caller set them.
     pub async fn execute(&self, mut request: Request) -> Result<Response, ClientError> {
-        if let Some(context) = crate::http::RequestContext::current() {
+        if let Some(context) = bazaar_core::context::RequestContext::current() {
             let headers = request.headers_mut();
             if !headers.contains_key(crate::http::CORRELATION_HEADER) {
                 if let Ok(v) = http::HeaderValue::from_str(&context.correlation_id) {

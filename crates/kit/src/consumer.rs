@@ -90,7 +90,7 @@ pub struct ConsumerConfig {
     pub tasks: usize,
     /// Schemas a payload must match before the handler sees it; one that does not is
     /// dead-lettered with the schema error.
-    pub contract: Option<Arc<crate::asyncapi::Contract>>,
+    pub contract: Option<Arc<bazaar_core::message::Contract>>,
 }
 
 impl ConsumerConfig {
@@ -491,7 +491,7 @@ fn event_span(event: &Envelope) -> tracing::Span {
 /// Runs `work` inside `event`'s span and correlation id, so its logs and outgoing calls
 /// carry them.
 async fn in_event_scope<T>(event: &Envelope, work: impl std::future::Future<Output = T>) -> T {
-    let context = crate::http::RequestContext {
+    let context = bazaar_core::context::RequestContext {
         correlation_id: event.metadata.correlation_id.clone(),
         traceparent: event.metadata.traceparent.clone(),
     };

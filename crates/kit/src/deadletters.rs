@@ -18,9 +18,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     auth::AdminUser,
+    broker::SharedBroker,
     consumer::{self, ConsumerConfig, Handler, ReplayError, Replayed},
     http::Problem,
-    runtime::Runtime,
+    outbox::Outbox,
 };
 
 /// Most dead letters listed per topic.
@@ -52,6 +53,21 @@ impl Consumers {
     }
 }
 
+/// What the dead-letter API works on: one role's consumers, its broker and its outbox.
+#[derive(Clone)]
+pub struct Desk {
+    /// The role (its consumer groups' name).
+    pub role: &'static str,
+    /// The topics it consumes.
+    pub topics: &'static [&'static str],
+    /// The broker that holds the dead letters.
+    pub broker: SharedBroker,
+    /// The outbox a replayed handler publishes through.
+    pub outbox: Outbox,
+    /// The consumers, for replays.
+    pub consumers: Consumers,
+}
+
 /// A message a consumer group set aside.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -80,7 +96,7 @@ pub struct ReplayAnswer {
 }
 
 /// The routes, documented (mounted by every role's runtime).
-pub fn api() -> OpenApiRouter<Runtime> {
+pub fn api() -> OpenApiRouter<Desk> {
     OpenApiRouter::new().routes(routes!(list)).routes(routes!(replay))
 }
 
@@ -103,11 +119,11 @@ pub fn document(role: &str) -> Value {
     doc
 }
 
-fn own(rt: &Runtime, role: &str) -> Result<(), Problem> {
-    if role == rt.name() {
+fn own(desk: &Desk, role: &str) -> Result<(), Problem> {
+    if role == desk.role {
         Ok(())
     } else {
-        Err(Problem::not_found(format!("this is {}, not {role}", rt.name())))
+        Err(Problem::not_found(format!("this is {}, not {role}", desk.role)))
     }
 }
 
@@ -118,14 +134,14 @@ fn own(rt: &Runtime, role: &str) -> Result<(), Problem> {
     params(("role" = String, Path, description = "The role")),
     responses((status = 200, description = "Its dead letters", body = Vec<DeadLetterView>)))]
 async fn list(
-    State(rt): State<Runtime>,
+    State(desk): State<Desk>,
     _admin: AdminUser,
     Path(role): Path<String>,
 ) -> Result<Json<Vec<DeadLetterView>>, Problem> {
-    own(&rt, &role)?;
+    own(&desk, &role)?;
     let mut out = Vec::new();
-    for topic in rt.spec.consumes {
-        let parked = consumer::dead_letters(rt.broker.as_ref(), rt.name(), topic, LIST_LIMIT)
+    for topic in desk.topics {
+        let parked = consumer::dead_letters(desk.broker.as_ref(), desk.role, topic, LIST_LIMIT)
             .await
             .map_err(|e| Problem::unavailable(format!("the broker cannot list dead letters: {e}")))?;
         out.extend(parked.into_iter().map(|p| {
@@ -156,18 +172,18 @@ async fn list(
         (status = 404, description = "No such dead letter of this role"),
         (status = 409, description = "It still fails; it stays a dead letter")))]
 async fn replay(
-    State(rt): State<Runtime>,
+    State(desk): State<Desk>,
     _admin: AdminUser,
     Path((role, topic, seq)): Path<(String, String, String)>,
 ) -> Result<Json<ReplayAnswer>, Problem> {
-    own(&rt, &role)?;
+    own(&desk, &role)?;
     let seq: u64 = seq
         .parse()
         .map_err(|_| Problem::bad_request(format!("`{seq}` is not a dead letter's place (a number)")))?;
-    let Some((config, handler)) = rt.consumers.find(&topic) else {
-        return Err(Problem::not_found(format!("{} consumes no topic `{topic}`", rt.name())));
+    let Some((config, handler)) = desk.consumers.find(&topic) else {
+        return Err(Problem::not_found(format!("{} consumes no topic `{topic}`", desk.role)));
     };
-    match consumer::replay(&rt.outbox, rt.broker.as_ref(), &config, handler.as_ref(), seq).await {
+    match consumer::replay(&desk.outbox, desk.broker.as_ref(), &config, handler.as_ref(), seq).await {
         Ok(Replayed::Handled) => Ok(Json(ReplayAnswer {
             outcome: "handled".into(),
         })),

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use axum::{
-    extract::{FromRequest, FromRequestParts, MatchedPath, Request},
-    http::{header, request::Parts, HeaderValue, StatusCode},
+    extract::{FromRequest, MatchedPath, Request},
+    http::{header, HeaderValue, StatusCode},
     middleware::Next,
     response::{IntoResponse, Response},
     Router,
@@ -228,40 +228,7 @@ impl<T: Serialize> IntoResponse for Json<T> {
     }
 }
 
-/// The correlation id and trace context of the request being served.
-#[derive(Debug, Clone, Default)]
-pub struct RequestContext {
-    /// Carried from the client (or generated at the first hop) into every event.
-    pub correlation_id: String,
-    /// W3C traceparent, when the caller sent one.
-    pub traceparent: Option<String>,
-}
-
-tokio::task_local! {
-    /// The context of the request or event the current task is serving; the outbound client
-    /// ([`crate::client`]) copies it into the calls it makes.
-    static CURRENT: RequestContext;
-}
-
-impl RequestContext {
-    /// Runs `work` with `self` as the current context.
-    pub async fn scope<F: std::future::Future>(self, work: F) -> F::Output {
-        CURRENT.scope(self, work).await
-    }
-
-    /// The context of the request or event being served, if any.
-    pub fn current() -> Option<RequestContext> {
-        CURRENT.try_with(Clone::clone).ok()
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(parts.extensions.get::<RequestContext>().cloned().unwrap_or_default())
-    }
-}
+pub use bazaar_core::context::RequestContext;
 
 /// Middleware: takes or makes the correlation id, echoes it, logs one line and records
 /// `bazaar_http_requests_total` and `bazaar_http_request_duration_seconds` per route.

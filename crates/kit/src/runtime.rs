@@ -436,7 +436,14 @@ impl Runtime {
     /// `api` with the role's dead-letter routes, `health`, the token verifier and the shared
     /// layers.
     fn app_with(&self, api: Router, health: Router) -> Router {
-        let dead_letters = crate::deadletters::api().split_for_parts().0.with_state(self.clone());
+        let desk = crate::deadletters::Desk {
+            role: self.name(),
+            topics: self.spec.consumes,
+            broker: self.broker.clone(),
+            outbox: self.outbox.clone(),
+            consumers: self.consumers.clone(),
+        };
+        let dead_letters = crate::deadletters::api().split_for_parts().0.with_state(desk);
         let api = api.merge(dead_letters);
         crate::http::finish(api.merge(health).layer(axum::Extension(self.tokens.clone())))
     }

@@ -25,7 +25,7 @@ pub struct ServiceSpec {
     pub openapi: fn() -> utoipa::openapi::OpenApi,
     /// Every message type of the system with its schema: what the role's consumers hold
     /// incoming payloads to (see [`crate::asyncapi`]).
-    pub messages: &'static [crate::asyncapi::MessageSpec],
+    pub messages: &'static [bazaar_core::message::MessageSpec],
     /// The metrics it records beside the kit's, each with its help text.
     pub metrics: &'static [crate::telemetry::MetricDoc],
 }

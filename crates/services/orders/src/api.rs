@@ -5,7 +5,7 @@ use axum::{
     extract::{Path, Query, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    Router,
+    Extension, Router,
 };
 use bazaar_contracts::LineRequest;
 use bazaar_kit::saga::{HistoryEntry, SagaState, SagaStatus};
@@ -177,7 +177,7 @@ const COLUMNS: &str = "id, customer_id, status, lines, total_cents, currency, re
 async fn place(
     State(orders): State<Orders>,
     AuthUser(user): AuthUser,
-    ctx: RequestContext,
+    Extension(ctx): Extension<RequestContext>,
     headers: HeaderMap,
     Json(body): Json<PlaceOrder>,
 ) -> Result<Response, Problem> {

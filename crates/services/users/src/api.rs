@@ -295,7 +295,7 @@ struct Rotated {
     responses((status = 202, description = "If the address can be registered, a code is on its way", body = RegistrationAnswer)))]
 async fn register(
     State(Users { rt, hashing, .. }): State<Users>,
-    ctx: RequestContext,
+    Extension(ctx): Extension<RequestContext>,
     Json(body): Json<Registration>,
 ) -> Result<(StatusCode, Json<RegistrationAnswer>), Problem> {
     let email = Email::parse(&body.email)?;
@@ -675,7 +675,7 @@ fn sign_in_refused() -> Problem {
         (status = 401, description = "The code, address and password match no account waiting for confirmation")))]
 async fn confirm(
     State(users): State<Users>,
-    ctx: RequestContext,
+    Extension(ctx): Extension<RequestContext>,
     Json(body): Json<Confirmation>,
 ) -> Result<Json<Token>, Problem> {
     let refused = || {
