@@ -11,7 +11,7 @@ use std::{
 
 use bazaar::roles;
 use bazaar_bench::harness::{self, Options};
-use bazaar_kit::testing::{servers, Server, TestDb};
+use bazaar_testkit::{servers, Server, TestDb};
 use serde_json::{json, Value};
 
 mod netns;

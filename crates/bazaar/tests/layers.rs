@@ -26,8 +26,38 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("bazaar-payments", SERVICE),
     ("bazaar-notifications", SERVICE),
     ("bazaar-web", SERVICE),
+    ("bazaar-testkit", TESTKIT),
     ("bazaar", BINARY),
-    ("bazaar-bench", BINARY),
+    ("bazaar-bench", BENCH),
+];
+
+/// What the test kit builds on; only tests (and the bench, whose harness runs the end-to-end
+/// tests) depend on it, never a crate that ships.
+const TESTKIT: &[&str] = &[
+    "bazaar-kit",
+    "bazaar-store",
+    "bazaar-core",
+    "bazaar-trust",
+    "bazaar-drain",
+];
+
+/// The bench: the binary's layers and the test kit.
+const BENCH: &[&str] = &[
+    "bazaar-kit",
+    "bazaar-contracts",
+    "bazaar-core",
+    "bazaar-trust",
+    "bazaar-drain",
+    "bazaar-store",
+    "bazaar-gateway",
+    "bazaar-users",
+    "bazaar-inventory",
+    "bazaar-orders",
+    "bazaar-payments",
+    "bazaar-notifications",
+    "bazaar-web",
+    "bazaar",
+    "bazaar-testkit",
 ];
 
 /// What a service may use: the kit and the contracts, never another service.

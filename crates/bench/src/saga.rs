@@ -422,7 +422,7 @@ impl BenchDbs {
         server.close().await;
         created.with_context(|| format!("cannot create database {name}"))?;
         self.names.push(name.clone());
-        Ok(bazaar_kit::testing::with_database(&self.admin, &name))
+        Ok(bazaar_testkit::with_database(&self.admin, &name))
     }
 
     /// Drops every database created here, saying so when one cannot be dropped.

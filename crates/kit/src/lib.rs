@@ -19,8 +19,6 @@
 //! - [`service`]: what a service is (name, tables, topics, routes), for the role table.
 //! - [`runtime`]: what every service role starts with, and the owner of its tasks.
 //! - [`shutdown`]: the stop signal every background task listens to.
-//! - [`testing`]: throwaway SQLite and PostgreSQL databases for tests, and the servers
-//!   (PostgreSQL, NATS, Redis) tests find through variables, skipping work without them.
 
 pub use bazaar_core::{envelope, resilience, schema, shutdown};
 pub use bazaar_store as store;
@@ -44,4 +42,3 @@ pub mod runtime;
 pub mod saga;
 pub mod service;
 pub mod telemetry;
-pub mod testing;

@@ -341,7 +341,7 @@ mod tests {
 
     #[tokio::test]
     async fn pruning_drops_sent_rows_after_a_minute_and_inbox_records_after_retention_but_never_an_unsent_row() {
-        let db = crate::testing::TestDb::sqlite("prune.db");
+        let db = bazaar_store::testing::TestDb::sqlite("prune.db");
         let store = db.open().await;
         store.migrate(MIGRATIONS).await.expect("migrate");
         let now = now_millis();
@@ -403,7 +403,7 @@ mod tests {
     /// unsent rows (the one whose dead entries a plain index scan marks as it passes).
     #[tokio::test]
     async fn the_relay_reads_its_next_batch_from_the_index_of_unsent_rows() {
-        let Some(db) = crate::testing::TestDb::postgres("bazaar_outbox").await else {
+        let Some(db) = bazaar_store::testing::TestDb::postgres("bazaar_outbox").await else {
             return;
         };
         let store = db.open().await;

@@ -30,7 +30,7 @@ use std::{
 use bazaar_kit::broker::{
     self, dlq_topic, DeadLetter, Delivery, Outgoing, SharedBroker, SubscribeOptions, Subscription,
 };
-use bazaar_kit::testing::{servers, Server};
+use bazaar_testkit::{servers, Server};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;

@@ -345,7 +345,7 @@ impl Handler for Overlaps {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_a_batch_handles_aggregates_side_by_side_and_each_ones_events_in_order() {
-    let Some(db) = bazaar_kit::testing::TestDb::postgres("consumer_lanes").await else {
+    let Some(db) = bazaar_testkit::TestDb::postgres("consumer_lanes").await else {
         return;
     };
     let sink = db.open().await;

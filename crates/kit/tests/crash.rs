@@ -6,7 +6,7 @@
 //! The test re-runs its own binary as the child (`crash_child`, ignored unless asked for).
 
 use bazaar_kit::store;
-use bazaar_kit::testing::{servers, Server};
+use bazaar_testkit::{servers, Server};
 use std::{
     process::{Command, Stdio},
     sync::Arc,

@@ -33,8 +33,8 @@ use bazaar_kit::{
     },
     shutdown,
     store::{now_millis, Store, Tx},
-    testing::TestDb,
 };
+use bazaar_testkit::TestDb;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};

@@ -26,8 +26,8 @@ use bazaar_kit::{
     outbox::{self, Outbox},
     shutdown,
     store::{Migration, Store, StoreError},
-    testing::TestDb,
 };
+use bazaar_testkit::TestDb;
 use bytes::Bytes;
 use futures_util::{future::BoxFuture, FutureExt};
 use tokio::time::Instant;

@@ -22,6 +22,8 @@ mod migration;
 mod query;
 pub mod sqlite;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod url;
 
 pub use error::{is_busy, StoreError};

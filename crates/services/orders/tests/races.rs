@@ -5,7 +5,7 @@
 mod support;
 
 use axum::http::StatusCode;
-use bazaar_kit::testing::TestDb;
+use bazaar_testkit::TestDb;
 use futures_util::future::join_all;
 use support::items;
 use uuid::Uuid;

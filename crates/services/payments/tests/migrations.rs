@@ -6,9 +6,9 @@
 use bazaar_kit::{
     runtime,
     store::{self, Store},
-    testing::TestDb,
 };
 use bazaar_payments::ledger;
+use bazaar_testkit::TestDb;
 
 /// Runs `sql` with no arguments.
 async fn exec(store: &Store, sql: &str) {

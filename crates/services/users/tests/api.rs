@@ -18,8 +18,8 @@ use bazaar_contracts::{topics, types, RegistrationRepeated, UserRegistered, Veri
 use bazaar_kit::{
     auth::{Jwks, KeySet, ISSUER, JWKS_PATH},
     http::CORRELATION_HEADER,
-    testing::TestRole,
 };
+use bazaar_testkit::TestRole;
 use bazaar_users::keys::TOKEN_TTL;
 use serde_json::json;
 use support::{registration, start, PASSWORD};

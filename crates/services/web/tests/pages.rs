@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::http::{header, Method, StatusCode};
 use bazaar_kit::client::HttpClient;
-use bazaar_kit::testing::{Answer, TestRole};
+use bazaar_testkit::{Answer, TestRole};
 use bazaar_web::{users_policy, Api, Monitor, Views, Web, SERVICE};
 
 /// Nothing listens here: every API call fails to connect.

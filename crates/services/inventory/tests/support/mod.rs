@@ -14,10 +14,10 @@ use bazaar_kit::{
     envelope::{Envelope, Metadata},
     runtime::Runtime,
     saga::{CommandHeader, SagaReply},
-    testing::{TestDb, TestRole},
 };
+use bazaar_testkit::{TestDb, TestRole};
 
-pub use bazaar_kit::testing::Answer;
+pub use bazaar_testkit::Answer;
 use serde_json::{json, Value};
 use uuid::Uuid;
 

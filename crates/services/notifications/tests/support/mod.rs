@@ -18,11 +18,11 @@ use bazaar_kit::{
     consumer::HandlerError,
     envelope::{Envelope, Metadata},
     runtime::Runtime,
-    testing::TestRole,
 };
 use bazaar_notifications::{courier, Courier, MailConfig, Outcomes, SmsConfig};
+use bazaar_testkit::TestRole;
 
-pub use bazaar_kit::testing::Answer;
+pub use bazaar_testkit::Answer;
 use serde_json::Value;
 use uuid::Uuid;
 

@@ -21,11 +21,11 @@ use bazaar_kit::{
     envelope::Envelope,
     runtime::Runtime,
     saga::{CommandHeader, Verdict},
-    testing::{TestDb, TestRole},
 };
+use bazaar_testkit::{TestDb, TestRole};
 
-pub use bazaar_kit::testing::Answer;
 use bazaar_orders::Orders;
+pub use bazaar_testkit::Answer;
 use serde_json::{json, Value};
 use uuid::Uuid;
 

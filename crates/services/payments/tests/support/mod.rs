@@ -19,11 +19,11 @@ use bazaar_kit::{
     envelope::{Envelope, Metadata},
     runtime::Runtime,
     saga::{CommandHeader, SagaReply},
-    testing::{TestDb, TestRole},
 };
 use bazaar_payments::{ledger, PaymentCommands, PaymentsConfig, UserEvents};
+use bazaar_testkit::{TestDb, TestRole};
 
-pub use bazaar_kit::testing::Answer;
+pub use bazaar_testkit::Answer;
 use serde_json::{json, Value};
 use uuid::Uuid;
 

@@ -16,9 +16,10 @@ use axum::{
 };
 use bazaar_contracts::{topics, types, UserRegistered, VerificationRequested};
 use bazaar_kit::store;
-use bazaar_kit::{envelope::Envelope, runtime::Runtime, testing::TestRole};
+use bazaar_kit::{envelope::Envelope, runtime::Runtime};
+use bazaar_testkit::TestRole;
 
-pub use bazaar_kit::testing::Answer;
+pub use bazaar_testkit::Answer;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
