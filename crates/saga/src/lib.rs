@@ -22,21 +22,22 @@
 //! attempt failed, [`Verdict::GaveUp`]) turns a step that can be undone around, and stops
 //! the pivot or a compensation as `stuck` with its reason, rather than resending forever.
 
-use crate::store;
 use std::{fmt::Debug, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{
-    consumer::{Handler, HandlerError},
+use bazaar_core::{
     envelope::{Envelope, Metadata},
-    outbox::{self, Outbox},
     resilience::Backoff,
     shutdown::Shutdown,
-    store::{now_millis, Migration, StoreError, Tx},
 };
+use bazaar_messaging::{
+    consumer::{Handler, HandlerError},
+    outbox::{self, Outbox},
+};
+use bazaar_store::{self as store, now_millis, Migration, StoreError, Tx};
 
 /// The saga tables; include them in the orchestrator's migrations (version 2).
 pub const MIGRATIONS: &[Migration] = &[Migration {
