@@ -25,7 +25,6 @@ const LAYERS: &[(&str, &[&str])] = &[
             "bazaar-drain",
             "bazaar-store",
             "bazaar-messaging",
-            "bazaar-saga",
         ],
     ),
     ("bazaar-gateway", &["bazaar-trust", "bazaar-drain"]),
@@ -44,22 +43,24 @@ const LAYERS: &[(&str, &[&str])] = &[
 /// tests) depend on it, never a crate that ships.
 const TESTKIT: &[&str] = &[
     "bazaar-kit",
-    "bazaar-store",
+    "bazaar-saga",
     "bazaar-core",
     "bazaar-trust",
     "bazaar-drain",
+    "bazaar-store",
+    "bazaar-messaging",
 ];
 
 /// The bench: the binary's layers and the test kit.
 const BENCH: &[&str] = &[
     "bazaar-kit",
     "bazaar-contracts",
+    "bazaar-saga",
     "bazaar-core",
     "bazaar-trust",
     "bazaar-drain",
     "bazaar-store",
     "bazaar-messaging",
-    "bazaar-saga",
     "bazaar-gateway",
     "bazaar-users",
     "bazaar-inventory",
@@ -71,27 +72,29 @@ const BENCH: &[&str] = &[
     "bazaar-testkit",
 ];
 
-/// What a service may use: the kit and the contracts, never another service.
+/// What a service may use: the kit and the contracts (and the saga engine, for the roles in
+/// a saga), never another service.
 const SERVICE: &[&str] = &[
     "bazaar-kit",
     "bazaar-contracts",
+    "bazaar-saga",
     "bazaar-core",
     "bazaar-trust",
     "bazaar-drain",
+    "bazaar-store",
+    "bazaar-messaging",
 ];
 
 /// What the binary (and the bench) may use: everything below them.
 const BINARY: &[&str] = &[
     "bazaar-kit",
     "bazaar-contracts",
+    "bazaar-saga",
     "bazaar-core",
     "bazaar-trust",
     "bazaar-drain",
     "bazaar-store",
     "bazaar-messaging",
-    "bazaar-saga",
-    "bazaar-messaging",
-    "bazaar-saga",
     "bazaar-gateway",
     "bazaar-users",
     "bazaar-inventory",

@@ -36,11 +36,11 @@ use bazaar_contracts::{types, LineRequest, OrderRef, ProcessPayment, ReserveStoc
 use bazaar_inventory::StockCommands;
 use bazaar_kit::{
     envelope::{Envelope, Metadata},
-    saga::{Participant, Verdict},
     store::{now_millis, Migration, Store, Tx},
 };
 use bazaar_orders::OrderStatus;
 use bazaar_payments::{ledger, PaymentCommands};
+use bazaar_saga::{Participant, Verdict};
 use clap::Args;
 use tokio::sync::Mutex;
 use uuid::Uuid;

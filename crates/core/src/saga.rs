@@ -1,6 +1,6 @@
 //! What a saga puts on the wire: the header the engine adds to every command, the reply a
 //! participant sends, and the verdict a participant reaches. The engine that sends and
-//! matches them is `bazaar_kit::saga`.
+//! matches them is `bazaar_saga`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -20,7 +20,7 @@ pub struct NotASagaCommand {
 /// What a participant answers to a saga command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    /// Done; the data goes to the flow's `SagaFlow::record` (in `bazaar_kit::saga`).
+    /// Done; the data goes to the flow's `SagaFlow::record` (in `bazaar_saga`).
     Done(Value),
     /// Not done, and why: the saga compensates (or, for a compensation, retries).
     Refused(String),

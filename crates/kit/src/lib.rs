@@ -1,12 +1,12 @@
 //! What every service role is built on: its HTTP side, its runtime, and the mesh, knowing
 //! nothing of any shop. The layers below live in crates of their own and are re-exported
-//! here, so a service can name everything through the kit:
+//! here, so a service can name them through the kit (the saga engine, `bazaar_saga`, is
+//! not: only the roles in a saga depend on it):
 //!
 //! - `bazaar_core`: [`envelope`], [`schema`], [`shutdown`], [`resilience`], the message
 //!   contract and the saga's wire types.
 //! - `bazaar_store`: the [`store`] (a service's database from a URL) and [`sqlite`].
 //! - `bazaar_messaging`: [`outbox`], [`broker`], [`inbox`] and the [`consumer`] runner.
-//! - `bazaar_saga`: the durable orchestrated [`saga`] engine.
 //!
 //! Its own modules:
 //!
@@ -21,7 +21,6 @@
 
 pub use bazaar_core::{envelope, resilience, schema, shutdown};
 pub use bazaar_messaging::{broker, consumer, inbox, outbox};
-pub use bazaar_saga as saga;
 pub use bazaar_store as store;
 pub use bazaar_store::sqlite;
 

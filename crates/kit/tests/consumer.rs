@@ -411,12 +411,12 @@ async fn on_postgres_a_batch_handles_aggregates_side_by_side_and_each_ones_event
 /// A participant whose every attempt fails as a refused write would.
 struct Refusing;
 
-impl bazaar_kit::saga::Participant for Refusing {
+impl bazaar_saga::Participant for Refusing {
     fn act<'a>(
         &'a self,
         _tx: &'a mut Tx,
         _command: &'a Envelope,
-    ) -> BoxFuture<'a, Result<bazaar_kit::saga::Verdict, HandlerError>> {
+    ) -> BoxFuture<'a, Result<bazaar_saga::Verdict, HandlerError>> {
         Box::pin(async {
             Err(HandlerError::Transient(
                 "violates check constraint \"product_check\"".into(),
@@ -426,8 +426,8 @@ impl bazaar_kit::saga::Participant for Refusing {
 }
 
 /// Inventory answering commands from orders with [`Refusing`].
-fn refusing_inventory() -> bazaar_kit::saga::Participates<Refusing> {
-    bazaar_kit::saga::Participates {
+fn refusing_inventory() -> bazaar_saga::Participates<Refusing> {
+    bazaar_saga::Participates {
         source: "inventory",
         commands_from: "orders",
         replies_on: "replies",
@@ -437,7 +437,7 @@ fn refusing_inventory() -> bazaar_kit::saga::Participates<Refusing> {
 
 /// A saga command for step `step` of saga `saga`, claiming to come from `source`.
 fn saga_command(saga: &str, step: &str, source: &str) -> Envelope {
-    let header = bazaar_kit::saga::CommandHeader {
+    let header = bazaar_saga::CommandHeader {
         saga_id: saga.into(),
         step: step.into(),
         compensation: false,
@@ -497,7 +497,7 @@ async fn a_command_that_fails_every_attempt_tells_its_saga_that_it_was_given_up(
         1,
         "one reply, and none to the forged command: {replies:?}"
     );
-    let reply: bazaar_kit::saga::SagaReply = replies[0].payload_as().expect("a saga reply");
+    let reply: bazaar_saga::SagaReply = replies[0].payload_as().expect("a saga reply");
     assert_eq!((reply.saga_id.as_str(), reply.step.as_str()), ("s1", "commitStock"));
     assert!(!reply.ok && reply.dead, "{reply:?}");
     let reason = reply.reason.expect("a reason");

@@ -27,12 +27,11 @@ use bazaar_kit::{
     consumer::HandlerError,
     envelope::Envelope,
     outbox::{self, Outbox},
-    saga::{
-        self, CommandHeader, SagaEngine, SagaFlow, SagaState, SagaStatus, SagaStep, Step, Verdict,
-        COMPENSATION_ATTEMPTS,
-    },
     shutdown,
     store::{now_millis, Store, Tx},
+};
+use bazaar_saga::{
+    self, CommandHeader, SagaEngine, SagaFlow, SagaState, SagaStatus, SagaStep, Step, Verdict, COMPENSATION_ATTEMPTS,
 };
 use bazaar_testkit::TestDb;
 use futures_util::future::BoxFuture;
@@ -176,7 +175,11 @@ impl Orchestrator {
     /// Opens (and migrates) the store at `db`, as a starting orchestrator process would.
     async fn open(db: &Db) -> Orchestrator {
         let store = Store::open(&db.url).await.expect("open the store");
-        let mut all: Vec<_> = outbox::MIGRATIONS.iter().chain(saga::MIGRATIONS).copied().collect();
+        let mut all: Vec<_> = outbox::MIGRATIONS
+            .iter()
+            .chain(bazaar_saga::MIGRATIONS)
+            .copied()
+            .collect();
         all.sort_by_key(|m| m.version);
         store.migrate(&all).await.expect("migrations");
         store::query(

@@ -17,11 +17,11 @@ use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::Envelope,
     runtime::{RoleConfig, Runtime},
-    saga::SagaReply,
     service::ServiceSpec,
     shutdown::{self, ShutdownTrigger},
     store,
 };
+use bazaar_saga::SagaReply;
 
 pub use bazaar_store::testing::{servers, with_database, Server, TestDb};
 

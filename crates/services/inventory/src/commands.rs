@@ -7,9 +7,9 @@ use bazaar_contracts::{types, LineRequest, OrderRef, PricedLine, ReserveStock, R
 use bazaar_kit::{
     consumer::HandlerError,
     envelope::Envelope,
-    saga::{Participant, Verdict},
     store::{now_millis, StoreError, Tx},
 };
+use bazaar_saga::{Participant, Verdict};
 use futures_util::future::BoxFuture;
 
 /// Answers `inventory.reserve`, `inventory.release` and `inventory.commit`.

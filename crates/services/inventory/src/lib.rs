@@ -14,11 +14,11 @@ use bazaar_contracts::{roles, topics};
 use bazaar_kit::telemetry::MetricDoc;
 use bazaar_kit::{
     runtime::{RoleConfig, Runtime, ServiceError},
-    saga::Participates,
     service::{PublicRoute, ServiceSpec},
     shutdown::Shutdown,
     store::Migration,
 };
+use bazaar_saga::Participates;
 
 pub use api::router;
 pub use commands::{ReservationStatus, StockCommands};

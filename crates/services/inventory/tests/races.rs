@@ -6,7 +6,8 @@
 
 mod support;
 
-use bazaar_kit::{consumer::HandlerError, envelope::Envelope, saga::SagaReply};
+use bazaar_kit::{consumer::HandlerError, envelope::Envelope};
+use bazaar_saga::SagaReply;
 use futures_util::future::join_all;
 use support::{commit, release, reserve, Inventory};
 use uuid::Uuid;

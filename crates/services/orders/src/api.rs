@@ -8,7 +8,6 @@ use axum::{
     Extension, Router,
 };
 use bazaar_contracts::LineRequest;
-use bazaar_kit::saga::{HistoryEntry, SagaState, SagaStatus};
 use bazaar_kit::store;
 use bazaar_kit::{
     auth::{AdminUser, AuthUser},
@@ -16,6 +15,7 @@ use bazaar_kit::{
     openapi::OpenApiRouter,
     store::{now_millis, StoreError},
 };
+use bazaar_saga::{HistoryEntry, SagaState, SagaStatus};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 use utoipa::{IntoParams, ToSchema};

@@ -20,11 +20,11 @@ use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::Envelope,
     runtime::{RoleConfig, Runtime, ServiceError},
-    saga::SagaEngine,
     service::{PublicRoute, ServiceSpec},
     shutdown::Shutdown,
     store::{Migration, StoreError, Tx},
 };
+use bazaar_saga::SagaEngine;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -35,7 +35,7 @@ use saga::OrderSaga;
 
 /// The orders tables (the saga tables come from the kit).
 pub const MIGRATIONS: &[Migration] = &[
-    bazaar_kit::saga::MIGRATIONS[0],
+    bazaar_saga::MIGRATIONS[0],
     Migration {
         version: 10,
         name: "orders",

@@ -13,9 +13,9 @@ use bazaar_kit::{
     consumer::HandlerError,
     envelope::{Envelope, Metadata},
     outbox,
-    saga::{SagaFlow, SagaState, SagaStatus, SagaStep, Step},
     store::{now_millis, Tx},
 };
+use bazaar_saga::{SagaFlow, SagaState, SagaStatus, SagaStep, Step};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

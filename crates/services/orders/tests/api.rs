@@ -471,12 +471,8 @@ async fn wait_for_outcome_answers_at_the_timeout_while_still_pending() {
     assert!(waited < Duration::from_secs(2), "{waited:?}");
 
     // A settled order answers at once.
-    shop.answer(
-        id,
-        types::RESERVE_STOCK,
-        bazaar_kit::saga::Verdict::refused("out of stock"),
-    )
-    .await;
+    shop.answer(id, types::RESERVE_STOCK, bazaar_saga::Verdict::refused("out of stock"))
+        .await;
     let started = std::time::Instant::now();
     let order = shop
         .get(&format!("/orders/{id}?waitFor=outcome&timeout=30"), &ann)
@@ -643,7 +639,7 @@ async fn retrying_a_stuck_saga_sends_its_compensation_again() {
     shop.answer(
         id,
         types::PROCESS_PAYMENT,
-        bazaar_kit::saga::Verdict::refused("card declined"),
+        bazaar_saga::Verdict::refused("card declined"),
     )
     .await;
     // The release kept failing until the engine gave up (what the timer does after
@@ -669,7 +665,7 @@ async fn retrying_a_stuck_saga_sends_its_compensation_again() {
             types::RELEASE_STOCK
         ]
     );
-    shop.answer(id, types::RELEASE_STOCK, bazaar_kit::saga::Verdict::done_empty())
+    shop.answer(id, types::RELEASE_STOCK, bazaar_saga::Verdict::done_empty())
         .await;
     let order = shop.order(&ann, id).await;
     assert_eq!(order["status"], "cancelled", "{order}");

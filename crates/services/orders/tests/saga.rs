@@ -10,7 +10,8 @@ mod support;
 
 use axum::http::StatusCode;
 use bazaar_contracts::{topics, types, OrderRef, ProcessPayment, ReserveStock};
-use bazaar_kit::{consumer::HandlerError, saga::Verdict};
+use bazaar_kit::consumer::HandlerError;
+use bazaar_saga::Verdict;
 use serde_json::json;
 use support::{priced, start, Shop, User};
 use uuid::Uuid;
@@ -249,7 +250,7 @@ async fn a_duplicate_or_early_reply_changes_nothing() {
     // A commit reply before the payment was answered is ignored too.
     let early_commit = Shop::reply_to(
         &support::Sent {
-            header: bazaar_kit::saga::CommandHeader {
+            header: bazaar_saga::CommandHeader {
                 step: "commitStock".into(),
                 ..pay.header.clone()
             },

@@ -5,9 +5,9 @@ use bazaar_kit::store;
 use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::Envelope,
-    saga::{Participant, Verdict},
     store::{now_millis, Tx},
 };
+use bazaar_saga::{Participant, Verdict};
 use futures_util::future::BoxFuture;
 use uuid::Uuid;
 

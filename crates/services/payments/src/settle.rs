@@ -16,10 +16,10 @@ use bazaar_kit::{
     consumer::HandlerError,
     envelope::Envelope,
     outbox::Outbox,
-    saga::{self, Verdict},
     shutdown::Shutdown,
     store::{now_millis, Tx},
 };
+use bazaar_saga::{self as saga, Verdict};
 
 use crate::{
     ledger,

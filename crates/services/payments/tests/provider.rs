@@ -13,7 +13,6 @@ use bazaar_kit::{
     envelope::{Envelope, Metadata},
     outbox::{self, Outbox},
     resilience::{BreakerConfig, BreakerState},
-    saga::CommandHeader,
     shutdown::Shutdown,
     store::Store,
 };
@@ -24,6 +23,7 @@ use bazaar_payments::{
     simulator::{self, SimulatorState, Stats},
     PaymentCommands, PaymentProvider, MIGRATIONS,
 };
+use bazaar_saga::CommandHeader;
 use serde_json::{json, Value};
 use uuid::Uuid;
 

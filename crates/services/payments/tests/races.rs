@@ -7,7 +7,8 @@
 
 mod support;
 
-use bazaar_kit::{consumer::HandlerError, envelope::Envelope, saga::SagaReply, store};
+use bazaar_kit::{consumer::HandlerError, envelope::Envelope, store};
+use bazaar_saga::SagaReply;
 use futures_util::future::join_all;
 use support::{pay, refund, welcome, Payments};
 use uuid::Uuid;

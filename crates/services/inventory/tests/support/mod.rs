@@ -13,8 +13,8 @@ use bazaar_kit::{
     consumer::HandlerError,
     envelope::{Envelope, Metadata},
     runtime::Runtime,
-    saga::{CommandHeader, SagaReply},
 };
+use bazaar_saga::{CommandHeader, SagaReply};
 use bazaar_testkit::{TestDb, TestRole};
 
 pub use bazaar_testkit::Answer;

@@ -2,7 +2,7 @@
 //! [`Runtime`] on a temporary SQLite store and embedded broker, its app called without a
 //! socket). The test plays the saga's participants (inventory, payments): it reads the commands
 //! the engine wrote to the `outbox` table, builds each reply with [`CommandHeader::reply`] and
-//! feeds it to [`SagaEngine::on_reply`](bazaar_kit::saga::SagaEngine::on_reply) in one store
+//! feeds it to [`SagaEngine::on_reply`](bazaar_saga::SagaEngine::on_reply) in one store
 //! transaction, committed when the engine accepts it and rolled back when it does not, as the
 //! orders role's reply consumer does. No saga timer runs, so nothing moves unless a test says so.
 
@@ -15,13 +15,8 @@ use axum::{
 };
 use bazaar_contracts::{topics, types, OrderOutcome, Paid, PricedLine, Reserved};
 use bazaar_kit::store;
-use bazaar_kit::{
-    auth::ADMIN,
-    consumer::HandlerError,
-    envelope::Envelope,
-    runtime::Runtime,
-    saga::{CommandHeader, Verdict},
-};
+use bazaar_kit::{auth::ADMIN, consumer::HandlerError, envelope::Envelope, runtime::Runtime};
+use bazaar_saga::{CommandHeader, Verdict};
 use bazaar_testkit::{TestDb, TestRole};
 
 use bazaar_orders::Orders;

@@ -18,9 +18,9 @@ use bazaar_kit::{
     consumer::{Handler, HandlerError},
     envelope::{Envelope, Metadata},
     runtime::Runtime,
-    saga::{CommandHeader, SagaReply},
 };
 use bazaar_payments::{ledger, PaymentCommands, PaymentsConfig, UserEvents};
+use bazaar_saga::{CommandHeader, SagaReply};
 use bazaar_testkit::{TestDb, TestRole};
 
 pub use bazaar_testkit::Answer;
