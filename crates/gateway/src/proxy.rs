@@ -244,7 +244,7 @@ async fn process(
             *preflight.headers_mut() = conf.preflight_headers(&parts.headers);
             return preflight;
         }
-        decorations.cors = Some((conf.clone(), parts.headers.get(header::ORIGIN).cloned()));
+        decorations.cors = Some((conf.config.clone(), parts.headers.get(header::ORIGIN).cloned()));
     }
 
     let mut who: Option<(usize, String)> = None;
@@ -281,7 +281,8 @@ async fn process(
         body_limit = Some(conf.allowed_bytes);
     }
 
-    if let Some((conf, namespace)) = &plugins.rate_limit {
+    if let Some(attached) = &plugins.rate_limit {
+        let (conf, namespace) = (&attached.config, &attached.namespace);
         let ip = connection.client_text(shared, &parts.headers);
         let identity = Identity {
             consumer: who.as_ref().map(|(c, _)| snapshot.config.consumers[*c].id.as_str()),

@@ -159,6 +159,14 @@ fn hex(mut n: u128, out: &mut [u8]) {
     }
 }
 
+impl super::Plugin for CorrelationConfig {
+    const NAME: &'static str = "correlation-id";
+
+    fn parse(config: serde_yaml::Value) -> Result<Self, Vec<String>> {
+        super::typed(config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -173,6 +173,14 @@ pub(crate) fn is_preflight(method: &http::Method, headers: &HeaderMap) -> bool {
     method == http::Method::OPTIONS && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
+impl super::Plugin for CorsConfig {
+    const NAME: &'static str = "cors";
+
+    fn parse(config: serde_yaml::Value) -> Result<Self, Vec<String>> {
+        CorsConfig::compile(super::typed(config)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -920,6 +920,14 @@ fn subject_public_key(der: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
+impl super::Plugin for JwtConfig {
+    const NAME: &'static str = "jwt";
+
+    fn parse(config: serde_yaml::Value) -> Result<Self, Vec<String>> {
+        super::typed(config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

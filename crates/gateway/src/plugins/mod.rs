@@ -6,12 +6,11 @@
 //! consumer > route > service > global). Resolution without a consumer is done once per route
 //! when the config loads; it is redone per request only when the JWT plugin identified a
 //! consumer and some plugin is attached to consumers.
-
-pub(crate) mod correlation;
-pub(crate) mod cors;
-pub(crate) mod jwt;
-pub(crate) mod rate_limit;
-pub(crate) mod size_limit;
+//!
+//! A plugin is one file: its config type implements [`Plugin`]. It joins the gateway by one
+//! line in the [`registry!`] below, which declares its module and generates everything that
+//! names every plugin (the typed config enum, the known names, the parse and the per-request
+//! resolution), so no list can be forgotten: a plugin missing from a `match` does not compile.
 
 use std::sync::Arc;
 
@@ -19,6 +18,131 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use crate::config::Config;
+
+/// What a plugin is to the gateway: its name in config files and how its `config` block
+/// becomes its typed config.
+pub(crate) trait Plugin: std::fmt::Debug + Send + Sync + Sized + 'static {
+    /// Its name in config files (`rate-limiting`).
+    const NAME: &'static str;
+
+    /// Reads its `config` block (an empty block means every default); problems come back
+    /// as `config…: …`.
+    fn parse(config: Value) -> Result<Self, Vec<String>>;
+}
+
+/// Reads a plugin's `config` block into `T` with serde.
+pub(crate) fn typed<T: DeserializeOwned>(config: Value) -> Result<T, Vec<String>> {
+    serde_yaml::from_value(config).map_err(|e| vec![format!("config: {e}")])
+}
+
+/// One attachment of a plugin as a request sees it: its config, and the attachment's
+/// name (`global`, `route=r`, …), which keys anything it counts.
+#[derive(Debug)]
+pub(crate) struct Attached<T> {
+    /// The plugin's config.
+    pub config: Arc<T>,
+    /// Which attachment it is.
+    pub namespace: Arc<str>,
+}
+
+impl<T> Clone for Attached<T> {
+    fn clone(&self) -> Self {
+        Attached {
+            config: self.config.clone(),
+            namespace: self.namespace.clone(),
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Attached<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.config
+    }
+}
+
+/// Declares each plugin's module and generates what names every plugin. One line per
+/// plugin: `field: module::ConfigType => Variant`.
+macro_rules! registry {
+    ($($field:ident: $module:ident::$config:ident => $variant:ident),+ $(,)?) => {
+        $(pub(crate) mod $module;)+
+
+        /// A plugin's typed configuration.
+        #[derive(Debug, Clone)]
+        pub(crate) enum PluginConfig {
+            $(
+                #[doc = concat!("`", stringify!($module), "`")]
+                $variant(Arc<$module::$config>),
+            )+
+        }
+
+        /// The plugin names this gateway knows.
+        const KNOWN: &[&str] = &[$(<$module::$config as Plugin>::NAME),+];
+
+        impl PluginConfig {
+            /// Types the `config` block of plugin `name`; problems come back as
+            /// `name: …`/`config…: …`.
+            pub fn parse(name: &str, config: Value) -> Result<PluginConfig, Vec<String>> {
+                // `config:` left empty means "all defaults", as in Kong.
+                let config = if config.is_null() { Value::Mapping(Default::default()) } else { config };
+                $(
+                    if name == <$module::$config as Plugin>::NAME {
+                        return Ok(PluginConfig::$variant(Arc::new(<$module::$config as Plugin>::parse(config)?)));
+                    }
+                )+
+                Err(vec![format!("name: unknown plugin {name:?} (known: {})", KNOWN.join(", "))])
+            }
+
+            /// The plugin's name as written in config files.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(PluginConfig::$variant(_) => <$module::$config as Plugin>::NAME,)+
+                }
+            }
+        }
+
+        /// The plugins that run for one request, each the most specific attachment of its
+        /// name.
+        #[derive(Debug, Clone, Default)]
+        pub(crate) struct ResolvedPlugins {
+            $(
+                #[doc = concat!("`", stringify!($module), "`, when attached")]
+                pub $field: Option<Attached<$module::$config>>,
+            )+
+        }
+
+        /// The rank of the attachment each plugin of a [`ResolvedPlugins`] came from.
+        #[derive(Default)]
+        struct Ranks {
+            $($field: u8,)+
+        }
+
+        impl ResolvedPlugins {
+            /// Takes `config` (attachment `namespace`, of `rank`) when it is more specific
+            /// than what the plugin of its name has.
+            fn offer(&mut self, ranks: &mut Ranks, rank: u8, config: &PluginConfig, namespace: &Arc<str>) {
+                match config {
+                    $(
+                        PluginConfig::$variant(c) if rank > ranks.$field => {
+                            ranks.$field = rank;
+                            self.$field = Some(Attached { config: c.clone(), namespace: namespace.clone() });
+                        }
+                    )+
+                    _ => {}
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    correlation: correlation::CorrelationConfig => CorrelationId,
+    cors: cors::CorsConfig => Cors,
+    jwt: jwt::JwtConfig => Jwt,
+    size_limit: size_limit::SizeLimitConfig => RequestSizeLimiting,
+    rate_limit: rate_limit::RateLimitConfig => RateLimiting,
+}
 
 /// Where a plugin is attached; `None` everywhere means global.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,76 +172,6 @@ impl PluginScope {
             },
         )
     }
-}
-
-/// A plugin's typed configuration.
-#[derive(Debug, Clone)]
-pub(crate) enum PluginConfig {
-    Jwt(Arc<jwt::JwtConfig>),
-    RateLimiting(Arc<rate_limit::RateLimitConfig>),
-    CorrelationId(Arc<correlation::CorrelationConfig>),
-    RequestSizeLimiting(Arc<size_limit::SizeLimitConfig>),
-    Cors(Arc<cors::CorsConfig>),
-}
-
-/// The plugin names this gateway knows.
-const KNOWN: [&str; 5] = [
-    "jwt",
-    "rate-limiting",
-    "correlation-id",
-    "request-size-limiting",
-    "cors",
-];
-
-impl PluginConfig {
-    /// Types the `config` block of plugin `name`; problems come back as `name: …`/`config…: …`.
-    pub fn parse(name: &str, config: Value) -> Result<PluginConfig, Vec<String>> {
-        // `config:` left empty means "all defaults", as in Kong.
-        let config = if config.is_null() {
-            Value::Mapping(Default::default())
-        } else {
-            config
-        };
-        Ok(match name {
-            "jwt" => PluginConfig::Jwt(Arc::new(typed(config)?)),
-            "rate-limiting" => PluginConfig::RateLimiting(Arc::new(typed(config)?)),
-            "correlation-id" => PluginConfig::CorrelationId(Arc::new(typed(config)?)),
-            "request-size-limiting" => PluginConfig::RequestSizeLimiting(Arc::new(typed(config)?)),
-            "cors" => PluginConfig::Cors(Arc::new(cors::CorsConfig::compile(typed(config)?)?)),
-            other => {
-                return Err(vec![format!(
-                    "name: unknown plugin {other:?} (known: {})",
-                    KNOWN.join(", ")
-                )]);
-            }
-        })
-    }
-
-    /// The plugin's name as written in config files.
-    pub fn name(&self) -> &'static str {
-        match self {
-            PluginConfig::Jwt(_) => "jwt",
-            PluginConfig::RateLimiting(_) => "rate-limiting",
-            PluginConfig::CorrelationId(_) => "correlation-id",
-            PluginConfig::RequestSizeLimiting(_) => "request-size-limiting",
-            PluginConfig::Cors(_) => "cors",
-        }
-    }
-}
-
-fn typed<T: DeserializeOwned>(config: Value) -> Result<T, Vec<String>> {
-    serde_yaml::from_value(config).map_err(|e| vec![format!("config: {e}")])
-}
-
-/// The plugins that run for one request, each the most specific attachment of its name.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ResolvedPlugins {
-    pub correlation: Option<Arc<correlation::CorrelationConfig>>,
-    pub cors: Option<Arc<cors::CorsConfig>>,
-    pub jwt: Option<Arc<jwt::JwtConfig>>,
-    pub size_limit: Option<Arc<size_limit::SizeLimitConfig>>,
-    /// The config and the counter namespace of the attachment (counts are per attachment).
-    pub rate_limit: Option<(Arc<rate_limit::RateLimitConfig>, Arc<str>)>,
 }
 
 /// Every plugin attachment of a config, with the per-route resolution done up front.
@@ -180,29 +234,11 @@ impl PluginSet {
 
     /// Picks, for each plugin name, the most specific attachment that applies.
     pub fn resolve(&self, route: usize, service: Option<usize>, consumer: Option<usize>) -> ResolvedPlugins {
-        let mut best = [0u8; 5];
+        let mut ranks = Ranks::default();
         let mut out = ResolvedPlugins::default();
         for (scope, config, namespace) in &self.instances {
-            let Some(rank) = scope.rank(route, service, consumer) else {
-                continue;
-            };
-            let slot = match config {
-                PluginConfig::CorrelationId(_) => 0,
-                PluginConfig::Cors(_) => 1,
-                PluginConfig::Jwt(_) => 2,
-                PluginConfig::RequestSizeLimiting(_) => 3,
-                PluginConfig::RateLimiting(_) => 4,
-            };
-            if rank <= best[slot] {
-                continue;
-            }
-            best[slot] = rank;
-            match config {
-                PluginConfig::CorrelationId(c) => out.correlation = Some(c.clone()),
-                PluginConfig::Cors(c) => out.cors = Some(c.clone()),
-                PluginConfig::Jwt(c) => out.jwt = Some(c.clone()),
-                PluginConfig::RequestSizeLimiting(c) => out.size_limit = Some(c.clone()),
-                PluginConfig::RateLimiting(c) => out.rate_limit = Some((c.clone(), namespace.clone())),
+            if let Some(rank) = scope.rank(route, service, consumer) {
+                out.offer(&mut ranks, rank, config, namespace);
             }
         }
         out
@@ -243,12 +279,12 @@ plugins:
 "#;
         let config = Config::parse(text).unwrap();
         let set = PluginSet::build(&config);
-        let minute = |p: ResolvedPlugins| p.rate_limit.map(|(c, _)| c.limits[0].1);
+        let minute = |p: ResolvedPlugins| p.rate_limit.map(|c| c.limits[0].1);
         assert_eq!(minute(set.for_route(0)), Some(10));
         assert_eq!(minute(set.for_route(1)), Some(50));
         assert_eq!(minute(set.resolve(0, Some(0), Some(0))), Some(1));
         assert_eq!(minute(set.resolve(1, Some(0), Some(0))), Some(50));
         assert!(set.has_consumer_plugins());
-        assert_eq!(&*set.for_route(0).rate_limit.unwrap().1, "route=r");
+        assert_eq!(&*set.for_route(0).rate_limit.unwrap().namespace, "route=r");
     }
 }

@@ -562,6 +562,14 @@ fn headers(
     out
 }
 
+impl super::Plugin for RateLimitConfig {
+    const NAME: &'static str = "rate-limiting";
+
+    fn parse(config: serde_yaml::Value) -> Result<Self, Vec<String>> {
+        super::typed(config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,14 @@ pub(crate) fn check_headers(conf: &SizeLimitConfig, headers: &HeaderMap) -> Resu
     }
 }
 
+impl super::Plugin for SizeLimitConfig {
+    const NAME: &'static str = "request-size-limiting";
+
+    fn parse(config: serde_yaml::Value) -> Result<Self, Vec<String>> {
+        super::typed(config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
