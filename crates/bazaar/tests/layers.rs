@@ -16,6 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("bazaar-store", &[]),
     ("bazaar-contracts", &["bazaar-core"]),
     ("bazaar-messaging", &["bazaar-core", "bazaar-store"]),
+    ("bazaar-mesh", &["bazaar-drain", "bazaar-trust"]),
     ("bazaar-saga", &["bazaar-core", "bazaar-store", "bazaar-messaging"]),
     (
         "bazaar-kit",
@@ -25,6 +26,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "bazaar-drain",
             "bazaar-store",
             "bazaar-messaging",
+            "bazaar-mesh",
         ],
     ),
     ("bazaar-gateway", &["bazaar-trust", "bazaar-drain"]),
@@ -49,6 +51,7 @@ const TESTKIT: &[&str] = &[
     "bazaar-drain",
     "bazaar-store",
     "bazaar-messaging",
+    "bazaar-mesh",
 ];
 
 /// The bench: the binary's layers and the test kit.
@@ -61,6 +64,7 @@ const BENCH: &[&str] = &[
     "bazaar-drain",
     "bazaar-store",
     "bazaar-messaging",
+    "bazaar-mesh",
     "bazaar-gateway",
     "bazaar-users",
     "bazaar-inventory",
@@ -83,6 +87,7 @@ const SERVICE: &[&str] = &[
     "bazaar-drain",
     "bazaar-store",
     "bazaar-messaging",
+    "bazaar-mesh",
 ];
 
 /// What the binary (and the bench) may use: everything below them.
@@ -95,6 +100,7 @@ const BINARY: &[&str] = &[
     "bazaar-drain",
     "bazaar-store",
     "bazaar-messaging",
+    "bazaar-mesh",
     "bazaar-gateway",
     "bazaar-users",
     "bazaar-inventory",

@@ -1,5 +1,6 @@
 //! Stopping an HTTP listener without leaving a request unanswered: the services' listeners
-//! (`bazaar-kit`) and the gateway's share it.
+//! (`bazaar-kit`, `bazaar-mesh`) and the gateway's share it. How a listener takes and serves
+//! its connections in the first place is in [`connections`].
 //!
 //! hyper's graceful shutdown closes a connection at once when no request is in progress on
 //! it, and a connection accepted a moment before the stop, whose request is still on its way
@@ -8,6 +9,8 @@
 //! rollout. A [`Drain`] lets such a connection receive its first request, for up to
 //! [`FIRST_REQUEST_GRACE`], before shutting it down gracefully; the request is answered with
 //! `Connection: close`.
+
+pub mod connections;
 
 use std::{
     pin::Pin,

@@ -7,6 +7,7 @@
 //!   contract and the saga's wire types.
 //! - `bazaar_store`: the [`store`] (a service's database from a URL) and [`sqlite`].
 //! - `bazaar_messaging`: [`outbox`], [`broker`], [`inbox`] and the [`consumer`] runner.
+//! - `bazaar_mesh`: the [`mesh`]: workload identity, the CA, certificates, mutual TLS.
 //!
 //! Its own modules:
 //!
@@ -14,12 +15,13 @@
 //!   `bazaar_drain` stops a listener without leaving a request unanswered; [`otlp`]
 //!   exports traces when a collector is configured.
 //! - [`client`]: the one outbound HTTP client stack (timeout, retry budget, breaker, bulkhead).
-//! - [`mesh`] and [`policy`]: workload identity, the CA, mutual TLS and who may call whom.
+//! - [`policy`]: which workload may call which route over the mesh.
 //! - [`openapi`], [`asyncapi`]: each role's API documents; [`deadletters`]: its dead-letter API.
 //! - [`service`]: what a service is (name, tables, topics, routes), for the role table.
 //! - [`runtime`]: what every service role starts with, and the owner of its tasks.
 
 pub use bazaar_core::{envelope, resilience, schema, shutdown};
+pub use bazaar_mesh as mesh;
 pub use bazaar_messaging::{broker, consumer, inbox, outbox};
 pub use bazaar_store as store;
 pub use bazaar_store::sqlite;
@@ -30,7 +32,6 @@ pub mod client;
 pub mod deadletters;
 pub mod health;
 pub mod http;
-pub mod mesh;
 pub mod openapi;
 pub mod otlp;
 pub mod policy;

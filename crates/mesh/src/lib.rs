@@ -698,8 +698,8 @@ pub async fn serve_mtls(
     let connections = tokio_util::task::TaskTracker::new();
     // A client that never finishes its request head is cut, as one that never finishes the
     // handshake is; past the cap, new connections wait in the backlog.
-    let builder = crate::http::connection_builder();
-    let cap = crate::http::ConnectionCap::new(crate::http::MAX_CONNECTIONS, "mesh");
+    let builder = bazaar_drain::connections::connection_builder();
+    let cap = bazaar_drain::connections::ConnectionCap::new(bazaar_drain::connections::MAX_CONNECTIONS, "mesh");
     tokio::pin!(stop);
     while let Some((slot, stream, peer)) = cap.accept(&listener, &mut stop).await {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
@@ -765,7 +765,7 @@ pub fn http_client(
 ) -> Result<reqwest::Client, MeshError> {
     let mut builder = reqwest::Client::builder()
         .use_preconfigured_tls((*tls.client_config()).clone())
-        .pool_idle_timeout(crate::http::CLIENT_POOL_IDLE)
+        .pool_idle_timeout(bazaar_drain::connections::CLIENT_POOL_IDLE)
         .timeout(timeout);
     for (name, ip) in peers {
         builder = builder.resolve(name, std::net::SocketAddr::new(*ip, 0));
