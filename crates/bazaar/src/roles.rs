@@ -451,24 +451,23 @@ fn run_payment_sim(
                 .context("payment-sim");
         };
         tracing::info!(identity = %tls.identity(), %listen, "payment provider simulator listening over mutual TLS");
+        let policy = match &settings.mesh_policy {
+            Some(file) => Some(Arc::new(
+                bazaar_kit::policy::PolicyGuard::load(PAYMENT_SIM, file.clone()).context("mesh policy")?,
+            )),
+            None => None,
+        };
         let mut router = bazaar_payments::simulator::router(state);
-        if let Some(file) = &settings.mesh_policy {
-            let guard = bazaar_kit::policy::PolicyGuard::load(PAYMENT_SIM, file.clone()).context("mesh policy")?;
-            router = Arc::new(guard).guard(router);
+        if let Some(guard) = &policy {
+            router = guard.guard(router);
         }
         let mut stop = stop;
         let served = bazaar_kit::mesh::serve_mtls(listener, router, tls.clone(), async move { stop.wait().await });
-        // Renewed certificates apply without a restart, as in every role.
+        // Renewed certificates and an edited policy apply without a restart, as in every role.
         let reload = async {
             loop {
                 tokio::time::sleep(bazaar_kit::runtime::MESH_RELOAD_PERIOD).await;
-                match tls.reload_if_changed() {
-                    Ok(true) => tracing::info!(identity = %tls.identity(), "mesh: renewed certificate loaded"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "mesh: cannot load the renewed certificate; keeping the old one")
-                    }
-                }
+                bazaar_kit::runtime::reload_mesh(&tls, policy.as_deref());
             }
         };
         tokio::select! {

@@ -1187,6 +1187,28 @@ async fn one_correlation_id_crosses_every_role_and_every_role_has_metrics() {
 /// Runs `bazaar serve payment-sim` beside a system; killed on drop.
 struct Simulator(Child);
 
+impl Simulator {
+    /// `bazaar serve payment-sim` on `sys`'s mesh (its certificate, bundle and policy), at
+    /// its port from `base`.
+    fn beside(sys: &System, base: u16) -> Simulator {
+        let mesh_dir = sys.data_dir().join("mesh");
+        Simulator(
+            Command::new(BIN)
+                .args(["serve", "payment-sim"])
+                .env("BAZAAR_BASE_PORT", base.to_string())
+                .env("BAZAAR_DATA", sys.data_dir())
+                .env("BAZAAR_MESH_CERT", mesh_dir.join("payment-sim.crt"))
+                .env("BAZAAR_MESH_KEY", mesh_dir.join("payment-sim.key"))
+                .env("BAZAAR_MESH_BUNDLE", mesh_dir.join("bundle.pem"))
+                .env("BAZAAR_MESH_POLICY", mesh_dir.join("policy.yaml"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the simulator"),
+        )
+    }
+}
+
 impl Drop for Simulator {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -1244,6 +1266,37 @@ async fn a_gateway_open_to_the_world_keeps_its_admin_api_on_loopback() {
     );
 }
 
+/// The payment simulator takes an edited mesh policy without a restart, as every role does:
+/// a tool it served is refused once the policy no longer lists tools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_payment_simulator_applies_an_edited_mesh_policy_without_a_restart() {
+    let base = harness::free_base_port().expect("free ports");
+    let sys = System::start_with(Some(base), None, &[]).await;
+    let _sim = Simulator::beside(&sys, base);
+    let stats = sys.service_url("payment-sim", "/_stats");
+    let client = sys.mesh_client("e2e");
+    let status = || async { client.get(&stats).send().await.map(|r| r.status().as_u16()).ok() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status().await != Some(200) {
+        assert!(Instant::now() < deadline, "the simulator never served the tool");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let path = sys.data_dir().join("mesh").join("policy.yaml");
+    let mut policy: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).expect("the policy")).expect("YAML");
+    policy["roles"]["payment-sim"] =
+        serde_yaml::from_str(r#"[{from: ["spiffe://bazaar/role/payments"], routes: ["*"]}]"#).expect("a rule");
+    std::fs::write(&path, serde_yaml::to_string(&policy).expect("YAML")).expect("write the policy");
+    let edited = Instant::now();
+    while status().await != Some(403) {
+        assert!(
+            edited.elapsed() < 3 * bazaar_kit::runtime::MESH_RELOAD_PERIOD,
+            "the simulator still serves a caller the edited policy no longer lists"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
     let base = harness::free_base_port().expect("free ports");
@@ -1251,21 +1304,7 @@ async fn orders_wait_out_a_payment_provider_outage_and_then_complete() {
     // Payments calls the simulator over the mesh, with its own certificate.
     let provider_url = format!("https://payment-sim:{port}");
     let sys = System::start_with(Some(base), None, &[("BAZAAR_PAYMENT_PROVIDER_URL", &provider_url)]).await;
-    let mesh_dir = sys.data_dir().join("mesh");
-    let sim = Simulator(
-        Command::new(BIN)
-            .args(["serve", "payment-sim"])
-            .env("BAZAAR_BASE_PORT", base.to_string())
-            .env("BAZAAR_DATA", sys.data_dir())
-            .env("BAZAAR_MESH_CERT", mesh_dir.join("payment-sim.crt"))
-            .env("BAZAAR_MESH_KEY", mesh_dir.join("payment-sim.key"))
-            .env("BAZAAR_MESH_BUNDLE", mesh_dir.join("bundle.pem"))
-            .env("BAZAAR_MESH_POLICY", mesh_dir.join("policy.yaml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the simulator"),
-    );
+    let sim = Simulator::beside(&sys, base);
     let sim_url = sys.service_url("payment-sim", "");
     let client = sys.mesh_client("e2e");
     let control = |body: Value| {

@@ -35,6 +35,23 @@ pub const TASK_DRAIN_LIMIT: Duration = Duration::from_secs(20);
 /// How often a role looks for renewed mesh certificates.
 pub const MESH_RELOAD_PERIOD: Duration = Duration::from_secs(5);
 
+/// Loads what changed of a workload's mesh files: a renewed certificate or rotated trust
+/// bundle, and an edited policy. A file that cannot be used is logged and the one in use
+/// kept. Every role runs it each [`MESH_RELOAD_PERIOD`]; so does anything else serving on
+/// the mesh (the payment simulator).
+pub fn reload_mesh(tls: &Tls, policy: Option<&PolicyGuard>) {
+    match tls.reload_if_changed() {
+        Ok(true) => tracing::info!(identity = %tls.identity(), "mesh: renewed certificate loaded"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "mesh: cannot load the renewed certificate; keeping the old one"),
+    }
+    match policy.map(PolicyGuard::reload_if_changed) {
+        Some(Ok(true)) => tracing::info!("mesh: policy reloaded"),
+        Some(Err(e)) => tracing::warn!(error = %e, "mesh: cannot load the edited policy; keeping the old one"),
+        _ => {}
+    }
+}
+
 /// Settings every service role reads (from flags or `BAZAAR_*` variables in the binary).
 #[derive(Debug, Clone)]
 pub struct RoleConfig {
@@ -194,22 +211,7 @@ impl Runtime {
             let policy = rt.policy.clone();
             rt.every(MESH_RELOAD_PERIOD, move || {
                 let (tls, policy) = (tls.clone(), policy.clone());
-                async move {
-                    match tls.reload_if_changed() {
-                        Ok(true) => tracing::info!(identity = %tls.identity(), "mesh: renewed certificate loaded"),
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "mesh: cannot load the renewed certificate; keeping the old one")
-                        }
-                    }
-                    match policy.as_ref().map(|p| p.reload_if_changed()) {
-                        Some(Ok(true)) => tracing::info!("mesh: policy reloaded"),
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "mesh: cannot load the edited policy; keeping the old one")
-                        }
-                        _ => {}
-                    }
-                }
+                async move { reload_mesh(&tls, policy.as_deref()) }
             });
         }
         rt.own(
