@@ -1,11 +1,11 @@
-//! What every service role is built on: its HTTP side, its runtime, and the mesh, knowing
+//! What every service role is built on: its HTTP side, its runtime, and the mesh policy, knowing
 //! nothing of any shop. The layers below live in crates of their own and are re-exported
 //! here, so a service can name them through the kit (the saga engine, `bazaar_saga`, is
 //! not: only the roles in a saga depend on it):
 //!
-//! - `bazaar_core`: [`envelope`], [`schema`], [`shutdown`], [`resilience`], the message
-//!   contract and the saga's wire types.
-//! - `bazaar_store`: the [`store`] (a service's database from a URL) and [`sqlite`].
+//! - `bazaar_core`: [`envelope`], [`schema`], [`shutdown`], [`resilience`] (its message
+//!   contract and saga wire types are used from `bazaar_core` itself).
+//! - `bazaar_store`: the [`store`] (a service's database from a URL).
 //! - `bazaar_messaging`: [`outbox`], [`broker`], [`inbox`] and the [`consumer`] runner.
 //! - `bazaar_mesh`: the [`mesh`]: workload identity, the CA, certificates, mutual TLS.
 //!
@@ -24,7 +24,6 @@ pub use bazaar_core::{envelope, resilience, schema, shutdown};
 pub use bazaar_mesh as mesh;
 pub use bazaar_messaging::{broker, consumer, inbox, outbox};
 pub use bazaar_store as store;
-pub use bazaar_store::sqlite;
 
 pub mod asyncapi;
 pub mod auth;

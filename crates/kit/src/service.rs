@@ -122,7 +122,7 @@ impl PublicRoute {
 
 impl ServiceSpec {
     /// Whether the role keeps nothing: no tables of its own, no topics published or
-    /// consumed. Its store then holds only the kit's outbox and inbox, always empty, so each
+    /// consumed. Its store then holds only the outbox and inbox (`bazaar_messaging`), always empty, so each
     /// instance may have a store of its own (the web role).
     pub fn keeps_nothing(&self) -> bool {
         self.migrations.is_empty() && self.publishes.is_empty() && self.consumes.is_empty()

@@ -1,4 +1,4 @@
-//! Workload identity and mutual TLS, built into the kit rather than a sidecar.
+//! Workload identity and mutual TLS, built into every role rather than a sidecar.
 //!
 //! An installation has a mesh CA ([`Authority`]); it issues each role instance a short-lived
 //! certificate ([`Leaf`]) whose identity is a SPIFFE-style URI SAN,

@@ -39,7 +39,7 @@ impl Migration {
     }
 
     /// Its SQL as `dialect` runs it.
-    pub fn sql_for(&self, dialect: Dialect) -> String {
+    pub(crate) fn sql_for(&self, dialect: Dialect) -> String {
         match dialect {
             Dialect::Postgres => self.sql.replace(SQLITE_ROWID, POSTGRES_SERIAL),
             Dialect::Sqlite => self.sql.to_string(),

@@ -12,6 +12,7 @@ use serde_json::Value;
 use tower::ServiceExt;
 use uuid::Uuid;
 
+use bazaar_core::saga::SagaReply;
 use bazaar_kit::{
     auth::{Jwks, KeySet, SigningKey, Verifier, ADMIN},
     consumer::{Handler, HandlerError},
@@ -21,7 +22,6 @@ use bazaar_kit::{
     shutdown::{self, ShutdownTrigger},
     store,
 };
-use bazaar_saga::SagaReply;
 
 pub use bazaar_store::testing::{servers, with_database, Server, TestDb};
 
