@@ -13,27 +13,26 @@
 //! `saga_<uuid>` through that URL and drops it afterwards, passed or failed.
 //!
 //! ```text
-//! BAZAAR_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/postgres cargo nextest run -p bazaar-kit --test saga
+//! BAZAAR_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/postgres cargo nextest run -p bazaar-saga --test engine
 //! ```
 
-use bazaar_kit::store;
+use bazaar_store as store;
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use bazaar_kit::{
+use bazaar_core::{envelope::Envelope, shutdown};
+use bazaar_messaging::{
     consumer::HandlerError,
-    envelope::Envelope,
     outbox::{self, Outbox},
-    shutdown,
-    store::{now_millis, Store, Tx},
 };
 use bazaar_saga::{
     self, CommandHeader, SagaEngine, SagaFlow, SagaState, SagaStatus, SagaStep, Step, Verdict, COMPENSATION_ATTEMPTS,
 };
-use bazaar_testkit::TestDb;
+use bazaar_store::testing::TestDb;
+use bazaar_store::{now_millis, Store, Tx};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
