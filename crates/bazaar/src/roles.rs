@@ -451,12 +451,12 @@ fn run_payment_sim(
                 .context("payment-sim");
         };
         tracing::info!(identity = %tls.identity(), %listen, "payment provider simulator listening over mutual TLS");
-        let policy = match &settings.mesh_policy {
-            Some(file) => Some(Arc::new(
-                bazaar_kit::policy::PolicyGuard::load(PAYMENT_SIM, file.clone()).context("mesh policy")?,
-            )),
-            None => None,
-        };
+        let policy = settings
+            .mesh_policy
+            .clone()
+            .map(|file| bazaar_kit::policy::PolicyGuard::load(PAYMENT_SIM, file).map(Arc::new))
+            .transpose()
+            .context("mesh policy")?;
         let mut router = bazaar_payments::simulator::router(state);
         if let Some(guard) = &policy {
             router = guard.guard(router);
