@@ -16,12 +16,10 @@ use bazaar_kit::{
 use clap::Args;
 use serde::Serialize;
 
-use bazaar::roles::{self, Settings};
+use bazaar::{roles, settings::Broker};
 use bazaar_inventory::ReservationStatus;
 use bazaar_orders::OrderStatus;
 use bazaar_payments::PaymentStatus;
-
-use crate::DlqCommand;
 
 /// Flags of `bazaar audit`.
 #[derive(Debug, Args)]
@@ -59,11 +57,11 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Opens every service's store and the broker named by `settings`.
-    pub async fn open(settings: &Settings) -> anyhow::Result<Sources> {
+    /// Opens every service's store (as `up` and `serve` find them from `data`) and `broker`.
+    pub async fn open(data: &std::path::Path, broker: &Broker) -> anyhow::Result<Sources> {
         let mut all = Vec::new();
         for (_, spec) in roles::services() {
-            let url = settings.store_url(spec.name);
+            let url = bazaar::settings::store_url(data, spec.name);
             if let Some(path) = url.strip_prefix("sqlite://") {
                 if !std::path::Path::new(path).exists() {
                     anyhow::bail!(
@@ -93,7 +91,7 @@ impl Sources {
             payments: store(&bazaar_payments::SERVICE)?,
             notifications: store(&bazaar_notifications::SERVICE)?,
             all,
-            broker: broker::connect(&settings.broker_url()).await.context("broker")?,
+            broker: broker::connect(&broker.url(data)).await.context("broker")?,
         })
     }
 }
@@ -391,8 +389,8 @@ fn all_topics() -> Vec<&'static str> {
 }
 
 /// `bazaar audit`.
-pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
-    let sources = Sources::open(settings).await?;
+pub async fn run(data: &std::path::Path, broker: &Broker, args: AuditArgs) -> anyhow::Result<()> {
+    let sources = Sources::open(data, broker).await?;
     let deadline = Instant::now() + Duration::from_secs(args.wait);
     let report = loop {
         let report = checks(&sources).await?;
@@ -420,9 +418,21 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bazaar dlq …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum DlqCommand {
+    /// Lists dead letters of every topic.
+    List,
+    /// Republishes every dead letter of `topic` and removes it from the dead-letter topic.
+    Replay {
+        /// The original topic, e.g. `payments.commands`.
+        topic: String,
+    },
+}
+
 /// `bazaar dlq list|replay`.
-pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
-    let broker = broker::connect(&settings.broker_url()).await.context("broker")?;
+pub async fn dlq(data: &std::path::Path, broker: &Broker, command: DlqCommand) -> anyhow::Result<()> {
+    let broker = broker::connect(&broker.url(data)).await.context("broker")?;
     match command {
         DlqCommand::List => {
             let mut n = 0;

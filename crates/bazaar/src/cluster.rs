@@ -15,7 +15,10 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use bazaar::roles::{self, Replicas, Settings, NATS_CLIENT_OFFSETS, NATS_ROUTE_OFFSETS};
+use bazaar::{
+    roles::{self, Replicas, NATS_CLIENT_OFFSETS, NATS_ROUTE_OFFSETS},
+    settings::Settings,
+};
 use bazaar_kit::store::Store;
 use tokio::process::Command;
 
@@ -65,7 +68,7 @@ fn nats_server() -> anyhow::Result<PathBuf> {
 impl Nats {
     /// The cluster's nodes at the base port's NATS offsets, stores under DATA/nats.
     pub fn plan(settings: &Settings, name: &str) -> anyhow::Result<Nats> {
-        let at = |offsets: [u16; 3]| offsets.map(|o| settings.base_port.saturating_add(o)).to_vec();
+        let at = |offsets: [u16; 3]| offsets.map(|o| settings.place.base_port.saturating_add(o)).to_vec();
         Ok(Nats {
             bin: nats_server()?,
             dir: settings.data.join("nats"),
@@ -328,7 +331,7 @@ pub fn write_env(
         settings.data.join("cluster.env").display()
     );
     for (service, url) in stores {
-        text.push_str(&format!("{}={url}\n", roles::store_url_var(service)));
+        text.push_str(&format!("{}={url}\n", bazaar::settings::store_url_var(service)));
     }
     let path = settings.data.join("cluster.env");
     bazaar_trust::files::write_private(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;

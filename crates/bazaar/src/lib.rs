@@ -1,10 +1,17 @@
-//! The library half of the `bazaar` binary: the role table and the roles' settings, and the
-//! load driver, shared by the binary's commands, its end-to-end tests and the benches.
+//! The library half of the `bazaar` binary, shared by its commands, its end-to-end tests
+//! and the benches. It imports one way: `settings` (flags and variables, by who reads them)
+//! ← `adapters` (settings into each role's config) ← `roles` (the table) ← `layout` (ports
+//! and URLs per role) and `contracts` (the API documents) ← `serve` (start-up); `load` and
+//! `metrics` stand apart.
 
+pub mod adapters;
 pub mod contracts;
+pub mod layout;
 pub mod load;
 pub mod metrics;
 pub mod roles;
+pub mod serve;
+pub mod settings;
 
 /// `error` and its causes on one line, as `bazaar: …` prints it: a cause whose text an outer
 /// message already quotes (`store: {0}` over its source) is said once.

@@ -252,7 +252,7 @@ pub async fn sign_in_admin(client: &Client, api: &str, password: &str) -> anyhow
     let (st, body) = json_call(
         client
             .post(format!("{api}/auth/token"))
-            .json(&json!({"email": crate::roles::ADMIN_EMAIL, "password": password})),
+            .json(&json!({"email": crate::settings::ADMIN_EMAIL, "password": password})),
     )
     .await?;
     match body["accessToken"].as_str() {

@@ -2,121 +2,22 @@
 //! Benchmarks are a separate binary, `bazaar-bench` (crates/bench).
 
 mod audit;
+mod cli;
 mod cluster;
 mod config_file;
 mod job;
 mod mesh;
 mod up;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-
-use bazaar::roles::{self, Role, RoleParser, Settings};
+use bazaar::roles;
+use cli::{Command, ContractsCommand, GatewayCommand};
 
 /// mimalloc keeps freed blocks per thread instead of glibc's arenas and consolidation: the
 /// gateway spent a tenth of its time in glibc's malloc and free under load.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// An event-driven order system: gateway, users, inventory, orders, payments, notifications, web.
-#[derive(Debug, Parser)]
-#[command(name = "bazaar", version, about)]
-struct Cli {
-    /// A file of BAZAAR_NAME=value lines (the variables below); flags and the environment win.
-    #[arg(long, global = true, env = "BAZAAR_CONFIG")]
-    config: Option<std::path::PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-    #[command(flatten)]
-    settings: Settings,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Runs every role as its own child process on this machine, restarting any that dies.
-    Up(up::UpArgs),
-    /// Runs one role in this process (one pod, one container).
-    Serve {
-        /// A role of the table.
-        #[arg(value_parser = RoleParser)]
-        role: Role,
-    },
-    /// Replaces the instances of each role (all when none) one at a time, beside a running
-    /// `bazaar up` on the same data dir, without refusing a request.
-    Rollout {
-        /// Roles to roll, in order.
-        #[arg(value_parser = RoleParser)]
-        roles: Vec<Role>,
-    },
-    /// Checks the invariants (nothing lost, nothing doubled) over every store and the broker.
-    Audit(audit::AuditArgs),
-    /// Drives orders through the gateway and reports throughput and latency.
-    Load(bazaar::load::LoadArgs),
-    /// Gateway tools.
-    Gateway {
-        #[command(subcommand)]
-        command: GatewayCommand,
-    },
-    /// Lists or replays dead letters.
-    Dlq {
-        #[command(subcommand)]
-        command: DlqCommand,
-    },
-    /// The mesh CA: create, show, issue a tool's certificate, rotate.
-    Mesh {
-        #[command(subcommand)]
-        command: mesh::MeshCommand,
-    },
-    /// Prints or writes the API and event contracts (OpenAPI 3.1, AsyncAPI 3.0).
-    Contracts {
-        #[command(subcommand)]
-        command: ContractsCommand,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum ContractsCommand {
-    /// Prints the public OpenAPI document (as the gateway serves it), or one service's.
-    Openapi {
-        /// A service of the role table, for its own document.
-        #[arg(long)]
-        service: Option<String>,
-    },
-    /// Prints the AsyncAPI document of every event and command.
-    Asyncapi,
-    /// Writes every document under DIR/api (the committed copies: run it after changing a
-    /// contract).
-    Write {
-        /// The repository root.
-        #[arg(default_value = ".")]
-        dir: PathBuf,
-        /// Also replace the baseline under DIR/api/baseline that changes are held to (a
-        /// deliberate, breaking change).
-        #[arg(long)]
-        baseline: bool,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum GatewayCommand {
-    /// Validates a Kong-style declarative config file.
-    Check {
-        /// The file (YAML or JSON).
-        file: PathBuf,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum DlqCommand {
-    /// Lists dead letters of every topic.
-    List,
-    /// Republishes every dead letter of `topic` and removes it from the dead-letter topic.
-    Replay {
-        /// The original topic, e.g. `payments.commands`.
-        topic: String,
-    },
-}
 
 fn contracts(command: ContractsCommand) -> anyhow::Result<()> {
     use bazaar::contracts;
@@ -164,7 +65,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let cli = Cli::parse();
+    let cli::Parsed { cli, handed_on } = match cli::parse() {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("bazaar: {}", bazaar::error_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     // A service role is I/O bound and runs its SQLite transactions inline: one scheduler
     // thread avoids cross-thread wake-ups (bazaar-bench saga: 90 -> 100 orders/s, 12% less
     // CPU, measured when SQLite still ran on sqlx's threads). The gateway's proxied
@@ -192,12 +99,18 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        let global = cli.global;
         match cli.command {
-            Command::Up(args) => up::run(&cli.settings, args).await,
-            Command::Rollout { roles } => up::request_rollout(&cli.settings, &roles).await,
-            Command::Serve { role } => roles::serve(&cli.settings, role).await,
-            Command::Audit(args) => audit::run(&cli.settings, args).await,
-            Command::Load(args) => bazaar::load::run(args.in_data_dir(cli.settings.data.clone())).await,
+            Command::Up { args, place, roles } => up::run(&cli::settings(&global, place, roles), args, handed_on).await,
+            Command::Rollout { roles } => up::request_rollout(&global.data, &roles).await,
+            Command::Serve {
+                role,
+                place,
+                roles,
+                process,
+            } => bazaar::serve::serve(&cli::settings(&global, place, roles), &process, role, global.json_logs).await,
+            Command::Audit { args, broker } => audit::run(&global.data, &broker, args).await,
+            Command::Load(args) => bazaar::load::run(args.in_data_dir(global.data.clone())).await,
             Command::Gateway {
                 command: GatewayCommand::Check { file },
             } => match bazaar_gateway::check_config_file(&file) {
@@ -216,8 +129,8 @@ fn main() -> ExitCode {
                     ))
                 }
             },
-            Command::Dlq { command } => audit::dlq(&cli.settings, command).await,
-            Command::Mesh { command } => mesh::run(&cli.settings, command),
+            Command::Dlq { command, broker } => audit::dlq(&global.data, &broker, command).await,
+            Command::Mesh { command } => mesh::run(&global.data, command),
             Command::Contracts { command } => contracts(command),
         }
     });

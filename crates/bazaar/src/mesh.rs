@@ -3,10 +3,12 @@
 //! roles over mutual TLS, with curl say), and `rotate` replaces the CA while peers trust old
 //! and new side by side.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{bail, Context};
-use bazaar::roles::Settings;
 use bazaar_kit::mesh::{fingerprint, Authority, Identity, MeshFiles, Workload};
 use clap::Subcommand;
 
@@ -45,13 +47,13 @@ pub enum MeshCommand {
 }
 
 /// The mesh directory of an installation.
-pub fn dir(settings: &Settings) -> PathBuf {
-    settings.data.join("mesh")
+pub fn dir(data: &Path) -> PathBuf {
+    data.join("mesh")
 }
 
 /// Runs `bazaar mesh COMMAND`.
-pub fn run(settings: &Settings, command: MeshCommand) -> anyhow::Result<()> {
-    let dir = dir(settings);
+pub fn run(data: &Path, command: MeshCommand) -> anyhow::Result<()> {
+    let dir = dir(data);
     match command {
         MeshCommand::Init { trust_domain } => {
             let (ca, created) = ensure_ca(&dir, &trust_domain)?;
@@ -210,8 +212,8 @@ pub struct UpMesh {
 impl UpMesh {
     /// Creates the CA when there is none and issues a certificate for each of `holders`
     /// (file name, role).
-    pub fn start(settings: &Settings, holders: Vec<(String, &'static str)>) -> anyhow::Result<UpMesh> {
-        let dir = dir(settings);
+    pub fn start(data: &Path, holders: Vec<(String, &'static str)>) -> anyhow::Result<UpMesh> {
+        let dir = dir(data);
         let (ca, created) = ensure_ca(&dir, bazaar::roles::TRUST_DOMAIN)?;
         if created {
             tracing::info!(sha256 = %ca.fingerprint(), "mesh: created the CA");
@@ -286,8 +288,8 @@ pub const POLICY_MARKER: &str =
 /// owns it (deleted the marker line): the gateway and operators' tools may call every route
 /// of every service, every other service may read users' public token keys, web may call
 /// users' credential routes, and payments may call the payment simulator. Anything else is refused.
-pub fn ensure_policy(settings: &Settings) -> anyhow::Result<PathBuf> {
-    let path = dir(settings).join("policy.yaml");
+pub fn ensure_policy(data: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir(data).join("policy.yaml");
     let ours = std::fs::read_to_string(&path).map_or(true, |text| text.starts_with(POLICY_MARKER));
     if !ours {
         return Ok(path);

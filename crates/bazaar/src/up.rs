@@ -2,6 +2,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    ffi::OsString,
     os::fd::{AsRawFd, RawFd},
     process::Stdio,
     time::{Duration, Instant},
@@ -15,7 +16,11 @@ use tokio::{
     sync::mpsc,
 };
 
-use bazaar::roles::{self, instance_name, stop_signal, Replicas, Role, RoleKind, Settings, ADMIN_PORT_OFFSET};
+use bazaar::{
+    roles::{self, instance_name, Replicas, Role, RoleKind, ADMIN_PORT_OFFSET},
+    serve::stop_signal,
+    settings::{self, Settings},
+};
 use bazaar_kit::{
     broker::BrokerError,
     store::{Store, StoreError},
@@ -131,8 +136,8 @@ struct RolloutRequest {
 }
 
 /// The control socket `bazaar rollout` talks to.
-pub fn control_socket(settings: &Settings) -> std::path::PathBuf {
-    settings.data.join("run").join("up.sock")
+pub fn control_socket(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("run").join("up.sock")
 }
 
 /// How long a replacement gets to become ready before a rollout gives up on it.
@@ -164,7 +169,7 @@ fn check_replicas(backends: &Backends, replicas: &Replicas) -> anyhow::Result<()
             anyhow::bail!(
                 "{} cannot run {n} replicas on its SQLite store ({store}): replicas share one store; set {}=postgres://…",
                 spec.name,
-                roles::store_url_var(spec.name)
+                settings::store_url_var(spec.name)
             );
         }
     }
@@ -172,7 +177,7 @@ fn check_replicas(backends: &Backends, replicas: &Replicas) -> anyhow::Result<()
 }
 
 /// Runs `up` until Ctrl-C or SIGTERM.
-pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
+pub async fn run(settings: &Settings, args: UpArgs, handed_on: Vec<(OsString, OsString)>) -> anyhow::Result<()> {
     // Settings every role will read are checked before anything starts.
     settings.welcome_credit(true)?;
     settings.trusted_proxies()?;
@@ -204,7 +209,7 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     if !args.cluster {
         check_replicas(&backends, &replicas)?;
     }
-    roles::private_data_dir(&settings.data)?;
+    settings::private_data_dir(&settings.data)?;
     let instances: Vec<(Role, u16)> = roles::up_roles()
         .flat_map(|r| (0..replicas.of(r)).map(move |k| (r, k)))
         .collect();
@@ -259,8 +264,8 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
                 // For `bazaar serve payment-sim` beside this up (up does not start it).
                 .chain([(roles::PAYMENT_SIM.to_string(), roles::PAYMENT_SIM)])
                 .collect();
-            let mesh = crate::mesh::UpMesh::start(settings, holders)?;
-            crate::mesh::ensure_policy(settings)?;
+            let mesh = crate::mesh::UpMesh::start(&settings.data, holders)?;
+            crate::mesh::ensure_policy(&settings.data)?;
             Some(mesh)
         }
         MeshMode::Off => {
@@ -282,7 +287,14 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     for node in nats.iter().flat_map(|n| n.nodes()) {
         makers.push((None, None, Box::new(move || node.job())));
     }
-    let shared = std::sync::Arc::new((exe, settings.clone(), replicas.clone(), backends, sockets));
+    let shared = std::sync::Arc::new(Shared {
+        exe,
+        settings: settings.clone(),
+        replicas: replicas.clone(),
+        backends,
+        sockets,
+        handed_on,
+    });
     for &(role, k) in &instances {
         let shared = shared.clone();
         let ready = match role.kind {
@@ -292,14 +304,7 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
                 settings.instance_port(role, k) + ADMIN_PORT_OFFSET
             ),
         };
-        makers.push((
-            Some(role),
-            Some(ready),
-            Box::new(move || {
-                let (exe, settings, replicas, backends, sockets) = &*shared;
-                role_job(exe, settings, replicas, backends, sockets, role, k)
-            }),
-        ));
+        makers.push((Some(role), Some(ready), Box::new(move || role_job(&shared, role, k))));
     }
     let mut procs = Vec::new();
     let nats_nodes = nats.as_ref().map_or(0, |n| n.nodes().len());
@@ -307,8 +312,8 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
         if i == nats_nodes && nats.is_some() {
             // The roles check the broker as they start: let the cluster elect its leaders.
             let ready = async {
-                cluster::wait_for_jetstream(&shared.3.broker).await?;
-                cluster::create_streams(&shared.3.broker).await
+                cluster::wait_for_jetstream(&shared.backends.broker).await?;
+                cluster::create_streams(&shared.backends.broker).await
             };
             if let Err(e) = ready.await {
                 terminate_all(&mut procs).await;
@@ -328,15 +333,15 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
             restart_at: None,
         });
     }
-    let mut rollouts = control(settings)?;
+    let mut rollouts = control(&settings.data)?;
     let ready = wait_ready(settings, &instances, Duration::from_secs(args.ready_timeout)).await;
     match &ready {
-        Ok(()) if !args.quiet => println!("{}", tour(settings, &config, &shared.3.broker)),
+        Ok(()) if !args.quiet => println!("{}", tour(settings, &config, &shared.backends.broker)),
         Ok(()) => println!("bazaar: all roles healthy"),
         Err(e) => eprintln!("bazaar: {e}"),
     }
     if let (Ok(()), Some(nats)) = (&ready, &nats) {
-        let backends = &shared.3;
+        let backends = &shared.backends;
         println!(
             "{}",
             cluster::summary(settings, nats, &replicas, &backends.stores, backends.redis.as_deref())
@@ -364,7 +369,8 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
             };
             if let Some(done) = done {
                 let _ = lines.send(format!("{:>15} | {done}", "up"));
-                if let Err(e) = write_gateway_config(settings, &replicas, shared.3.redis.as_deref(), Some(mesh)) {
+                if let Err(e) = write_gateway_config(settings, &replicas, shared.backends.redis.as_deref(), Some(mesh))
+                {
                     let _ = lines.send(format!(
                         "{:>15} | cannot put the gateway's mesh certificate in its config: {e:#}",
                         "up"
@@ -422,18 +428,18 @@ pub async fn run(settings: &Settings, args: UpArgs) -> anyhow::Result<()> {
     }
     println!("bazaar: stopping every role");
     terminate_all(&mut procs).await;
-    let _ = std::fs::remove_file(control_socket(settings));
+    let _ = std::fs::remove_file(control_socket(&settings.data));
     ready
 }
 
 /// `bazaar rollout [ROLE…]`: asks the `up` running on this data dir to replace the
 /// instances of each role (all when none) one at a time, printing its progress.
-pub async fn request_rollout(settings: &Settings, roles: &[Role]) -> anyhow::Result<()> {
-    let path = control_socket(settings);
+pub async fn request_rollout(data: &std::path::Path, roles: &[Role]) -> anyhow::Result<()> {
+    let path = control_socket(data);
     let mut stream = tokio::net::UnixStream::connect(&path).await.with_context(|| {
         format!(
             "no `bazaar up` is running on the data dir {} (nothing answers on {})",
-            settings.data.display(),
+            data.display(),
             path.display()
         )
     })?;
@@ -503,16 +509,29 @@ fn socket_name(role: Role, k: u16) -> String {
     }
 }
 
+/// What every role's command is made from, shared by the restarts and rollouts of each.
+struct Shared {
+    /// The bazaar executable.
+    exe: std::path::PathBuf,
+    settings: Settings,
+    replicas: Replicas,
+    backends: Backends,
+    /// The listening sockets `up` holds, by [`socket_name`] and [`admin_socket_name`].
+    sockets: HashMap<String, std::net::TcpListener>,
+    /// The settings `up` was given as flags, as the variables its roles read.
+    handed_on: Vec<(OsString, OsString)>,
+}
+
 /// The command that runs instance `k` of `role`, on the sockets `up` holds for it.
-fn role_job(
-    exe: &std::path::Path,
-    settings: &Settings,
-    replicas: &Replicas,
-    backends: &Backends,
-    sockets: &HashMap<String, std::net::TcpListener>,
-    role: Role,
-    k: u16,
-) -> anyhow::Result<Job> {
+fn role_job(shared: &Shared, role: Role, k: u16) -> anyhow::Result<Job> {
+    let Shared {
+        exe,
+        settings,
+        replicas,
+        backends,
+        sockets,
+        handed_on,
+    } = shared;
     // A replicated service, and any gateway (its replacement shares its socket), drains.
     let drain_delay = if replicas.of(role) > 1 || role.shares_port() {
         REPLICA_DRAIN_DELAY_MS
@@ -520,15 +539,17 @@ fn role_job(
         0
     };
     let mut cmd = Command::new(exe);
+    // What `up` was told as flags reaches every role as if it were in `up`'s environment;
+    // what `up` decides for each process comes after and wins.
+    cmd.envs(handed_on.iter().map(|(k, v)| (k, v)));
     cmd.arg("serve")
         .arg(role.name)
         .env("BAZAAR_INSTANCE", k.to_string())
         .env("BAZAAR_REPLICAS", replicas.to_string())
         .env("BAZAAR_DRAIN_DELAY_MS", drain_delay.to_string())
         .env("BAZAAR_DATA", &settings.data)
-        .env("BAZAAR_BASE_PORT", settings.base_port.to_string())
+        .env("BAZAAR_BASE_PORT", settings.place.base_port.to_string())
         .env("BAZAAR_GATEWAY_CONFIG", settings.gateway_config())
-        .env("BAZAAR_DECLINE_RATE", settings.decline_rate.to_string())
         .env(
             "BAZAAR_WELCOME_CREDIT_CENTS",
             settings.welcome_credit(true)?.to_string(),
@@ -540,16 +561,16 @@ fn role_job(
     for (service, url) in &backends.stores {
         if *service == role.name {
             cmd.env(
-                roles::store_url_var(service),
+                settings::store_url_var(service),
                 instance_store_url(settings, role, k, url),
             );
         } else {
-            cmd.env_remove(roles::store_url_var(service));
+            cmd.env_remove(settings::store_url_var(service));
         }
     }
     // A service finds users' keys from its own settings (over the mesh when it has a
     // certificate) unless the operator named the JWKS.
-    match &settings.jwks_url {
+    match &settings.place.jwks_url {
         Some(url) => cmd.env("BAZAAR_JWKS_URL", url),
         None => cmd.env_remove("BAZAAR_JWKS_URL"),
     };
@@ -567,15 +588,6 @@ fn role_job(
         ),
         None => cmd.env_remove("BAZAAR_BROKER_URL"),
     };
-    if let Some(smtp) = &settings.smtp {
-        cmd.env("BAZAAR_SMTP", smtp);
-    }
-    if let Some(url) = &settings.sms_webhook {
-        cmd.env("BAZAAR_SMS_WEBHOOK", url);
-    }
-    if let Some(url) = &settings.payment_provider_url {
-        cmd.env("BAZAAR_PAYMENT_PROVIDER_URL", url);
-    }
     let name = instance_name(role, k);
     let mut fds = vec![sockets
         .get(&socket_name(role, k))
@@ -600,12 +612,15 @@ fn role_job(
         );
         cmd.env("BAZAAR_ADMIN_LISTEN_FD", "4");
         if backends.mesh {
-            let files = bazaar_kit::mesh::MeshFiles::in_dir(&crate::mesh::dir(settings), &name);
-            cmd.env("BAZAAR_MESH_POLICY", crate::mesh::dir(settings).join("policy.yaml"))
-                .env("BAZAAR_MESH_CERT", &files.cert)
-                .env("BAZAAR_MESH_KEY", &files.key)
-                .env("BAZAAR_MESH_BUNDLE", &files.bundle)
-                .env("BAZAAR_PEER_IP", "127.0.0.1");
+            let files = bazaar_kit::mesh::MeshFiles::in_dir(&crate::mesh::dir(&settings.data), &name);
+            cmd.env(
+                "BAZAAR_MESH_POLICY",
+                crate::mesh::dir(&settings.data).join("policy.yaml"),
+            )
+            .env("BAZAAR_MESH_CERT", &files.cert)
+            .env("BAZAAR_MESH_KEY", &files.key)
+            .env("BAZAAR_MESH_BUNDLE", &files.bundle)
+            .env("BAZAAR_PEER_IP", "127.0.0.1");
         }
     }
     if matches!(role.kind, RoleKind::Gateway) {
@@ -651,8 +666,8 @@ fn pass_fds(command: &mut Command, fds: Vec<RawFd>) {
 
 /// Listens on DATA/run/up.sock (owner-only) for `bazaar rollout` requests: one line naming
 /// the roles (none for all); progress goes back line by line, ending `ok` or `error: …`.
-fn control(settings: &Settings) -> anyhow::Result<mpsc::UnboundedReceiver<RolloutRequest>> {
-    let path = control_socket(settings);
+fn control(data: &std::path::Path) -> anyhow::Result<mpsc::UnboundedReceiver<RolloutRequest>> {
+    let path = control_socket(data);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -927,7 +942,7 @@ fn existing_sqlite_file(url: &str) -> Option<std::path::PathBuf> {
 
 fn tour(settings: &Settings, config: &std::path::Path, broker: &str) -> String {
     // The gateway listens on the base port itself.
-    let gw = format!("http://127.0.0.1:{}", settings.base_port);
+    let gw = format!("http://127.0.0.1:{}", settings.place.base_port);
     let data = settings.data.display();
     format!(
         r#"
@@ -959,7 +974,7 @@ Check the invariants any time: bazaar audit    Stop: Ctrl-C
         admin = settings.admin_port(),
         broker = broker.split('@').next_back().unwrap_or(broker),
         config = config.display(),
-        admin_email = bazaar::roles::ADMIN_EMAIL,
+        admin_email = bazaar::settings::ADMIN_EMAIL,
     )
 }
 

@@ -31,6 +31,7 @@ impl Shop {
             dir: dir.path().to_path_buf(),
             base: None,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            args: Vec::new(),
             replicas: None,
             cluster: None,
         })
@@ -44,7 +45,7 @@ impl Shop {
         let (status, body) = send(
             client
                 .post(up.api("/auth/token"))
-                .json(&json!({"email": bazaar::roles::ADMIN_EMAIL, "password": password.trim()})),
+                .json(&json!({"email": bazaar::settings::ADMIN_EMAIL, "password": password.trim()})),
         )
         .await;
         assert_eq!(status, 200, "admin login: {body}");
@@ -180,7 +181,7 @@ async fn a_login_flood_for_one_account_is_turned_away_while_shoppers_are_served(
     // 600 sign-ins for the admin's account at once, with wrong passwords.
     let flood = futures_util::future::join_all((0..600).map(|i| {
         let request = shop.client.post(shop.api("/auth/token")).json(&json!({
-            "email": bazaar::roles::ADMIN_EMAIL, "password": format!("guess number {i}")
+            "email": bazaar::settings::ADMIN_EMAIL, "password": format!("guess number {i}")
         }));
         async move {
             let response = request.send().await.expect("the gateway answers");

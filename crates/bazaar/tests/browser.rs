@@ -107,6 +107,7 @@ async fn shoppers_and_operators_use_the_shop_and_its_console_in_a_real_browser()
         // $100 per new wallet: a second, larger order runs out of money.
         env: vec![("BAZAAR_WELCOME_CREDIT_CENTS".into(), "10000".into())],
         // Two web instances behind the gateway: pages, sessions and live feeds hold across them.
+        args: Vec::new(),
         replicas: Some("web=2".into()),
         cluster: None,
     })
@@ -155,7 +156,7 @@ async fn shoppers_and_operators_use_the_shop_and_its_console_in_a_real_browser()
                 .as_str()
                 .and_then(|id| id.parse().ok())
                 .expect("the admin's id"),
-            email: bazaar::roles::ADMIN_EMAIL.into(),
+            email: bazaar::settings::ADMIN_EMAIL.into(),
             total_cents: 1250,
             currency: Some("USD".into()),
             reason: None,
@@ -254,6 +255,7 @@ async fn an_operator_retries_from_the_console_a_saga_a_provider_outage_left_stuc
             // retries in seconds rather than minutes.
             ("BAZAAR_SAGA_STEP_TIMEOUT_MS".into(), "300".into()),
         ],
+        args: Vec::new(),
         replicas: None,
         cluster: None,
     })

@@ -138,6 +138,7 @@ async fn fuzzing_the_public_api_finds_no_server_error_and_no_answer_off_the_docu
         dir: dir.path().to_path_buf(),
         base: None,
         env: Vec::new(),
+        args: Vec::new(),
         replicas: None,
         cluster: None,
     })

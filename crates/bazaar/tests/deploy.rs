@@ -11,7 +11,7 @@ use std::{
     process::Command,
 };
 
-use bazaar::roles::{self, RoleKind, Settings, GATEWAY_ADMIN_OFFSET};
+use bazaar::roles::{self, RoleKind, GATEWAY_ADMIN_OFFSET};
 use clap::Args;
 use serde::Deserialize;
 use serde_json::Value;
@@ -59,14 +59,22 @@ fn port(role: roles::Role) -> u64 {
 /// Every `BAZAAR_*` variable the binary reads: its settings, the config file, and each
 /// service's store URL.
 fn variables_read() -> BTreeSet<String> {
-    let command = Settings::augment_args(clap::Command::new("bazaar"));
+    use bazaar::settings::{Global, Place, Process, RoleSettings};
+    let command = [
+        Global::augment_args,
+        Place::augment_args,
+        RoleSettings::augment_args,
+        Process::augment_args,
+    ]
+    .iter()
+    .fold(clap::Command::new("bazaar"), |command, group| group(command));
     let mut names: BTreeSet<String> = command
         .get_arguments()
         .filter_map(|a| a.get_env())
         .map(|e| e.to_string_lossy().into_owned())
         .collect();
     names.insert("BAZAAR_CONFIG".into());
-    names.extend(roles::services().map(|(_, s)| roles::store_url_var(s.name)));
+    names.extend(roles::services().map(|(_, s)| bazaar::settings::store_url_var(s.name)));
     names
 }
 

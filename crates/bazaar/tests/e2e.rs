@@ -46,14 +46,15 @@ impl System {
 
     /// `bazaar up` with `base` as its base port (a free one when `None`) and `--replicas`.
     async fn start_with(base: Option<u16>, replicas: Option<&str>, extra_env: &[(&str, &str)]) -> System {
-        System::start_options(base, replicas, None, extra_env).await
+        System::start_options(base, replicas, None, &[], extra_env).await
     }
 
-    /// `bazaar up` with every option the harness has, `--cluster NAME` among them.
+    /// `bazaar up` with every option the harness has, `--cluster NAME` and flags among them.
     async fn start_options(
         base: Option<u16>,
         replicas: Option<&str>,
         cluster: Option<&str>,
+        args: &[&str],
         extra_env: &[(&str, &str)],
     ) -> System {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -72,6 +73,7 @@ impl System {
             .chain(extra_env)
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             replicas: replicas.map(str::to_string),
             cluster: cluster.map(str::to_string),
         };
@@ -775,6 +777,30 @@ async fn a_customer_sees_only_their_own_orders_and_cannot_add_products() {
     assert_eq!(st, 401, "the gateway refuses calls without a token");
 }
 
+/// A setting given to `up` as a flag reaches the roles it starts, as the same setting in
+/// the environment does (the harness's environment says no per-customer limit; the flag wins).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_given_to_up_reaches_the_roles_it_starts() {
+    let sys = System::start_options(None, None, None, &["--orders-per-customer-per-minute", "1"], &[]).await;
+    let admin = sys.admin().await;
+    let ann = sys.customer("ann@example.com").await;
+    let tea = sys.product(&admin, "TEA", 300, 100).await;
+    let body = json!({"items": [{"productId": tea, "quantity": 1}]});
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let resp = sys
+            .client
+            .post(sys.api("/orders"))
+            .bearer_auth(&ann)
+            .json(&body)
+            .send()
+            .await
+            .expect("place an order");
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, [202, 429], "one order a minute for ann\n{}", sys.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_order_with_the_same_idempotency_key_is_one_order() {
     let sys = System::start(&[CREDIT]).await;
@@ -984,7 +1010,7 @@ async fn postgres_and_nats(prefix: &str, nats: &str) -> Option<(Vec<(String, Str
     let mut env = Vec::new();
     for (_, spec) in roles::services() {
         let db = TestDb::postgres(&format!("{prefix}_{}", spec.name.replace('-', "_"))).await?;
-        env.push((roles::store_url_var(spec.name), db.url.clone()));
+        env.push((bazaar::settings::store_url_var(spec.name), db.url.clone()));
         dbs.push(db);
     }
     let namespace = format!("{prefix}{}", uuid::Uuid::now_v7().simple());
@@ -1401,7 +1427,7 @@ fn up_refusal(data: &std::path::Path, args: &[&str]) -> String {
         )
         .env_remove("BAZAAR_BROKER_URL");
     for (_, spec) in roles::services() {
-        up.env_remove(roles::store_url_var(spec.name));
+        up.env_remove(bazaar::settings::store_url_var(spec.name));
     }
     let out = up.output().expect("run up");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -1581,7 +1607,7 @@ impl Cluster {
             ("BAZAAR_CLUSTER_REDIS_URL", self.redis.as_str()),
         ];
         let env: Vec<(&str, &str)> = servers.iter().chain(extra).copied().collect();
-        System::start_options(None, None, Some(&self.name), &env).await
+        System::start_options(None, None, Some(&self.name), &[], &env).await
     }
 
     /// Drops its databases and roles.
@@ -1617,7 +1643,7 @@ async fn the_cluster_form_runs_replicas_on_jetstream_nodes_and_a_database_per_se
         assert!(
             env.contains(&format!(
                 "{}=postgres://{name}_{}:",
-                roles::store_url_var(spec.name),
+                bazaar::settings::store_url_var(spec.name),
                 spec.name
             )),
             "{} logs in as its own role:\n{env}",
@@ -1689,7 +1715,7 @@ async fn the_broker_refuses_a_forged_command(sys: &System) {
 /// With orders' own PostgreSQL login, the inventory database is closed.
 async fn orders_cannot_open_the_inventory_database(env: &str) {
     let url = |service: &str| {
-        let var = format!("{}=", roles::store_url_var(service));
+        let var = format!("{}=", bazaar::settings::store_url_var(service));
         env.lines()
             .find_map(|l| l.strip_prefix(&var))
             .expect("a store URL")
@@ -2197,7 +2223,7 @@ fn third_instance_env(sys: &System, role: &str, host: &netns::Host) -> Vec<(Stri
         })
         .filter(|(k, _)| !k.ends_with("LISTEN_FD") && k != "BAZAAR_INSTANCE")
         .map(
-            |(k, v)| match k == roles::store_url_var(role) || k == "BAZAAR_BROKER_URL" {
+            |(k, v)| match k == bazaar::settings::store_url_var(role) || k == "BAZAAR_BROKER_URL" {
                 true => (k, host.rewrite(&v)),
                 false => (k, v),
             },

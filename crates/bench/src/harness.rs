@@ -11,7 +11,10 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use bazaar::roles::{self, instance_name, store_url_var, Replicas, Role, RoleSpec};
+use bazaar::{
+    roles::{self, instance_name, Replicas, Role, RoleSpec},
+    settings::store_url_var,
+};
 use tokio::process::{Child, Command};
 
 /// How long every role gets to report healthy.
@@ -28,6 +31,8 @@ pub struct Options {
     pub base: Option<u16>,
     /// Extra `BAZAAR_*` settings (stores, broker, credit, provider).
     pub env: Vec<(String, String)>,
+    /// Flags after `up --quiet` (`--orders-per-customer-per-minute 1`, ...).
+    pub args: Vec<String>,
     /// `up --replicas` (`2`, `orders=3`, ...); one instance of each service when `None`
     /// (two with `cluster`).
     pub replicas: Option<String>,
@@ -152,6 +157,7 @@ impl System {
         };
         let mut cmd = Command::new(&options.bin);
         cmd.args(["up", "--quiet"])
+            .args(&options.args)
             .args(options.replicas.iter().flat_map(|r| ["--replicas", r.as_str()]))
             .args(
                 options

@@ -29,7 +29,8 @@ use std::{
 use anyhow::{bail, Context};
 use bazaar::{
     load::{self, LoadArgs, LoadShape, LoadStats},
-    roles::{self, store_url_var},
+    roles,
+    settings::store_url_var,
 };
 use bazaar_bench::harness::{cpu_delta, drop_cluster_databases, servers_cpu, servers_delta, Options, System};
 use bazaar_contracts::{types, LineRequest, OrderRef, ProcessPayment, ReserveStock, Reserved};
@@ -372,6 +373,7 @@ fn up_options(
         .into_iter()
         .chain(env)
         .collect(),
+        args: Vec::new(),
         replicas,
         cluster,
     }

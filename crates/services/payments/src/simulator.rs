@@ -16,6 +16,8 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -26,7 +28,7 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use bazaar_kit::shutdown::Shutdown;
+use bazaar_kit::{mesh::Tls, policy::PolicyGuard, shutdown::Shutdown};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -161,6 +163,68 @@ pub async fn serve(
         tracing::info!(%addr, "payment provider simulator listening");
     }
     bazaar_kit::http::serve(listener, router(state), shutdown).await
+}
+
+/// The simulator's role name (`bazaar serve payment-sim`), as its mesh certificate and the
+/// mesh policy name it.
+pub const ROLE: &str = "payment-sim";
+
+/// Why the simulator stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulatorError {
+    /// Its address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Its mesh policy could not be loaded.
+    #[error("mesh policy: {0}")]
+    Policy(#[from] bazaar_kit::policy::PolicyError),
+    /// Serving failed.
+    #[error("payment-sim: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Serves the simulator on `listen` until `shutdown`: over mutual TLS under the mesh policy
+/// when it has a certificate, reloading a renewed certificate and an edited policy as every
+/// role does; else plain HTTP to any caller, said loudly.
+pub async fn run(
+    listen: SocketAddr,
+    mesh: Option<Arc<Tls>>,
+    policy: Option<PathBuf>,
+    shutdown: Shutdown,
+) -> Result<(), SimulatorError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| SimulatorError::Listen { addr: listen, source })?;
+    let state = SimulatorState::default();
+    let Some(tls) = mesh else {
+        tracing::warn!("MESH OFF: the payment simulator serves plain HTTP to any caller");
+        return serve(listener, state, shutdown).await.map_err(SimulatorError::Serve);
+    };
+    tracing::info!(identity = %tls.identity(), %listen, "payment provider simulator listening over mutual TLS");
+    let policy = policy
+        .map(|file| PolicyGuard::load(ROLE, file).map(Arc::new))
+        .transpose()?;
+    let mut router = router(state);
+    if let Some(guard) = &policy {
+        router = guard.guard(router);
+    }
+    let mut stop = shutdown;
+    let served = bazaar_kit::mesh::serve_mtls(listener, router, tls.clone(), async move { stop.wait().await });
+    let reload = async {
+        loop {
+            tokio::time::sleep(bazaar_kit::runtime::MESH_RELOAD_PERIOD).await;
+            bazaar_kit::runtime::reload_mesh(&tls, policy.as_deref());
+        }
+    };
+    tokio::select! {
+        served = served => served.map_err(SimulatorError::Serve),
+        never = reload => never,
+    }
 }
 
 type Answer = (StatusCode, Json<Value>);
