@@ -101,12 +101,8 @@ fn every_crate_depends_only_on_the_layers_below_it() {
     assert!(wrong.is_empty(), "arrows against the layers: {wrong:#?}");
 }
 
-/// Crates whose modules still import each other in a cycle (the gateway's plugins are still
-/// to be reshaped, see `docs/architecture.md`); each entry is one
-/// cycle, as module names. The test fails when a cycle appears and when one of these is
-/// broken, so the list shrinks to nothing.
-const KNOWN_CYCLES: &[(&str, &[&str])] = &[("bazaar-gateway", &["balancer", "config", "plugins"])];
-
+/// Modules of one crate never import each other in a cycle, so each crate reads one way:
+/// from the modules that import nothing of the crate up to the ones that wire them.
 #[test]
 fn no_crate_has_modules_that_import_each_other_in_a_cycle() {
     let meta = metadata();
@@ -119,16 +115,9 @@ fn no_crate_has_modules_that_import_each_other_in_a_cycle() {
             cycles.insert(format!("{name}: {{{}}}", cycle.join(", ")));
         }
     }
-    let known: BTreeSet<String> = KNOWN_CYCLES
-        .iter()
-        .map(|(name, cycle)| format!("{name}: {{{}}}", cycle.join(", ")))
-        .collect();
-    let new: Vec<_> = cycles.difference(&known).collect();
-    let broken: Vec<_> = known.difference(&cycles).collect();
-    assert!(new.is_empty(), "modules that import each other in a cycle: {new:#?}");
     assert!(
-        broken.is_empty(),
-        "no longer cycles, take them off KNOWN_CYCLES: {broken:#?}"
+        cycles.is_empty(),
+        "modules that import each other in a cycle: {cycles:#?}"
     );
 }
 

@@ -113,7 +113,7 @@ fn config(shared: &Shared) -> Response<ProxyBody> {
         "routes": names(config.routes.iter().map(|r| r.name.to_string()).collect()),
         "upstreams": names(config.upstreams.iter().map(|u| u.name.clone()).collect()),
         "consumers": names(config.consumers.iter().map(|c| c.username.clone().or(c.custom_id.clone()).unwrap_or_default()).collect()),
-        "plugins": names(config.plugins.iter().map(|p| p.config.name().to_string()).collect()),
+        "plugins": names(config.plugins.iter().filter(|p| p.enabled).map(|p| p.name.clone()).collect()),
     });
     response::json(StatusCode::OK, &body)
 }

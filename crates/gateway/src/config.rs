@@ -3,8 +3,9 @@
 //! Loading happens in two steps. First every entity is parsed on its own into a typed `*Spec`
 //! with serde, so one bad entry yields one error naming its location (`routes[2]: …`) instead
 //! of aborting the whole file. Then the specs are resolved into a [`Config`]: references
-//! between entities are followed, URLs split, paths checked and plugin configs typed. Every
-//! problem found on the way is collected so `bazaar gateway check` can report them all at once.
+//! between entities are followed, URLs split and paths checked. A plugin's `config` block is
+//! kept as written; the plugins type it, in the step `loaded` runs next. Every problem found
+//! on the way is collected so `bazaar gateway check` can report them all at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -12,8 +13,6 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml::Value;
-
-use crate::plugins::{PluginConfig, PluginScope};
 
 /// Kong's default for the three upstream timeouts, in milliseconds.
 const DEFAULT_TIMEOUT_MS: u64 = 60_000;
@@ -436,11 +435,46 @@ pub(crate) struct JwtSecret {
     pub jwks_uri: Option<http::Uri>,
 }
 
-/// A plugin attached somewhere, with its typed config.
+/// A plugin attached somewhere, with its `config` block as written.
 #[derive(Debug)]
 pub(crate) struct PluginInstance {
+    /// Where it is located in the file (`plugins[2]`), for problems with its config.
+    pub path: String,
+    pub name: String,
     pub scope: PluginScope,
-    pub config: PluginConfig,
+    pub config: Value,
+    /// A disabled plugin's config is still checked; it applies nowhere.
+    pub enabled: bool,
+}
+
+/// Where a plugin is attached; `None` everywhere means global.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PluginScope {
+    pub service: Option<usize>,
+    pub route: Option<usize>,
+    pub consumer: Option<usize>,
+}
+
+impl PluginScope {
+    /// How specific this attachment is for a request, or `None` when it does not apply to it.
+    pub fn rank(&self, route: usize, service: Option<usize>, consumer: Option<usize>) -> Option<u8> {
+        let matches = |attached: Option<usize>, actual: Option<usize>| attached.is_none() || attached == actual;
+        if !matches(self.route, Some(route)) || !matches(self.service, service) || !matches(self.consumer, consumer) {
+            return None;
+        }
+        Some(
+            match (self.consumer.is_some(), self.route.is_some(), self.service.is_some()) {
+                (true, true, true) => 8,
+                (true, true, false) => 7,
+                (true, false, true) => 6,
+                (false, true, true) => 5,
+                (true, false, false) => 4,
+                (false, true, false) => 3,
+                (false, false, true) => 2,
+                (false, false, false) => 1,
+            },
+        )
+    }
 }
 
 /// A configuration that passed every check; the gateway serves from this.
@@ -463,6 +497,11 @@ pub(crate) struct Config {
 pub struct ConfigProblems(Vec<String>);
 
 impl ConfigProblems {
+    /// Problems, one located line each.
+    pub(crate) fn new(lines: Vec<String>) -> ConfigProblems {
+        ConfigProblems(lines)
+    }
+
     /// The problems, one located line each.
     pub fn lines(&self) -> &[String] {
         &self.0
@@ -479,22 +518,24 @@ impl<'a> IntoIterator for &'a ConfigProblems {
 }
 
 impl Config {
-    /// Reads and checks a config file.
-    pub fn load_file(path: &std::path::Path) -> Result<Config, ConfigProblems> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ConfigProblems(vec![format!("{}: {e}", path.display())]))?;
-        Config::parse(&text)
-    }
-
-    /// Parses YAML or JSON text (JSON is read as YAML, of which it is a subset).
-    pub fn parse(text: &str) -> Result<Config, ConfigProblems> {
-        let file: FileSpec = serde_yaml::from_str(text).map_err(|e| ConfigProblems(vec![format!("config: {e}")]))?;
+    /// Reads YAML or JSON text (JSON is read as YAML, of which it is a subset): the config as
+    /// far as it could be resolved, and every problem found, so a caller can add its own.
+    pub fn read(text: &str) -> (Config, Vec<String>) {
+        let file: FileSpec = match serde_yaml::from_str(text) {
+            Ok(file) => file,
+            Err(e) => return (Config::default(), vec![format!("config: {e}")]),
+        };
         let mut b = Builder::default();
         b.build(file);
-        if b.errors.is_empty() {
-            Ok(b.config)
-        } else {
-            Err(ConfigProblems(b.errors))
+        (b.config, b.errors)
+    }
+
+    /// Reads text whose plugins' configs are not looked at (tests of what is not a plugin).
+    #[cfg(test)]
+    pub fn parse(text: &str) -> Result<Config, ConfigProblems> {
+        match Config::read(text) {
+            (config, errors) if errors.is_empty() => Ok(config),
+            (_, errors) => Err(ConfigProblems(errors)),
         }
     }
 
@@ -505,7 +546,7 @@ impl Config {
             plural(self.services.len(), "service"),
             plural(self.routes.len(), "route"),
             plural(self.consumers.len(), "consumer"),
-            plural(self.plugins.len(), "plugin"),
+            plural(self.plugins.iter().filter(|p| p.enabled).count(), "plugin"),
         ];
         if !self.upstreams.is_empty() {
             parts.push(plural(self.upstreams.len(), "upstream"));
@@ -1048,14 +1089,14 @@ impl Builder {
                     .errors
                     .push(format!("{path}.rsa_public_key: required for {algorithm}")),
                 Some(pem) => {
-                    if let Err(e) = crate::plugins::jwt::rsa_public_key_der(pem) {
+                    if let Err(e) = crate::keys::rsa_public_key_der(pem) {
                         self.errors.push(format!("{path}.rsa_public_key: {e}"));
                     }
                 }
             },
             "EdDSA" => match (&spec.rsa_public_key, &spec.jwks_uri) {
                 (Some(pem), None) => {
-                    if let Err(e) = crate::plugins::jwt::ed25519_public_key(pem) {
+                    if let Err(e) = crate::keys::ed25519_public_key(pem) {
                         self.errors.push(format!("{path}.rsa_public_key: {e}"));
                     }
                 }
@@ -1139,33 +1180,28 @@ impl Builder {
             let service = service.or_else(|| self.lookup(&path, "service", spec.service.as_ref()));
             let route = route.or_else(|| self.lookup(&path, "route", spec.route.as_ref()));
             let consumer = consumer.or_else(|| self.lookup(&path, "consumer", spec.consumer.as_ref()));
-            let config = match PluginConfig::parse(&spec.name, spec.config) {
-                Ok(config) => config,
-                Err(problems) => {
-                    self.errors.extend(problems.into_iter().map(|p| format!("{path}.{p}")));
-                    continue;
-                }
-            };
-            if !spec.enabled {
-                continue;
-            }
             let scope = PluginScope {
                 service,
                 route,
                 consumer,
             };
-            if self
-                .config
-                .plugins
-                .iter()
-                .any(|p| p.scope == scope && p.config.name() == config.name())
+            if spec.enabled
+                && self
+                    .config
+                    .plugins
+                    .iter()
+                    .any(|p| p.enabled && p.scope == scope && p.name == spec.name)
             {
-                self.errors.push(format!(
-                    "{path}: a {} plugin is already set for this scope",
-                    config.name()
-                ));
+                self.errors
+                    .push(format!("{path}: a {} plugin is already set for this scope", spec.name));
             }
-            self.config.plugins.push(PluginInstance { scope, config });
+            self.config.plugins.push(PluginInstance {
+                path,
+                name: spec.name,
+                scope,
+                config: spec.config,
+                enabled: spec.enabled,
+            });
         }
     }
 
@@ -1242,7 +1278,7 @@ plugins:
   - name: rate-limiting
     config: {}
 "#;
-        let errors = Config::parse(text).unwrap_err();
+        let errors = crate::loaded::parse(text).unwrap_err();
         let joined = errors.to_string();
         assert!(
             joined.contains("services[0].routes[0].paths[0]: must start with /"),

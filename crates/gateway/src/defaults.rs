@@ -349,7 +349,7 @@ mod tests {
         ))
         .unwrap();
         let router = Router::build(&config);
-        let plugins = crate::plugins::PluginSet::build(&config);
+        let plugins = crate::plugins::PluginSet::build(&config).expect("the plugins type");
         let check = |method: &str, path: &str, port: u16, upstream: &str, guarded: bool| {
             let method = http::Method::from_bytes(method.as_bytes()).unwrap();
             let found = router

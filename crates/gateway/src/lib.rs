@@ -20,6 +20,8 @@ mod balancer;
 mod config;
 mod defaults;
 mod edge;
+mod keys;
+mod loaded;
 mod outgoing;
 mod plugins;
 mod pool;
@@ -98,7 +100,7 @@ pub async fn serve(
             .map_err(|source| GatewayError::Bind { addr, source })
     };
     // Check the config before binding so a bad file fails fast without taking the ports.
-    config::Config::load_file(&opts.config_path).map_err(|problems| GatewayError::Config {
+    loaded::load_file(&opts.config_path).map_err(|problems| GatewayError::Config {
         path: opts.config_path.clone(),
         problems,
     })?;
@@ -120,7 +122,7 @@ pub async fn serve(
 /// Checks a config file without serving it: a summary such as
 /// `"5 services, 9 routes, 1 consumer, 3 plugins"`, or every problem with its location.
 pub fn check_config_file(path: &Path) -> Result<String, ConfigProblems> {
-    config::Config::load_file(path).map(|config| config.summary())
+    loaded::load_file(path).map(|loaded| loaded.config.summary())
 }
 
 /// The metrics the gateway records, each with the help text `/metrics` gives it.

@@ -15,7 +15,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use crate::config::Config;
 use crate::state::{CountGuard, RenderMetrics, Shared};
 use crate::workers::Workers;
 use crate::{admin, proxy, GatewayError};
@@ -86,14 +85,14 @@ pub async fn serve_draining(
     workers: usize,
 ) -> Result<(), GatewayError> {
     crate::describe_metrics();
-    let config = Config::load_file(&config_path).map_err(|problems| GatewayError::Config {
+    let loaded = crate::loaded::load_file(&config_path).map_err(|problems| GatewayError::Config {
         path: config_path.clone(),
         problems,
     })?;
     let workers = Workers::start(workers).map_err(GatewayError::Workers)?;
-    tracing::info!(config = %config_path.display(), summary = %config.summary(), "gateway config loaded");
+    tracing::info!(config = %config_path.display(), summary = %loaded.config.summary(), "gateway config loaded");
     let render: RenderMetrics = render_metrics;
-    let shared = Shared::new(config, config_path, render, edge, workers.count());
+    let shared = Shared::new(loaded, config_path, render, edge, workers.count());
     let draining = shared.clone();
     let (stop, stopped) = watch::channel(false);
     let tasks = [
@@ -286,10 +285,10 @@ async fn watch_config(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             continue;
         }
         last = stamp;
-        match Config::load_file(&path) {
-            Ok(config) => {
-                tracing::info!(config = %path.display(), summary = %config.summary(), forced, "gateway config reloaded");
-                shared.install(config);
+        match crate::loaded::load_file(&path) {
+            Ok(loaded) => {
+                tracing::info!(config = %path.display(), summary = %loaded.config.summary(), forced, "gateway config reloaded");
+                shared.install(loaded);
             }
             Err(problems) => {
                 tracing::error!(config = %path.display(), problems = %problems.lines().join("; "), "new gateway config rejected; keeping the old one");

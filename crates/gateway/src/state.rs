@@ -17,6 +17,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::balancer::{Balancers, HttpClient, UpstreamBalancer};
 use crate::config::{Config, ServiceTls};
+use crate::loaded::Loaded;
 use crate::plugins::jwt::{Credentials, JwksRoute};
 use crate::plugins::rate_limit::Limiter;
 use crate::plugins::PluginSet;
@@ -123,14 +124,14 @@ pub(crate) struct Shared {
 impl Shared {
     /// Loads the first config; fails if it is invalid.
     pub fn new(
-        config: Config,
+        loaded: Loaded,
         config_path: PathBuf,
         render_metrics: RenderMetrics,
         edge: crate::Edge,
         workers: usize,
     ) -> Arc<Shared> {
         let connections = Connections::default();
-        let snapshot = Arc::new(build_snapshot(config, None, &connections, workers));
+        let snapshot = Arc::new(build_snapshot(loaded, None, &connections, workers));
         Arc::new(Shared {
             snapshot: RwLock::new(snapshot),
             limiter: Limiter::default(),
@@ -153,10 +154,10 @@ impl Shared {
     }
 
     /// Puts a new config in force; requests already running finish on the old one.
-    pub fn install(&self, config: Config) {
+    pub fn install(&self, loaded: Loaded) {
         let previous = self.snapshot();
         let next = Arc::new(build_snapshot(
-            config,
+            loaded,
             Some(&previous.balancers),
             &self.connections,
             self.workers,
@@ -186,7 +187,8 @@ fn connector(connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>) -> Upstream
 }
 
 /// Compiles a config and starts its health probes.
-fn build_snapshot(config: Config, previous: Option<&Balancers>, connections: &Connections, workers: usize) -> Snapshot {
+fn build_snapshot(loaded: Loaded, previous: Option<&Balancers>, connections: &Connections, workers: usize) -> Snapshot {
+    let Loaded { config, plugins } = loaded;
     let mut clients = connections.clients.lock().unwrap_or_else(|e| e.into_inner());
     let mut pools = connections.pools.lock().unwrap_or_else(|e| e.into_inner());
     let mut client_for = |connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>| {
@@ -248,7 +250,7 @@ fn build_snapshot(config: Config, previous: Option<&Balancers>, connections: &Co
     balancers.start_probes(&client_for(1000, None), &probe_clients);
     Snapshot {
         router: Router::build(&config),
-        plugins: PluginSet::build(&config),
+        plugins,
         credentials: Credentials::build_with(&config, |uri| {
             let https = uri.scheme_str() == Some("https");
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });

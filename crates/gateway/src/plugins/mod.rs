@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use crate::config::Config;
+use crate::config::{Config, PluginScope};
 
 /// What a plugin is to the gateway: its name in config files and how its `config` block
 /// becomes its typed config.
@@ -93,13 +93,6 @@ macro_rules! registry {
                 )+
                 Err(vec![format!("name: unknown plugin {name:?} (known: {})", KNOWN.join(", "))])
             }
-
-            /// The plugin's name as written in config files.
-            pub fn name(&self) -> &'static str {
-                match self {
-                    $(PluginConfig::$variant(_) => <$module::$config as Plugin>::NAME,)+
-                }
-            }
         }
 
         /// The plugins that run for one request, each the most specific attachment of its
@@ -144,36 +137,6 @@ registry! {
     rate_limit: rate_limit::RateLimitConfig => RateLimiting,
 }
 
-/// Where a plugin is attached; `None` everywhere means global.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PluginScope {
-    pub service: Option<usize>,
-    pub route: Option<usize>,
-    pub consumer: Option<usize>,
-}
-
-impl PluginScope {
-    /// How specific this attachment is for a request, or `None` when it does not apply to it.
-    fn rank(&self, route: usize, service: Option<usize>, consumer: Option<usize>) -> Option<u8> {
-        let matches = |attached: Option<usize>, actual: Option<usize>| attached.is_none() || attached == actual;
-        if !matches(self.route, Some(route)) || !matches(self.service, service) || !matches(self.consumer, consumer) {
-            return None;
-        }
-        Some(
-            match (self.consumer.is_some(), self.route.is_some(), self.service.is_some()) {
-                (true, true, true) => 8,
-                (true, true, false) => 7,
-                (true, false, true) => 6,
-                (false, true, true) => 5,
-                (true, false, false) => 4,
-                (false, true, false) => 3,
-                (false, false, true) => 2,
-                (false, false, false) => 1,
-            },
-        )
-    }
-}
-
 /// Every plugin attachment of a config, with the per-route resolution done up front.
 #[derive(Debug, Default)]
 pub(crate) struct PluginSet {
@@ -183,12 +146,24 @@ pub(crate) struct PluginSet {
 }
 
 impl PluginSet {
-    /// Indexes the plugins of `config`.
-    pub fn build(config: &Config) -> PluginSet {
-        let instances: Vec<_> = config
-            .plugins
-            .iter()
-            .map(|p| {
+    /// Types the plugins of `config` and indexes the enabled ones; problems come back
+    /// located (`plugins[1].config: …`).
+    pub fn build(config: &Config) -> Result<PluginSet, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut typed = Vec::new();
+        for p in &config.plugins {
+            match PluginConfig::parse(&p.name, p.config.clone()) {
+                Ok(typed_config) if p.enabled => typed.push((p, typed_config)),
+                Ok(_) => {}
+                Err(found) => problems.extend(found.into_iter().map(|e| format!("{}.{e}", p.path))),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let instances: Vec<_> = typed
+            .into_iter()
+            .map(|(p, typed_config)| {
                 let mut namespace = Vec::new();
                 if let Some(s) = p.scope.service {
                     namespace.push(format!("service={}", config.services[s].name));
@@ -204,7 +179,7 @@ impl PluginSet {
                 } else {
                     namespace.join(",")
                 };
-                (p.scope, p.config.clone(), Arc::from(namespace))
+                (p.scope, typed_config, Arc::from(namespace))
             })
             .collect();
         let consumer_scoped = instances.iter().any(|(scope, _, _)| scope.consumer.is_some());
@@ -219,7 +194,7 @@ impl PluginSet {
             .enumerate()
             .map(|(i, r)| set.resolve(i, r.service, None))
             .collect();
-        set
+        Ok(set)
     }
 
     /// The plugins for a request on `route` before any consumer is known.
@@ -278,7 +253,7 @@ plugins:
     config: {minute: 1}
 "#;
         let config = Config::parse(text).unwrap();
-        let set = PluginSet::build(&config);
+        let set = PluginSet::build(&config).unwrap();
         let minute = |p: ResolvedPlugins| p.rate_limit.map(|c| c.limits[0].1);
         assert_eq!(minute(set.for_route(0)), Some(10));
         assert_eq!(minute(set.for_route(1)), Some(50));
