@@ -110,23 +110,42 @@ fn check(invariant: u8, ok: bool, detail: impl Into<String>) -> Check {
 
 /// Runs every check once.
 pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
-    let mut out = Vec::new();
+    let orders = orders(s).await?;
+    Ok(vec![
+        settled(s, &orders).await?,
+        outcomes_match(s, &orders).await?,
+        stock_adds_up(s).await?,
+        money_adds_up(s).await?,
+        notified_once(s, &orders).await?,
+        events_delivered(s).await?,
+    ])
+}
 
-    // 1. Every order settled.
-    let orders = store::query("SELECT id, status, total_cents, customer_id FROM orders")
+/// An order as the audit reads it: id, status, total and customer.
+type OrderRow = (String, String, Option<i64>, String);
+
+/// Every order.
+async fn orders(s: &Sources) -> anyhow::Result<Vec<OrderRow>> {
+    store::query("SELECT id, status, total_cents, customer_id FROM orders")
         .fetch_all(&s.orders)
-        .await?;
-    let mut by_status: HashMap<String, i64> = HashMap::new();
-    let mut final_orders = Vec::new();
-    for r in &orders {
-        let status: String = r.try_get("status")?;
-        *by_status.entry(status.clone()).or_default() += 1;
-        final_orders.push((
-            r.try_get::<String, _>("id")?,
-            status,
-            r.try_get::<Option<i64>, _>("total_cents")?,
-            r.try_get::<String, _>("customer_id")?,
-        ));
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get("id")?,
+                r.try_get("status")?,
+                r.try_get("total_cents")?,
+                r.try_get("customer_id")?,
+            ))
+        })
+        .collect()
+}
+
+/// 1. Every order settled.
+async fn settled(s: &Sources, orders: &[OrderRow]) -> anyhow::Result<Check> {
+    let mut by_status: HashMap<&str, i64> = HashMap::new();
+    for (_, status, _, _) in orders {
+        *by_status.entry(status.as_str()).or_default() += 1;
     }
     let pending = by_status.get("pending").copied().unwrap_or(0);
     let open_sagas = count(
@@ -135,7 +154,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     )
     .await?;
     let stuck = count(&s.orders, "SELECT COUNT(*) FROM saga WHERE status = 'stuck'").await?;
-    out.push(check(
+    Ok(check(
         1,
         pending == 0 && open_sagas == 0 && stuck == 0,
         format!(
@@ -144,9 +163,11 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
             by_status.get("confirmed").copied().unwrap_or(0),
             by_status.get("cancelled").copied().unwrap_or(0),
         ),
-    ));
+    ))
+}
 
-    // 2. Each outcome matches payments and stock.
+/// 2. Each outcome matches payments and stock.
+async fn outcomes_match(s: &Sources, orders: &[OrderRow]) -> anyhow::Result<Check> {
     let payments: HashMap<String, (PaymentStatus, i64)> =
         store::query("SELECT order_id, status, amount_cents FROM payment")
             .fetch_all(&s.payments)
@@ -167,7 +188,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         })
         .collect::<anyhow::Result<_>>()?;
     let mut wrong = Vec::new();
-    for (id, status, total, _) in &final_orders {
+    for (id, status, total, _) in orders {
         let pay = payments.get(id);
         let res = reservations.get(id).copied();
         let captured = |(st, _): &(PaymentStatus, i64)| *st == PaymentStatus::Captured;
@@ -185,20 +206,19 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
             wrong.push(format!("{id} {status}: payment {pay:?}, reservation {res:?}"));
         }
     }
-    out.push(check(
+    Ok(check(
         2,
         wrong.is_empty(),
         if wrong.is_empty() {
-            format!(
-                "{} settled orders match their payment and reservation",
-                final_orders.len()
-            )
+            format!("{} settled orders match their payment and reservation", orders.len())
         } else {
             format!("{} mismatches, first: {}", wrong.len(), wrong[0])
         },
-    ));
+    ))
+}
 
-    // 3. Stock adds up, per product.
+/// 3. Stock adds up, per product.
+async fn stock_adds_up(s: &Sources) -> anyhow::Result<Check> {
     let products = store::query(
         "SELECT p.id, p.on_hand, p.reserved,
                 (SELECT CAST(COALESCE(SUM(delta), 0) AS BIGINT) FROM stock_movement m WHERE m.product_id = p.id) AS moved,
@@ -221,7 +241,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
             ));
         }
     }
-    out.push(check(
+    Ok(check(
         3,
         bad_stock.is_empty(),
         if bad_stock.is_empty() {
@@ -232,9 +252,11 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         } else {
             bad_stock.join("; ")
         },
-    ));
+    ))
+}
 
-    // 4. Money adds up.
+/// 4. Money adds up.
+async fn money_adds_up(s: &Sources) -> anyhow::Result<Check> {
     let total = count(
         &s.payments,
         "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger_entry",
@@ -275,15 +297,17 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     // Doubled transfers an older release wrote, set aside when the store was upgraded: not
     // in the sums above, shown so an operator knows they were there.
     let doubled = count(&s.payments, "SELECT COUNT(DISTINCT txn_id) FROM ledger_entry_doubled").await?;
-    out.push(check(
+    Ok(check(
         4,
         total == 0 && wallets + revenue == deposits && revenue == captured && negative == 0 && held == 0 && drifted == 0,
         format!(
             "deposits {deposits} = wallets {wallets} + revenue {revenue}; revenue = captured {captured}; ledger sum {total}; negative wallets {negative}; on hold {held}; balances off their entries {drifted}; doubled transfers set aside by the upgrade {doubled}"
         ),
-    ));
+    ))
+}
 
-    // 5. One notification per outcome and channel (SMS for customers who gave a phone).
+/// 5. One notification per outcome and channel (SMS for customers who gave a phone).
+async fn notified_once(s: &Sources, orders: &[OrderRow]) -> anyhow::Result<Check> {
     let sent: HashMap<String, String> =
         store::query("SELECT dedupe_key, status FROM notification WHERE dedupe_key LIKE 'order.%'")
             .fetch_all(&s.notifications)
@@ -299,7 +323,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         .collect::<Result<_, store::StoreError>>()?;
     let mut missing = Vec::new();
     let mut texts = 0;
-    for (id, status, _, customer) in final_orders.iter().filter(|(_, st, _, _)| st != "pending") {
+    for (id, status, _, customer) in orders.iter().filter(|(_, st, _, _)| st != "pending") {
         let opposite = if status == "confirmed" {
             "cancelled"
         } else {
@@ -331,7 +355,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         "SELECT COUNT(*) FROM notification WHERE dedupe_key LIKE 'user.registered:%' AND status = 'sent'",
     )
     .await?;
-    out.push(check(
+    Ok(check(
         5,
         missing.is_empty() && welcomes == users,
         if missing.is_empty() {
@@ -346,9 +370,11 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
                 missing[0]
             )
         },
-    ));
+    ))
+}
 
-    // 6. Every event reached every group, or sits in a dead-letter topic.
+/// 6. Every event reached every group, or sits in a dead-letter topic.
+async fn events_delivered(s: &Sources) -> anyhow::Result<Check> {
     let mut unsent = Vec::new();
     for (spec, store) in &s.all {
         let n = count(store, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").await?;
@@ -366,7 +392,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     for topic in all_topics() {
         dead += s.broker.read(&dlq_topic(topic), 10_000).await?.len();
     }
-    out.push(check(
+    Ok(check(
         6,
         unsent.is_empty(),
         if unsent.is_empty() {
@@ -374,8 +400,7 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
         } else {
             unsent.join("; ")
         },
-    ));
-    Ok(out)
+    ))
 }
 
 /// Every consumed topic once: where dead letters can be.

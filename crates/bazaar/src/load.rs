@@ -389,6 +389,10 @@ pub async fn prepare(args: &LoadArgs) -> anyhow::Result<Prepared> {
 
 impl Prepared {
     /// Places `args.shape.orders` orders and follows each to its end: the measured part.
+    ///
+    /// One piece: one measured run; the `order` closure and the open- or closed-loop spawner
+    /// share the start instant, the deadline and the request, latency and outcome tallies
+    /// that become the returned LoadStats.
     pub async fn place(self, args: &LoadArgs) -> anyhow::Result<LoadStats> {
         let Prepared {
             client,

@@ -65,23 +65,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let cli::Parsed { cli, handed_on } = match cli::parse() {
-        Ok(parsed) => parsed,
+    let result = cli::parse().and_then(|parsed| {
+        let runtime = runtime(&parsed.cli.command)?;
+        runtime.block_on(run(parsed))
+    });
+    bazaar_kit::telemetry::flush_logs();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bazaar: {}", bazaar::error_line(&e));
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    // A service role is I/O bound and runs its SQLite transactions inline: one scheduler
-    // thread avoids cross-thread wake-ups (bazaar-bench saga: 90 -> 100 orders/s, 12% less
-    // CPU, measured when SQLite still ran on sqlx's threads). The gateway's proxied
-    // connections run on its own worker threads (BAZAAR_GATEWAY_WORKERS), so its main
-    // runtime only accepts and reloads.
-    // BAZAAR_WORKER_THREADS overrides.
+    }
+}
+
+/// The async runtime for `command`. A service role is I/O bound and runs its SQLite
+/// transactions inline: one scheduler thread avoids cross-thread wake-ups (bazaar-bench
+/// saga: 90 -> 100 orders/s, 12% less CPU, measured when SQLite still ran on sqlx's
+/// threads). The gateway's proxied connections run on its own worker threads
+/// (BAZAAR_GATEWAY_WORKERS), so its main runtime only accepts and reloads.
+/// BAZAAR_WORKER_THREADS overrides.
+fn runtime(command: &Command) -> anyhow::Result<tokio::runtime::Runtime> {
     let threads = std::env::var("BAZAAR_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
-    let mut builder = match (&cli.command, threads) {
+    let mut builder = match (command, threads) {
         (Command::Serve { .. }, None) => tokio::runtime::Builder::new_current_thread(),
         (_, Some(1)) => tokio::runtime::Builder::new_current_thread(),
         (_, Some(n)) => {
@@ -91,55 +99,52 @@ fn main() -> ExitCode {
         }
         (_, None) => tokio::runtime::Builder::new_multi_thread(),
     };
-    let runtime = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bazaar: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+}
+
+/// Runs the command.
+async fn run(parsed: cli::Parsed) -> anyhow::Result<()> {
+    let cli::Parsed { cli, handed_on } = parsed;
+    let global = cli.global;
+    match cli.command {
+        Command::Up { args, place, roles } => up::run(&cli::settings(&global, place, roles), args, handed_on).await,
+        Command::Rollout { roles } => up::request_rollout(&global.data, &roles).await,
+        Command::Serve {
+            role,
+            place,
+            roles,
+            process,
+        } => bazaar::serve::serve(&cli::settings(&global, place, roles), &process, role, global.json_logs).await,
+        Command::Audit { args, broker } => audit::run(&global.data, &broker, args).await,
+        Command::Load(args) => bazaar::load::run(args.in_data_dir(global.data.clone())).await,
+        Command::Gateway {
+            command: GatewayCommand::Check { file },
+        } => check_gateway_config(&file),
+        Command::Dlq { command, broker } => audit::dlq(&global.data, &broker, command).await,
+        Command::Mesh { command } => mesh::run(&global.data, command),
+        Command::Contracts { command } => contracts(command),
+    }
+}
+
+/// `bazaar gateway check FILE`: a summary, or every problem on a line of its own.
+fn check_gateway_config(file: &std::path::Path) -> anyhow::Result<()> {
+    match bazaar_gateway::check_config_file(file) {
+        Ok(summary) => {
+            println!("{}: ok ({summary})", file.display());
+            Ok(())
         }
-    };
-    let result = runtime.block_on(async move {
-        let global = cli.global;
-        match cli.command {
-            Command::Up { args, place, roles } => up::run(&cli::settings(&global, place, roles), args, handed_on).await,
-            Command::Rollout { roles } => up::request_rollout(&global.data, &roles).await,
-            Command::Serve {
-                role,
-                place,
-                roles,
-                process,
-            } => bazaar::serve::serve(&cli::settings(&global, place, roles), &process, role, global.json_logs).await,
-            Command::Audit { args, broker } => audit::run(&global.data, &broker, args).await,
-            Command::Load(args) => bazaar::load::run(args.in_data_dir(global.data.clone())).await,
-            Command::Gateway {
-                command: GatewayCommand::Check { file },
-            } => match bazaar_gateway::check_config_file(&file) {
-                Ok(summary) => {
-                    println!("{}: ok ({summary})", file.display());
-                    Ok(())
-                }
-                Err(problems) => {
-                    for p in &problems {
-                        eprintln!("{}: {p}", file.display());
-                    }
-                    Err(anyhow::anyhow!(
-                        "{} problem(s) in {}",
-                        problems.lines().len(),
-                        file.display()
-                    ))
-                }
-            },
-            Command::Dlq { command, broker } => audit::dlq(&global.data, &broker, command).await,
-            Command::Mesh { command } => mesh::run(&global.data, command),
-            Command::Contracts { command } => contracts(command),
-        }
-    });
-    bazaar_kit::telemetry::flush_logs();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bazaar: {}", bazaar::error_line(&e));
-            ExitCode::FAILURE
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{}: {p}", file.display());
+            }
+            Err(anyhow::anyhow!(
+                "{} problem(s) in {}",
+                problems.lines().len(),
+                file.display()
+            ))
         }
     }
 }

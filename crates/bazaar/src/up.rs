@@ -178,7 +178,63 @@ fn check_replicas(backends: &Backends, replicas: &Replicas) -> anyhow::Result<()
 
 /// Runs `up` until Ctrl-C or SIGTERM.
 pub async fn run(settings: &Settings, args: UpArgs, handed_on: Vec<(OsString, OsString)>) -> anyhow::Result<()> {
-    // Settings every role will read are checked before anything starts.
+    let (replicas, nats, mut backends) = prepare(settings, &args).await?;
+    let instances: Vec<(Role, u16)> = roles::up_roles()
+        .flat_map(|r| (0..replicas.of(r)).map(move |k| (r, k)))
+        .collect();
+    // The cluster form keeps its stores in PostgreSQL, where each role's own migration refuses
+    // another version's schema; the data directory's SQLite files are unused then.
+    if !args.cluster {
+        check_stored_data(settings, &backends, &instances).await?;
+    }
+    settings.admin_password()?;
+    let sockets = hold_sockets(settings, &instances, nats.as_ref())?;
+    if args.cluster {
+        backends.stores = cluster::provision_postgres(&args.postgres, &settings.data, &args.cluster_name).await?;
+        cluster::write_env(settings, &backends.broker, &backends.stores)?;
+    }
+    let mut mesh = start_mesh(settings, args.mesh, &instances)?;
+    backends.mesh = mesh.is_some();
+    let config = write_gateway_config(settings, &replicas, backends.redis.as_deref(), mesh.as_ref())?;
+    let (lines, mut rx) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Some(line) = rx.recv().await {
+            println!("{line}");
+        }
+    });
+    let shared = std::sync::Arc::new(Shared {
+        exe: std::env::current_exe().context("cannot find the bazaar executable")?,
+        settings: settings.clone(),
+        replicas: replicas.clone(),
+        backends,
+        sockets,
+        handed_on,
+    });
+    let mut procs = start_all(&shared, nats.as_ref(), &instances, &lines).await?;
+    let rollouts = control(&settings.data)?;
+    let ready = wait_ready(settings, &instances, Duration::from_secs(args.ready_timeout)).await;
+    match &ready {
+        Ok(()) if !args.quiet => println!("{}", tour(settings, &config, &shared.backends.broker)),
+        Ok(()) => println!("bazaar: all roles healthy"),
+        Err(e) => eprintln!("bazaar: {e}"),
+    }
+    if let (Ok(()), Some(nats)) = (&ready, &nats) {
+        let backends = &shared.backends;
+        println!(
+            "{}",
+            cluster::summary(settings, nats, &replicas, &backends.stores, backends.redis.as_deref())
+        );
+    }
+    let supervised = supervise(&shared, &mut procs, mesh.as_mut(), rollouts, &lines, ready.is_ok()).await;
+    println!("bazaar: stopping every role");
+    terminate_all(&mut procs).await;
+    let _ = std::fs::remove_file(control_socket(&settings.data));
+    supervised.and(ready)
+}
+
+/// Checks what every role will read before anything starts, and works out the layout: the
+/// replicas, the JetStream cluster to run (`--cluster`), and where stores and the broker are.
+async fn prepare(settings: &Settings, args: &UpArgs) -> anyhow::Result<(Replicas, Option<cluster::Nats>, Backends)> {
     settings.welcome_credit(true)?;
     settings.trusted_proxies()?;
     let replicas = match (&args.replicas, args.cluster) {
@@ -210,18 +266,18 @@ pub async fn run(settings: &Settings, args: UpArgs, handed_on: Vec<(OsString, Os
         check_replicas(&backends, &replicas)?;
     }
     settings::private_data_dir(&settings.data)?;
-    let instances: Vec<(Role, u16)> = roles::up_roles()
-        .flat_map(|r| (0..replicas.of(r)).map(move |k| (r, k)))
-        .collect();
-    // The cluster form keeps its stores in PostgreSQL, where each role's own migration refuses
-    // another version's schema; the data directory's SQLite files are unused then.
-    if !args.cluster {
-        check_stored_data(settings, &backends, &instances).await?;
-    }
-    settings.admin_password()?;
-    // `up` holds every role's listening socket and passes it to the role's process, so a
-    // restarted or replacing process accepts from the same queue: connections made while a
-    // process is being replaced wait instead of being refused.
+    Ok((replicas, nats, backends))
+}
+
+/// Binds every role's listening socket, which `up` holds and passes to the role's process,
+/// so a restarted or replacing process accepts from the same queue: connections made while
+/// a process is being replaced wait instead of being refused. The cluster's NATS ports are
+/// only checked to be free.
+fn hold_sockets(
+    settings: &Settings,
+    instances: &[(Role, u16)],
+    nats: Option<&cluster::Nats>,
+) -> anyhow::Result<HashMap<String, std::net::TcpListener>> {
     let role_ports = instances
         .iter()
         .map(|&(r, k)| (socket_name(r, k), settings.instance_port(r, k)))
@@ -249,12 +305,17 @@ pub async fn run(settings: &Settings, args: UpArgs, handed_on: Vec<(OsString, Os
             anyhow::bail!("port {port} for {name} is taken; stop what uses it or pick other ports with --base-port");
         }
     }
-    if args.cluster {
-        backends.stores = cluster::provision_postgres(&args.postgres, &settings.data, &args.cluster_name).await?;
-        cluster::write_env(settings, &backends.broker, &backends.stores)?;
-    }
-    // A certificate per service instance, and the gateway's (it goes into kong.yml).
-    let mut mesh = match args.mesh {
+    Ok(sockets)
+}
+
+/// Issues a mesh certificate per service instance and the gateway's (it goes into
+/// kong.yml), and writes the mesh policy; or says loudly that the mesh is off.
+fn start_mesh(
+    settings: &Settings,
+    mode: MeshMode,
+    instances: &[(Role, u16)],
+) -> anyhow::Result<Option<crate::mesh::UpMesh>> {
+    match mode {
         MeshMode::On => {
             let holders = instances
                 .iter()
@@ -266,36 +327,30 @@ pub async fn run(settings: &Settings, args: UpArgs, handed_on: Vec<(OsString, Os
                 .collect();
             let mesh = crate::mesh::UpMesh::start(&settings.data, holders)?;
             crate::mesh::ensure_policy(&settings.data)?;
-            Some(mesh)
+            Ok(Some(mesh))
         }
         MeshMode::Off => {
             tracing::warn!("MESH OFF (--mesh off): services speak plain HTTP and take any caller; for debugging only");
-            None
+            Ok(None)
         }
-    };
-    backends.mesh = mesh.is_some();
-    let config = write_gateway_config(settings, &replicas, backends.redis.as_deref(), mesh.as_ref())?;
-    let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
-    let (lines, mut rx) = mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        while let Some(line) = rx.recv().await {
-            println!("{line}");
-        }
-    });
+    }
+}
+
+/// Starts the cluster's NATS nodes (then waits for JetStream and creates the streams), then
+/// every instance of every role, in the table's order.
+async fn start_all(
+    shared: &std::sync::Arc<Shared>,
+    nats: Option<&cluster::Nats>,
+    instances: &[(Role, u16)],
+    lines: &mpsc::UnboundedSender<String>,
+) -> anyhow::Result<Vec<Proc>> {
     type Maker = Box<dyn Fn() -> anyhow::Result<Job> + Send>;
     let mut makers: Vec<(Option<Role>, Option<String>, Maker)> = Vec::new();
     for node in nats.iter().flat_map(|n| n.nodes()) {
         makers.push((None, None, Box::new(move || node.job())));
     }
-    let shared = std::sync::Arc::new(Shared {
-        exe,
-        settings: settings.clone(),
-        replicas: replicas.clone(),
-        backends,
-        sockets,
-        handed_on,
-    });
-    for &(role, k) in &instances {
+    let settings = &shared.settings;
+    for &(role, k) in instances {
         let shared = shared.clone();
         let ready = match role.kind {
             RoleKind::Gateway => format!("http://127.0.0.1:{}/health", settings.admin_port()),
@@ -307,7 +362,7 @@ pub async fn run(settings: &Settings, args: UpArgs, handed_on: Vec<(OsString, Os
         makers.push((Some(role), Some(ready), Box::new(move || role_job(&shared, role, k))));
     }
     let mut procs = Vec::new();
-    let nats_nodes = nats.as_ref().map_or(0, |n| n.nodes().len());
+    let nats_nodes = nats.map_or(0, |n| n.nodes().len());
     for (i, (role, ready_url, make)) in makers.into_iter().enumerate() {
         if i == nats_nodes && nats.is_some() {
             // The roles check the broker as they start: let the cluster elect its leaders.
@@ -322,7 +377,7 @@ pub async fn run(settings: &Settings, args: UpArgs, handed_on: Vec<(OsString, Os
         }
         let job = make()?;
         let name = job.name.clone();
-        let child = start(job, &lines)?;
+        let child = start(job, lines)?;
         procs.push(Proc {
             name,
             role,
@@ -333,103 +388,109 @@ pub async fn run(settings: &Settings, args: UpArgs, handed_on: Vec<(OsString, Os
             restart_at: None,
         });
     }
-    let mut rollouts = control(&settings.data)?;
-    let ready = wait_ready(settings, &instances, Duration::from_secs(args.ready_timeout)).await;
-    match &ready {
-        Ok(()) if !args.quiet => println!("{}", tour(settings, &config, &shared.backends.broker)),
-        Ok(()) => println!("bazaar: all roles healthy"),
-        Err(e) => eprintln!("bazaar: {e}"),
-    }
-    if let (Ok(()), Some(nats)) = (&ready, &nats) {
-        let backends = &shared.backends;
-        println!(
-            "{}",
-            cluster::summary(settings, nats, &replicas, &backends.stores, backends.redis.as_deref())
-        );
-    }
+    Ok(procs)
+}
+
+/// Keeps every process running until Ctrl-C or SIGTERM: restarts one that exits (backing
+/// off, and giving up on one that cannot even come up when the system never got ready),
+/// serves rollout requests, and renews mesh certificates when due.
+async fn supervise(
+    shared: &Shared,
+    procs: &mut [Proc],
+    mut mesh: Option<&mut crate::mesh::UpMesh>,
+    mut rollouts: mpsc::UnboundedReceiver<RolloutRequest>,
+    lines: &mpsc::UnboundedSender<String>,
+    was_ready: bool,
+) -> anyhow::Result<()> {
     let stop = stop_signal();
     tokio::pin!(stop);
     let mut renewal_checked = Instant::now();
     loop {
         tokio::select! {
-            _ = &mut stop => break,
-            Some(request) = rollouts.recv() => rollout(&mut procs, request, &lines).await,
+            _ = &mut stop => return Ok(()),
+            Some(request) = rollouts.recv() => rollout(procs, request, lines).await,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
-        if let Some(mesh) = mesh.as_mut().filter(|_| renewal_checked.elapsed() >= RENEWAL_CHECK) {
+        if let Some(mesh) = mesh
+            .as_deref_mut()
+            .filter(|_| renewal_checked.elapsed() >= RENEWAL_CHECK)
+        {
             renewal_checked = Instant::now();
-            let done = match mesh.renew_if_due() {
-                Ok(crate::mesh::Renewal::Nothing) => None,
-                Ok(crate::mesh::Renewal::Trusted) => Some("the gateway and services now trust the rotated mesh CA"),
-                Ok(crate::mesh::Renewal::Renewed) => Some("mesh certificates renewed"),
-                Err(e) => {
-                    let _ = lines.send(format!("{:>15} | cannot renew the mesh certificates: {e:#}", "up"));
-                    None
-                }
-            };
-            if let Some(done) = done {
-                let _ = lines.send(format!("{:>15} | {done}", "up"));
-                if let Err(e) = write_gateway_config(settings, &replicas, shared.backends.redis.as_deref(), Some(mesh))
-                {
-                    let _ = lines.send(format!(
-                        "{:>15} | cannot put the gateway's mesh certificate in its config: {e:#}",
-                        "up"
-                    ));
-                }
-            }
+            renew_mesh(shared, mesh, lines);
         }
-        let mut gave_up = None;
-        for p in procs.iter_mut() {
-            if let Some(at) = p.restart_at {
-                if Instant::now() >= at {
-                    p.restart_at = None;
-                    match (p.make)().and_then(|job| start(job, &lines)) {
-                        Ok(child) => p.child = child,
-                        Err(e) => {
-                            gave_up = Some(format!("cannot restart {}: {e:#}", p.name));
-                            break;
-                        }
-                    }
-                }
-                continue;
-            }
-            if let Ok(Some(status)) = p.child.try_wait() {
-                p.restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
-                let recent = p.restarts.len();
-                // A role that cannot even come up is a configuration to fix; one that crashes
-                // after the system was serving waits longer between restarts instead, so the
-                // other roles keep serving (a flood that crashed it is not a reason to stop all).
-                if recent >= MAX_RESTARTS && ready.is_err() {
-                    gave_up = Some(format!(
-                        "{} exited ({status}) {MAX_RESTARTS} times within a minute; giving up",
-                        p.name
-                    ));
-                    break;
-                }
-                let delay = restart_delay(recent);
-                let looping = if recent >= MAX_RESTARTS {
-                    "; it keeps crashing, the other roles keep serving"
-                } else {
-                    ""
-                };
-                let _ = lines.send(format!(
-                    "{:>15} | exited ({status}); restarting in {} ms{looping}",
-                    p.name,
-                    delay.as_millis()
-                ));
-                p.restarts.push(Instant::now());
-                p.restart_at = Some(Instant::now() + delay);
-            }
-        }
-        if let Some(reason) = gave_up {
-            terminate_all(&mut procs).await;
+        if let Some(reason) = restart_exited(procs, lines, was_ready) {
             anyhow::bail!(reason);
         }
     }
-    println!("bazaar: stopping every role");
-    terminate_all(&mut procs).await;
-    let _ = std::fs::remove_file(control_socket(&settings.data));
-    ready
+}
+
+/// Renews the mesh certificates or trusts a rotated CA when due, and puts the gateway's new
+/// certificate in its config.
+fn renew_mesh(shared: &Shared, mesh: &mut crate::mesh::UpMesh, lines: &mpsc::UnboundedSender<String>) {
+    let done = match mesh.renew_if_due() {
+        Ok(crate::mesh::Renewal::Nothing) => None,
+        Ok(crate::mesh::Renewal::Trusted) => Some("the gateway and services now trust the rotated mesh CA"),
+        Ok(crate::mesh::Renewal::Renewed) => Some("mesh certificates renewed"),
+        Err(e) => {
+            let _ = lines.send(format!("{:>15} | cannot renew the mesh certificates: {e:#}", "up"));
+            None
+        }
+    };
+    if let Some(done) = done {
+        let _ = lines.send(format!("{:>15} | {done}", "up"));
+        let redis = shared.backends.redis.as_deref();
+        if let Err(e) = write_gateway_config(&shared.settings, &shared.replicas, redis, Some(mesh)) {
+            let _ = lines.send(format!(
+                "{:>15} | cannot put the gateway's mesh certificate in its config: {e:#}",
+                "up"
+            ));
+        }
+    }
+}
+
+/// Starts again each process whose restart is due, and schedules a restart for each that
+/// exited. Returns why `up` gives up: a process it cannot start, or one that cannot even
+/// come up (exits too often before the system was ever ready).
+fn restart_exited(procs: &mut [Proc], lines: &mpsc::UnboundedSender<String>, was_ready: bool) -> Option<String> {
+    for p in procs.iter_mut() {
+        if let Some(at) = p.restart_at {
+            if Instant::now() >= at {
+                p.restart_at = None;
+                match (p.make)().and_then(|job| start(job, lines)) {
+                    Ok(child) => p.child = child,
+                    Err(e) => return Some(format!("cannot restart {}: {e:#}", p.name)),
+                }
+            }
+            continue;
+        }
+        if let Ok(Some(status)) = p.child.try_wait() {
+            p.restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+            let recent = p.restarts.len();
+            // A role that cannot even come up is a configuration to fix; one that crashes
+            // after the system was serving waits longer between restarts instead, so the
+            // other roles keep serving (a flood that crashed it is not a reason to stop all).
+            if recent >= MAX_RESTARTS && !was_ready {
+                return Some(format!(
+                    "{} exited ({status}) {MAX_RESTARTS} times within a minute; giving up",
+                    p.name
+                ));
+            }
+            let delay = restart_delay(recent);
+            let looping = if recent >= MAX_RESTARTS {
+                "; it keeps crashing, the other roles keep serving"
+            } else {
+                ""
+            };
+            let _ = lines.send(format!(
+                "{:>15} | exited ({status}); restarting in {} ms{looping}",
+                p.name,
+                delay.as_millis()
+            ));
+            p.restarts.push(Instant::now());
+            p.restart_at = Some(Instant::now() + delay);
+        }
+    }
+    None
 }
 
 /// `bazaar rollout [ROLE…]`: asks the `up` running on this data dir to replace the
@@ -528,9 +589,8 @@ fn role_job(shared: &Shared, role: Role, k: u16) -> anyhow::Result<Job> {
         exe,
         settings,
         replicas,
-        backends,
-        sockets,
         handed_on,
+        ..
     } = shared;
     // A replicated service, and any gateway (its replacement shares its socket), drains.
     let drain_delay = if replicas.of(role) > 1 || role.shares_port() {
@@ -557,6 +617,21 @@ fn role_job(shared: &Shared, role: Role, k: u16) -> anyhow::Result<Job> {
         .env("BAZAAR_SEED_DEMO", "true")
         .env_remove("BAZAAR_STORE_URL")
         .env_remove("BAZAAR_LISTEN");
+    scope_secrets(&mut cmd, shared, role, k)?;
+    let name = instance_name(role, k);
+    let fds = pass_sockets(&mut cmd, shared, role, k)?;
+    Ok(Job {
+        name,
+        command: cmd,
+        fds,
+        pid_file: None,
+    })
+}
+
+/// Gives instance `k` of `role` only the secrets it needs: its own store's URL and login, the
+/// admin password (users only), and its own broker login (services only).
+fn scope_secrets(cmd: &mut Command, shared: &Shared, role: Role, k: u16) -> anyhow::Result<()> {
+    let Shared { settings, backends, .. } = shared;
     // Each service sees its own store's URL (and login) only.
     for (service, url) in &backends.stores {
         if *service == role.name {
@@ -588,6 +663,18 @@ fn role_job(shared: &Shared, role: Role, k: u16) -> anyhow::Result<Job> {
         ),
         None => cmd.env_remove("BAZAAR_BROKER_URL"),
     };
+    Ok(())
+}
+
+/// Passes instance `k` of `role` the sockets `up` holds for it (descriptors 3 and 4) and,
+/// on the mesh, its certificate; returns the descriptors to pass.
+fn pass_sockets(cmd: &mut Command, shared: &Shared, role: Role, k: u16) -> anyhow::Result<Vec<RawFd>> {
+    let Shared {
+        settings,
+        backends,
+        sockets,
+        ..
+    } = shared;
     let name = instance_name(role, k);
     let mut fds = vec![sockets
         .get(&socket_name(role, k))
@@ -632,12 +719,7 @@ fn role_job(shared: &Shared, role: Role, k: u16) -> anyhow::Result<Job> {
         );
         cmd.env("BAZAAR_ADMIN_LISTEN_FD", "4");
     }
-    Ok(Job {
-        name,
-        command: cmd,
-        fds,
-        pid_file: None,
-    })
+    Ok(fds)
 }
 
 /// Passes `fds` to the child as descriptors 3, 4, ... (cleared of close-on-exec).

@@ -121,6 +121,101 @@ fn no_crate_has_modules_that_import_each_other_in_a_cycle() {
     );
 }
 
+/// Functions longer than this (from `fn` to its closing brace) say why they are one piece.
+const LONG_FUNCTION: usize = 70;
+
+/// A function past [`LONG_FUNCTION`] lines either does several jobs, which get functions and
+/// names of their own, or is one piece, and its doc says why in a paragraph that begins
+/// `One piece:` (a plain `//` comment above an HTTP handler, whose doc is its API
+/// description); tests are left out.
+#[test]
+fn every_long_function_says_why_it_is_one_piece() {
+    let meta = metadata();
+    let mut unexplained = Vec::new();
+    for package in meta["packages"].as_array().expect("packages") {
+        let manifest = PathBuf::from(package["manifest_path"].as_str().expect("a manifest"));
+        let src = manifest.parent().expect("a crate directory").join("src");
+        for (_, file) in top_level_files(&src) {
+            let text = std::fs::read_to_string(&file).expect("a source file");
+            for f in long_functions(&text)
+                .into_iter()
+                .filter(|f| !f.doc.contains("One piece:"))
+            {
+                let root = workspace().canonicalize().expect("the workspace");
+                let relative = file.strip_prefix(&root).unwrap_or(&file).display().to_string();
+                unexplained.push(format!("{relative}:{} {} ({} lines)", f.line, f.name, f.lines));
+            }
+        }
+    }
+    unexplained.sort();
+    assert!(
+        unexplained.is_empty(),
+        "split these, or say in their doc why each is one piece (`/// One piece: …`):\n{}",
+        unexplained.join("\n")
+    );
+}
+
+/// A function of a source file, outside its `#[cfg(test)]` modules.
+#[derive(Debug)]
+struct Function {
+    name: String,
+    /// Its `fn` line, from 1.
+    line: usize,
+    lines: usize,
+    /// Its doc and the comments above it, joined.
+    doc: String,
+}
+
+/// The functions of rustfmt-formatted `text` longer than [`LONG_FUNCTION`] lines: a body
+/// ends at the first line that is its `fn` line's indentation and `}`.
+fn long_functions(text: &str) -> Vec<Function> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let closing = |from: usize, depth: usize| {
+        (from + 1..lines.len()).find(|&j| indent(lines[j]) == depth && lines[j].trim() == "}")
+    };
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i].trim_start();
+        if line.starts_with("#[cfg(test)]") && lines.get(i + 1).is_some_and(|l| l.trim_start().starts_with("mod ")) {
+            i = closing(i + 1, indent(lines[i + 1])).unwrap_or(lines.len());
+            continue;
+        }
+        if let Some(name) = fn_name(line).filter(|_| !line.ends_with(';')) {
+            if let Some(end) = closing(i, indent(lines[i])) {
+                let doc: Vec<&str> = lines[..i]
+                    .iter()
+                    .rev()
+                    .map(|l| l.trim())
+                    // Doc and comment lines, and attributes however many lines they take.
+                    .take_while(|l| l.starts_with("//") || !(l.is_empty() || l.ends_with(['{', '}', ';'])))
+                    .collect();
+                if end - i + 1 > LONG_FUNCTION {
+                    found.push(Function {
+                        name,
+                        line: i + 1,
+                        lines: end - i + 1,
+                        doc: doc.into_iter().rev().collect::<Vec<_>>().join(" "),
+                    });
+                }
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
+/// The name of the function a line declares (`pub(crate) async fn name<…>(`), if it does.
+fn fn_name(line: &str) -> Option<String> {
+    let mut words = line.split_whitespace();
+    let mut word = words.next()?;
+    while ["pub", "pub(crate)", "pub(super)", "async", "const", "unsafe", "extern"].contains(&word) {
+        word = words.next()?;
+    }
+    (word == "fn").then(|| ident(words.next()?)).flatten()
+}
+
 /// The cycles among the modules of each target under `src` (the library from `lib.rs`, the
 /// binary from `main.rs`), each as its sorted module names; a directory module is one. A
 /// module's edges are the `crate::<module>` paths its code names, outside comments and
@@ -328,6 +423,21 @@ fn the_cycle_finder_finds_a_cycle_and_nothing_else() {
         skip_block(" tests {\n fn t() { let v = {1}; }\n}\nfn after() {}"),
         "\nfn after() {}"
     );
+}
+
+#[test]
+fn the_long_function_finder_measures_bodies_and_reads_their_docs() {
+    let body = "    let x = 1;\n".repeat(LONG_FUNCTION);
+    let text = format!(
+        "/// Short.\nfn short() {{\n}}\n\n/// Long.\n///\n/// One piece: a reason.\n#[inline]\npub(crate) async fn long(\n    a: u8,\n) -> u8 {{\n{body}}}\n\nimpl X {{\n    fn bare() {{\n{body}    }}\n}}\n\n#[cfg(test)]\nmod tests {{\n    fn in_tests() {{\n{body}    }}\n}}\n"
+    );
+    let found = long_functions(&text);
+    let named: Vec<(&str, bool)> = found
+        .iter()
+        .map(|f| (f.name.as_str(), f.doc.contains("One piece:")))
+        .collect();
+    assert_eq!(named, [("long", true), ("bare", false)], "{found:#?}");
+    assert_eq!(found[0].lines, LONG_FUNCTION + 4);
 }
 
 #[test]

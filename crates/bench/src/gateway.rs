@@ -75,6 +75,10 @@ const JWT_SECRET: &str = "bench-secret-0123456789abcdef0123456789abcdef";
 const JWT_KEY: &str = "bench-issuer";
 
 /// `bazaar-bench gateway`.
+///
+/// One piece: one timeline; every variant's server starts first and idles, then each round
+/// measures all variants in the same order. Start-up fallbacks (nginx or hyper upstream,
+/// missing proxies) feed the same report the rows and ratios end up in.
 pub async fn run(args: GatewayBenchArgs, cores: usize) -> anyhow::Result<Report> {
     if args.seconds == 0 || args.seconds > MAX_SECONDS || args.connections == 0 || args.connections > 4096 {
         bail!("--seconds must be 1..={MAX_SECONDS} and --connections 1..=4096");

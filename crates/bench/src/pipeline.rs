@@ -72,6 +72,10 @@ const SINK_MIGRATIONS: &[Migration] = &[Migration::new(
 )];
 
 /// `bazaar-bench pipeline`.
+///
+/// One piece: one report over rounds; each round runs every variant in a fresh dir, the
+/// `record` closure files each result under its row name, and the medians, failure notes
+/// and comparisons at the end read those same per-round lists.
 pub async fn run(args: PipelineBenchArgs, cores: usize) -> anyhow::Result<Report> {
     if args.events == 0 || args.events > 1_000_000 || args.timeout == 0 {
         bail!("--events must be 1..=1000000 and --timeout at least 1");
@@ -379,6 +383,10 @@ fn event(i: usize) -> Envelope {
 const RAW_BATCH: usize = 256;
 
 /// Bare broker: publish N in batches, one group's one subscription fetches and acks them.
+///
+/// One piece: one measurement; the consumer and producer tasks share the `clock` and `tally`
+/// of one timeline started with the producer, and the stop signal and task joins follow
+/// the tally's wait on that timeline.
 async fn raw(broker: SharedBroker, n: usize, timeout: Duration) -> anyhow::Result<(Sample, String)> {
     let topic = "bench.raw";
     let mut sub = broker

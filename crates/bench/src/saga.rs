@@ -94,6 +94,10 @@ struct SagaRun {
 }
 
 /// `bazaar-bench saga`.
+///
+/// One piece: one report written top to bottom; every variant (embedded, mesh off, pg+nats,
+/// cluster, monolith, soak) runs in turn in the same temp dir with the same binary, and the
+/// closing `compare` calls refer to rows by the names added above.
 pub async fn run(args: SagaBenchArgs, cores: usize) -> anyhow::Result<Report> {
     if args.shape.orders == 0 || args.shape.orders > 100_000 || args.shape.concurrency == 0 || args.shape.users == 0 {
         bail!("--orders must be 1..=100000; --concurrency and --users at least 1");
@@ -499,18 +503,13 @@ fn monolith_schema() -> [Migration; 4] {
     ]
 }
 
-/// Runs the monolith baseline; returns its sample and outcome counts.
-async fn monolith(
-    path: &Path,
-    args: &SagaBenchArgs,
-    credit: i64,
-) -> anyhow::Result<(Sample, std::collections::BTreeMap<String, usize>)> {
-    let store = Store::open(&format!("sqlite://{}", path.display())).await?;
-    store.migrate(&monolith_schema()).await?;
+/// Opens `users` customers' wallets with `credit` each and one product per price, in one
+/// transaction; returns the customers and the products.
+async fn seed_monolith(store: &Store, users: usize, credit: i64) -> anyhow::Result<(Vec<Uuid>, Vec<Uuid>)> {
     let mut tx = store.begin().await?;
     ledger::open(&mut tx, ledger::EXTERNAL, "USD").await?;
     let mut customers = Vec::new();
-    for _ in 0..args.shape.users {
+    for _ in 0..users {
         let customer = Uuid::now_v7();
         let wallet = ledger::wallet(&customer);
         ledger::open(&mut tx, &wallet, "USD").await?;
@@ -534,6 +533,18 @@ async fn monolith(
         products.push(product);
     }
     tx.commit().await?;
+    Ok((customers, products))
+}
+
+/// Runs the monolith baseline; returns its sample and outcome counts.
+async fn monolith(
+    path: &Path,
+    args: &SagaBenchArgs,
+    credit: i64,
+) -> anyhow::Result<(Sample, std::collections::BTreeMap<String, usize>)> {
+    let store = Store::open(&format!("sqlite://{}", path.display())).await?;
+    store.migrate(&monolith_schema()).await?;
+    let (customers, products) = seed_monolith(&store, args.shape.users, credit).await?;
 
     let next = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.shape.orders)));

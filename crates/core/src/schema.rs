@@ -81,6 +81,9 @@ impl Schemas {
         self.walk(schema, value, "$")
     }
 
+    /// One piece: one schema node checked against one value at one `at` path; the keywords
+    /// ($ref, type, enum, const, allOf, anyOf, oneOf) apply in turn and recurse through this
+    /// same function before the per-kind checks already kept in helpers.
     fn walk(&self, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
         let Some(schema) = schema.as_object() else {
             // `true` accepts anything, `false` nothing.

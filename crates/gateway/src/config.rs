@@ -636,6 +636,9 @@ impl Builder {
         self.check_upstreams();
     }
 
+    /// One piece: one services entry checked and stored; the url overrides the separate fields,
+    /// the protocol decides the TLS and default port, and the new index is registered in
+    /// service_keys and handed to the nested routes and plugins.
     fn service(&mut self, path: String, value: Value) {
         let Some(spec) = self.parse::<ServiceSpec>(&path, value) else {
             return;
@@ -809,6 +812,9 @@ impl Builder {
         }
     }
 
+    /// One piece: one pass over the pending routes; each route's checks, its default name from
+    /// `index`, its entry in route_keys and its plugins' route index all refer to the Route
+    /// pushed at that same position.
     fn resolve_routes(&mut self) {
         for pending in std::mem::take(&mut self.routes) {
             let PendingRoute { path, spec, service } = pending;
@@ -894,6 +900,9 @@ impl Builder {
         }
     }
 
+    /// One piece: one upstreams entry checked and stored; algorithm errors fall back to
+    /// round-robin so checking goes on under the same `path`, and the new index goes to
+    /// upstream_keys and to the targets parsed after the Upstream is pushed.
     fn upstream(&mut self, path: String, value: Value) {
         let Some(spec) = self.parse::<UpstreamSpec>(&path, value) else {
             return;
@@ -1049,6 +1058,9 @@ impl Builder {
         }
     }
 
+    /// One piece: one jwt_secrets entry checked and stored; the algorithm decides which of
+    /// secret, rsa_public_key and jwks_uri are required or allowed, and every error is
+    /// reported under the same `path` before the one JwtSecret is pushed.
     fn jwt_secret(&mut self, path: String, value: Value, consumer: Option<usize>) {
         let Some(spec) = self.parse::<JwtSecretSpec>(&path, value) else {
             return;

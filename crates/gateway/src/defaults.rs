@@ -68,6 +68,10 @@ pub struct DefaultMesh<'a> {
 /// keys of the JWKS at `jwks_uri` (the users service's). With `mesh`, services are reached
 /// over mutual TLS. With `redis` (`redis://HOST:PORT`), rate-limit counters live there, shared by every
 /// gateway instance; otherwise each gateway counts on its own.
+///
+/// One piece: one Kong YAML document written top to bottom; the certificates, upstreams,
+/// services/routes and global plugins sections share `domain`, `balanced` and the redis or
+/// local `policy` text, which both the credential routes and the global limit print.
 pub fn default_config(
     routes: &[DefaultRoute<'_>],
     redis: Option<&str>,

@@ -125,39 +125,16 @@ pub(crate) async fn handle(
     // A clone shares the URI's bytes: the access line costs no copy of the path.
     let uri = request.uri().clone();
     let page = response::wants_page(request.headers());
-    let mut response = process(&shared, &snapshot, request, connection, &mut decorations).await;
+    let mut response = process(&shared, &snapshot, request, connection, &mut decorations)
+        .await
+        .unwrap_or_else(|refusal| refusal);
     if page {
         response = response::as_page(response);
     }
 
-    // One access line per request, carrying the correlation id the services will log too.
-    let correlation_id = decorations
-        .correlation
-        .as_ref()
-        .and_then(|(_, v)| v.to_str().ok())
-        .unwrap_or("");
     let elapsed = started.elapsed();
     if tracing::enabled!(tracing::Level::INFO) {
-        let entry = crate::AccessEntry {
-            method: method.as_str(),
-            path: uri.path(),
-            status: response.status().as_u16(),
-            service: decorations.service.as_deref().unwrap_or(""),
-            us: elapsed.as_micros() as u64,
-            correlation_id,
-        };
-        match shared.edge.access_log {
-            Some(write) => write(&entry),
-            None => tracing::info!(
-                method = %entry.method,
-                path = entry.path,
-                status = entry.status,
-                service = entry.service,
-                us = entry.us,
-                correlation_id,
-                "proxied"
-            ),
-        }
+        log_access(&shared, method.as_str(), uri.path(), &response, &decorations, elapsed);
     }
     let headers = response.headers_mut();
     headers.append(header::VIA, HeaderValue::from_static(VIA));
@@ -178,26 +155,60 @@ pub(crate) async fn handle(
     response
 }
 
+/// One access line per request, carrying the correlation id the services will log too.
+fn log_access(
+    shared: &Shared,
+    method: &str,
+    path: &str,
+    response: &Response<ProxyBody>,
+    decorations: &Decorations,
+    elapsed: Duration,
+) {
+    let correlation_id = decorations
+        .correlation
+        .as_ref()
+        .and_then(|(_, v)| v.to_str().ok())
+        .unwrap_or("");
+    let entry = crate::AccessEntry {
+        method,
+        path,
+        status: response.status().as_u16(),
+        service: decorations.service.as_deref().unwrap_or(""),
+        us: elapsed.as_micros() as u64,
+        correlation_id,
+    };
+    match shared.edge.access_log {
+        Some(write) => write(&entry),
+        None => tracing::info!(
+            method = %entry.method,
+            path = entry.path,
+            status = entry.status,
+            service = entry.service,
+            us = entry.us,
+            correlation_id,
+            "proxied"
+        ),
+    }
+}
+
+/// What a refusal along the way answers.
+type Refusal = Response<ProxyBody>;
+
+/// Runs the plugins on a request in Kong's order, then forwards it; any step may refuse it
+/// with its answer instead.
+///
+/// One piece: it is the pipeline's order, read top to bottom (route, correlation, CORS,
+/// JWT, size limit, rate limit, body, forward); each phase is a call or a few lines, and each
+/// reads what an earlier one decided (the route, the service, the consumer).
 async fn process(
     shared: &Shared,
     snapshot: &Snapshot,
     request: Request<Incoming>,
     connection: Connection,
     decorations: &mut Decorations,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, Refusal> {
     let (mut parts, body) = request.into_parts();
-    // As Kong does: only a trusted proxy says which scheme the client used (TLS ended in
-    // front of the gateway); anyone else's claim is replaced.
-    let scheme_from_proxy = shared.edge.trusted.trusts(connection.peer.ip())
-        && matches!(
-            parts.headers.get(X_FORWARDED_PROTO).map(HeaderValue::as_bytes),
-            Some(b"https" | b"http")
-        );
-    if !scheme_from_proxy {
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
+    set_forwarded_proto(shared, &connection, &mut parts.headers);
     let host = parts
         .headers
         .get(header::HOST)
@@ -208,15 +219,18 @@ async fn process(
         .router
         .find(&parts.method, host.as_deref(), parts.uri.path(), &parts.headers)
     else {
-        return shared
+        return Err(shared
             .edge
             .document(&parts.method, parts.uri.path())
-            .unwrap_or_else(|| response::message(StatusCode::NOT_FOUND, "no Route matched with those values"));
+            .unwrap_or_else(|| response::message(StatusCode::NOT_FOUND, "no Route matched with those values")));
     };
     let route = &snapshot.config.routes[found.route];
     decorations.route = Some(found.route);
     let Some(service_index) = route.service else {
-        return response::message(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values");
+        return Err(response::message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no Service found with those values",
+        ));
     };
     let service = &snapshot.config.services[service_index];
     decorations.service = Some(service.name.clone());
@@ -242,31 +256,15 @@ async fn process(
         if cors::is_preflight(&parts.method, &parts.headers) && !conf.preflight_continue {
             let mut preflight = Response::new(response::full(Bytes::new()));
             *preflight.headers_mut() = conf.preflight_headers(&parts.headers);
-            return preflight;
+            return Err(preflight);
         }
         decorations.cors = Some((conf.config.clone(), parts.headers.get(header::ORIGIN).cloned()));
     }
 
-    let mut who: Option<(usize, String)> = None;
-    if let Some(conf) = &plugins.jwt {
-        if conf.run_on_preflight || parts.method != Method::OPTIONS {
-            match jwt::authenticate(conf, &parts, &snapshot.credentials).await {
-                Ok(found) => {
-                    let consumer = &snapshot.config.consumers[found.consumer];
-                    set_header(&mut parts.headers, X_CONSUMER_ID, &consumer.id);
-                    if let Some(username) = &consumer.username {
-                        set_header(&mut parts.headers, X_CONSUMER_USERNAME, username);
-                    }
-                    if let Some(custom_id) = &consumer.custom_id {
-                        set_header(&mut parts.headers, X_CONSUMER_CUSTOM_ID, custom_id);
-                    }
-                    set_header(&mut parts.headers, X_CREDENTIAL_IDENTIFIER, &found.credential_key);
-                    who = Some((found.consumer, found.credential_key));
-                }
-                Err(rejection) => return response::json(rejection.status, &rejection.body),
-            }
-        }
-    }
+    let who = match &plugins.jwt {
+        Some(conf) => identify(conf, &mut parts, snapshot).await?,
+        None => None,
+    };
     if who.is_some() && snapshot.plugins.has_consumer_plugins() {
         plugins = snapshot
             .plugins
@@ -275,14 +273,12 @@ async fn process(
 
     let mut body_limit = None;
     if let Some(conf) = &plugins.size_limit {
-        if let Err((status, message)) = size_limit::check_headers(conf, &parts.headers) {
-            return response::message(status, message);
-        }
+        size_limit::check_headers(conf, &parts.headers)
+            .map_err(|(status, message)| response::message(status, message))?;
         body_limit = Some(conf.allowed_bytes);
     }
 
     if let Some(attached) = &plugins.rate_limit {
-        let (conf, namespace) = (&attached.config, &attached.namespace);
         let ip = connection.client_text(shared, &parts.headers);
         let identity = Identity {
             consumer: who.as_ref().map(|(c, _)| snapshot.config.consumers[*c].id.as_str()),
@@ -292,54 +288,14 @@ async fn process(
             headers: &parts.headers,
             path: parts.uri.path(),
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        match shared
-            .limiter
-            .check(conf, namespace, conf.identifier(&identity), now)
-            .await
-        {
-            Ok(decision) => {
-                decorations.rate_limit = decision.headers;
-                if !decision.allowed {
-                    metrics::counter!("bazaar_gateway_rate_limited_total", "service" => service.name.clone())
-                        .increment(1);
-                    return response::message(conf.error_code, &conf.error_message);
-                }
-            }
-            Err(error) if conf.fault_tolerant => {
-                tracing::warn!(%error, service = %service.name, "rate-limiting counters unavailable; letting the request through");
-            }
-            Err(error) => {
-                tracing::error!(%error, service = %service.name, "rate-limiting counters unavailable");
-                return response::message(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred");
-            }
-        }
+        limit_rate(shared, attached, &identity, &service.name, decorations).await?;
     }
 
     // The body is read whole before sending, as nginx does by default: it enforces the size
     // limit on chunked uploads and lets a connect failure be retried on another target.
-    let body = match read_body(body, body_limit).await {
-        Ok(body) => body,
-        Err(BodyFailure::TooLarge) => return response::message(size_limit::TOO_LARGE.0, size_limit::TOO_LARGE.1),
-        Err(BodyFailure::Stalled) => {
-            metrics::counter!("bazaar_gateway_slow_clients_total", "phase" => "body").increment(1);
-            let mut refused = response::message(
-                StatusCode::REQUEST_TIMEOUT,
-                "The client took too long to send the request body",
-            );
-            refused
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return refused;
-        }
-        Err(BodyFailure::Broken) => return response::message(StatusCode::BAD_REQUEST, "Bad request"),
-    };
-
+    let body = read_body(body, body_limit).await.map_err(BodyFailure::refusal)?;
     let client = connection.client(shared, &parts.headers);
-    forward(
+    Ok(forward(
         snapshot,
         &shared.retries,
         service_index,
@@ -350,7 +306,87 @@ async fn process(
         connection,
         client,
     )
-    .await
+    .await)
+}
+
+/// As Kong does: only a trusted proxy says which scheme the client used (TLS ended in front
+/// of the gateway); anyone else's claim is replaced.
+fn set_forwarded_proto(shared: &Shared, connection: &Connection, headers: &mut HeaderMap) {
+    let scheme_from_proxy = shared.edge.trusted.trusts(connection.peer.ip())
+        && matches!(
+            headers.get(X_FORWARDED_PROTO).map(HeaderValue::as_bytes),
+            Some(b"https" | b"http")
+        );
+    if !scheme_from_proxy {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+}
+
+/// The JWT plugin: the consumer whose credential signed the token (index and credential
+/// key), named in the consumer headers the service trusts; none for a preflight it skips.
+async fn identify(
+    conf: &jwt::JwtConfig,
+    parts: &mut http::request::Parts,
+    snapshot: &Snapshot,
+) -> Result<Option<(usize, String)>, Refusal> {
+    if !conf.run_on_preflight && parts.method == Method::OPTIONS {
+        return Ok(None);
+    }
+    let found = jwt::authenticate(conf, parts, &snapshot.credentials)
+        .await
+        .map_err(|rejection| response::json(rejection.status, &rejection.body))?;
+    let consumer = &snapshot.config.consumers[found.consumer];
+    set_header(&mut parts.headers, X_CONSUMER_ID, &consumer.id);
+    if let Some(username) = &consumer.username {
+        set_header(&mut parts.headers, X_CONSUMER_USERNAME, username);
+    }
+    if let Some(custom_id) = &consumer.custom_id {
+        set_header(&mut parts.headers, X_CONSUMER_CUSTOM_ID, custom_id);
+    }
+    set_header(&mut parts.headers, X_CREDENTIAL_IDENTIFIER, &found.credential_key);
+    Ok(Some((found.consumer, found.credential_key)))
+}
+
+/// The rate-limiting plugin: counts the request against `identity`'s windows, keeps the
+/// headers to answer with, and refuses it past a limit (or when the counters are out of
+/// reach and the plugin is not fault tolerant).
+async fn limit_rate(
+    shared: &Shared,
+    attached: &crate::plugins::Attached<crate::plugins::rate_limit::RateLimitConfig>,
+    identity: &Identity<'_>,
+    service: &str,
+    decorations: &mut Decorations,
+) -> Result<(), Refusal> {
+    let (conf, namespace) = (&attached.config, &attached.namespace);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match shared
+        .limiter
+        .check(conf, namespace, conf.identifier(identity), now)
+        .await
+    {
+        Ok(decision) => {
+            decorations.rate_limit = decision.headers;
+            if !decision.allowed {
+                metrics::counter!("bazaar_gateway_rate_limited_total", "service" => service.to_string()).increment(1);
+                return Err(response::message(conf.error_code, &conf.error_message));
+            }
+            Ok(())
+        }
+        Err(error) if conf.fault_tolerant => {
+            tracing::warn!(%error, service, "rate-limiting counters unavailable; letting the request through");
+            Ok(())
+        }
+        Err(error) => {
+            tracing::error!(%error, service, "rate-limiting counters unavailable");
+            Err(response::message(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "An unexpected error occurred",
+            ))
+        }
+    }
 }
 
 /// Longest pause between two parts of a client's request body (nginx's
@@ -365,6 +401,27 @@ enum BodyFailure {
     TooLarge,
     Stalled,
     Broken,
+}
+
+impl BodyFailure {
+    /// The answer to a request whose body could not be read.
+    fn refusal(self) -> Refusal {
+        match self {
+            BodyFailure::TooLarge => response::message(size_limit::TOO_LARGE.0, size_limit::TOO_LARGE.1),
+            BodyFailure::Stalled => {
+                metrics::counter!("bazaar_gateway_slow_clients_total", "phase" => "body").increment(1);
+                let mut refused = response::message(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "The client took too long to send the request body",
+                );
+                refused
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                refused
+            }
+            BodyFailure::Broken => response::message(StatusCode::BAD_REQUEST, "Bad request"),
+        }
+    }
 }
 
 /// Reads a client's body whole, within `limit` bytes, [`CLIENT_BODY_IDLE`] between parts and
@@ -431,6 +488,13 @@ enum Failure {
     Other,
 }
 
+/// Sends the request to the service's upstream and relays the answer, retrying on another
+/// target when no connection could be made (or, for a request safe to repeat, when the
+/// connection broke), within the service's retries and the gateway's retry budget.
+///
+/// One piece: each attempt's outcome (its target's report, the targets tried, the last
+/// failure) decides whether another attempt is made and what the client is finally told;
+/// split up, that state would travel between functions as a machine of its own.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     snapshot: &Snapshot,
@@ -446,50 +510,20 @@ async fn forward(
     let service = &snapshot.config.services[service_index];
     let runtime = &snapshot.services[service_index];
     let route = &snapshot.config.routes[found.route];
-    let path = parts.uri.path();
     let strip = route.strip_path.then_some(found.matched_len);
-    let upstream_path = router::upstream_path(&service.path, path, strip);
-    let path_and_query = match parts.uri.query() {
-        Some(query) => format!("{upstream_path}?{query}"),
-        None => upstream_path,
-    };
-    // Origin form: the connection already names the target.
-    let Ok(uri) = Uri::from_maybe_shared(Bytes::from(path_and_query)) else {
+    let Some(uri) = upstream_uri(&service.path, &parts.uri, strip) else {
         return response::message(StatusCode::BAD_REQUEST, "Bad request");
     };
-
     let mut headers = parts.headers;
-    remove_hop_by_hop(&mut headers);
-    // The body was read whole, so it goes out with a Content-Length, never chunked.
-    headers.remove(header::TRANSFER_ENCODING);
-    // As Kong does: the peer is appended to the chain, and X-Real-IP names the client.
     let ip = connection.peer_ip.to_str().unwrap_or("");
-    match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => {
-            let chain = format!("{earlier}, {ip}");
-            set_header(&mut headers, X_FORWARDED_FOR, &chain);
-        }
-        None => {
-            headers.insert(X_FORWARDED_FOR, connection.peer_ip.clone());
-        }
-    }
-    if client == connection.peer.ip() {
-        headers.insert(X_REAL_IP, connection.peer_ip.clone());
-    } else {
-        set_header(&mut headers, X_REAL_IP, &client.to_string());
-    }
-    if let Some(host) = &host {
-        let bare = host
-            .rsplit_once(':')
-            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(host.as_str(), |(h, _)| h);
-        set_header(&mut headers, X_FORWARDED_HOST, bare);
-    }
-    headers.insert(X_FORWARDED_PORT, HeaderValue::from(connection.local.port()));
-    set_header(&mut headers, X_FORWARDED_PATH, path);
-    if let Some(len) = strip.filter(|len| *len > 0) {
-        set_header(&mut headers, X_FORWARDED_PREFIX, path.get(..len).unwrap_or(""));
-    }
+    forwarding_headers(
+        &mut headers,
+        &connection,
+        client,
+        host.as_deref(),
+        parts.uri.path(),
+        strip,
+    );
     if !route.preserve_host || host.is_none() {
         headers.insert(header::HOST, runtime.host_header.clone());
     }
@@ -553,21 +587,7 @@ async fn forward(
         {
             Exchange::Answered(upstream_response, connection) => {
                 report(Outcome::Status(upstream_response.status().as_u16()));
-                let (mut head, incoming) = upstream_response.into_parts();
-                remove_hop_by_hop(&mut head.headers);
-                return Response::from_parts(
-                    head,
-                    GuardedBody {
-                        inner: incoming,
-                        connection: Some(connection),
-                        _guard: guard,
-                        idle: read_timeout,
-                        stall: None,
-                        armed: false,
-                        service: service.name.clone(),
-                    }
-                    .boxed(),
-                );
+                return relay(upstream_response, connection, guard, read_timeout, &service.name);
             }
             Exchange::NoConnection(error) => {
                 let timed_out = is_timeout(&*error);
@@ -614,6 +634,87 @@ async fn forward(
             "An invalid response was received from the upstream server",
         ),
     }
+}
+
+/// The path and query the upstream is asked for: the service's path joined to the request's,
+/// less the matched prefix when the route strips it, in origin form (the connection already
+/// names the target).
+fn upstream_uri(service_path: &str, uri: &Uri, strip: Option<usize>) -> Option<Uri> {
+    let upstream_path = router::upstream_path(service_path, uri.path(), strip);
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{upstream_path}?{query}"),
+        None => upstream_path,
+    };
+    Uri::from_maybe_shared(Bytes::from(path_and_query)).ok()
+}
+
+/// The request's headers as the upstream gets them: without hop-by-hop headers or chunked
+/// framing (the body was read whole, so it goes out with a Content-Length), and with Kong's
+/// X-Forwarded-* and X-Real-IP (the peer appended to the chain, the client named).
+fn forwarding_headers(
+    headers: &mut HeaderMap,
+    connection: &Connection,
+    client: std::net::IpAddr,
+    host: Option<&str>,
+    path: &str,
+    strip: Option<usize>,
+) {
+    remove_hop_by_hop(headers);
+    headers.remove(header::TRANSFER_ENCODING);
+    let ip = connection.peer_ip.to_str().unwrap_or("");
+    match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => {
+            let chain = format!("{earlier}, {ip}");
+            set_header(headers, X_FORWARDED_FOR, &chain);
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR, connection.peer_ip.clone());
+        }
+    }
+    if client == connection.peer.ip() {
+        headers.insert(X_REAL_IP, connection.peer_ip.clone());
+    } else {
+        set_header(headers, X_REAL_IP, &client.to_string());
+    }
+    if let Some(host) = host {
+        let bare = host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(h, _)| h);
+        set_header(headers, X_FORWARDED_HOST, bare);
+    }
+    headers.insert(X_FORWARDED_PORT, HeaderValue::from(connection.local.port()));
+    set_header(headers, X_FORWARDED_PATH, path);
+    if let Some(len) = strip.filter(|len| *len > 0) {
+        set_header(headers, X_FORWARDED_PREFIX, path.get(..len).unwrap_or(""));
+    }
+}
+
+/// The upstream's answer as the client gets it: its head without hop-by-hop headers, its
+/// body streamed under the read timeout, holding the connection and the target's guard
+/// until the body ends.
+fn relay(
+    upstream_response: Response<Incoming>,
+    connection: Pooled,
+    guard: Option<TargetGuard>,
+    read_timeout: Duration,
+    service: &Arc<str>,
+) -> Response<ProxyBody> {
+    let (mut head, incoming) = upstream_response.into_parts();
+    remove_hop_by_hop(&mut head.headers);
+    Response::from_parts(
+        head,
+        GuardedBody {
+            inner: incoming,
+            connection: Some(connection),
+            _guard: guard,
+            idle: read_timeout,
+            stall: None,
+            armed: false,
+            service: service.clone(),
+        }
+        .boxed(),
+    )
 }
 
 /// How one attempt at an upstream went.

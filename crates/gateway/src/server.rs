@@ -134,6 +134,10 @@ pub async fn serve_draining(
 
 /// Accepts connections until `stop`; proxied ones are served by `workers` when there are
 /// any, the rest on this runtime.
+///
+/// One piece: one listener's lifetime; the connection slot taken before accept travels with
+/// the stream to a worker or this runtime, the drain watcher ties each connection to the
+/// shutdown, and drain and worker stop run after the loop breaks.
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,

@@ -187,6 +187,10 @@ fn connector(connect_timeout_ms: u64, tls: Option<Arc<UpstreamTls>>) -> Upstream
 }
 
 /// Compiles a config and starts its health probes.
+///
+/// One piece: one snapshot built under the clients and pools locks; services take balancers
+/// and pooled clients, probes reuse those clients, and the JWKS route closure looks up
+/// `services` by the position of each service in the same config.
 fn build_snapshot(loaded: Loaded, previous: Option<&Balancers>, connections: &Connections, workers: usize) -> Snapshot {
     let Loaded { config, plugins } = loaded;
     let mut clients = connections.clients.lock().unwrap_or_else(|e| e.into_inner());

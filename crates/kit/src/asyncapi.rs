@@ -12,6 +12,10 @@ use crate::service::ServiceSpec;
 /// per topic, a message per event type (the envelope with that type and payload), and for
 /// each service a `send` operation per topic it publishes and a `receive` per topic it
 /// consumes. Only the topics the services use are described.
+///
+/// One piece: one AsyncAPI document; the message loop builds the channels map that the
+/// operations loop then reads for each topic's message refs, and both land in the single
+/// JSON value returned with the same schemas.
 pub fn document(title: &str, description: &str, services: &[&ServiceSpec], messages: &[MessageSpec]) -> Value {
     let used = |topic: &str| {
         services

@@ -740,6 +740,10 @@ fn find_token<'r>(conf: &JwtConfig, request: &'r Parts) -> Result<&'r str, Rejec
 }
 
 /// Verifies a compact JWS at time `now` (seconds since the epoch).
+///
+/// One piece: one token check; the header and claims segments are both the parsed members
+/// and the exact signing input, the credential found by the key claim picks the signature
+/// check, and the same exp/nbf are cached by `vouch` and checked.
 fn verify(conf: &JwtConfig, token: &str, credentials: &Credentials, now: f64) -> Result<Authenticated, Failure> {
     if let Some((credential, exp, nbf)) = credentials.vouched_for(conf, token) {
         check_times(conf, exp, nbf, now)?;

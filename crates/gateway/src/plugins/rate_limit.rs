@@ -184,6 +184,9 @@ pub(crate) struct RateLimitConfig {
 impl TryFrom<RateLimitSpec> for RateLimitConfig {
     type Error = String;
 
+    /// One piece: one spec turned into one RateLimitConfig; fields are moved out of `spec` as
+    /// they are checked (header_name, path, the nested and flat redis settings), and the first
+    /// error is returned as the plugin's single config message.
     fn try_from(spec: RateLimitSpec) -> Result<Self, String> {
         let limits: Vec<(Period, u64)> = [
             (Period::Second, spec.second),

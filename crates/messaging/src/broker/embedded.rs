@@ -366,6 +366,10 @@ type Lease = (i64, Option<String>, Message);
 
 impl EmbeddedSubscription {
     /// Leases up to `max` visible deliveries, in log order; empty when none is ready.
+    ///
+    /// One piece: one lease; a read-only probe gates the write transaction, which takes the
+    /// deliveries, reads their messages and drops orphan rows, and each Delivery's acker is
+    /// built from the attempts and seq of the same taken rows.
     async fn lease(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
         let now = now_millis();
         let (group, topic) = (&*self.group, &*self.topic);

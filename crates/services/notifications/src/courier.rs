@@ -248,6 +248,10 @@ struct Claimed {
 
 /// Claims up to [`BATCH`] pending notifications in one transaction, sends them
 /// [`CONCURRENT_SENDS`] at a time, and records every outcome in one transaction.
+///
+/// One piece: one claim-send-record cycle; only rows this call claimed are sent, the second
+/// transaction records the outcome of exactly those sends, and `taken` and `deferred` from
+/// both ends make up the one Batch it returns.
 async fn send_batch(store: &Store, courier: &Courier) -> Result<Batch, store::StoreError> {
     let rows = store::query(
         "SELECT id, channel, recipient, subject, body, attempts FROM notification

@@ -165,6 +165,9 @@ const COLUMNS: &str = "id, customer_id, status, lines, total_cents, currency, re
 
 /// Places an order: 202 with the pending order; the saga decides its fate. The same
 /// `Idempotency-Key` from the same customer returns the first order instead of a second one.
+// One piece: one idempotent placement; the key is looked up before admission, after a quota
+// refusal and after an insert conflict, each answered against the same `items`, and quota,
+// insert and saga start share one transaction committed through the outbox.
 #[utoipa::path(post, path = "/orders", tag = "orders", security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,200}$",
         description = "Makes a retry of this request return the order it placed (1 to 200 visible ASCII characters)")),
@@ -351,6 +354,9 @@ const FALLBACK_READ: Duration = Duration::from_millis(250);
 /// waits (up to `timeout` seconds, default 30) until the order is confirmed or cancelled;
 /// with `?waitFor=change&seen=N` until its saga has moved past the N history entries the
 /// client has seen. Clients need not poll.
+// One piece: one long poll; the notification is armed before each read, the wait mode
+// decides whether history is read in the loop or once after, and the same deadline and
+// watch span every pass until the answer is built.
 #[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The order's id"), Wait),
     responses((status = 200, description = "The order and its saga", body = OrderView),

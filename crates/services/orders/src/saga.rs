@@ -235,6 +235,9 @@ impl SagaFlow for OrderSaga {
         Ok(())
     }
 
+    /// One piece: one end of an order saga in the saga's transaction; status, total and reason
+    /// feed both the update guarded by `status = pending` and the outcome event, which is
+    /// added to the outbox and counted only when that update changed a row.
     fn finished<'a>(
         &'a self,
         tx: &'a mut Tx,

@@ -245,6 +245,37 @@ impl Default for PaymentsConfig {
     }
 }
 
+/// The outside payment provider at `url`: an https provider on this installation's mesh
+/// (the simulator) is called with the role's own certificate; another is an outside one.
+fn provider_for(url: &str, config: &RoleConfig) -> Result<PaymentProvider, ServiceError> {
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(ServiceError::Config(format!(
+            "payment provider URL must start with http:// or https://, got `{url}`"
+        )));
+    }
+    // A mesh peer: a name `up` resolves (`payment-sim`), or, where names go through DNS
+    // (Kubernetes), a bare service name.
+    let host = url
+        .strip_prefix("https://")
+        .and_then(|rest| rest.split([':', '/']).next())
+        .unwrap_or_default();
+    let on_mesh = if config.mesh_peers.is_empty() {
+        !host.is_empty() && !host.contains('.')
+    } else {
+        config.mesh_peers.iter().any(|(name, _)| name == host)
+    };
+    let provider = match (&config.mesh, on_mesh) {
+        (Some(tls), true) => {
+            let client = bazaar_kit::mesh::http_client(tls, provider::default_policy().timeout, &config.mesh_peers)
+                .map_err(|e| ServiceError::Config(format!("payment provider client: {e}")))?;
+            PaymentProvider::with_client(url, client)
+        }
+        _ => PaymentProvider::new(url).map_err(|e| ServiceError::Config(format!("payment provider client: {e}")))?,
+    };
+    tracing::info!(%url, "charging through the payment provider");
+    Ok(provider)
+}
+
 /// Runs the payments role until `shutdown`.
 pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdown) -> Result<(), ServiceError> {
     if !(0.0..=1.0).contains(&payments.decline_rate) {
@@ -253,41 +284,12 @@ pub async fn run(config: RoleConfig, payments: PaymentsConfig, shutdown: Shutdow
             payments.decline_rate
         )));
     }
-    let provider = match payments.provider_url.as_deref().filter(|u| !u.is_empty()) {
-        Some(url) => {
-            if !url.starts_with("http://") && !url.starts_with("https://") {
-                return Err(ServiceError::Config(format!(
-                    "payment provider URL must start with http:// or https://, got `{url}`"
-                )));
-            }
-            // An https provider on this installation's mesh (the simulator) is called with the
-            // role's own certificate; another is an outside provider.
-            // A mesh peer: a name `up` resolves (`payment-sim`), or, where names go through DNS
-            // (Kubernetes), a bare service name.
-            let host = url
-                .strip_prefix("https://")
-                .and_then(|rest| rest.split([':', '/']).next())
-                .unwrap_or_default();
-            let on_mesh = if config.mesh_peers.is_empty() {
-                !host.is_empty() && !host.contains('.')
-            } else {
-                config.mesh_peers.iter().any(|(name, _)| name == host)
-            };
-            let provider = match (&config.mesh, on_mesh) {
-                (Some(tls), true) => {
-                    let client =
-                        bazaar_kit::mesh::http_client(tls, provider::default_policy().timeout, &config.mesh_peers)
-                            .map_err(|e| ServiceError::Config(format!("payment provider client: {e}")))?;
-                    PaymentProvider::with_client(url, client)
-                }
-                _ => PaymentProvider::new(url)
-                    .map_err(|e| ServiceError::Config(format!("payment provider client: {e}")))?,
-            };
-            tracing::info!(%url, "charging through the payment provider");
-            Some(provider)
-        }
-        None => None,
-    };
+    let provider = payments
+        .provider_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .map(|url| provider_for(url, &config))
+        .transpose()?;
     let rt = Runtime::start(&SERVICE, &config, shutdown.clone()).await?;
     rt.spawn_gauge(
         "bazaar_payments_wallets_cents",

@@ -291,6 +291,9 @@ struct Rotated {
 
 /// Registers an address: mails it a code that opens the account (`POST /auth/verification`).
 /// The answer is the same whether the address is new, waiting or taken.
+// One piece: one SQL transaction; each branch decides on the row read at its start
+// (verified_at, codes_sent, codes_since), its updates are guarded by those same counts,
+// and the code or notice goes into the outbox committed with it.
 #[utoipa::path(post, path = "/users", tag = "users",
     responses((status = 202, description = "If the address can be registered, a code is on its way", body = RegistrationAnswer)))]
 async fn register(
