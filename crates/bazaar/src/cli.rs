@@ -131,7 +131,8 @@ pub struct Parsed {
 }
 
 /// Parses the command line, or exits with clap's message (and 2) on a flag the command does
-/// not take; a role's setting given to `serve` for another role is refused the same way.
+/// not take; a role's setting given to `serve` for another role is an error (one line, and
+/// exit 1 from `main`).
 pub fn parse() -> anyhow::Result<Parsed> {
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {

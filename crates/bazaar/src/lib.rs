@@ -1,8 +1,8 @@
 //! The library half of the `bazaar` binary, shared by its commands, its end-to-end tests
 //! and the benches. It imports one way: `settings` (flags and variables, by who reads them)
 //! ← `adapters` (settings into each role's config) ← `roles` (the table) ← `layout` (ports
-//! and URLs per role) and `contracts` (the API documents) ← `serve` (start-up); `load` and
-//! `metrics` stand apart.
+//! and URLs per role) and `contracts` (the API documents) ← `serve` (start-up); `load` (the
+//! load driver) and `metrics` (the catalogue) read the table and the settings.
 
 pub mod adapters;
 pub mod contracts;

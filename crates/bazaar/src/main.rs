@@ -65,9 +65,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    // The runtime outlives the error line: its shutdown waits for blocking work.
+    let mut runtime = None;
     let result = cli::parse().and_then(|parsed| {
-        let runtime = runtime(&parsed.cli.command)?;
-        runtime.block_on(run(parsed))
+        let started = runtime.insert(self::runtime(&parsed.cli.command)?);
+        started.block_on(run(parsed))
     });
     bazaar_kit::telemetry::flush_logs();
     match result {

@@ -157,7 +157,7 @@ fn role_config(
         listen_fd: process.listen_fd,
         mesh,
         admin_listen: Some(SocketAddr::new(
-            settings.place.admin_listen_ip,
+            process.admin_listen_ip,
             listen.port().saturating_add(ADMIN_PORT_OFFSET),
         )),
         admin_listen_fd: process.admin_listen_fd,
@@ -194,7 +194,7 @@ async fn serve_gateway(
     let config_path = settings.ensure_gateway_config(&Replicas::default(), None, false, None)?;
     // A public gateway (`BAZAAR_LISTEN=0.0.0.0:…`) keeps its admin API on loopback unless
     // BAZAAR_ADMIN_LISTEN_IP says otherwise.
-    let admin_listen = SocketAddr::new(settings.place.admin_listen_ip, settings.admin_port());
+    let admin_listen = SocketAddr::new(process.admin_listen_ip, settings.admin_port());
     let opts = bazaar_gateway::GatewayOptions {
         config_path,
         listen,

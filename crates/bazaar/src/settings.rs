@@ -63,10 +63,6 @@ pub struct Place {
     /// the services +21..+25 and web +27, the payment simulator +26).
     #[arg(long, env = "BAZAAR_BASE_PORT", default_value_t = 8080)]
     pub base_port: u16,
-    /// Where admin listeners bind (the gateway's /config, /status and /metrics; services'
-    /// plain health and metrics), whatever the public address: loopback unless told.
-    #[arg(long, env = "BAZAAR_ADMIN_LISTEN_IP", default_value = "127.0.0.1")]
-    pub admin_listen_ip: std::net::IpAddr,
     #[command(flatten)]
     pub broker: Broker,
     /// Where the gateway and services load the users service's public token keys (a JWKS).
@@ -198,6 +194,11 @@ pub struct Process {
     /// Address the role listens on. Default: 127.0.0.1 and the role's port.
     #[arg(long, env = "BAZAAR_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Where its admin listener binds (the gateway's /config, /status and /metrics; a
+    /// service's plain health and metrics), whatever the public address: loopback unless
+    /// told. (`up` holds every socket on loopback itself.)
+    #[arg(long, env = "BAZAAR_ADMIN_LISTEN_IP", default_value = "127.0.0.1")]
+    pub admin_listen_ip: std::net::IpAddr,
     /// The role's store URL. Default: BAZAAR_<ROLE>_STORE_URL or sqlite://DATA/<role>.db.
     #[arg(long, env = "BAZAAR_STORE_URL")]
     pub store: Option<String>,

@@ -354,7 +354,7 @@ async fn limit_rate(
     shared: &Shared,
     attached: &crate::plugins::Attached<crate::plugins::rate_limit::RateLimitConfig>,
     identity: &Identity<'_>,
-    service: &str,
+    service: &Arc<str>,
     decorations: &mut Decorations,
 ) -> Result<(), Refusal> {
     let (conf, namespace) = (&attached.config, &attached.namespace);
@@ -370,17 +370,17 @@ async fn limit_rate(
         Ok(decision) => {
             decorations.rate_limit = decision.headers;
             if !decision.allowed {
-                metrics::counter!("bazaar_gateway_rate_limited_total", "service" => service.to_string()).increment(1);
+                metrics::counter!("bazaar_gateway_rate_limited_total", "service" => service.clone()).increment(1);
                 return Err(response::message(conf.error_code, &conf.error_message));
             }
             Ok(())
         }
         Err(error) if conf.fault_tolerant => {
-            tracing::warn!(%error, service, "rate-limiting counters unavailable; letting the request through");
+            tracing::warn!(%error, %service, "rate-limiting counters unavailable; letting the request through");
             Ok(())
         }
         Err(error) => {
-            tracing::error!(%error, service, "rate-limiting counters unavailable");
+            tracing::error!(%error, %service, "rate-limiting counters unavailable");
             Err(response::message(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "An unexpected error occurred",

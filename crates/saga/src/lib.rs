@@ -389,7 +389,7 @@ impl<F: SagaFlow> SagaEngine<F> {
     ///
     /// One piece: one transition of the saga row locked in the caller's transaction; the status
     /// and reply.ok state machine moves `state.step`, status and deadline, and one `save` at
-    /// the end writes whatever branch ran.
+    /// the end writes the branches that move the saga (a dead reply goes through `given_up`).
     pub async fn on_reply(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError> {
         let reply: SagaReply = event.payload_as()?;
         let Some(mut state) = self.lock(tx, &reply.saga_id).await? else {
