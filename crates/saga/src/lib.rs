@@ -21,6 +21,11 @@
 //! the retry. A participant that gave up on the latest send (dead-lettered it after every
 //! attempt failed, [`Verdict::GaveUp`]) turns a step that can be undone around, and stops
 //! the pivot or a compensation as `stuck` with its reason, rather than resending forever.
+//!
+//! Several flows share one orchestrator's saga table and reply topic: each engine reads and
+//! moves only sagas of its own kind, and [`Flows`] hands each reply to the engine of its
+//! saga's flow. A running saga can be stopped at a safe point ([`SagaEngine::stop`]): before
+//! its pivot it turns around, its current step included; past it, it runs to its end.
 
 use std::{fmt::Debug, sync::Arc, time::Duration};
 
@@ -386,16 +391,36 @@ impl<F: SagaFlow> SagaEngine<F> {
     }
 
     /// Applies a participant's reply; a duplicate or late one changes nothing.
+    pub async fn on_reply(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError> {
+        let reply: SagaReply = event.payload_as()?;
+        let Some(row) = lock_row(tx, &reply.saga_id).await? else {
+            tracing::warn!(saga = %reply.saga_id, "reply for an unknown saga ignored");
+            return Ok(());
+        };
+        self.on_locked_reply(tx, &row, reply, event).await
+    }
+
+    /// Applies `reply` to the saga in `row`, which the caller locked in `tx`.
     ///
     /// One piece: one transition of the saga row locked in the caller's transaction; the status
     /// and reply.ok state machine moves `state.step`, status and deadline, and one `save` at
     /// the end writes the branches that move the saga (a dead reply goes through `given_up`).
-    pub async fn on_reply(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError> {
-        let reply: SagaReply = event.payload_as()?;
-        let Some(mut state) = self.lock(tx, &reply.saga_id).await? else {
-            tracing::warn!(saga = %reply.saga_id, "reply for an unknown saga ignored");
-            return Ok(());
-        };
+    async fn on_locked_reply(
+        &self,
+        tx: &mut Tx,
+        row: &store::Row,
+        reply: SagaReply,
+        event: &Envelope,
+    ) -> Result<(), HandlerError> {
+        let mut state: SagaState<F::Context> = from_row(row)?;
+        if state.kind != self.flow.kind() {
+            return Err(HandlerError::Poison(format!(
+                "a reply for saga {} of flow {:?} reached the {} flow",
+                state.id,
+                state.kind,
+                self.flow.kind()
+            )));
+        }
         let current = self.step_at(state.step);
         let expected_phase = match state.status {
             SagaStatus::Running => false,
@@ -486,9 +511,10 @@ impl<F: SagaFlow> SagaEngine<F> {
     pub async fn tick(&self) -> Result<usize, HandlerError> {
         let due = store::query(
             "SELECT id FROM saga WHERE status IN ('running', 'compensating') AND deadline IS NOT NULL AND deadline <= $1
-             ORDER BY deadline LIMIT 100",
+             AND kind = $2 ORDER BY deadline LIMIT 100",
         )
         .bind(now_millis())
+        .bind(self.flow.kind())
         .fetch_all(self.outbox.store())
         .await?;
         let mut moved = 0;
@@ -645,6 +671,29 @@ impl<F: SagaFlow> SagaEngine<F> {
         Ok(true)
     }
 
+    /// Stops saga `id` at a safe point for `reason`, inside the caller's transaction. A running
+    /// saga whose pivot was not sent turns around now, its current step included (its
+    /// participant may still act on the command it has not answered); one whose pivot was
+    /// sent runs to its end, since the pivot may have acted.
+    pub async fn stop(&self, tx: &mut Tx, id: &str, reason: &str) -> Result<Stopped, HandlerError> {
+        let Some(mut state) = self.lock(tx, id).await? else {
+            return Ok(Stopped::Unknown);
+        };
+        match state.status {
+            SagaStatus::Running => {}
+            SagaStatus::Compensating => return Ok(Stopped::Undoing),
+            done => return Ok(Stopped::Ended(done)),
+        }
+        let sent = usize::try_from(state.step.saturating_add(1)).unwrap_or(0);
+        if self.flow.steps().iter().take(sent).any(|s| s.compensate.is_none()) {
+            return Ok(Stopped::PastPivot);
+        }
+        let step = self.step_name(state.step).unwrap_or("-");
+        self.undo_from_here(tx, &mut state, step, reason, None).await?;
+        self.save(tx, &state).await?;
+        Ok(Stopped::Undoing)
+    }
+
     /// Runs [`SagaEngine::tick`] every 250 ms and counts sagas per status until `shutdown`.
     pub fn spawn_timer(self: Arc<Self>, mut shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
@@ -678,18 +727,20 @@ impl<F: SagaFlow> SagaEngine<F> {
     /// Up to `limit` sagas in `status`, most recently changed first (e.g. the stuck ones).
     pub async fn list(&self, status: SagaStatus, limit: i64) -> Result<Vec<SagaState<F::Context>>, StoreError> {
         let rows = store::query(&format!(
-            "SELECT {SAGA_COLUMNS} FROM saga WHERE status = $1 ORDER BY updated_at DESC LIMIT $2"
+            "SELECT {SAGA_COLUMNS} FROM saga WHERE status = $1 AND kind = $3 ORDER BY updated_at DESC LIMIT $2"
         ))
         .bind(status.as_str())
         .bind(limit)
+        .bind(self.flow.kind())
         .fetch_all(self.outbox.store())
         .await?;
         rows.iter().map(from_row).collect()
     }
 
     async fn load_row(&self, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
-        let row = store::query(&format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1"))
+        let row = store::query(&format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1 AND kind = $2"))
             .bind(id)
+            .bind(self.flow.kind())
             .fetch_optional(self.outbox.store())
             .await?;
         row.map(|r| from_row(&r)).transpose()
@@ -725,8 +776,9 @@ impl<F: SagaFlow> SagaEngine<F> {
             SagaStatus::Compensated,
             SagaStatus::Stuck,
         ] {
-            let row = store::query("SELECT COUNT(*) AS n FROM saga WHERE status = $1")
+            let row = store::query("SELECT COUNT(*) AS n FROM saga WHERE status = $1 AND kind = $2")
                 .bind(status.as_str())
+                .bind(self.flow.kind())
                 .fetch_one(self.outbox.store())
                 .await?;
             out.push((status.as_str(), row.try_get::<i64, _>("n")?));
@@ -841,9 +893,14 @@ impl<F: SagaFlow> SagaEngine<F> {
         Ok(())
     }
 
+    /// Locks saga `id` of this flow in `tx`.
     async fn lock(&self, tx: &mut Tx, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
-        let sql = format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1 FOR UPDATE");
-        let row = store::query(&sql).bind(id).fetch_optional(&mut *tx).await?;
+        let sql = format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1 AND kind = $2 FOR UPDATE");
+        let row = store::query(&sql)
+            .bind(id)
+            .bind(self.flow.kind())
+            .fetch_optional(&mut *tx)
+            .await?;
         row.map(|r| from_row(&r)).transpose()
     }
 
@@ -864,6 +921,92 @@ impl<F: SagaFlow> SagaEngine<F> {
         .execute(&mut *tx)
         .await?;
         Ok(())
+    }
+}
+
+/// What asking a saga to stop came to ([`SagaEngine::stop`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// It is undoing what it did (now, or it already was).
+    Undoing,
+    /// Its pivot was sent, so it runs to its end.
+    PastPivot,
+    /// It had ended, with this status.
+    Ended(SagaStatus),
+    /// No saga of this flow has that id.
+    Unknown,
+}
+
+/// Locks saga `id`'s row in `tx`, whatever its flow.
+async fn lock_row(tx: &mut Tx, id: &str) -> Result<Option<store::Row>, StoreError> {
+    let sql = format!("SELECT {SAGA_COLUMNS} FROM saga WHERE id = $1 FOR UPDATE");
+    store::query(&sql).bind(id).fetch_optional(&mut *tx).await
+}
+
+/// A flow's engine as [`Flows`] sees it: its kind, and how it applies a reply to a saga row
+/// the caller locked.
+pub trait FlowEngine: Send + Sync + 'static {
+    /// The flow's kind.
+    fn kind(&self) -> &'static str;
+    /// Applies `reply` (the payload of `event`) to the locked saga `row`.
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        row: &'a store::Row,
+        reply: SagaReply,
+        event: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+impl<F: SagaFlow> FlowEngine for SagaEngine<F> {
+    fn kind(&self) -> &'static str {
+        self.flow.kind()
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        row: &'a store::Row,
+        reply: SagaReply,
+        event: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.on_locked_reply(tx, row, reply, event))
+    }
+}
+
+/// The flows of one orchestrator, sharing its saga table and reply topic: each reply goes to
+/// the engine of its saga's flow, read from the row it locks (one statement, as for one flow).
+pub struct Flows {
+    engines: Vec<Arc<dyn FlowEngine>>,
+}
+
+impl Flows {
+    /// The flows of `engines`, or which kind two of them share.
+    pub fn new(engines: Vec<Arc<dyn FlowEngine>>) -> Result<Flows, String> {
+        for (i, engine) in engines.iter().enumerate() {
+            if engines[..i].iter().any(|e| e.kind() == engine.kind()) {
+                return Err(format!("two flows are called {:?}", engine.kind()));
+            }
+        }
+        Ok(Flows { engines })
+    }
+
+    /// Applies a participant's reply to its saga, whichever flow runs it; a reply for an
+    /// unknown saga changes nothing, one for a flow none of these runs is refused.
+    pub async fn on_reply(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError> {
+        let reply: SagaReply = event.payload_as()?;
+        let Some(row) = lock_row(tx, &reply.saga_id).await? else {
+            tracing::warn!(saga = %reply.saga_id, "reply for an unknown saga ignored");
+            return Ok(());
+        };
+        let kind: String = row.try_get("kind")?;
+        let Some(engine) = self.engines.iter().find(|e| e.kind() == kind) else {
+            return Err(HandlerError::Poison(format!(
+                "a reply for saga {} of flow {kind:?}, which no engine here runs",
+                reply.saga_id
+            )));
+        };
+        engine.apply(tx, &row, reply, event).await
     }
 }
 

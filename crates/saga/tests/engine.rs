@@ -29,7 +29,8 @@ use bazaar_messaging::{
     outbox::{self, Outbox},
 };
 use bazaar_saga::{
-    self, CommandHeader, SagaEngine, SagaFlow, SagaState, SagaStatus, SagaStep, Step, Verdict, COMPENSATION_ATTEMPTS,
+    self, CommandHeader, Flows, SagaEngine, SagaFlow, SagaState, SagaStatus, SagaStep, Step, Stopped, Verdict,
+    COMPENSATION_ATTEMPTS,
 };
 use bazaar_store::testing::TestDb;
 use bazaar_store::{now_millis, Store, Tx};
@@ -74,6 +75,7 @@ struct TestContext {
 
 /// Three steps: A and B can be undone, C cannot.
 struct TestFlow {
+    kind: &'static str,
     steps: Vec<Step<TestStep>>,
 }
 
@@ -89,11 +91,28 @@ impl TestFlow {
             max_attempts: MAX_ATTEMPTS,
         };
         TestFlow {
+            kind: KIND,
             steps: vec![
                 remote(TestStep::A, "a", "a.do", Some("a.undo")),
                 remote(TestStep::B, "b", "b.do", Some("b.undo")),
                 remote(TestStep::C, "c", "c.do", None),
             ],
+        }
+    }
+
+    /// Another flow, `other`, of one step that can be undone (X, sent as `x.do`).
+    fn other() -> TestFlow {
+        TestFlow {
+            kind: "other",
+            steps: vec![Step {
+                step: TestStep::A,
+                topic: "x",
+                participant: "participant",
+                execute: "x.do",
+                compensate: Some("x.undo"),
+                timeout: TIMEOUT,
+                max_attempts: MAX_ATTEMPTS,
+            }],
         }
     }
 }
@@ -103,7 +122,7 @@ impl SagaFlow for TestFlow {
     type Context = TestContext;
 
     fn kind(&self) -> &'static str {
-        KIND
+        self.kind
     }
 
     fn steps(&self) -> &[Step<TestStep>] {
@@ -297,6 +316,17 @@ impl Orchestrator {
 
     async fn tick(&self) -> usize {
         self.engine.tick().await.expect("tick")
+    }
+
+    /// Asks saga `id` to stop for `reason`, in a transaction of its own.
+    async fn stop(&self, id: &str, reason: &str) -> Stopped {
+        let mut tx = self.store.begin().await.expect("begin");
+        let stopped = self.engine.stop(&mut tx, id, reason).await.expect("stop");
+        Outbox::new(self.store.clone())
+            .commit(tx)
+            .await
+            .expect("commit the stop");
+        stopped
     }
 }
 
@@ -953,6 +983,133 @@ async fn many_concurrent_sagas_settle(db: &Db) {
     assert_eq!(live, 0, "{counts:?}");
 }
 
+/// Two flows on one store and reply topic: each reply reaches its own saga's flow, each
+/// flow's timer resends only its own sagas, and a reply for a flow nobody runs is refused.
+async fn two_flows_share_a_store_and_each_moves_only_its_own_sagas(db: &Db) {
+    let o = Orchestrator::open(db).await;
+    let other = Arc::new(SagaEngine::new(
+        TestFlow::other(),
+        Outbox::new(o.store.clone()),
+        "orders",
+        "replies",
+        "saga.reply",
+    ));
+    let flows = Flows::new(vec![o.engine.clone(), other.clone()]).expect("two kinds");
+    assert!(
+        Flows::new(vec![o.engine.clone(), o.engine.clone()]).is_err(),
+        "one kind twice"
+    );
+    o.start("t1").await;
+    let mut tx = o.store.begin().await.expect("begin");
+    let context = TestContext {
+        order_id: "o1".into(),
+        reported: Map::new(),
+    };
+    other.start(&mut tx, "o1", context, "corr").await.expect("start o1");
+    tx.commit().await.expect("commit");
+
+    o.expire("t1").await;
+    o.expire("o1").await;
+    assert_eq!(o.tick().await, 1, "the test flow's timer moves t1 only");
+    assert_eq!(
+        (count(&o.sent("t1").await, "a.do"), count(&o.sent("o1").await, "x.do")),
+        (2, 1)
+    );
+    assert_eq!(other.tick().await.expect("tick"), 1, "the other flow's timer moves o1");
+    assert_eq!(count(&o.sent("o1").await, "x.do"), 2);
+
+    let through_flows = |command: Command| {
+        let flows = &flows;
+        let store = &o.store;
+        async move {
+            let (_, reply) = reply(&command, Ok(json!({"seen": command.envelope.event_type})));
+            let mut tx = store.begin().await.expect("begin");
+            flows.on_reply(&mut tx, &reply).await.expect("handle the reply");
+            tx.commit().await.expect("commit the reply");
+        }
+    };
+    through_flows(o.last_command("o1").await).await;
+    through_flows(o.last_command("t1").await).await;
+    let o1 = other.load("o1").await.expect("load").expect("o1");
+    assert_eq!(
+        (o1.status, o1.context.reported["seen"].clone()),
+        (SagaStatus::Completed, json!("x.do"))
+    );
+    assert_eq!(
+        o.sent("t1").await.last().map(String::as_str),
+        Some("b.do"),
+        "t1 moved on to B"
+    );
+    assert!(
+        o.engine.load("o1").await.expect("load").is_none(),
+        "the test flow does not see o1"
+    );
+    let completed = |counts: Vec<(&str, i64)>| counts.into_iter().find(|(s, _)| *s == "completed").map(|(_, n)| n);
+    assert_eq!(completed(other.counts().await.expect("counts")), Some(1));
+    assert_eq!(completed(o.engine.counts().await.expect("counts")), Some(0));
+
+    let alone = Flows::new(vec![o.engine.clone()]).expect("one flow");
+    let mut tx = o.store.begin().await.expect("begin");
+    let context = TestContext {
+        order_id: "o3".into(),
+        reported: Map::new(),
+    };
+    other.start(&mut tx, "o3", context, "corr").await.expect("start o3");
+    Outbox::new(o.store.clone()).commit(tx).await.expect("commit");
+    let (_, stray) = reply(&o.last_command("o3").await, Ok(json!({})));
+    let mut tx = o.store.begin().await.expect("begin");
+    let refused = alone.on_reply(&mut tx, &stray).await;
+    assert!(matches!(refused, Err(HandlerError::Poison(_))), "{refused:?}");
+}
+
+/// A saga stopped before its pivot undoes what it did, the step in flight included, and a
+/// late answer to that step changes nothing; one whose pivot was sent runs to its end.
+async fn a_saga_stopped_before_its_pivot_undoes_its_steps_and_one_past_it_runs_on(db: &Db) {
+    let o = Orchestrator::open(db).await;
+    o.start("s1").await;
+    o.answer(&o.last_command("s1").await, Ok(json!({"a": 1}))).await;
+    let b = o.last_command("s1").await;
+    assert_eq!(o.stop("s1", "cancelled by the customer").await, Stopped::Undoing);
+    assert_eq!(
+        o.sent("s1").await,
+        ["a.do", "b.do", "b.undo"],
+        "B is undone, in flight as it is"
+    );
+    let before = snapshot(&o.state("s1").await);
+    o.answer(&b, Ok(json!({"b": 2}))).await;
+    assert_eq!(
+        snapshot(&o.state("s1").await),
+        before,
+        "a late answer to B changes nothing"
+    );
+    o.answer(&o.last_command("s1").await, Ok(Value::Null)).await;
+    assert_eq!(o.sent("s1").await.last().map(String::as_str), Some("a.undo"));
+    assert_eq!(
+        o.stop("s1", "again").await,
+        Stopped::Undoing,
+        "asked twice, one undoing"
+    );
+    o.answer(&o.last_command("s1").await, Ok(Value::Null)).await;
+    let s1 = o.state("s1").await;
+    assert_eq!(s1.status, SagaStatus::Compensated);
+    assert!(s1.error.unwrap_or_default().contains("cancelled by the customer"));
+    assert_eq!(o.finished("s1").await, ["compensated"]);
+    assert_eq!(o.stop("s1", "late").await, Stopped::Ended(SagaStatus::Compensated));
+
+    o.start("s2").await;
+    o.answer(&o.last_command("s2").await, Ok(json!({}))).await;
+    o.answer(&o.last_command("s2").await, Ok(json!({}))).await;
+    assert_eq!(o.stop("s2", "cancelled by the customer").await, Stopped::PastPivot);
+    assert_eq!(
+        o.sent("s2").await,
+        ["a.do", "b.do", "c.do"],
+        "nothing undone past the pivot"
+    );
+    o.answer(&o.last_command("s2").await, Ok(json!({}))).await;
+    assert_eq!(o.stop("s2", "late").await, Stopped::Ended(SagaStatus::Completed));
+    assert_eq!(o.stop("nobody", "why").await, Stopped::Unknown);
+}
+
 macro_rules! saga_cases {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -997,4 +1154,6 @@ saga_cases!(
     killed_orchestrator_resumes_from_its_store,
     one_broken_saga_does_not_stall_the_timer,
     many_concurrent_sagas_settle,
+    two_flows_share_a_store_and_each_moves_only_its_own_sagas,
+    a_saga_stopped_before_its_pivot_undoes_its_steps_and_one_past_it_runs_on,
 );
