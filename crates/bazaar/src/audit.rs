@@ -121,22 +121,30 @@ pub async fn checks(s: &Sources) -> anyhow::Result<Vec<Check>> {
     ])
 }
 
-/// An order as the audit reads it: id, status, total and customer.
-type OrderRow = (String, String, Option<i64>, String);
+/// An order as the audit reads it.
+struct OrderRow {
+    id: String,
+    status: OrderStatus,
+    total: Option<i64>,
+    customer: String,
+    /// Whether its confirmation was announced (also for an order cancelled afterwards).
+    announced: bool,
+}
 
 /// Every order.
 async fn orders(s: &Sources) -> anyhow::Result<Vec<OrderRow>> {
-    store::query("SELECT id, status, total_cents, customer_id FROM orders")
+    store::query("SELECT id, status, total_cents, customer_id, confirmed_at FROM orders")
         .fetch_all(&s.orders)
         .await?
         .iter()
         .map(|r| {
-            Ok((
-                r.try_get("id")?,
-                r.try_get("status")?,
-                r.try_get("total_cents")?,
-                r.try_get("customer_id")?,
-            ))
+            Ok(OrderRow {
+                id: r.try_get("id")?,
+                status: OrderStatus::parse(&r.try_get::<String, _>("status")?)?,
+                total: r.try_get("total_cents")?,
+                customer: r.try_get("customer_id")?,
+                announced: r.try_get::<Option<i64>, _>("confirmed_at")?.is_some(),
+            })
         })
         .collect()
 }
@@ -144,10 +152,11 @@ async fn orders(s: &Sources) -> anyhow::Result<Vec<OrderRow>> {
 /// 1. Every order settled.
 async fn settled(s: &Sources, orders: &[OrderRow]) -> anyhow::Result<Check> {
     let mut by_status: HashMap<&str, i64> = HashMap::new();
-    for (_, status, _, _) in orders {
-        *by_status.entry(status.as_str()).or_default() += 1;
+    for order in orders {
+        *by_status.entry(order.status.as_str()).or_default() += 1;
     }
     let pending = by_status.get("pending").copied().unwrap_or(0);
+    let cancelling = by_status.get("cancelling").copied().unwrap_or(0);
     let open_sagas = count(
         &s.orders,
         "SELECT COUNT(*) FROM saga WHERE status IN ('running', 'compensating')",
@@ -156,9 +165,9 @@ async fn settled(s: &Sources, orders: &[OrderRow]) -> anyhow::Result<Check> {
     let stuck = count(&s.orders, "SELECT COUNT(*) FROM saga WHERE status = 'stuck'").await?;
     Ok(check(
         1,
-        pending == 0 && open_sagas == 0 && stuck == 0,
+        pending == 0 && cancelling == 0 && open_sagas == 0 && stuck == 0,
         format!(
-            "{} orders: {} confirmed, {} cancelled, {pending} pending; sagas open {open_sagas}, stuck {stuck}",
+            "{} orders: {} confirmed, {} cancelled, {pending} pending, {cancelling} cancelling; sagas open {open_sagas}, stuck {stuck}",
             orders.len(),
             by_status.get("confirmed").copied().unwrap_or(0),
             by_status.get("cancelled").copied().unwrap_or(0),
@@ -188,11 +197,13 @@ async fn outcomes_match(s: &Sources, orders: &[OrderRow]) -> anyhow::Result<Chec
         })
         .collect::<anyhow::Result<_>>()?;
     let mut wrong = Vec::new();
-    for (id, status, total, _) in orders {
+    for OrderRow { id, status, total, .. } in orders {
         let pay = payments.get(id);
         let res = reservations.get(id).copied();
         let captured = |(st, _): &(PaymentStatus, i64)| *st == PaymentStatus::Captured;
-        let fine = match OrderStatus::parse(status)? {
+        // A cancelled order holds nothing: no payment taken (or it was refunded) and no units
+        // held or sold (or they were returned).
+        let fine = match status {
             OrderStatus::Confirmed => {
                 pay.is_some_and(|p| captured(p) && Some(p.1) == *total) && res == Some(ReservationStatus::Committed)
             }
@@ -200,10 +211,14 @@ async fn outcomes_match(s: &Sources, orders: &[OrderRow]) -> anyhow::Result<Chec
                 !pay.is_some_and(captured)
                     && !matches!(res, Some(ReservationStatus::Reserved | ReservationStatus::Committed))
             }
-            OrderStatus::Pending => true,
+            // Not settled yet: invariant 1 says so.
+            OrderStatus::Pending | OrderStatus::Cancelling => true,
         };
         if !fine {
-            wrong.push(format!("{id} {status}: payment {pay:?}, reservation {res:?}"));
+            wrong.push(format!(
+                "{id} {}: payment {pay:?}, reservation {res:?}",
+                status.as_str()
+            ));
         }
     }
     Ok(check(
@@ -323,30 +338,10 @@ async fn notified_once(s: &Sources, orders: &[OrderRow]) -> anyhow::Result<Check
         .collect::<Result<_, store::StoreError>>()?;
     let mut missing = Vec::new();
     let mut texts = 0;
-    for (id, status, _, customer) in orders.iter().filter(|(_, st, _, _)| st != "pending") {
-        let opposite = if status == "confirmed" {
-            "cancelled"
-        } else {
-            "confirmed"
-        };
-        let mut channels = vec![""];
-        if phones.contains(customer) {
-            channels.push(":sms");
-            texts += 1;
-        }
-        for channel in channels {
-            let key = format!("order.{status}:{id}{channel}");
-            let other = format!("order.{opposite}:{id}{channel}");
-            // A text past its number's daily limit is recorded as suppressed instead of sent.
-            let done = match sent.get(&key).map(String::as_str) {
-                Some("sent") => true,
-                Some("suppressed") => channel == ":sms",
-                _ => false,
-            };
-            if !done || sent.contains_key(&other) {
-                missing.push(format!("{key}: {:?}", sent.get(&key)));
-            }
-        }
+    for order in orders.iter().filter(|o| o.status.is_settled()) {
+        let texted = phones.contains(&order.customer);
+        texts += usize::from(texted);
+        missing.extend(untold(order, &sent, texted));
     }
     // Only confirmed accounts are announced (and welcomed); unconfirmed ones wait for a code.
     let users = count(&s.users, "SELECT COUNT(*) FROM users WHERE verified_at IS NOT NULL").await?;
@@ -371,6 +366,41 @@ async fn notified_once(s: &Sources, orders: &[OrderRow]) -> anyhow::Result<Check
             )
         },
     ))
+}
+
+/// What settled `order` was not told once each, per channel (email, and SMS when `texted`),
+/// or was told and never should have been: a confirmation (also of an order cancelled once
+/// it was confirmed), a cancellation.
+fn untold(order: &OrderRow, sent: &HashMap<String, String>, texted: bool) -> Vec<String> {
+    let (told, never): (&[&str], &[&str]) = match (order.status, order.announced) {
+        (OrderStatus::Confirmed, _) => (&["confirmed"], &["cancelled"]),
+        (_, true) => (&["confirmed", "cancelled"], &[]),
+        _ => (&["cancelled"], &["confirmed"]),
+    };
+    let channels: &[&str] = if texted { &["", ":sms"] } else { &[""] };
+    let mut wrong = Vec::new();
+    for channel in channels {
+        let id = &order.id;
+        for outcome in told {
+            let key = format!("order.{outcome}:{id}{channel}");
+            // A text past its number's daily limit is recorded as suppressed instead of sent.
+            let done = match sent.get(&key).map(String::as_str) {
+                Some("sent") => true,
+                Some("suppressed") => *channel == ":sms",
+                _ => false,
+            };
+            if !done {
+                wrong.push(format!("{key}: {:?}", sent.get(&key)));
+            }
+        }
+        for outcome in never {
+            let key = format!("order.{outcome}:{id}{channel}");
+            if let Some(status) = sent.get(&key) {
+                wrong.push(format!("{key} should not be: {status:?}"));
+            }
+        }
+    }
+    wrong
 }
 
 /// 6. Every event reached every group, or sits in a dead-letter topic.

@@ -330,15 +330,15 @@ impl System {
             .unwrap_or_else(|v| panic!("order {order} never settled: {v}\n{}", self.log()))
     }
 
-    /// The order once confirmed or cancelled, or its last answer when still pending after
-    /// `within`.
+    /// The order once confirmed or cancelled, or its last answer when still pending (or
+    /// cancelling) after `within`.
     async fn settled_within(&self, token: &str, order: &str, within: Duration) -> Result<Value, Value> {
         let deadline = Instant::now() + within;
         loop {
             let (st, v) = self
                 .call(reqwest::Method::GET, &format!("/orders/{order}"), Some(token), None)
                 .await;
-            if st == 200 && v["status"] != "pending" {
+            if st == 200 && (v["status"] == "confirmed" || v["status"] == "cancelled") {
                 return Ok(v);
             }
             if Instant::now() >= deadline {
@@ -456,6 +456,33 @@ async fn a_confirmed_order_takes_the_stock_and_the_money_once_and_tells_the_cust
     assert_eq!(sys.stock(&shop.mug).await, (3, 3), "sold units left the shelf");
     assert_eq!(sys.balance(&shop.ann).await, 10_000 - 2_500);
     assert_audit_clean_and_ann_told_once(&sys).await;
+}
+
+/// A customer cancels a confirmed order through the gateway: the money goes back to the
+/// wallet, the units back on the shelf, she is told by email and text, and every invariant
+/// holds; asking again is the same one cancellation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_cancels_a_confirmed_order_and_gets_the_money_and_the_units_back() {
+    let sys = System::start(&[CREDIT]).await;
+    let shop = shop(&sys).await;
+    let id = confirmed_order(&sys, &shop).await;
+    let cancel = format!("/orders/{id}/cancellation");
+    let (st, v) = sys.call(reqwest::Method::POST, &cancel, Some(&shop.ann), None).await;
+    assert_eq!((st, v["status"].as_str()), (202, Some("cancelling")), "{v}");
+    let v = sys.settled(&shop.ann, &id).await;
+    assert_eq!(
+        (v["status"].as_str(), v["reason"].as_str()),
+        (Some("cancelled"), Some("cancelled by the customer")),
+        "{v}"
+    );
+    assert_eq!(sys.balance(&shop.ann).await, 10_000, "refunded in full");
+    assert_eq!(sys.stock(&shop.mug).await, (5, 5), "the units are back on the shelf");
+    let (st, v) = sys.call(reqwest::Method::POST, &cancel, Some(&shop.ann), None).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("cancelled")), "{v}");
+    let report = sys.assert_audit_clean().await;
+    // Welcomes (admin, Ann), Ann's code, her confirmation and her cancellation; two texts.
+    assert_eq!(count_files(&sys.data_dir(), "mail"), 5, "{report}");
+    assert_eq!(count_files(&sys.data_dir(), "sms"), 2, "{report}");
 }
 
 /// Every file and directory under `dir` that group or others could read, write or enter.

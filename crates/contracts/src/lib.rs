@@ -65,6 +65,8 @@ pub mod types {
     pub const RELEASE_STOCK: &str = "inventory.release";
     /// Turn an order's reservation into a sale: [`super::OrderRef`].
     pub const COMMIT_STOCK: &str = "inventory.commit";
+    /// Put a cancelled sale's units back on the shelf: [`super::OrderRef`].
+    pub const RETURN_STOCK: &str = "inventory.return";
     /// Charge the customer for an order: [`super::ProcessPayment`].
     pub const PROCESS_PAYMENT: &str = "payments.process";
     /// Refund an order's payment: [`super::OrderRef`].
@@ -133,6 +135,13 @@ pub const MESSAGES: &[MessageSpec] = &[
         payload: schema_of::<OrderRef>,
     },
     MessageSpec {
+        event_type: types::RETURN_STOCK,
+        topic: topics::INVENTORY_COMMANDS,
+        kind: MessageKind::Command,
+        summary: "Put a cancelled sale's units back on the shelf.",
+        payload: schema_of::<OrderRef>,
+    },
+    MessageSpec {
         event_type: types::PROCESS_PAYMENT,
         topic: topics::PAYMENTS_COMMANDS,
         kind: MessageKind::Command,
@@ -143,7 +152,7 @@ pub const MESSAGES: &[MessageSpec] = &[
         event_type: types::REFUND_PAYMENT,
         topic: topics::PAYMENTS_COMMANDS,
         kind: MessageKind::Command,
-        summary: "Give an order's payment back (compensation).",
+        summary: "Give an order's payment back (a compensation, or a cancellation).",
         payload: schema_of::<OrderRef>,
     },
     MessageSpec {

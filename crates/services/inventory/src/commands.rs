@@ -12,7 +12,7 @@ use bazaar_kit::{
 use bazaar_saga::{Participant, Verdict};
 use futures_util::future::BoxFuture;
 
-/// Answers `inventory.reserve`, `inventory.release` and `inventory.commit`.
+/// Answers `inventory.reserve`, `inventory.release`, `inventory.commit` and `inventory.return`.
 #[derive(Debug, Clone, Copy)]
 pub struct StockCommands;
 
@@ -23,6 +23,7 @@ impl Participant for StockCommands {
                 types::RESERVE_STOCK => reserve(tx, command.payload_as()?).await,
                 types::RELEASE_STOCK => release(tx, command.payload_as()?).await,
                 types::COMMIT_STOCK => commit(tx, command.payload_as()?).await,
+                types::RETURN_STOCK => give_back(tx, command.payload_as()?).await,
                 other => Err(HandlerError::Poison(format!("unknown command type `{other}`"))),
             }
         })
@@ -40,6 +41,8 @@ pub enum ReservationStatus {
     Released,
     /// Sold: the units left the shelf.
     Committed,
+    /// Sold, then the order was cancelled: the units are back on the shelf.
+    Returned,
 }
 
 impl ReservationStatus {
@@ -50,6 +53,7 @@ impl ReservationStatus {
             ReservationStatus::Rejected => "rejected",
             ReservationStatus::Released => "released",
             ReservationStatus::Committed => "committed",
+            ReservationStatus::Returned => "returned",
         }
     }
 
@@ -60,6 +64,7 @@ impl ReservationStatus {
             "rejected" => ReservationStatus::Rejected,
             "released" => ReservationStatus::Released,
             "committed" => ReservationStatus::Committed,
+            "returned" => ReservationStatus::Returned,
             other => return Err(StoreError::Corrupt(format!("unknown reservation status `{other}`"))),
         })
     }
@@ -313,7 +318,10 @@ async fn release(tx: &mut Tx, cmd: OrderRef) -> Result<Verdict, HandlerError> {
         }
         // Nothing is held for a released or refused reservation.
         ReservationStatus::Released | ReservationStatus::Rejected => Ok(Verdict::done_empty()),
-        ReservationStatus::Committed => Ok(Verdict::refused("cannot release a committed reservation")),
+        ReservationStatus::Committed | ReservationStatus::Returned => Ok(Verdict::refused(format!(
+            "cannot release a {} reservation",
+            status.as_str()
+        ))),
     }
 }
 
@@ -334,6 +342,25 @@ async fn commit(tx: &mut Tx, cmd: OrderRef) -> Result<Verdict, HandlerError> {
         Some(ReservationStatus::Committed) => Ok(Verdict::done_empty()),
         Some(other) => Ok(Verdict::refused(format!(
             "cannot commit a {} reservation",
+            other.as_str()
+        ))),
+        None => Ok(Verdict::refused("no reservation for this order")),
+    }
+}
+
+/// Puts a cancelled sale's units back on the shelf, once whatever the copies.
+async fn give_back(tx: &mut Tx, cmd: OrderRef) -> Result<Verdict, HandlerError> {
+    let order = cmd.order_id.to_string();
+    match reservation(tx, &order).await?.map(|r| r.status) {
+        Some(ReservationStatus::Committed) => {
+            move_lines(tx, &order, "UPDATE product SET on_hand = on_hand + $1 WHERE id = $2").await?;
+            set_status(tx, &order, ReservationStatus::Returned).await?;
+            metrics::counter!("bazaar_inventory_returns_total").increment(1);
+            Ok(Verdict::done_empty())
+        }
+        Some(ReservationStatus::Returned) => Ok(Verdict::done_empty()),
+        Some(other) => Ok(Verdict::refused(format!(
+            "cannot return a {} reservation: nothing was sold",
             other.as_str()
         ))),
         None => Ok(Verdict::refused("no reservation for this order")),

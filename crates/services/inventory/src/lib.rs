@@ -77,6 +77,10 @@ pub const METRICS: &[MetricDoc] = &[
         help: "Orders whose every line inventory reserved.",
     },
     MetricDoc {
+        name: "bazaar_inventory_returns_total",
+        help: "Orders whose sold units inventory put back on the shelf after a cancellation.",
+    },
+    MetricDoc {
         name: "bazaar_inventory_units_on_hand",
         help: "Units on hand over all products.",
     },

@@ -9,7 +9,7 @@ mod support;
 use bazaar_kit::{consumer::HandlerError, envelope::Envelope};
 use bazaar_saga::SagaReply;
 use futures_util::future::join_all;
-use support::{commit, release, reserve, Inventory};
+use support::{commit, give_back, release, reserve, Inventory};
 use uuid::Uuid;
 
 /// Copies handled at once.
@@ -76,6 +76,34 @@ async fn copies_of_a_release_at_once_give_the_units_back_once() {
             inv.engine()
         );
         inv.assert_stock_adds_up().await;
+        inv.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn copies_of_a_return_at_once_put_a_cancelled_sale_back_on_the_shelf_once() {
+    for inv in support::on_both_engines().await {
+        let mug = inv.add_product("MUG", 100, 10).await;
+        let order = Uuid::now_v7();
+        inv.ok(&reserve(order, &[(mug, 2)])).await;
+        inv.ok(&commit(order)).await;
+        inv.ok(&reserve(Uuid::now_v7(), &[(mug, 3)])).await;
+
+        all_ok(&inv, &at_once(&inv, &copies(|| give_back(order))).await);
+
+        assert_eq!(
+            inv.levels(mug).await,
+            (7, 10, 3),
+            "{}: (stock, on hand, reserved)",
+            inv.engine()
+        );
+        inv.assert_stock_adds_up().await;
+        let never_sold = Uuid::now_v7();
+        inv.ok(&reserve(never_sold, &[(mug, 1)])).await;
+        let refused = inv.refused(&give_back(never_sold)).await;
+        assert!(refused.contains("nothing was sold"), "{}: {refused}", inv.engine());
+        let refused = inv.refused(&release(order)).await;
+        assert!(refused.contains("returned"), "{}: {refused}", inv.engine());
         inv.finish().await;
     }
 }

@@ -152,10 +152,15 @@ async fn compose(tx: &mut Tx, event: &Envelope) -> Result<Option<Message>, Handl
 /// The subject and text of an order's outcome.
 fn order_text(o: &OrderOutcome, confirmed: bool) -> Result<(String, String), HandlerError> {
     if !confirmed {
+        // A cancelled order refunded what its confirmation charged; a refused one took nothing.
+        let money_back = match (o.total_cents, o.currency.as_deref()) {
+            (cents, Some(currency)) if cents > 0 => format!("We refunded {}.", money(cents, currency)),
+            _ => "Nothing was charged.".to_string(),
+        };
         return Ok((
             format!("Order {} cancelled", o.order_id),
             format!(
-                "Your order {} was cancelled: {}. Nothing was charged.\n",
+                "Your order {} was cancelled: {}. {money_back}\n",
                 o.order_id,
                 o.reason.as_deref().unwrap_or("no reason given")
             ),

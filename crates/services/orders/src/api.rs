@@ -1,5 +1,5 @@
-//! The orders HTTP API: place an order, follow it, list your orders, and for operators,
-//! inspect or retry a saga.
+//! The orders HTTP API: place an order, follow it, cancel it, list your orders, and for
+//! operators, inspect or retry a saga.
 
 use axum::{
     extract::{Path, Query, State},
@@ -22,13 +22,18 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::{saga::OrderContext, OrderStatus, Orders};
+use crate::{
+    cancellation::{self, CancelError, Cancellation},
+    saga::OrderContext,
+    OrderStatus, Orders,
+};
 
 /// The API's routes, each with the operation it documents.
 fn api() -> OpenApiRouter<Orders> {
     OpenApiRouter::new()
         .routes(routes!(list, place))
         .routes(routes!(show))
+        .routes(routes!(cancel))
         .routes(routes!(sagas))
         .routes(routes!(saga))
         .routes(routes!(retry))
@@ -405,15 +410,13 @@ async fn show(
         // Waiting for the outcome needs only the order's status; the history is read once,
         // for the answer, rather than at every step the order takes meanwhile.
         let history = match awaited {
-            Some(Awaited::Outcome) if found.status == OrderStatus::Pending => None,
-            _ => Some(orders.engine.history(&id).await?),
+            Some(Awaited::Outcome) if !found.status.is_settled() => None,
+            _ => Some(order_history(&orders, &id).await?),
         };
         let waiting = match (awaited, &history) {
             // Left unread above only while the order is pending.
             (Some(Awaited::Outcome), None) => true,
-            (Some(Awaited::Change { seen }), Some(history)) => {
-                found.status == OrderStatus::Pending && history.len() <= seen
-            }
+            (Some(Awaited::Change { seen }), Some(history)) => !found.status.is_settled() && history.len() <= seen,
             _ => false,
         };
         match (until, notified.as_mut().as_pin_mut()) {
@@ -425,7 +428,7 @@ async fn show(
     };
     let history = match history {
         Some(history) => history,
-        None => orders.engine.history(&id).await?,
+        None => order_history(&orders, &id).await?,
     };
     let saga = orders.engine.load(&id).await?;
     Ok(Json(OrderView {
@@ -436,6 +439,44 @@ async fn show(
             history,
         },
     }))
+}
+
+/// Order `id`'s history: its saga's, then its cancellation's, if any.
+async fn order_history(orders: &Orders, id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+    let mut history = orders.engine.history(id).await?;
+    history.extend(orders.cancellations.history(&cancellation::saga_id(id)).await?);
+    Ok(history)
+}
+
+/// Cancels one of the caller's orders: at once while nothing was taken for it, or by
+/// refunding its payment and putting its units back on the shelf once it was; the order is
+/// `cancelled` when that ends (follow it with `GET /orders/{id}?waitFor=outcome`). Asked
+/// again, it is the same one cancellation.
+#[utoipa::path(post, path = "/orders/{id}/cancellation", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The order's id")),
+    responses((status = 202, description = "Under way: the order is pending or cancelling until it is cancelled", body = Order),
+        (status = 200, description = "The order was already cancelled", body = Order),
+        (status = 404, description = "No such order of the caller's"),
+        (status = 409, description = "The order's saga is stuck and waits for an operator")))]
+async fn cancel(
+    State(orders): State<Orders>,
+    AuthUser(user): AuthUser,
+    Extension(ctx): Extension<RequestContext>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Order>), Problem> {
+    let order_id = parse_id(&id)?;
+    let status = match cancellation::cancel(&orders, user.sub, order_id, &ctx.correlation_id).await {
+        Ok(Cancellation::Accepted) => StatusCode::ACCEPTED,
+        Ok(Cancellation::Already) => StatusCode::OK,
+        Err(CancelError::NotFound(id)) => return Err(Problem::not_found(format!("no order {id}"))),
+        Err(e @ CancelError::Stuck(_)) => return Err(Problem::conflict(e.to_string())),
+        Err(CancelError::Handler(e)) => return Err(Problem::internal(e)),
+    };
+    let row = store::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
+        .bind(order_id.to_string())
+        .fetch_one(&orders.rt.store)
+        .await?;
+    Ok((status, Json(order(&row)?)))
 }
 
 /// `?status=` of `GET /sagas`.

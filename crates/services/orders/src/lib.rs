@@ -2,10 +2,13 @@
 //!
 //! `POST /orders` writes a pending order and starts its saga in one transaction; the saga
 //! (see [`saga::OrderSaga`]) reserves stock, takes payment and commits the stock, or undoes
-//! what was done, and finally confirms or cancels the order and announces the outcome.
+//! what was done, and finally confirms or cancels the order and announces the outcome. A
+//! customer may cancel until then, and after: [`cancellation`] stops the saga or runs a
+//! cancellation saga of its own beside it, on the same engine and reply topic.
 
 pub mod admission;
 mod api;
+pub mod cancellation;
 pub mod saga;
 
 use std::{
@@ -24,13 +27,14 @@ use bazaar_kit::{
     shutdown::Shutdown,
     store::{Migration, StoreError, Tx},
 };
-use bazaar_saga::SagaEngine;
+use bazaar_saga::{FlowEngine, Flows, SagaEngine};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 pub use admission::{Admission, AdmissionLimits};
 pub use api::router;
+use cancellation::CancelFlow;
 use saga::OrderSaga;
 
 /// The orders tables (the saga tables come from the kit).
@@ -65,6 +69,14 @@ pub const MIGRATIONS: &[Migration] = &[
             customer_id TEXT PRIMARY KEY,
             checked_at BIGINT NOT NULL
         );",
+    },
+    // When a customer asked to cancel an order whose saga was past its pivot (the saga then
+    // hands it to a cancellation), and when its confirmation was announced.
+    Migration {
+        version: 12,
+        name: "orders_cancellation",
+        sql: "ALTER TABLE orders ADD COLUMN cancel_requested_at BIGINT;
+        ALTER TABLE orders ADD COLUMN confirmed_at BIGINT;",
     },
 ];
 
@@ -124,7 +136,9 @@ pub enum OrderStatus {
     Pending,
     /// Reserved, paid and committed.
     Confirmed,
-    /// Refused or undone; nothing charged.
+    /// The customer cancelled it: its payment is being refunded and its units put back.
+    Cancelling,
+    /// Refused, undone, or cancelled by the customer; nothing charged, or all refunded.
     Cancelled,
 }
 
@@ -134,6 +148,7 @@ impl OrderStatus {
         match self {
             OrderStatus::Pending => "pending",
             OrderStatus::Confirmed => "confirmed",
+            OrderStatus::Cancelling => "cancelling",
             OrderStatus::Cancelled => "cancelled",
         }
     }
@@ -143,9 +158,15 @@ impl OrderStatus {
         Ok(match name {
             "pending" => OrderStatus::Pending,
             "confirmed" => OrderStatus::Confirmed,
+            "cancelling" => OrderStatus::Cancelling,
             "cancelled" => OrderStatus::Cancelled,
             other => return Err(StoreError::Corrupt(format!("unknown order status `{other}`"))),
         })
+    }
+
+    /// True once the order has its outcome: confirmed or cancelled.
+    pub fn is_settled(self) -> bool {
+        matches!(self, OrderStatus::Confirmed | OrderStatus::Cancelled)
     }
 }
 
@@ -156,6 +177,10 @@ pub struct Orders {
     pub rt: Runtime,
     /// The order saga's engine.
     pub engine: Arc<SagaEngine<OrderSaga>>,
+    /// The cancellation saga's engine.
+    pub cancellations: Arc<SagaEngine<CancelFlow>>,
+    /// Both flows, which share the saga table and the reply topic.
+    pub flows: Arc<Flows>,
     /// Requests waiting for an order to move (`?waitFor=outcome` or `change`).
     pub waiters: Arc<Waiters>,
     /// Who may place an order now.
@@ -232,25 +257,43 @@ impl Orders {
     /// 500 ms to 30 s by default).
     pub fn paced(rt: Runtime, limits: AdmissionLimits, step_timeout: Duration) -> Orders {
         let resend = bazaar_kit::resilience::Backoff::new(step_timeout / 20, step_timeout * 3);
-        let engine = SagaEngine::new(
-            OrderSaga::paced(step_timeout),
-            rt.outbox.clone(),
-            SERVICE.name,
-            topics::ORDER_SAGA_REPLIES,
-            types::ORDER_SAGA_REPLY,
-        )
-        .with_resend_backoff(resend);
+        let cancellations = Arc::new(engine_of(CancelFlow::paced(step_timeout), &rt, resend));
+        let engine = Arc::new(engine_of(
+            OrderSaga::paced(step_timeout).with_cancellations(cancellations.clone()),
+            &rt,
+            resend,
+        ));
+        let both: Vec<Arc<dyn FlowEngine>> = vec![engine.clone(), cancellations.clone()];
+        let flows = Flows::new(both).unwrap_or_else(|e| unreachable!("the order flows have kinds of their own: {e}"));
         Orders {
             rt,
-            engine: Arc::new(engine),
+            engine,
+            cancellations,
+            flows: Arc::new(flows),
             waiters: Arc::new(Waiters::default()),
             admission: Admission::new(limits),
         }
     }
 }
 
-/// Feeds participants' replies to the saga engine.
-struct Replies(Arc<SagaEngine<OrderSaga>>, Arc<Waiters>);
+/// An engine for `flow` on `rt`'s outbox, replied to on the order saga's topic.
+fn engine_of<F: bazaar_saga::SagaFlow>(
+    flow: F,
+    rt: &Runtime,
+    resend: bazaar_kit::resilience::Backoff,
+) -> SagaEngine<F> {
+    SagaEngine::new(
+        flow,
+        rt.outbox.clone(),
+        SERVICE.name,
+        topics::ORDER_SAGA_REPLIES,
+        types::ORDER_SAGA_REPLY,
+    )
+    .with_resend_backoff(resend)
+}
+
+/// Feeds participants' replies to the saga engine of their flow.
+struct Replies(Arc<Flows>, Arc<Waiters>);
 
 impl Handler for Replies {
     fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Envelope) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -266,8 +309,7 @@ impl Handler for Replies {
     }
 
     fn committed(&self, event: &Envelope) {
-        // The saga id is the order id.
-        self.1.wake(&event.aggregate_id);
+        self.1.wake(cancellation::order_of(&event.aggregate_id));
     }
 }
 
@@ -284,9 +326,10 @@ pub async fn run(
     orders.admission.watch(&rt);
     rt.consume(
         rt.consumer(topics::ORDER_SAGA_REPLIES),
-        Arc::new(Replies(orders.engine.clone(), orders.waiters.clone())),
+        Arc::new(Replies(orders.flows.clone(), orders.waiters.clone())),
     )?;
-    rt.own("saga timer", orders.engine.clone().spawn_timer(shutdown));
+    rt.own("saga timer", orders.engine.clone().spawn_timer(shutdown.clone()));
+    rt.own("cancellation timer", orders.cancellations.clone().spawn_timer(shutdown));
     let health = rt.health();
     rt.serve(config.listen, router(orders), health).await
 }

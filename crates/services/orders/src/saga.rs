@@ -4,24 +4,25 @@
 //! only charge what the reservation priced.
 
 use bazaar_kit::store;
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bazaar_contracts::{
     roles, topics, types, LineRequest, OrderOutcome, OrderRef, Paid, ProcessPayment, ReserveStock, Reserved,
 };
 use bazaar_kit::{
     consumer::HandlerError,
-    envelope::{Envelope, Metadata},
-    outbox,
     store::{now_millis, Tx},
 };
-use bazaar_saga::{SagaFlow, SagaState, SagaStatus, SagaStep, Step};
+use bazaar_saga::{SagaEngine, SagaFlow, SagaState, SagaStatus, SagaStep, Step};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::OrderStatus;
+use crate::{
+    cancellation::{CancelContext, CancelFlow},
+    OrderStatus,
+};
 
 /// The steps of the order saga (docs/architecture.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,9 +82,18 @@ impl OrderContext {
 }
 
 /// The order saga's definition.
-#[derive(Debug)]
 pub struct OrderSaga {
     steps: [Step<OrderStep>; 3],
+    /// Where an order the customer cancelled past the pivot goes once it completes.
+    cancellations: Option<Arc<SagaEngine<CancelFlow>>>,
+}
+
+impl std::fmt::Debug for OrderSaga {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrderSaga")
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for OrderSaga {
@@ -146,6 +156,7 @@ impl OrderSaga {
             max_attempts: 3,
         };
         OrderSaga {
+            cancellations: None,
             steps: [
                 step(
                     OrderStep::ReserveInventory,
@@ -170,6 +181,57 @@ impl OrderSaga {
                 ),
             ],
         }
+    }
+}
+
+impl OrderSaga {
+    /// The saga handing orders cancelled past its pivot to `engine` once they complete.
+    pub fn with_cancellations(mut self, engine: Arc<SagaEngine<CancelFlow>>) -> OrderSaga {
+        self.cancellations = Some(engine);
+        self
+    }
+
+    /// Hands a completed order whose customer asked to cancel it past the pivot to its
+    /// cancellation saga, unannounced; false when nobody asked. The order's row is locked.
+    async fn hand_to_cancellation(
+        &self,
+        tx: &mut Tx,
+        saga: &SagaState<OrderContext>,
+        reserved: &Reserved,
+    ) -> Result<bool, HandlerError> {
+        let ctx = &saga.context;
+        let asked = store::query("SELECT cancel_requested_at FROM orders WHERE id = $1 AND status = $2 FOR UPDATE")
+            .bind(ctx.order_id.to_string())
+            .bind(OrderStatus::Pending.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get::<Option<i64>, _>("cancel_requested_at"))
+            .transpose()?
+            .flatten();
+        if asked.is_none() {
+            return Ok(false);
+        }
+        let engine = self.cancellations.as_ref().ok_or_else(|| {
+            HandlerError::Poison(format!(
+                "order {} was cancelled, but no cancellation flow runs",
+                ctx.order_id
+            ))
+        })?;
+        store::query("UPDATE orders SET total_cents = $1, currency = $2 WHERE id = $3")
+            .bind(reserved.total_cents)
+            .bind(&reserved.currency)
+            .bind(ctx.order_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let context = CancelContext {
+            order_id: ctx.order_id,
+            customer_id: ctx.customer_id,
+            email: ctx.email.clone(),
+            total_cents: reserved.total_cents,
+            currency: reserved.currency.clone(),
+        };
+        crate::cancellation::start(engine, tx, context, &saga.correlation_id).await?;
+        Ok(true)
     }
 }
 
@@ -253,6 +315,9 @@ impl SagaFlow for OrderSaga {
                             saga.id
                         ))
                     })?;
+                    if self.hand_to_cancellation(tx, saga, reserved).await? {
+                        return Ok(());
+                    }
                     (
                         OrderStatus::Confirmed,
                         types::ORDER_CONFIRMED,
@@ -269,17 +334,19 @@ impl SagaFlow for OrderSaga {
                 _ => return Ok(()),
             };
             let currency = ctx.reserved.as_ref().map(|r| r.currency.clone());
+            let now = now_millis();
             let updated = store::query(
-                "UPDATE orders SET status = $1, total_cents = $2, currency = $3, reason = $4, version = version + 1, updated_at = $5
-                 WHERE id = $6 AND status = $7",
+                "UPDATE orders SET status = $1, total_cents = $2, currency = $3, reason = $4, version = version + 1, updated_at = $5,
+                 confirmed_at = $8 WHERE id = $6 AND status = $7",
             )
             .bind(status.as_str())
             .bind((status == OrderStatus::Confirmed).then_some(total))
             .bind(currency.clone())
             .bind(reason.clone())
-            .bind(now_millis())
+            .bind(now)
             .bind(ctx.order_id.to_string())
             .bind(OrderStatus::Pending.as_str())
+            .bind((status == OrderStatus::Confirmed).then_some(now))
             .execute(&mut *tx)
             .await?;
             if updated.rows_affected() == 0 {
@@ -294,14 +361,7 @@ impl SagaFlow for OrderSaga {
                 currency,
                 reason,
             };
-            let metadata = Metadata {
-                correlation_id: saga.correlation_id.clone(),
-                traceparent: saga.traceparent.clone(),
-                source: crate::SERVICE.name.into(),
-                ..Metadata::default()
-            };
-            let event = Envelope::new(event_type, ctx.order_id.to_string(), outcome, metadata).with_version(2);
-            outbox::add(tx, topics::ORDERS_EVENTS, &event).await?;
+            crate::cancellation::announce(tx, saga, event_type, outcome).await?;
             metrics::counter!("bazaar_orders_finished_total", "status" => status.as_str()).increment(1);
             // Placed -> outcome: the order id is a UUIDv7, so it carries when it was placed.
             if let Some(placed) = ctx.order_id.get_timestamp() {

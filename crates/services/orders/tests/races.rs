@@ -66,3 +66,62 @@ async fn a_retry_at_once_with_the_same_key_gets_the_order_even_at_the_limit() {
         shop.finish().await;
     }
 }
+
+/// A customer's cancellations (four at once) against the commit's reply, on both engines:
+/// whichever lands first, the order ends cancelled with one refund and one return, and the
+/// customer is told once that it was cancelled.
+#[tokio::test]
+async fn cancellations_at_once_with_the_commit_reply_end_in_one_cancellation() {
+    use bazaar_contracts::types;
+    use bazaar_saga::Verdict;
+    use support::{priced, Shop};
+    for db in TestDb::both("orders").await {
+        let shop = support::start_limited_on(bazaar_orders::AdmissionLimits::default(), db).await;
+        let ann = shop.customer();
+        let mug = Uuid::now_v7();
+        let id = shop.place(&ann, &[(mug, 1)]).await;
+        shop.reserve(id, &priced(&[(mug, 1)], 700, "USD")).await;
+        shop.pay(id).await;
+        let commit = Shop::reply_to(&shop.latest(id, types::COMMIT_STOCK).await, Verdict::done_empty());
+        let uri = format!("/orders/{id}/cancellation");
+        let cancels = join_all((0..4).map(|_| shop.call(axum::http::Method::POST, &uri, Some(&ann.token), None)));
+        let (answers, committed) = tokio::join!(cancels, shop.deliver(&commit));
+        committed.expect("the commit's reply is taken");
+        for answer in &answers {
+            assert_eq!(
+                answer.status,
+                StatusCode::ACCEPTED,
+                "{}: {:?}",
+                shop.engine(),
+                answer.body
+            );
+        }
+        let cancellation = format!("{id}/cancel");
+        for step in [types::REFUND_PAYMENT, types::RETURN_STOCK] {
+            let sent = shop.sent_for(&cancellation).await;
+            let command = sent
+                .iter()
+                .find(|s| s.envelope.event_type == step)
+                .unwrap_or_else(|| panic!("{}: no {step} for the cancellation", shop.engine()));
+            shop.deliver(&Shop::reply_to(command, Verdict::done_empty()))
+                .await
+                .expect("the reply is taken");
+        }
+        let sent: Vec<String> = shop
+            .sent_for(&cancellation)
+            .await
+            .into_iter()
+            .map(|s| s.envelope.event_type)
+            .collect();
+        assert_eq!(sent, [types::REFUND_PAYMENT, types::RETURN_STOCK], "{}", shop.engine());
+        assert_eq!(shop.status(id).await, "cancelled", "{}", shop.engine());
+        let cancelled = shop
+            .outcomes(id)
+            .await
+            .iter()
+            .filter(|(e, _)| e.event_type == types::ORDER_CANCELLED)
+            .count();
+        assert_eq!(cancelled, 1, "{}", shop.engine());
+        shop.finish().await;
+    }
+}

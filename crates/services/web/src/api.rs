@@ -432,6 +432,12 @@ impl Api {
             .await
     }
 
+    /// Cancels one of the shopper's orders.
+    pub async fn cancel_order(&self, token: &str, id: Uuid) -> Result<Order, ApiError> {
+        let path = format!("/orders/{id}/cancellation");
+        self.call(Hop::Api, Method::POST, &path, Some(token), None, None).await
+    }
+
     /// The order once its saga has moved past `seen` history entries (or after a while).
     pub async fn watch_order(&self, token: &str, id: Uuid, seen: usize) -> Result<Order, ApiError> {
         let path = format!(

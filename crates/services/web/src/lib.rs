@@ -182,6 +182,7 @@ pub fn router(web: Web) -> Router {
         .route("/account/orders", get(pages::orders))
         .route("/account/orders/{id}", get(pages::order))
         .route("/account/orders/{id}/events", get(pages::order_events))
+        .route("/account/orders/{id}/cancel", post(pages::cancel_order))
         .route("/account/wallet", get(pages::wallet))
         .route("/account/messages", get(pages::messages))
         .route("/console", get(console::home))

@@ -466,6 +466,36 @@ pub async fn order(State(web): State<Web>, visitor: Visitor, uri: Uri, Path(id):
     }
 }
 
+/// `POST /account/orders/{id}/cancel`: cancels the order and shows it, cancelling.
+pub async fn cancel_order(State(web): State<Web>, visitor: Visitor, uri: Uri, Path(id): Path<String>) -> Response {
+    let Some(shopper) = &visitor.shopper else {
+        return sign_in_first(&uri);
+    };
+    let Ok(order) = id.parse::<Uuid>() else {
+        return problem_page(
+            &web,
+            &visitor,
+            StatusCode::NOT_FOUND,
+            "Order not found",
+            "You have no order with that number.",
+        );
+    };
+    match web.api.cancel_order(&shopper.token, order).await {
+        Ok(_) => see_other(&format!("/account/orders/{order}")),
+        Err(e) => {
+            let words = match e.status() {
+                Some(StatusCode::UNAUTHORIZED) => return sign_in_first(&uri),
+                Some(StatusCode::CONFLICT) => {
+                    "Your order is waiting for our staff and cannot be cancelled until they have looked at it."
+                        .to_string()
+                }
+                _ => e.words(),
+            };
+            problem_page(&web, &visitor, page_status(&e), "Cancel your order", &words)
+        }
+    }
+}
+
 /// `?seen=` of the live feed.
 #[derive(Debug, Deserialize)]
 pub struct Seen {

@@ -167,10 +167,12 @@ pub struct OrderView {
     pub lines: Vec<LineView>,
     /// The saga's steps.
     pub steps: Vec<StepView>,
-    /// `pending`, `confirmed` or `cancelled`.
+    /// `pending`, `confirmed`, `cancelling` or `cancelled`.
     pub status: String,
     /// Whether it has an outcome.
     pub settled: bool,
+    /// Whether the shopper may still cancel it.
+    pub cancellable: bool,
     /// The outcome (or the wait) in a sentence.
     pub headline: String,
     /// History entries seen (the live feed asks for more than these).
@@ -244,6 +246,7 @@ impl OrderView {
         let lines: Vec<(Uuid, i64)> = order.lines.iter().map(|l| (l.product_id, l.quantity)).collect();
         let headline = match order.status.as_str() {
             "confirmed" => "Your order is confirmed.".to_string(),
+            "cancelling" => "You cancelled your order: we are refunding it and putting its items back.".to_string(),
             "cancelled" => format!(
                 "Your order was cancelled: {}",
                 reason_words(
@@ -262,7 +265,8 @@ impl OrderView {
             lines: line_views(&lines, products),
             steps,
             status: order.status.clone(),
-            settled: order.status != "pending",
+            settled: matches!(order.status.as_str(), "confirmed" | "cancelled"),
+            cancellable: matches!(order.status.as_str(), "pending" | "confirmed"),
             headline,
             seen: saga.history.len(),
             order,
@@ -307,6 +311,9 @@ pub fn reason_words(reason: &str, currency: Option<&str>, products: &HashMap<Uui
             Some(n) => format!("out of stock — only {n} of {name} left."),
             None => format!("out of stock — not enough of {name} left."),
         };
+    }
+    if reason == "cancelled by the customer" {
+        return "you cancelled it.".into();
     }
     if reason.starts_with("unknown product") {
         return "a product in your order is no longer sold.".into();

@@ -246,3 +246,14 @@ pub fn commit(order: Uuid) -> Envelope {
         false,
     )
 }
+
+/// `inventory.return` (a cancellation's restock) for `order`.
+pub fn give_back(order: Uuid) -> Envelope {
+    command(
+        types::RETURN_STOCK,
+        json!(OrderRef { order_id: order }),
+        order,
+        "returnStock",
+        false,
+    )
+}

@@ -218,6 +218,11 @@ impl Shop {
 
     /// Every saga command the engine sent for `order` (to inventory or payments), in order.
     pub async fn sent(&self, order: Uuid) -> Vec<Sent> {
+        self.sent_for(&order.to_string()).await
+    }
+
+    /// Every command saga `saga` sent, in order.
+    pub async fn sent_for(&self, saga: &str) -> Vec<Sent> {
         let rows = store::query("SELECT topic, body FROM outbox WHERE topic IN ($1, $2) ORDER BY id")
             .bind(topics::INVENTORY_COMMANDS)
             .bind(topics::PAYMENTS_COMMANDS)
@@ -235,7 +240,7 @@ impl Shop {
                     header,
                 }
             })
-            .filter(|s| s.header.saga_id == order.to_string())
+            .filter(|s| s.header.saga_id == saga)
             .collect()
     }
 
@@ -279,7 +284,7 @@ impl Shop {
     /// when the engine accepts the reply, rolled back when it refuses it.
     pub async fn deliver(&self, reply: &Envelope) -> Result<(), HandlerError> {
         let mut tx = self.rt.store.begin().await.expect("begin");
-        match self.orders.engine.on_reply(&mut tx, reply).await {
+        match self.orders.flows.on_reply(&mut tx, reply).await {
             Ok(()) => {
                 self.rt.outbox.commit(tx).await.expect("commit");
                 Ok(())
