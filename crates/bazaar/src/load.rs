@@ -481,7 +481,7 @@ impl Prepared {
                     // followed to its end.
                     let failure = match json_call(as_customer(client.get(wait).bearer_auth(token))).await {
                         Ok((st, v)) if st.is_success() => match v["status"].as_str() {
-                            Some("pending") | None => continue,
+                            Some("pending" | "cancelling") | None => continue,
                             Some(s) => break s.to_string(),
                         },
                         Ok((st, _)) => format!("http {} following", st.as_u16()),

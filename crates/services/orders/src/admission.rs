@@ -82,7 +82,7 @@ impl Admission {
             let (store, in_flight) = (store.clone(), in_flight.clone());
             async move {
                 let counted = store::query(
-                    "SELECT CAST(COUNT(*) AS BIGINT) FROM saga WHERE status IN ('running', 'compensating')",
+                    "SELECT CAST(COUNT(*) AS BIGINT) FROM saga WHERE status IN ('running', 'compensating') AND kind = 'order'",
                 )
                 .fetch_scalar::<i64>(&store)
                 .await;

@@ -457,7 +457,7 @@ async fn order_history(orders: &Orders, id: &str) -> Result<Vec<HistoryEntry>, S
     responses((status = 202, description = "Under way: the order is pending or cancelling until it is cancelled", body = Order),
         (status = 200, description = "The order was already cancelled", body = Order),
         (status = 404, description = "No such order of the caller's"),
-        (status = 409, description = "The order's saga is stuck and waits for an operator")))]
+        (status = 409, description = "The order's saga or its cancellation is stuck and waits for an operator, or an earlier cancellation was refused")))]
 async fn cancel(
     State(orders): State<Orders>,
     AuthUser(user): AuthUser,
@@ -465,11 +465,12 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Order>), Problem> {
     let order_id = parse_id(&id)?;
-    let status = match cancellation::cancel(&orders, user.sub, order_id, &ctx.correlation_id).await {
+    let trace = (ctx.correlation_id.as_str(), ctx.traceparent.as_deref());
+    let status = match cancellation::cancel(&orders, user.sub, order_id, trace).await {
         Ok(Cancellation::Accepted) => StatusCode::ACCEPTED,
         Ok(Cancellation::Already) => StatusCode::OK,
         Err(CancelError::NotFound(id)) => return Err(Problem::not_found(format!("no order {id}"))),
-        Err(e @ CancelError::Stuck(_)) => return Err(Problem::conflict(e.to_string())),
+        Err(e @ (CancelError::Stuck(_) | CancelError::Refused { .. })) => return Err(Problem::conflict(e.to_string())),
         Err(CancelError::Handler(e)) => return Err(Problem::internal(e)),
     };
     let row = store::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))

@@ -1,7 +1,9 @@
 //! A customer's cancellation: before the order saga's pivot it turns the saga around; once
-//! the order is confirmed (or the pivot was sent), a cancellation saga of its own refunds the
-//! payment and puts the sold units back on the shelf: refundPayment -> returnStock, each
+//! the order is confirmed (or the pivot was sent), a cancellation saga of its own puts the
+//! sold units back on the shelf and refunds the payment: returnStock -> refundPayment, each
 //! retried until its participant answers (neither can be undone: a refund is not taken back).
+//! Only the return can be refused (a reservation that was never sold), and it goes first, so
+//! a refused cancellation has changed nothing.
 //!
 //! Every decision locks the placement saga's row first and the order's row second, in the
 //! order the saga's replies take them, so a cancellation and a reply meeting on one order
@@ -44,10 +46,10 @@ pub fn order_of(saga_id: &str) -> &str {
 /// The steps of the cancellation saga.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelStep {
-    /// Payments gives the captured amount back to the wallet (or the provider).
-    RefundPayment,
     /// Inventory puts the sold units back on the shelf.
     ReturnStock,
+    /// Payments gives the captured amount back to the wallet (or the provider).
+    RefundPayment,
 }
 
 impl SagaStep for CancelStep {
@@ -73,6 +75,9 @@ pub struct CancelContext {
     pub total_cents: i64,
     /// Its currency.
     pub currency: String,
+    /// Whether its confirmation was announced (and counted as an outcome) before.
+    #[serde(default)]
+    pub announced: bool,
 }
 
 impl CancelContext {
@@ -111,16 +116,16 @@ impl CancelFlow {
         CancelFlow {
             steps: [
                 step(
-                    CancelStep::RefundPayment,
-                    topics::PAYMENTS_COMMANDS,
-                    roles::PAYMENTS,
-                    types::REFUND_PAYMENT,
-                ),
-                step(
                     CancelStep::ReturnStock,
                     topics::INVENTORY_COMMANDS,
                     roles::INVENTORY,
                     types::RETURN_STOCK,
+                ),
+                step(
+                    CancelStep::RefundPayment,
+                    topics::PAYMENTS_COMMANDS,
+                    roles::PAYMENTS,
+                    types::REFUND_PAYMENT,
                 ),
             ],
         }
@@ -156,7 +161,8 @@ impl SagaFlow for CancelFlow {
         Box::pin(async move {
             match saga.status {
                 SagaStatus::Completed => cancelled(tx, saga).await,
-                // A step refused: the order stands, confirmed, and says why.
+                // The return was refused, before anything was given back: the order stands,
+                // confirmed, and says why.
                 SagaStatus::Compensated => {
                     let why = format!(
                         "the cancellation failed: {}",
@@ -188,7 +194,10 @@ async fn cancelled(tx: &mut Tx, saga: &SagaState<CancelContext>) -> Result<(), H
         return Ok(());
     }
     announce(tx, saga, types::ORDER_CANCELLED, ctx.outcome(Some(BY_THE_CUSTOMER))).await?;
-    metrics::counter!("bazaar_orders_finished_total", "status" => OrderStatus::Cancelled.as_str()).increment(1);
+    // An order confirmed before counted its outcome then.
+    if !ctx.announced {
+        metrics::counter!("bazaar_orders_finished_total", "status" => OrderStatus::Cancelled.as_str()).increment(1);
+    }
     Ok(())
 }
 
@@ -254,9 +263,17 @@ pub enum CancelError {
     /// No order of that customer's has that id.
     #[error("no order {0}")]
     NotFound(String),
-    /// The order's saga is stuck; an operator must retry it first.
+    /// The order's saga, or its cancellation, is stuck; an operator must look at it first.
     #[error("order {0} is waiting for an operator (its saga is stuck); it cannot be cancelled until then")]
     Stuck(String),
+    /// An earlier cancellation was refused, for this reason; the order stands.
+    #[error("order {order} cannot be cancelled: {reason}")]
+    Refused {
+        /// The order.
+        order: String,
+        /// Why its cancellation was refused.
+        reason: String,
+    },
     /// The store or the outbox failed.
     #[error(transparent)]
     Handler(#[from] HandlerError),
@@ -274,7 +291,7 @@ pub async fn cancel(
     orders: &Orders,
     customer: Uuid,
     order: Uuid,
-    correlation_id: &str,
+    trace: (&str, Option<&str>),
 ) -> Result<Cancellation, CancelError> {
     let id = order.to_string();
     let owner = store::query("SELECT customer_id FROM orders WHERE id = $1")
@@ -292,6 +309,15 @@ pub async fn cancel(
             .fetch_one(&mut tx)
             .await?;
     let status = OrderStatus::parse(&row.try_get::<String, _>("status")?)?;
+    let earlier = orders.cancellations.load(&saga_id(&id)).await?;
+    match earlier.as_ref().map(|c| c.status) {
+        Some(SagaStatus::Stuck) => return Err(CancelError::Stuck(id)),
+        Some(SagaStatus::Compensated) => {
+            let reason = earlier.and_then(|c| c.error).unwrap_or_else(|| "refused".into());
+            return Err(CancelError::Refused { order: id, reason });
+        }
+        _ => {}
+    }
     let answer = match (stopped, status) {
         (_, OrderStatus::Cancelled) => Cancellation::Already,
         (_, OrderStatus::Cancelling) | (Stopped::Undoing, _) => Cancellation::Accepted,
@@ -317,8 +343,9 @@ pub async fn cancel(
                 currency: row
                     .try_get::<Option<String>, _>("currency")?
                     .ok_or_else(|| HandlerError::Poison(format!("confirmed order {id} has no currency")))?,
+                announced: true,
             };
-            start(&orders.cancellations, &mut tx, context, correlation_id).await?;
+            start(&orders.cancellations, &mut tx, context, trace).await?;
             Cancellation::Accepted
         }
         // Pending with its saga ended or gone: it settles in the same transaction as its
@@ -330,12 +357,12 @@ pub async fn cancel(
 }
 
 /// Marks the order cancelling and starts its cancellation saga, in the caller's transaction
-/// (which holds the order's row).
+/// (which holds the order's row), under `trace`: the correlation id and traceparent.
 pub(crate) async fn start(
     engine: &SagaEngine<CancelFlow>,
     tx: &mut Tx,
     context: CancelContext,
-    correlation_id: &str,
+    (correlation_id, traceparent): (&str, Option<&str>),
 ) -> Result<(), HandlerError> {
     let id = context.order_id.to_string();
     store::query("UPDATE orders SET status = $1, version = version + 1, updated_at = $2 WHERE id = $3")
@@ -344,6 +371,8 @@ pub(crate) async fn start(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    engine.start(tx, &saga_id(&id), context, correlation_id).await?;
+    engine
+        .start_traced(tx, &saga_id(&id), context, correlation_id, traceparent)
+        .await?;
     Ok(())
 }

@@ -76,7 +76,8 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 12,
         name: "orders_cancellation",
         sql: "ALTER TABLE orders ADD COLUMN cancel_requested_at BIGINT;
-        ALTER TABLE orders ADD COLUMN confirmed_at BIGINT;",
+        ALTER TABLE orders ADD COLUMN confirmed_at BIGINT;
+        UPDATE orders SET confirmed_at = updated_at WHERE status = 'confirmed';",
     },
 ];
 

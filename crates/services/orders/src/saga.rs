@@ -229,8 +229,10 @@ impl OrderSaga {
             email: ctx.email.clone(),
             total_cents: reserved.total_cents,
             currency: reserved.currency.clone(),
+            announced: false,
         };
-        crate::cancellation::start(engine, tx, context, &saga.correlation_id).await?;
+        let trace = (saga.correlation_id.as_str(), saga.traceparent.as_deref());
+        crate::cancellation::start(engine, tx, context, trace).await?;
         Ok(true)
     }
 }
@@ -325,9 +327,15 @@ impl SagaFlow for OrderSaga {
                         None,
                     )
                 }
-                // A cancelled order charged nothing, as its event says.
+                // A cancelled order charged nothing, as its event says. A customer's stop reads
+                // as theirs, not as the step the saga was at.
                 SagaStatus::Compensated => {
-                    let reason = saga.error.clone().unwrap_or_else(|| "cancelled".into());
+                    let reason = match saga.error.as_deref() {
+                        Some(e) if e.ends_with(crate::cancellation::BY_THE_CUSTOMER) => {
+                            crate::cancellation::BY_THE_CUSTOMER.to_string()
+                        }
+                        other => other.unwrap_or("cancelled").to_string(),
+                    };
                     (OrderStatus::Cancelled, types::ORDER_CANCELLED, 0, Some(reason))
                 }
                 // A stuck saga leaves the order pending; the audit and metrics show it.

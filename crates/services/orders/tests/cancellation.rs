@@ -68,18 +68,18 @@ async fn cancelling_a_confirmed_order_refunds_it_returns_its_units_and_then_canc
         (status, order["status"].as_str()),
         (StatusCode::ACCEPTED, Some("cancelling"))
     );
-    assert_eq!(cancellation_sent(&shop, id).await, [types::REFUND_PAYMENT]);
+    assert_eq!(cancellation_sent(&shop, id).await, [types::RETURN_STOCK]);
     let (again, _) = cancel(&shop, &ann, id).await;
     assert_eq!(again, StatusCode::ACCEPTED, "asked again while it runs: the same one");
 
-    agree(&shop, id, types::REFUND_PAYMENT).await;
+    agree(&shop, id, types::RETURN_STOCK).await;
     assert_eq!(
         cancellation_sent(&shop, id).await,
-        [types::REFUND_PAYMENT, types::RETURN_STOCK],
-        "the units go back once the money did"
+        [types::RETURN_STOCK, types::REFUND_PAYMENT],
+        "the money goes back once the units did"
     );
     assert_eq!(shop.status(id).await, "cancelling");
-    agree(&shop, id, types::RETURN_STOCK).await;
+    agree(&shop, id, types::REFUND_PAYMENT).await;
 
     let order = shop.order(&ann, id).await;
     assert_eq!(order["status"], "cancelled", "{order}");
@@ -104,7 +104,7 @@ async fn cancelling_a_confirmed_order_refunds_it_returns_its_units_and_then_canc
             )
         })
         .collect();
-    assert!(history.contains(&"returnStock done".to_string()), "{history:?}");
+    assert!(history.contains(&"refundPayment done".to_string()), "{history:?}");
     let (done, order) = cancel(&shop, &ann, id).await;
     assert_eq!((done, order["status"].as_str()), (StatusCode::OK, Some("cancelled")));
     assert_eq!(cancellation_sent(&shop, id).await.len(), 2, "one cancellation");
@@ -133,12 +133,9 @@ async fn cancelling_a_pending_order_undoes_what_its_saga_did_the_step_in_flight_
 
     let order = shop.order(&ann, id).await;
     assert_eq!(order["status"], "cancelled", "{order}");
-    assert!(
-        order["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("cancelled by the customer"),
-        "{order}"
+    assert_eq!(
+        order["reason"], "cancelled by the customer",
+        "the customer's words, not a step's"
     );
     assert_eq!(announced(&shop, id).await, [(types::ORDER_CANCELLED.to_string(), 0)]);
     assert!(
@@ -165,9 +162,9 @@ async fn an_order_cancelled_while_its_stock_is_committed_is_handed_to_a_cancella
     );
     shop.commit(id).await;
     assert_eq!(shop.status(id).await, "cancelling", "never confirmed to the customer");
-    assert_eq!(cancellation_sent(&shop, id).await, [types::REFUND_PAYMENT]);
-    agree(&shop, id, types::REFUND_PAYMENT).await;
+    assert_eq!(cancellation_sent(&shop, id).await, [types::RETURN_STOCK]);
     agree(&shop, id, types::RETURN_STOCK).await;
+    agree(&shop, id, types::REFUND_PAYMENT).await;
 
     assert_eq!(shop.status(id).await, "cancelled");
     assert_eq!(
@@ -194,4 +191,40 @@ async fn only_the_customer_can_cancel_their_order_and_a_bad_id_is_a_400() {
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert_eq!(shop.status(id).await, "pending", "nothing changed");
     assert_eq!(shop.sent_types(id).await, [types::RESERVE_STOCK]);
+}
+
+#[tokio::test]
+async fn a_refused_cancellation_changes_nothing_and_asking_again_says_why() {
+    let shop = start().await;
+    let ann = shop.customer();
+    let mug = Uuid::now_v7();
+    let id = shop.place(&ann, &[(mug, 1)]).await;
+    shop.confirm(id, &priced(&[(mug, 1)], 800, "EUR")).await;
+    cancel(&shop, &ann, id).await;
+    let sent = shop.sent_for(&format!("{id}/cancel")).await;
+    let reply = Shop::reply_to(&sent[0], Verdict::refused("nothing was sold"));
+    shop.deliver(&reply).await.expect("the engine accepts the refusal");
+
+    assert_eq!(
+        cancellation_sent(&shop, id).await,
+        [types::RETURN_STOCK],
+        "no refund after a refused return"
+    );
+    let order = shop.order(&ann, id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert!(
+        order["reason"].as_str().unwrap_or("").contains("nothing was sold"),
+        "{order}"
+    );
+    assert_eq!(
+        announced(&shop, id).await,
+        [(types::ORDER_CONFIRMED.to_string(), 800)],
+        "announced once, as before"
+    );
+    let (status, problem) = cancel(&shop, &ann, id).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap_or("").contains("nothing was sold"),
+        "{problem}"
+    );
 }

@@ -97,7 +97,7 @@ async fn cancellations_at_once_with_the_commit_reply_end_in_one_cancellation() {
             );
         }
         let cancellation = format!("{id}/cancel");
-        for step in [types::REFUND_PAYMENT, types::RETURN_STOCK] {
+        for step in [types::RETURN_STOCK, types::REFUND_PAYMENT] {
             let sent = shop.sent_for(&cancellation).await;
             let command = sent
                 .iter()
@@ -113,7 +113,7 @@ async fn cancellations_at_once_with_the_commit_reply_end_in_one_cancellation() {
             .into_iter()
             .map(|s| s.envelope.event_type)
             .collect();
-        assert_eq!(sent, [types::REFUND_PAYMENT, types::RETURN_STOCK], "{}", shop.engine());
+        assert_eq!(sent, [types::RETURN_STOCK, types::REFUND_PAYMENT], "{}", shop.engine());
         assert_eq!(shop.status(id).await, "cancelled", "{}", shop.engine());
         let cancelled = shop
             .outcomes(id)

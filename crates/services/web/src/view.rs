@@ -312,7 +312,7 @@ pub fn reason_words(reason: &str, currency: Option<&str>, products: &HashMap<Uui
             None => format!("out of stock — not enough of {name} left."),
         };
     }
-    if reason == "cancelled by the customer" {
+    if reason.ends_with("cancelled by the customer") {
         return "you cancelled it.".into();
     }
     if reason.starts_with("unknown product") {
