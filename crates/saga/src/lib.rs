@@ -653,7 +653,9 @@ impl<F: SagaFlow> SagaEngine<F> {
         self.flow.finished(tx, state).await
     }
 
-    /// Puts a stuck saga back to compensating with fresh attempts (an operator's action).
+    /// Sends a stuck saga on with fresh attempts (an operator's action): back to compensating
+    /// what it did, or, when none of its steps so far can be undone (a flow of forward-only
+    /// steps), forward again from the step it stopped at.
     pub async fn retry(&self, id: &str) -> Result<bool, HandlerError> {
         let mut tx = self.outbox.store().begin().await?;
         let Some(mut state) = self.lock(&mut tx, id).await? else {
@@ -662,8 +664,14 @@ impl<F: SagaFlow> SagaEngine<F> {
         if state.status != SagaStatus::Stuck {
             return Ok(false);
         }
-        history(&mut tx, id, "-", "retried by an operator").await?;
-        state.status = SagaStatus::Compensating;
+        let reached = usize::try_from(state.step.saturating_add(1)).unwrap_or(0);
+        let undoable = self.flow.steps().iter().take(reached).any(|s| s.compensate.is_some());
+        let (status, words) = match undoable {
+            true => (SagaStatus::Compensating, "retried by an operator"),
+            false => (SagaStatus::Running, "retried by an operator; resuming forward"),
+        };
+        history(&mut tx, id, "-", words).await?;
+        state.status = status;
         state.attempts = 0;
         self.advance(&mut tx, &mut state, None).await?;
         self.save(&mut tx, &state).await?;

@@ -100,6 +100,22 @@ impl TestFlow {
         }
     }
 
+    /// A flow, `forward`, of one step that cannot be undone (Y, sent as `y.do`).
+    fn forward() -> TestFlow {
+        TestFlow {
+            kind: "forward",
+            steps: vec![Step {
+                step: TestStep::C,
+                topic: "y",
+                participant: "participant",
+                execute: "y.do",
+                compensate: None,
+                timeout: TIMEOUT,
+                max_attempts: MAX_ATTEMPTS,
+            }],
+        }
+    }
+
     /// Another flow, `other`, of one step that can be undone (X, sent as `x.do`).
     fn other() -> TestFlow {
         TestFlow {
@@ -1110,6 +1126,52 @@ async fn a_saga_stopped_before_its_pivot_undoes_its_steps_and_one_past_it_runs_o
     assert_eq!(o.stop("nobody", "why").await, Stopped::Unknown);
 }
 
+/// A saga of forward-only steps stuck on a step its participant gave up on is retried
+/// forward, not turned around: there is nothing to undo, and the step must still happen.
+async fn a_stuck_saga_with_nothing_to_undo_is_retried_forward(db: &Db) {
+    let o = Orchestrator::open(db).await;
+    let forward = Arc::new(SagaEngine::new(
+        TestFlow::forward(),
+        Outbox::new(o.store.clone()),
+        "orders",
+        "replies",
+        "saga.reply",
+    ));
+    let mut tx = o.store.begin().await.expect("begin");
+    let context = TestContext {
+        order_id: "f1".into(),
+        reported: Map::new(),
+    };
+    forward.start(&mut tx, "f1", context, "corr").await.expect("start");
+    Outbox::new(o.store.clone()).commit(tx).await.expect("commit");
+    let flows = Flows::new(vec![forward.clone()]).expect("one flow");
+    let mut tx = o.store.begin().await.expect("begin");
+    flows
+        .on_reply(&mut tx, &given_up(&o.last_command("f1").await, "the provider is gone"))
+        .await
+        .expect("the given-up reply");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        forward.load("f1").await.expect("load").expect("f1").status,
+        SagaStatus::Stuck
+    );
+
+    assert!(forward.retry("f1").await.expect("retry"), "a stuck saga is retried");
+    assert_eq!(
+        o.sent("f1").await,
+        ["y.do", "y.do"],
+        "the step is sent again, nothing undone"
+    );
+    let (_, reply) = reply(&o.last_command("f1").await, Ok(json!({})));
+    let mut tx = o.store.begin().await.expect("begin");
+    flows.on_reply(&mut tx, &reply).await.expect("the reply");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        forward.load("f1").await.expect("load").expect("f1").status,
+        SagaStatus::Completed
+    );
+}
+
 macro_rules! saga_cases {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1156,4 +1218,5 @@ saga_cases!(
     many_concurrent_sagas_settle,
     two_flows_share_a_store_and_each_moves_only_its_own_sagas,
     a_saga_stopped_before_its_pivot_undoes_its_steps_and_one_past_it_runs_on,
+    a_stuck_saga_with_nothing_to_undo_is_retried_forward,
 );

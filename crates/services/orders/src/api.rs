@@ -23,7 +23,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::{
-    cancellation::{self, CancelError, Cancellation},
+    cancellation::{self, CancelContext, CancelError, Cancellation},
     saga::OrderContext,
     OrderStatus, Orders,
 };
@@ -133,12 +133,19 @@ struct SagaProgress {
     history: Vec<HistoryEntry>,
 }
 
-/// An order saga's state.
+/// A saga of either flow the orders role runs; `kind` says which (`order`, or
+/// `order-cancellation`, whose id is `{order}/cancel`).
 #[derive(Debug, Serialize, ToSchema)]
-#[serde(transparent)]
-struct OrderSaga(SagaState<OrderContext>);
+#[serde(untagged)]
+enum OrderSaga {
+    /// The order saga.
+    Order(SagaState<OrderContext>),
+    /// A customer's cancellation of a confirmed order.
+    Cancellation(SagaState<CancelContext>),
+}
 
-/// A saga's full state and history (`GET /sagas/{id}`).
+/// An order's latest saga (its cancellation, when it has one) and the history of both
+/// (`GET /sagas/{id}`).
 #[derive(Debug, Serialize, ToSchema)]
 struct SagaView {
     saga: OrderSaga,
@@ -491,7 +498,7 @@ struct SagaFilter {
     limit: Option<i64>,
 }
 
-/// Sagas in one status, `stuck` by default: what needs an operator (admins).
+/// Sagas of both flows in one status, `stuck` by default: what needs an operator (admins).
 #[utoipa::path(get, path = "/sagas", tag = "sagas", security(("bearer" = ["admin"])), params(SagaFilter),
     responses((status = 200, description = "Sagas in that status", body = Vec<OrderSaga>)))]
 async fn sagas(
@@ -505,16 +512,24 @@ async fn sagas(
             "status must be running, compensating, completed, compensated or stuck, not `{name}`"
         ))
     })?;
-    let list = orders
+    let limit = filter.limit.unwrap_or(100).clamp(1, 1000);
+    let mut list: Vec<OrderSaga> = orders
         .engine
-        .list(status, filter.limit.unwrap_or(100).clamp(1, 1000))
-        .await?;
-    Ok(Json(list.into_iter().map(OrderSaga).collect()))
+        .list(status, limit)
+        .await?
+        .into_iter()
+        .map(OrderSaga::Order)
+        .collect();
+    let cancellations = orders.cancellations.list(status, limit).await?;
+    list.extend(cancellations.into_iter().map(OrderSaga::Cancellation));
+    list.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    Ok(Json(list))
 }
 
-/// A saga's full state and history (admins).
+/// An order's latest saga (its cancellation, when it has one) and the history of both
+/// (admins).
 #[utoipa::path(get, path = "/sagas/{id}", tag = "sagas", security(("bearer" = ["admin"])),
-    params(("id" = Uuid, Path, description = "The saga's id (its order's)")),
+    params(("id" = Uuid, Path, description = "The order's id")),
     responses((status = 200, description = "The saga", body = SagaView),
         (status = 404, description = "No such saga")))]
 async fn saga(
@@ -523,28 +538,40 @@ async fn saga(
     Path(id): Path<String>,
 ) -> Result<Json<SagaView>, Problem> {
     let id = parse_id(&id)?.to_string();
-    let state = orders
-        .engine
-        .load(&id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("no saga {id}")))?;
-    let history = orders.engine.history(&id).await?;
-    Ok(Json(SagaView {
-        saga: OrderSaga(state),
-        history,
-    }))
+    let saga = match orders.cancellations.load(&cancellation::saga_id(&id)).await? {
+        Some(cancellation) => OrderSaga::Cancellation(cancellation),
+        None => OrderSaga::Order(
+            orders
+                .engine
+                .load(&id)
+                .await?
+                .ok_or_else(|| Problem::not_found(format!("no saga {id}")))?,
+        ),
+    };
+    let history = order_history(&orders, &id).await?;
+    Ok(Json(SagaView { saga, history }))
 }
 
-/// Sends a stuck saga back to compensation (admins).
+/// Sends an order's stuck saga on (admins): the order saga back to compensation, a stuck
+/// cancellation forward again (a refund or return must still happen).
 #[utoipa::path(post, path = "/sagas/{id}/retry", tag = "sagas", security(("bearer" = ["admin"])),
-    params(("id" = Uuid, Path, description = "The saga's id (its order's)")),
-    responses((status = 202, description = "Sent back to compensation"),
-        (status = 409, description = "No such saga, or it is not stuck")))]
+    params(("id" = Uuid, Path, description = "The order's id")),
+    responses((status = 202, description = "Sent on"),
+        (status = 409, description = "The order has no stuck saga")))]
 async fn retry(State(orders): State<Orders>, _admin: AdminUser, Path(id): Path<String>) -> Result<StatusCode, Problem> {
     let id = parse_id(&id)?.to_string();
-    match orders.engine.retry(&id).await {
-        Ok(true) => Ok(StatusCode::ACCEPTED),
-        Ok(false) => Err(Problem::conflict(format!("saga {id} does not exist or is not stuck"))),
-        Err(e) => Err(Problem::internal(e)),
+    let retried = match orders.engine.retry(&id).await.map_err(Problem::internal)? {
+        true => true,
+        false => orders
+            .cancellations
+            .retry(&cancellation::saga_id(&id))
+            .await
+            .map_err(Problem::internal)?,
+    };
+    match retried {
+        true => Ok(StatusCode::ACCEPTED),
+        false => Err(Problem::conflict(format!(
+            "no saga of order {id} exists that is stuck (none, or not stuck)"
+        ))),
     }
 }

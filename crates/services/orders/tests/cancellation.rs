@@ -228,3 +228,39 @@ async fn a_refused_cancellation_changes_nothing_and_asking_again_says_why() {
         "{problem}"
     );
 }
+
+#[tokio::test]
+async fn a_stuck_cancellation_is_listed_refuses_a_new_one_and_an_operator_sends_it_forward() {
+    let shop = start().await;
+    let ann = shop.customer();
+    let mug = Uuid::now_v7();
+    let id = shop.place(&ann, &[(mug, 1)]).await;
+    shop.confirm(id, &priced(&[(mug, 1)], 600, "EUR")).await;
+    cancel(&shop, &ann, id).await;
+    agree(&shop, id, types::RETURN_STOCK).await;
+    let refund = shop.sent_for(&format!("{id}/cancel")).await.pop().expect("the refund");
+    let gave_up = Shop::reply_to(&refund, Verdict::GaveUp("no provider configured".into()));
+    shop.deliver(&gave_up)
+        .await
+        .expect("the engine takes the given-up reply");
+
+    let (status, problem) = cancel(&shop, &ann, id).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    let admin = shop.admin();
+    let stuck = shop.get("/sagas?status=stuck", &admin).await.expect(StatusCode::OK);
+    assert_eq!(stuck[0]["kind"], "order-cancellation", "{stuck}");
+    assert_eq!(stuck[0]["id"], format!("{id}/cancel"));
+    let view = shop.get(&format!("/sagas/{id}"), &admin).await.expect(StatusCode::OK);
+    assert_eq!(view["saga"]["status"], "stuck", "{view}");
+
+    shop.call(Method::POST, &format!("/sagas/{id}/retry"), Some(&admin.token), None)
+        .await
+        .expect(StatusCode::ACCEPTED);
+    assert_eq!(
+        cancellation_sent(&shop, id).await,
+        [types::RETURN_STOCK, types::REFUND_PAYMENT, types::REFUND_PAYMENT],
+        "the refund is sent again, nothing undone"
+    );
+    agree(&shop, id, types::REFUND_PAYMENT).await;
+    assert_eq!(shop.status(id).await, "cancelled");
+}

@@ -189,8 +189,14 @@ pub struct Notification {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all(deserialize = "camelCase"))]
 pub struct Saga {
-    /// Its id (the order's).
+    /// Its id: the order's, or `{order}/cancel` for a cancellation.
     pub id: String,
+    /// Its flow: `order`, or `order-cancellation`.
+    #[serde(default)]
+    pub kind: String,
+    /// The order it belongs to (the console's links name it).
+    #[serde(default)]
+    pub order: String,
     /// Where it is.
     pub status: String,
     /// The step it is at (an index).
@@ -201,6 +207,13 @@ pub struct Saga {
     pub error: Option<String>,
     /// The correlation id of the request that started it.
     pub correlation_id: String,
+}
+
+impl Saga {
+    /// Fills in the order: the id up to `/` (a cancellation's id is `{order}/cancel`).
+    fn name_its_order(&mut self) {
+        self.order = self.id.split('/').next().unwrap_or(&self.id).to_string();
+    }
 }
 
 /// A message a role's consumer group set aside.
@@ -456,13 +469,18 @@ impl Api {
     /// Sagas in `status` (operators).
     pub async fn sagas(&self, token: &str, status: &str) -> Result<Vec<Saga>, ApiError> {
         let path = format!("/sagas?status={status}&limit=200");
-        self.call(Hop::Api, Method::GET, &path, Some(token), None, None).await
+        let mut sagas: Vec<Saga> = self.call(Hop::Api, Method::GET, &path, Some(token), None, None).await?;
+        sagas.iter_mut().for_each(Saga::name_its_order);
+        Ok(sagas)
     }
 
     /// A saga and its history (operators).
     pub async fn saga(&self, token: &str, id: Uuid) -> Result<SagaView, ApiError> {
-        self.call(Hop::Api, Method::GET, &format!("/sagas/{id}"), Some(token), None, None)
-            .await
+        let mut view: SagaView = self
+            .call(Hop::Api, Method::GET, &format!("/sagas/{id}"), Some(token), None, None)
+            .await?;
+        view.saga.name_its_order();
+        Ok(view)
     }
 
     /// Sends a stuck saga back to compensation (operators).
