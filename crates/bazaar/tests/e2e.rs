@@ -324,6 +324,21 @@ impl System {
         }
     }
 
+    /// Cancels `order` as a careful client does, asking again while a role is down (a
+    /// cancellation asked twice is one).
+    async fn cancel(&self, token: &str, order: &str) {
+        let path = format!("/orders/{order}/cancellation");
+        loop {
+            let (st, v) = self.call(reqwest::Method::POST, &path, Some(token), None).await;
+            if st == 502 || st == 503 || st == 504 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            assert!(st == 200 || st == 202, "cancel: {st} {v}\n{}", self.log());
+            return;
+        }
+    }
+
     async fn settled(&self, token: &str, order: &str) -> Value {
         self.settled_within(token, order, Duration::from_secs(120))
             .await
@@ -985,6 +1000,11 @@ async fn killing_roles_mid_flight_loses_and_doubles_nothing() {
                 let id = sys
                     .order(&customers[who], products[what], 1 + rng.below(2) as i64)
                     .await;
+                // One order in five is cancelled by its customer at once: before the pivot,
+                // past it, or once confirmed, whichever the faults make it.
+                if rng.below(5) == 0 {
+                    sys.cancel(&customers[who], &id).await;
+                }
                 placed.lock().expect("lock").push((who, id));
             }
         }

@@ -23,7 +23,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::{
-    cancellation::{self, CancelContext, CancelError, Cancellation},
+    cancellation::{self, CancelError, Cancellation},
     saga::OrderContext,
     OrderStatus, Orders,
 };
@@ -133,15 +133,31 @@ struct SagaProgress {
     history: Vec<HistoryEntry>,
 }
 
-/// A saga of either flow the orders role runs; `kind` says which (`order`, or
-/// `order-cancellation`, whose id is `{order}/cancel`).
+/// A saga of either flow the orders role runs; `kind` says which (`order`, whose context is
+/// an `OrderContext`, or `order-cancellation`, whose id is `{order}/cancel` and context a
+/// `CancelContext`).
 #[derive(Debug, Serialize, ToSchema)]
-#[serde(untagged)]
-enum OrderSaga {
-    /// The order saga.
-    Order(SagaState<OrderContext>),
-    /// A customer's cancellation of a confirmed order.
-    Cancellation(SagaState<CancelContext>),
+#[serde(transparent)]
+struct OrderSaga(SagaState<serde_json::Value>);
+
+impl OrderSaga {
+    /// The saga, its context as JSON.
+    fn of<C: Serialize>(saga: SagaState<C>) -> Result<OrderSaga, Problem> {
+        let context = serde_json::to_value(&saga.context).map_err(Problem::internal)?;
+        Ok(OrderSaga(SagaState {
+            id: saga.id,
+            kind: saga.kind,
+            status: saga.status,
+            step: saga.step,
+            context,
+            correlation_id: saga.correlation_id,
+            traceparent: saga.traceparent,
+            attempts: saga.attempts,
+            command_id: saga.command_id,
+            deadline: saga.deadline,
+            error: saga.error,
+        }))
+    }
 }
 
 /// An order's latest saga (its cancellation, when it has one) and the history of both
@@ -513,15 +529,16 @@ async fn sagas(
         ))
     })?;
     let limit = filter.limit.unwrap_or(100).clamp(1, 1000);
-    let mut list: Vec<OrderSaga> = orders
+    let mut list = orders
         .engine
         .list(status, limit)
         .await?
         .into_iter()
-        .map(OrderSaga::Order)
-        .collect();
-    let cancellations = orders.cancellations.list(status, limit).await?;
-    list.extend(cancellations.into_iter().map(OrderSaga::Cancellation));
+        .map(OrderSaga::of)
+        .collect::<Result<Vec<_>, _>>()?;
+    for cancellation in orders.cancellations.list(status, limit).await? {
+        list.push(OrderSaga::of(cancellation)?);
+    }
     list.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     Ok(Json(list))
 }
@@ -539,14 +556,14 @@ async fn saga(
 ) -> Result<Json<SagaView>, Problem> {
     let id = parse_id(&id)?.to_string();
     let saga = match orders.cancellations.load(&cancellation::saga_id(&id)).await? {
-        Some(cancellation) => OrderSaga::Cancellation(cancellation),
-        None => OrderSaga::Order(
+        Some(cancellation) => OrderSaga::of(cancellation)?,
+        None => OrderSaga::of(
             orders
                 .engine
                 .load(&id)
                 .await?
                 .ok_or_else(|| Problem::not_found(format!("no saga {id}")))?,
-        ),
+        )?,
     };
     let history = order_history(&orders, &id).await?;
     Ok(Json(SagaView { saga, history }))
