@@ -732,6 +732,12 @@ impl<F: SagaFlow> SagaEngine<F> {
         self.load_row(id).await
     }
 
+    /// The saga `id`, if it exists, locked in the caller's transaction until it ends (a
+    /// decision on it in that transaction then holds).
+    pub async fn load_locked(&self, tx: &mut Tx, id: &str) -> Result<Option<SagaState<F::Context>>, StoreError> {
+        self.lock(tx, id).await
+    }
+
     /// Up to `limit` sagas in `status`, most recently changed first (e.g. the stuck ones).
     pub async fn list(&self, status: SagaStatus, limit: i64) -> Result<Vec<SagaState<F::Context>>, StoreError> {
         let rows = store::query(&format!(

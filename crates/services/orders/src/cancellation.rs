@@ -5,9 +5,10 @@
 //! Only the return can be refused (a reservation that was never sold), and it goes first, so
 //! a refused cancellation has changed nothing.
 //!
-//! Every decision locks the placement saga's row first and the order's row second, in the
-//! order the saga's replies take them, so a cancellation and a reply meeting on one order
-//! queue instead of deadlocking; the order's status then says what has already happened.
+//! Every decision locks the placement saga's row, then the cancellation saga's (if there is
+//! one), then the order's row, the order the replies of both flows take them in, so a
+//! cancellation and a reply meeting on one order queue instead of deadlocking; the order's
+//! status then says what has already happened.
 
 use std::time::Duration;
 
@@ -302,14 +303,16 @@ pub async fn cancel(
         return Err(CancelError::NotFound(id));
     }
     let mut tx = orders.rt.store.begin().await?;
+    // Sagas first, then the order: the order a reply of either flow locks them in. Everything
+    // is read in this transaction, so a request holds one connection however long it waits.
     let stopped = orders.engine.stop(&mut tx, &id, BY_THE_CUSTOMER).await?;
+    let earlier = orders.cancellations.load_locked(&mut tx, &saga_id(&id)).await?;
     let row =
         store::query("SELECT customer_id, email, status, total_cents, currency FROM orders WHERE id = $1 FOR UPDATE")
             .bind(&id)
             .fetch_one(&mut tx)
             .await?;
     let status = OrderStatus::parse(&row.try_get::<String, _>("status")?)?;
-    let earlier = orders.cancellations.load(&saga_id(&id)).await?;
     match earlier.as_ref().map(|c| c.status) {
         Some(SagaStatus::Stuck) => return Err(CancelError::Stuck(id)),
         Some(SagaStatus::Compensated) => {
