@@ -1002,10 +1002,11 @@ async fn killing_roles_mid_flight_loses_and_doubles_nothing() {
                     .await;
                 // One order in five is cancelled by its customer at once: before the pivot,
                 // past it, or once confirmed, whichever the faults make it.
-                if rng.below(5) == 0 {
+                let cancelled = rng.below(5) == 0;
+                if cancelled {
                     sys.cancel(&customers[who], &id).await;
                 }
-                placed.lock().expect("lock").push((who, id));
+                placed.lock().expect("lock").push((who, id, cancelled));
             }
         }
     };
@@ -1034,8 +1035,13 @@ async fn killing_roles_mid_flight_loses_and_doubles_nothing() {
         "the drill killed too little to prove anything (seed {seed})"
     );
     let mut outcomes = std::collections::BTreeMap::new();
-    for (who, id) in &placed {
+    for (who, id, cancelled) in &placed {
         let v = sys.settled(&customers[*who], id).await;
+        // An order its customer cancelled ends cancelled, whatever the faults did meanwhile.
+        assert!(
+            !cancelled || v["status"] == "cancelled",
+            "seed {seed}: order {id} was cancelled by its customer but ended {v}"
+        );
         *outcomes
             .entry(v["status"].as_str().unwrap_or("?").to_string())
             .or_insert(0) += 1;

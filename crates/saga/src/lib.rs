@@ -664,8 +664,9 @@ impl<F: SagaFlow> SagaEngine<F> {
         if state.status != SagaStatus::Stuck {
             return Ok(false);
         }
+        // A saga stuck before its first step (none so far) goes back to compensating, as it was.
         let reached = usize::try_from(state.step.saturating_add(1)).unwrap_or(0);
-        let undoable = self.flow.steps().iter().take(reached).any(|s| s.compensate.is_some());
+        let undoable = state.step < 0 || self.flow.steps().iter().take(reached).any(|s| s.compensate.is_some());
         let (status, words) = match undoable {
             true => (SagaStatus::Compensating, "retried by an operator"),
             false => (SagaStatus::Running, "retried by an operator; resuming forward"),

@@ -483,7 +483,8 @@ impl Api {
         Ok(view)
     }
 
-    /// Sends a stuck saga back to compensation (operators).
+    /// Sends an order's stuck saga on (operators): the order saga back to compensation, a
+    /// cancellation forward.
     pub async fn retry_saga(&self, token: &str, id: Uuid) -> Result<(), ApiError> {
         self.exchange(
             Hop::Api,
