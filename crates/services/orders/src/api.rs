@@ -554,7 +554,7 @@ async fn saga(
     _admin: AdminUser,
     Path(id): Path<String>,
 ) -> Result<Json<SagaView>, Problem> {
-    let id = parse_id(&id)?.to_string();
+    let id = parse_id(cancellation::order_of(&id))?.to_string();
     let saga = match orders.cancellations.load(&cancellation::saga_id(&id)).await? {
         Some(cancellation) => OrderSaga::of(cancellation)?,
         None => OrderSaga::of(
@@ -576,7 +576,8 @@ async fn saga(
     responses((status = 202, description = "Sent on"),
         (status = 409, description = "The order has no stuck saga")))]
 async fn retry(State(orders): State<Orders>, _admin: AdminUser, Path(id): Path<String>) -> Result<StatusCode, Problem> {
-    let id = parse_id(&id)?.to_string();
+    // A saga's id as `GET /sagas` lists it names its order, a cancellation's too.
+    let id = parse_id(cancellation::order_of(&id))?.to_string();
     let retried = match orders.engine.retry(&id).await.map_err(Problem::internal)? {
         true => true,
         false => orders

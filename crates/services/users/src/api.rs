@@ -91,8 +91,9 @@ struct Registration {
     /// The address to confirm; the code goes there.
     #[schema(format = Email, max_length = 254)]
     email: String,
-    /// Display name (surrounding spaces are dropped).
-    #[schema(max_length = 200, pattern = "\\S")]
+    /// Display name (surrounding spaces are dropped; U+0085 counts as one, as Unicode says,
+    /// though a JSON Schema `\s` does not).
+    #[schema(max_length = 200, pattern = "[^\\s\\u0085]")]
     name: String,
     /// 8 to 1024 characters.
     #[schema(min_length = 8, max_length = 1024)]
